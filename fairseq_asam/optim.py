@@ -1,0 +1,128 @@
+"""The registered optimizers `sam` and `asam`: fairseq's Adam plus a sharpness-aware gradient.
+
+The optimizer itself only carries the perturbation settings and steps like Adam; the two
+forward-backward passes run in the task's train step (see `two_pass.py`), because only there
+are the batch, the model and the criterion at hand.
+"""
+import logging
+import math
+from dataclasses import dataclass, field
+
+from fairseq.optim import register_optimizer
+from fairseq.optim.adam import FairseqAdam, FairseqAdamConfig
+from omegaconf import DictConfig
+
+logger = logging.getLogger(__name__)
+
+
+class ConfigError(ValueError):
+    """A bad command-line value; its message names the flag to fix."""
+
+
+class TaskBypassError(RuntimeError):
+    """A task replaced `train_step`, so the sharpness-aware pass never ran."""
+
+
+@dataclass
+class SharpnessAwareConfig(FairseqAdamConfig):
+    rho: float = field(
+        default=0.1,
+        metadata={"help": "radius ρ of the neighbourhood in which the worst-case loss is sought"},
+    )
+
+
+@dataclass
+class FairseqSAMConfig(SharpnessAwareConfig):
+    pass
+
+
+@dataclass
+class FairseqASAMConfig(SharpnessAwareConfig):
+    rho: float = field(
+        default=0.2,
+        metadata={"help": "radius ρ of the adaptive neighbourhood ‖T⁻¹ε‖₂ <= ρ"},
+    )
+    eta: float = field(
+        default=0.01,
+        metadata={"help": "η in T = |w| + η, keeps the neighbourhood open where weights are 0"},
+    )
+
+
+def _validate(cfg, adaptive: bool, name: str) -> None:
+    rho = float(cfg.rho)
+    if not (math.isfinite(rho) and rho > 0):
+        raise ConfigError(f"--rho must be a finite number > 0 for --optimizer {name}, got {cfg.rho}")
+    if adaptive:
+        eta = float(cfg.eta)
+        if not (math.isfinite(eta) and eta >= 0):
+            raise ConfigError(f"--eta must be a finite number >= 0 for --optimizer {name}, got {cfg.eta}")
+    # cfg is a node of the whole run's config when fairseq builds the optimizer.
+    root = cfg._get_root() if isinstance(cfg, DictConfig) else None
+    ddp_backend = root.get("distributed_training", {}).get("ddp_backend") if root is not None else None
+    if ddp_backend == "fully_sharded":
+        raise ConfigError(
+            f"--optimizer {name} does not support --ddp-backend fully_sharded (the perturbation "
+            "needs whole parameters on every worker); use --ddp-backend pytorch_ddp or legacy_ddp"
+        )
+
+
+class SharpnessAware:
+    """Mixin that turns a FairseqOptimizer into its sharpness-aware version.
+
+    Subclasses set `adaptive` (ASAM: True, SAM: False) and list the mixin before the base
+    optimizer; any FairseqOptimizer can be the base.
+    """
+
+    adaptive: bool = False
+    optimizer_name: str = ""
+
+    def __init__(self, cfg, params):
+        _validate(cfg, self.adaptive, self.optimizer_name)
+        super().__init__(cfg, params)
+        self.rho = float(cfg.rho)
+        self.eta = float(cfg.eta) if self.adaptive else 0.0
+        self.two_pass_micro_batches = 0  # micro-batches seen by the two-pass step this update
+
+    def ensure_two_pass(self, task_name: str = "the task") -> None:
+        """Raises unless some micro-batch of this update went through the two-pass step."""
+        if self.two_pass_micro_batches == 0:
+            raise TaskBypassError(
+                f"--optimizer {self.optimizer_name} cannot train with task {task_name}: it replaces "
+                "train_step without calling FairseqTask.train_step, so no sharpness-aware pass ran "
+                "and the update would be plain Adam"
+            )
+
+    def step(self, closure=None, scale=1.0, groups=None):
+        self.ensure_two_pass()
+        self.two_pass_micro_batches = 0
+        super().step(closure, scale=scale, groups=groups)
+
+
+@register_optimizer("sam", dataclass=FairseqSAMConfig)
+class FairseqSAM(SharpnessAware, FairseqAdam):
+    """SAM (Foret et al., 2021) with Adam as the base optimizer."""
+
+    adaptive = False
+    optimizer_name = "sam"
+
+
+@register_optimizer("asam", dataclass=FairseqASAMConfig)
+class FairseqASAM(SharpnessAware, FairseqAdam):
+    """ASAM (Kwon et al., 2021) with Adam as the base optimizer."""
+
+    adaptive = True
+    optimizer_name = "asam"
+
+
+def find_sharpness_aware(optimizer) -> "SharpnessAware | None":
+    """The SAM/ASAM optimizer inside fairseq's fp16/AMP wrappers, or None."""
+    seen = 0
+    while optimizer is not None and seen < 4:
+        if isinstance(optimizer, SharpnessAware):
+            return optimizer
+        optimizer = getattr(optimizer, "fp32_optimizer", None) or getattr(
+            optimizer, "wrapped_optimizer", None
+        )
+        seen += 1
+    return None
+

@@ -1,0 +1,137 @@
+"""Shared test helpers: a tiny Transformer on a generated corpus, built through fairseq's own
+option parser and Trainer, and the reference update written straight from the equations."""
+import copy
+import os
+
+import torch
+
+import fairseq_asam
+from fairseq_asam import toy_data
+
+TINY_TRANSFORMER = [
+    "--arch", "transformer",
+    "--encoder-layers", "1", "--decoder-layers", "1",
+    "--encoder-embed-dim", "16", "--decoder-embed-dim", "16",
+    "--encoder-ffn-embed-dim", "32", "--decoder-ffn-embed-dim", "32",
+    "--encoder-attention-heads", "2", "--decoder-attention-heads", "2",
+    "--dropout", "0", "--attention-dropout", "0", "--activation-dropout", "0",
+]
+BASE_ARGS = TINY_TRANSFORMER + [
+    "--task", "translation", "--source-lang", "de", "--target-lang", "en",
+    "--criterion", "label_smoothed_cross_entropy", "--label-smoothing", "0.1",
+    "--lr", "1e-3", "--max-tokens", "120", "--seed", "3", "--cpu", "--num-workers", "0",
+]
+
+
+def make_data_bin(root: str, train: int = 120, valid: int = 24) -> str:
+    text = toy_data.write_corpus(os.path.join(root, "text"), {"train": train, "valid": valid})
+    return toy_data.binarize(text, os.path.join(root, "data-bin"))
+
+
+def parse_cfg(data_bin: str, extra):
+    from fairseq import options
+    from fairseq.dataclass.utils import convert_namespace_to_omegaconf
+
+    parser = options.get_training_parser()
+    args = options.parse_args_and_arch(
+        parser, [data_bin, "--user-dir", fairseq_asam.USER_DIR] + BASE_ARGS + list(extra)
+    )
+    return convert_namespace_to_omegaconf(args)
+
+
+def build_trainer(data_bin: str, extra=(), wrap_model=None):
+    """fairseq Trainer for the tiny model; `wrap_model(model)` installs a DDP wrapper."""
+    from fairseq import tasks
+    from fairseq.trainer import Trainer
+
+    cfg = parse_cfg(data_bin, extra)
+    task = tasks.setup_task(cfg.task)
+    task.load_dataset("train")
+    torch.manual_seed(cfg.common.seed)
+    model = task.build_model(cfg.model)
+    criterion = task.build_criterion(cfg.criterion)
+    trainer = Trainer(cfg, task, model, criterion)
+    if wrap_model is not None:
+        trainer._wrapped_model = wrap_model(trainer.model if trainer._wrapped_model else model)
+    return trainer
+
+
+def batches(trainer, count: int, shard_id: int = 0, num_shards: int = 1):
+    """The first `count` training batches, in a fixed order, moved to the trainer's device."""
+    task = trainer.task
+    itr = task.get_batch_iterator(
+        dataset=task.dataset("train"),
+        max_tokens=trainer.cfg.dataset.max_tokens,
+        seed=1,
+        num_shards=num_shards,
+        shard_id=shard_id,
+    ).next_epoch_itr(shuffle=False)
+    out = []
+    for sample in itr:
+        out.append(sample)
+        if len(out) == count:
+            break
+    assert len(out) == count, "toy corpus too small for the requested batches"
+    return out
+
+
+class StepRecorder:
+    """Records what the base optimizer (torch Adam) receives: weights and gradients."""
+
+    def __init__(self, trainer):
+        self.weights, self.grads = None, None
+        torch_optimizer = trainer.optimizer.optimizer
+        plain_step = torch_optimizer.step
+
+        def step(*args, **kwargs):
+            params = [p for g in torch_optimizer.param_groups for p in g["params"]]
+            self.weights = [p.detach().clone() for p in params]
+            self.grads = [p.grad.detach().clone() for p in params]
+            return plain_step(*args, **kwargs)
+
+        torch_optimizer.step = step
+
+
+def reference_update_gradient(model, criterion, samples, rho, eta, adaptive,
+                              normalize_biases=False, world_samples=None):
+    """Σ_B ∇L_B(w + ε_B) / Σ_B sample_size, with ε_B = ρ T² g_B / ‖T g_B‖ — from the equations.
+
+    `world_samples`: per-worker lists of micro-batches (DDP); defaults to one worker.
+    The returned list follows model.named_parameters().
+    """
+    model = copy.deepcopy(model)
+    model.train()
+    names = [n for n, p in model.named_parameters() if p.requires_grad]
+    params = [p for _, p in model.named_parameters() if p.requires_grad]
+    w = [p.detach().clone() for p in params]
+    total = [torch.zeros_like(p) for p in params]
+    sample_size = 0.0
+    for worker in world_samples or [samples]:
+        for sample in worker:
+            loss, size, _ = criterion(model, sample)
+            g = torch.autograd.grad(loss, params, allow_unused=True)
+            g = [torch.zeros_like(p) if gi is None else gi for p, gi in zip(params, g)]
+            scale = [
+                (wi.abs() + eta) if adaptive and ("weight" in n or normalize_biases) else torch.ones_like(wi)
+                for n, wi in zip(names, w)
+            ]
+            norm = torch.sqrt(sum(((t * gi) ** 2).sum() for t, gi in zip(scale, g)))
+            with torch.no_grad():
+                for p, wi, t, gi in zip(params, w, scale, g):
+                    p.copy_(wi + rho * t * t * gi / norm)
+            loss2, _, _ = criterion(model, sample)
+            g2 = torch.autograd.grad(loss2, params, allow_unused=True)
+            with torch.no_grad():
+                for tot, gi in zip(total, g2):
+                    if gi is not None:
+                        tot += gi
+                for p, wi in zip(params, w):
+                    p.copy_(wi)
+            sample_size += float(size)
+    return [t / sample_size for t in total]
+
+
+def relative_error(actual, expected) -> float:
+    diff = torch.sqrt(sum(((a.double() - e.double()) ** 2).sum() for a, e in zip(actual, expected)))
+    norm = torch.sqrt(sum((e.double() ** 2).sum() for e in expected))
+    return float(diff / norm)

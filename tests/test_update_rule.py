@@ -1,0 +1,105 @@
+"""The gradient that reaches Adam equals the update rule, computed here from the equations."""
+import copy
+
+import pytest
+import torch
+
+from fairseq_asam import perturbation
+from harness import (
+    StepRecorder,
+    batches,
+    build_trainer,
+    reference_update_gradient,
+    relative_error,
+)
+
+RTOL = 1e-6
+
+
+@pytest.mark.parametrize("optimizer,rho,eta", [("asam", 0.5, 0.01), ("sam", 0.05, 0.0)])
+@pytest.mark.parametrize("update_freq", [1, 3])
+def test_gradient_handed_to_adam_matches_reference(data_bin, optimizer, rho, eta, update_freq):
+    extra = ["--optimizer", optimizer, "--rho", str(rho), "--update-freq", str(update_freq)]
+    if optimizer == "asam":
+        extra += ["--eta", str(eta)]
+    trainer = build_trainer(data_bin, extra)
+    samples = batches(trainer, update_freq)
+    model0 = copy.deepcopy(trainer.get_model())
+    w0 = [p.detach().clone() for p in model0.parameters()]
+    recorder = StepRecorder(trainer)
+
+    trainer.train_step(samples)
+
+    adaptive = optimizer == "asam"
+    expected = reference_update_gradient(model0, trainer.criterion, samples, rho, eta, adaptive)
+    assert relative_error(recorder.grads, expected) < RTOL
+    # Adam saw the weights w exactly: pass 2's perturbation was undone bit for bit.
+    assert all(torch.equal(a, b) for a, b in zip(recorder.weights, w0))
+    # Negative controls: the comparison is sharp enough to see a wrong rule.
+    plain = reference_update_gradient(model0, trainer.criterion, samples, 1e-30, eta, adaptive)
+    assert relative_error(recorder.grads, plain) > 1e3 * RTOL
+    if adaptive:
+        biased = reference_update_gradient(
+            model0, trainer.criterion, samples, rho, eta, adaptive, normalize_biases=True
+        )
+        assert relative_error(recorder.grads, biased) > 1e2 * RTOL
+    else:
+        as_asam = reference_update_gradient(model0, trainer.criterion, samples, rho, 0.01, True)
+        assert relative_error(recorder.grads, as_asam) > 1e2 * RTOL
+
+
+def test_sharpness_logged_and_loss_is_pass_one(data_bin):
+    from fairseq import metrics
+
+    trainer = build_trainer(data_bin, ["--optimizer", "asam", "--rho", "0.5"])
+    samples = batches(trainer, 1)
+    model0 = copy.deepcopy(trainer.get_model())
+    loss1, size, _ = trainer.criterion(model0, samples[0])
+    with metrics.aggregate(new_root=True) as agg:
+        trainer.train_step(samples)
+    logged = agg.get_smoothed_values()
+    assert logged["loss"] == pytest.approx(float(loss1) / float(size) / torch.log(torch.tensor(2.0)).item(), abs=1e-3)
+    assert "sharpness" in logged and logged["sharpness"] > 0  # the ascent step raises the loss
+
+
+def test_plain_adam_untouched(data_bin):
+    """With --optimizer adam the wrapped train step is fairseq's own: one pass, plain gradient."""
+    trainer = build_trainer(data_bin, ["--optimizer", "adam"])
+    samples = batches(trainer, 2)
+    model0 = copy.deepcopy(trainer.get_model())
+    recorder = StepRecorder(trainer)
+    trainer.cfg.optimization.update_freq = [2]
+    trainer.train_step(samples)
+    expected = reference_update_gradient(model0, trainer.criterion, samples, 1e-30, 0.0, False)
+    assert relative_error(recorder.grads, expected) < RTOL
+
+
+def test_perturbation_module_against_equations():
+    torch.manual_seed(0)
+    params = [torch.randn(5, 3), torch.randn(3), torch.randn(4, 4)]
+    grads = [torch.randn_like(p) for p in params]
+    flags = [True, False, True]
+    w0 = [p.clone() for p in params]
+    g0 = [g.clone() for g in grads]
+    saved = perturbation.perturb(params, grads, flags, 0.3, 0.02)
+    scale = [w.abs() + 0.02 if f else torch.ones_like(w) for w, f in zip(w0, flags)]
+    norm = torch.sqrt(sum(((t * g) ** 2).sum() for t, g in zip(scale, g0)))
+    for p, w, t, g in zip(params, w0, scale, g0):
+        torch.testing.assert_close(p, w + 0.3 * t * t * g / norm, rtol=1e-6, atol=1e-7)
+    perturbation.restore(params, saved)
+    assert all(torch.equal(p, w) for p, w in zip(params, w0))
+
+
+def test_non_finite_gradient_perturbs_nothing():
+    params = [torch.randn(3, 3), torch.randn(3)]
+    w0 = [p.clone() for p in params]
+    grads = [torch.full((3, 3), float("inf")), torch.randn(3)]
+    assert perturbation.perturb(params, grads, [True, False], 0.2, 0.01) is None
+    assert all(torch.equal(p, w) for p, w in zip(params, w0))
+
+
+def test_zero_gradient_gives_zero_perturbation():
+    params = [torch.randn(3, 3)]
+    w0 = params[0].clone()
+    saved = perturbation.perturb(params, [torch.zeros(3, 3)], [True], 0.2, 0.01)
+    assert saved is not None and torch.equal(params[0], w0)
