@@ -15,11 +15,15 @@ from omegaconf import DictConfig
 logger = logging.getLogger(__name__)
 
 
-class ConfigError(ValueError):
+class FairseqAsamError(Exception):
+    """An error the user fixes on the command line; reported as one line (see __init__)."""
+
+
+class ConfigError(FairseqAsamError, ValueError):
     """A bad command-line value; its message names the flag to fix."""
 
 
-class TaskBypassError(RuntimeError):
+class TaskBypassError(FairseqAsamError, RuntimeError):
     """A task replaced `train_step`, so the sharpness-aware pass never ran."""
 
 

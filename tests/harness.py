@@ -52,7 +52,7 @@ def build_trainer(data_bin: str, extra=(), wrap_model=None):
     criterion = task.build_criterion(cfg.criterion)
     trainer = Trainer(cfg, task, model, criterion)
     if wrap_model is not None:
-        trainer._wrapped_model = wrap_model(trainer.model if trainer._wrapped_model else model)
+        trainer._wrapped_model = wrap_model(model)
     return trainer
 
 

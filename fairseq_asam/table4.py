@@ -1,0 +1,367 @@
+"""Table 4 of Kwon et al. (ICML 2021), IWSLT'14 De->En: the grid of runs, from data to report.
+
+    <out>/data/                       prepare_iwslt14's work folder (data-bin inside)
+    <out>/runs/<optimizer>-seed<k>/   one run: command.txt, train.log, checkpoints/,
+                                      generate-{valid,test}.txt, results.json
+    <out>/report/                     table4.md, table4.csv, plots (fairseq_asam.report)
+
+Settings come from the fairseq-train argument files in configs/ (`PRESETS` says which): the
+recipe, then the preset's overrides, then the optimizer's file, then what the run itself sets
+(data, --save-dir, --seed, --user-dir).  Resumable: a run with a results.json is skipped; a run
+without one trains with the same --save-dir, so fairseq continues from checkpoint_last.pt (or
+skips training if `training.done` says it finished), then it is evaluated.  On GPUs the runs
+go one per GPU in parallel (CUDA_VISIBLE_DEVICES); on a CPU one after the other.
+"""
+import logging
+import os
+import queue
+import shlex
+import subprocess
+import sys
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Dict, List, Optional, Sequence, Tuple
+
+from . import USER_DIR, evaluation, iwslt14, report
+
+logger = logging.getLogger(__name__)
+
+OPTIMIZERS = ("adam", "sam", "asam")
+CONFIG_DIR = os.path.join(os.path.dirname(USER_DIR), "configs")
+RECIPE_ARGS = "iwslt14_de_en/common.args"
+OPTIMIZER_ARGS = "iwslt14_de_en/{optimizer}.args"
+EVAL_BLEU_ARGS = "iwslt14_de_en/eval_bleu.args"
+DATA_FOLDER = "data"
+CHECKPOINTS_FOLDER = "checkpoints"
+COMMAND_FILE, TRAINING_DONE = "command.txt", "training.done"
+DATA_BIN_NAME = os.path.join("data-bin", iwslt14.PREP_NAME)
+
+
+class Table4Error(Exception):
+    """Bad input (flag, file) or a failed run; the message names the flag or the file."""
+
+
+@dataclass(frozen=True)
+class SampleArchive:
+    """A generated de-en.tgz in the real IWSLT'14 layout (iwslt14.build_sample_archive)."""
+
+    n_train: int
+    n_dev: int
+    seed: int = 1
+
+
+@dataclass(frozen=True)
+class Preset:
+    name: str
+    args_files: Tuple[str, ...]  # relative to the config folder, applied in order
+    seeds: Tuple[int, ...]
+    bpe_merges: int
+    checkpoint: str  # evaluation.parse_checkpoint_choice
+    sample_archive: Optional[SampleArchive] = None  # data when no --archive is given
+    description: str = field(default="", compare=False)
+
+
+PRESETS = {
+    "paper": Preset(
+        "paper", (RECIPE_ARGS,), seeds=(1, 2, 3), bpe_merges=iwslt14.DEFAULT_BPE_MERGES,
+        checkpoint="best", description="Table 4 as published: needs --archive (the IWSLT'14 de-en.tgz) and GPUs",
+    ),
+    "tiny": Preset(
+        "tiny", (RECIPE_ARGS, "tiny/overrides.args"), seeds=(1,), bpe_merges=500, checkpoint="best",
+        sample_archive=SampleArchive(n_train=1000, n_dev=60),
+        description="the same pipeline on a generated sample archive with a tiny Transformer, on a CPU",
+    ),
+}
+
+
+@dataclass(frozen=True)
+class Run:
+    optimizer: str
+    seed: int
+
+    @property
+    def name(self) -> str:
+        return f"{self.optimizer}-seed{self.seed}"
+
+
+# --------------------------------------------------------------------------------------------
+# Command-line values
+# --------------------------------------------------------------------------------------------
+
+
+def parse_optimizers(text: str) -> Tuple[str, ...]:
+    names = tuple(name.strip() for name in text.split(","))
+    unknown = [name for name in names if name not in OPTIMIZERS]
+    if unknown or not text.strip():
+        raise Table4Error(f"--optimizers: unknown {', '.join(map(repr, unknown)) or 'empty list'}; choose from {','.join(OPTIMIZERS)}")
+    if len(set(names)) != len(names):
+        raise Table4Error(f"--optimizers: {text!r} names an optimizer twice")
+    return names
+
+
+def parse_seeds(text: str) -> Tuple[int, ...]:
+    parts = [part.strip() for part in text.split(",")]
+    if not all(part.isdigit() and int(part) >= 1 for part in parts):
+        raise Table4Error(f"--seeds must be a comma-separated list of integers >= 1, got {text!r}")
+    seeds = tuple(int(part) for part in parts)
+    if len(set(seeds)) != len(seeds):
+        raise Table4Error(f"--seeds: {text!r} names a seed twice")
+    return seeds
+
+
+# --------------------------------------------------------------------------------------------
+# fairseq-train argument files
+# --------------------------------------------------------------------------------------------
+
+
+def read_args_file(path: str) -> List[Tuple[str, Optional[str]]]:
+    """The options of an argument file: one `--flag [value]` per line, '#' comments.
+
+    The value is the rest of the line (it may hold spaces: `--adam-betas (0.9, 0.98)`).
+    """
+    if not os.path.isfile(path):
+        raise Table4Error(f"argument file not found: {path}")
+    options = []
+    with open(path, encoding="utf-8") as f:
+        for number, line in enumerate(f, 1):
+            line = line.strip()
+            if not line or line.startswith("#"):
+                continue
+            flag, _, value = line.partition(" ")
+            if not flag.startswith("--"):
+                raise Table4Error(f"{path}:{number}: expected '--flag [value]', got {line!r}")
+            options.append((flag, value.strip() or None))
+    return options
+
+
+def merge_options(*option_lists: Sequence[Tuple[str, Optional[str]]]) -> List[str]:
+    """argv from option lists, a later list's flag replacing an earlier one in place."""
+    merged: Dict[str, Optional[str]] = {}
+    for options in option_lists:
+        for flag, value in options:
+            merged[flag] = value
+    argv = []
+    for flag, value in merged.items():
+        argv += [flag] if value is None else [flag, value]
+    return argv
+
+
+def training_options(
+    preset: Preset, optimizer: str, config_dir: str = CONFIG_DIR, eval_bleu: bool = False
+) -> List[Tuple[str, Optional[str]]]:
+    """The experiment's options for `optimizer` (without data, --save-dir, --seed, --user-dir)."""
+    files = list(preset.args_files) + [OPTIMIZER_ARGS.format(optimizer=optimizer)]
+    if eval_bleu:
+        files.append(EVAL_BLEU_ARGS)
+    return [option for name in files for option in read_args_file(os.path.join(config_dir, name))]
+
+
+def train_command(
+    data_bin: str, run_dir: str, run: Run, options: Sequence[Tuple[str, Optional[str]]],
+    overrides: Sequence[Tuple[str, Optional[str]]] = (),
+) -> List[str]:
+    own = [
+        ("--save-dir", os.path.join(run_dir, CHECKPOINTS_FOLDER)),
+        ("--seed", str(run.seed)),
+        ("--user-dir", USER_DIR),
+    ]
+    return [sys.executable, "-m", "fairseq_cli.train", data_bin] + merge_options(options, overrides, own)
+
+
+# --------------------------------------------------------------------------------------------
+# The grid
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass
+class GridConfig:
+    out_dir: str
+    preset: Preset
+    optimizers: Tuple[str, ...] = OPTIMIZERS
+    seeds: Optional[Tuple[int, ...]] = None  # None: the preset's
+    archive: Optional[str] = None
+    data_bin: Optional[str] = None
+    max_update: Optional[int] = None
+    fp16: bool = False
+    eval_bleu: bool = False
+    checkpoint: Optional[str] = None  # None: the preset's
+    config_dir: str = CONFIG_DIR
+    gpus: Optional[List[str]] = None  # None: every visible GPU
+
+    @property
+    def runs(self) -> List[Run]:
+        return [Run(o, s) for o in self.optimizers for s in (self.seeds or self.preset.seeds)]
+
+    @property
+    def default_data_bin(self) -> str:
+        return os.path.join(self.out_dir, DATA_FOLDER, DATA_BIN_NAME)
+
+    def run_dir(self, run: Run) -> str:
+        return os.path.join(self.out_dir, report.RUNS_FOLDER, run.name)
+
+    def overrides(self) -> List[Tuple[str, Optional[str]]]:
+        options = []
+        if self.max_update is not None:
+            options.append(("--max-update", str(self.max_update)))
+        if self.fp16:
+            options.append(("--fp16", None))
+        return options
+
+
+def visible_gpus() -> List[str]:
+    """CUDA_VISIBLE_DEVICES entries of the GPUs torch sees (indices if the variable is unset)."""
+    import torch
+
+    count = torch.cuda.device_count()
+    listed = os.environ.get("CUDA_VISIBLE_DEVICES")
+    if listed is not None:
+        return [d.strip() for d in listed.split(",") if d.strip()][:count]
+    return [str(i) for i in range(count)]
+
+
+def check_inputs(config: GridConfig) -> None:
+    """Every check that needs no work, so that bad input fails before anything starts."""
+    if config.max_update is not None and config.max_update < 1:
+        raise Table4Error(f"--max-update must be >= 1, got {config.max_update}")
+    if config.checkpoint is not None:
+        evaluation.parse_checkpoint_choice(config.checkpoint)
+    for optimizer in config.optimizers:
+        training_options(config.preset, optimizer, config.config_dir, config.eval_bleu)
+    if config.data_bin is not None:
+        evaluation.check_data_bin(config.data_bin)
+    elif config.archive is not None:
+        if not os.path.isfile(config.archive):
+            raise Table4Error(f"--archive: file not found: {config.archive}")
+    elif config.preset.sample_archive is None and not os.path.isdir(config.default_data_bin):
+        raise Table4Error(
+            f"--archive is required for --preset {config.preset.name} (the IWSLT'14 de-en.tgz), "
+            f"unless {config.default_data_bin} exists or --data-bin is given"
+        )
+    if config.fp16 and not (config.gpus if config.gpus is not None else visible_gpus()):
+        raise Table4Error("--fp16 needs a GPU, and none is visible")
+
+
+def prepare_data(config: GridConfig) -> str:
+    """The binarized data: --data-bin, or prepared in <out>/data (skipped when it exists)."""
+    if config.data_bin is not None:
+        return os.path.abspath(config.data_bin)
+    data_bin = os.path.abspath(config.default_data_bin)
+    workdir = os.path.join(config.out_dir, DATA_FOLDER)
+    try:
+        evaluation.check_data_bin(data_bin)
+        logger.info(f"data: using {data_bin} (delete it to prepare again)")
+        return data_bin
+    except evaluation.EvaluationError:
+        pass
+    archive = config.archive
+    if archive is None:
+        sample = config.preset.sample_archive
+        os.makedirs(workdir, exist_ok=True)
+        archive = iwslt14.build_sample_archive(
+            os.path.join(workdir, iwslt14.ARCHIVE_NAME), n_train=sample.n_train, n_dev=sample.n_dev, seed=sample.seed
+        )
+        logger.info(f"data: built the sample archive {archive}")
+    logger.info(f"data: preparing {archive} into {workdir}")
+    return os.path.abspath(
+        iwslt14.prepare_iwslt14(archive, workdir, bpe_merges=config.preset.bpe_merges, workers=os.cpu_count() or 1)
+    )
+
+
+def reference_files(data_bin: str) -> Dict[str, str]:
+    """Untokenized references `{split}.raw.en` written by prepare_iwslt14, where they exist."""
+    tokenized = os.path.join(os.path.dirname(os.path.dirname(data_bin)), iwslt14.PREP_NAME)
+    found = {}
+    for split in evaluation.SPLITS:
+        for folder in (os.path.join(tokenized, "tmp"), tokenized):
+            path = os.path.join(folder, f"{split}.raw.{evaluation.TARGET_LANG}")
+            if os.path.isfile(path):
+                found[split] = path
+                break
+    return found
+
+
+def train(command: List[str], run_dir: str, env: Dict[str, str]) -> None:
+    """fairseq-train, appending to train.log; resumes from checkpoint_last.pt if there is one."""
+    env_prefix = f"CUDA_VISIBLE_DEVICES={env['CUDA_VISIBLE_DEVICES']} " if "CUDA_VISIBLE_DEVICES" in env else ""
+    with open(os.path.join(run_dir, COMMAND_FILE), "w", encoding="utf-8") as f:
+        f.write(env_prefix + shlex.join(command) + "\n")
+    log_path = os.path.join(run_dir, report.TRAIN_LOG)
+    with open(log_path, "a", encoding="utf-8") as log:
+        returncode = subprocess.call(command, stdout=log, stderr=subprocess.STDOUT, env=env)
+    if returncode != 0:
+        raise Table4Error(f"fairseq-train failed with exit code {returncode}; see {log_path}")
+    with open(os.path.join(run_dir, TRAINING_DONE), "w", encoding="utf-8") as f:
+        f.write(env_prefix + shlex.join(command) + "\n")
+
+
+def execute_run(config: GridConfig, run: Run, data_bin: str, references: Dict[str, str], gpu: Optional[str]) -> str:
+    """Trains (or resumes) and evaluates one run; returns its results.json."""
+    run_dir = config.run_dir(run)
+    results_path = os.path.join(run_dir, evaluation.RESULTS_NAME)
+    os.makedirs(run_dir, exist_ok=True)
+    env = dict(os.environ)
+    if gpu is not None:
+        env["CUDA_VISIBLE_DEVICES"] = gpu
+    where = f"GPU {gpu}" if gpu is not None else "CPU"
+    options = training_options(config.preset, run.optimizer, config.config_dir, config.eval_bleu)
+    command = train_command(data_bin, run_dir, run, options, config.overrides())
+    if os.path.isfile(os.path.join(run_dir, TRAINING_DONE)):
+        logger.info(f"{run.name}: training finished earlier ({TRAINING_DONE}); evaluating")
+    else:
+        last = os.path.join(run_dir, CHECKPOINTS_FOLDER, "checkpoint_last.pt")
+        logger.info(f"{run.name}: {'resuming from ' + last if os.path.isfile(last) else 'training'} on {where}")
+        train(command, run_dir, env)
+    checkpoint = evaluation.parse_checkpoint_choice(config.checkpoint or config.preset.checkpoint)
+    scores = evaluation.evaluate_checkpoint(
+        data_bin, os.path.join(run_dir, CHECKPOINTS_FOLDER), USER_DIR, checkpoint,
+        references=references, output_dir=run_dir, env=env,
+    )
+    with open(os.path.join(run_dir, COMMAND_FILE), encoding="utf-8") as f:
+        train_command_line = f.read().strip()
+    evaluation.update_results(results_path, {
+        "run": run.name, "optimizer": run.optimizer, "seed": run.seed, "preset": config.preset.name,
+        "data_bin": data_bin, "train_command": train_command_line, **scores,
+    })
+    logger.info(f"{run.name}: done, {results_path}")
+    return results_path
+
+
+def run_grid(config: GridConfig) -> Dict[str, str]:
+    """Data -> every run of the grid -> report; returns the report's files."""
+    check_inputs(config)
+    gpus = config.gpus if config.gpus is not None else visible_gpus()
+    data_bin = prepare_data(config)
+    references = reference_files(data_bin)
+    pending = []
+    for run in config.runs:
+        if os.path.isfile(os.path.join(config.run_dir(run), evaluation.RESULTS_NAME)):
+            logger.info(f"{run.name}: skipped, {evaluation.RESULTS_NAME} exists")
+        else:
+            pending.append(run)
+    logger.info(f"{len(pending)} of {len(config.runs)} runs to do, on {len(gpus) or 'no'} GPU(s)")
+
+    devices: "queue.Queue[Optional[str]]" = queue.Queue()
+    for device in gpus or [None]:
+        devices.put(device)
+
+    def on_free_device(run: Run) -> str:
+        device = devices.get()
+        try:
+            return execute_run(config, run, data_bin, references, device)
+        finally:
+            devices.put(device)
+
+    failures = []
+    with ThreadPoolExecutor(max_workers=max(1, len(gpus))) as pool:
+        futures = {run: pool.submit(on_free_device, run) for run in pending}
+        for run, future in futures.items():
+            try:
+                future.result()
+            except (Table4Error, evaluation.EvaluationError) as error:
+                logger.error(f"{run.name}: {error}")
+                failures.append(f"{run.name}: {error}")
+    outputs = report.write_report(config.out_dir)
+    if failures:
+        raise Table4Error(f"{len(failures)} run(s) failed: " + "; ".join(failures))
+    return outputs
+

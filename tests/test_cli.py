@@ -1,0 +1,141 @@
+"""End to end through fairseq's own command-line tools, on a tiny generated corpus."""
+import json
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+
+import fairseq_asam
+from fairseq_asam.checkpoint import switch_optimizer
+from harness import TINY_TRANSFORMER
+
+TRAIN_ARGS = TINY_TRANSFORMER + [
+    "--user-dir", fairseq_asam.USER_DIR, "--task", "translation",
+    "--criterion", "label_smoothed_cross_entropy", "--label-smoothing", "0.1",
+    "--max-tokens", "120", "--cpu", "--num-workers", "0", "--seed", "2",
+    "--log-format", "json", "--log-interval", "1", "--no-epoch-checkpoints",
+]
+
+
+def fairseq(tool: str, *argv, check=True):
+    proc = subprocess.run(
+        [sys.executable, "-m", f"fairseq_cli.{tool}", *argv],
+        capture_output=True, text=True, timeout=300,
+    )
+    if check and proc.returncode != 0:
+        raise AssertionError(f"fairseq_cli.{tool} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
+    return proc
+
+
+def train(data_bin, save_dir, *extra, check=True):
+    return fairseq("train", data_bin, "--save-dir", str(save_dir), *TRAIN_ARGS, *extra, check=check)
+
+
+def logged(stdout: str, tag: str):
+    """The JSON records fairseq logged under `tag` (train_inner, valid, train)."""
+    out = []
+    for line in stdout.splitlines():
+        if f"| {tag} |" in line:
+            out.append(json.loads(line.split(f"| {tag} | ", 1)[1]))
+    return out
+
+
+def model_weights(path):
+    return torch.load(path, map_location="cpu", weights_only=False)["model"]
+
+
+@pytest.mark.parametrize("optimizer", ["asam", "sam"])
+def test_training_runs_loss_falls_sharpness_logged(data_bin, tmp_path, optimizer):
+    proc = train(data_bin, tmp_path, "--optimizer", optimizer, "--lr", "5e-3", "--max-update", "30")
+    inner = logged(proc.stdout, "train_inner")
+    assert len(inner) == 30
+    first, last = float(inner[0]["loss"]), float(inner[-1]["loss"])
+    assert last < first - 0.5, (first, last)
+    assert all("sharpness" in rec for rec in inner)
+    assert "train_sharpness" in logged(proc.stdout, "train")[-1]
+    assert (tmp_path / "checkpoint_last.pt").is_file() and (tmp_path / "checkpoint_best.pt").is_file()
+
+
+def test_resume_matches_uninterrupted_run_and_generate_loads(data_bin, tmp_path):
+    common = ["--optimizer", "asam", "--lr", "2e-3", "--dropout", "0.1",
+              "--lr-scheduler", "inverse_sqrt", "--warmup-updates", "4"]
+    train(data_bin, tmp_path / "straight", *common, "--max-update", "10")
+    train(data_bin, tmp_path / "resumed", *common, "--max-update", "5")
+    second = train(data_bin, tmp_path / "resumed", *common, "--max-update", "10")
+    assert "Loaded checkpoint" in second.stdout
+    assert [int(r["num_updates"]) for r in logged(second.stdout, "train_inner")] == [6, 7, 8, 9, 10]
+    a = model_weights(tmp_path / "straight" / "checkpoint_last.pt")
+    b = model_weights(tmp_path / "resumed" / "checkpoint_last.pt")
+    assert a.keys() == b.keys()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    # fairseq-generate loads the checkpoint under torch >= 2.6 (weights_only default).
+    gen = fairseq("generate", data_bin, "--user-dir", fairseq_asam.USER_DIR, "--cpu",
+                  "--path", str(tmp_path / "straight" / "checkpoint_last.pt"),
+                  "--gen-subset", "valid", "--beam", "2", "--max-tokens", "500")
+    assert "BLEU4" in gen.stdout + gen.stderr
+
+
+def test_adam_checkpoint_fine_tuned_with_asam_keeps_schedule(data_bin, tmp_path):
+    sched = ["--lr", "1e-3", "--lr-scheduler", "inverse_sqrt", "--warmup-updates", "20"]
+    train(data_bin, tmp_path / "adam", "--optimizer", "adam", *sched, "--max-update", "6")
+    refused = train(data_bin, tmp_path / "adam", "--optimizer", "asam", *sched, "--max-update", "8", check=False)
+    assert refused.returncode != 0  # fairseq's own check: a different optimizer class
+    converted = tmp_path / "asam_start.pt"
+    assert switch_optimizer(str(tmp_path / "adam" / "checkpoint_last.pt"), str(converted), "asam") == "FairseqAdam"
+    proc = train(data_bin, tmp_path / "asam", "--optimizer", "asam", *sched, "--max-update", "8",
+                 "--restore-file", str(converted))
+    inner = logged(proc.stdout, "train_inner")
+    assert [int(r["num_updates"]) for r in inner] == [7, 8]
+    assert float(inner[0]["lr"]) == pytest.approx(1e-3 * 7 / 20, rel=1e-3)  # warm-up continues
+    assert "sharpness" in inner[0]
+
+
+BYPASS_TASK = textwrap.dedent('''
+    import fairseq_asam  # registers --optimizer asam
+    from fairseq.tasks import register_task
+    from fairseq.tasks.translation import TranslationTask
+
+    @register_task("bypass_translation")
+    class BypassTranslation(TranslationTask):
+        def train_step(self, sample, model, criterion, optimizer, update_num, ignore_grad=False):
+            model.train()
+            loss, sample_size, logging_output = criterion(model, sample)
+            optimizer.backward(loss)
+            return loss, sample_size, logging_output
+''')
+
+
+@pytest.mark.parametrize("flags,message", [
+    (["--optimizer", "asam", "--rho", "-1"], "--rho must be a finite number > 0"),
+    (["--optimizer", "sam", "--rho", "nan"], "--rho must be a finite number > 0"),
+    (["--optimizer", "asam", "--eta", "-0.5"], "--eta must be a finite number >= 0"),
+    (["--optimizer", "asam", "--task", "bypass_translation"], "task 'BypassTranslation'"),
+])
+def test_bad_input_fails_with_one_line(data_bin, tmp_path, flags, message):
+    argv = list(flags)
+    if "bypass_translation" in flags:
+        user_dir = tmp_path / "bypass_task"
+        user_dir.mkdir()
+        (user_dir / "__init__.py").write_text(BYPASS_TASK)
+        argv += ["--user-dir", str(user_dir)]
+    proc = train(data_bin, tmp_path / "ck", *argv, "--max-update", "3", check=False)
+    assert proc.returncode != 0
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("fairseq-asam: error:")]
+    assert len(errors) == 1 and message in errors[0], proc.stderr[-2000:]
+    assert "Traceback" not in proc.stderr
+    assert not os.path.exists(tmp_path / "ck" / "checkpoint_last.pt")
+    assert not logged(proc.stdout, "train_inner")  # no update was taken
+
+
+def test_fully_sharded_refused_when_optimizer_is_built(data_bin):
+    """In-process: fairseq-train needs fairscale for FSDP before it reaches the optimizer."""
+    from fairseq import optim
+    from fairseq_asam.optim import ConfigError
+    from harness import parse_cfg
+
+    cfg = parse_cfg(data_bin, ["--optimizer", "asam", "--ddp-backend", "fully_sharded"])
+    with pytest.raises(ConfigError, match="--ddp-backend fully_sharded"):
+        optim.build_optimizer(cfg.optimizer, [torch.nn.Parameter(torch.zeros(2))])
