@@ -96,9 +96,9 @@ def test_adam_checkpoint_fine_tuned_with_asam_keeps_schedule(data_bin, tmp_path)
 BYPASS_TASK = textwrap.dedent('''
     import fairseq_asam  # registers --optimizer asam
     from fairseq.tasks import register_task
-    from fairseq.tasks.translation import TranslationTask
+    from fairseq.tasks.translation import TranslationConfig, TranslationTask
 
-    @register_task("bypass_translation")
+    @register_task("bypass_translation", dataclass=TranslationConfig)
     class BypassTranslation(TranslationTask):
         def train_step(self, sample, model, criterion, optimizer, update_num, ignore_grad=False):
             model.train()
