@@ -39,12 +39,16 @@ def parse_cfg(data_bin: str, extra):
     return convert_namespace_to_omegaconf(args)
 
 
-def build_trainer(data_bin: str, extra=(), wrap_model=None):
-    """fairseq Trainer for the tiny model; `wrap_model(model)` installs a DDP wrapper."""
+def build_trainer(data_bin: str, extra=(), wrap_model=None, bf16=False):
+    """fairseq Trainer for the tiny model; `wrap_model(model)` installs a DDP wrapper.
+
+    `bf16` sets common.bf16 alone, as fairseq-hydra-train does (fairseq-train's --bf16 is TPU).
+    """
     from fairseq import tasks
     from fairseq.trainer import Trainer
 
     cfg = parse_cfg(data_bin, extra)
+    cfg.common.bf16 = bf16
     task = tasks.setup_task(cfg.task)
     task.load_dataset("train")
     torch.manual_seed(cfg.common.seed)

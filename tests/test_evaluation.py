@@ -1,0 +1,235 @@
+"""fairseq_asam.evaluation: the two BLEU scores, the parsing of fairseq-generate, checkpoints."""
+import os
+import subprocess
+import sys
+
+import pytest
+import sacrebleu
+import torch
+
+from fairseq_asam import evaluation
+from fairseq_asam.evaluation import EvaluationError
+
+# A small tokenized, lowercased corpus: every n-gram order has matches, the system is short
+# (brevity penalty < 1), one reference word is unknown to the model.
+HYPOTHESES = [
+    "the cat sat on the mat .",
+    "there is a dog in the garden",
+    "we have seen this before , have n't we ?",
+    "it 's a small world .",
+]
+REFERENCES = [
+    "the cat sat on the red mat .",
+    "there is a big dog in the garden .",
+    "we have seen this film before , have n't we ?",
+    "it 's a small world after all .",
+]
+# 100 * (5/6 * 4/5 * 3/4 * 2/3) ** (1/4) = 100 * 3 ** -0.25
+ONE_WORD_OFF = ("a b c d e f", "a b c d e g", 75.98356856515925)
+
+
+def test_tokenized_bleu_closed_form():
+    hypothesis, reference, expected = ONE_WORD_OFF
+    score, details = evaluation.tokenized_bleu([hypothesis], [reference])
+    assert score == pytest.approx(expected, abs=1e-9)
+    assert details.startswith("BLEU4 = 75.98, 83.3/80.0/75.0/66.7 (BP=1.000")
+    assert evaluation.tokenized_bleu([reference], [reference])[0] == pytest.approx(100.0)
+
+
+def test_tokenized_bleu_agrees_with_sacrebleu_on_tokenized_text():
+    score, details = evaluation.tokenized_bleu(HYPOTHESES, REFERENCES)
+    # sacreBLEU without its tokenizer and smoothing computes the same corpus BLEU-4.
+    reference_score = sacrebleu.corpus_bleu(HYPOTHESES, [REFERENCES], tokenize="none", smooth_method="none", force=True)
+    assert score == pytest.approx(reference_score.score, abs=1e-9)
+    assert "BP=0.779" in details  # 27 system tokens for 34 reference tokens: exp(1 - 34/27)
+
+
+def test_tokenized_bleu_agrees_with_fairseq_score(tmp_path):
+    system, reference = tmp_path / "sys.txt", tmp_path / "ref.txt"
+    system.write_text("\n".join(HYPOTHESES) + "\n")
+    reference.write_text("\n".join(REFERENCES) + "\n")
+    printed = subprocess.run(
+        [sys.executable, "-m", "fairseq_cli.score", "--sys", str(system), "--ref", str(reference)],
+        capture_output=True, text=True, check=True,
+    ).stdout.splitlines()[-1]
+    assert printed == evaluation.tokenized_bleu(HYPOTHESES, REFERENCES)[1]
+
+
+def test_unknown_reference_word_never_matches():
+    """fairseq's scorer replaces <unk> in the reference, so even an identical <unk> is a miss."""
+    with_unk = evaluation.tokenized_bleu(["a b <unk> d e"], ["a b <unk> d e"])[0]
+    with_other_word = evaluation.tokenized_bleu(["a b x d e"], ["a b y d e"])[0]
+    assert with_unk == pytest.approx(with_other_word) and with_unk < 100
+
+
+def test_tokenized_bleu_rejects_mismatched_lengths():
+    with pytest.raises(EvaluationError, match="2 hypotheses for 1 references"):
+        evaluation.tokenized_bleu(["a", "b"], ["a"])
+
+
+def test_detokenized_sacrebleu_on_moses_detokenized_text():
+    assert evaluation.moses_detokenize(["it 's a test , is n't it ?"]) == ["it's a test, isn't it?"]
+    hypotheses, references = evaluation.moses_detokenize(HYPOTHESES), evaluation.moses_detokenize(REFERENCES)
+    score, signature = evaluation.detokenized_sacrebleu(hypotheses, references)
+    assert score == pytest.approx(sacrebleu.corpus_bleu(hypotheses, [references]).score)
+    assert signature == f"nrefs:1|case:mixed|eff:no|tok:13a|smooth:exp|version:{sacrebleu.__version__}"
+    assert evaluation.detokenized_sacrebleu(["The cat sat."], ["The cat sat."])[0] == pytest.approx(100.0)
+
+
+GENERATE_OUTPUT = """\
+2026-01-01 00:00:00 | INFO | fairseq_cli.generate | loading model(s) from checkpoint_best.pt
+S-1\tes ist eine kleine welt .
+T-1\tit 's a small world after all .
+H-1\t-0.52\tit 's a small world .
+D-1\t-0.52\tit 's a small world .
+P-1\t-0.1 -0.2 -0.3 -0.4 -0.5 -0.6 -0.7
+H-1\t-0.91\tit 's a big world .
+S-0\tdie katze saß auf der matte .
+T-0\tthe cat sat on the red mat .
+H-0\t-0.33\tthe cat sat on the mat .
+D-0\t-0.33\tthe cat sat on the mat .
+P-0\t-0.1 -0.2 -0.3 -0.4 -0.5 -0.6 -0.7 -0.8
+S-2\tleer
+T-2\t
+H-2\t-1.0\t
+Generate test with beam=5: {bleu}
+"""
+
+
+def generate_text(bleu_line: str) -> str:
+    return GENERATE_OUTPUT.format(bleu=bleu_line)
+
+
+def test_parse_generate_output_orders_by_id_and_keeps_the_best_hypothesis():
+    output = evaluation.parse_generate_output(generate_text("BLEU4 = 12.34, 1.0/2.0/3.0/4.0 (BP=1.000, ratio=1.0)"))
+    assert output.ids == [0, 1, 2]
+    assert output.hypotheses == ["the cat sat on the mat .", "it 's a small world .", ""]
+    assert output.references == ["the cat sat on the red mat .", "it 's a small world after all .", ""]
+    assert output.printed_bleu == 12.34
+
+
+def test_score_split_checks_fairseq_generate_printed_bleu(tmp_path):
+    hypotheses = ["the cat sat on the mat .", "it 's a small world ."]
+    references = ["the cat sat on the red mat .", "it 's a small world after all ."]
+    _, details = evaluation.tokenized_bleu(hypotheses + [""], references + [""])
+    scores = evaluation.score_split(evaluation.parse_generate_output(generate_text(details)), "bpe")
+    assert scores["fairseq_generate_bleu"] == details == scores["bleu_details"]
+    assert scores["sentences"] == 3
+    with pytest.raises(EvaluationError, match="differs from fairseq-generate"):
+        evaluation.score_split(evaluation.parse_generate_output(generate_text("BLEU4 = 99.00, 1/1/1/1")), "bpe")
+
+
+def test_score_split_uses_the_untokenized_references_file(tmp_path):
+    raw = tmp_path / "test.raw.en"
+    raw.write_text("the cat sat on the red mat.\nit's a small world after all.\n\n")
+    output = evaluation.parse_generate_output(generate_text("BLEU4 = 0.00, 0/0/0/0"))
+    output.printed_bleu = None
+    scores = evaluation.score_split(output, "bpe", str(raw))
+    expected = sacrebleu.corpus_bleu(
+        ["the cat sat on the mat.", "it's a small world.", ""],
+        [["the cat sat on the red mat.", "it's a small world after all.", ""]],
+    )
+    assert scores["sacrebleu"] == pytest.approx(round(expected.score, 4))
+    assert scores["sacrebleu_references"] == str(raw)
+    raw.write_text("only one line\n")
+    with pytest.raises(EvaluationError, match="has 1 lines"):
+        evaluation.score_split(output, "bpe", str(raw))
+
+
+def test_generate_command_is_the_iwslt_example():
+    command = evaluation.generate_command("/data", "/ck/checkpoint_best.pt", "test", "/user_dir")
+    line = " ".join(command)
+    assert "fairseq_cli.generate /data --user-dir /user_dir --path /ck/checkpoint_best.pt" in line
+    assert line.endswith("--gen-subset test --beam 5 --batch-size 128 --remove-bpe")
+    assert evaluation.generate_command("/d", "/c", "valid", "/u", subword="sentencepiece")[-2:] == [
+        "--remove-bpe", "sentencepiece"
+    ]
+    with pytest.raises(EvaluationError, match="--subword"):
+        evaluation.generate_command("/d", "/c", "valid", "/u", subword="wordpiece")
+
+
+# --------------------------------------------------------------------------------------------
+# Checkpoints
+# --------------------------------------------------------------------------------------------
+
+
+def fake_checkpoint(path, seed: int, keys=("encoder.weight", "decoder.bias", "steps")):
+    generator = torch.Generator().manual_seed(seed)
+    model = {
+        "encoder.weight": torch.randn(3, 4, generator=generator),
+        "decoder.bias": torch.randn(4, generator=generator).half(),
+        "steps": torch.tensor([seed * 3 + 1]),
+    }
+    torch.save({"model": {k: model[k] for k in keys}, "cfg": {"seed": seed}, "extra_state": {"epoch": seed}}, path)
+    return model
+
+
+def test_average_checkpoints_is_the_mean_of_the_parameters(tmp_path):
+    paths = [str(tmp_path / f"checkpoint{i}.pt") for i in (3, 2, 1)]
+    models = [fake_checkpoint(p, seed) for p, seed in zip(paths, (3, 2, 1))]
+    averaged = evaluation.average_checkpoints(paths)
+    weight_mean = sum(m["encoder.weight"] for m in models) / 3
+    bias_mean = sum(m["decoder.bias"].float() for m in models) / 3
+    torch.testing.assert_close(averaged["model"]["encoder.weight"], weight_mean)
+    torch.testing.assert_close(averaged["model"]["decoder.bias"], bias_mean)  # half: averaged in fp32
+    assert averaged["model"]["steps"].item() == (10 + 7 + 4) // 3  # integers: floor of the mean
+    assert averaged["cfg"] == {"seed": 3} and averaged["extra_state"] == {"epoch": 3}  # from the first
+
+
+def test_average_checkpoints_refuses_different_parameters(tmp_path):
+    fake_checkpoint(tmp_path / "a.pt", 1)
+    fake_checkpoint(tmp_path / "b.pt", 2, keys=("encoder.weight",))
+    with pytest.raises(EvaluationError, match="other parameters"):
+        evaluation.average_checkpoints([str(tmp_path / "a.pt"), str(tmp_path / "b.pt")])
+
+
+def test_last_epoch_checkpoints_by_epoch_number(tmp_path):
+    for name in ["checkpoint2.pt", "checkpoint9.pt", "checkpoint10.pt", "checkpoint11.pt",
+                 "checkpoint_best.pt", "checkpoint_last.pt", "checkpoint_3_500.pt"]:
+        (tmp_path / name).write_bytes(b"")
+    newest = evaluation.last_epoch_checkpoints(str(tmp_path), 3)
+    assert [os.path.basename(p) for p in newest] == ["checkpoint11.pt", "checkpoint10.pt", "checkpoint9.pt"]
+    with pytest.raises(EvaluationError, match="average:5 needs 5 epoch checkpoints .* found 4"):
+        evaluation.last_epoch_checkpoints(str(tmp_path), 5)
+
+
+def test_resolve_checkpoint(tmp_path):
+    for epoch in (1, 2, 3):
+        fake_checkpoint(tmp_path / f"checkpoint{epoch}.pt", epoch)
+    path, sources = evaluation.resolve_checkpoint(str(tmp_path), evaluation.parse_checkpoint_choice("average:2"))
+    assert os.path.basename(path) == "checkpoint_average2.pt"
+    assert [os.path.basename(s) for s in sources] == ["checkpoint3.pt", "checkpoint2.pt"]
+    expected = evaluation.average_checkpoints(sources)["model"]["encoder.weight"]
+    torch.testing.assert_close(torch.load(path, weights_only=False)["model"]["encoder.weight"], expected)
+    with pytest.raises(EvaluationError, match="--checkpoint best: .*checkpoint_best.pt not found"):
+        evaluation.resolve_checkpoint(str(tmp_path), evaluation.parse_checkpoint_choice("best"))
+    with pytest.raises(EvaluationError, match="checkpoint folder not found"):
+        evaluation.resolve_checkpoint(str(tmp_path / "missing"), evaluation.parse_checkpoint_choice("last"))
+
+
+@pytest.mark.parametrize("text", ["best", "last", "average:1", "average:5"])
+def test_parse_checkpoint_choice(text):
+    assert str(evaluation.parse_checkpoint_choice(text)) == text
+
+
+@pytest.mark.parametrize("text", ["", "first", "average", "average:0", "average:x", "avg5"])
+def test_parse_checkpoint_choice_rejects(text):
+    with pytest.raises(EvaluationError, match="--checkpoint must be best, last or average:N"):
+        evaluation.parse_checkpoint_choice(text)
+
+
+def test_check_data_bin(tmp_path):
+    with pytest.raises(EvaluationError, match="--data-bin: folder not found"):
+        evaluation.check_data_bin(str(tmp_path / "missing"))
+    (tmp_path / "dict.de.txt").write_text("")
+    (tmp_path / "valid.de-en.de.idx").write_bytes(b"")
+    with pytest.raises(EvaluationError, match="missing dict.en.txt, test"):
+        evaluation.check_data_bin(str(tmp_path))
+
+
+def test_update_results_keeps_other_entries_and_writes_atomically(tmp_path):
+    path = str(tmp_path / "results.json")
+    evaluation.update_results(path, {"sharpness": {"estimates": []}, "valid": {"bleu": 1.0}})
+    results = evaluation.update_results(path, {"valid": {"bleu": 2.0}})
+    assert results == {"sharpness": {"estimates": []}, "valid": {"bleu": 2.0}}
+    assert os.listdir(tmp_path) == ["results.json"]  # no temporary file left

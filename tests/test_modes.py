@@ -1,0 +1,136 @@
+"""Every training mode that runs on a CPU: mixed precision, clipping, dummy batches, overflow,
+and an exception inside pass 2."""
+import copy
+
+import pytest
+import torch
+
+from harness import (
+    StepRecorder,
+    batches,
+    build_trainer,
+    reference_update_gradient,
+    relative_error,
+)
+
+RHO, ETA = 0.5, 0.01
+
+
+def run_update(data_bin, extra, update_freq=2):
+    trainer = build_trainer(data_bin, ["--optimizer", "asam", "--rho", str(RHO), "--eta", str(ETA),
+                                       "--update-freq", str(update_freq)] + list(extra))
+    samples = batches(trainer, update_freq)
+    model0 = copy.deepcopy(trainer.get_model()).float()
+    recorder = StepRecorder(trainer)
+    trainer.train_step(samples)
+    return trainer, samples, model0, recorder
+
+
+@pytest.mark.parametrize("flags,rtol", [
+    (["--fp16", "--fp16-no-flatten-grads", "--fp16-init-scale", "128"], 1e-2),
+    (["--memory-efficient-fp16", "--fp16-init-scale", "128"], 1e-2),
+    (["--amp"], 1e-6),
+    (["--bf16-via-hydra"], 6e-2),
+])
+def test_mixed_precision_matches_reference(data_bin, flags, rtol):
+    if flags == ["--bf16-via-hydra"]:
+        # fairseq-train --bf16 means TPU; fairseq-hydra-train sets common.bf16 alone, as here.
+        trainer = build_trainer(data_bin, ["--optimizer", "asam", "--rho", str(RHO), "--eta", str(ETA),
+                                           "--update-freq", "2"], bf16=True)
+        samples = batches(trainer, 2)
+        model0 = copy.deepcopy(trainer.get_model()).float()
+        recorder = StepRecorder(trainer)
+        trainer.train_step(samples)
+    else:
+        trainer, samples, model0, recorder = run_update(data_bin, flags)
+    expected = reference_update_gradient(model0, trainer.criterion, samples, RHO, ETA, True)
+    plain = reference_update_gradient(model0, trainer.criterion, samples, 1e-30, ETA, True)
+    error = relative_error([g.float() for g in recorder.grads], expected)
+    assert error < rtol
+    assert relative_error([g.float() for g in recorder.grads], plain) > 3 * rtol  # control
+
+
+@pytest.mark.parametrize("clip", [0.05])
+def test_clip_norm_applies_to_perturbed_gradient(data_bin, clip):
+    trainer, samples, model0, recorder = run_update(data_bin, ["--clip-norm", str(clip)])
+    expected = reference_update_gradient(model0, trainer.criterion, samples, RHO, ETA, True)
+    total = torch.sqrt(sum((g ** 2).sum() for g in expected))
+    assert total > clip  # the clip is active
+    clipped = [g * (clip / (total + 1e-6)) for g in expected]
+    assert relative_error(recorder.grads, clipped) < 1e-5
+
+
+class CountingForward:
+    """Records the weights each forward pass of the model saw."""
+
+    def __init__(self, model):
+        self.seen = []
+        model.register_forward_pre_hook(
+            lambda module, args: self.seen.append([p.detach().clone() for p in module.parameters()])
+        )
+
+
+def test_dummy_batch_takes_one_unperturbed_pass(data_bin):
+    trainer = build_trainer(data_bin, ["--optimizer", "asam", "--rho", str(RHO)])
+    sample = batches(trainer, 1)[0]
+    model = trainer.model
+    w0 = [p.detach().clone() for p in model.parameters()]
+    forwards = CountingForward(model)
+    trainer.zero_grad()
+    trainer.task.train_step(sample, model, trainer.criterion, trainer.optimizer, 0, ignore_grad=True)
+    assert len(forwards.seen) == 1
+    assert all(torch.equal(a, b) for a, b in zip(forwards.seen[0], w0))
+    assert all(p.grad is None or not p.grad.any() for p in model.parameters())
+
+
+class FailingCriterion(torch.nn.Module):
+    """Wraps a criterion; scales call `scale_call` by `factor` or raises on call `raise_call`."""
+
+    def __init__(self, criterion, scale_call=None, factor=1.0, raise_call=None):
+        super().__init__()
+        self.criterion, self.calls = criterion, 0
+        self.scale_call, self.factor, self.raise_call = scale_call, factor, raise_call
+
+    def forward(self, model, sample, reduce=True):
+        self.calls += 1
+        if self.calls == self.raise_call:
+            raise RuntimeError("injected failure in pass 2")
+        loss, size, log = self.criterion(model, sample, reduce=reduce)
+        return (loss * self.factor if self.calls == self.scale_call else loss), size, log
+
+
+def test_exception_in_pass_two_restores_weights(data_bin):
+    trainer = build_trainer(data_bin, ["--optimizer", "asam", "--rho", str(RHO)])
+    sample = batches(trainer, 1)[0]
+    model = trainer.model
+    w0 = [p.detach().clone() for p in model.parameters()]
+    forwards = CountingForward(model)
+    failing = FailingCriterion(trainer.criterion, raise_call=2)
+    with pytest.raises(RuntimeError, match="injected failure"):
+        trainer.task.train_step(sample, model, failing, trainer.optimizer, 0)
+    assert len(forwards.seen) == 1  # pass 2 raised before its forward
+    assert all(torch.equal(p.detach(), w) for p, w in zip(model.parameters(), w0))
+
+
+@pytest.mark.parametrize("fp16_flag", ["--fp16-no-flatten-grads", "--memory-efficient-fp16"])
+def test_fp16_overflow_in_pass_one_reaches_loss_scaler(data_bin, fp16_flag):
+    extra = ["--optimizer", "asam", "--rho", str(RHO), "--fp16-init-scale", "128", fp16_flag]
+    if fp16_flag == "--fp16-no-flatten-grads":
+        extra.append("--fp16")
+    trainer = build_trainer(data_bin, extra)
+    sample = batches(trainer, 1)[0]
+    model = trainer.model
+    w0 = [p.detach().clone() for p in model.parameters()]
+    forwards = CountingForward(model)
+    overflowing = FailingCriterion(trainer.criterion, scale_call=1, factor=1e6)  # pass 1 only
+    optimizer = trainer.optimizer
+    scale_before = optimizer.scaler.loss_scale
+    trainer.zero_grad()
+    trainer.task.train_step(sample, model, overflowing, optimizer, 0)
+    assert len(forwards.seen) == 2
+    assert all(torch.equal(a, b) for a, b in zip(forwards.seen[1], w0))  # pass 2 at w: no perturbation
+    assert all(torch.equal(p.detach(), w) for p, w in zip(model.parameters(), w0))
+    optimizer.multiply_grads(1.0)
+    with pytest.raises(OverflowError):
+        optimizer.clip_grad_norm(0.0)
+    assert optimizer.scaler.loss_scale < scale_before

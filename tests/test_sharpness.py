@@ -1,0 +1,379 @@
+"""Sharpness as a measurement (fairseq_asam/sharpness.py, scripts/sharpness.py).
+
+Scale invariance (Kwon et al., 2021, Table 1 / Figure 3): f(x) = (1/a) W₁ ReLU(a W₂ x) is the
+same function for every a > 0; its adaptive sharpness with η = 0 does not depend on a, its
+plain sharpness does.  The estimator is checked against a brute-force maximum on a quadratic
+and against the closed form of a linear loss.
+"""
+import copy
+import importlib.util
+import json
+import logging
+import math
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+from fairseq_asam import perturbation, sharpness
+from fairseq_asam.optim import ConfigError
+
+REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+CLI = os.path.join(REPO_ROOT, "scripts", "sharpness.py")
+SCALES = (0.1, 1.0, 10.0)
+INVARIANCE_TOLERANCE = 0.01  # adaptive sharpness equal within 1% across SCALES
+PLAIN_SPREAD = 2.0  # plain sharpness changes by more than this factor across SCALES
+TRAIN_UPDATES = 3
+
+
+@pytest.fixture(scope="module", autouse=True)
+def single_thread():
+    """Tiny models: one thread is fastest and immune to a busy machine."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def spread(values):
+    return max(values) / min(values)
+
+
+# ---------------------------------------------------------------- a ReLU network, rescaled
+
+
+MLP_INPUTS, MLP_HIDDEN, MLP_SAMPLES = 4, 8, 64
+
+
+def mlp_batches(count=2):
+    generator = torch.Generator().manual_seed(0)
+    x = torch.randn(MLP_SAMPLES, MLP_INPUTS, dtype=torch.float64, generator=generator)
+    y = torch.randn(MLP_SAMPLES, 1, dtype=torch.float64, generator=generator)
+    return list(zip(x.chunk(count), y.chunk(count)))
+
+
+def squared_error(model, batch):
+    x, y = batch
+    return ((model(x) - y) ** 2).sum(), len(x)
+
+
+def rescaled_mlp(scale, bias):
+    """(1/a) W₁ ReLU(a (W₂ x + b₂)) + b₁, as W₂ ← a W₂, b₂ ← a b₂, W₁ ← W₁ / a."""
+    torch.manual_seed(1)
+    model = torch.nn.Sequential(
+        torch.nn.Linear(MLP_INPUTS, MLP_HIDDEN, bias=bias),
+        torch.nn.ReLU(),
+        torch.nn.Linear(MLP_HIDDEN, 1, bias=bias),
+    ).double()
+    with torch.no_grad():
+        model[0].weight.mul_(scale)
+        model[2].weight.div_(scale)
+        if bias:
+            model[0].bias.mul_(scale)
+    return model
+
+
+@pytest.mark.parametrize("steps", [1, 5])
+@pytest.mark.parametrize("bias", [False, True], ids=["bias-free", "biases-normalized"])
+def test_relu_network_adaptive_sharpness_is_scale_invariant(bias, steps):
+    batches = mlp_batches()
+    losses, adaptive, plain = [], [], []
+    for scale in SCALES:
+        model = rescaled_mlp(scale, bias)
+        estimate = sharpness.estimate_sharpness(
+            model, batches, squared_error, rho=0.1, eta=0.0, normalize_biases=bias, steps=steps
+        )
+        losses.append(estimate.loss)
+        adaptive.append(estimate.sharpness)
+        plain.append(sharpness.estimate_sharpness(model, batches, squared_error, 0.1, adaptive=False,
+                                                  steps=steps).sharpness)
+    assert losses == pytest.approx([losses[0]] * len(SCALES), rel=1e-12)
+    assert min(adaptive) > 0
+    assert spread(adaptive) < 1 + INVARIANCE_TOLERANCE, adaptive
+    assert spread(plain) > PLAIN_SPREAD, plain
+
+
+# ---------------------------------------------------------------- a tiny fairseq Transformer
+
+
+@pytest.fixture(scope="module")
+def tiny_checkpoint(data_bin, tmp_path_factory):
+    """A checkpoint of the tiny Transformer after a few Adam updates, saved by fairseq's Trainer."""
+    from harness import batches, build_trainer
+
+    folder = tmp_path_factory.mktemp("sharpness-checkpoint")
+    trainer = build_trainer(data_bin, ["--optimizer", "adam", "--save-dir", str(folder)])
+    for sample in batches(trainer, TRAIN_UPDATES):
+        trainer.train_step([sample])
+    trainer.consolidate_optimizer()
+    return trainer.save_checkpoint(str(folder / "checkpoint_last.pt"), {})
+
+
+@pytest.fixture(scope="module")
+def loaded(tiny_checkpoint, data_bin):
+    return sharpness.load_subset(tiny_checkpoint, data_bin, "valid", 10, torch.device("cpu"))
+
+
+def rescale_relu_ffn(model, scale):
+    """fc1 weight and bias × a, fc2 weight ÷ a in every layer: the same function (ReLU)."""
+    model = copy.deepcopy(model)
+    layers = [m for m in model.modules() if hasattr(m, "fc1") and hasattr(m, "fc2")]
+    assert layers and all(layer.activation_fn is torch.nn.functional.relu for layer in layers)
+    with torch.no_grad():
+        for layer in layers:
+            layer.fc1.weight.mul_(scale)
+            layer.fc1.bias.mul_(scale)
+            layer.fc2.weight.div_(scale)
+    return model
+
+
+@pytest.mark.parametrize("steps", [1, 3])
+def test_transformer_adaptive_sharpness_is_scale_invariant(loaded, steps):
+    model, batches, loss_fn = loaded
+    losses, adaptive, plain = [], [], []
+    for scale in SCALES:
+        rescaled = rescale_relu_ffn(model, scale)
+        estimate = sharpness.estimate_sharpness(
+            rescaled, batches, loss_fn, rho=0.05, eta=0.0, normalize_biases=True, steps=steps
+        )
+        losses.append(estimate.loss)
+        adaptive.append(estimate.sharpness)
+        plain.append(sharpness.estimate_sharpness(rescaled, batches, loss_fn, 0.05, adaptive=False,
+                                                  steps=steps).sharpness)
+    assert losses == pytest.approx([losses[0]] * len(SCALES), rel=1e-5)
+    assert min(adaptive) > 0
+    assert spread(adaptive) < 1 + INVARIANCE_TOLERANCE, adaptive
+    assert spread(plain) > PLAIN_SPREAD, plain
+
+
+def test_transformer_biases_left_unnormalized_break_the_invariance(loaded):
+    """fc1's bias is rescaled too; with T = 1 on it (the optimizer's default) ε on it is not."""
+    model, batches, loss_fn = loaded
+    adaptive = [
+        sharpness.estimate_sharpness(rescale_relu_ffn(model, s), batches, loss_fn, rho=0.05, eta=0.0,
+                                     steps=1).sharpness
+        for s in SCALES
+    ]
+    assert spread(adaptive) > 1.2, adaptive
+
+
+def test_one_step_equals_the_optimizers_perturbation(loaded):
+    """K = 1: L(w + ε) with ε = ρ T² g / ‖T g‖ from perturbation.perturb, g the subset's gradient."""
+    model, batches, loss_fn = loaded
+    rho, eta = 0.3, 0.01
+    estimate = sharpness.estimate_sharpness(model, batches, loss_fn, rho, eta=eta, steps=1)
+
+    model = copy.deepcopy(model)
+    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    params = [p for _, p in named]
+    total = [torch.zeros_like(p) for p in params]
+    size = 0.0
+    for batch in batches:
+        loss, batch_size = loss_fn(model, batch)
+        for t, g in zip(total, torch.autograd.grad(loss, params, allow_unused=True)):
+            if g is not None:
+                t += g
+        size += batch_size
+    grads = [t / size for t in total]
+    with torch.no_grad():
+        saved = perturbation.perturb(params, grads, [perturbation.is_adaptive(n, True) for n, _ in named], rho, eta)
+        perturbed = sum(float(loss_fn(model, b)[0]) for b in batches) / size
+        perturbation.restore(params, saved)
+    assert estimate.perturbed_loss == pytest.approx(perturbed, rel=1e-6)
+    assert estimate.scaled_epsilon_norm == pytest.approx(rho)
+
+
+def test_parameters_mode_and_grads_are_restored(loaded):
+    model, batches, loss_fn = loaded
+    model = copy.deepcopy(model)
+    model.train()
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    sentinel = next(model.parameters())
+    sentinel.grad = torch.full_like(sentinel, 7.0)
+    sharpness.estimate_sharpness(model, batches, loss_fn, rho=0.5, steps=2)
+    assert model.training
+    assert all(torch.equal(p, before[n]) for n, p in model.named_parameters())
+    assert torch.equal(sentinel.grad, torch.full_like(sentinel, 7.0))
+
+
+# ---------------------------------------------------------------- the estimator, in closed form
+
+
+class Quadratic(torch.nn.Module):
+    """L(w) = ½ (w − c)ᵀ A (w − c) + bᵀw on one 2-D tensor named `weight`."""
+
+    def __init__(self, w, c, a, b=(0.0, 0.0)):
+        super().__init__()
+        self.weight = torch.nn.Parameter(torch.tensor(w, dtype=torch.float64))
+        self.register_buffer("c", torch.tensor(c, dtype=torch.float64))
+        self.register_buffer("a", torch.tensor(a, dtype=torch.float64))
+        self.register_buffer("b", torch.tensor(b, dtype=torch.float64))
+
+    def value(self, w):
+        d = w - self.c
+        return 0.5 * d @ self.a @ d + self.b @ w
+
+
+def quadratic_loss(model, _batch):
+    return model.value(model.weight), 1
+
+
+def rotated(eigenvalues, degrees):
+    angle = math.radians(degrees)
+    r = np.array([[math.cos(angle), -math.sin(angle)], [math.sin(angle), math.cos(angle)]])
+    return (r @ np.diag(eigenvalues) @ r.T).tolist()
+
+
+def brute_force_maximum(model, rho, scale):
+    """max over ‖δ‖ = ρ (a convex L peaks on the sphere) of L(w + T δ) − L(w), on a fine grid."""
+    angles = torch.linspace(0, 2 * math.pi, 200_001, dtype=torch.float64)
+    delta = rho * torch.stack([torch.cos(angles), torch.sin(angles)], dim=1)
+    with torch.no_grad():
+        w = model.weight.detach()
+        d = w + delta * scale - model.c
+        values = 0.5 * torch.einsum("ni,ij,nj->n", d, model.a, d) + (w + delta * scale) @ model.b
+        return float(values.max() - model.value(w))
+
+
+@pytest.mark.parametrize("adaptive", [False, True], ids=["plain", "adaptive"])
+def test_ascent_approaches_the_brute_force_maximum(adaptive):
+    # w − c lies mostly along A's flat direction: the first step goes the wrong way.
+    model = Quadratic(w=[0.8, -1.5], c=[0.85, -1.6], a=rotated([5.0, 0.5], 30.0))
+    rho, eta = 0.6, 0.1
+    scale = model.weight.detach().abs() + eta if adaptive else torch.ones(2, dtype=torch.float64)
+    best = brute_force_maximum(model, rho, scale)
+    values = [
+        sharpness.estimate_sharpness(model, [None], quadratic_loss, rho, adaptive=adaptive, eta=eta,
+                                     steps=k).sharpness
+        for k in (1, 2, 5, 30)
+    ]
+    g = model.a.double() @ (model.weight.detach() - model.c)
+    epsilon = rho * scale**2 * g / torch.linalg.vector_norm(scale * g)
+    with torch.no_grad():
+        one_step = float(model.value(model.weight + epsilon) - model.value(model.weight))
+    assert values[0] == pytest.approx(one_step, rel=1e-12)  # K = 1 is SAM/ASAM's ε
+    assert values[0] < 0.7 * best  # so that the later steps have something to find
+    assert values == sorted(values)
+    assert values[-1] <= best * (1 + 1e-9)
+    assert values[-1] == pytest.approx(best, rel=1e-4)
+
+
+@pytest.mark.parametrize("steps", [1, 4])
+@pytest.mark.parametrize("adaptive", [False, True], ids=["plain", "adaptive"])
+def test_linear_loss_one_step_is_optimal(adaptive, steps):
+    """L = bᵀw: max over ‖T⁻¹ε‖ <= ρ of bᵀε is ρ ‖T b‖, reached by the first step."""
+    model = Quadratic(w=[0.5, -2.0], c=[0.0, 0.0], a=[[0.0, 0.0], [0.0, 0.0]], b=[3.0, -1.0])
+    rho, eta = 0.4, 0.05
+    scale = model.weight.detach().abs() + eta if adaptive else torch.ones(2, dtype=torch.float64)
+    estimate = sharpness.estimate_sharpness(model, [None], quadratic_loss, rho, adaptive=adaptive, eta=eta,
+                                            steps=steps)
+    assert estimate.sharpness == pytest.approx(rho * float(torch.linalg.vector_norm(scale * model.b)), rel=1e-12)
+    assert estimate.scaled_epsilon_norm == pytest.approx(rho, rel=1e-12)
+    assert estimate.epsilon_norm == pytest.approx(
+        rho * float(torch.linalg.vector_norm(scale**2 * model.b) / torch.linalg.vector_norm(scale * model.b)),
+        rel=1e-12,
+    )
+
+
+def test_loss_is_summed_over_batches_then_divided_by_total_sample_size():
+    model = rescaled_mlp(1.0, bias=True)
+    batches = mlp_batches(count=4)
+    uneven = [(torch.cat([x for x, _ in batches[:3]]), torch.cat([y for _, y in batches[:3]])), batches[3]]
+    whole = [(torch.cat([x for x, _ in batches]), torch.cat([y for _, y in batches]))]
+    estimates = [sharpness.estimate_sharpness(model, b, squared_error, 0.2, steps=3) for b in (uneven, whole)]
+    assert estimates[0].loss == pytest.approx(estimates[1].loss, rel=1e-12)
+    assert estimates[0].sharpness == pytest.approx(estimates[1].sharpness, rel=1e-9)
+    assert estimates[0].sample_size == estimates[1].sample_size == MLP_SAMPLES
+
+
+def test_zero_gradient_gives_zero_perturbation():
+    model = Quadratic(w=[1.0, 2.0], c=[1.0, 2.0], a=[[1.0, 0.0], [0.0, 1.0]])
+    estimate = sharpness.estimate_sharpness(model, [None], quadratic_loss, 0.5, steps=3)
+    assert (estimate.sharpness, estimate.epsilon_norm, estimate.best_step, estimate.step_losses) == (0.0, 0.0, 0, [])
+
+
+def test_non_finite_gradient_raises():
+    model = Quadratic(w=[1.0, 2.0], c=[0.0, 0.0], a=[[1.0, 0.0], [0.0, 1.0]], b=[math.inf, 0.0])
+    with pytest.raises(FloatingPointError, match="not finite"):
+        sharpness.estimate_sharpness(model, [None], quadratic_loss, 0.5)
+
+
+# ---------------------------------------------------------------- inputs, report and CLI
+
+
+def load_cli():
+    """scripts/sharpness.py as a module; the root logger level it sets is put back."""
+    level = logging.getLogger().level
+    spec = importlib.util.spec_from_file_location("sharpness_cli", CLI)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    logging.getLogger().setLevel(level)
+    return module
+
+
+def bad_inputs(checkpoint, data_bin):
+    """(keyword overrides, exception type, words the message must contain)."""
+    return [
+        (dict(checkpoint=os.path.join(data_bin, "missing.pt")), FileNotFoundError, "missing.pt"),
+        (dict(rho=0.0), ConfigError, "--rho"),
+        (dict(rho=-1.0), ConfigError, "--rho"),
+        (dict(subset="test"), ConfigError, "--subset test"),
+        (dict(max_batches=0), ConfigError, "--max-batches"),
+        (dict(steps=0), ConfigError, "--steps"),
+        (dict(eta=-0.1), ConfigError, "--eta"),
+        (dict(data_bin=os.path.join(data_bin, "nowhere")), FileNotFoundError, "nowhere"),
+    ]
+
+
+def test_bad_input_raises_before_any_work(tiny_checkpoint, data_bin, monkeypatch):
+    def no_work(*args, **kwargs):
+        raise AssertionError("the checkpoint was loaded before the inputs were checked")
+
+    monkeypatch.setattr(sharpness, "load_subset", no_work)
+    for override, error, words in bad_inputs(tiny_checkpoint, data_bin):
+        kwargs = dict(checkpoint=tiny_checkpoint, data_bin=data_bin, rho=0.1)
+        kwargs.update(override)
+        with pytest.raises(error, match=words):
+            sharpness.measure_checkpoint(**kwargs)
+
+
+def test_cli_bad_input_prints_one_line_and_exits_1(tiny_checkpoint, data_bin, capsys):
+    cli = load_cli()
+    flags = dict(checkpoint=None, data_bin=None, rho="--rho", subset="--subset", max_batches="--max-batches",
+                 steps="--steps", eta="--eta")
+    for override, _, words in bad_inputs(tiny_checkpoint, data_bin):
+        (key, value), = override.items()
+        argv = [override.get("checkpoint", tiny_checkpoint), override.get("data_bin", data_bin), "--rho", "0.1"]
+        if flags[key]:
+            argv += [flags[key], str(value)]
+        assert cli.main(argv) == 1
+        captured = capsys.readouterr()
+        assert captured.out == ""
+        assert captured.err.count("\n") == 1 and words in captured.err, captured.err
+
+
+def test_cli_end_to_end(tiny_checkpoint, data_bin, tmp_path):
+    report_path = tmp_path / "sharpness.json"
+    done = subprocess.run(
+        [sys.executable, CLI, tiny_checkpoint, data_bin, "--rho", "0.05", "--steps", "2",
+         "--max-batches", "2", "--device", "cpu", "--json", str(report_path)],
+        capture_output=True, text=True, timeout=120,
+    )
+    assert done.returncode == 0, done.stderr
+    lines = done.stdout.splitlines()
+    assert [line.split()[0] for line in lines[2:]] == ["adaptive", "plain"]
+    report = json.loads(report_path.read_text())
+    assert [e["measure"] for e in report["estimates"]] == ["adaptive", "plain"]
+    for estimate in report["estimates"]:
+        assert estimate["num_batches"] == 2 and estimate["steps"] == 2
+        assert estimate["sharpness"] == pytest.approx(estimate["perturbed_loss"] - estimate["loss"])
+        assert estimate["scaled_epsilon_norm"] <= 0.05 * (1 + 1e-9)
+    assert os.listdir(tmp_path) == ["sharpness.json"]  # no temporary file left behind
+
+    failed = subprocess.run([sys.executable, CLI, tiny_checkpoint, data_bin, "--rho", "-1"],
+                            capture_output=True, text=True, timeout=120)
+    assert failed.returncode == 1
+    assert failed.stderr.splitlines() == ["sharpness.py: error: --rho must be a finite number > 0, got -1.0"]
