@@ -69,6 +69,7 @@ def batches(trainer, count: int, shard_id: int = 0, num_shards: int = 1):
         seed=1,
         num_shards=num_shards,
         shard_id=shard_id,
+        disable_iterator_cache=True,  # the task would otherwise hand back the first shard's
     ).next_epoch_itr(shuffle=False)
     out = []
     for sample in itr:

@@ -14,7 +14,6 @@ import pytest
 from fairseq_asam import iwslt14
 from fairseq_asam.iwslt14 import (
     SAMPLE_MAX_PAIR,
-    SAMPLE_RULE_PAIRS,
     TEST_STEMS,
     TRAIN_STEM,
     Iwslt14DataError,
@@ -86,6 +85,8 @@ def test_text_extraction_rules():
     assert training_text(raw) == ["Ein Titel", "Eine Beschreibung", "Text ’"]
     xml = ['<doc docid="1">', "<title>Titel</title>", '<seg id="12">  Hallo ’Welt’  </seg>  ', "</doc>"]
     assert segment_text(xml) == ["Hallo 'Welt'"]
+    # sed's \s in a UTF-8 locale takes the ideographic space but not the no-break space
+    assert segment_text(['<seg id="1">\u3000</seg>', '<seg id="2">\xa0</seg>']) == ["", "\xa0"]
 
 
 def test_clean_corpus_rules():

@@ -295,10 +295,18 @@ def test_zero_gradient_gives_zero_perturbation():
     assert (estimate.sharpness, estimate.epsilon_norm, estimate.best_step, estimate.step_losses) == (0.0, 0.0, 0, [])
 
 
-def test_non_finite_gradient_raises():
-    model = Quadratic(w=[1.0, 2.0], c=[0.0, 0.0], a=[[1.0, 0.0], [0.0, 1.0]], b=[math.inf, 0.0])
-    with pytest.raises(FloatingPointError, match="not finite"):
-        sharpness.estimate_sharpness(model, [None], quadratic_loss, 0.5)
+def test_non_finite_loss_or_gradient_raises():
+    infinite_loss = Quadratic(w=[1.0, 2.0], c=[0.0, 0.0], a=[[1.0, 0.0], [0.0, 1.0]], b=[math.inf, 0.0])
+    with pytest.raises(FloatingPointError, match="loss is not finite at ascent step 0"):
+        sharpness.estimate_sharpness(infinite_loss, [None], quadratic_loss, 0.5)
+
+    def infinite_gradient(model, _batch):  # + √(w₁ − w₁ at w): adds 0 to L and ∞ to ∂L/∂w₁
+        w = model.weight
+        return model.value(w) + torch.sqrt(w[0] - w[0].detach()), 1
+
+    finite_loss = Quadratic(w=[1.0, 2.0], c=[0.0, 0.0], a=[[1.0, 0.0], [0.0, 1.0]])
+    with pytest.raises(FloatingPointError, match="gradient is not finite at ascent step 1"):
+        sharpness.estimate_sharpness(finite_loss, [None], infinite_gradient, 0.5)
 
 
 # ---------------------------------------------------------------- inputs, report and CLI
@@ -357,10 +365,11 @@ def test_cli_bad_input_prints_one_line_and_exits_1(tiny_checkpoint, data_bin, ca
 
 def test_cli_end_to_end(tiny_checkpoint, data_bin, tmp_path):
     report_path = tmp_path / "sharpness.json"
+    env = dict(os.environ, OMP_NUM_THREADS="1")
     done = subprocess.run(
         [sys.executable, CLI, tiny_checkpoint, data_bin, "--rho", "0.05", "--steps", "2",
          "--max-batches", "2", "--device", "cpu", "--json", str(report_path)],
-        capture_output=True, text=True, timeout=120,
+        capture_output=True, text=True, timeout=120, env=env,
     )
     assert done.returncode == 0, done.stderr
     lines = done.stdout.splitlines()
@@ -374,6 +383,6 @@ def test_cli_end_to_end(tiny_checkpoint, data_bin, tmp_path):
     assert os.listdir(tmp_path) == ["sharpness.json"]  # no temporary file left behind
 
     failed = subprocess.run([sys.executable, CLI, tiny_checkpoint, data_bin, "--rho", "-1"],
-                            capture_output=True, text=True, timeout=120)
+                            capture_output=True, text=True, timeout=120, env=env)
     assert failed.returncode == 1
     assert failed.stderr.splitlines() == ["sharpness.py: error: --rho must be a finite number > 0, got -1.0"]
