@@ -11,6 +11,7 @@ setup(
     install_requires=[
         "torch>=2.1",
         "numpy",
+        "regex",
         "sacrebleu>=2.0",
         "sentencepiece",
         "subword-nmt",

@@ -8,9 +8,11 @@ The recipe, step by step (file names relative to `workdir`):
 2. tokenize -> `iwslt14.tokenized.de-en/tmp/`
    - training text `de-en/train.tags.de-en.{de,en}`: lines holding `<url>`, `<talkid>` or
      `<keywords>` are dropped, the tags `<title>`, `</title>`, `<description>`, `</description>`
-     are deleted, the rest is Moses-tokenized (`train.tags.de-en.tok.{de,en}`);
+     are deleted, the rest is Moses-tokenized (`train.tags.de-en.tok.{de,en}`, the text before
+     tokenization is kept as `train.tags.de-en.raw.{de,en}`);
    - dev/test text `de-en/IWSLT14.TED*.{de,en}.xml`: only `<seg id=...>` lines, without the seg
-     tags, with ’ turned into ', Moses-tokenized and lowercased (`IWSLT14.*.de-en.{de,en}`).
+     tags, with ’ turned into ', Moses-tokenized and lowercased (`IWSLT14.*.de-en.{de,en}`,
+     before tokenization `IWSLT14.*.de-en.raw.{de,en}`).
    Tokenization is tokenizer.perl's (`-l de` / `-l en`, XML escaping on), reproduced by
    `MosesPerlTokenizer`; it runs on `workers` processes.
 3. clean: clean-corpus-n.perl `-ratio 1.5 ... 1 175` on the tokenized training pairs
@@ -29,9 +31,10 @@ The recipe, step by step (file names relative to `workdir`):
 6. binarize: fairseq-preprocess into `data-bin/iwslt14.tokenized.de-en` (separate dictionaries,
    or `--joined-dictionary`).
 
-Every step writes its files under temporary names and renames them when complete, then records
-its settings in `.prepare-iwslt14/<step>.json`; a re-run skips a step whose record matches and
-whose files exist, and redoes it (and the steps after it) otherwise.
+Every step writes its files under temporary names (`*.partial`) and renames them when complete,
+then records its settings in `.prepare-iwslt14/<step>.json`. A re-run skips a step whose record
+matches and whose files all exist, and redoes it otherwise; each step's settings include those
+of the steps before it, so a changed setting redoes every step from the first it affects.
 """
 import gzip
 import hashlib
@@ -68,7 +71,7 @@ ARCHIVE_NAME = "de-en.tgz"
 ARCHIVE_MD5 = "10936dfdf616504ddbd844e91b94ef4a"
 DOWNLOAD_ATTEMPTS = 5
 DOWNLOAD_RETRY_SECONDS = 5.0
-DOWNLOAD_BLOCK_BYTES = 1 << 20
+READ_BLOCK_BYTES = 1 << 20
 DOWNLOAD_TIMEOUT_SECONDS = 60
 
 ARCHIVE_FOLDER = "de-en"
@@ -84,9 +87,11 @@ TEST_STEMS = (
 TRAIN_DROPPED_TAGS = ("<url>", "<talkid>", "<keywords>")
 TRAIN_DELETED_TAGS = ("<title>", "</title>", "<description>", "</description>")
 SEG_MARKER = "<seg id"
-# sed 's/<seg id="[0-9]*">\s*//g' and 's/\s*<\/seg>\s*//g' (\s as in the C locale).
-SEG_OPEN = re.compile(r'<seg id="[0-9]*">[ \t\n\r\f\v]*')
-SEG_CLOSE = re.compile(r"[ \t\n\r\f\v]*</seg>[ \t\n\r\f\v]*")
+# sed 's/<seg id="[0-9]*">\s*//g' and 's/\s*<\/seg>\s*//g', with GNU sed's \s in a UTF-8 locale
+# (glibc's iswspace: no-break spaces excluded).
+SED_SPACE = "[ \t\n\r\f\v\u1680\u2000-\u2006\u2008-\u200a\u2028\u2029\u205f\u3000]"
+SEG_OPEN = re.compile(f'<seg id="[0-9]*">{SED_SPACE}*')
+SEG_CLOSE = re.compile(f"{SED_SPACE}*</seg>{SED_SPACE}*")
 RIGHT_SINGLE_QUOTE = "\u2019"
 
 CLEAN_RATIO = 1.5
@@ -146,8 +151,8 @@ class MosesPerlTokenizer(MosesTokenizer):
       lowercase letters and many numbers, and add Indic viramas to the letters;
     - whitespace is perl's: the separators \\x1c-\\x1f are deleted as control characters rather
       than turned into spaces, and spaces left by deleted control characters are merged;
-    - the non-breaking prefix table follows perl's loading (a later line wins) and lookups
-      (the next word of `split(/\\s/)`, which may be empty);
+    - the word loop is perl's own (its `split(/\\s/)`, its prefix table where a later line
+      wins), which the last-word rule needs; on the de/en prefix lists it otherwise agrees;
     - a line of whitespace only is returned unchanged, as perl prints it.
     """
 
@@ -177,12 +182,6 @@ class MosesPerlTokenizer(MosesTokenizer):
             else:
                 self.prefix_kinds[item] = NONBREAKING
 
-    def isanyalpha(self, text: str) -> bool:
-        return HAS_ALPHA.search(text) is not None
-
-    def islower(self, text: str) -> bool:
-        return STARTS_LOWER.match(text) is not None
-
     def handles_nonbreaking_prefixes(self, text: str) -> str:
         words = text.split(" ")
         while words and not words[-1]:  # perl's split drops trailing empty fields only
@@ -196,7 +195,7 @@ class MosesPerlTokenizer(MosesTokenizer):
             kind = self.prefix_kinds.get(prefix)
             if i == last:
                 words[i] = prefix + " ."
-            elif ("." in prefix and self.isanyalpha(prefix)) or kind == NONBREAKING or self.islower(next_word):
+            elif ("." in prefix and HAS_ALPHA.search(prefix)) or kind == NONBREAKING or STARTS_LOWER.match(next_word):
                 continue
             elif kind == NONBREAKING_BEFORE_NUMBER and STARTS_ASCII_DIGIT.match(next_word):
                 continue
@@ -301,7 +300,7 @@ def read_archive(archive: str) -> Dict[str, List[str]]:
                     name = os.path.normpath(member.name)
                     if name in wanted and member.isfile():
                         contents[name] = tar.extractfile(member).read()
-            while unzipped.read(DOWNLOAD_BLOCK_BYTES):  # to the end: checks the gzip CRC
+            while unzipped.read(READ_BLOCK_BYTES):  # to the end: checks the gzip CRC
                 pass
     except FileNotFoundError:
         raise Iwslt14DataError(f"{archive}: archive not found") from None
@@ -376,7 +375,8 @@ def download_archive(url: str, destination: str, *, attempts: int = DOWNLOAD_ATT
         except (urllib.error.URLError, OSError, ValueError) as exc:
             failure = exc
             logger.warning("download of %s failed (attempt %d of %d): %s", url, attempt, attempts, exc)
-            time.sleep(DOWNLOAD_RETRY_SECONDS * attempt)
+            if attempt < attempts:
+                time.sleep(DOWNLOAD_RETRY_SECONDS * attempt)
     else:
         raise Iwslt14DataError(f"{url}: download failed {attempts} times ({failure}); pass a local --archive")
     digest = _md5(partial)
@@ -404,7 +404,7 @@ def _download_resuming(url: str, partial: str) -> None:
             total = int(response.headers.get("Content-Length", -1))
             have, mode = 0, "wb"
         with open(partial, mode) as out:
-            for block in iter(lambda: response.read(DOWNLOAD_BLOCK_BYTES), b""):
+            for block in iter(lambda: response.read(READ_BLOCK_BYTES), b""):
                 out.write(block)
                 have += len(block)
     if total >= 0 and have != total:
@@ -414,7 +414,7 @@ def _download_resuming(url: str, partial: str) -> None:
 def _md5(path: str) -> str:
     digest = hashlib.md5()
     with open(path, "rb") as data:
-        for block in iter(lambda: data.read(DOWNLOAD_BLOCK_BYTES), b""):
+        for block in iter(lambda: data.read(READ_BLOCK_BYTES), b""):
             digest.update(block)
     return digest.hexdigest()
 
@@ -515,6 +515,9 @@ def prepare_iwslt14(
     """Runs the recipe of the module docstring; returns `workdir/data-bin/iwslt14.tokenized.de-en`.
 
     `archive`: a local `de-en.tgz`, or None to download `download_url` to `workdir/orig/`.
+    `subword`: "bpe" (the recipe) or "sentencepiece"; `bpe_merges`: the number of BPE merges,
+    or the SentencePiece vocabulary size. `joined_dictionary`: one fairseq dictionary for both
+    languages. `workers`: processes for tokenization, apply_bpe and fairseq-preprocess.
     `expect_real_counts`: check the split sizes against the real corpus's 160,239 / 7,283 /
     6,750; None checks them when the cleaned training text has at least 100,000 pairs.
     Raises `Iwslt14DataError` for an unusable archive or flag, before writing the step's files.
@@ -671,7 +674,8 @@ def _sentencepiece_step(tmp: str, prep: str, records: _StepRecords, settings: di
         model_prefix=partial_prefix,
         vocab_size=vocab_size,
         character_coverage=1.0,
-        hard_vocab_limit=False,
+        model_type="unigram",
+        hard_vocab_limit=False,  # a small corpus may not fill `vocab_size`
         num_threads=workers,
         minloglevel=2,
     )
@@ -795,7 +799,7 @@ def _sample_xml_file(stem: str, pairs: Sequence[Tuple[str, str]], side: int, lan
             f'<doc docid="{doc}" genre="lectures">',
             f"<url>http://www.ted.com/talks/sample_{doc}.html</url>",
             f"<description>TED Talk Subtitles and Transcript: sample {doc}</description>",
-            f"<keywords>talks, sample</keywords>",
+            "<keywords>talks, sample</keywords>",
             f"<talkid>{doc}</talkid>",
             f"<title>Sample {doc}</title>",
         ]

@@ -13,11 +13,15 @@ the origin is a saddle.  One step of each method, with g = ∇L(w) and step size
     ASAM: ε = ρ T² g / ‖T g‖₂,      w ← w − λ ∇L(w + ε),   T = diag(|w₁| + η, |w₂| + η)
 
 ε = 0 where g = 0.  With η = 0 and w₁w₂ > 0, T g = −(1 − w₁w₂) w₁w₂ (1, 1), hence
-ε = −sign(1 − w₁w₂) ρ w / √2: ASAM perturbs each weight by the same fraction ρ/√2 of itself,
-whatever the scale of w, while SAM's ε has length ρ wherever w is.  Near the origin, where
-‖w‖ is comparable to ρ, SAM's perturbation overshoots the saddle and its path stalls there;
-ASAM's relative perturbation does not, and it reaches the valley from every starting point
-in the picture.
+
+    ε_ASAM = −sign(1 − w₁w₂) ρ w / √2
+
+ASAM perturbs both weights by the same fraction ρ/√2 of themselves, whatever the scale of w;
+∇L(w + ε) is then parallel to g, so ASAM walks SGD's path (up to discretization: the step
+lengths differ) and settles next to where SGD does (η = 0.01 changes this little).  SAM's ε has length ρ wherever w is: from
+starts whose ‖w‖ is comparable to ρ it jumps across the saddle and stalls there, and on the
+valley it drifts toward the balanced minimum (1, 1), where the largest Hessian eigenvalue
+w₁² + w₂² is smallest.  Adaptive sharpness, invariant along the valley, prefers no point of it.
 """
 import dataclasses
 from typing import Dict, Sequence, Tuple
@@ -30,10 +34,10 @@ DEFAULT_STARTS = ((0.2, 0.05), (0.05, 0.2), (0.12, 0.12), (2.0, 0.05), (0.05, 2.
 PLOT_LIMITS = (-0.3, 2.3)
 GRID_POINTS = 241
 CONTOUR_LEVELS = np.geomspace(1e-3, 3.0, 14)
-METHOD_STYLES = {
-    "sgd": dict(color="0.35", linestyle="--", label="SGD"),
-    "sam": dict(color="tab:blue", linestyle="-", label="SAM"),
-    "asam": dict(color="tab:red", linestyle="-", label="ASAM"),
+METHOD_STYLES = {  # SGD last and thin, on top of the others
+    "sam": dict(color="tab:blue", linestyle="-", linewidth=2.0, label="SAM"),
+    "asam": dict(color="tab:red", linestyle="-", linewidth=1.6, label="ASAM"),
+    "sgd": dict(color="k", linestyle="--", linewidth=0.9, label="SGD"),
 }
 FIGURE_SIZE_INCHES = (6.0, 5.4)
 FIGURE_DPI = 100
@@ -46,7 +50,7 @@ class Settings:
     lr: float = 0.05
     steps: int = 400
     sam_rho: float = 0.2
-    asam_rho: float = 0.5
+    asam_rho: float = 0.2
     eta: float = 0.01
 
     def rho(self, method: str) -> float:
@@ -121,11 +125,9 @@ def plot(
         ax.contour(axis, axis, loss(grid), levels=CONTOUR_LEVELS, colors="0.6", linewidths=0.4)
         valley = np.linspace(1.0 / PLOT_LIMITS[1], PLOT_LIMITS[1], 200)
         ax.plot(valley, 1.0 / valley, color="k", linewidth=0.8, linestyle=":", label="minima $w_1w_2=1$")
-        for method in METHODS:
-            style = METHOD_STYLES[method]
+        for method, style in METHOD_STYLES.items():
             for index, path in enumerate(paths[method]):
-                ax.plot(path[:, 0], path[:, 1], linewidth=1.4, color=style["color"],
-                        linestyle=style["linestyle"], label=style["label"] if index == 0 else None)
+                ax.plot(path[:, 0], path[:, 1], **dict(style, label=style["label"] if index == 0 else None))
                 ax.plot(*path[-1], marker="o", markersize=4, color=style["color"])
         starts_array = np.asarray(starts, dtype=float)
         ax.plot(starts_array[:, 0], starts_array[:, 1], "k^", markersize=5, label="start")
