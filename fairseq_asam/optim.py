@@ -33,6 +33,15 @@ class SharpnessAwareConfig(FairseqAdamConfig):
         default=0.1,
         metadata={"help": "radius ρ of the neighbourhood in which the worst-case loss is sought"},
     )
+    sam_interval: int = field(
+        default=1,
+        metadata={"help": "take the sharpness-aware gradient on every K-th update only and Adam's "
+                          "plain gradient on the others (cost ≈ 1 + 1/K passes per update)"},
+    )
+    sam_start_update: int = field(
+        default=0,
+        metadata={"help": "plain Adam before this update, sharpness-aware from it on"},
+    )
 
 
 @dataclass
@@ -60,6 +69,10 @@ def _validate(cfg, adaptive: bool, name: str) -> None:
         eta = float(cfg.eta)
         if not (math.isfinite(eta) and eta >= 0):
             raise ConfigError(f"--eta must be a finite number >= 0 for --optimizer {name}, got {cfg.eta}")
+    if int(cfg.sam_interval) < 1:
+        raise ConfigError(f"--sam-interval must be an integer >= 1, got {cfg.sam_interval}")
+    if int(cfg.sam_start_update) < 0:
+        raise ConfigError(f"--sam-start-update must be an integer >= 0, got {cfg.sam_start_update}")
     # cfg is a node of the whole run's config when fairseq builds the optimizer.
     root = cfg._get_root() if isinstance(cfg, DictConfig) else None
     ddp_backend = root.get("distributed_training", {}).get("ddp_backend") if root is not None else None
@@ -85,7 +98,14 @@ class SharpnessAware:
         super().__init__(cfg, params)
         self.rho = float(cfg.rho)
         self.eta = float(cfg.eta) if self.adaptive else 0.0
+        self.sam_interval = int(cfg.sam_interval)
+        self.sam_start_update = int(cfg.sam_start_update)
         self.two_pass_micro_batches = 0  # micro-batches seen by the two-pass step this update
+
+    def perturbs_at(self, update_num: int) -> bool:
+        """Whether update `update_num` (0-based) takes the sharpness-aware gradient."""
+        since_start = update_num - self.sam_start_update
+        return since_start >= 0 and since_start % self.sam_interval == 0
 
     def ensure_two_pass(self, task_name: str = "the task") -> None:
         """Raises unless some micro-batch of this update went through the two-pass step."""

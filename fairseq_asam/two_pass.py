@@ -12,7 +12,8 @@ all but the last micro-batch of an update.  With `--optimizer sam/asam` the wrap
 
 A non-finite ‖T g‖ (fp16 overflow) perturbs nothing; pass 2 then runs at w on top of the
 non-finite g, so the overflow reaches fairseq's loss scaler through the all-reduce on every
-rank.  Dummy batches (`ignore_grad`) take one plain pass, which still joins the DDP sync.
+rank.  Dummy batches (`ignore_grad`), and updates that `--sam-interval`/`--sam-start-update`
+leave plain, take one plain pass, which still joins the DDP sync.
 The logged `loss` is pass 1's; `sharpness` is pass 2's loss minus pass 1's.
 """
 import contextlib
@@ -40,7 +41,7 @@ def sharpness_aware_train_step(train_step, task, sample, model, criterion, optim
     if sam is None:
         return train_step(task, sample, model, criterion, optimizer, update_num, ignore_grad, **kwargs)
     sam.two_pass_micro_batches += 1
-    if ignore_grad:
+    if ignore_grad or not sam.perturbs_at(update_num):
         return train_step(task, sample, model, criterion, optimizer, update_num, ignore_grad, **kwargs)
 
     named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]

@@ -112,6 +112,7 @@ BYPASS_TASK = textwrap.dedent('''
     (["--optimizer", "asam", "--rho", "-1"], "--rho must be a finite number > 0"),
     (["--optimizer", "sam", "--rho", "nan"], "--rho must be a finite number > 0"),
     (["--optimizer", "asam", "--eta", "-0.5"], "--eta must be a finite number >= 0"),
+    (["--optimizer", "sam", "--sam-interval", "0"], "--sam-interval must be an integer >= 1"),
     (["--optimizer", "asam", "--task", "bypass_translation"], "task 'BypassTranslation'"),
 ])
 def test_bad_input_fails_with_one_line(data_bin, tmp_path, flags, message):

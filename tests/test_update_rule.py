@@ -103,3 +103,22 @@ def test_zero_gradient_gives_zero_perturbation():
     w0 = params[0].clone()
     saved = perturbation.perturb(params, [torch.zeros(3, 3)], [True], 0.2, 0.01)
     assert saved is not None and torch.equal(params[0], w0)
+
+
+def test_sam_interval_and_start_update_schedule(data_bin):
+    """--sam-start-update 1 --sam-interval 3: updates 1 and 4 sharpness-aware, 0, 2, 3 plain."""
+    rho, eta = 0.5, 0.01
+    trainer = build_trainer(data_bin, ["--optimizer", "asam", "--rho", str(rho), "--eta", str(eta),
+                                       "--sam-interval", "3", "--sam-start-update", "1"])
+    samples = batches(trainer, 5)
+    recorder = StepRecorder(trainer)
+    kinds = []
+    for sample in samples:
+        model0 = copy.deepcopy(trainer.get_model())
+        trainer.train_step([sample])
+        sam = reference_update_gradient(model0, trainer.criterion, [sample], rho, eta, True)
+        plain = reference_update_gradient(model0, trainer.criterion, [sample], 1e-30, eta, True)
+        sam_error, plain_error = relative_error(recorder.grads, sam), relative_error(recorder.grads, plain)
+        assert min(sam_error, plain_error) < RTOL and max(sam_error, plain_error) > 1e3 * RTOL
+        kinds.append("sam" if sam_error < plain_error else "plain")
+    assert kinds == ["plain", "sam", "plain", "plain", "sam"]
