@@ -8,9 +8,16 @@ import logging
 import math
 from dataclasses import dataclass, field
 
+from typing import List
+
+import torch
+import torch.distributed as dist
 from fairseq.optim import register_optimizer
 from fairseq.optim.adam import FairseqAdam, FairseqAdamConfig
 from omegaconf import DictConfig
+from torch import Tensor
+
+from . import looksam
 
 logger = logging.getLogger(__name__)
 
@@ -41,6 +48,12 @@ class SharpnessAwareConfig(FairseqAdamConfig):
     sam_start_update: int = field(
         default=0,
         metadata={"help": "plain Adam before this update, sharpness-aware from it on"},
+    )
+    looksam_alpha: float = field(
+        default=0.0,
+        metadata={"help": "LookSAM: on the updates --sam-interval leaves plain, add α‖g‖/‖g_v‖·g_v, "
+                          "g_v being the last sharpness-aware gradient's part orthogonal to the "
+                          "plain one (0: off; costs two fp32 gradient-sized buffers)"},
     )
 
 
@@ -73,6 +86,11 @@ def _validate(cfg, adaptive: bool, name: str) -> None:
         raise ConfigError(f"--sam-interval must be an integer >= 1, got {cfg.sam_interval}")
     if int(cfg.sam_start_update) < 0:
         raise ConfigError(f"--sam-start-update must be an integer >= 0, got {cfg.sam_start_update}")
+    alpha = float(cfg.looksam_alpha)
+    if not (math.isfinite(alpha) and alpha >= 0):
+        raise ConfigError(f"--looksam-alpha must be a finite number >= 0, got {cfg.looksam_alpha}")
+    if alpha > 0 and int(cfg.sam_interval) < 2:
+        raise ConfigError("--looksam-alpha reuses g_v between sharpness-aware updates: it needs --sam-interval >= 2")
     # cfg is a node of the whole run's config when fairseq builds the optimizer.
     root = cfg._get_root() if isinstance(cfg, DictConfig) else None
     ddp_backend = root.get("distributed_training", {}).get("ddp_backend") if root is not None else None
@@ -100,7 +118,11 @@ class SharpnessAware:
         self.eta = float(cfg.eta) if self.adaptive else 0.0
         self.sam_interval = int(cfg.sam_interval)
         self.sam_start_update = int(cfg.sam_start_update)
+        self.looksam_alpha = float(cfg.looksam_alpha)
         self.two_pass_micro_batches = 0  # micro-batches seen by the two-pass step this update
+        self.sharpness_aware_update = False  # whether this update's micro-batches were perturbed
+        self._plain_sum = None  # LookSAM: Σ of this worker's pass-1 gradients, this update
+        self._g_v = None  # LookSAM: flat fp32 g_v of the last sharpness-aware update
 
     def perturbs_at(self, update_num: int) -> bool:
         """Whether update `update_num` (0-based) takes the sharpness-aware gradient."""
@@ -116,10 +138,49 @@ class SharpnessAware:
                 "and the update would be plain Adam"
             )
 
+    def record_plain_gradient(self, params: List[Tensor], first_micro_batch: bool) -> None:
+        """LookSAM: adds one micro-batch's pass-1 gradient (model parameter order) to G."""
+        if not self.looksam_alpha:
+            return
+        flat = _flat_gradient(params)
+        if first_micro_batch or self._plain_sum is None:
+            self._plain_sum = flat
+        else:
+            self._plain_sum += flat
+
     def step(self, closure=None, scale=1.0, groups=None):
         self.ensure_two_pass()
         self.two_pass_micro_batches = 0
+        if self.looksam_alpha:
+            self._looksam()
         super().step(closure, scale=scale, groups=groups)
+
+    def _looksam(self) -> None:
+        """Keeps g_v after a sharpness-aware update; adds the reuse term after a plain one."""
+        params = [p for group in self.optimizer.param_groups for p in group["params"]]
+        flat = _flat_gradient(params)
+        if self.sharpness_aware_update:
+            # Optimizer parameters are the model's (fp32/fp16 copies, maybe flattened) followed
+            # by the criterion's, which pass 1 does not see: pad G with zeros for those.
+            plain = flat.new_zeros(0) if self._plain_sum is None else self._plain_sum  # dummy-only
+            plain = torch.nn.functional.pad(plain, (0, flat.numel() - plain.numel()))
+            if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+                dist.all_reduce(plain)  # G is global like G_s; its scale does not matter
+            self._g_v = looksam.orthogonal_component(flat, plain)
+            self._plain_sum = None
+        elif self._g_v is not None:
+            term = looksam.reuse_term(flat, self._g_v, self.looksam_alpha)
+            with_grad = [(p, v) for p, v in zip(params, term.split([p.numel() for p in params]))
+                         if p.grad is not None]
+            torch._foreach_add_([p.grad for p, _ in with_grad],
+                                [v.view_as(p.grad).to(p.grad.dtype) for p, v in with_grad])
+
+
+def _flat_gradient(params: List[Tensor]) -> Tensor:
+    """All gradients as one flat fp32 vector, zeros where a parameter has none."""
+    return torch.cat([
+        (p.grad.reshape(-1) if p.grad is not None else p.new_zeros(p.numel())).float() for p in params
+    ])
 
 
 @register_optimizer("sam", dataclass=FairseqSAMConfig)

@@ -41,7 +41,8 @@ def sharpness_aware_train_step(train_step, task, sample, model, criterion, optim
     if sam is None:
         return train_step(task, sample, model, criterion, optimizer, update_num, ignore_grad, **kwargs)
     sam.two_pass_micro_batches += 1
-    if ignore_grad or not sam.perturbs_at(update_num):
+    sam.sharpness_aware_update = sam.perturbs_at(update_num)
+    if ignore_grad or not sam.sharpness_aware_update:
         return train_step(task, sample, model, criterion, optimizer, update_num, ignore_grad, **kwargs)
 
     named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
@@ -53,6 +54,8 @@ def sharpness_aware_train_step(train_step, task, sample, model, criterion, optim
             task, sample, model, criterion, optimizer, update_num, False, **kwargs
         )
 
+    # fairseq's zero_grad sets .grad to None: all None means this is the update's first micro-batch.
+    sam.record_plain_gradient([p for _, p in named], all(acc is None for acc in accumulated))
     # Parameters that pass 1 did not reach have a zero gradient: they are not perturbed.
     reached = [(n, p) for n, p in named if p.grad is not None]
     params = [p for _, p in reached]

@@ -122,3 +122,35 @@ def test_sam_interval_and_start_update_schedule(data_bin):
         assert min(sam_error, plain_error) < RTOL and max(sam_error, plain_error) > 1e3 * RTOL
         kinds.append("sam" if sam_error < plain_error else "plain")
     assert kinds == ["plain", "sam", "plain", "plain", "sam"]
+
+
+def _flat(tensors):
+    return torch.cat([t.reshape(-1).double() for t in tensors])
+
+
+@pytest.mark.parametrize("update_freq", [1, 2])
+def test_looksam_reuses_orthogonal_component(data_bin, update_freq):
+    """--sam-interval 2 --looksam-alpha α: update 0 is ASAM; update 1 is G + α‖G‖/‖g_v‖ g_v."""
+    rho, eta, alpha = 0.5, 0.01, 0.7
+    trainer = build_trainer(data_bin, ["--optimizer", "asam", "--rho", str(rho), "--eta", str(eta),
+                                       "--sam-interval", "2", "--looksam-alpha", str(alpha),
+                                       "--update-freq", str(update_freq)])
+    samples = batches(trainer, 2 * update_freq)
+    first, second = samples[:update_freq], samples[update_freq:]
+    recorder = StepRecorder(trainer)
+
+    model0 = copy.deepcopy(trainer.get_model())
+    trainer.train_step(first)
+    sharp0 = reference_update_gradient(model0, trainer.criterion, first, rho, eta, True)
+    plain0 = reference_update_gradient(model0, trainer.criterion, first, 1e-30, eta, True)
+    assert relative_error(recorder.grads, sharp0) < RTOL
+    g_s, g = _flat(sharp0), _flat(plain0)
+    g_v = g_s - (g_s @ g) / (g @ g) * g
+
+    model1 = copy.deepcopy(trainer.get_model())
+    trainer.train_step(second)
+    plain1 = _flat(reference_update_gradient(model1, trainer.criterion, second, 1e-30, eta, True))
+    expected = plain1 + alpha * plain1.norm() / g_v.norm() * g_v
+    actual = _flat(recorder.grads)
+    assert float((actual - expected).norm() / expected.norm()) < 1e-5
+    assert float((actual - plain1).norm() / plain1.norm()) > 1e-2  # control: reuse is visible
