@@ -24,14 +24,17 @@ from harness import (
 WORLD_SIZE = 2
 UPDATE_FREQ = 2
 RHO, ETA = 0.5, 0.01
+BUCKET_VIEW_SUFFIX = "+gradient_as_bucket_view"
 
 
 def _wrapper(backend):
     from fairseq.distributed import LegacyDistributedDataParallel, ModuleProxyWrapper
 
     def wrap(model):
-        if backend == "pytorch_ddp":
-            inner = torch.nn.parallel.DistributedDataParallel(model)
+        if backend.startswith("pytorch_ddp"):
+            # fairseq's --gradient-as-bucket-view: .grad tensors are views into DDP's buckets.
+            inner = torch.nn.parallel.DistributedDataParallel(
+                model, gradient_as_bucket_view=backend.endswith(BUCKET_VIEW_SUFFIX))
         else:
             inner = LegacyDistributedDataParallel(model, process_group=dist.group.WORLD, buffer_size=2 ** 20)
         return ModuleProxyWrapper(inner)
@@ -76,7 +79,7 @@ def _worker(rank, init_file, data_bin, backend, out_dir):
 
 def _ddp_trainer(rank, data_bin, backend, extra=()):
     args = ["--optimizer", "asam", "--rho", str(RHO), "--eta", str(ETA), "--update-freq", str(UPDATE_FREQ),
-            "--distributed-world-size", str(WORLD_SIZE), "--ddp-backend", backend]
+            "--distributed-world-size", str(WORLD_SIZE), "--ddp-backend", backend.split("+")[0]]
     trainer = build_trainer(data_bin, args + list(extra), wrap_model=_wrapper(backend))
     world_samples = [batches(trainer, UPDATE_FREQ, shard_id=r, num_shards=WORLD_SIZE) for r in range(WORLD_SIZE)]
     return trainer, world_samples
@@ -122,7 +125,7 @@ def _check_overflow(rank, data_bin, backend):
     return result
 
 
-@pytest.mark.parametrize("backend", ["pytorch_ddp", "legacy_ddp"])
+@pytest.mark.parametrize("backend", ["pytorch_ddp", "pytorch_ddp" + BUCKET_VIEW_SUFFIX, "legacy_ddp"])
 def test_ddp_update_and_overflow(tmp_path, data_bin, backend):
     mp.spawn(_worker, args=(str(tmp_path / "init"), data_bin, backend, str(tmp_path)),
              nprocs=WORLD_SIZE, join=True)
