@@ -295,8 +295,8 @@ def score_split(output: GenerateOutput, subword: str, references_path: Optional[
     bleu, bleu_details = tokenized_bleu(output.hypotheses, output.references)
     if output.printed_bleu is not None and abs(output.printed_bleu - bleu) > PRINTED_BLEU_TOLERANCE:
         raise EvaluationError(
-                f"recomputed BLEU {bleu:.4f} differs from fairseq-generate's {output.printed_score_line!r}"
-            )
+            f"recomputed BLEU {bleu:.4f} differs from fairseq-generate's {output.printed_score_line!r}"
+        )
     # BPE output is Moses-tokenized text; SentencePiece output is already untokenized.
     detokenize = moses_detokenize if subword == "bpe" else list
     hypotheses = detokenize(output.hypotheses)
@@ -358,13 +358,20 @@ def evaluate_checkpoint(
     return results
 
 
-def check_data_bin(data_bin: str, splits: Sequence[str] = SPLITS) -> None:
-    """Raises unless `data_bin` holds fairseq-preprocess output for `splits` (and dictionaries)."""
+def missing_data_files(data_bin: str, splits: Sequence[str] = SPLITS) -> List[str]:
+    """What `data_bin` lacks of fairseq-preprocess output for `splits`: dictionaries, split indexes."""
     if not os.path.isdir(data_bin):
-        raise EvaluationError(f"--data-bin: folder not found: {data_bin}")
+        return [data_bin]
     names = set(os.listdir(data_bin))
     missing = [f"dict.{lang}.txt" for lang in (SOURCE_LANG, TARGET_LANG) if f"dict.{lang}.txt" not in names]
-    missing += [s for s in splits if not any(n.startswith(f"{s}.") and n.endswith(".idx") for n in names)]
+    return missing + [s for s in splits if not any(n.startswith(f"{s}.") and n.endswith(".idx") for n in names)]
+
+
+def check_data_bin(data_bin: str, splits: Sequence[str] = SPLITS) -> None:
+    """Raises unless `data_bin` holds fairseq-preprocess output for `splits`."""
+    if not os.path.isdir(data_bin):
+        raise EvaluationError(f"--data-bin: folder not found: {data_bin}")
+    missing = missing_data_files(data_bin, splits)
     if missing:
         raise EvaluationError(f"--data-bin {data_bin} is not binarized data: missing {', '.join(missing)}")
 

@@ -4,10 +4,8 @@ The optimizer itself only carries the perturbation settings and steps like Adam;
 forward-backward passes run in the task's train step (see `two_pass.py`), because only there
 are the batch, the model and the criterion at hand.
 """
-import logging
 import math
 from dataclasses import dataclass, field
-
 from typing import List
 
 import torch
@@ -18,8 +16,6 @@ from omegaconf import DictConfig
 from torch import Tensor
 
 from . import looksam
-
-logger = logging.getLogger(__name__)
 
 
 class FairseqAsamError(Exception):

@@ -290,11 +290,16 @@ def plot_curves(logs: Dict[str, Dict[str, List[dict]]], tag: str, x_key: str, y_
             series[run_name] = points
     if not series:
         return False
-    optimizers = sorted({RUN_NAME.match(n).group("optimizer") for n in series}, key=optimizer_order)
-    colours = {o: f"C{i}" for i, o in enumerate(optimizers)}
+    optimizers = sorted({RUN_NAME.match(n).group("optimizer") for n in series} | set(PAPER_TABLE4), key=optimizer_order)
+    colours = {o: f"C{i}" for i, o in enumerate(optimizers)}  # the same in every plot
     figure, axes = plt.subplots(figsize=(7, 4.5))
     labelled = set()
-    for run_name, points in sorted(series.items()):
+
+    def run_order(item):
+        match = RUN_NAME.match(item[0])
+        return optimizer_order(match.group("optimizer")), int(match.group("seed"))
+
+    for run_name, points in sorted(series.items(), key=run_order):
         optimizer = RUN_NAME.match(run_name).group("optimizer")
         label = None if optimizer in labelled else (PAPER_TABLE4[optimizer].label if optimizer in PAPER_TABLE4 else optimizer)
         labelled.add(optimizer)

@@ -19,7 +19,7 @@ import shlex
 import subprocess
 import sys
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Dict, List, Optional, Sequence, Tuple
 
 from . import USER_DIR, evaluation, iwslt14, report
@@ -57,8 +57,8 @@ class Preset:
     seeds: Tuple[int, ...]
     bpe_merges: int
     checkpoint: str  # evaluation.parse_checkpoint_choice
+    description: str
     sample_archive: Optional[SampleArchive] = None  # data when no --archive is given
-    description: str = field(default="", compare=False)
 
 
 PRESETS = {
@@ -68,7 +68,7 @@ PRESETS = {
     ),
     "tiny": Preset(
         "tiny", (RECIPE_ARGS, "tiny/overrides.args"), seeds=(1,), bpe_merges=500, checkpoint="best",
-        sample_archive=SampleArchive(n_train=1000, n_dev=60),
+        sample_archive=SampleArchive(n_train=2000, n_dev=40),
         description="the same pipeline on a generated sample archive with a tiny Transformer, on a CPU",
     ),
 }
@@ -90,10 +90,13 @@ class Run:
 
 
 def parse_optimizers(text: str) -> Tuple[str, ...]:
+    choices = ",".join(OPTIMIZERS)
+    if not text.strip():
+        raise Table4Error(f"--optimizers: empty list; choose from {choices}")
     names = tuple(name.strip() for name in text.split(","))
     unknown = [name for name in names if name not in OPTIMIZERS]
-    if unknown or not text.strip():
-        raise Table4Error(f"--optimizers: unknown {', '.join(map(repr, unknown)) or 'empty list'}; choose from {','.join(OPTIMIZERS)}")
+    if unknown:
+        raise Table4Error(f"--optimizers: unknown {', '.join(map(repr, unknown))}; choose from {choices}")
     if len(set(names)) != len(names):
         raise Table4Error(f"--optimizers: {text!r} names an optimizer twice")
     return names
@@ -199,6 +202,9 @@ class GridConfig:
     def run_dir(self, run: Run) -> str:
         return os.path.join(self.out_dir, report.RUNS_FOLDER, run.name)
 
+    def gpu_ids(self) -> List[str]:
+        return self.gpus if self.gpus is not None else visible_gpus()
+
     def overrides(self) -> List[Tuple[str, Optional[str]]]:
         options = []
         if self.max_update is not None:
@@ -237,7 +243,7 @@ def check_inputs(config: GridConfig) -> None:
             f"--archive is required for --preset {config.preset.name} (the IWSLT'14 de-en.tgz), "
             f"unless {config.default_data_bin} exists or --data-bin is given"
         )
-    if config.fp16 and not (config.gpus if config.gpus is not None else visible_gpus()):
+    if config.fp16 and not config.gpu_ids():
         raise Table4Error("--fp16 needs a GPU, and none is visible")
 
 
@@ -247,12 +253,9 @@ def prepare_data(config: GridConfig) -> str:
         return os.path.abspath(config.data_bin)
     data_bin = os.path.abspath(config.default_data_bin)
     workdir = os.path.join(config.out_dir, DATA_FOLDER)
-    try:
-        evaluation.check_data_bin(data_bin)
+    if not evaluation.missing_data_files(data_bin):
         logger.info(f"data: using {data_bin} (delete it to prepare again)")
         return data_bin
-    except evaluation.EvaluationError:
-        pass
     archive = config.archive
     if archive is None:
         sample = config.preset.sample_archive
@@ -263,7 +266,7 @@ def prepare_data(config: GridConfig) -> str:
         logger.info(f"data: built the sample archive {archive}")
     logger.info(f"data: preparing {archive} into {workdir}")
     return os.path.abspath(
-        iwslt14.prepare_iwslt14(archive, workdir, bpe_merges=config.preset.bpe_merges, workers=os.cpu_count() or 1)
+        iwslt14.prepare_iwslt14(archive, workdir, bpe_merges=config.preset.bpe_merges)
     )
 
 
@@ -280,18 +283,17 @@ def reference_files(data_bin: str) -> Dict[str, str]:
     return found
 
 
-def train(command: List[str], run_dir: str, env: Dict[str, str]) -> None:
+def train(command: List[str], command_line: str, run_dir: str, env: Dict[str, str]) -> None:
     """fairseq-train, appending to train.log; resumes from checkpoint_last.pt if there is one."""
-    env_prefix = f"CUDA_VISIBLE_DEVICES={env['CUDA_VISIBLE_DEVICES']} " if "CUDA_VISIBLE_DEVICES" in env else ""
     with open(os.path.join(run_dir, COMMAND_FILE), "w", encoding="utf-8") as f:
-        f.write(env_prefix + shlex.join(command) + "\n")
+        f.write(command_line + "\n")
     log_path = os.path.join(run_dir, report.TRAIN_LOG)
     with open(log_path, "a", encoding="utf-8") as log:
         returncode = subprocess.call(command, stdout=log, stderr=subprocess.STDOUT, env=env)
     if returncode != 0:
         raise Table4Error(f"fairseq-train failed with exit code {returncode}; see {log_path}")
     with open(os.path.join(run_dir, TRAINING_DONE), "w", encoding="utf-8") as f:
-        f.write(env_prefix + shlex.join(command) + "\n")
+        f.write(command_line + "\n")
 
 
 def execute_run(config: GridConfig, run: Run, data_bin: str, references: Dict[str, str], gpu: Optional[str]) -> str:
@@ -300,17 +302,19 @@ def execute_run(config: GridConfig, run: Run, data_bin: str, references: Dict[st
     results_path = os.path.join(run_dir, evaluation.RESULTS_NAME)
     os.makedirs(run_dir, exist_ok=True)
     env = dict(os.environ)
-    if gpu is not None:
-        env["CUDA_VISIBLE_DEVICES"] = gpu
-    where = f"GPU {gpu}" if gpu is not None else "CPU"
     options = training_options(config.preset, run.optimizer, config.config_dir, config.eval_bleu)
     command = train_command(data_bin, run_dir, run, options, config.overrides())
+    command_line = shlex.join(command)
+    if gpu is not None:
+        env["CUDA_VISIBLE_DEVICES"] = gpu
+        command_line = f"CUDA_VISIBLE_DEVICES={gpu} {command_line}"
     if os.path.isfile(os.path.join(run_dir, TRAINING_DONE)):
         logger.info(f"{run.name}: training finished earlier ({TRAINING_DONE}); evaluating")
     else:
         last = os.path.join(run_dir, CHECKPOINTS_FOLDER, "checkpoint_last.pt")
+        where = f"GPU {gpu}" if gpu is not None else "CPU"
         logger.info(f"{run.name}: {'resuming from ' + last if os.path.isfile(last) else 'training'} on {where}")
-        train(command, run_dir, env)
+        train(command, command_line, run_dir, env)
     checkpoint = evaluation.parse_checkpoint_choice(config.checkpoint or config.preset.checkpoint)
     scores = evaluation.evaluate_checkpoint(
         data_bin, os.path.join(run_dir, CHECKPOINTS_FOLDER), USER_DIR, checkpoint,
@@ -329,7 +333,7 @@ def execute_run(config: GridConfig, run: Run, data_bin: str, references: Dict[st
 def run_grid(config: GridConfig) -> Dict[str, str]:
     """Data -> every run of the grid -> report; returns the report's files."""
     check_inputs(config)
-    gpus = config.gpus if config.gpus is not None else visible_gpus()
+    gpus = config.gpu_ids()
     data_bin = prepare_data(config)
     references = reference_files(data_bin)
     pending = []
