@@ -1,8 +1,8 @@
 """Checkpoint helpers: loading fairseq checkpoints on torch >= 2.6, and switching optimizer.
 
 torch 2.6 made `torch.load(weights_only=True)` the default; fairseq's checkpoints pickle an
-`argparse.Namespace` (and a few more plain types), so every load fails.  We allow exactly those
-types instead of turning the safe loader off.
+`argparse.Namespace`, and numpy arrays and scalars (e.g. the best BLEU with --eval-bleu), so
+every load fails.  We allow exactly those types instead of turning the safe loader off.
 
 fairseq refuses to resume with an optimizer class other than the checkpoint's.  SAM and ASAM
 keep Adam's state unchanged, so `switch_optimizer` rewrites the recorded optimizer name of an
@@ -13,12 +13,22 @@ import argparse
 import os
 import tempfile
 
+import numpy
 import torch
 
 from .optim import FairseqASAM, FairseqSAM
 
-# Types fairseq checkpoints contain besides tensors and builtin containers.
-_FAIRSEQ_CHECKPOINT_GLOBALS = [argparse.Namespace]
+
+def _fairseq_checkpoint_globals():
+    """Types fairseq checkpoints contain besides tensors and builtin containers."""
+    multiarray = getattr(numpy, "_core", None) or numpy.core  # numpy 2 / numpy 1
+    numpy_types = [multiarray.multiarray._reconstruct, multiarray.multiarray.scalar,
+                   numpy.ndarray, numpy.dtype]
+    dtypes = getattr(numpy, "dtypes", None)  # numpy >= 1.25: one class per dtype
+    if dtypes is not None:
+        numpy_types += [getattr(dtypes, name) for name in dir(dtypes) if name.endswith("DType")]
+    return [argparse.Namespace] + numpy_types
+
 OPTIMIZER_CLASS_NAMES = {
     "adam": "FairseqAdam",
     "sam": FairseqSAM.__name__,
@@ -29,7 +39,7 @@ OPTIMIZER_CLASS_NAMES = {
 def allow_fairseq_checkpoints() -> None:
     add_safe_globals = getattr(torch.serialization, "add_safe_globals", None)
     if add_safe_globals is not None:  # torch >= 2.4
-        add_safe_globals(_FAIRSEQ_CHECKPOINT_GLOBALS)
+        add_safe_globals(_fairseq_checkpoint_globals())
 
 
 def save_atomic(state, path: str) -> None:

@@ -141,3 +141,23 @@ def test_fully_sharded_refused_when_optimizer_is_built(data_bin):
     cfg = parse_cfg(data_bin, ["--optimizer", "asam", "--ddp-backend", "fully_sharded"])
     with pytest.raises(ConfigError, match="--ddp-backend fully_sharded"):
         optim.build_optimizer(cfg.optimizer, [torch.nn.Parameter(torch.zeros(2))])
+
+
+def test_checkpoint_with_numpy_values_loads_safely(tmp_path):
+    """--eval-bleu checkpoints hold numpy arrays and scalars; fairseq loads with a plain
+    torch.load, whose default is weights_only=True on torch >= 2.6."""
+    import argparse
+
+    import numpy as np
+
+    state = {"args": argparse.Namespace(arch="transformer"), "model": {"w": torch.ones(2)},
+             "extra_state": {"best": np.float64(35.1), "counts": np.arange(4, dtype=np.int64),
+                             "scores": np.ones(3, dtype=np.float32)}}
+    path = tmp_path / "ckpt.pt"
+    torch.save(state, path)
+    loaded = torch.load(path, map_location="cpu")
+    assert float(loaded["extra_state"]["best"]) == 35.1
+    assert loaded["extra_state"]["counts"].tolist() == [0, 1, 2, 3]
+    torch.save({"f": tmp_path.__class__}, tmp_path / "other.pt")
+    with pytest.raises(Exception, match="weights_only"):  # the safe loader stays on for others
+        torch.load(tmp_path / "other.pt")
