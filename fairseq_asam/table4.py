@@ -13,6 +13,7 @@ skips training if `training.done` says it finished), then it is evaluated.  On G
 go one per GPU in parallel (CUDA_VISIBLE_DEVICES); on a CPU one after the other.
 """
 import logging
+import math
 import os
 import queue
 import shlex
@@ -22,7 +23,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Dict, List, Optional, Sequence, Tuple
 
-from . import USER_DIR, evaluation, iwslt14, report
+from . import USER_DIR, evaluation, iwslt14, report, sharpness
 
 logger = logging.getLogger(__name__)
 
@@ -59,6 +60,9 @@ class Preset:
     checkpoint: str  # evaluation.parse_checkpoint_choice
     description: str
     sample_archive: Optional[SampleArchive] = None  # data when no --archive is given
+    # OMP_NUM_THREADS for runs on a CPU (unless set already): a tiny model is many times faster
+    # on one thread than on threads that compete with each other or with other processes.
+    cpu_threads: Optional[int] = None
 
 
 PRESETS = {
@@ -68,7 +72,7 @@ PRESETS = {
     ),
     "tiny": Preset(
         "tiny", (RECIPE_ARGS, "tiny/overrides.args"), seeds=(1,), bpe_merges=500, checkpoint="best",
-        sample_archive=SampleArchive(n_train=2000, n_dev=40),
+        sample_archive=SampleArchive(n_train=2000, n_dev=40), cpu_threads=1,
         description="the same pipeline on a generated sample archive with a tiny Transformer, on a CPU",
     ),
 }
@@ -188,6 +192,7 @@ class GridConfig:
     fp16: bool = False
     eval_bleu: bool = False
     checkpoint: Optional[str] = None  # None: the preset's
+    sharpness_rho: Optional[float] = None  # also measure the adaptive sharpness at this ρ
     config_dir: str = CONFIG_DIR
     gpus: Optional[List[str]] = None  # None: every visible GPU
 
@@ -243,6 +248,8 @@ def check_inputs(config: GridConfig) -> None:
             f"--archive is required for --preset {config.preset.name} (the IWSLT'14 de-en.tgz), "
             f"unless {config.default_data_bin} exists or --data-bin is given"
         )
+    if config.sharpness_rho is not None and not (math.isfinite(config.sharpness_rho) and config.sharpness_rho > 0):
+        raise Table4Error(f"--sharpness-rho must be a finite number > 0, got {config.sharpness_rho}")
     if config.fp16 and not config.gpu_ids():
         raise Table4Error("--fp16 needs a GPU, and none is visible")
 
@@ -296,18 +303,25 @@ def train(command: List[str], command_line: str, run_dir: str, env: Dict[str, st
         f.write(command_line + "\n")
 
 
+def run_environment(preset: Preset, gpu: Optional[str]) -> Dict[str, str]:
+    """Environment variables a run sets: its GPU, or on a CPU the preset's thread count."""
+    if gpu is not None:
+        return {"CUDA_VISIBLE_DEVICES": gpu}
+    if preset.cpu_threads is not None and "OMP_NUM_THREADS" not in os.environ:
+        return {"OMP_NUM_THREADS": str(preset.cpu_threads)}
+    return {}
+
+
 def execute_run(config: GridConfig, run: Run, data_bin: str, references: Dict[str, str], gpu: Optional[str]) -> str:
     """Trains (or resumes) and evaluates one run; returns its results.json."""
     run_dir = config.run_dir(run)
     results_path = os.path.join(run_dir, evaluation.RESULTS_NAME)
     os.makedirs(run_dir, exist_ok=True)
-    env = dict(os.environ)
     options = training_options(config.preset, run.optimizer, config.config_dir, config.eval_bleu)
     command = train_command(data_bin, run_dir, run, options, config.overrides())
-    command_line = shlex.join(command)
-    if gpu is not None:
-        env["CUDA_VISIBLE_DEVICES"] = gpu
-        command_line = f"CUDA_VISIBLE_DEVICES={gpu} {command_line}"
+    settings = run_environment(config.preset, gpu)
+    env = {**os.environ, **settings}
+    command_line = " ".join([f"{k}={shlex.quote(v)}" for k, v in settings.items()] + [shlex.join(command)])
     if os.path.isfile(os.path.join(run_dir, TRAINING_DONE)):
         logger.info(f"{run.name}: training finished earlier ({TRAINING_DONE}); evaluating")
     else:
@@ -322,10 +336,18 @@ def execute_run(config: GridConfig, run: Run, data_bin: str, references: Dict[st
     )
     with open(os.path.join(run_dir, COMMAND_FILE), encoding="utf-8") as f:
         train_command_line = f.read().strip()
-    evaluation.update_results(results_path, {
+    results = evaluation.update_results(results_path, {
         "run": run.name, "optimizer": run.optimizer, "seed": run.seed, "preset": config.preset.name,
         "data_bin": data_bin, "train_command": train_command_line, **scores,
     })
+    if config.sharpness_rho is not None and "sharpness" not in results:
+        logger.info(f"{run.name}: measuring adaptive sharpness at rho={config.sharpness_rho}")
+        # This process sees every GPU of the grid, in CUDA_VISIBLE_DEVICES order.
+        device = f"cuda:{config.gpu_ids().index(gpu)}" if gpu is not None else "cpu"
+        measured = sharpness.measure_checkpoint(
+            scores["checkpoint"]["path"], data_bin, config.sharpness_rho, measures=("adaptive",), device=device,
+        )
+        evaluation.update_results(results_path, {"sharpness": measured})
     logger.info(f"{run.name}: done, {results_path}")
     return results_path
 
