@@ -87,6 +87,19 @@ def test_argument_files_hold_the_papers_settings(optimizer):
     assert cfg.common.log_format == "json"
 
 
+@pytest.mark.parametrize("row,schedule", [
+    ("asam_interval5", {"sam_interval": 5, "looksam_alpha": 0.0, "sam_start_update": 0}),
+    ("asam_looksam5", {"sam_interval": 5, "looksam_alpha": 0.7, "sam_start_update": 0}),
+    ("asam_late", {"sam_interval": 1, "looksam_alpha": 0.0, "sam_start_update": 40000}),
+])
+def test_schedule_rows_are_asam_with_a_cheaper_schedule(row, schedule):
+    assert table4.parse_optimizers(f"asam,{row}") == ("asam", row)
+    cfg = fairseq_train_cfg(table4.training_options(table4.PRESETS["paper"], row))
+    assert (cfg.optimizer._name, cfg.optimizer.rho, cfg.optimizer.eta) == ("asam", 0.2, 0.01)
+    assert {k: cfg.optimizer[k] for k in schedule} == schedule
+    assert cfg.optimization.max_update == 50000 and cfg.dataset.max_tokens == 4096  # the same recipe
+
+
 def test_tiny_preset_overrides_the_model_and_the_schedule():
     cfg = fairseq_train_cfg(table4.training_options(table4.PRESETS["tiny"], "asam"))
     assert (cfg.model.arch, cfg.model.encoder_layers, cfg.model.decoder_embed_dim) == ("transformer", 1, 32)
