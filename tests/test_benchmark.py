@@ -1,0 +1,42 @@
+"""Smoke tests of benchmarks/step_cost.py: it runs and reports every row; nothing about speed."""
+import importlib.util
+import json
+import os
+
+import torch
+
+from fairseq_asam import benchmark
+
+STEP_COST = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks", "step_cost.py")
+TINY = benchmark.BenchmarkSpec(preset="small", warmup=0, timed=2, sam_interval=2)
+
+
+def load_step_cost():
+    spec = importlib.util.spec_from_file_location("step_cost", STEP_COST)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_cli_times_every_row(tmp_path, capsys):
+    out = tmp_path / "result.json"
+    argv = ["--preset", "small", "--warmup", "0", "--timed", "2", "--sam-interval", "2", "--no-memory",
+            "--json", str(out)]
+    assert load_step_cost().main(argv) == 0
+
+    result = json.loads(out.read_text())
+    assert [row["name"] for row in result["rows"]] == [row.name for row in benchmark.rows_for(TINY)]
+    for row in result["rows"]:
+        for key in ("update_ms", "forward_ms", "backward_ms", "optimizer_ms", "tokens_per_s"):
+            assert row[key] > 0, (row["name"], key)
+    by_name = {row["name"]: row for row in result["rows"]}
+    assert by_name["asam"]["perturb_restore_ms"] > 0
+    assert by_name["asam-not-started"]["perturb_restore_ms"] == 0
+    assert "asam-interval-2" in capsys.readouterr().out
+    assert not torch.cuda.is_initialized()  # the CPU path never touches CUDA
+
+
+def test_peak_memory_in_a_fresh_process():
+    adam = benchmark.rows_for(TINY)[0]
+    memory = benchmark.measure_rows_memory(TINY, [adam])
+    assert memory[adam.name]["peak_increase_bytes"] > 0
