@@ -95,6 +95,8 @@ class Preset:
     description: str
 
 
+LOOKSAM_ALPHA = 0.7  # the reuse weight α of the LookSAM row
+
 PRESETS = {
     "iwslt": Preset(
         table4.PRESETS["paper"].args_files, IWSLT14_DICTIONARY_SIZES, warmup=3, timed=5,
@@ -139,14 +141,17 @@ class Row:
 
 
 def rows_for(spec: BenchmarkSpec) -> List[Row]:
-    """Adam, SAM, ASAM, ASAM on every K-th update, and ASAM that never starts (plain Adam)."""
+    """Adam, SAM, ASAM, ASAM on every K-th update, ASAM that never starts (plain Adam), and
+    LookSAM's reuse on every K-th update (K >= 2)."""
     return [
         Row("adam", "adam"),
         Row("sam", "sam"),
         Row("asam", "asam"),
         Row(f"asam-interval-{spec.sam_interval}", "asam", (("--sam-interval", str(spec.sam_interval)),)),
         Row("asam-not-started", "asam", (("--sam-start-update", str(spec.total_updates)),)),
-    ]
+    ] + ([Row(f"asam-looksam-{spec.sam_interval}", "asam", (("--sam-interval", str(spec.sam_interval)),
+                                                          ("--looksam-alpha", str(LOOKSAM_ALPHA))))]
+         if spec.sam_interval >= 2 else [])
 
 
 def check_spec(spec: BenchmarkSpec) -> None:
