@@ -3,7 +3,8 @@
 Every row builds fairseq's own Trainer from the recipe's argument files (configs/) plus the
 row's optimizer options, and times `Trainer.train_step` (fp16 wrappers, gradient clipping and
 accumulation included) on the same synthetic batches.  The rows' updates are interleaved
-(update i of every row, then update i + 1) so that other load on the machine hits them alike.
+(update i of every row, then update i + 1, each round starting one row later) so that other
+load on the machine hits them alike.
 
 Per update the benchmark also times the forward passes (the criterion's forward), the backward
 passes (`optimizer.backward`) and the optimizer step (`optimizer.step`), and the perturbation
@@ -11,6 +12,9 @@ passes (`optimizer.backward`) and the optimizer step (`optimizer.step`), and the
 
     outside    = update − forward − backward − optimizer step   (all passes, all micro-batches)
     overhead   = outside(row) − outside(Adam)                     the perturbation overhead
+
+Ratios to Adam and overheads are taken per round (a row's update i against Adam's update i,
+run seconds apart) and then their median, so that load changing between rounds cancels.
 
 `outside` holds fairseq's own bookkeeping (sample preparation, gradient norm and clipping,
 logging) for every row, plus, for SAM/ASAM, the perturbation, its restore and the two-pass
@@ -361,11 +365,15 @@ def time_rows(spec: BenchmarkSpec, rows: Sequence[Row]) -> TimedRows:
         timer.attach(trainer)
     first = next(iter(trainers.values()))
     updates = synthetic_updates(first, spec)
-    records: Dict[str, List[UpdateRecord]] = {row.name: [] for row in rows}
+    names = [row.name for row in rows]
+    records: Dict[str, List[UpdateRecord]] = {name: [] for name in names}
     with patched(perturbation, {PERTURB: functools.partial(timer.timed, PERTURB),
                                 RESTORE: functools.partial(timer.timed, RESTORE)}):
         for index, samples in enumerate(updates):
-            for name, trainer in trainers.items():
+            # Each round starts one row later, so that no row always runs first.
+            start = index % len(names)
+            for name in names[start:] + names[:start]:
+                trainer = trainers[name]
                 timer.reset()
                 seconds, perturbed = run_update(trainer, samples, timer.synchronize)
                 logger.info("update %d of %d, %s: %.1f s", index + 1, len(updates), name, seconds)
@@ -388,23 +396,36 @@ def amortized(values: Sequence[float], perturbed: Sequence[bool], fraction: floa
     return total
 
 
-def summarize(records: Sequence[UpdateRecord], fraction: float) -> Dict[str, float]:
-    """Amortized milliseconds per update of the update and each part; tokens per second."""
+def summarize(records: Sequence[UpdateRecord], adam: Sequence[UpdateRecord], fraction: float) -> Dict[str, float]:
+    """Amortized milliseconds per update of the update and each part, tokens per second, and
+    the comparisons with Adam.
+
+    `records[i]` and `adam[i]` ran seconds apart (one round), so the ratio and the overhead
+    are taken round by round before the median: load that changes between rounds cancels.
+    """
     perturbed = [r.perturbed for r in records]
 
     def ms(values):
         return 1e3 * amortized(values, perturbed, fraction)
 
+    def outside(r: UpdateRecord) -> float:
+        return r.seconds - r.parts[FORWARD] - r.parts[BACKWARD] - r.parts[OPTIMIZER]
+
     update = ms([r.seconds for r in records])
+    overhead = ms([outside(r) - outside(a) for r, a in zip(records, adam)])
     return {
         "update_ms": update,
+        "ratio_to_adam": amortized([r.seconds / a.seconds for r, a in zip(records, adam)], perturbed, fraction),
         "forward_ms": ms([r.parts[FORWARD] for r in records]),
         "backward_ms": ms([r.parts[BACKWARD] for r in records]),
         "optimizer_ms": ms([r.parts[OPTIMIZER] for r in records]),
-        "outside_ms": ms([r.seconds - r.parts[FORWARD] - r.parts[BACKWARD] - r.parts[OPTIMIZER] for r in records]),
+        "outside_ms": ms([outside(r) for r in records]),
+        "overhead_ms": overhead,
+        "overhead_fraction": overhead / update,
         "perturb_restore_ms": ms([r.parts[PERTURB] + r.parts[RESTORE] for r in records]),
         "tokens_per_s": statistics.mean(r.ntokens for r in records) / (update / 1e3),
         "sharpness_aware_fraction": fraction,
+        "updates": [asdict(r) for r in records],
     }
 
 
@@ -543,12 +564,8 @@ def run_benchmark(spec: BenchmarkSpec, measure_memory: bool = True) -> Dict[str,
     timed = time_rows(spec, rows)
     load_after = os.getloadavg()
     sizes = timed.sizes
-    summary = {name: summarize(records, timed.fractions[name]) for name, records in timed.records.items()}
-    adam = summary["adam"]
-    for row in summary.values():
-        row["ratio_to_adam"] = row["update_ms"] / adam["update_ms"]
-        row["overhead_ms"] = row["outside_ms"] - adam["outside_ms"]
-        row["overhead_fraction"] = row["overhead_ms"] / row["update_ms"]
+    summary = {name: summarize(records, timed.records["adam"], timed.fractions[name])
+               for name, records in timed.records.items()}
     if measure_memory:
         memory = measure_rows_memory(spec, rows)
         for name, row in summary.items():
