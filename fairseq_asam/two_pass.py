@@ -20,6 +20,7 @@ import contextlib
 import functools
 import math
 
+import torch
 from fairseq import metrics
 from fairseq.tasks import FairseqTask
 
@@ -27,11 +28,40 @@ from . import perturbation
 from .optim import find_sharpness_aware
 
 SHARPNESS_KEY = "sharpness"
+# Σ sample_size of the micro-batches that took the two passes: `sharpness` is averaged over
+# those only (not over dummy batches or the plain updates of --sam-interval).
+SHARPNESS_WEIGHT_KEY = "sharpness_sample_size"
 _INSTALLED_MARK = "_fairseq_asam_wrapped"
 
 
-def _no_sync(model):
-    return model.no_sync() if hasattr(model, "no_sync") else contextlib.nullcontext()
+def _no_sync(module):
+    return module.no_sync() if hasattr(module, "no_sync") else contextlib.nullcontext()
+
+
+def _with_sharpness(logging_output, loss, sharpness=None, weight=None):
+    """`logging_output` plus the two sharpness keys, zero unless the micro-batch was perturbed.
+
+    Invariant: with a sharpness-aware optimizer, every micro-batch of every update on every
+    worker — perturbed, plain (--sam-interval) or dummy — logs both keys, as values of the same
+    kind (a tensor on the loss's device, or a float).  fairseq all-reduces the statistics as one
+    packed buffer keyed by each worker's first logging output, so a key present on one worker
+    and missing on another would misalign the buffer (or hang the all-reduce).
+    """
+    logging_output = dict(logging_output)
+    if torch.is_tensor(loss):
+        zero = torch.zeros((), dtype=torch.float32, device=loss.device)
+        logging_output[SHARPNESS_KEY] = zero if sharpness is None else sharpness.detach().float().reshape(())
+        if weight is None:
+            weight = zero.clone()
+        elif torch.is_tensor(weight):
+            weight = weight.detach().float().reshape(()).to(loss.device)
+        else:
+            weight = zero + weight
+        logging_output[SHARPNESS_WEIGHT_KEY] = weight
+    else:
+        logging_output[SHARPNESS_KEY] = 0.0 if sharpness is None else float(sharpness)
+        logging_output[SHARPNESS_WEIGHT_KEY] = 0.0 if weight is None else float(weight)
+    return logging_output
 
 
 def sharpness_aware_train_step(train_step, task, sample, model, criterion, optimizer, update_num,
@@ -43,13 +73,22 @@ def sharpness_aware_train_step(train_step, task, sample, model, criterion, optim
     sam.two_pass_micro_batches += 1
     sam.sharpness_aware_update = sam.perturbs_at(update_num)
     if ignore_grad or not sam.sharpness_aware_update:
-        return train_step(task, sample, model, criterion, optimizer, update_num, ignore_grad, **kwargs)
+        loss, sample_size, logging_output = train_step(
+            task, sample, model, criterion, optimizer, update_num, ignore_grad, **kwargs
+        )
+        return loss, sample_size, _with_sharpness(logging_output, loss)
 
     named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
-    accumulated = [p.grad for _, p in named]
-    for _, p in named:
+    # The criterion's own parameters (e.g. a learnable temperature) take pass 2's gradient like
+    # the model's, but are not perturbed: ε is defined on the model's weights.
+    in_model = {id(p) for _, p in named}
+    criterion_params = [p for p in criterion.parameters() if p.requires_grad and id(p) not in in_model]
+    every = [p for _, p in named] + criterion_params
+    accumulated = [p.grad for p in every]
+    for p in every:
         p.grad = None
-    with _no_sync(model):
+    # fairseq wraps a criterion with parameters in DDP too: pass 1 must not sync either.
+    with _no_sync(model), _no_sync(criterion):
         loss, sample_size, logging_output = train_step(
             task, sample, model, criterion, optimizer, update_num, False, **kwargs
         )
@@ -67,34 +106,53 @@ def sharpness_aware_train_step(train_step, task, sample, model, criterion, optim
         sam.eta,
     )
     if saved is None:  # non-finite: keep g in .grad so the overflow is reduced and detected
-        for (_, p), acc in zip(named, accumulated):
+        for p, acc in zip(every, accumulated):
             if acc is not None:
                 p.grad = acc if p.grad is None else p.grad.add_(acc)
-    else:
-        for (_, p), acc in zip(named, accumulated):
+    else:  # pass 1's gradient is dropped, for the model's and the criterion's parameters
+        for p, acc in zip(every, accumulated):
             p.grad = acc
     try:
-        _, _, perturbed_output = train_step(
+        perturbed_loss, _, _ = train_step(
             task, sample, model, criterion, optimizer, update_num, False, **kwargs
         )
     finally:
         if saved is not None:
             perturbation.restore(params, saved)
 
-    logging_output = dict(logging_output)
-    logging_output[SHARPNESS_KEY] = perturbed_output["loss"] - logging_output["loss"]
-    return loss, sample_size, logging_output
+    sharpness = perturbed_loss.detach() - loss.detach() if torch.is_tensor(loss) else perturbed_loss - loss
+    return loss, sample_size, _with_sharpness(logging_output, loss, sharpness, sample_size)
 
 
 def log_sharpness(logging_outputs) -> None:
-    """Logs `sharpness` normalized like fairseq's cross-entropy `loss` (per sample unit, base 2)."""
-    if not any(SHARPNESS_KEY in log for log in logging_outputs):
+    """Logs `sharpness` normalized like fairseq's cross-entropy `loss` (per sample unit, base 2),
+    over the micro-batches that took the two passes; updates with none log nothing."""
+    if not logging_outputs:
         return
-    total = sum(float(log.get(SHARPNESS_KEY, 0)) for log in logging_outputs)
-    sample_size = sum(float(log.get("sample_size", 0)) for log in logging_outputs)
-    metrics.log_scalar(
-        SHARPNESS_KEY, total / (sample_size or 1.0) / math.log(2), sample_size, round=4
-    )
+    weight = sum(float(log.get(SHARPNESS_WEIGHT_KEY, 0)) for log in logging_outputs)
+    if weight > 0:
+        total = sum(float(log.get(SHARPNESS_KEY, 0)) for log in logging_outputs)
+        metrics.log_scalar(SHARPNESS_KEY, total / weight / math.log(2), weight, round=4)
+    _drop_empty_sharpness_meters(keep_filled=any(SHARPNESS_WEIGHT_KEY in log for log in logging_outputs))
+
+
+def _drop_empty_sharpness_meters(keep_filled: bool) -> None:
+    """Removes the `sharpness` meter where it would print `sharpness=None`.
+
+    fairseq prints every meter of an aggregator, also one that got no value since its last
+    reset (a log interval with no sharpness-aware update) or one restored from a checkpoint of
+    a sharpness-aware run that now trains without.  Without a sharpness-aware optimizer
+    (`keep_filled` False) the meter goes from every active aggregator.
+    """
+    for aggregator in metrics.get_active_aggregators():
+        meter = aggregator.get(SHARPNESS_KEY)
+        if meter is None or (keep_filled and getattr(meter, "count", 0) > 0):
+            continue
+        del aggregator[SHARPNESS_KEY]
+        # MetersDict keeps its key order in `priorities`; a stale entry there breaks later inserts.
+        priorities = getattr(aggregator, "priorities", None)
+        if priorities is not None:
+            priorities[:] = [entry for entry in priorities if entry[2] != SHARPNESS_KEY]
 
 
 def install() -> None:

@@ -1,6 +1,7 @@
 """Shared test helpers: a tiny Transformer on a generated corpus, built through fairseq's own
 option parser and Trainer, and the reference update written straight from the equations."""
 import copy
+import math
 import os
 
 import torch
@@ -104,36 +105,57 @@ def reference_update_gradient(model, criterion, samples, rho, eta, adaptive,
     `world_samples`: per-worker lists of micro-batches (DDP); defaults to one worker.
     The returned list follows model.named_parameters().
     """
+    total, sample_size = None, 0.0
+    for worker in world_samples or [samples]:
+        for sample in worker:
+            step = reference_micro_batch(model, criterion, sample, rho, eta, adaptive, normalize_biases)
+            if total is None:
+                total = [torch.zeros_like(g) for g in step.perturbed_grad]
+            with torch.no_grad():
+                for tot, gi in zip(total, step.perturbed_grad):
+                    tot += gi
+            sample_size += step.sample_size
+    return [t / sample_size for t in total]
+
+
+class ReferenceStep:
+    """One micro-batch of the update rule: losses at w and w + ε, ∇L(w + ε), the sample size."""
+
+    def __init__(self, loss, perturbed_loss, perturbed_grad, sample_size):
+        self.loss, self.perturbed_loss = loss, perturbed_loss
+        self.perturbed_grad, self.sample_size = perturbed_grad, sample_size
+
+
+def reference_micro_batch(model, criterion, sample, rho, eta, adaptive, normalize_biases=False):
+    """ε = ρ T² g / ‖T g‖ from g = ∇L(w) on a copy of `model`; L and ∇L at w + ε (train mode)."""
     model = copy.deepcopy(model)
     model.train()
     names = [n for n, p in model.named_parameters() if p.requires_grad]
     params = [p for _, p in model.named_parameters() if p.requires_grad]
     w = [p.detach().clone() for p in params]
-    total = [torch.zeros_like(p) for p in params]
-    sample_size = 0.0
-    for worker in world_samples or [samples]:
-        for sample in worker:
-            loss, size, _ = criterion(model, sample)
-            g = torch.autograd.grad(loss, params, allow_unused=True)
-            g = [torch.zeros_like(p) if gi is None else gi for p, gi in zip(params, g)]
-            scale = [
-                (wi.abs() + eta) if adaptive and ("weight" in n or normalize_biases) else torch.ones_like(wi)
-                for n, wi in zip(names, w)
-            ]
-            norm = torch.sqrt(sum(((t * gi) ** 2).sum() for t, gi in zip(scale, g)))
-            with torch.no_grad():
-                for p, wi, t, gi in zip(params, w, scale, g):
-                    p.copy_(wi + rho * t * t * gi / norm)
-            loss2, _, _ = criterion(model, sample)
-            g2 = torch.autograd.grad(loss2, params, allow_unused=True)
-            with torch.no_grad():
-                for tot, gi in zip(total, g2):
-                    if gi is not None:
-                        tot += gi
-                for p, wi in zip(params, w):
-                    p.copy_(wi)
-            sample_size += float(size)
-    return [t / sample_size for t in total]
+    loss, size, _ = criterion(model, sample)
+    g = torch.autograd.grad(loss, params, allow_unused=True)
+    g = [torch.zeros_like(p) if gi is None else gi for p, gi in zip(params, g)]
+    scale = [
+        (wi.abs() + eta) if adaptive and ("weight" in n or normalize_biases) else torch.ones_like(wi)
+        for n, wi in zip(names, w)
+    ]
+    norm = torch.sqrt(sum(((t * gi) ** 2).sum() for t, gi in zip(scale, g)))
+    with torch.no_grad():
+        for p, wi, t, gi in zip(params, w, scale, g):
+            p.copy_(wi + rho * t * t * gi / norm)
+    loss2, _, _ = criterion(model, sample)
+    g2 = torch.autograd.grad(loss2, params, allow_unused=True)
+    g2 = [torch.zeros_like(p) if gi is None else gi for p, gi in zip(params, g2)]
+    return ReferenceStep(float(loss), float(loss2), g2, float(size))
+
+
+def reference_logged_sharpness(model, criterion, samples, rho, eta, adaptive):
+    """The `sharpness` metric from the equations: Σ_B (L_B(w + ε_B) − L_B(w)) / Σ_B sample_size,
+    in base 2 like fairseq's logged `loss`."""
+    steps = [reference_micro_batch(model, criterion, s, rho, eta, adaptive) for s in samples]
+    rise = sum(s.perturbed_loss - s.loss for s in steps)
+    return rise / sum(s.sample_size for s in steps) / math.log(2)
 
 
 def relative_error(actual, expected) -> float:

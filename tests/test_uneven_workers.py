@@ -1,0 +1,167 @@
+"""Several workers with uneven data: fairseq pads a short data shard with dummy batches.
+
+2 gloo processes, fairseq's Trainer around torch DDP (wrapped as fairseq wraps it).  fairseq
+all-reduces the training statistics as one packed buffer whose keys come from each worker's
+first logging output, so every worker must log the same keys for every micro-batch — a dummy
+batch, a plain update of --sam-interval, a sharpness-aware one alike.
+"""
+import copy
+import datetime
+import json
+import math
+import os
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+from harness import batches, build_trainer, reference_logged_sharpness
+from test_ddp import _wrapper
+
+WORLD_SIZE = 2
+RHO, ETA = 0.5, 0.01
+DUMMY = {}  # fairseq's ShardedIterator pads a short shard with empty samples: dummy batches
+OPTIMIZERS = {
+    "adam": ["--optimizer", "adam"],
+    "asam": ["--optimizer", "asam", "--rho", str(RHO), "--eta", str(ETA)],
+    "sam": ["--optimizer", "sam", "--rho", str(RHO)],
+    "asam-interval2": ["--optimizer", "asam", "--rho", str(RHO), "--eta", str(ETA), "--sam-interval", "2"],
+    "asam-looksam": ["--optimizer", "asam", "--rho", str(RHO), "--eta", str(ETA),
+                     "--sam-interval", "2", "--looksam-alpha", "0.5"],
+}
+# Rank 1's micro-batches per update ("real" or a dummy); rank 0 always has real ones.
+PATTERNS = {
+    "uf1-dummy": [["dummy"], ["dummy"]],
+    "uf2-dummy-dummy": [["dummy", "dummy"], ["dummy", "dummy"]],
+    "uf2-real-dummy": [["real", "dummy"], ["real", "dummy"]],
+}
+UPDATES = 2
+EPOCH_OPTIMIZERS = ("adam", "asam", "asam-looksam")
+ODD_BATCH_COUNT_MAX_TOKENS = 130  # 11 batches of the 120-pair toy corpus
+
+
+def _init(rank, init_file):
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank,
+                            world_size=WORLD_SIZE, timeout=datetime.timedelta(seconds=120))
+    torch.set_num_threads(1)
+
+
+def _logged(log_output, key):
+    value = (log_output or {}).get(key)
+    return None if value is None else float(value)
+
+
+def _run_pattern(rank, data_bin, optimizer, pattern):
+    """Two updates of `pattern`; returns what each rank logged and the reference values."""
+    update_freq = len(pattern[0])
+    args = OPTIMIZERS[optimizer] + ["--update-freq", str(update_freq),
+                                    "--distributed-world-size", str(WORLD_SIZE)]
+    trainer = build_trainer(data_bin, args, wrap_model=_wrapper("pytorch_ddp"))
+    pool = batches(trainer, 2 * UPDATES * update_freq + 1)
+    trainer.reset_dummy_batch(pool[-1])
+    out = []
+    for update in range(UPDATES):
+        rank0 = pool[2 * update * update_freq:(2 * update + 1) * update_freq]
+        rank1_real = pool[(2 * update + 1) * update_freq:(2 * update + 2) * update_freq]
+        rank1 = [s if kind == "real" else DUMMY for s, kind in zip(rank1_real, pattern[update])]
+        own = rank0 if rank == 0 else rank1
+        model0 = copy.deepcopy(trainer.get_model())
+        log_output = trainer.train_step(own)
+        # fairseq keeps a worker's statistics only if its last micro-batch is real.
+        kept = rank0 + (rank1 if pattern[update][-1] == "real" else [])
+        kept = [s for s in kept if s is not DUMMY]
+        record = {"loss": _logged(log_output, "loss"), "sharpness": _logged(log_output, "sharpness")}
+        if optimizer != "adam":
+            cfg = OPTIMIZERS[optimizer]
+            adaptive = cfg[1] == "asam"
+            perturbed = "--sam-interval" not in cfg or update % 2 == 0
+            record["expected_sharpness"] = reference_logged_sharpness(
+                model0, trainer.criterion, kept, RHO, ETA if adaptive else 0.0, adaptive
+            ) if perturbed else None
+        out.append(record)
+    return out
+
+
+def _worker(rank, init_file, data_bin, out_dir):
+    _init(rank, init_file)
+    result = {}
+    for pattern_name, pattern in PATTERNS.items():
+        for optimizer in OPTIMIZERS:
+            result[f"{pattern_name}/{optimizer}"] = _run_pattern(rank, data_bin, optimizer, pattern)
+    with open(os.path.join(out_dir, f"rank{rank}.json"), "w") as f:
+        json.dump(result, f)
+    dist.destroy_process_group()
+
+
+def _same(a, b):
+    return a is b is None or (a is not None and b is not None and a == pytest.approx(b, rel=1e-6))
+
+
+def test_dummy_batches_on_one_worker(tmp_path, data_bin):
+    mp.spawn(_worker, args=(str(tmp_path / "init"), data_bin, str(tmp_path)), nprocs=WORLD_SIZE, join=True)
+    ranks = [json.load(open(tmp_path / f"rank{r}.json")) for r in range(WORLD_SIZE)]
+    for case, updates in ranks[0].items():
+        pattern_name, optimizer = case.split("/")
+        adam = ranks[0][f"{pattern_name}/adam"]
+        for update, record in enumerate(updates):
+            other = ranks[1][case][update]
+            # Both workers log the same statistics: the packed all-reduce lined up.
+            assert other["loss"] == pytest.approx(record["loss"], rel=1e-6), case
+            assert _same(other["sharpness"], record["sharpness"]), case
+            if update == 0:  # same weights as Adam's first update: the same loss (pass 1's)
+                assert record["loss"] == pytest.approx(adam[0]["loss"], rel=1e-6), case
+            if optimizer == "adam":
+                assert record["sharpness"] is None
+            elif record["expected_sharpness"] is None:  # a plain update of --sam-interval 2
+                assert record["sharpness"] is None, case
+            else:
+                assert record["sharpness"] == pytest.approx(record["expected_sharpness"], rel=2e-3, abs=1e-4), case
+
+
+def _epoch_worker(rank, init_file, data_bin, out_dir):
+    """Two epochs over a training set whose batch count is odd, through fairseq's own sharded
+    epoch iterator: the short shard's last update holds a dummy batch."""
+    from fairseq.data import iterators
+
+    _init(rank, init_file)
+    result = {}
+    for update_freq in (1, 2):
+        for optimizer in EPOCH_OPTIMIZERS:
+            trainer = build_trainer(data_bin, OPTIMIZERS[optimizer] + [
+                "--update-freq", str(update_freq), "--distributed-world-size", str(WORLD_SIZE),
+                "--max-tokens", str(ODD_BATCH_COUNT_MAX_TOKENS)], wrap_model=_wrapper("pytorch_ddp"))
+            epoch_itr = trainer.get_train_iterator(epoch=1)
+            result["total_batches"] = len(epoch_itr.frozen_batches)
+            logs = []
+            for _ in range(2):
+                itr = iterators.GroupedIterator(epoch_itr.next_epoch_itr(shuffle=True), update_freq)
+                for samples in itr:
+                    log_output = trainer.train_step(samples)
+                    logs.append({k: _logged(log_output, k) for k in ("loss", "sharpness")})
+            result[f"uf{update_freq}/{optimizer}"] = logs
+            result[f"uf{update_freq}/{optimizer}/updates"] = trainer.get_num_updates()
+    with open(os.path.join(out_dir, f"epoch-rank{rank}.json"), "w") as f:
+        json.dump(result, f)
+    dist.destroy_process_group()
+
+
+def test_epochs_with_odd_batch_count(tmp_path, data_bin):
+    mp.spawn(_epoch_worker, args=(str(tmp_path / "init"), data_bin, str(tmp_path)),
+             nprocs=WORLD_SIZE, join=True)
+    ranks = [json.load(open(tmp_path / f"epoch-rank{r}.json")) for r in range(WORLD_SIZE)]
+    assert ranks[0]["total_batches"] % 2 == 1  # one shard is padded with a dummy batch
+    for update_freq in (1, 2):
+        for optimizer in EPOCH_OPTIMIZERS:
+            case = f"uf{update_freq}/{optimizer}"
+            a, b = ranks[0][case], ranks[1][case]
+            assert len(a) == len(b) == ranks[0][case + "/updates"] >= 4
+            for x, y in zip(a, b):
+                assert x["loss"] == pytest.approx(y["loss"], rel=1e-6) and math.isfinite(x["loss"])
+                assert _same(x["sharpness"], y["sharpness"])
+                if optimizer == "adam":
+                    assert x["sharpness"] is None
+            if optimizer == "asam":
+                assert all(x["sharpness"] is not None for x in a)
+            # The first update starts from the same weights as Adam's: the same loss.
+            assert a[0]["loss"] == pytest.approx(ranks[0][f"uf{update_freq}/adam"][0]["loss"], rel=1e-6)
