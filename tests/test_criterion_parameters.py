@@ -1,0 +1,146 @@
+"""A criterion with parameters of its own: loss · exp(s), s learnable.
+
+The sharpness-aware update is ∇ of exp(s)·L(w + ε): for s that is exp(s)·L(w + ε) per
+micro-batch (pass 2's loss), never pass 1's exp(s)·L(w); s itself is not perturbed (ε lives on
+the model's weights), and when fairseq wraps the criterion in DDP, pass 1 must not sync it.
+"""
+import copy
+import datetime
+import json
+import os
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+from fairseq.criterions.label_smoothed_cross_entropy import LabelSmoothedCrossEntropyCriterion
+
+from harness import (
+    StepRecorder,
+    batches,
+    parse_cfg,
+    reference_micro_batch,
+    reference_update_gradient,
+    relative_error,
+)
+
+RHO, ETA = 0.5, 0.01
+INITIAL_LOG_SCALE = 0.3
+WORLD_SIZE = 2
+
+
+class ScaledCriterion(LabelSmoothedCrossEntropyCriterion):
+    """Label-smoothed cross-entropy times exp(s); records s at every call."""
+
+    def __init__(self, task):
+        super().__init__(task, sentence_avg=False, label_smoothing=0.1)
+        self.log_scale = torch.nn.Parameter(torch.tensor(INITIAL_LOG_SCALE))
+        self.seen_log_scale = []
+
+    def forward(self, model, sample, reduce=True):
+        self.seen_log_scale.append(float(self.log_scale))
+        loss, sample_size, logging_output = super().forward(model, sample, reduce=reduce)
+        return loss * self.log_scale.exp(), sample_size, logging_output
+
+
+def build(data_bin, extra, wrap_model=None, wrap_criterion=None):
+    from fairseq import tasks
+    from fairseq.trainer import Trainer
+
+    cfg = parse_cfg(data_bin, ["--optimizer", "asam", "--rho", str(RHO), "--eta", str(ETA)] + list(extra))
+    task = tasks.setup_task(cfg.task)
+    task.load_dataset("train")
+    torch.manual_seed(cfg.common.seed)
+    model = task.build_model(cfg.model)
+    criterion = ScaledCriterion(task)
+    trainer = Trainer(cfg, task, model, criterion)
+    if wrap_model is not None:
+        trainer._wrapped_model = wrap_model(model)
+    if wrap_criterion is not None:
+        trainer._wrapped_criterion = wrap_criterion(criterion)
+    return trainer, criterion
+
+
+def expected_criterion_gradients(model, criterion, world_samples):
+    """∂/∂s of the update from the equations, and the two wrong answers (controls)."""
+    steps = [reference_micro_batch(model, criterion, s, RHO, ETA, True)
+             for worker in world_samples for s in worker]
+    size = sum(s.sample_size for s in steps)
+    return {
+        "sharpness_aware": sum(s.perturbed_loss for s in steps) / size,  # exp(s)·L(w + ε)
+        "plain": sum(s.loss for s in steps) / size,  # exp(s)·L(w): Adam's
+        "both_passes": sum(s.loss + s.perturbed_loss for s in steps) / size,
+    }
+
+
+@pytest.mark.parametrize("update_freq", [1, 2])
+def test_criterion_parameter_gets_pass_two_gradient_only(data_bin, update_freq):
+    trainer, criterion = build(data_bin, ["--update-freq", str(update_freq)])
+    samples = batches(trainer, update_freq)
+    model0, criterion0 = copy.deepcopy(trainer.get_model()), ScaledCriterion(trainer.task)
+    recorder = StepRecorder(trainer)
+    trainer.train_step(samples)
+
+    expected = expected_criterion_gradients(model0, criterion0, [samples])
+    received = float(recorder.grads[-1])  # the optimizer's parameters: the model's, then s
+    assert received == pytest.approx(expected["sharpness_aware"], rel=1e-5)
+    assert abs(received - expected["plain"]) > 1e-2 * abs(expected["plain"])  # controls
+    assert abs(received - expected["both_passes"]) > 0.5 * abs(expected["plain"])
+    # s is not perturbed: every forward pass (2 per micro-batch) saw its initial value.
+    assert len(criterion.seen_log_scale) == 2 * update_freq
+    assert criterion.seen_log_scale == [float(torch.tensor(INITIAL_LOG_SCALE))] * (2 * update_freq)
+    # The model's gradient is the update rule's, with the criterion's scale in it.
+    model_grads = recorder.grads[:-1]
+    reference = reference_update_gradient(model0, criterion0, samples, RHO, ETA, True)
+    assert relative_error(model_grads, reference) < 1e-6
+
+
+def _ddp(module):
+    from fairseq.distributed import ModuleProxyWrapper
+
+    return ModuleProxyWrapper(torch.nn.parallel.DistributedDataParallel(module))
+
+
+def _counting_allreduce(counter):
+    from torch.distributed.algorithms.ddp_comm_hooks.default_hooks import allreduce_hook
+
+    def hook(state, bucket):
+        counter.append(1)
+        return allreduce_hook(None, bucket)
+
+    return hook
+
+
+def _worker(rank, init_file, data_bin, out_dir):
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank,
+                            world_size=WORLD_SIZE, timeout=datetime.timedelta(seconds=120))
+    torch.set_num_threads(1)
+    update_freq = 2
+    trainer, criterion = build(data_bin, ["--update-freq", str(update_freq), "--distributed-world-size",
+                                          str(WORLD_SIZE), "--ddp-backend", "pytorch_ddp"],
+                               wrap_model=_ddp, wrap_criterion=_ddp)
+    syncs = []
+    trainer.criterion.module.register_comm_hook(None, _counting_allreduce(syncs))
+    world_samples = [batches(trainer, update_freq, shard_id=r, num_shards=WORLD_SIZE) for r in range(WORLD_SIZE)]
+    model0, criterion0 = copy.deepcopy(trainer.get_model()), ScaledCriterion(trainer.task)
+    recorder = StepRecorder(trainer)
+    trainer.train_step(world_samples[rank])
+    expected = expected_criterion_gradients(model0, criterion0, world_samples)
+    reference = reference_update_gradient(model0, criterion0, None, RHO, ETA, True, world_samples=world_samples)
+    result = {"received": float(recorder.grads[-1]), **expected, "criterion_syncs": len(syncs),
+              "model_error": relative_error(recorder.grads[:-1], reference)}
+    with open(os.path.join(out_dir, f"rank{rank}.json"), "w") as f:
+        json.dump(result, f)
+    dist.destroy_process_group()
+
+
+def test_criterion_in_ddp(tmp_path, data_bin):
+    mp.spawn(_worker, args=(str(tmp_path / "init"), data_bin, str(tmp_path)), nprocs=WORLD_SIZE, join=True)
+    for rank in range(WORLD_SIZE):
+        r = json.load(open(tmp_path / f"rank{rank}.json"))
+        assert r["received"] == pytest.approx(r["sharpness_aware"], rel=1e-5)
+        assert abs(r["received"] - r["plain"]) > 1e-2 * abs(r["plain"])
+        assert r["model_error"] < 1e-6
+        # fairseq syncs the criterion on every backward it runs (it wraps only the model in
+        # no_sync for accumulation): pass 2 of each of the 2 micro-batches, never pass 1.
+        assert r["criterion_syncs"] == 2
