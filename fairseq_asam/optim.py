@@ -87,14 +87,18 @@ def _validate(cfg, adaptive: bool, name: str) -> None:
         raise ConfigError(f"--looksam-alpha must be a finite number >= 0, got {cfg.looksam_alpha}")
     if alpha > 0 and int(cfg.sam_interval) < 2:
         raise ConfigError("--looksam-alpha reuses g_v between sharpness-aware updates: it needs --sam-interval >= 2")
-    # cfg is a node of the whole run's config when fairseq builds the optimizer.
-    root = cfg._get_root() if isinstance(cfg, DictConfig) else None
-    ddp_backend = root.get("distributed_training", {}).get("ddp_backend") if root is not None else None
-    if ddp_backend == "fully_sharded":
+    if _run_setting(cfg, "distributed_training", "ddp_backend") == "fully_sharded":
         raise ConfigError(
             f"--optimizer {name} does not support --ddp-backend fully_sharded (the perturbation "
             "needs whole parameters on every worker); use --ddp-backend pytorch_ddp or legacy_ddp"
         )
+
+
+def _run_setting(cfg, section: str, key: str):
+    """A setting of the whole run (cfg is a node of the run's config when fairseq builds the
+    optimizer); None when the optimizer is built from a bare config."""
+    root = cfg._get_root() if isinstance(cfg, DictConfig) else None
+    return root.get(section, {}).get(key) if root is not None else None
 
 
 class SharpnessAware:
@@ -119,6 +123,9 @@ class SharpnessAware:
         self.sharpness_aware_update = False  # whether this update's micro-batches were perturbed
         self._plain_sum = None  # LookSAM: Σ of this worker's pass-1 gradients, this update
         self._g_v = None  # LookSAM: flat fp32 g_v of the last sharpness-aware update
+        # --use-bmuf: every worker steps with its own gradient between block syncs, so LookSAM's
+        # plain gradient G must stay this worker's own too (G_s is never all-reduced).
+        self._gradients_are_local = bool(_run_setting(cfg, "optimization", "use_bmuf"))
 
     def perturbs_at(self, update_num: int) -> bool:
         """Whether update `update_num` (0-based) takes the sharpness-aware gradient."""
@@ -160,7 +167,8 @@ class SharpnessAware:
             # by the criterion's, which pass 1 does not see: pad G with zeros for those.
             plain = flat.new_zeros(0) if self._plain_sum is None else self._plain_sum  # dummy-only
             plain = torch.nn.functional.pad(plain, (0, flat.numel() - plain.numel()))
-            if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+            if (not self._gradients_are_local and dist.is_available() and dist.is_initialized()
+                    and dist.get_world_size() > 1):
                 dist.all_reduce(plain)  # G is global like G_s; its scale does not matter
             self._g_v = looksam.orthogonal_component(flat, plain)
             self._plain_sum = None
@@ -195,15 +203,18 @@ class FairseqASAM(SharpnessAware, FairseqAdam):
     optimizer_name = "asam"
 
 
+# Where fairseq's wrappers keep the optimizer they wrap: FP16Optimizer and AMPOptimizer
+# (fp32_optimizer), MemoryEfficientFP16Optimizer (wrapped_optimizer), FairseqBMUF (_optimizer).
+_WRAPPED_OPTIMIZER_ATTRIBUTES = ("fp32_optimizer", "wrapped_optimizer", "_optimizer")
+_MAX_WRAPPER_DEPTH = 4
+
+
 def find_sharpness_aware(optimizer) -> "SharpnessAware | None":
-    """The SAM/ASAM optimizer inside fairseq's fp16/AMP wrappers, or None."""
-    seen = 0
-    while optimizer is not None and seen < 4:
-        if isinstance(optimizer, SharpnessAware):
+    """The SAM/ASAM optimizer inside fairseq's fp16/AMP/BMUF wrappers, or None."""
+    for _ in range(_MAX_WRAPPER_DEPTH):
+        if optimizer is None or isinstance(optimizer, SharpnessAware):
             return optimizer
-        optimizer = getattr(optimizer, "fp32_optimizer", None) or getattr(
-            optimizer, "wrapped_optimizer", None
-        )
-        seen += 1
+        optimizer = next((getattr(optimizer, a) for a in _WRAPPED_OPTIMIZER_ATTRIBUTES
+                          if getattr(optimizer, a, None) is not None), None)
     return None
 

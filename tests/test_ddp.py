@@ -137,3 +137,45 @@ def test_ddp_update_and_overflow(tmp_path, data_bin, backend):
         assert r["control_error"] > 1e-4
         # An fp16 overflow in rank 0's pass 1 skips the step on every rank, weights untouched.
         assert r["overflow_detected"] and r["loss_scale_lowered"] and r["weights_untouched"]
+
+
+def _bmuf_worker(rank, init_file, data_bin, out_dir):
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=WORLD_SIZE)
+    torch.set_num_threads(1)
+    result = {}
+    for name, extra in (("asam", []), ("asam-looksam", ["--sam-interval", "2", "--looksam-alpha", "0.5"])):
+        trainer = build_trainer(data_bin, ["--optimizer", "asam", "--rho", str(RHO), "--eta", str(ETA),
+                                           "--update-freq", str(UPDATE_FREQ), "--use-bmuf",
+                                           "--distributed-world-size", str(WORLD_SIZE)] + extra)
+        own = batches(trainer, 2 * UPDATE_FREQ, shard_id=rank, num_shards=WORLD_SIZE)
+        model0 = copy.deepcopy(trainer.get_model())
+        recorder = StepRecorder(trainer)
+        trainer.train_step(own[:UPDATE_FREQ])
+        # BMUF: every worker steps with its own gradient between block syncs (no all-reduce).
+        local = reference_update_gradient(model0, trainer.criterion, own[:UPDATE_FREQ], RHO, ETA, True)
+        plain = reference_update_gradient(model0, trainer.criterion, own[:UPDATE_FREQ], 1e-30, ETA, True)
+        result[name] = {"error": relative_error(recorder.grads, local),
+                        "control_error": relative_error(recorder.grads, plain)}
+        if name == "asam-looksam":  # the plain update in between reuses this worker's own g_v
+            g_s = torch.cat([g.reshape(-1).double() for g in local])
+            g = torch.cat([g.reshape(-1).double() for g in plain])
+            g_v = g_s - (g_s @ g) / (g @ g) * g
+            model1 = copy.deepcopy(trainer.get_model())
+            trainer.train_step(own[UPDATE_FREQ:])
+            g1 = torch.cat([x.reshape(-1).double() for x in reference_update_gradient(
+                model1, trainer.criterion, own[UPDATE_FREQ:], 1e-30, ETA, True)])
+            expected = g1 + 0.5 * g1.norm() / g_v.norm() * g_v
+            actual = torch.cat([x.reshape(-1).double() for x in recorder.grads])
+            result[name]["looksam_error"] = float((actual - expected).norm() / expected.norm())
+    with open(os.path.join(out_dir, f"bmuf-rank{rank}.json"), "w") as f:
+        json.dump(result, f)
+    dist.destroy_process_group()
+
+
+def test_bmuf_steps_each_worker_with_its_own_sharpness_aware_gradient(tmp_path, data_bin):
+    mp.spawn(_bmuf_worker, args=(str(tmp_path / "init"), data_bin, str(tmp_path)), nprocs=WORLD_SIZE, join=True)
+    for rank in range(WORLD_SIZE):
+        r = json.load(open(tmp_path / f"bmuf-rank{rank}.json"))
+        for name in ("asam", "asam-looksam"):
+            assert r[name]["error"] < 1e-6 and r[name]["control_error"] > 1e-4, (rank, name, r[name])
+        assert r["asam-looksam"]["looksam_error"] < 1e-5
