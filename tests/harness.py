@@ -1,5 +1,6 @@
 """Shared test helpers: a tiny Transformer on a generated corpus, built through fairseq's own
 option parser and Trainer, and the reference update written straight from the equations."""
+import contextlib
 import copy
 import math
 import os
@@ -22,6 +23,23 @@ BASE_ARGS = TINY_TRANSFORMER + [
     "--criterion", "label_smoothed_cross_entropy", "--label-smoothing", "0.1",
     "--lr", "1e-3", "--max-tokens", "120", "--seed", "3", "--cpu", "--num-workers", "0",
 ]
+
+
+@contextlib.contextmanager
+def emulate_flat_fp16_on_cpu():
+    """Lets fairseq's flat --fp16 (FP16Optimizer with one flat fp32 master copy) run on the CPU.
+
+    fairseq asks CUDA for the device of the flat buffer and keys the buffer by that index,
+    matching parameters by `p.device.index`, which is None for CPU tensors.  Answering None
+    makes the whole flat path — flattening, unscaling, overflow check, Adam on the flat buffer,
+    copy back to the fp16 weights — run for real on CPU tensors.
+    """
+    original = torch.cuda.current_device
+    torch.cuda.current_device = lambda: None
+    try:
+        yield
+    finally:
+        torch.cuda.current_device = original
 
 
 def make_data_bin(root: str, train: int = 120, valid: int = 24) -> str:

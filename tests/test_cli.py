@@ -84,7 +84,8 @@ def test_adam_checkpoint_fine_tuned_with_asam_keeps_schedule(data_bin, tmp_path)
     refused = train(data_bin, tmp_path / "adam", "--optimizer", "asam", *sched, "--max-update", "8", check=False)
     assert refused.returncode != 0  # fairseq's own check: a different optimizer class
     converted = tmp_path / "asam_start.pt"
-    assert switch_optimizer(str(tmp_path / "adam" / "checkpoint_last.pt"), str(converted), "asam") == "FairseqAdam"
+    assert switch_optimizer(str(tmp_path / "adam" / "checkpoint_last.pt"), str(converted), "asam") == (
+        "FairseqAdam", "FairseqASAM")
     proc = train(data_bin, tmp_path / "asam", "--optimizer", "asam", *sched, "--max-update", "8",
                  "--restore-file", str(converted))
     inner = logged(proc.stdout, "train_inner")
