@@ -165,7 +165,7 @@ def reference_micro_batch(model, criterion, sample, rho, eta, adaptive, normaliz
     loss2, _, _ = criterion(model, sample)
     g2 = torch.autograd.grad(loss2, params, allow_unused=True)
     g2 = [torch.zeros_like(p) if gi is None else gi for p, gi in zip(params, g2)]
-    return ReferenceStep(float(loss), float(loss2), g2, float(size))
+    return ReferenceStep(float(loss.detach()), float(loss2.detach()), g2, float(size))
 
 
 def reference_logged_sharpness(model, criterion, samples, rho, eta, adaptive):

@@ -9,6 +9,7 @@ from harness import (
     StepRecorder,
     batches,
     build_trainer,
+    emulate_flat_fp16_on_cpu,
     reference_update_gradient,
     relative_error,
 )
@@ -27,27 +28,58 @@ def run_update(data_bin, extra, update_freq=2):
 
 
 @pytest.mark.parametrize("flags,rtol", [
+    (["--fp16", "--fp16-init-scale", "128"], 1e-2),  # flat fp32 master copy, emulated on CPU
     (["--fp16", "--fp16-no-flatten-grads", "--fp16-init-scale", "128"], 1e-2),
     (["--memory-efficient-fp16", "--fp16-init-scale", "128"], 1e-2),
-    (["--amp"], 1e-6),
     (["--bf16-via-hydra"], 6e-2),
 ])
 def test_mixed_precision_matches_reference(data_bin, flags, rtol):
-    if flags == ["--bf16-via-hydra"]:
-        # fairseq-train --bf16 means TPU; fairseq-hydra-train sets common.bf16 alone, as here.
-        trainer = build_trainer(data_bin, ["--optimizer", "asam", "--rho", str(RHO), "--eta", str(ETA),
-                                           "--update-freq", "2"], bf16=True)
-        samples = batches(trainer, 2)
-        model0 = copy.deepcopy(trainer.get_model()).float()
-        recorder = StepRecorder(trainer)
-        trainer.train_step(samples)
-    else:
-        trainer, samples, model0, recorder = run_update(data_bin, flags)
+    with emulate_flat_fp16_on_cpu():
+        if flags == ["--bf16-via-hydra"]:
+            # fairseq-train --bf16 means TPU; fairseq-hydra-train sets common.bf16 alone, as here.
+            trainer = build_trainer(data_bin, ["--optimizer", "asam", "--rho", str(RHO), "--eta", str(ETA),
+                                               "--update-freq", "2"], bf16=True)
+            samples = batches(trainer, 2)
+            model0 = copy.deepcopy(trainer.get_model()).float()
+            recorder = StepRecorder(trainer)
+            trainer.train_step(samples)
+        else:
+            trainer, samples, model0, recorder = run_update(data_bin, flags)
     expected = reference_update_gradient(model0, trainer.criterion, samples, RHO, ETA, True)
     plain = reference_update_gradient(model0, trainer.criterion, samples, 1e-30, ETA, True)
-    error = relative_error([g.float() for g in recorder.grads], expected)
+    grads = [g.float() for g in recorder.grads]
+    if len(grads) == 1:  # flat --fp16: one flat fp32 gradient in the model's parameter order
+        expected, plain = [[torch.cat([g.reshape(-1) for g in x])] for x in (expected, plain)]
+    error = relative_error(grads, expected)
     assert error < rtol
-    assert relative_error([g.float() for g in recorder.grads], plain) > 3 * rtol  # control
+    assert relative_error(grads, plain) > 3 * rtol  # control
+
+
+def test_amp_on_cpu_is_fp32(data_bin):
+    """fairseq's --amp is CUDA AMP: on a CPU its GradScaler and autocast switch themselves off
+    (and say so), so this run is fp32 — it checks the AMPOptimizer wrapper, not mixed
+    precision.  Real autocast on the CPU: test_bf16_autocast_on_cpu; on CUDA: gpu_check."""
+    with pytest.warns(UserWarning, match="CUDA is not available"):
+        trainer, samples, model0, recorder = run_update(data_bin, ["--amp"])
+    assert type(trainer.optimizer).__name__ == "AMPOptimizer"
+    assert not trainer.optimizer._grad_scaler.is_enabled()
+    expected = reference_update_gradient(model0, trainer.criterion, samples, RHO, ETA, True)
+    assert relative_error(recorder.grads, expected) < 1e-6
+
+
+def test_bf16_autocast_on_cpu(data_bin):
+    """Both passes under torch.autocast("cpu", bfloat16) with fairseq's AMPOptimizer: weights
+    and ε stay fp32, matmuls run in bf16 — CUDA AMP's mechanism, in bf16 on the CPU.  The
+    update equals the equations evaluated under the same autocast."""
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        trainer, samples, model0, recorder = run_update(data_bin, ["--amp"])
+        expected = reference_update_gradient(model0, trainer.criterion, samples, RHO, ETA, True)
+        plain = reference_update_gradient(model0, trainer.criterion, samples, 1e-30, ETA, True)
+    fp32 = reference_update_gradient(model0, trainer.criterion, samples, RHO, ETA, True)
+    assert all(g.dtype == torch.float32 for g in recorder.grads)
+    assert relative_error(recorder.grads, expected) < 1e-6
+    assert relative_error(recorder.grads, plain) > 1e-2  # control: the perturbation is visible
+    assert relative_error(recorder.grads, fp32) > 1e-3  # and autocast really ran in bf16
 
 
 @pytest.mark.parametrize("clip", [0.05])
