@@ -21,7 +21,7 @@ TINY_TRANSFORMER = [
 BASE_ARGS = TINY_TRANSFORMER + [
     "--task", "translation", "--source-lang", "de", "--target-lang", "en",
     "--criterion", "label_smoothed_cross_entropy", "--label-smoothing", "0.1",
-    "--lr", "1e-3", "--max-tokens", "120", "--seed", "3", "--cpu", "--num-workers", "0",
+    "--lr", "1e-3", "--max-tokens", "120", "--seed", "3", "--num-workers", "0",
 ]
 
 
@@ -47,26 +47,28 @@ def make_data_bin(root: str, train: int = 120, valid: int = 24) -> str:
     return toy_data.binarize(text, os.path.join(root, "data-bin"))
 
 
-def parse_cfg(data_bin: str, extra):
+def parse_cfg(data_bin: str, extra, device: str = "cpu"):
     from fairseq import options
     from fairseq.dataclass.utils import convert_namespace_to_omegaconf
 
     parser = options.get_training_parser()
+    device_args = ["--cpu"] if device == "cpu" else []
     args = options.parse_args_and_arch(
-        parser, [data_bin, "--user-dir", fairseq_asam.USER_DIR] + BASE_ARGS + list(extra)
+        parser, [data_bin, "--user-dir", fairseq_asam.USER_DIR] + BASE_ARGS + device_args + list(extra)
     )
     return convert_namespace_to_omegaconf(args)
 
 
-def build_trainer(data_bin: str, extra=(), wrap_model=None, bf16=False):
+def build_trainer(data_bin: str, extra=(), wrap_model=None, bf16=False, device="cpu"):
     """fairseq Trainer for the tiny model; `wrap_model(model)` installs a DDP wrapper.
 
     `bf16` sets common.bf16 alone, as fairseq-hydra-train does (fairseq-train's --bf16 is TPU).
+    `device` "cuda" trains on the current GPU (scripts/gpu_check.sh).
     """
     from fairseq import tasks
     from fairseq.trainer import Trainer
 
-    cfg = parse_cfg(data_bin, extra)
+    cfg = parse_cfg(data_bin, extra, device)
     cfg.common.bf16 = bf16
     task = tasks.setup_task(cfg.task)
     task.load_dataset("train")
