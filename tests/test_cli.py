@@ -162,3 +162,22 @@ def test_checkpoint_with_numpy_values_loads_safely(tmp_path):
     torch.save({"f": tmp_path.__class__}, tmp_path / "other.pt")
     with pytest.raises(Exception, match="weights_only"):  # the safe loader stays on for others
         torch.load(tmp_path / "other.pt")
+
+
+def test_no_empty_sharpness_in_logs_with_sam_interval(data_bin, tmp_path):
+    """A log interval without a sharpness-aware update prints no `sharpness` (not None/null)."""
+    proc = train(data_bin, tmp_path, "--optimizer", "asam", "--sam-interval", "2", "--max-update", "6")
+    inner = logged(proc.stdout, "train_inner")
+    assert [int(r["num_updates"]) for r in inner] == [1, 2, 3, 4, 5, 6]
+    # Updates 0, 2, 4 (0-based) are sharpness-aware: they are logged as num_updates 1, 3, 5.
+    assert [("sharpness" in r) for r in inner] == [True, False, True, False, True, False]
+    assert all(r["sharpness"] is not None for r in inner if "sharpness" in r)
+    assert logged(proc.stdout, "train")[-1]["train_sharpness"] is not None
+
+
+def test_adam_resumed_from_asam_checkpoint_logs_no_sharpness(data_bin, tmp_path):
+    train(data_bin, tmp_path, "--optimizer", "asam", "--max-update", "4")
+    proc = train(data_bin, tmp_path, "--optimizer", "adam", "--reset-optimizer", "--max-update", "8",
+                 "--log-format", "simple")
+    assert "Loaded checkpoint" in proc.stdout and "num_updates=8" in proc.stdout
+    assert "sharpness" not in proc.stdout  # fairseq restored the meters; none is printed
