@@ -51,6 +51,14 @@ class SharpnessAwareConfig(FairseqAdamConfig):
                           "g_v being the last sharpness-aware gradient's part orthogonal to the "
                           "plain one (0: off; costs two fp32 gradient-sized buffers)"},
     )
+    sharpness_eval_interval: int = field(
+        default=0,
+        metadata={"help": "every N updates, also log `sharpness_eval`: L(w+ε) − L(w) with dropout "
+                          "off (eval mode, ε from the eval-mode gradient) on each micro-batch — the "
+                          "noise-free counterpart of `sharpness`; the training update is unchanged "
+                          "(cost: one forward-backward and one forward per micro-batch, every N "
+                          "updates; 0: off)"},
+    )
 
 
 @dataclass
@@ -82,6 +90,8 @@ def _validate(cfg, adaptive: bool, name: str) -> None:
         raise ConfigError(f"--sam-interval must be an integer >= 1, got {cfg.sam_interval}")
     if int(cfg.sam_start_update) < 0:
         raise ConfigError(f"--sam-start-update must be an integer >= 0, got {cfg.sam_start_update}")
+    if int(cfg.sharpness_eval_interval) < 0:
+        raise ConfigError(f"--sharpness-eval-interval must be an integer >= 0, got {cfg.sharpness_eval_interval}")
     alpha = float(cfg.looksam_alpha)
     if not (math.isfinite(alpha) and alpha >= 0):
         raise ConfigError(f"--looksam-alpha must be a finite number >= 0, got {cfg.looksam_alpha}")
@@ -119,6 +129,7 @@ class SharpnessAware:
         self.sam_interval = int(cfg.sam_interval)
         self.sam_start_update = int(cfg.sam_start_update)
         self.looksam_alpha = float(cfg.looksam_alpha)
+        self.sharpness_eval_interval = int(cfg.sharpness_eval_interval)
         self.two_pass_micro_batches = 0  # micro-batches seen by the two-pass step this update
         self.sharpness_aware_update = False  # whether this update's micro-batches were perturbed
         self._plain_sum = None  # LookSAM: Σ of this worker's pass-1 gradients, this update
@@ -131,6 +142,10 @@ class SharpnessAware:
         """Whether update `update_num` (0-based) takes the sharpness-aware gradient."""
         since_start = update_num - self.sam_start_update
         return since_start >= 0 and since_start % self.sam_interval == 0
+
+    def measures_eval_sharpness_at(self, update_num: int) -> bool:
+        """Whether update `update_num` (0-based) also measures `sharpness_eval`."""
+        return self.sharpness_eval_interval > 0 and update_num % self.sharpness_eval_interval == 0
 
     def ensure_two_pass(self, task_name: str = "the task") -> None:
         """Raises unless some micro-batch of this update went through the two-pass step."""

@@ -13,8 +13,12 @@ all but the last micro-batch of an update.  With `--optimizer sam/asam` the wrap
 A non-finite ‖T g‖ (fp16 overflow) perturbs nothing; pass 2 then runs at w on top of the
 non-finite g, so the overflow reaches fairseq's loss scaler through the all-reduce on every
 rank.  Dummy batches (`ignore_grad`), and updates that `--sam-interval`/`--sam-start-update`
-leave plain, take one plain pass, which still joins the DDP sync.
-The logged `loss` is pass 1's; `sharpness` is pass 2's loss minus pass 1's.
+leave plain, take one plain pass, which still joins the DDP sync.  Parameters of the criterion
+get pass 2's gradient like the model's, and are not perturbed.
+
+The logged `loss` is pass 1's; `sharpness` is pass 2's loss minus pass 1's, each under its own
+dropout mask; `sharpness_eval` (--sharpness-eval-interval) is the same difference with dropout
+off, measured without touching the update.
 """
 import contextlib
 import functools
@@ -28,9 +32,11 @@ from . import perturbation
 from .optim import find_sharpness_aware
 
 SHARPNESS_KEY = "sharpness"
-# Σ sample_size of the micro-batches that took the two passes: `sharpness` is averaged over
-# those only (not over dummy batches or the plain updates of --sam-interval).
-SHARPNESS_WEIGHT_KEY = "sharpness_sample_size"
+EVAL_SHARPNESS_KEY = "sharpness_eval"
+# Each metric's sum over micro-batches is logged with the Σ sample_size of the micro-batches
+# that measured it, so it is averaged over those only (not over dummy batches, nor over the
+# plain updates of --sam-interval).
+WEIGHT_SUFFIX = "_sample_size"
 _INSTALLED_MARK = "_fairseq_asam_wrapped"
 
 
@@ -38,30 +44,71 @@ def _no_sync(module):
     return module.no_sync() if hasattr(module, "no_sync") else contextlib.nullcontext()
 
 
-def _with_sharpness(logging_output, loss, sharpness=None, weight=None):
-    """`logging_output` plus the two sharpness keys, zero unless the micro-batch was perturbed.
+def _with_metrics(logging_output, loss, keys, measured):
+    """`logging_output` plus, for every key in `keys`, the key and its weight: the measured
+    (value, sample_size) from `measured`, zeros for the keys this micro-batch did not measure.
 
     Invariant: with a sharpness-aware optimizer, every micro-batch of every update on every
-    worker — perturbed, plain (--sam-interval) or dummy — logs both keys, as values of the same
-    kind (a tensor on the loss's device, or a float).  fairseq all-reduces the statistics as one
-    packed buffer keyed by each worker's first logging output, so a key present on one worker
-    and missing on another would misalign the buffer (or hang the all-reduce).
+    worker — perturbed, plain (--sam-interval) or dummy — logs the same keys, as values of the
+    same kind (a 0-dim fp32 tensor on the loss's device, or a float).  fairseq all-reduces the
+    statistics as one packed buffer keyed by each worker's first logging output, so a key
+    present on one worker and missing on another would misalign the buffer (or hang it).
     """
     logging_output = dict(logging_output)
-    if torch.is_tensor(loss):
-        zero = torch.zeros((), dtype=torch.float32, device=loss.device)
-        logging_output[SHARPNESS_KEY] = zero if sharpness is None else sharpness.detach().float().reshape(())
-        if weight is None:
-            weight = zero.clone()
-        elif torch.is_tensor(weight):
-            weight = weight.detach().float().reshape(()).to(loss.device)
+    for key in keys:
+        value, weight = measured.get(key, (0.0, 0.0))
+        if torch.is_tensor(loss):
+            value, weight = (
+                x.detach().float().reshape(()).to(loss.device) if torch.is_tensor(x)
+                else torch.tensor(float(x), dtype=torch.float32, device=loss.device)
+                for x in (value, weight)
+            )
         else:
-            weight = zero + weight
-        logging_output[SHARPNESS_WEIGHT_KEY] = weight
-    else:
-        logging_output[SHARPNESS_KEY] = 0.0 if sharpness is None else float(sharpness)
-        logging_output[SHARPNESS_WEIGHT_KEY] = 0.0 if weight is None else float(weight)
+            value, weight = float(value), float(weight)
+        logging_output[key], logging_output[key + WEIGHT_SUFFIX] = value, weight
     return logging_output
+
+
+def _logged_keys(sam):
+    return (SHARPNESS_KEY, EVAL_SHARPNESS_KEY) if sam.sharpness_eval_interval else (SHARPNESS_KEY,)
+
+
+def eval_mode_sharpness(sample, model, criterion, sam, optimizer):
+    """L(w + ε) − L(w) without dropout: both losses and ε's gradient in eval mode.
+
+    A measurement only: `.grad`, the weights (restored bit for bit), the random number
+    generators (eval mode draws no dropout mask) and DDP (no_sync, no .grad accumulation) are
+    left as they were, so the training update is the same with or without it.
+    Returns (L(w + ε) − L(w), sample_size), the losses summed like the criterion's.
+    """
+    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    was_training = model.training
+    model.eval()
+    try:
+        with _no_sync(model), _no_sync(criterion):
+            loss, sample_size, _ = criterion(model, sample)
+            # The loss scale keeps fp16 gradients from underflowing; ε does not depend on it.
+            scale = float(getattr(getattr(optimizer, "scaler", None), "loss_scale", None) or 1.0)
+            grads = torch.autograd.grad(loss * scale, [p for _, p in named], allow_unused=True)
+        reached = [(n, p, g) for (n, p), g in zip(named, grads) if g is not None]
+        params = [p for _, p, _ in reached]
+        saved = perturbation.perturb(
+            params,
+            [g for _, _, g in reached],
+            [perturbation.is_adaptive(n, sam.adaptive) for n, _, _ in reached],
+            sam.rho,
+            sam.eta,
+        )
+        if saved is None:  # non-finite gradient: nothing measured
+            return None
+        try:
+            with torch.no_grad():
+                perturbed_loss, _, _ = criterion(model, sample)
+        finally:
+            perturbation.restore(params, saved)
+    finally:
+        model.train(was_training)
+    return perturbed_loss.detach() - loss.detach(), sample_size
 
 
 def sharpness_aware_train_step(train_step, task, sample, model, criterion, optimizer, update_num,
@@ -72,11 +119,16 @@ def sharpness_aware_train_step(train_step, task, sample, model, criterion, optim
         return train_step(task, sample, model, criterion, optimizer, update_num, ignore_grad, **kwargs)
     sam.two_pass_micro_batches += 1
     sam.sharpness_aware_update = sam.perturbs_at(update_num)
+    keys, measured = _logged_keys(sam), {}
+    if not ignore_grad and sam.measures_eval_sharpness_at(update_num):
+        result = eval_mode_sharpness(sample, model, criterion, sam, optimizer)
+        if result is not None:
+            measured[EVAL_SHARPNESS_KEY] = result
     if ignore_grad or not sam.sharpness_aware_update:
         loss, sample_size, logging_output = train_step(
             task, sample, model, criterion, optimizer, update_num, ignore_grad, **kwargs
         )
-        return loss, sample_size, _with_sharpness(logging_output, loss)
+        return loss, sample_size, _with_metrics(logging_output, loss, keys, measured)
 
     named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
     # The criterion's own parameters (e.g. a learnable temperature) take pass 2's gradient like
@@ -120,39 +172,44 @@ def sharpness_aware_train_step(train_step, task, sample, model, criterion, optim
         if saved is not None:
             perturbation.restore(params, saved)
 
+    # Pass 2's loss minus pass 1's, each under its own dropout mask (as the authors' code).
     sharpness = perturbed_loss.detach() - loss.detach() if torch.is_tensor(loss) else perturbed_loss - loss
-    return loss, sample_size, _with_sharpness(logging_output, loss, sharpness, sample_size)
+    measured[SHARPNESS_KEY] = (sharpness, sample_size)
+    return loss, sample_size, _with_metrics(logging_output, loss, keys, measured)
 
 
 def log_sharpness(logging_outputs) -> None:
-    """Logs `sharpness` normalized like fairseq's cross-entropy `loss` (per sample unit, base 2),
-    over the micro-batches that took the two passes; updates with none log nothing."""
+    """Logs `sharpness` (and `sharpness_eval`) normalized like fairseq's cross-entropy `loss`
+    (per sample unit, base 2), over the micro-batches that measured it; an update with none
+    logs nothing."""
     if not logging_outputs:
         return
-    weight = sum(float(log.get(SHARPNESS_WEIGHT_KEY, 0)) for log in logging_outputs)
-    if weight > 0:
-        total = sum(float(log.get(SHARPNESS_KEY, 0)) for log in logging_outputs)
-        metrics.log_scalar(SHARPNESS_KEY, total / weight / math.log(2), weight, round=4)
-    _drop_empty_sharpness_meters(keep_filled=any(SHARPNESS_WEIGHT_KEY in log for log in logging_outputs))
+    for key in (SHARPNESS_KEY, EVAL_SHARPNESS_KEY):
+        weight = sum(float(log.get(key + WEIGHT_SUFFIX, 0)) for log in logging_outputs)
+        if weight > 0:
+            total = sum(float(log.get(key, 0)) for log in logging_outputs)
+            metrics.log_scalar(key, total / weight / math.log(2), weight, round=4)
+        _drop_empty_meters(key, keep_filled=any(key + WEIGHT_SUFFIX in log for log in logging_outputs))
 
 
-def _drop_empty_sharpness_meters(keep_filled: bool) -> None:
-    """Removes the `sharpness` meter where it would print `sharpness=None`.
+def _drop_empty_meters(key: str, keep_filled: bool) -> None:
+    """Removes the meter `key` where it would print `key=None`.
 
     fairseq prints every meter of an aggregator, also one that got no value since its last
     reset (a log interval with no sharpness-aware update) or one restored from a checkpoint of
-    a sharpness-aware run that now trains without.  Without a sharpness-aware optimizer
-    (`keep_filled` False) the meter goes from every active aggregator.
+    a sharpness-aware run that now trains without.  Without the metric in this update's
+    logging outputs (`keep_filled` False: no sharpness-aware optimizer), the meter goes from
+    every active aggregator.
     """
     for aggregator in metrics.get_active_aggregators():
-        meter = aggregator.get(SHARPNESS_KEY)
+        meter = aggregator.get(key)
         if meter is None or (keep_filled and getattr(meter, "count", 0) > 0):
             continue
-        del aggregator[SHARPNESS_KEY]
+        del aggregator[key]
         # MetersDict keeps its key order in `priorities`; a stale entry there breaks later inserts.
         priorities = getattr(aggregator, "priorities", None)
         if priorities is not None:
-            priorities[:] = [entry for entry in priorities if entry[2] != SHARPNESS_KEY]
+            priorities[:] = [entry for entry in priorities if entry[2] != key]
 
 
 def install() -> None:

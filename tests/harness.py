@@ -146,10 +146,12 @@ class ReferenceStep:
         self.perturbed_grad, self.sample_size = perturbed_grad, sample_size
 
 
-def reference_micro_batch(model, criterion, sample, rho, eta, adaptive, normalize_biases=False):
-    """ε = ρ T² g / ‖T g‖ from g = ∇L(w) on a copy of `model`; L and ∇L at w + ε (train mode)."""
+def reference_micro_batch(model, criterion, sample, rho, eta, adaptive, normalize_biases=False,
+                          train_mode=True):
+    """ε = ρ T² g / ‖T g‖ from g = ∇L(w) on a copy of `model`; L and ∇L at w + ε (train mode,
+    or eval mode: no dropout)."""
     model = copy.deepcopy(model)
-    model.train()
+    model.train(train_mode)
     names = [n for n, p in model.named_parameters() if p.requires_grad]
     params = [p for _, p in model.named_parameters() if p.requires_grad]
     w = [p.detach().clone() for p in params]
@@ -170,10 +172,11 @@ def reference_micro_batch(model, criterion, sample, rho, eta, adaptive, normaliz
     return ReferenceStep(float(loss.detach()), float(loss2.detach()), g2, float(size))
 
 
-def reference_logged_sharpness(model, criterion, samples, rho, eta, adaptive):
+def reference_logged_sharpness(model, criterion, samples, rho, eta, adaptive, train_mode=True):
     """The `sharpness` metric from the equations: Σ_B (L_B(w + ε_B) − L_B(w)) / Σ_B sample_size,
-    in base 2 like fairseq's logged `loss`."""
-    steps = [reference_micro_batch(model, criterion, s, rho, eta, adaptive) for s in samples]
+    in base 2 like fairseq's logged `loss` (`train_mode` False: `sharpness_eval`, no dropout)."""
+    steps = [reference_micro_batch(model, criterion, s, rho, eta, adaptive, train_mode=train_mode)
+             for s in samples]
     rise = sum(s.perturbed_loss - s.loss for s in steps)
     return rise / sum(s.sample_size for s in steps) / math.log(2)
 

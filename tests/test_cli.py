@@ -115,6 +115,7 @@ BYPASS_TASK = textwrap.dedent('''
     (["--optimizer", "asam", "--eta", "-0.5"], "--eta must be a finite number >= 0"),
     (["--optimizer", "sam", "--sam-interval", "0"], "--sam-interval must be an integer >= 1"),
     (["--optimizer", "asam", "--looksam-alpha", "0.5"], "it needs --sam-interval >= 2"),
+    (["--optimizer", "asam", "--sharpness-eval-interval", "-1"], "--sharpness-eval-interval must be an integer >= 0"),
     (["--optimizer", "asam", "--task", "bypass_translation"], "task 'BypassTranslation'"),
 ])
 def test_bad_input_fails_with_one_line(data_bin, tmp_path, flags, message):

@@ -29,6 +29,7 @@ OPTIMIZERS = {
     "asam-interval2": ["--optimizer", "asam", "--rho", str(RHO), "--eta", str(ETA), "--sam-interval", "2"],
     "asam-looksam": ["--optimizer", "asam", "--rho", str(RHO), "--eta", str(ETA),
                      "--sam-interval", "2", "--looksam-alpha", "0.5"],
+    "asam-eval": ["--optimizer", "asam", "--rho", str(RHO), "--eta", str(ETA), "--sharpness-eval-interval", "1"],
 }
 # Rank 1's micro-batches per update ("real" or a dummy); rank 0 always has real ones.
 PATTERNS = {
@@ -71,7 +72,7 @@ def _run_pattern(rank, data_bin, optimizer, pattern):
         # fairseq keeps a worker's statistics only if its last micro-batch is real.
         kept = rank0 + (rank1 if pattern[update][-1] == "real" else [])
         kept = [s for s in kept if s is not DUMMY]
-        record = {"loss": _logged(log_output, "loss"), "sharpness": _logged(log_output, "sharpness")}
+        record = {k: _logged(log_output, k) for k in ("loss", "sharpness", "sharpness_eval")}
         if optimizer != "adam":
             cfg = OPTIMIZERS[optimizer]
             adaptive = cfg[1] == "asam"
@@ -109,6 +110,8 @@ def test_dummy_batches_on_one_worker(tmp_path, data_bin):
             # Both workers log the same statistics: the packed all-reduce lined up.
             assert other["loss"] == pytest.approx(record["loss"], rel=1e-6), case
             assert _same(other["sharpness"], record["sharpness"]), case
+            assert _same(other["sharpness_eval"], record["sharpness_eval"]), case
+            assert (record["sharpness_eval"] is not None) == (optimizer == "asam-eval"), case
             if update == 0:  # same weights as Adam's first update: the same loss (pass 1's)
                 assert record["loss"] == pytest.approx(adam[0]["loss"], rel=1e-6), case
             if optimizer == "adam":

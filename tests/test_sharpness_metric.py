@@ -1,0 +1,79 @@
+"""The logged `sharpness` and `sharpness_eval` metrics against their definitions, computed here
+from the equations: Σ_B (L_B(w + ε_B) − L_B(w)) / Σ_B sample_size, in base 2 like `loss`."""
+import copy
+
+import pytest
+import torch
+from fairseq import metrics
+
+from harness import batches, build_trainer, reference_logged_sharpness
+
+SETTINGS = {"asam": (0.5, 0.01, True), "sam": (0.05, 0.0, False)}
+
+
+def _train_and_read(trainer, samples):
+    """One update; the raw (unrounded) averages of the sharpness meters."""
+    with metrics.aggregate(new_root=True) as agg:
+        trainer.train_step(samples)
+    return {k: agg[k].avg for k in ("sharpness", "sharpness_eval") if k in agg}
+
+
+def _flags(optimizer, extra=()):
+    rho, eta, adaptive = SETTINGS[optimizer]
+    flags = ["--optimizer", optimizer, "--rho", str(rho)] + (["--eta", str(eta)] if adaptive else [])
+    return flags + list(extra)
+
+
+@pytest.mark.parametrize("optimizer", ["asam", "sam"])
+@pytest.mark.parametrize("update_freq", [1, 2])
+def test_logged_sharpness_matches_equations(data_bin, optimizer, update_freq):
+    rho, eta, adaptive = SETTINGS[optimizer]
+    trainer = build_trainer(data_bin, _flags(optimizer, ["--update-freq", str(update_freq)]))
+    samples = batches(trainer, update_freq)
+    model0 = copy.deepcopy(trainer.get_model())
+    logged = _train_and_read(trainer, samples)
+    expected = reference_logged_sharpness(model0, trainer.criterion, samples, rho, eta, adaptive)
+    assert logged["sharpness"] == pytest.approx(expected, rel=1e-4)
+    assert "sharpness_eval" not in logged  # off by default
+    # Controls: half the radius, or the other kind of ball, gives a visibly different value.
+    half = reference_logged_sharpness(model0, trainer.criterion, samples, rho / 2, eta, adaptive)
+    other = reference_logged_sharpness(model0, trainer.criterion, samples, rho, 0.01, not adaptive)
+    assert abs(logged["sharpness"] - half) > 0.1 * abs(expected)
+    assert abs(logged["sharpness"] - other) > 0.1 * abs(expected)
+
+
+def test_eval_sharpness_is_sharpness_without_dropout(data_bin):
+    """With dropout 0, train and eval mode compute the same losses: the two metrics agree."""
+    trainer = build_trainer(data_bin, _flags("asam", ["--sharpness-eval-interval", "1"]))
+    logged = _train_and_read(trainer, batches(trainer, 1))
+    assert logged["sharpness_eval"] == pytest.approx(logged["sharpness"], rel=1e-5)
+
+
+def test_eval_sharpness_leaves_training_unchanged(data_bin):
+    """Dropout 0.1: `sharpness_eval` is the eval-mode value from the equations, measured on
+    updates 0 and 2 only, and the weights after 4 updates are bit for bit those of a run
+    without it (it draws no dropout mask and touches no gradient)."""
+    rho, eta, _ = SETTINGS["asam"]
+    dropout = ["--dropout", "0.1", "--update-freq", "2"]
+    runs = {}
+    for interval in (0, 2):
+        trainer = build_trainer(data_bin, _flags("asam", dropout + ["--sharpness-eval-interval", str(interval)]))
+        samples = batches(trainer, 8)
+        logs = []
+        for update in range(4):
+            model0 = copy.deepcopy(trainer.get_model())
+            micro = samples[2 * update:2 * update + 2]
+            logged = _train_and_read(trainer, micro)
+            expected = reference_logged_sharpness(model0, trainer.criterion, micro, rho, eta, True, train_mode=False)
+            logs.append((logged, expected))
+        runs[interval] = (trainer, logs)
+    plain_weights = [p.detach() for p in runs[0][0].model.parameters()]
+    measured_weights = [p.detach() for p in runs[2][0].model.parameters()]
+    assert all(torch.equal(a, b) for a, b in zip(plain_weights, measured_weights))
+    for update, (logged, expected) in enumerate(runs[2][1]):
+        if update % 2 == 0:
+            assert logged["sharpness_eval"] == pytest.approx(expected, rel=1e-4)
+            # Under dropout the train-mode metric is another (noisy) number.
+            assert logged["sharpness"] != pytest.approx(logged["sharpness_eval"], rel=1e-3)
+        else:
+            assert "sharpness_eval" not in logged
