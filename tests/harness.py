@@ -6,7 +6,7 @@ import os
 import torch
 
 import fairseq_asam
-from fairseq_asam import toy_data
+from fairseq_asam.experiments import synthetic_data as toy_data
 
 TINY_TRANSFORMER = [
     "--arch", "transformer",
