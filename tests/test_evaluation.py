@@ -70,6 +70,10 @@ def test_unknown_reference_word_never_matches():
     ] == pytest.approx(expected, abs=1e-9)
 
 
+# Not a multiple of fairseq's --required-batch-size-multiple (8): a batch of 8 and one of 2.
+TEST_SENTENCES = 10
+
+
 @pytest.fixture(scope="module")
 def generated_with_unknown_words(tmp_path_factory):
     """fairseq-generate --score-reference (the reference as hypothesis) on a test split with a
@@ -77,7 +81,9 @@ def generated_with_unknown_words(tmp_path_factory):
     from harness import build_trainer
 
     root = tmp_path_factory.mktemp("unknown-words")
-    text = synthetic_data.write_corpus(str(root / "text"), {"train": 120, "valid": 24, "test": 8})
+    text = synthetic_data.write_corpus(
+        str(root / "text"), {"train": 120, "valid": 24, "test": TEST_SENTENCES}
+    )
     for lang, word in (("de", "unbekannt"), ("en", "unknown")):
         path = root / "text" / f"test.{lang}"
         lines = path.read_text().splitlines()
@@ -101,11 +107,15 @@ def generated_with_unknown_words(tmp_path_factory):
 
 def test_tokenized_bleu_is_fairseq_generates_with_unknown_words(generated_with_unknown_words):
     output = evaluation.parse_generate_output(generated_with_unknown_words)
-    assert sum("<<unk>>" in reference for reference in output.references) == 4
-    assert sum("<unk>" in hypothesis.split() for hypothesis in output.hypotheses) == 4
+    assert output.ids == list(range(TEST_SENTENCES))  # every sentence, none left out by batching
+    assert sum("<<unk>>" in reference for reference in output.references) == TEST_SENTENCES // 2
+    assert (
+        sum("<unk>" in hypothesis.split() for hypothesis in output.hypotheses)
+        == TEST_SENTENCES // 2
+    )
     assert output.printed_score_line.startswith("BLEU4 = ") and output.printed_bleu < 100
     scores = evaluation.score_split(output, "bpe")  # raises if it differs from the printed BLEU
-    assert scores["bleu"] == pytest.approx(output.printed_bleu, abs=0.005)
+    assert scores["bleu"] == pytest.approx(output.printed_bleu, abs=0.0051)  # printed: 2 decimals
     assert scores["bleu_details"] == output.printed_score_line
 
 
@@ -220,7 +230,9 @@ def test_generate_command_is_the_iwslt_example():
     command = evaluation.generate_command("/data", "/ck/checkpoint_best.pt", "test", "/user_dir")
     line = " ".join(command)
     assert "fairseq_cli.generate /data --user-dir /user_dir --path /ck/checkpoint_best.pt" in line
-    assert line.endswith("--gen-subset test --beam 5 --batch-size 128 --remove-bpe")
+    assert line.endswith(
+        "--gen-subset test --beam 5 --batch-size 128 --required-batch-size-multiple 1 --remove-bpe"
+    )
     assert evaluation.generate_command("/d", "/c", "valid", "/u", subword="sentencepiece")[-2:] == [
         "--remove-bpe",
         "sentencepiece",

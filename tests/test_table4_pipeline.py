@@ -3,6 +3,7 @@ evaluate, report, skip and resume) through fairseq-asam-table4 (scripts/reproduc
 
 import argparse
 import json
+import math
 import os
 import subprocess
 import sys
@@ -10,11 +11,15 @@ import threading
 import time
 
 import pytest
+import sacrebleu
+import torch
 from omegaconf import OmegaConf
+from sacremoses import MosesDetokenizer
+from test_sharpness import one_step_reference
 
 import fairseq_asam
 from fairseq_asam.errors import ConfigError, FairseqAsamError
-from fairseq_asam.experiments import prepare, recipe, report, runner, synthetic_data
+from fairseq_asam.experiments import prepare, recipe, report, runner, sharpness, synthetic_data
 from fairseq_asam.experiments.cli import table4_main
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -486,6 +491,40 @@ def tiny_out(tmp_path_factory):
     return out
 
 
+def read_generate_output(path):
+    """{sentence id: (first hypothesis, reference)} of a fairseq-generate output, read here."""
+    hypotheses, references = {}, {}
+    with open(path, encoding="utf-8") as f:
+        for line in f:
+            fields = line.rstrip("\n").split("\t")
+            if fields[0].startswith("H-"):
+                hypotheses.setdefault(int(fields[0][2:]), fields[2])
+            elif fields[0].startswith("T-"):
+                references[int(fields[0][2:])] = fields[1]
+    assert set(hypotheses) == set(references)
+    return {i: (hypotheses[i], references[i]) for i in sorted(hypotheses)}
+
+
+def independent_scores(generate_file, raw_lines):
+    """(tokenized BLEU, detokenized sacreBLEU against `raw_lines`, sentences) by sacreBLEU alone:
+    corpus BLEU-4 without tokenization or smoothing is fairseq-generate's tokenized BLEU."""
+    pairs = read_generate_output(generate_file)
+    hypotheses = [h for h, _ in pairs.values()]
+    bleu = sacrebleu.corpus_bleu(
+        hypotheses,
+        [[r for _, r in pairs.values()]],
+        tokenize="none",
+        smooth_method="none",
+        force=True,
+    ).score
+    sacre = None
+    if raw_lines is not None:
+        detokenizer = MosesDetokenizer(lang="en")
+        detokenized = [detokenizer.detokenize(h.split()) for h in hypotheses]
+        sacre = sacrebleu.corpus_bleu(detokenized, [[raw_lines[i] for i in pairs]]).score
+    return bleu, sacre, len(pairs)
+
+
 def read_json(path):
     with open(path, encoding="utf-8") as f:
         return json.load(f)
@@ -493,6 +532,11 @@ def read_json(path):
 
 def test_tiny_preset_writes_every_run_file_and_the_report(tiny_out):
     data_bin = tiny_out / "data" / "data-bin" / prepare.PREP_NAME
+
+    def raw_references(split):
+        path = tiny_out / "data" / prepare.PREP_NAME / "tmp" / f"{split}.raw.en"
+        return path.read_text(encoding="utf-8").splitlines()
+
     assert (data_bin / "dict.en.txt").is_file()
     for name in ("adam-seed1", "asam-seed1"):
         run = tiny_out / "runs" / name
@@ -518,7 +562,12 @@ def test_tiny_preset_writes_every_run_file_and_the_report(tiny_out):
         assert results["train_command"] == command.strip()
         for split in ("valid", "test"):
             scores = results[split]
-            assert 0 <= scores["bleu"] <= 100 and 0 <= scores["sacrebleu"] <= 100
+            bleu, sacre, sentences = independent_scores(
+                run / f"generate-{split}.txt", raw_references(split)
+            )
+            assert scores["bleu"] == pytest.approx(bleu, abs=1e-4)
+            assert scores["sacrebleu"] == pytest.approx(sacre, abs=1e-4)
+            assert scores["sentences"] == sentences == len(raw_references(split))
             assert (
                 scores["fairseq_generate_bleu"] == scores["bleu_details"]
             )  # checked against fairseq-generate
@@ -526,11 +575,24 @@ def test_tiny_preset_writes_every_run_file_and_the_report(tiny_out):
             assert scores["sacrebleu_references"].endswith(f"tmp/{split}.raw.en")
             assert "--beam 5" in scores["command"] and "--remove-bpe" in scores["command"]
         (estimate,) = results["sharpness"]["estimates"]  # --sharpness-rho: adaptive only
-        assert (
-            estimate["rho"] == 0.05 and estimate["measure"] == "adaptive" and estimate["loss"] > 0
-        )
-        assert estimate["perturbed_loss"] - estimate["loss"] == pytest.approx(estimate["sharpness"])
+        assert estimate["rho"] == 0.05 and estimate["measure"] == "adaptive"
         assert results["sharpness"]["checkpoint"] == results["checkpoint"]["path"]
+        # L(w) of the best checkpoint on the whole valid split is what fairseq-train logged for
+        # it (base 2, 3 decimals); the ascent finds at least the one-step ASAM perturbation's rise.
+        logged = report.parse_train_log(str(run / "train.log"))["valid"]
+        best_valid_loss = min(record["valid_loss"] for record in logged)
+        assert estimate["loss"] / math.log(2) == pytest.approx(best_valid_loss, abs=6e-4)
+        loss, perturbed = one_step_reference(
+            *sharpness.load_subset(
+                results["checkpoint"]["path"], str(data_bin), "valid", 20, torch.device("cpu")
+            ),
+            rho=0.05,
+            eta=0.01,
+            adaptive=True,
+        )
+        assert estimate["loss"] == pytest.approx(loss, rel=1e-6)
+        assert estimate["sharpness"] >= (perturbed - loss) * (1 - 1e-6) > 0
+        assert estimate["scaled_epsilon_norm"] <= 0.05 * (1 + 1e-9)
     asam_log = report.parse_train_log(str(tiny_out / "runs" / "asam-seed1" / "train.log"))
     assert asam_log["valid"] and all("sharpness" in r for r in asam_log["train_inner"])
 
@@ -558,6 +620,7 @@ def test_second_invocation_skips_finished_runs_and_resumes_an_interrupted_one(ti
     assert os.stat(asam / "results.json").st_mtime_ns == asam_mtime
 
     # Adam interrupted after its last checkpoint: it continues from there (to a higher budget).
+    generated_before = (adam / "generate-test.txt").read_bytes()
     (adam / "results.json").unlink()
     (adam / "training.done").unlink()
     assert table4_main(argv + ["--max-update", str(RESUMED_UPDATES)]) == 0
@@ -567,5 +630,8 @@ def test_second_invocation_skips_finished_runs_and_resumes_an_interrupted_one(ti
     assert f"@ {END_TO_END_UPDATES} updates" in log.split("Loaded checkpoint")[-1].splitlines()[0]
     valid = report.parse_train_log(str(adam / "train.log"))["valid"]
     assert valid[-1]["valid_num_updates"] == RESUMED_UPDATES
-    assert read_json(adam / "results.json")["test"]["bleu"] >= 0
+    results = read_json(adam / "results.json")
+    bleu, _, _ = independent_scores(adam / "generate-test.txt", None)
+    assert results["test"]["bleu"] == pytest.approx(bleu, abs=1e-4)
+    assert (adam / "generate-test.txt").read_bytes() != generated_before  # evaluated again
     assert (asam / "results.json").read_bytes() == asam_results

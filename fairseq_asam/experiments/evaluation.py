@@ -283,6 +283,10 @@ def generate_command(
         str(beam),
         "--batch-size",
         str(batch_size),
+        # fairseq-fixed 0.12.3.1 leaves out the sentences of the last batch when it is not a
+        # multiple of --required-batch-size-multiple (default 8): with 1 every sentence is scored.
+        "--required-batch-size-multiple",
+        "1",
         *REMOVE_SUBWORD_FLAGS[subword],
     ]
 
