@@ -6,6 +6,7 @@ import os
 import subprocess
 import sys
 
+import pytest
 import torch
 
 from fairseq_asam.experiments import benchmark
@@ -17,6 +18,7 @@ STEP_COST = os.path.join(
 TINY = benchmark.BenchmarkSpec(preset="small", warmup=0, timed=2, sam_interval=2)
 
 
+@pytest.mark.slow
 def test_cli_times_every_row(tmp_path, capsys):
     out = tmp_path / "result.json"
     argv = [
@@ -46,6 +48,7 @@ def test_cli_times_every_row(tmp_path, capsys):
     assert not torch.cuda.is_initialized()  # the CPU path never touches CUDA
 
 
+@pytest.mark.slow
 def test_peak_memory_in_a_fresh_process():
     adam = benchmark.rows_for(TINY)[0]
     memory = benchmark.measure_rows_memory(TINY, [adam])

@@ -105,6 +105,7 @@ def generated_with_unknown_words(tmp_path_factory):
     )
 
 
+@pytest.mark.slow
 def test_tokenized_bleu_is_fairseq_generates_with_unknown_words(generated_with_unknown_words):
     output = evaluation.parse_generate_output(generated_with_unknown_words)
     assert output.ids == list(range(TEST_SENTENCES))  # every sentence, none left out by batching

@@ -457,6 +457,7 @@ def one_step_reference(model, batches, loss_fn, rho, eta, adaptive):
     return loss_sum / size, perturbed
 
 
+@pytest.mark.slow
 def test_cli_end_to_end(tiny_checkpoint, data_bin, tmp_path):
     """--steps 1: the printed and written sharpness is the one-step ε's, computed here."""
     rho, eta, max_batches = 0.05, 0.01, 2

@@ -230,6 +230,7 @@ def test_hydra_yaml_and_argument_files_describe_the_same_settings(optimizer):
         assert normalized(from_args[key]) == normalized(value), key
 
 
+@pytest.mark.slow
 def test_hydra_train_runs_the_yaml(data_bin, tmp_path):
     """fairseq-hydra-train composes asam.yaml and trains (one update of a smaller model)."""
     tiny_model = [
@@ -530,6 +531,7 @@ def read_json(path):
         return json.load(f)
 
 
+@pytest.mark.slow
 def test_tiny_preset_writes_every_run_file_and_the_report(tiny_out):
     data_bin = tiny_out / "data" / "data-bin" / prepare.PREP_NAME
 
@@ -608,6 +610,7 @@ def test_tiny_preset_writes_every_run_file_and_the_report(tiny_out):
         assert (tiny_out / "report" / plot).read_bytes().startswith(b"\x89PNG")
 
 
+@pytest.mark.slow
 def test_second_invocation_skips_finished_runs_and_resumes_an_interrupted_one(tiny_out, capsys):
     adam, asam = tiny_out / "runs" / "adam-seed1", tiny_out / "runs" / "asam-seed1"
     asam_results = (asam / "results.json").read_bytes()
