@@ -87,7 +87,9 @@ def fairseq_train_cfg(options):
 
 @pytest.mark.parametrize("optimizer", runner.OPTIMIZERS)
 def test_argument_files_hold_the_papers_settings(optimizer):
-    cfg = fairseq_train_cfg(runner.training_options(runner.TABLE4_PRESETS["paper"], optimizer))
+    cfg = fairseq_train_cfg(
+        recipe.training_options(runner.TABLE4_PRESETS["paper"].args_files, optimizer)
+    )
     assert cfg.optimizer._name == optimizer
     for name, value in PAPER_OPTIMIZER_SETTINGS[optimizer].items():
         assert cfg.optimizer[name] == value
@@ -123,7 +125,7 @@ def test_argument_files_hold_the_papers_settings(optimizer):
 )
 def test_schedule_rows_are_asam_with_a_cheaper_schedule(row, schedule):
     assert runner.parse_optimizers(f"asam,{row}") == ("asam", row)
-    cfg = fairseq_train_cfg(runner.training_options(runner.TABLE4_PRESETS["paper"], row))
+    cfg = fairseq_train_cfg(recipe.training_options(runner.TABLE4_PRESETS["paper"].args_files, row))
     assert (cfg.optimizer._name, cfg.optimizer.rho, cfg.optimizer.eta) == ("asam", 0.2, 0.01)
     assert {k: cfg.optimizer[k] for k in schedule} == schedule
     assert (
@@ -132,7 +134,9 @@ def test_schedule_rows_are_asam_with_a_cheaper_schedule(row, schedule):
 
 
 def test_tiny_preset_overrides_the_model_and_the_schedule():
-    cfg = fairseq_train_cfg(runner.training_options(runner.TABLE4_PRESETS["tiny"], "asam"))
+    cfg = fairseq_train_cfg(
+        recipe.training_options(runner.TABLE4_PRESETS["tiny"].args_files, "asam")
+    )
     assert (cfg.model.arch, cfg.model.encoder_layers, cfg.model.decoder_embed_dim) == (
         "transformer",
         1,
@@ -147,7 +151,7 @@ def test_tiny_preset_overrides_the_model_and_the_schedule():
 
 def test_eval_bleu_argument_file_turns_on_validation_bleu():
     cfg = fairseq_train_cfg(
-        runner.training_options(runner.TABLE4_PRESETS["tiny"], "adam", eval_bleu=True)
+        recipe.training_options(runner.TABLE4_PRESETS["tiny"].args_files, "adam", eval_bleu=True)
     )
     assert (
         cfg.task.eval_bleu
@@ -210,7 +214,7 @@ def normalized(value):
 
 @pytest.mark.parametrize("optimizer", runner.OPTIMIZERS)
 def test_hydra_yaml_and_argument_files_describe_the_same_settings(optimizer):
-    options = runner.training_options(runner.TABLE4_PRESETS["paper"], optimizer)
+    options = recipe.training_options(runner.TABLE4_PRESETS["paper"].args_files, optimizer)
     from_args = dict(leaves(OmegaConf.to_container(fairseq_train_cfg(options), resolve=True)))
     from_yaml = compose_hydra(optimizer)
     written = written_yaml_settings(optimizer)

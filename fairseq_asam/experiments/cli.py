@@ -141,7 +141,7 @@ def table4_main(argv: Optional[List[str]] = None) -> int:
 # --------------------------------------------------------------------------------------------
 
 PREPARE = "fairseq-asam-prepare"
-SAMPLE_ARCHIVE = os.path.join("orig", "sample-de-en.tgz")
+SAMPLE_ARCHIVE_PATH = os.path.join("orig", "sample-de-en.tgz")
 
 
 def prepare_parser() -> argparse.ArgumentParser:
@@ -159,7 +159,7 @@ def prepare_parser() -> argparse.ArgumentParser:
     source.add_argument(
         "--sample",
         action="store_true",
-        help=f"generate a small archive in the real layout at WORKDIR/{SAMPLE_ARCHIVE} and use it",
+        help=f"generate an archive in the real layout at WORKDIR/{SAMPLE_ARCHIVE_PATH}, use it",
     )
     parser.add_argument(
         "--workdir", default=".", help="where the outputs go (default: the current folder)"
@@ -208,7 +208,7 @@ def prepare_main(argv: Optional[List[str]] = None) -> int:
         archive = args.archive
         if args.sample:
             archive = synthetic_data.build_sample_archive(
-                os.path.join(args.workdir, SAMPLE_ARCHIVE)
+                os.path.join(args.workdir, SAMPLE_ARCHIVE_PATH)
             )
         data_bin = prepare.prepare_iwslt14(
             archive,

@@ -48,7 +48,7 @@ REMOVE_SUBWORD_FLAGS = {"bpe": ["--remove-bpe"], "sentencepiece": ["--remove-bpe
 NAMED_CHECKPOINTS = {"best": "checkpoint_best.pt", "last": "checkpoint_last.pt"}
 AVERAGE_PREFIX = "average:"
 EPOCH_CHECKPOINT = re.compile(r"^checkpoint(\d+)\.pt$")
-GENERATE_OUTPUT = "generate-{split}.txt"
+GENERATE_FILE = "generate-{split}.txt"
 RESULTS_NAME = "results.json"
 # fairseq-generate's last line: "Generate test with beam=5: BLEU4 = 34.86, 68.1/42.8/... (BP=...)"
 GENERATE_SCORE_LINE = re.compile(r"^Generate (\S+) with beam=(\d+): (BLEU4 = ([0-9.]+),.*)$")
@@ -381,7 +381,7 @@ def evaluate_checkpoint(
     }
     for split in splits:
         command = generate_command(data_bin, checkpoint, split, user_dir, subword, beam, batch_size)
-        output_path = os.path.join(output_dir, GENERATE_OUTPUT.format(split=split))
+        output_path = os.path.join(output_dir, GENERATE_FILE.format(split=split))
         output = parse_generate_output(run_generate(command, output_path, env))
         scores = score_split(output, subword, (references or {}).get(split))
         results[split] = {**scores, "command": shlex.join(command), "output": output_path}

@@ -129,13 +129,6 @@ def parse_seeds(text: str) -> Tuple[int, ...]:
 # --------------------------------------------------------------------------------------------
 
 
-def training_options(
-    preset: Table4Preset, optimizer: str, config_dir: Optional[str] = None, eval_bleu: bool = False
-) -> List[Tuple[str, Optional[str]]]:
-    """The experiment's options for `optimizer` (without data, --save-dir, --seed, --user-dir)."""
-    return recipe.training_options(preset.args_files, optimizer, eval_bleu, config_dir)
-
-
 def train_command(
     data_bin: str,
     run_dir: str,
@@ -215,7 +208,9 @@ def check_grid(config: GridConfig) -> None:
     if config.checkpoint is not None:
         evaluation.parse_checkpoint_choice(config.checkpoint)
     for optimizer in config.optimizers:
-        training_options(config.preset, optimizer, config.config_dir, config.eval_bleu)
+        recipe.training_options(
+            config.preset.args_files, optimizer, config.eval_bleu, config.config_dir
+        )
     if config.data_bin is not None:
         evaluation.check_data_bin(config.data_bin)
     elif config.archive is not None:
@@ -304,7 +299,9 @@ def execute_run(
     run_dir = config.run_dir(run)
     results_path = os.path.join(run_dir, evaluation.RESULTS_NAME)
     os.makedirs(run_dir, exist_ok=True)
-    options = training_options(config.preset, run.optimizer, config.config_dir, config.eval_bleu)
+    options = recipe.training_options(
+        config.preset.args_files, run.optimizer, config.eval_bleu, config.config_dir
+    )
     command = train_command(data_bin, run_dir, run, options, config.overrides())
     settings = run_environment(config.preset, gpu)
     env = {**os.environ, **settings}
