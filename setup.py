@@ -1,23 +1,37 @@
-from setuptools import find_packages, setup
+from setuptools import setup
+
+# The plugin (what `--user-dir` loads) needs torch and fairseq; the experiment kit
+# (fairseq_asam.experiments: data preparation, Table 4 runner, evaluation, report, sharpness,
+# trajectories, benchmark) needs the `experiments` extra too.
+CONFIGS_PACKAGE = "fairseq_asam.experiments.configs"
+CONSOLE_SCRIPTS = [
+    f"fairseq-asam-{name} = fairseq_asam.experiments.cli:{name}_main"
+    for name in (
+        "table4",
+        "prepare",
+        "evaluate",
+        "report",
+        "sharpness",
+        "benchmark",
+        "trajectories",
+    )
+]
+
+with open("README.md", encoding="utf-8") as readme:
+    long_description = readme.read()
 
 setup(
     name="fairseq-asam",
     version="0.1.0",
     description="ASAM and SAM (sharpness-aware minimization) optimizers for fairseq",
-    long_description=open("README.md", encoding="utf-8").read(),
+    long_description=long_description,
     long_description_content_type="text/markdown",
-    packages=find_packages(include=["fairseq_asam", "fairseq_asam.*"]),
+    packages=["fairseq_asam", "fairseq_asam.experiments", CONFIGS_PACKAGE],
+    # The checkout's top-level configs/ ships inside the package, found with importlib.resources.
+    package_dir={CONFIGS_PACKAGE: "configs"},
+    package_data={CONFIGS_PACKAGE: ["*.md", "*/*.args", "hydra/*/*.yaml"]},
     python_requires=">=3.8",
-    install_requires=[
-        "torch>=2.1",
-        "numpy",
-        "regex",
-        "sacrebleu>=2.0",
-        "sentencepiece",
-        "subword-nmt",
-        "sacremoses",
-        "matplotlib",
-    ],
+    install_requires=["torch>=2.1", "numpy"],
     extras_require={
         # Left out of install_requires so that an existing fairseq is never replaced:
         # official 0.12.2 does not import on Python >= 3.11, where the fairseq-fixed fork does.
@@ -25,6 +39,15 @@ setup(
             "fairseq==0.12.2; python_version < '3.11'",
             "fairseq-fixed==0.12.3.1; python_version >= '3.11'",
         ],
-        "dev": ["pytest", "tensorboardX"],
+        "experiments": [
+            "sacrebleu>=2.0",
+            "sentencepiece",
+            "subword-nmt",
+            "sacremoses",
+            "matplotlib",
+            "regex",
+        ],
+        "dev": ["pytest", "tensorboardX", "ruff==0.17.5"],
     },
+    entry_points={"console_scripts": CONSOLE_SCRIPTS},
 )

@@ -3,10 +3,11 @@
 Importing the package registers the optimizers `asam` and `sam`, installs the two-pass train
 step on FairseqTask and lets fairseq checkpoints load under torch >= 2.6.
 """
+
 import os
 import sys
 
-from . import checkpoint, optim, two_pass  # noqa: F401  (registers the optimizers)
+from . import checkpoint, errors, optim, two_pass  # noqa: F401  (registers the optimizers)
 
 __version__ = "0.1.0"
 
@@ -21,7 +22,7 @@ def _one_line_for_user_errors(previous_hook):
     """fairseq-train would print a traceback; a bad flag deserves one line naming it."""
 
     def excepthook(exc_type, exc, tb):
-        if issubclass(exc_type, optim.FairseqAsamError):
+        if issubclass(exc_type, errors.FairseqAsamError):
             print(f"fairseq-asam: error: {exc}", file=sys.stderr)
         else:
             previous_hook(exc_type, exc, tb)

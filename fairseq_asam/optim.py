@@ -16,18 +16,7 @@ from omegaconf import DictConfig
 from torch import Tensor
 
 from . import looksam
-
-
-class FairseqAsamError(Exception):
-    """An error the user fixes on the command line; reported as one line (see __init__)."""
-
-
-class ConfigError(FairseqAsamError, ValueError):
-    """A bad command-line value; its message names the flag to fix."""
-
-
-class TaskBypassError(FairseqAsamError, RuntimeError):
-    """A task replaced `train_step`, so the sharpness-aware pass never ran."""
+from .errors import ConfigError, FairseqAsamError, TaskBypassError  # noqa: F401  (re-exported)
 
 
 @dataclass

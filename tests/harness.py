@@ -8,7 +8,7 @@ import os
 import torch
 
 import fairseq_asam
-from fairseq_asam import toy_data
+from fairseq_asam.experiments import synthetic_data
 
 TINY_TRANSFORMER = [
     "--arch", "transformer",
@@ -43,8 +43,8 @@ def emulate_flat_fp16_on_cpu():
 
 
 def make_data_bin(root: str, train: int = 120, valid: int = 24) -> str:
-    text = toy_data.write_corpus(os.path.join(root, "text"), {"train": train, "valid": valid})
-    return toy_data.binarize(text, os.path.join(root, "data-bin"))
+    text = synthetic_data.write_corpus(os.path.join(root, "text"), {"train": train, "valid": valid})
+    return synthetic_data.binarize(text, os.path.join(root, "data-bin"))
 
 
 def parse_cfg(data_bin: str, extra, device: str = "cpu"):

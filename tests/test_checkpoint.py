@@ -71,6 +71,7 @@ def _adam_checkpoint(data_bin, tmp_path, precision):
     return path, _adam_moments(trainer)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("source,target", [
     ("fp16-no-flatten", None),  # fp16 Adam → fp16 ASAM: the recorded name stays FP16Optimizer
     ("fp32", "amp"),
@@ -96,6 +97,7 @@ def test_switch_keeps_adam_state_across_precisions(data_bin, tmp_path, source, t
         assert trainer.get_num_updates() == ADAM_UPDATES + 1 and "sharpness" in log
 
 
+@pytest.mark.slow
 def test_switch_refuses_what_cannot_resume(data_bin, tmp_path):
     with emulate_flat_fp16_on_cpu():
         flat, _ = _adam_checkpoint(data_bin, tmp_path, "fp16")

@@ -47,6 +47,7 @@ def model_weights(path):
     return torch.load(path, map_location="cpu", weights_only=False)["model"]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("optimizer", ["asam", "sam"])
 def test_training_runs_loss_falls_sharpness_logged(data_bin, tmp_path, optimizer):
     proc = train(data_bin, tmp_path, "--optimizer", optimizer, "--lr", "5e-3", "--max-update", "30")
@@ -59,6 +60,7 @@ def test_training_runs_loss_falls_sharpness_logged(data_bin, tmp_path, optimizer
     assert (tmp_path / "checkpoint_last.pt").is_file() and (tmp_path / "checkpoint_best.pt").is_file()
 
 
+@pytest.mark.slow
 def test_resume_matches_uninterrupted_run_and_generate_loads(data_bin, tmp_path):
     common = ["--optimizer", "asam", "--lr", "2e-3", "--dropout", "0.1",
               "--lr-scheduler", "inverse_sqrt", "--warmup-updates", "4"]
@@ -78,6 +80,7 @@ def test_resume_matches_uninterrupted_run_and_generate_loads(data_bin, tmp_path)
     assert "BLEU4" in gen.stdout + gen.stderr
 
 
+@pytest.mark.slow
 def test_adam_checkpoint_fine_tuned_with_asam_keeps_schedule(data_bin, tmp_path):
     sched = ["--lr", "1e-3", "--lr-scheduler", "inverse_sqrt", "--warmup-updates", "20"]
     train(data_bin, tmp_path / "adam", "--optimizer", "adam", *sched, "--max-update", "6")
@@ -109,6 +112,7 @@ BYPASS_TASK = textwrap.dedent('''
 ''')
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("flags,message", [
     (["--optimizer", "asam", "--rho", "-1"], "--rho must be a finite number > 0"),
     (["--optimizer", "sam", "--rho", "nan"], "--rho must be a finite number > 0"),
@@ -165,6 +169,7 @@ def test_checkpoint_with_numpy_values_loads_safely(tmp_path):
         torch.load(tmp_path / "other.pt")
 
 
+@pytest.mark.slow
 def test_no_empty_sharpness_in_logs_with_sam_interval(data_bin, tmp_path):
     """A log interval without a sharpness-aware update prints no `sharpness` (not None/null)."""
     proc = train(data_bin, tmp_path, "--optimizer", "asam", "--sam-interval", "2", "--max-update", "6")
@@ -176,6 +181,7 @@ def test_no_empty_sharpness_in_logs_with_sam_interval(data_bin, tmp_path):
     assert logged(proc.stdout, "train")[-1]["train_sharpness"] is not None
 
 
+@pytest.mark.slow
 def test_adam_resumed_from_asam_checkpoint_logs_no_sharpness(data_bin, tmp_path):
     train(data_bin, tmp_path, "--optimizer", "asam", "--max-update", "4")
     proc = train(data_bin, tmp_path, "--optimizer", "adam", "--reset-optimizer", "--max-update", "8",

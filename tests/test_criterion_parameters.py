@@ -134,6 +134,7 @@ def _worker(rank, init_file, data_bin, out_dir):
     dist.destroy_process_group()
 
 
+@pytest.mark.slow
 def test_criterion_in_ddp(tmp_path, data_bin):
     mp.spawn(_worker, args=(str(tmp_path / "init"), data_bin, str(tmp_path)), nprocs=WORLD_SIZE, join=True)
     for rank in range(WORLD_SIZE):

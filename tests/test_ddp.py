@@ -21,6 +21,8 @@ from harness import (
     relative_error,
 )
 
+pytestmark = pytest.mark.slow  # subprocesses: DDP workers or fairseq command-line runs
+
 WORLD_SIZE = 2
 UPDATE_FREQ = 2
 RHO, ETA = 0.5, 0.01

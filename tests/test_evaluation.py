@@ -1,4 +1,5 @@
-"""fairseq_asam.evaluation: the two BLEU scores, the parsing of fairseq-generate, checkpoints."""
+"""experiments.evaluation: the two BLEU scores, the parsing of fairseq-generate, checkpoints."""
+
 import os
 import sys
 
@@ -6,8 +7,9 @@ import pytest
 import sacrebleu
 import torch
 
-from fairseq_asam import evaluation
-from fairseq_asam.evaluation import EvaluationError
+import fairseq_asam
+from fairseq_asam.errors import ConfigError, FairseqAsamError
+from fairseq_asam.experiments import evaluation, synthetic_data
 
 # A small tokenized, lowercased corpus: every n-gram order has matches, the system is short
 # (brevity penalty < 1), one reference word is unknown to the model.
@@ -38,7 +40,9 @@ def test_tokenized_bleu_closed_form():
 def test_tokenized_bleu_agrees_with_sacrebleu_on_tokenized_text():
     score, details = evaluation.tokenized_bleu(HYPOTHESES, REFERENCES)
     # sacreBLEU without its tokenizer and smoothing computes the same corpus BLEU-4.
-    reference_score = sacrebleu.corpus_bleu(HYPOTHESES, [REFERENCES], tokenize="none", smooth_method="none", force=True)
+    reference_score = sacrebleu.corpus_bleu(
+        HYPOTHESES, [REFERENCES], tokenize="none", smooth_method="none", force=True
+    )
     assert score == pytest.approx(reference_score.score, abs=1e-9)
     assert "BP=0.819, ratio=0.833, syslen=30, reflen=36" in details  # exp(1 - 36/30)
 
@@ -49,32 +53,95 @@ def test_tokenized_bleu_agrees_with_fairseq_score(tmp_path, monkeypatch, capsys)
     system, reference = tmp_path / "sys.txt", tmp_path / "ref.txt"
     system.write_text("\n".join(HYPOTHESES) + "\n")
     reference.write_text("\n".join(REFERENCES) + "\n")
-    monkeypatch.setattr(sys, "argv", ["fairseq-score", "--sys", str(system), "--ref", str(reference)])
+    monkeypatch.setattr(
+        sys, "argv", ["fairseq-score", "--sys", str(system), "--ref", str(reference)]
+    )
     score.cli_main()
     printed = capsys.readouterr().out.splitlines()[-1]
     assert printed == evaluation.tokenized_bleu(HYPOTHESES, REFERENCES)[1]
 
 
 def test_unknown_reference_word_never_matches():
-    """fairseq's scorer replaces <unk> in the reference, so even an identical <unk> is a miss."""
-    with_unk = evaluation.tokenized_bleu(["a b <unk> d e"], ["a b <unk> d e"])[0]
-    with_other_word = evaluation.tokenized_bleu(["a b x d e"], ["a b y d e"])[0]
-    assert with_unk == pytest.approx(with_other_word) and with_unk < 100
+    """fairseq-generate writes an unknown word as <<unk>> in the reference (T-) and as <unk> in the
+    hypothesis (H-): the two never match, so this pair is one word off."""
+    hypothesis, reference, expected = ONE_WORD_OFF
+    assert evaluation.tokenized_bleu(["a b c d e <unk>"], ["a b c d e <<unk>>"])[
+        0
+    ] == pytest.approx(expected, abs=1e-9)
+
+
+# Not a multiple of fairseq's --required-batch-size-multiple (8): a batch of 8 and one of 2.
+TEST_SENTENCES = 10
+
+
+@pytest.fixture(scope="module")
+def generated_with_unknown_words(tmp_path_factory):
+    """fairseq-generate --score-reference (the reference as hypothesis) on a test split with a
+    word the training dictionary lacks in every other sentence: its real output."""
+    from harness import build_trainer
+
+    root = tmp_path_factory.mktemp("unknown-words")
+    text = synthetic_data.write_corpus(
+        str(root / "text"), {"train": 120, "valid": 24, "test": TEST_SENTENCES}
+    )
+    for lang, word in (("de", "unbekannt"), ("en", "unknown")):
+        path = root / "text" / f"test.{lang}"
+        lines = path.read_text().splitlines()
+        path.write_text(
+            "".join(
+                line + (f" {word}" if i % 2 == 0 else "") + "\n" for i, line in enumerate(lines)
+            )
+        )
+    data_bin = synthetic_data.binarize(text, str(root / "data-bin"))
+    trainer = build_trainer(data_bin, ["--optimizer", "adam", "--save-dir", str(root)])
+    trainer.consolidate_optimizer()
+    checkpoint = str(root / "checkpoint.pt")
+    trainer.save_checkpoint(checkpoint, {})
+    command = evaluation.generate_command(
+        data_bin, checkpoint, "test", fairseq_asam.USER_DIR, beam=1, batch_size=8
+    )
+    return evaluation.run_generate(
+        command + ["--score-reference", "--cpu"], str(root / "generate-test.txt")
+    )
+
+
+@pytest.mark.slow
+def test_tokenized_bleu_is_fairseq_generates_with_unknown_words(generated_with_unknown_words):
+    output = evaluation.parse_generate_output(generated_with_unknown_words)
+    assert output.ids == list(range(TEST_SENTENCES))  # every sentence, none left out by batching
+    assert sum("<<unk>>" in reference for reference in output.references) == TEST_SENTENCES // 2
+    assert (
+        sum("<unk>" in hypothesis.split() for hypothesis in output.hypotheses)
+        == TEST_SENTENCES // 2
+    )
+    assert output.printed_score_line.startswith("BLEU4 = ") and output.printed_bleu < 100
+    scores = evaluation.score_split(output, "bpe")  # raises if it differs from the printed BLEU
+    assert scores["bleu"] == pytest.approx(output.printed_bleu, abs=0.0051)  # printed: 2 decimals
+    assert scores["bleu_details"] == output.printed_score_line
 
 
 def test_tokenized_bleu_rejects_mismatched_lengths():
-    with pytest.raises(EvaluationError, match="2 hypotheses for 1 references"):
+    with pytest.raises(FairseqAsamError, match="2 hypotheses for 1 references"):
         evaluation.tokenized_bleu(["a", "b"], ["a"])
 
 
 def test_detokenized_sacrebleu_on_moses_detokenized_text():
     # Moses' English detokenizer rejoins "'s" but, like detokenizer.perl, not "n't".
-    assert evaluation.moses_detokenize(["it 's a test , is n't it ?"]) == ["it's a test, is n't it?"]
-    hypotheses, references = evaluation.moses_detokenize(HYPOTHESES), evaluation.moses_detokenize(REFERENCES)
+    assert evaluation.moses_detokenize(["it 's a test , is n't it ?"]) == [
+        "it's a test, is n't it?"
+    ]
+    hypotheses, references = (
+        evaluation.moses_detokenize(HYPOTHESES),
+        evaluation.moses_detokenize(REFERENCES),
+    )
     score, signature = evaluation.detokenized_sacrebleu(hypotheses, references)
     assert score == pytest.approx(sacrebleu.corpus_bleu(hypotheses, [references]).score)
-    assert signature == f"nrefs:1|case:mixed|eff:no|tok:13a|smooth:exp|version:{sacrebleu.__version__}"
-    assert evaluation.detokenized_sacrebleu(["The cat sat."], ["The cat sat."])[0] == pytest.approx(100.0)
+    assert (
+        signature == f"nrefs:1|case:mixed|eff:no|tok:13a|smooth:exp|version:{sacrebleu.__version__}"
+    )
+    assert evaluation.detokenized_sacrebleu(["The cat sat."], ["The cat sat."])[0] == pytest.approx(
+        100.0
+    )
 
 
 GENERATE_OUTPUT = """\
@@ -102,22 +169,45 @@ def generate_text(bleu_line: str) -> str:
 
 
 def test_parse_generate_output_orders_by_id_and_keeps_the_best_hypothesis():
-    output = evaluation.parse_generate_output(generate_text("BLEU4 = 12.34, 1.0/2.0/3.0/4.0 (BP=1.000, ratio=1.0)"))
+    output = evaluation.parse_generate_output(
+        generate_text("BLEU4 = 12.34, 1.0/2.0/3.0/4.0 (BP=1.000, ratio=1.0)")
+    )
     assert output.ids == [0, 1, 2]
     assert output.hypotheses == ["the cat sat on the mat .", "it 's a small world .", ""]
-    assert output.references == ["the cat sat on the red mat .", "it 's a small world after all .", ""]
+    assert output.references == [
+        "the cat sat on the red mat .",
+        "it 's a small world after all .",
+        "",
+    ]
     assert output.printed_bleu == 12.34
 
 
-def test_score_split_checks_fairseq_generate_printed_bleu(tmp_path):
-    hypotheses = ["the cat sat on the mat .", "it 's a small world ."]
-    references = ["the cat sat on the red mat .", "it 's a small world after all ."]
-    _, details = evaluation.tokenized_bleu(hypotheses + [""], references + [""])
-    scores = evaluation.score_split(evaluation.parse_generate_output(generate_text(details)), "bpe")
-    assert scores["fairseq_generate_bleu"] == details == scores["bleu_details"]
-    assert scores["sentences"] == 3
-    with pytest.raises(EvaluationError, match="differs from fairseq-generate"):
-        evaluation.score_split(evaluation.parse_generate_output(generate_text("BLEU4 = 99.00, 1/1/1/1")), "bpe")
+# Generate lines for ONE_WORD_OFF as fairseq-generate prints them, written out by hand: unigram
+# to 4-gram precision 5/6, 4/5, 3/4, 2/3, brevity penalty 1 (6 tokens each side).
+ONE_WORD_OFF_GENERATE = """\
+T-0\ta b c d e g
+H-0\t-0.5\ta b c d e f
+Generate test with beam=5: {bleu}
+"""
+ONE_WORD_OFF_PRINTED = (
+    "BLEU4 = 75.98, 83.3/80.0/75.0/66.7 (BP=1.000, ratio=1.000, syslen=6, reflen=6)"
+)
+
+
+def test_score_split_checks_fairseq_generate_printed_bleu():
+    output = evaluation.parse_generate_output(
+        ONE_WORD_OFF_GENERATE.format(bleu=ONE_WORD_OFF_PRINTED)
+    )
+    scores = evaluation.score_split(output, "bpe")
+    assert scores["bleu"] == pytest.approx(ONE_WORD_OFF[2], abs=5e-5)  # rounded to 4 decimals
+    assert scores["fairseq_generate_bleu"] == ONE_WORD_OFF_PRINTED == scores["bleu_details"]
+    assert scores["sentences"] == 1
+    # A printed BLEU 0.01 away (more than its rounding) is a disagreement.
+    off = ONE_WORD_OFF_PRINTED.replace("75.98", "75.99")
+    with pytest.raises(FairseqAsamError, match="differs from fairseq-generate's 'BLEU4 = 75.99"):
+        evaluation.score_split(
+            evaluation.parse_generate_output(ONE_WORD_OFF_GENERATE.format(bleu=off)), "bpe"
+        )
 
 
 def test_score_split_uses_the_untokenized_references_file(tmp_path):
@@ -133,7 +223,7 @@ def test_score_split_uses_the_untokenized_references_file(tmp_path):
     assert scores["sacrebleu"] == pytest.approx(round(expected.score, 4))
     assert scores["sacrebleu_references"] == str(raw)
     raw.write_text("only one line\n")
-    with pytest.raises(EvaluationError, match="has 1 lines"):
+    with pytest.raises(FairseqAsamError, match="has 1 lines"):
         evaluation.score_split(output, "bpe", str(raw))
 
 
@@ -141,11 +231,14 @@ def test_generate_command_is_the_iwslt_example():
     command = evaluation.generate_command("/data", "/ck/checkpoint_best.pt", "test", "/user_dir")
     line = " ".join(command)
     assert "fairseq_cli.generate /data --user-dir /user_dir --path /ck/checkpoint_best.pt" in line
-    assert line.endswith("--gen-subset test --beam 5 --batch-size 128 --remove-bpe")
+    assert line.endswith(
+        "--gen-subset test --beam 5 --batch-size 128 --required-batch-size-multiple 1 --remove-bpe"
+    )
     assert evaluation.generate_command("/d", "/c", "valid", "/u", subword="sentencepiece")[-2:] == [
-        "--remove-bpe", "sentencepiece"
+        "--remove-bpe",
+        "sentencepiece",
     ]
-    with pytest.raises(EvaluationError, match="--subword"):
+    with pytest.raises(ConfigError, match="--subword"):
         evaluation.generate_command("/d", "/c", "valid", "/u", subword="wordpiece")
 
 
@@ -161,7 +254,14 @@ def fake_checkpoint(path, seed: int, keys=("encoder.weight", "decoder.bias", "st
         "decoder.bias": torch.randn(4, generator=generator).half(),
         "steps": torch.tensor([seed * 3 + 1]),
     }
-    torch.save({"model": {k: model[k] for k in keys}, "cfg": {"seed": seed}, "extra_state": {"epoch": seed}}, path)
+    torch.save(
+        {
+            "model": {k: model[k] for k in keys},
+            "cfg": {"seed": seed},
+            "extra_state": {"epoch": seed},
+        },
+        path,
+    )
     return model
 
 
@@ -172,40 +272,61 @@ def test_average_checkpoints_is_the_mean_of_the_parameters(tmp_path):
     weight_mean = sum(m["encoder.weight"] for m in models) / 3
     bias_mean = sum(m["decoder.bias"].float() for m in models) / 3
     torch.testing.assert_close(averaged["model"]["encoder.weight"], weight_mean)
-    torch.testing.assert_close(averaged["model"]["decoder.bias"], bias_mean)  # half: averaged in fp32
+    torch.testing.assert_close(
+        averaged["model"]["decoder.bias"], bias_mean
+    )  # half: averaged in fp32
     assert averaged["model"]["steps"].item() == (10 + 7 + 4) // 3  # integers: floor of the mean
-    assert averaged["cfg"] == {"seed": 3} and averaged["extra_state"] == {"epoch": 3}  # from the first
+    assert averaged["cfg"] == {"seed": 3} and averaged["extra_state"] == {
+        "epoch": 3
+    }  # from the first
 
 
 def test_average_checkpoints_refuses_different_parameters(tmp_path):
     fake_checkpoint(tmp_path / "a.pt", 1)
     fake_checkpoint(tmp_path / "b.pt", 2, keys=("encoder.weight",))
-    with pytest.raises(EvaluationError, match="other parameters"):
+    with pytest.raises(FairseqAsamError, match="other parameters"):
         evaluation.average_checkpoints([str(tmp_path / "a.pt"), str(tmp_path / "b.pt")])
 
 
 def test_last_epoch_checkpoints_by_epoch_number(tmp_path):
-    for name in ["checkpoint2.pt", "checkpoint9.pt", "checkpoint10.pt", "checkpoint11.pt",
-                 "checkpoint_best.pt", "checkpoint_last.pt", "checkpoint_3_500.pt"]:
+    for name in [
+        "checkpoint2.pt",
+        "checkpoint9.pt",
+        "checkpoint10.pt",
+        "checkpoint11.pt",
+        "checkpoint_best.pt",
+        "checkpoint_last.pt",
+        "checkpoint_3_500.pt",
+    ]:
         (tmp_path / name).write_bytes(b"")
     newest = evaluation.last_epoch_checkpoints(str(tmp_path), 3)
-    assert [os.path.basename(p) for p in newest] == ["checkpoint11.pt", "checkpoint10.pt", "checkpoint9.pt"]
-    with pytest.raises(EvaluationError, match="average:5 needs 5 epoch checkpoints .* found 4"):
+    assert [os.path.basename(p) for p in newest] == [
+        "checkpoint11.pt",
+        "checkpoint10.pt",
+        "checkpoint9.pt",
+    ]
+    with pytest.raises(FairseqAsamError, match="average:5 needs 5 epoch checkpoints .* found 4"):
         evaluation.last_epoch_checkpoints(str(tmp_path), 5)
 
 
 def test_resolve_checkpoint(tmp_path):
     for epoch in (1, 2, 3):
         fake_checkpoint(tmp_path / f"checkpoint{epoch}.pt", epoch)
-    path, sources = evaluation.resolve_checkpoint(str(tmp_path), evaluation.parse_checkpoint_choice("average:2"))
+    path, sources = evaluation.resolve_checkpoint(
+        str(tmp_path), evaluation.parse_checkpoint_choice("average:2")
+    )
     assert os.path.basename(path) == "checkpoint_average2.pt"
     assert [os.path.basename(s) for s in sources] == ["checkpoint3.pt", "checkpoint2.pt"]
     expected = evaluation.average_checkpoints(sources)["model"]["encoder.weight"]
-    torch.testing.assert_close(torch.load(path, weights_only=False)["model"]["encoder.weight"], expected)
-    with pytest.raises(EvaluationError, match="--checkpoint best: .*checkpoint_best.pt not found"):
+    torch.testing.assert_close(
+        torch.load(path, weights_only=False)["model"]["encoder.weight"], expected
+    )
+    with pytest.raises(FairseqAsamError, match="--checkpoint best: .*checkpoint_best.pt not found"):
         evaluation.resolve_checkpoint(str(tmp_path), evaluation.parse_checkpoint_choice("best"))
-    with pytest.raises(EvaluationError, match="checkpoint folder not found"):
-        evaluation.resolve_checkpoint(str(tmp_path / "missing"), evaluation.parse_checkpoint_choice("last"))
+    with pytest.raises(FairseqAsamError, match="checkpoint folder not found"):
+        evaluation.resolve_checkpoint(
+            str(tmp_path / "missing"), evaluation.parse_checkpoint_choice("last")
+        )
 
 
 @pytest.mark.parametrize("text", ["best", "last", "average:1", "average:5"])
@@ -215,16 +336,16 @@ def test_parse_checkpoint_choice(text):
 
 @pytest.mark.parametrize("text", ["", "first", "average", "average:0", "average:x", "avg5"])
 def test_parse_checkpoint_choice_rejects(text):
-    with pytest.raises(EvaluationError, match="--checkpoint must be best, last or average:N"):
+    with pytest.raises(ConfigError, match="--checkpoint must be best, last or average:N"):
         evaluation.parse_checkpoint_choice(text)
 
 
 def test_check_data_bin(tmp_path):
-    with pytest.raises(EvaluationError, match="--data-bin: folder not found"):
+    with pytest.raises(FairseqAsamError, match="--data-bin: folder not found"):
         evaluation.check_data_bin(str(tmp_path / "missing"))
     (tmp_path / "dict.de.txt").write_text("")
     (tmp_path / "valid.de-en.de.idx").write_bytes(b"")
-    with pytest.raises(EvaluationError, match="missing dict.en.txt, test"):
+    with pytest.raises(FairseqAsamError, match="missing dict.en.txt, test"):
         evaluation.check_data_bin(str(tmp_path))
 
 

@@ -4,6 +4,10 @@ import os
 import subprocess
 import sys
 
+import pytest
+
+pytestmark = pytest.mark.slow  # a subprocess running every check, DDP workers included
+
 GPU_CHECK = os.path.join(os.path.dirname(__file__), "gpu_check.py")
 EXPECTED_CHECKS = ["fp32", "fp16-flat", "bf16", "amp", "ddp", "ddp-dummy-batch"]
 

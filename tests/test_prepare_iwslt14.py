@@ -1,8 +1,9 @@
-"""The IWSLT'14 de-en preparation (fairseq_asam/iwslt14.py) on generated archives in the real layout.
+"""The IWSLT'14 de-en preparation (experiments/prepare.py) on generated archives in the real layout.
 
 Expected tokenizations are literal strings derived from the rules of Moses tokenizer.perl (and
 checked against it once by hand); the tests do not need perl.
 """
+
 import io
 import os
 import subprocess
@@ -11,14 +12,12 @@ import tarfile
 
 import pytest
 
-from fairseq_asam import iwslt14
-from fairseq_asam.iwslt14 import (
-    SAMPLE_MAX_PAIR,
+from fairseq_asam.errors import ConfigError, FairseqAsamError
+from fairseq_asam.experiments import files, prepare, synthetic_data
+from fairseq_asam.experiments.prepare import (
     TEST_STEMS,
     TRAIN_STEM,
-    Iwslt14DataError,
     MosesPerlTokenizer,
-    build_sample_archive,
     clean_corpus,
     perl_lowercase,
     prepare_iwslt14,
@@ -26,6 +25,7 @@ from fairseq_asam.iwslt14 import (
     segment_text,
     training_text,
 )
+from fairseq_asam.experiments.synthetic_data import SAMPLE_MAX_PAIR, build_sample_archive
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CLI = os.path.join(REPO, "scripts", "prepare_iwslt14.py")
@@ -58,7 +58,11 @@ PERL_TOKENIZATIONS = [
     ("de", "\xa0", "\xa0"),
     ("de", "Hund\x85Katze", "Hund Katze"),
     # rules sacremoses already shared: escaping, apostrophes, commas, final .'
-    ("de", 'Der "Hund" & die <Katze> [sic] | ok', "Der &quot; Hund &quot; &amp; die &lt; Katze &gt; &#91; sic &#93; &#124; ok"),
+    (
+        "de",
+        'Der "Hund" & die <Katze> [sic] | ok',
+        "Der &quot; Hund &quot; &amp; die &lt; Katze &gt; &#91; sic &#93; &#124; ok",
+    ),
     ("de", "Wie geht's dem Hund?", "Wie geht &apos; s dem Hund ?"),
     ("de", "Er sagte 'geh.'", "Er sagte &apos; geh . &apos;"),
     ("de", "5,300 Hunde, 3 Katzen", "5,300 Hunde , 3 Katzen"),
@@ -80,10 +84,22 @@ def test_lowercase_is_perls_lc():
 
 
 def test_text_extraction_rules():
-    raw = ["<url>http://x</url>", "<keywords>talks</keywords>", "<talkid>7</talkid>",
-           "<title>Ein Titel</title>", "<description>Eine Beschreibung</description>", "Text mit ’ <url>", "Text ’"]
+    raw = [
+        "<url>http://x</url>",
+        "<keywords>talks</keywords>",
+        "<talkid>7</talkid>",
+        "<title>Ein Titel</title>",
+        "<description>Eine Beschreibung</description>",
+        "Text mit ’ <url>",
+        "Text ’",
+    ]
     assert training_text(raw) == ["Ein Titel", "Eine Beschreibung", "Text ’"]
-    xml = ['<doc docid="1">', "<title>Titel</title>", '<seg id="12">  Hallo ’Welt’  </seg>  ', "</doc>"]
+    xml = [
+        '<doc docid="1">',
+        "<title>Titel</title>",
+        '<seg id="12">  Hallo ’Welt’  </seg>  ',
+        "</doc>",
+    ]
     assert segment_text(xml) == ["Hallo 'Welt'"]
     # sed's \s in a UTF-8 locale takes the ideographic space but not the no-break space
     assert segment_text(['<seg id="1">\u3000</seg>', '<seg id="2">\xa0</seg>']) == ["", "\xa0"]
@@ -109,9 +125,12 @@ def test_clean_corpus_rules():
 # The recipe on a sample archive
 # ---------------------------------------------------------------------------------------------
 
+
 @pytest.fixture(scope="module")
 def sample_archive(tmp_path_factory):
-    return build_sample_archive(str(tmp_path_factory.mktemp("archive") / "de-en.tgz"), n_train=N_TRAIN, n_dev=N_DEV)
+    return build_sample_archive(
+        str(tmp_path_factory.mktemp("archive") / "de-en.tgz"), n_train=N_TRAIN, n_dev=N_DEV
+    )
 
 
 @pytest.fixture(scope="module")
@@ -133,7 +152,7 @@ def archive_text(archive, member):
 def test_sample_archive_has_the_real_layout(sample_archive, tmp_path):
     with tarfile.open(sample_archive, "r:gz") as tar:
         names = set(tar.getnames())
-    assert set(iwslt14.archive_members()) | {"de-en"} == names
+    assert set(prepare.archive_members()) | {"de-en"} == names
     train_de = archive_text(sample_archive, "train.tags.de-en.de")
     for tag in ("<url>", "<talkid>", "<keywords>", "<title>", "<description>"):
         assert tag in train_de
@@ -145,7 +164,7 @@ def test_sample_archive_has_the_real_layout(sample_archive, tmp_path):
 def test_training_tag_lines_dropped_and_tags_stripped(prepared, sample_archive):
     workdir, _ = prepared
     raw = archive_text(sample_archive, "train.tags.de-en.en").splitlines()
-    titles = [line[len("<title>"):-len("</title>")] for line in raw if line.startswith("<title>")]
+    titles = [line[len("<title>") : -len("</title>")] for line in raw if line.startswith("<title>")]
     talks = len(titles)
     tokenized = read_lines(tmp_file(workdir, f"{TRAIN_STEM}.tok.en"))
     assert len(tokenized) == N_TRAIN + 2 * talks  # text lines + title and description of each talk
@@ -166,8 +185,12 @@ def test_right_single_quote_replaced_in_test_only(prepared):
 def test_cleaning_limits(prepared):
     workdir, _ = prepared
     cleaned = {lang: read_lines(tmp_file(workdir, f"{TRAIN_STEM}.{lang}")) for lang in ("de", "en")}
-    talks = -(-N_TRAIN // iwslt14.SAMPLE_LINES_PER_TALK)  # each has a title and a description line
-    assert len(cleaned["de"]) == len(cleaned["en"]) == N_TRAIN + 2 * talks - 3  # 176 tokens, ratio 1.75, empty
+    talks = -(
+        -N_TRAIN // synthetic_data.SAMPLE_LINES_PER_TALK
+    )  # each has a title and a description line
+    assert (
+        len(cleaned["de"]) == len(cleaned["en"]) == N_TRAIN + 2 * talks - 3
+    )  # 176 tokens, ratio 1.75, empty
     assert SAMPLE_MAX_PAIR[0].lower() in cleaned["de"]  # 175 tokens
     assert SAMPLE_MAX_PAIR[1].lower() in cleaned["en"]
     assert all(len(line.split()) <= 175 for lang in cleaned for line in cleaned[lang])
@@ -236,7 +259,9 @@ def test_binarized_data_loads_in_fairseq(prepared):
     for lang in ("de", "en"):
         dictionary = Dictionary.load(os.path.join(data_bin, f"dict.{lang}.txt"))
         for split in ("train", "valid", "test"):
-            dataset = data_utils.load_indexed_dataset(os.path.join(data_bin, f"{split}.de-en.{lang}"), dictionary)
+            dataset = data_utils.load_indexed_dataset(
+                os.path.join(data_bin, f"{split}.de-en.{lang}"), dictionary
+            )
             lines = read_lines(os.path.join(prep, f"{split}.{lang}"))
             assert len(dataset) == len(lines)
             assert list(dataset.sizes) == [len(line.split()) + 1 for line in lines]  # + </s>
@@ -264,7 +289,7 @@ def test_rerun_redoes_a_step_with_a_missing_file_or_new_settings(sample_archive,
     train_en = os.path.join(prep, "train.en")
     expected = read_lines(train_en)
     os.remove(train_en)
-    with open(train_en + iwslt14.PARTIAL_SUFFIX, "w") as half_written:  # an interrupted write
+    with open(files.temporary_name(train_en), "w") as half_written:  # an interrupted write
         half_written.write("half a li")
     tokenized = tmp_file(workdir, f"{TRAIN_STEM}.tok.de")
     tokenized_mtime = os.stat(tokenized).st_mtime_ns
@@ -279,8 +304,14 @@ def test_rerun_redoes_a_step_with_a_missing_file_or_new_settings(sample_archive,
 def test_sentencepiece_with_joined_dictionary(sample_archive, tmp_path):
     from fairseq.data import Dictionary, data_utils
 
-    data_bin = prepare_iwslt14(sample_archive, str(tmp_path), subword="sentencepiece", bpe_merges=MERGES,
-                               joined_dictionary=True, workers=1)
+    data_bin = prepare_iwslt14(
+        sample_archive,
+        str(tmp_path),
+        subword="sentencepiece",
+        bpe_merges=MERGES,
+        joined_dictionary=True,
+        workers=1,
+    )
     prep = os.path.join(str(tmp_path), "iwslt14.tokenized.de-en")
     assert os.path.exists(os.path.join(prep, "spm.model"))
     dict_de = read_lines(os.path.join(data_bin, "dict.de.txt"))
@@ -288,8 +319,10 @@ def test_sentencepiece_with_joined_dictionary(sample_archive, tmp_path):
     test_en = read_lines(os.path.join(prep, "test.en"))
     assert "\u2581" in test_en[0]
     assert test_en[0].replace(" ", "").replace("\u2581", " ").strip() == "how's the dog?"
-    dataset = data_utils.load_indexed_dataset(os.path.join(data_bin, "test.de-en.en"),
-                                              Dictionary.load(os.path.join(data_bin, "dict.en.txt")))
+    dataset = data_utils.load_indexed_dataset(
+        os.path.join(data_bin, "test.de-en.en"),
+        Dictionary.load(os.path.join(data_bin, "dict.en.txt")),
+    )
     assert len(dataset) == len(test_en) == 5 * N_DEV
 
 
@@ -297,8 +330,9 @@ def test_sentencepiece_with_joined_dictionary(sample_archive, tmp_path):
 # Unusable archives
 # ---------------------------------------------------------------------------------------------
 
+
 def repack(source, destination, *, drop=None, edit=None):
-    """`source` rewritten to `destination` without member `drop` and with `edit(name, text)` applied."""
+    """`source` rewritten to `destination` without member `drop`, `edit(name, text)` applied."""
     with tarfile.open(source, "r:gz") as tar_in, tarfile.open(destination, "w:gz") as tar_out:
         for member in tar_in:
             if member.name == drop:
@@ -336,18 +370,27 @@ def one_segment_fewer(name, text):
 BAD_ARCHIVES = [
     ("truncated", truncated, "corrupt or truncated archive"),
     ("not_gzip", not_gzip, "corrupt or truncated archive"),
-    ("missing_member", lambda src, dst: repack(src, dst, drop="de-en/IWSLT14.TED.tst2012.de-en.en.xml"),
-     "missing member de-en/IWSLT14.TED.tst2012.de-en.en.xml"),
-    ("mismatched_lines", lambda src, dst: repack(src, dst, edit=one_segment_fewer),
-     f"de-en/IWSLT14.TED.tst2011.de-en.de.xml has {N_DEV - 1} text lines but de-en/IWSLT14.TED.tst2011.de-en.en.xml has {N_DEV}"),
+    (
+        "missing_member",
+        lambda src, dst: repack(src, dst, drop="de-en/IWSLT14.TED.tst2012.de-en.en.xml"),
+        "missing member de-en/IWSLT14.TED.tst2012.de-en.en.xml",
+    ),
+    (
+        "mismatched_lines",
+        lambda src, dst: repack(src, dst, edit=one_segment_fewer),
+        f"de-en/IWSLT14.TED.tst2011.de-en.de.xml has {N_DEV - 1} text lines "
+        f"but de-en/IWSLT14.TED.tst2011.de-en.en.xml has {N_DEV}",
+    ),
 ]
 
 
-@pytest.mark.parametrize("kind, make, message", BAD_ARCHIVES, ids=[case[0] for case in BAD_ARCHIVES])
+@pytest.mark.parametrize(
+    "kind, make, message", BAD_ARCHIVES, ids=[case[0] for case in BAD_ARCHIVES]
+)
 def test_unusable_archive_fails_before_writing(sample_archive, tmp_path, kind, make, message):
     bad = make(sample_archive, tmp_path / f"{kind}.tgz")
     workdir = tmp_path / "work"
-    with pytest.raises(Iwslt14DataError) as failure:
+    with pytest.raises(FairseqAsamError) as failure:
         prepare_iwslt14(bad, str(workdir), bpe_merges=MERGES, workers=1)
     text = str(failure.value)
     assert message in text and bad in text and "\n" not in text
@@ -355,30 +398,84 @@ def test_unusable_archive_fails_before_writing(sample_archive, tmp_path, kind, m
 
 
 def test_missing_archive_fails(tmp_path):
-    with pytest.raises(Iwslt14DataError, match="nowhere.tgz: archive not found"):
+    with pytest.raises(FairseqAsamError, match="nowhere.tgz: archive not found"):
         prepare_iwslt14(str(tmp_path / "nowhere.tgz"), str(tmp_path), workers=1)
 
 
 def test_real_counts_are_checked_before_the_splits_are_written(sample_archive, tmp_path):
-    with pytest.raises(Iwslt14DataError, match="160,239.*--no-expect-real-counts"):
-        prepare_iwslt14(sample_archive, str(tmp_path), bpe_merges=MERGES, workers=1, expect_real_counts=True)
+    with pytest.raises(FairseqAsamError, match="160,239.*--no-expect-real-counts"):
+        prepare_iwslt14(
+            sample_archive, str(tmp_path), bpe_merges=MERGES, workers=1, expect_real_counts=True
+        )
     assert not os.path.exists(tmp_file(str(tmp_path), "train.de"))
 
 
 def test_cli_reports_an_unusable_archive_in_one_line(sample_archive, tmp_path):
     bad = truncated(sample_archive, tmp_path / "bad.tgz")
-    run = subprocess.run([sys.executable, CLI, "--archive", bad, "--workdir", str(tmp_path / "work")],
-                         capture_output=True, text=True, timeout=120)
+    run = subprocess.run(
+        [sys.executable, CLI, "--archive", bad, "--workdir", str(tmp_path / "work")],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert run.returncode == 1
     assert run.stderr.count("\n") == 1 and "Traceback" not in run.stderr
-    assert run.stderr.startswith("prepare_iwslt14: error: ") and bad in run.stderr
+    assert run.stderr.startswith("fairseq-asam-prepare: error: ") and bad in run.stderr
 
 
 def test_cli_prepares_a_sample(tmp_path):
-    run = subprocess.run([sys.executable, CLI, "--sample", "--workdir", str(tmp_path), "--bpe-merges", "100",
-                          "--workers", "1", "--joined-dictionary"], capture_output=True, text=True, timeout=120)
+    run = subprocess.run(
+        [
+            sys.executable,
+            CLI,
+            "--sample",
+            "--workdir",
+            str(tmp_path),
+            "--bpe-merges",
+            "100",
+            "--workers",
+            "1",
+            "--joined-dictionary",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert run.returncode == 0, run.stderr
     data_bin = os.path.join(str(tmp_path), "data-bin", "iwslt14.tokenized.de-en")
     assert run.stdout.strip().splitlines()[-1] == data_bin
     assert "train 313, valid 14, test 200" in run.stdout
     assert os.path.exists(os.path.join(data_bin, "train.de-en.de.bin"))
+
+
+def test_bad_flags_name_the_flag_before_any_work(sample_archive, tmp_path):
+    with pytest.raises(
+        ConfigError, match="--subword: 'wordpiece' is not one of bpe, sentencepiece"
+    ):
+        prepare_iwslt14(sample_archive, str(tmp_path), subword="wordpiece", workers=1)
+    with pytest.raises(ConfigError, match="--bpe-merges: must be positive, not 0"):
+        prepare_iwslt14(sample_archive, str(tmp_path), bpe_merges=0, workers=1)
+    assert not any(tmp_path.iterdir())
+
+
+# ---------------------------------------------------------------------------------------------
+# Parity with tokenizer.perl itself: opt-in, it needs perl and a Moses checkout
+# ---------------------------------------------------------------------------------------------
+
+MOSES_DIR = os.environ.get("FAIRSEQ_ASAM_MOSES_DIR")
+PARITY_ARCHIVE = os.environ.get("FAIRSEQ_ASAM_IWSLT14_ARCHIVE")  # the real de-en.tgz, optional
+
+
+@pytest.mark.skipif(not MOSES_DIR, reason="opt-in: FAIRSEQ_ASAM_MOSES_DIR=<a Moses checkout>")
+def test_expected_tokenizations_are_tokenizer_perls():
+    for lang, line, expected in PERL_TOKENIZATIONS:
+        assert prepare.tokenizer_perl(MOSES_DIR, lang, [line]) == [expected], (lang, line)
+
+
+@pytest.mark.skipif(not MOSES_DIR, reason="opt-in: FAIRSEQ_ASAM_MOSES_DIR=<a Moses checkout>")
+def test_no_line_of_the_archive_differs_from_tokenizer_perl(sample_archive):
+    """Every text line the recipe tokenizes (FAIRSEQ_ASAM_IWSLT14_ARCHIVE, else the sample)."""
+    results = prepare.tokenizer_parity(
+        MOSES_DIR, prepare.extract_texts(PARITY_ARCHIVE or sample_archive)
+    )
+    assert [r.ours_differ for r in results] == [0, 0], prepare.format_parity(results)

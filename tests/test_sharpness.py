@@ -1,14 +1,13 @@
-"""Sharpness as a measurement (fairseq_asam/sharpness.py, scripts/sharpness.py).
+"""Sharpness as a measurement (experiments/sharpness.py, fairseq-asam-sharpness).
 
 Scale invariance (Kwon et al., 2021, Table 1 / Figure 3): f(x) = (1/a) W₁ ReLU(a W₂ x) is the
 same function for every a > 0; its adaptive sharpness with η = 0 does not depend on a, its
 plain sharpness does.  The estimator is checked against a brute-force maximum on a quadratic
 and against the closed form of a linear loss.
 """
+
 import copy
-import importlib.util
 import json
-import logging
 import math
 import os
 import subprocess
@@ -18,8 +17,10 @@ import numpy as np
 import pytest
 import torch
 
-from fairseq_asam import perturbation, sharpness
-from fairseq_asam.optim import ConfigError
+from fairseq_asam import perturbation
+from fairseq_asam.errors import ConfigError
+from fairseq_asam.experiments import sharpness
+from fairseq_asam.experiments.cli import sharpness_main
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CLI = os.path.join(REPO_ROOT, "scripts", "sharpness.py")
@@ -88,12 +89,35 @@ def test_relu_network_adaptive_sharpness_is_scale_invariant(bias, steps):
         )
         losses.append(estimate.loss)
         adaptive.append(estimate.sharpness)
-        plain.append(sharpness.estimate_sharpness(model, batches, squared_error, 0.1, adaptive=False,
-                                                  steps=steps).sharpness)
+        plain.append(
+            sharpness.estimate_sharpness(
+                model, batches, squared_error, 0.1, adaptive=False, steps=steps
+            ).sharpness
+        )
     assert losses == pytest.approx([losses[0]] * len(SCALES), rel=1e-12)
     assert min(adaptive) > 0
     assert spread(adaptive) < 1 + INVARIANCE_TOLERANCE, adaptive
     assert spread(plain) > PLAIN_SPREAD, plain
+
+
+def test_relu_network_figures_of_the_readme():
+    """README "Measuring sharpness": ρ = 0.1, η = 0, bias-free, one step."""
+    batches = mlp_batches()
+    plain = [
+        sharpness.estimate_sharpness(
+            rescaled_mlp(a, False), batches, squared_error, 0.1, adaptive=False, steps=1
+        ).sharpness
+        for a in SCALES
+    ]
+    adaptive = [
+        sharpness.estimate_sharpness(
+            rescaled_mlp(a, False), batches, squared_error, 0.1, eta=0.0, steps=1
+        ).sharpness
+        for a in SCALES
+    ]
+    assert [round(x, 3) for x in plain] == [0.311, 0.062, 1.059]
+    assert round(plain[2] / plain[1]) == 17  # "it changes 17×"
+    assert [round(x, 5) for x in adaptive] == [0.01496] * 3
 
 
 # ---------------------------------------------------------------- a tiny fairseq Transformer
@@ -141,27 +165,49 @@ def test_transformer_adaptive_sharpness_is_scale_invariant(loaded, steps):
         )
         losses.append(estimate.loss)
         adaptive.append(estimate.sharpness)
-        plain.append(sharpness.estimate_sharpness(rescaled, batches, loss_fn, 0.05, adaptive=False,
-                                                  steps=steps).sharpness)
+        plain.append(
+            sharpness.estimate_sharpness(
+                rescaled, batches, loss_fn, 0.05, adaptive=False, steps=steps
+            ).sharpness
+        )
     assert losses == pytest.approx([losses[0]] * len(SCALES), rel=1e-5)
     assert min(adaptive) > 0
     assert spread(adaptive) < 1 + INVARIANCE_TOLERANCE, adaptive
     assert spread(plain) > PLAIN_SPREAD, plain
 
 
+def test_transformer_figures_of_the_readme(loaded):
+    """README "Measuring sharpness": the tiny Transformer's FFN rescaled, ρ = 0.05, η = 0, K = 1."""
+    model, batches, loss_fn = loaded
+    rescaled = [rescale_relu_ffn(model, a) for a in SCALES]
+
+    def measured(**settings):
+        return [
+            sharpness.estimate_sharpness(
+                m, batches, loss_fn, rho=0.05, steps=1, **settings
+            ).sharpness
+            for m in rescaled
+        ]
+
+    assert [round(x, 3) for x in measured(adaptive=False)] == [0.109, 0.053, 0.189]
+    assert [round(x, 6) for x in measured(eta=0.0, normalize_biases=True)] == [0.018227] * 3
+    assert [round(x, 3) for x in measured(eta=0.0)] == [0.044, 0.030, 0.030]
+
+
 def test_transformer_biases_left_unnormalized_break_the_invariance(loaded):
     """fc1's bias is rescaled too; with T = 1 on it (the optimizer's default) ε on it is not."""
     model, batches, loss_fn = loaded
     adaptive = [
-        sharpness.estimate_sharpness(rescale_relu_ffn(model, s), batches, loss_fn, rho=0.05, eta=0.0,
-                                     steps=1).sharpness
+        sharpness.estimate_sharpness(
+            rescale_relu_ffn(model, s), batches, loss_fn, rho=0.05, eta=0.0, steps=1
+        ).sharpness
         for s in SCALES
     ]
     assert spread(adaptive) > 1.2, adaptive
 
 
 def test_one_step_equals_the_optimizers_perturbation(loaded):
-    """K = 1: L(w + ε) with ε = ρ T² g / ‖T g‖ from perturbation.perturb, g the subset's gradient."""
+    """K = 1: L(w + ε), ε = ρ T² g / ‖T g‖ from perturbation.perturb, g the subset's gradient."""
     model, batches, loss_fn = loaded
     rho, eta = 0.3, 0.01
     estimate = sharpness.estimate_sharpness(model, batches, loss_fn, rho, eta=eta, steps=1)
@@ -179,7 +225,9 @@ def test_one_step_equals_the_optimizers_perturbation(loaded):
         size += batch_size
     grads = [t / size for t in total]
     with torch.no_grad():
-        saved = perturbation.perturb(params, grads, [perturbation.is_adaptive(n, True) for n, _ in named], rho, eta)
+        saved = perturbation.perturb(
+            params, grads, [perturbation.is_adaptive(n, True) for n, _ in named], rho, eta
+        )
         perturbed = sum(float(loss_fn(model, b)[0]) for b in batches) / size
         perturbation.restore(params, saved)
     assert estimate.perturbed_loss == pytest.approx(perturbed, rel=1e-6)
@@ -246,8 +294,9 @@ def test_ascent_approaches_the_brute_force_maximum(adaptive):
     scale = model.weight.detach().abs() + eta if adaptive else torch.ones(2, dtype=torch.float64)
     best = brute_force_maximum(model, rho, scale)
     values = [
-        sharpness.estimate_sharpness(model, [None], quadratic_loss, rho, adaptive=adaptive, eta=eta,
-                                     steps=k).sharpness
+        sharpness.estimate_sharpness(
+            model, [None], quadratic_loss, rho, adaptive=adaptive, eta=eta, steps=k
+        ).sharpness
         for k in (1, 2, 5, 30)
     ]
     g = model.a.double() @ (model.weight.detach() - model.c)
@@ -268,12 +317,18 @@ def test_linear_loss_one_step_is_optimal(adaptive, steps):
     model = Quadratic(w=[0.5, -2.0], c=[0.0, 0.0], a=[[0.0, 0.0], [0.0, 0.0]], b=[3.0, -1.0])
     rho, eta = 0.4, 0.05
     scale = model.weight.detach().abs() + eta if adaptive else torch.ones(2, dtype=torch.float64)
-    estimate = sharpness.estimate_sharpness(model, [None], quadratic_loss, rho, adaptive=adaptive, eta=eta,
-                                            steps=steps)
-    assert estimate.sharpness == pytest.approx(rho * float(torch.linalg.vector_norm(scale * model.b)), rel=1e-12)
+    estimate = sharpness.estimate_sharpness(
+        model, [None], quadratic_loss, rho, adaptive=adaptive, eta=eta, steps=steps
+    )
+    assert estimate.sharpness == pytest.approx(
+        rho * float(torch.linalg.vector_norm(scale * model.b)), rel=1e-12
+    )
     assert estimate.scaled_epsilon_norm == pytest.approx(rho, rel=1e-12)
     assert estimate.epsilon_norm == pytest.approx(
-        rho * float(torch.linalg.vector_norm(scale**2 * model.b) / torch.linalg.vector_norm(scale * model.b)),
+        rho
+        * float(
+            torch.linalg.vector_norm(scale**2 * model.b) / torch.linalg.vector_norm(scale * model.b)
+        ),
         rel=1e-12,
     )
 
@@ -281,9 +336,14 @@ def test_linear_loss_one_step_is_optimal(adaptive, steps):
 def test_loss_is_summed_over_batches_then_divided_by_total_sample_size():
     model = rescaled_mlp(1.0, bias=True)
     batches = mlp_batches(count=4)
-    uneven = [(torch.cat([x for x, _ in batches[:3]]), torch.cat([y for _, y in batches[:3]])), batches[3]]
+    uneven = [
+        (torch.cat([x for x, _ in batches[:3]]), torch.cat([y for _, y in batches[:3]])),
+        batches[3],
+    ]
     whole = [(torch.cat([x for x, _ in batches]), torch.cat([y for _, y in batches]))]
-    estimates = [sharpness.estimate_sharpness(model, b, squared_error, 0.2, steps=3) for b in (uneven, whole)]
+    estimates = [
+        sharpness.estimate_sharpness(model, b, squared_error, 0.2, steps=3) for b in (uneven, whole)
+    ]
     assert estimates[0].loss == pytest.approx(estimates[1].loss, rel=1e-12)
     assert estimates[0].sharpness == pytest.approx(estimates[1].sharpness, rel=1e-9)
     assert estimates[0].sample_size == estimates[1].sample_size == MLP_SAMPLES
@@ -292,11 +352,18 @@ def test_loss_is_summed_over_batches_then_divided_by_total_sample_size():
 def test_zero_gradient_gives_zero_perturbation():
     model = Quadratic(w=[1.0, 2.0], c=[1.0, 2.0], a=[[1.0, 0.0], [0.0, 1.0]])
     estimate = sharpness.estimate_sharpness(model, [None], quadratic_loss, 0.5, steps=3)
-    assert (estimate.sharpness, estimate.epsilon_norm, estimate.best_step, estimate.step_losses) == (0.0, 0.0, 0, [])
+    assert (
+        estimate.sharpness,
+        estimate.epsilon_norm,
+        estimate.best_step,
+        estimate.step_losses,
+    ) == (0.0, 0.0, 0, [])
 
 
 def test_non_finite_loss_or_gradient_raises():
-    infinite_loss = Quadratic(w=[1.0, 2.0], c=[0.0, 0.0], a=[[1.0, 0.0], [0.0, 1.0]], b=[math.inf, 0.0])
+    infinite_loss = Quadratic(
+        w=[1.0, 2.0], c=[0.0, 0.0], a=[[1.0, 0.0], [0.0, 1.0]], b=[math.inf, 0.0]
+    )
     with pytest.raises(FloatingPointError, match="loss is not finite at ascent step 0"):
         sharpness.estimate_sharpness(infinite_loss, [None], quadratic_loss, 0.5)
 
@@ -312,27 +379,17 @@ def test_non_finite_loss_or_gradient_raises():
 # ---------------------------------------------------------------- inputs, report and CLI
 
 
-def load_cli():
-    """scripts/sharpness.py as a module; the root logger level it sets is put back."""
-    level = logging.getLogger().level
-    spec = importlib.util.spec_from_file_location("sharpness_cli", CLI)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    logging.getLogger().setLevel(level)
-    return module
-
-
 def bad_inputs(checkpoint, data_bin):
     """(keyword overrides, exception type, words the message must contain)."""
     return [
-        (dict(checkpoint=os.path.join(data_bin, "missing.pt")), FileNotFoundError, "missing.pt"),
+        (dict(checkpoint=os.path.join(data_bin, "missing.pt")), ConfigError, "missing.pt"),
         (dict(rho=0.0), ConfigError, "--rho"),
         (dict(rho=-1.0), ConfigError, "--rho"),
         (dict(subset="test"), ConfigError, "--subset test"),
         (dict(max_batches=0), ConfigError, "--max-batches"),
         (dict(steps=0), ConfigError, "--steps"),
         (dict(eta=-0.1), ConfigError, "--eta"),
-        (dict(data_bin=os.path.join(data_bin, "nowhere")), FileNotFoundError, "nowhere"),
+        (dict(data_bin=os.path.join(data_bin, "nowhere")), ConfigError, "nowhere"),
     ]
 
 
@@ -349,40 +406,118 @@ def test_bad_input_raises_before_any_work(tiny_checkpoint, data_bin, monkeypatch
 
 
 def test_cli_bad_input_prints_one_line_and_exits_1(tiny_checkpoint, data_bin, capsys):
-    cli = load_cli()
-    flags = dict(checkpoint=None, data_bin=None, rho="--rho", subset="--subset", max_batches="--max-batches",
-                 steps="--steps", eta="--eta")
+    flags = dict(
+        checkpoint=None,
+        data_bin=None,
+        rho="--rho",
+        subset="--subset",
+        max_batches="--max-batches",
+        steps="--steps",
+        eta="--eta",
+    )
     for override, _, words in bad_inputs(tiny_checkpoint, data_bin):
-        (key, value), = override.items()
-        argv = [override.get("checkpoint", tiny_checkpoint), override.get("data_bin", data_bin), "--rho", "0.1"]
+        ((key, value),) = override.items()
+        argv = [
+            override.get("checkpoint", tiny_checkpoint),
+            override.get("data_bin", data_bin),
+            "--rho",
+            "0.1",
+        ]
         if flags[key]:
             argv += [flags[key], str(value)]
-        assert cli.main(argv) == 1
+        assert sharpness_main(argv) == 1
         captured = capsys.readouterr()
         assert captured.out == ""
         assert captured.err.count("\n") == 1 and words in captured.err, captured.err
+        assert captured.err.startswith("fairseq-asam-sharpness: error: ")
 
 
+def one_step_reference(model, batches, loss_fn, rho, eta, adaptive):
+    """(L(w), L(w + ε)) with ε = ρ T² g / ‖T g‖₂, g = ∇L(w) over `batches`, T = |w| + η on the
+    tensors named `weight` (T = 1 on the others; SAM: T = 1), written from the equations."""
+    model = copy.deepcopy(model).eval()
+    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    params = [p for _, p in named]
+    grads = [torch.zeros_like(p) for p in params]
+    loss_sum, size = 0.0, 0.0
+    for batch in batches:
+        loss, batch_size = loss_fn(model, batch)
+        for total, g in zip(grads, torch.autograd.grad(loss, params, allow_unused=True)):
+            if g is not None:
+                total += g
+        loss_sum, size = loss_sum + float(loss), size + float(batch_size)
+    with torch.no_grad():
+        scales = [
+            p.abs() + eta if adaptive and "weight" in n else torch.ones_like(p) for n, p in named
+        ]
+        norm = torch.sqrt(sum(((t * g / size) ** 2).sum() for t, g in zip(scales, grads)))
+        for p, t, g in zip(params, scales, grads):
+            p += rho * t * t * (g / size) / norm
+        perturbed = sum(float(loss_fn(model, batch)[0]) for batch in batches) / size
+    return loss_sum / size, perturbed
+
+
+@pytest.mark.slow
 def test_cli_end_to_end(tiny_checkpoint, data_bin, tmp_path):
+    """--steps 1: the printed and written sharpness is the one-step ε's, computed here."""
+    rho, eta, max_batches = 0.05, 0.01, 2
     report_path = tmp_path / "sharpness.json"
     env = dict(os.environ, OMP_NUM_THREADS="1")
     done = subprocess.run(
-        [sys.executable, CLI, tiny_checkpoint, data_bin, "--rho", "0.05", "--steps", "2",
-         "--max-batches", "2", "--device", "cpu", "--json", str(report_path)],
-        capture_output=True, text=True, timeout=120, env=env,
+        [
+            sys.executable,
+            CLI,
+            tiny_checkpoint,
+            data_bin,
+            "--rho",
+            str(rho),
+            "--eta",
+            str(eta),
+            "--steps",
+            "1",
+            "--max-batches",
+            str(max_batches),
+            "--device",
+            "cpu",
+            "--json",
+            str(report_path),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env=env,
     )
     assert done.returncode == 0, done.stderr
     lines = done.stdout.splitlines()
     assert [line.split()[0] for line in lines[2:]] == ["adaptive", "plain"]
     report = json.loads(report_path.read_text())
     assert [e["measure"] for e in report["estimates"]] == ["adaptive", "plain"]
+    model, batches, loss_fn = sharpness.load_subset(
+        tiny_checkpoint, data_bin, "valid", max_batches, torch.device("cpu")
+    )
     for estimate in report["estimates"]:
-        assert estimate["num_batches"] == 2 and estimate["steps"] == 2
-        assert estimate["sharpness"] == pytest.approx(estimate["perturbed_loss"] - estimate["loss"])
-        assert estimate["scaled_epsilon_norm"] <= 0.05 * (1 + 1e-9)
+        loss, perturbed = one_step_reference(
+            model, batches, loss_fn, rho, eta, estimate["measure"] == "adaptive"
+        )
+        assert estimate["num_batches"] == max_batches and estimate["steps"] == 1
+        assert estimate["loss"] == pytest.approx(loss, rel=1e-6)
+        assert estimate["perturbed_loss"] == pytest.approx(perturbed, rel=1e-6)
+        assert estimate["sharpness"] == pytest.approx(perturbed - loss, rel=1e-3)
+        assert estimate["scaled_epsilon_norm"] == pytest.approx(rho, rel=1e-9)
+        printed = next(line for line in lines if line.startswith(estimate["measure"])).split()
+        assert float(printed[6]) == pytest.approx(
+            perturbed - loss, rel=1e-3
+        )  # the table's sharpness
     assert os.listdir(tmp_path) == ["sharpness.json"]  # no temporary file left behind
 
-    failed = subprocess.run([sys.executable, CLI, tiny_checkpoint, data_bin, "--rho", "-1"],
-                            capture_output=True, text=True, timeout=120, env=env)
+    failed = subprocess.run(
+        [sys.executable, CLI, tiny_checkpoint, data_bin, "--rho", "-1"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env=env,
+    )
     assert failed.returncode == 1
-    assert failed.stderr.splitlines() == ["sharpness.py: error: --rho must be a finite number > 0, got -1.0"]
+    assert failed.stderr.splitlines() == [
+        "fairseq-asam-sharpness: error: --rho must be a finite number > 0, got -1.0"
+    ]

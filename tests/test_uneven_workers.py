@@ -19,6 +19,8 @@ import torch.multiprocessing as mp
 from harness import batches, build_trainer, reference_logged_sharpness
 from test_ddp import _wrapper
 
+pytestmark = pytest.mark.slow  # subprocesses: DDP workers or fairseq command-line runs
+
 WORLD_SIZE = 2
 RHO, ETA = 0.5, 0.01
 DUMMY = {}  # fairseq's ShardedIterator pads a short shard with empty samples: dummy batches

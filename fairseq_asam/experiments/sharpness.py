@@ -29,26 +29,25 @@ step decreases L (L(δ_k) >= L(δ_{k−1}) + ∇·(δ_k − δ_{k−1}) >= L(δ_
 quadratics (condition numbers up to e⁶) the worst shortfall at K = 30 was about 1% of the true
 maximum; a constant step ρ/K fell 36% short, as its path reaches the sphere only if it is
 straight.  Every estimate is a lower bound of S_ρ.  A zero T·g ends the ascent (ε stays where
-it is); a non-finite T·g or loss raises FloatingPointError.  Cost: K forward-backward passes and one forward pass over the
-batches.
+it is); a non-finite T·g or loss raises FloatingPointError.  Cost: K forward-backward passes
+and one forward pass over the batches.
 
 With η = 0 and every rescaled tensor normalized, adaptive sharpness is invariant under a
 function-preserving rescaling w ↦ S w (S positive diagonal, e.g. W₂ ← a W₂, W₁ ← W₁ / a around a
 ReLU): T' = S T, so w' + T'δ = S (w + T δ) and the maximization over δ is the same problem.
 """
+
 import dataclasses
 import itertools
-import json
 import math
 import os
-import tempfile
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
 from torch import Tensor, nn
 
-from .optim import ConfigError
-from .perturbation import is_adaptive
+from ..errors import ConfigError
+from ..perturbation import is_adaptive
 
 MEASURES = ("adaptive", "plain")
 DEFAULT_SUBSET = "valid"
@@ -95,7 +94,9 @@ def check_settings(rho: float, eta: float, steps: int) -> None:
 
 
 def _global_norm(tensors: Sequence[Tensor]) -> Tensor:
-    return torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(t).double() for t in tensors]))
+    return torch.linalg.vector_norm(
+        torch.stack([torch.linalg.vector_norm(t).double() for t in tensors])
+    )
 
 
 def _scaled(scales: Sequence[Optional[Tensor]], tensors: Sequence[Tensor]) -> List[Tensor]:
@@ -104,7 +105,12 @@ def _scaled(scales: Sequence[Optional[Tensor]], tensors: Sequence[Tensor]) -> Li
 
 
 def _mean_loss_and_gradient(
-    model: nn.Module, params: List[Tensor], batches: Sequence, loss_fn: LossFn, with_gradient: bool, step: int
+    model: nn.Module,
+    params: List[Tensor],
+    batches: Sequence,
+    loss_fn: LossFn,
+    with_gradient: bool,
+    step: int,
 ) -> Tuple[float, Optional[List[Tensor]], float]:
     """(L, ∇L or None, Σ sample_size) with L = Σ_B loss_B / Σ_B sample_size_B at ascent step `step`.
 
@@ -188,7 +194,9 @@ def estimate_sharpness(
     with torch.no_grad():
         origin = [p.detach().clone() for p in params]
         scales = [
-            p.detach().abs() + eta if adaptive and (normalize_biases or is_adaptive(n, adaptive)) else None
+            p.detach().abs() + eta
+            if adaptive and (normalize_biases or is_adaptive(n, adaptive))
+            else None
             for n, p in named
         ]
     delta = [torch.zeros_like(p) for p in params]
@@ -196,7 +204,9 @@ def estimate_sharpness(
     epsilon_norms: List[float] = []
     delta_norms: List[float] = []
     try:
-        loss, gradient, sample_size = _mean_loss_and_gradient(model, params, batches, loss_fn, True, 0)
+        loss, gradient, sample_size = _mean_loss_and_gradient(
+            model, params, batches, loss_fn, True, 0
+        )
         for step in range(1, steps + 1):
             norms = _ascent_step(params, origin, scales, delta, gradient, rho, step)
             gradient = None  # freed before the next pass allocates its own
@@ -217,7 +227,10 @@ def estimate_sharpness(
     if step_losses:
         best = max(range(len(step_losses)), key=step_losses.__getitem__)
         perturbed_loss, epsilon_norm, delta_norm, best_step = (
-            step_losses[best], epsilon_norms[best], delta_norms[best], best + 1
+            step_losses[best],
+            epsilon_norms[best],
+            delta_norms[best],
+            best + 1,
         )
     else:  # zero gradient at w: ε* = 0
         perturbed_loss, epsilon_norm, delta_norm, best_step = loss, 0.0, 0.0, 0
@@ -249,7 +262,7 @@ def binarized_splits(data_bin: str) -> List[str]:
     return sorted({name.split(".")[0] for name in names})
 
 
-def check_inputs(
+def check_measurement(
     checkpoint: str,
     data_bin: str,
     subset: str,
@@ -262,14 +275,20 @@ def check_inputs(
     max_tokens: Optional[int] = None,
     batch_size: Optional[int] = None,
 ) -> torch.device:
-    """Raises ConfigError / FileNotFoundError naming the flag or file; returns the device."""
+    """Raises ConfigError naming the flag or file; returns the device."""
     check_settings(float(rho), float(eta), int(steps))
-    for flag, value in (("--max-batches", max_batches), ("--max-tokens", max_tokens), ("--batch-size", batch_size)):
+    for flag, value in (
+        ("--max-batches", max_batches),
+        ("--max-tokens", max_tokens),
+        ("--batch-size", batch_size),
+    ):
         if value is not None and value < 1:
             raise ConfigError(f"{flag} must be >= 1, got {value}")
     unknown = [m for m in measures if m not in MEASURES]
     if unknown or not measures:
-        raise ConfigError(f"--measures must be some of {', '.join(MEASURES)}, got {', '.join(measures) or 'none'}")
+        raise ConfigError(
+            f"--measures must be some of {', '.join(MEASURES)}, got {', '.join(measures) or 'none'}"
+        )
     try:
         torch_device = torch.device(device)
     except RuntimeError as error:
@@ -279,14 +298,15 @@ def check_inputs(
     if torch_device.type == "cuda" and (torch_device.index or 0) >= torch.cuda.device_count():
         raise ConfigError(f"--device {device}: this machine has {torch.cuda.device_count()} GPU(s)")
     if not os.path.isfile(checkpoint):
-        raise FileNotFoundError(f"checkpoint not found: {checkpoint}")
+        raise ConfigError(f"checkpoint not found: {checkpoint}")
     folder = data_bin.split(os.pathsep)[0]
     if not os.path.isdir(folder):
-        raise FileNotFoundError(f"data-bin folder not found: {folder}")
+        raise ConfigError(f"data-bin folder not found: {folder}")
     splits = binarized_splits(data_bin)
     if subset not in splits:
         raise ConfigError(
-            f"--subset {subset}: no such split in {folder} (it has: {', '.join(splits) or 'no binarized split'})"
+            f"--subset {subset}: no such split in {folder} "
+            f"(it has: {', '.join(splits) or 'no binarized split'})"
         )
     return torch_device
 
@@ -326,7 +346,9 @@ def load_subset(
     batches = list(itertools.islice(iterator, max_batches))
 
     def criterion_loss(model_: nn.Module, sample) -> Tuple[Tensor, float]:
-        loss, sample_size, _ = criterion(model_, utils.apply_to_sample(lambda t: t.to(device), sample))
+        loss, sample_size, _ = criterion(
+            model_, utils.apply_to_sample(lambda t: t.to(device), sample)
+        )
         return loss, sample_size
 
     return model, batches, criterion_loss
@@ -350,14 +372,26 @@ def measure_checkpoint(
 
     Every argument is checked before the checkpoint is loaded.
     """
-    torch_device = check_inputs(
-        checkpoint, data_bin, subset, max_batches, rho, eta, steps, measures, device, max_tokens, batch_size
+    torch_device = check_measurement(
+        checkpoint,
+        data_bin,
+        subset,
+        max_batches,
+        rho,
+        eta,
+        steps,
+        measures,
+        device,
+        max_tokens,
+        batch_size,
     )
     model, batches, loss_fn = load_subset(
         checkpoint, data_bin, subset, max_batches, torch_device, max_tokens, batch_size
     )
     estimates = [
-        estimate_sharpness(model, batches, loss_fn, rho, measure == "adaptive", eta, normalize_biases, steps)
+        estimate_sharpness(
+            model, batches, loss_fn, rho, measure == "adaptive", eta, normalize_biases, steps
+        )
         for measure in measures
     ]
     return {
@@ -369,14 +403,16 @@ def measure_checkpoint(
     }
 
 
-def format_report(report: Dict[str, Any]) -> str:
+def format_sharpness(report: Dict[str, Any]) -> str:
     """The report as a small text table."""
     estimates = report["estimates"]
     first = estimates[0]
     lines = [
-        f"{report['checkpoint']} on {report['subset']} of {report['data']}: {first['num_batches']} batches, "
+        f"{report['checkpoint']} on {report['subset']} of {report['data']}: "
+        f"{first['num_batches']} batches, "
         f"sample size {first['sample_size']:g}; losses per sample-size unit (nats)",
-        f"{'measure':<9} {'rho':>7} {'eta':>7} {'K':>3} {'L(w)':>10} {'L(w+eps)':>10} {'sharpness':>11} "
+        f"{'measure':<9} {'rho':>7} {'eta':>7} {'K':>3} {'L(w)':>10} {'L(w+eps)':>10} "
+        f"{'sharpness':>11} "
         f"{'|eps|':>10} {'|T^-1 eps|':>10}",
     ]
     for e in estimates:
@@ -389,17 +425,3 @@ def format_report(report: Dict[str, Any]) -> str:
     if any(e["normalize_biases"] for e in estimates):
         lines.append("* biases normalized too (T = |w| + eta on every tensor)")
     return "\n".join(lines)
-
-
-def write_json_atomic(obj: Any, path: str) -> None:
-    """json.dump to a temporary file in the same folder, then rename: never a half file."""
-    folder = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".json", dir=folder)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            json.dump(obj, f, indent=2)
-            f.write("\n")
-        os.replace(tmp, path)
-    except BaseException:
-        os.unlink(tmp)
-        raise

@@ -1,4 +1,4 @@
-"""IWSLT'14 German-English, prepared as fairseq's `examples/translation/prepare-iwslt14.sh`, in Python.
+"""IWSLT'14 German-English as fairseq's `examples/translation/prepare-iwslt14.sh` does, in Python.
 
 The recipe, step by step (file names relative to `workdir`):
 
@@ -31,11 +31,14 @@ The recipe, step by step (file names relative to `workdir`):
 6. binarize: fairseq-preprocess into `data-bin/iwslt14.tokenized.de-en` (separate dictionaries,
    or `--joined-dictionary`).
 
-Every step writes its files under temporary names (`*.partial`) and renames them when complete,
-then records its settings in `.prepare-iwslt14/<step>.json`. A re-run skips a step whose record
+Every step writes each file under a temporary name and renames it when complete
+(`files.atomic_output`), then records its settings in `.prepare-iwslt14/<step>.json`. A re-run
+skips a step whose record
 matches and whose files all exist, and redoes it otherwise; each step's settings include those
 of the steps before it, so a changed setting redoes every step from the first it affects.
 """
+
+import dataclasses
 import gzip
 import hashlib
 import io
@@ -43,9 +46,8 @@ import json
 import logging
 import multiprocessing
 import os
-import random
 import re
-import shutil
+import subprocess
 import tarfile
 import time
 import urllib.error
@@ -57,10 +59,13 @@ import regex
 from sacremoses import MosesTokenizer
 from sacremoses.corpus import NonbreakingPrefixes
 
+from ..errors import ConfigError, FairseqAsamError
+from .files import atomic_output, write_lines
+
 logger = logging.getLogger(__name__)
 
-SRC, TGT = "de", "en"
-LANGUAGES = (SRC, TGT)
+SOURCE_LANG, TARGET_LANG = "de", "en"
+LANGUAGES = (SOURCE_LANG, TARGET_LANG)
 SPLITS = ("train", "valid", "test")
 
 # fairseq's current mirror of the WIT3 archive (the original wit3.fbk.eu link is gone).
@@ -111,11 +116,9 @@ SUBWORD_CHUNK_LINES = 5000
 
 PREP_NAME = "iwslt14.tokenized.de-en"
 STATE_FOLDER = ".prepare-iwslt14"
-PARTIAL_SUFFIX = ".partial"
-
-
-class Iwslt14DataError(Exception):
-    """The input (archive, member file, flag) is unusable; the message names it in one line."""
+# A download in progress: a fixed name (not files.atomic_output's random one), so that a re-run
+# resumes it with an HTTP Range request.
+DOWNLOAD_SUFFIX = ".download"
 
 
 # --------------------------------------------------------------------------------------------
@@ -170,7 +173,9 @@ class MosesPerlTokenizer(MosesTokenizer):
 
     def __init__(self, lang: str):
         if lang not in LANGUAGES:
-            raise ValueError(f"MosesPerlTokenizer reproduces tokenizer.perl for {LANGUAGES}, not {lang!r}")
+            raise ValueError(
+                f"MosesPerlTokenizer reproduces tokenizer.perl for {LANGUAGES}, not {lang!r}"
+            )
         super().__init__(lang=lang)
         self.prefix_kinds: Dict[str, int] = {}
         for item in NonbreakingPrefixes().words(lang):
@@ -195,7 +200,11 @@ class MosesPerlTokenizer(MosesTokenizer):
             kind = self.prefix_kinds.get(prefix)
             if i == last:
                 words[i] = prefix + " ."
-            elif ("." in prefix and HAS_ALPHA.search(prefix)) or kind == NONBREAKING or STARTS_LOWER.match(next_word):
+            elif (
+                ("." in prefix and HAS_ALPHA.search(prefix))
+                or kind == NONBREAKING
+                or STARTS_LOWER.match(next_word)
+            ):
                 continue
             elif kind == NONBREAKING_BEFORE_NUMBER and STARTS_ASCII_DIGIT.match(next_word):
                 continue
@@ -253,10 +262,12 @@ def _map_chunks(function, jobs: Sequence, workers: int) -> List[List[str]]:
 
 
 def _chunked(lines: Sequence[str], size: int) -> List[Sequence[str]]:
-    return [lines[start:start + size] for start in range(0, len(lines), size)]
+    return [lines[start : start + size] for start in range(0, len(lines), size)]
 
 
-def tokenize_texts(texts: Dict[Tuple[str, str], List[str]], *, lowercase: Dict[str, bool], workers: int) -> Dict[Tuple[str, str], List[str]]:
+def tokenize_texts(
+    texts: Dict[Tuple[str, str], List[str]], *, lowercase: Dict[str, bool], workers: int
+) -> Dict[Tuple[str, str], List[str]]:
     """Moses-tokenizes every text, keyed (name, language); `lowercase[name]` adds lowercase.perl."""
     jobs, owners = [], []
     for (name, lang), lines in texts.items():
@@ -272,6 +283,7 @@ def tokenize_texts(texts: Dict[Tuple[str, str], List[str]], *, lowercase: Dict[s
 # --------------------------------------------------------------------------------------------
 # The archive
 # --------------------------------------------------------------------------------------------
+
 
 def archive_members() -> List[str]:
     """The member files the recipe reads, as paths inside the archive."""
@@ -290,7 +302,7 @@ def split_lines(text: str) -> List[str]:
 
 def read_archive(archive: str) -> Dict[str, List[str]]:
     """The lines of every member of `archive_members()`, reading the whole archive so that a
-    truncated or corrupt one fails here, with an `Iwslt14DataError` naming the archive."""
+    truncated or corrupt one fails here, with an `FairseqAsamError` naming the archive."""
     wanted = set(archive_members())
     contents: Dict[str, bytes] = {}
     try:
@@ -303,18 +315,20 @@ def read_archive(archive: str) -> Dict[str, List[str]]:
             while unzipped.read(READ_BLOCK_BYTES):  # to the end: checks the gzip CRC
                 pass
     except FileNotFoundError:
-        raise Iwslt14DataError(f"{archive}: archive not found") from None
+        raise FairseqAsamError(f"{archive}: archive not found") from None
     except (tarfile.TarError, EOFError, OSError, zlib.error) as exc:
-        raise Iwslt14DataError(f"{archive}: corrupt or truncated archive ({exc})") from None
+        raise FairseqAsamError(f"{archive}: corrupt or truncated archive ({exc})") from None
     missing = [name for name in archive_members() if name not in contents]
     if missing:
-        raise Iwslt14DataError(f"{archive}: missing member {missing[0]}")
+        raise FairseqAsamError(f"{archive}: missing member {missing[0]}")
     lines = {}
     for name, data in contents.items():
         try:
             lines[name] = split_lines(data.decode("utf-8"))
         except UnicodeDecodeError as exc:
-            raise Iwslt14DataError(f"{archive}: member {name} is not UTF-8 (byte {exc.start})") from None
+            raise FairseqAsamError(
+                f"{archive}: member {name} is not UTF-8 (byte {exc.start})"
+            ) from None
     return lines
 
 
@@ -350,23 +364,24 @@ def extract_texts(archive: str) -> Dict[Tuple[str, str], List[str]]:
             texts[stem, lang] = segment_text(members[f"{ARCHIVE_FOLDER}/{stem}.{lang}.xml"])
     for stem in (TRAIN_STEM,) + TEST_STEMS:
         counts = {lang: len(texts[stem, lang]) for lang in LANGUAGES}
-        if counts[SRC] != counts[TGT]:
+        if counts[SOURCE_LANG] != counts[TARGET_LANG]:
             suffix = "" if stem == TRAIN_STEM else ".xml"
-            raise Iwslt14DataError(
-                f"{archive}: {ARCHIVE_FOLDER}/{stem}.{SRC}{suffix} has {counts[SRC]} text lines but "
-                f"{ARCHIVE_FOLDER}/{stem}.{TGT}{suffix} has {counts[TGT]}"
+            raise FairseqAsamError(
+                f"{archive}: {ARCHIVE_FOLDER}/{stem}.{SOURCE_LANG}{suffix} has "
+                f"{counts[SOURCE_LANG]} text lines but "
+                f"{ARCHIVE_FOLDER}/{stem}.{TARGET_LANG}{suffix} has {counts[TARGET_LANG]}"
             )
     return texts
 
 
 def download_archive(url: str, destination: str, *, attempts: int = DOWNLOAD_ATTEMPTS) -> str:
-    """Downloads `url` to `destination` through `destination.partial`, resuming an interrupted
+    """Downloads `url` to `destination` through `destination.download`, resuming an interrupted
     download with an HTTP Range request, retrying failures, checking the size the server
     announced and the MD5 of fairseq's archive; the file appears under its name only when whole."""
     if os.path.exists(destination):
         return destination
     os.makedirs(os.path.dirname(os.path.abspath(destination)), exist_ok=True)
-    partial = destination + PARTIAL_SUFFIX
+    partial = destination + DOWNLOAD_SUFFIX
     failure: Optional[Exception] = None
     for attempt in range(1, attempts + 1):
         try:
@@ -374,16 +389,31 @@ def download_archive(url: str, destination: str, *, attempts: int = DOWNLOAD_ATT
             break
         except (urllib.error.URLError, OSError, ValueError) as exc:
             failure = exc
-            logger.warning("download of %s failed (attempt %d of %d): %s", url, attempt, attempts, exc)
+            logger.warning(
+                "download of %s failed (attempt %d of %d): %s", url, attempt, attempts, exc
+            )
             if attempt < attempts:
                 time.sleep(DOWNLOAD_RETRY_SECONDS * attempt)
     else:
-        raise Iwslt14DataError(f"{url}: download failed {attempts} times ({failure}); pass a local --archive")
+        raise FairseqAsamError(
+            f"{url}: download failed {attempts} times ({failure}); pass a local --archive"
+        )
     digest = _md5(partial)
     if url == DOWNLOAD_URL and digest != ARCHIVE_MD5:
-        logger.warning("%s: MD5 %s differs from the known %s; the line counts will tell", url, digest, ARCHIVE_MD5)
+        logger.warning(
+            "%s: MD5 %s differs from the known %s; the line counts will tell",
+            url,
+            digest,
+            ARCHIVE_MD5,
+        )
     os.replace(partial, destination)
-    logger.info("downloaded %s to %s (%d bytes, MD5 %s)", url, destination, os.path.getsize(destination), digest)
+    logger.info(
+        "downloaded %s to %s (%d bytes, MD5 %s)",
+        url,
+        destination,
+        os.path.getsize(destination),
+        digest,
+    )
     return destination
 
 
@@ -423,13 +453,20 @@ def _md5(path: str) -> str:
 # Cleaning and splitting
 # --------------------------------------------------------------------------------------------
 
+
 def perl_normalize_space(line: str) -> str:
     """s/\\s+/ /g; s/^ //; s/ $// with perl's \\s."""
     return PERL_SPACE_RUN.sub(" ", line).strip(" ")
 
 
-def clean_corpus(src_lines: Sequence[str], tgt_lines: Sequence[str], *, ratio: float = CLEAN_RATIO,
-                 min_tokens: int = CLEAN_MIN_TOKENS, max_tokens: int = CLEAN_MAX_TOKENS) -> List[Tuple[int, str, str]]:
+def clean_corpus(
+    src_lines: Sequence[str],
+    tgt_lines: Sequence[str],
+    *,
+    ratio: float = CLEAN_RATIO,
+    min_tokens: int = CLEAN_MIN_TOKENS,
+    max_tokens: int = CLEAN_MAX_TOKENS,
+) -> List[Tuple[int, str, str]]:
     """clean-corpus-n.perl -ratio `ratio` ... `min_tokens` `max_tokens`: the kept pairs as
     (index, source, target), whitespace-normalized. A pair is dropped when a side is empty, has
     fewer than `min_tokens` or more than `max_tokens` words, a token longer than 1000
@@ -460,19 +497,10 @@ def is_valid_line(line_number: int) -> bool:
 # Files and steps
 # --------------------------------------------------------------------------------------------
 
+
 def read_lines(path: str) -> List[str]:
     with open(path, encoding="utf-8", newline="\n") as text:
         return split_lines(text.read())
-
-
-def write_lines(path: str, lines: Iterable[str]) -> None:
-    """Writes `path.partial`, then renames it: `path` never holds a part of the lines."""
-    partial = path + PARTIAL_SUFFIX
-    with open(partial, "w", encoding="utf-8", newline="\n") as out:
-        for line in lines:
-            out.write(line)
-            out.write("\n")
-    os.replace(partial, path)
 
 
 class _StepRecords:
@@ -490,7 +518,9 @@ class _StepRecords:
 
     def mark_done(self, step: str, settings: dict) -> None:
         os.makedirs(self.folder, exist_ok=True)
-        write_lines(os.path.join(self.folder, f"{step}.json"), [json.dumps(settings, sort_keys=True)])
+        write_lines(
+            os.path.join(self.folder, f"{step}.json"), [json.dumps(settings, sort_keys=True)]
+        )
 
 
 def _count_report(counts: Dict[str, int]) -> str:
@@ -500,6 +530,7 @@ def _count_report(counts: Dict[str, int]) -> str:
 # --------------------------------------------------------------------------------------------
 # The recipe
 # --------------------------------------------------------------------------------------------
+
 
 def prepare_iwslt14(
     archive: Optional[str],
@@ -520,27 +551,33 @@ def prepare_iwslt14(
     languages. `workers`: processes for tokenization, apply_bpe and fairseq-preprocess.
     `expect_real_counts`: check the split sizes against the real corpus's 160,239 / 7,283 /
     6,750; None checks them when the cleaned training text has at least 100,000 pairs.
-    Raises `Iwslt14DataError` for an unusable archive or flag, before writing the step's files.
+    Raises `FairseqAsamError` for an unusable archive or flag, before writing the step's files.
     """
     if subword not in SUBWORD_METHODS:
-        raise Iwslt14DataError(f"subword: {subword!r} is not one of {', '.join(SUBWORD_METHODS)}")
+        raise ConfigError(f"--subword: {subword!r} is not one of {', '.join(SUBWORD_METHODS)}")
     if bpe_merges < 1:
-        raise Iwslt14DataError(f"bpe_merges: must be positive, not {bpe_merges}")
+        raise ConfigError(f"--bpe-merges: must be positive, not {bpe_merges}")
     workers = max(1, workers)
     if archive is None:
         archive = download_archive(download_url, os.path.join(workdir, "orig", ARCHIVE_NAME))
     archive = os.path.abspath(archive)
     if not os.path.isfile(archive):
-        raise Iwslt14DataError(f"{archive}: archive not found")
+        raise FairseqAsamError(f"{archive}: archive not found")
 
     prep = os.path.join(workdir, PREP_NAME)
     tmp = os.path.join(prep, "tmp")
     data_bin = os.path.join(workdir, "data-bin", PREP_NAME)
     records = _StepRecords(workdir)
 
-    settings = {"archive": archive, "archive_bytes": os.path.getsize(archive), "archive_mtime_ns": os.stat(archive).st_mtime_ns}
+    settings = {
+        "archive": archive,
+        "archive_bytes": os.path.getsize(archive),
+        "archive_mtime_ns": os.stat(archive).st_mtime_ns,
+    }
     _tokenize_step(archive, tmp, records, settings, workers)
-    settings = dict(settings, ratio=CLEAN_RATIO, min_tokens=CLEAN_MIN_TOKENS, max_tokens=CLEAN_MAX_TOKENS)
+    settings = dict(
+        settings, ratio=CLEAN_RATIO, min_tokens=CLEAN_MIN_TOKENS, max_tokens=CLEAN_MAX_TOKENS
+    )
     _clean_step(tmp, records, settings)
     _split_step(archive, tmp, records, settings, expect_real_counts)
     settings = dict(settings, subword=subword, bpe_merges=bpe_merges)
@@ -550,19 +587,33 @@ def prepare_iwslt14(
         _sentencepiece_step(tmp, prep, records, settings, bpe_merges, workers)
     settings = dict(settings, joined_dictionary=joined_dictionary)
     _binarize_step(prep, data_bin, records, settings, joined_dictionary, workers)
-    counts = {split: len(read_lines(os.path.join(prep, f"{split}.{SRC}"))) for split in SPLITS}
-    logger.info("IWSLT'14 de-en ready in %s: %s pairs (%s)", data_bin, _count_report(counts), subword)
+    counts = {
+        split: len(read_lines(os.path.join(prep, f"{split}.{SOURCE_LANG}"))) for split in SPLITS
+    }
+    logger.info(
+        "IWSLT'14 de-en ready in %s: %s pairs (%s)", data_bin, _count_report(counts), subword
+    )
     if subword == "sentencepiece":
-        logger.info("subword=sentencepiece: the text is not Moses-tokenized; score detokenized output with "
-                    "sacrebleu against %s (SentencePiece model %s)",
-                    os.path.join(tmp, f"test.raw.{TGT}"), os.path.join(prep, "spm.model"))
+        logger.info(
+            "subword=sentencepiece: the text is not Moses-tokenized; score detokenized output with "
+            "sacrebleu against %s (SentencePiece model %s)",
+            os.path.join(tmp, f"test.raw.{TARGET_LANG}"),
+            os.path.join(prep, "spm.model"),
+        )
     return data_bin
 
 
-def _tokenize_step(archive: str, tmp: str, records: _StepRecords, settings: dict, workers: int) -> None:
+def _tokenize_step(
+    archive: str, tmp: str, records: _StepRecords, settings: dict, workers: int
+) -> None:
     names = (TRAIN_STEM,) + TEST_STEMS
-    outputs = {(name, lang): os.path.join(tmp, f"{name}.tok.{lang}" if name == TRAIN_STEM else f"{name}.{lang}")
-               for name in names for lang in LANGUAGES}
+    outputs = {
+        (name, lang): os.path.join(
+            tmp, f"{name}.tok.{lang}" if name == TRAIN_STEM else f"{name}.{lang}"
+        )
+        for name in names
+        for lang in LANGUAGES
+    }
     raw_outputs = {key: os.path.join(tmp, f"{key[0]}.raw.{key[1]}") for key in outputs}
     if records.is_done("tokenize", settings, list(outputs.values()) + list(raw_outputs.values())):
         logger.info("tokenize: done before, skipped")
@@ -570,7 +621,9 @@ def _tokenize_step(archive: str, tmp: str, records: _StepRecords, settings: dict
     logger.info("tokenize: reading %s", archive)
     texts = extract_texts(archive)
     for name in names:
-        logger.info("tokenize: %s has %d text lines per language", name, len(texts[name, SRC]))
+        logger.info(
+            "tokenize: %s has %d text lines per language", name, len(texts[name, SOURCE_LANG])
+        )
     os.makedirs(tmp, exist_ok=True)
     logger.info("tokenize: Moses tokenizer on %d processes", workers)
     lowercase = {name: name != TRAIN_STEM for name in names}
@@ -588,20 +641,44 @@ def _clean_step(tmp: str, records: _StepRecords, settings: dict) -> None:
     if records.is_done("clean", settings, [*clean.values(), *lowered.values(), *raw.values()]):
         logger.info("clean: done before, skipped")
         return
-    tokenized = {lang: read_lines(os.path.join(tmp, f"{TRAIN_STEM}.tok.{lang}")) for lang in LANGUAGES}
-    untokenized = {lang: read_lines(os.path.join(tmp, f"{TRAIN_STEM}.raw.{lang}")) for lang in LANGUAGES}
-    kept = clean_corpus(tokenized[SRC], tokenized[TGT])
-    logger.info("clean: kept %d of %d training pairs (ratio %s, %d-%d tokens)",
-                len(kept), len(tokenized[SRC]), CLEAN_RATIO, CLEAN_MIN_TOKENS, CLEAN_MAX_TOKENS)
-    for side, lang in ((1, SRC), (2, TGT)):
+    tokenized = {
+        lang: read_lines(os.path.join(tmp, f"{TRAIN_STEM}.tok.{lang}")) for lang in LANGUAGES
+    }
+    untokenized = {
+        lang: read_lines(os.path.join(tmp, f"{TRAIN_STEM}.raw.{lang}")) for lang in LANGUAGES
+    }
+    kept = clean_corpus(tokenized[SOURCE_LANG], tokenized[TARGET_LANG])
+    logger.info(
+        "clean: kept %d of %d training pairs (ratio %s, %d-%d tokens)",
+        len(kept),
+        len(tokenized[SOURCE_LANG]),
+        CLEAN_RATIO,
+        CLEAN_MIN_TOKENS,
+        CLEAN_MAX_TOKENS,
+    )
+    for side, lang in ((1, SOURCE_LANG), (2, TARGET_LANG)):
         write_lines(clean[lang], (pair[side] for pair in kept))
         write_lines(lowered[lang], (perl_lowercase(pair[side]) for pair in kept))
-        write_lines(raw[lang], (perl_lowercase(perl_normalize_space(untokenized[lang][pair[0]])) for pair in kept))
+        write_lines(
+            raw[lang],
+            (perl_lowercase(perl_normalize_space(untokenized[lang][pair[0]])) for pair in kept),
+        )
     records.mark_done("clean", settings)
 
 
-def _split_step(archive: str, tmp: str, records: _StepRecords, settings: dict, expect_real_counts: Optional[bool]) -> None:
-    outputs = [os.path.join(tmp, f"{split}{kind}.{lang}") for split in SPLITS for kind in ("", ".raw") for lang in LANGUAGES]
+def _split_step(
+    archive: str,
+    tmp: str,
+    records: _StepRecords,
+    settings: dict,
+    expect_real_counts: Optional[bool],
+) -> None:
+    outputs = [
+        os.path.join(tmp, f"{split}{kind}.{lang}")
+        for split in SPLITS
+        for kind in ("", ".raw")
+        for lang in LANGUAGES
+    ]
     if records.is_done("split", settings, outputs):
         logger.info("split: done before, skipped")
         return
@@ -609,45 +686,60 @@ def _split_step(archive: str, tmp: str, records: _StepRecords, settings: dict, e
     for kind, train_name in (("", TRAIN_STEM), (".raw", f"{TRAIN_STEM}.clean.raw")):
         for lang in LANGUAGES:
             lines = read_lines(os.path.join(tmp, f"{train_name}.{lang}"))
-            splits["train", kind, lang] = [line for number, line in enumerate(lines, 1) if not is_valid_line(number)]
-            splits["valid", kind, lang] = [line for number, line in enumerate(lines, 1) if is_valid_line(number)]
+            splits["train", kind, lang] = [
+                line for number, line in enumerate(lines, 1) if not is_valid_line(number)
+            ]
+            splits["valid", kind, lang] = [
+                line for number, line in enumerate(lines, 1) if is_valid_line(number)
+            ]
             splits["test", kind, lang] = []
             for stem in TEST_STEMS:
                 test_lines = read_lines(os.path.join(tmp, f"{stem}{kind}.{lang}"))
                 if kind == ".raw":
                     test_lines = [perl_lowercase(perl_normalize_space(line)) for line in test_lines]
                 splits["test", kind, lang].extend(test_lines)
-    counts = {split: len(splits[split, "", SRC]) for split in SPLITS}
+    counts = {split: len(splits[split, "", SOURCE_LANG]) for split in SPLITS}
     logger.info("split: %s pairs", _count_report(counts))
     is_real = expect_real_counts
     if is_real is None:
         is_real = counts["train"] + counts["valid"] >= REAL_CORPUS_MIN_PAIRS
     if is_real and counts != REAL_COUNTS:
-        raise Iwslt14DataError(
+        raise FairseqAsamError(
             f"{archive}: split sizes {_count_report(counts)} differ from the real IWSLT'14 "
-            f"{_count_report(REAL_COUNTS)} (expect_real_counts=False / --no-expect-real-counts for another corpus)"
+            f"{_count_report(REAL_COUNTS)} "
+            "(expect_real_counts=False / --no-expect-real-counts for another corpus)"
         )
     for (split, kind, lang), lines in splits.items():
         write_lines(os.path.join(tmp, f"{split}{kind}.{lang}"), lines)
     records.mark_done("split", settings)
 
 
-def _bpe_step(tmp: str, prep: str, records: _StepRecords, settings: dict, merges: int, workers: int) -> None:
+def _bpe_step(
+    tmp: str, prep: str, records: _StepRecords, settings: dict, merges: int, workers: int
+) -> None:
     from subword_nmt.learn_bpe import learn_bpe
 
     codes = os.path.join(prep, "code")
-    outputs = {(split, lang): os.path.join(prep, f"{split}.{lang}") for split in SPLITS for lang in LANGUAGES}
+    outputs = {
+        (split, lang): os.path.join(prep, f"{split}.{lang}")
+        for split in SPLITS
+        for lang in LANGUAGES
+    }
     if records.is_done("subword", settings, [codes, *outputs.values()]):
         logger.info("bpe: done before, skipped")
         return
-    train_text = "".join(line + "\n" for lang in LANGUAGES for line in read_lines(os.path.join(tmp, f"train.{lang}")))
-    logger.info("bpe: learning %d merges on train.%s + train.%s", merges, SRC, TGT)
+    train_text = "".join(
+        line + "\n" for lang in LANGUAGES for line in read_lines(os.path.join(tmp, f"train.{lang}"))
+    )
+    logger.info("bpe: learning %d merges on train.%s + train.%s", merges, SOURCE_LANG, TARGET_LANG)
     learned = io.StringIO()
     learn_bpe(io.StringIO(train_text), learned, merges)
     write_lines(codes, split_lines(learned.getvalue()))
     jobs, owners = [], []
     for key in outputs:
-        for chunk in _chunked(read_lines(os.path.join(tmp, f"{key[0]}.{key[1]}")), SUBWORD_CHUNK_LINES):
+        for chunk in _chunked(
+            read_lines(os.path.join(tmp, f"{key[0]}.{key[1]}")), SUBWORD_CHUNK_LINES
+        ):
             jobs.append((codes, list(chunk)))
             owners.append(key)
     logger.info("bpe: applying %s to every split on %d processes", codes, workers)
@@ -659,28 +751,46 @@ def _bpe_step(tmp: str, prep: str, records: _StepRecords, settings: dict, merges
     records.mark_done("subword", settings)
 
 
-def _sentencepiece_step(tmp: str, prep: str, records: _StepRecords, settings: dict, vocab_size: int, workers: int) -> None:
+def _sentencepiece_step(
+    tmp: str, prep: str, records: _StepRecords, settings: dict, vocab_size: int, workers: int
+) -> None:
     import sentencepiece
 
     model = os.path.join(prep, "spm.model")
-    outputs = {(split, lang): os.path.join(prep, f"{split}.{lang}") for split in SPLITS for lang in LANGUAGES}
+    outputs = {
+        (split, lang): os.path.join(prep, f"{split}.{lang}")
+        for split in SPLITS
+        for lang in LANGUAGES
+    }
     if records.is_done("subword", settings, [model, *outputs.values()]):
         logger.info("sentencepiece: done before, skipped")
         return
-    partial_prefix = os.path.join(prep, "spm" + PARTIAL_SUFFIX)
-    logger.info("sentencepiece: training a joint model of %d pieces on train.raw.%s + train.raw.%s", vocab_size, SRC, TGT)
-    sentencepiece.SentencePieceTrainer.train(
-        input=[os.path.join(tmp, f"train.raw.{lang}") for lang in LANGUAGES],
-        model_prefix=partial_prefix,
-        vocab_size=vocab_size,
-        character_coverage=1.0,
-        model_type="unigram",
-        hard_vocab_limit=False,  # a small corpus may not fill `vocab_size`
-        num_threads=workers,
-        minloglevel=2,
+    vocab = os.path.join(prep, "spm.vocab")
+    logger.info(
+        "sentencepiece: training a joint model of %d pieces on train.raw.%s + train.raw.%s",
+        vocab_size,
+        SOURCE_LANG,
+        TARGET_LANG,
     )
-    os.replace(partial_prefix + ".vocab", os.path.join(prep, "spm.vocab"))
-    os.replace(partial_prefix + ".model", model)
+    with atomic_output(model) as model_temporary, atomic_output(vocab) as vocab_temporary:
+        prefix = model_temporary + "-spm"  # SentencePiece writes <prefix>.model and <prefix>.vocab
+        try:
+            sentencepiece.SentencePieceTrainer.train(
+                input=[os.path.join(tmp, f"train.raw.{lang}") for lang in LANGUAGES],
+                model_prefix=prefix,
+                vocab_size=vocab_size,
+                character_coverage=1.0,
+                model_type="unigram",
+                hard_vocab_limit=False,  # a small corpus may not fill `vocab_size`
+                num_threads=workers,
+                minloglevel=2,
+            )
+            os.replace(prefix + ".model", model_temporary)
+            os.replace(prefix + ".vocab", vocab_temporary)
+        finally:
+            for leftover in (prefix + ".model", prefix + ".vocab"):
+                if os.path.exists(leftover):
+                    os.unlink(leftover)
     processor = sentencepiece.SentencePieceProcessor(model_file=model)
     for (split, lang), path in outputs.items():
         lines = read_lines(os.path.join(tmp, f"{split}.raw.{lang}"))
@@ -689,163 +799,143 @@ def _sentencepiece_step(tmp: str, prep: str, records: _StepRecords, settings: di
     records.mark_done("subword", settings)
 
 
-def _binarize_step(prep: str, data_bin: str, records: _StepRecords, settings: dict, joined_dictionary: bool, workers: int) -> None:
-    from fairseq import options
-    from fairseq_cli import preprocess
-
-    if records.is_done("binarize", settings, [os.path.join(data_bin, f"dict.{lang}.txt") for lang in LANGUAGES]):
+def _binarize_step(
+    prep: str,
+    data_bin: str,
+    records: _StepRecords,
+    settings: dict,
+    joined_dictionary: bool,
+    workers: int,
+) -> None:
+    if records.is_done(
+        "binarize", settings, [os.path.join(data_bin, f"dict.{lang}.txt") for lang in LANGUAGES]
+    ):
         logger.info("binarize: done before, skipped")
         return
-    partial = data_bin + PARTIAL_SUFFIX
-    shutil.rmtree(partial, ignore_errors=True)
-    argv = ["--source-lang", SRC, "--target-lang", TGT, "--destdir", partial, "--workers", str(workers)]
-    for split in SPLITS:
-        argv += [f"--{split}pref", os.path.join(prep, split)]
-    if joined_dictionary:
-        argv.append("--joined-dictionary")
-    logger.info("binarize: fairseq-preprocess %s", " ".join(argv))
-    preprocess_logger = logging.getLogger(preprocess.__name__)
-    handlers_before = list(preprocess_logger.handlers)
-    try:
-        preprocess.main(options.get_preprocessing_parser().parse_args(argv))
-    finally:  # preprocess adds a log-file handler on every call; it must not outlive the call
-        for handler in preprocess_logger.handlers[len(handlers_before):]:
-            preprocess_logger.removeHandler(handler)
-            handler.close()
-    shutil.rmtree(data_bin, ignore_errors=True)
-    os.replace(partial, data_bin)
+    prefixes = {split: os.path.join(prep, split) for split in SPLITS}
+    fairseq_preprocess(prefixes, data_bin, joined_dictionary=joined_dictionary, workers=workers)
     records.mark_done("binarize", settings)
 
 
+def fairseq_preprocess(
+    prefixes: Dict[str, str],
+    dest: str,
+    *,
+    src: str = SOURCE_LANG,
+    tgt: str = TARGET_LANG,
+    joined_dictionary: bool = False,
+    workers: int = 1,
+) -> str:
+    """fairseq-preprocess of the text files `{prefix}.{src}` / `{prefix}.{tgt}` of each split
+    (`prefixes`: split -> prefix, splits among train/valid/test, train first for the
+    dictionaries) into the folder `dest`, which appears only when complete; returns `dest`."""
+    from fairseq import options
+    from fairseq_cli import preprocess
+
+    with atomic_output(dest) as temporary:
+        argv = [
+            "--source-lang",
+            src,
+            "--target-lang",
+            tgt,
+            "--destdir",
+            temporary,
+            "--workers",
+            str(workers),
+        ]
+        for split, prefix in prefixes.items():
+            argv += [f"--{split}pref", prefix]
+        if joined_dictionary:
+            argv.append("--joined-dictionary")
+        logger.info("binarize: fairseq-preprocess %s", " ".join(argv))
+        preprocess_logger = logging.getLogger(preprocess.__name__)
+        handlers_before = list(preprocess_logger.handlers)
+        try:
+            preprocess.main(options.get_preprocessing_parser().parse_args(argv))
+        finally:  # preprocess adds a log-file handler on every call; it must not outlive the call
+            for handler in preprocess_logger.handlers[len(handlers_before) :]:
+                preprocess_logger.removeHandler(handler)
+                handler.close()
+    return dest
+
+
 # --------------------------------------------------------------------------------------------
-# A small archive in the real layout
+# Parity with Moses tokenizer.perl (needs perl and a Moses checkout; not part of the recipe)
 # --------------------------------------------------------------------------------------------
 
-# German -> English, word by word and in the same order, so a tiny Transformer learns it fast.
-SAMPLE_DETERMINERS = {"der": "the", "die": "the", "das": "the", "ein": "a", "eine": "a"}
-SAMPLE_ADJECTIVES = {"große": "big", "kleine": "small", "alte": "old", "neue": "new", "schöne": "beautiful",
-                     "grüne": "green", "rote": "red", "schnelle": "fast"}
-SAMPLE_NOUNS = {"Hund": "dog", "Katze": "cat", "Mädchen": "girl", "Junge": "boy", "Haus": "house", "Baum": "tree",
-                "Buch": "book", "Stadt": "city", "Straße": "street", "Vogel": "bird", "Lehrer": "teacher",
-                "Fisch": "fish", "Garten": "garden", "Tür": "door", "Brücke": "bridge", "Apfel": "apple"}
-SAMPLE_VERBS = {"sieht": "sees", "liebt": "loves", "findet": "finds", "baut": "builds", "kennt": "knows",
-                "hört": "hears", "malt": "paints", "sucht": "seeks", "trägt": "carries", "öffnet": "opens"}
-SAMPLE_ADVERBS = {"heute": "today", "oft": "often", "auch": "also", "wieder": "again"}
-SAMPLE_END_MARKS = (".", ".", ".", "!", "?")
-SAMPLE_LINES_PER_TALK = 20
-SAMPLE_SEGMENTS_PER_DOC = 10
-SAMPLE_REPEATED_PHRASE = ("der Hund sieht die Katze", "the dog sees the cat")  # 5 tokens
-SAMPLE_MAX_PAIR = (" ".join([SAMPLE_REPEATED_PHRASE[0]] * 35), " ".join([SAMPLE_REPEATED_PHRASE[1]] * 35))
-# Training pairs that exercise the rules; they open the first talk of `train.tags.de-en.*`.
-SAMPLE_RULE_PAIRS = (
-    ("Der Hund sieht die Katze, und das Mädchen lacht!", "The dog sees the cat, and the girl laughs!"),
-    ("Das Mädchen findet den Apfel des Lehrers.", "The girl finds the teacher\u2019s apple."),
-    ("Wir fahren in die U.S.A.", "We drive to the U.S.A."),
-    ("Der Vogel singt ...", "The bird sings ..."),
-    ('Der "Hund" & die <Katze> [sic] | ok', 'The "dog" & the <cat> [sic] | ok'),
-    SAMPLE_MAX_PAIR,  # 175 tokens: kept
-    (SAMPLE_MAX_PAIR[0] + " heute", SAMPLE_MAX_PAIR[1] + " today"),  # 176 tokens: dropped
-    ("Der Hund schläft .", "The old dog sleeps very often ."),  # 4 : 7 tokens, ratio 1.75: dropped
-    ("Die Katze schläft .", "The small cat sleeps today ."),  # 4 : 6 tokens, ratio 1.5: kept
-    ("", ""),  # empty: dropped
-)
-# Dev/test segments with ’, which becomes ' there (and stays ’ in the training text).
-SAMPLE_QUOTE_PAIR = ("Wie geht\u2019s dem Hund?", "How\u2019s the dog?")
+TOKENIZER_PERL = os.path.join("scripts", "tokenizer", "tokenizer.perl")
+PARITY_EXAMPLES = 5
 
 
-def sample_sentence_pair(rng: random.Random) -> Tuple[str, str]:
-    """A random German sentence and its word-by-word English translation, capitalized."""
-    words: List[Tuple[str, str]] = []
+def tokenizer_perl(moses_dir: str, lang: str, lines: Sequence[str]) -> List[str]:
+    """`lines` through `perl tokenizer.perl -l lang` of the Moses checkout `moses_dir`, as
+    prepare-iwslt14.sh runs it (one process; the output does not depend on -threads)."""
+    script = os.path.join(moses_dir, TOKENIZER_PERL)
+    if not os.path.isfile(script):
+        raise ConfigError(f"--moses-dir {moses_dir}: no {TOKENIZER_PERL} in it")
+    completed = subprocess.run(
+        ["perl", script, "-l", lang, "-threads", "1"],
+        input="".join(line + "\n" for line in lines).encode("utf-8"),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        check=False,
+    )
+    if completed.returncode != 0:
+        raise FairseqAsamError(
+            f"{script} failed: {completed.stderr.decode('utf-8', 'replace')[-500:]}"
+        )
+    output = split_lines(completed.stdout.decode("utf-8"))
+    if len(output) != len(lines):
+        raise FairseqAsamError(f"{script} printed {len(output)} lines for {len(lines)}")
+    return output
 
-    def noun_phrase() -> None:
-        words.append(rng.choice(list(SAMPLE_DETERMINERS.items())))
-        if rng.random() < 0.5:
-            words.append(rng.choice(list(SAMPLE_ADJECTIVES.items())))
-        words.append(rng.choice(list(SAMPLE_NOUNS.items())))
 
-    noun_phrase()
-    words.append(rng.choice(list(SAMPLE_VERBS.items())))
-    noun_phrase()
-    if rng.random() < 0.3:
-        words.append(rng.choice(list(SAMPLE_ADVERBS.items())))
-    mark = rng.choice(SAMPLE_END_MARKS)
-    german, english = (" ".join(pair[side] for pair in words) for side in (0, 1))
-    return german[0].upper() + german[1:] + mark, english[0].upper() + english[1:] + mark
+@dataclasses.dataclass
+class TokenizerParity:
+    """How many of `lines` lines of one language each tokenizer tokenizes unlike tokenizer.perl."""
+
+    lang: str
+    lines: int
+    ours_differ: int  # MosesPerlTokenizer, the recipe's tokenizer
+    sacremoses_differ: int  # sacremoses' MosesTokenizer as it comes
+    examples: List[Tuple[str, str, str]]  # (line, tokenizer.perl, ours) where they differ
 
 
-def _sample_training_file(pairs: Sequence[Tuple[str, str]], side: int, lang: str, seed: int) -> str:
-    rng = random.Random(f"{seed}/titles")  # titles and descriptions: the same for both sides
+def tokenizer_parity(
+    moses_dir: str, texts: Dict[Tuple[str, str], List[str]]
+) -> List[TokenizerParity]:
+    """Every text of `extract_texts` tokenized by tokenizer.perl, by MosesPerlTokenizer and by
+    plain sacremoses (`-l de` / `-l en`, escaping on, before lowercasing), compared line by line."""
+    results = []
+    for lang in LANGUAGES:
+        lines = [
+            line for (_, text_lang), text in texts.items() if text_lang == lang for line in text
+        ]
+        perl = tokenizer_perl(moses_dir, lang, lines)
+        ours_tokenizer, plain = MosesPerlTokenizer(lang), MosesTokenizer(lang=lang)
+        ours = [ours_tokenizer.tokenize_line(line) for line in lines]
+        sacremoses_lines = [plain.tokenize(line, return_str=True, escape=True) for line in lines]
+        differ = [i for i, (a, b) in enumerate(zip(perl, ours)) if a != b]
+        results.append(
+            TokenizerParity(
+                lang,
+                len(lines),
+                len(differ),
+                sum(a != b for a, b in zip(perl, sacremoses_lines)),
+                [(lines[i], perl[i], ours[i]) for i in differ[:PARITY_EXAMPLES]],
+            )
+        )
+    return results
+
+
+def format_parity(results: Sequence[TokenizerParity]) -> str:
     lines = []
-    for talk, start in enumerate(range(0, len(pairs), SAMPLE_LINES_PER_TALK), 1):
-        title, description = sample_sentence_pair(rng), sample_sentence_pair(rng)
-        lines += [
-            f"<url>http://www.ted.com/talks/lang/{lang}/sample_talk_{talk}.html</url>",
-            f"<keywords>talks, sample, {talk}</keywords>",
-            f"<talkid>{talk}</talkid>",
-            f"<title>{title[side]}</title>",
-            f"<description>{description[side]}</description>",
-        ]
-        lines += [pair[side] for pair in pairs[start:start + SAMPLE_LINES_PER_TALK]]
-    return "".join(line + "\n" for line in lines)
-
-
-def _sample_xml_file(stem: str, pairs: Sequence[Tuple[str, str]], side: int, lang: str) -> str:
-    set_id = "iwslt2014_" + stem.split(".")[2]
-    opening = (f'<srcset setid="{set_id}" srclang="german">' if lang == SRC else
-               f'<refset setid="{set_id}" srclang="german" trglang="english" refid="ref">')
-    lines = ['<?xml version="1.0" encoding="UTF-8"?>', "<mteval>", opening]
-    for doc, start in enumerate(range(0, len(pairs), SAMPLE_SEGMENTS_PER_DOC), 1):
-        lines += [
-            f'<doc docid="{doc}" genre="lectures">',
-            f"<url>http://www.ted.com/talks/sample_{doc}.html</url>",
-            f"<description>TED Talk Subtitles and Transcript: sample {doc}</description>",
-            "<keywords>talks, sample</keywords>",
-            f"<talkid>{doc}</talkid>",
-            f"<title>Sample {doc}</title>",
-        ]
-        lines += [f'<seg id="{number}"> {pair[side]} </seg>'
-                  for number, pair in enumerate(pairs[start:start + SAMPLE_SEGMENTS_PER_DOC], start + 1)]
-        lines.append("</doc>")
-    lines += ["</srcset>" if lang == SRC else "</refset>", "</mteval>"]
-    return "".join(line + "\n" for line in lines)
-
-
-def build_sample_archive(path: str, n_train: int = 300, n_dev: int = 40, seed: int = 1) -> str:
-    """Writes a `de-en.tgz` in the real archive's layout (folder `de-en/`, the training files
-    with their tag lines, the five dev/test XML files) holding `n_train` training pairs (the
-    first ones are `SAMPLE_RULE_PAIRS`) and `n_dev` segments per dev/test file (the first
-    dev2010 one is `SAMPLE_QUOTE_PAIR`), generated from a small lexicon with `seed`. The same
-    arguments give the same bytes. Returns `path`."""
-    if n_train < len(SAMPLE_RULE_PAIRS) or n_dev < 1:
-        raise ValueError(f"build_sample_archive: n_train must be >= {len(SAMPLE_RULE_PAIRS)} and n_dev >= 1")
-    rng = random.Random(seed)
-    train_pairs = list(SAMPLE_RULE_PAIRS) + [sample_sentence_pair(rng) for _ in range(n_train - len(SAMPLE_RULE_PAIRS))]
-    files = {}
-    for side, lang in ((0, SRC), (1, TGT)):
-        files[f"{TRAIN_STEM}.{lang}"] = _sample_training_file(train_pairs, side, lang, seed)
-    for number, stem in enumerate(TEST_STEMS):
-        stem_rng = random.Random(seed * 1000 + number)
-        pairs = [sample_sentence_pair(stem_rng) for _ in range(n_dev)]
-        if number == 0:
-            pairs[0] = SAMPLE_QUOTE_PAIR
-        for side, lang in ((0, SRC), (1, TGT)):
-            files[f"{stem}.{lang}.xml"] = _sample_xml_file(stem, pairs, side, lang)
-    _write_tgz(path, ARCHIVE_FOLDER, files)
-    return path
-
-
-def _write_tgz(path: str, folder: str, files: Dict[str, str]) -> None:
-    """A reproducible .tgz (fixed times and owners) of `folder/` holding `files`, via `path.partial`."""
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    partial = path + PARTIAL_SUFFIX
-    with open(partial, "wb") as raw, gzip.GzipFile(filename="", mode="wb", fileobj=raw, mtime=0) as zipped:
-        with tarfile.open(fileobj=zipped, mode="w", format=tarfile.GNU_FORMAT) as tar:
-            folder_entry = tarfile.TarInfo(folder)
-            folder_entry.type, folder_entry.mode = tarfile.DIRTYPE, 0o755
-            tar.addfile(folder_entry)
-            for name in sorted(files):
-                data = files[name].encode("utf-8")
-                entry = tarfile.TarInfo(f"{folder}/{name}")
-                entry.size, entry.mode = len(data), 0o644
-                tar.addfile(entry, io.BytesIO(data))
-    os.replace(partial, path)
+    for r in results:
+        lines.append(
+            f"-l {r.lang}: {r.lines} lines; MosesPerlTokenizer differs from tokenizer.perl on "
+            f"{r.ours_differ} ({100 * r.ours_differ / max(r.lines, 1):.3f}%), sacremoses on "
+            f"{r.sacremoses_differ} ({100 * r.sacremoses_differ / max(r.lines, 1):.3f}%)"
+        )
+        for line, perl, ours in r.examples:
+            lines.append(f"  line:  {line!r}\n  perl:  {perl!r}\n  ours:  {ours!r}")
+    return "\n".join(lines)

@@ -32,6 +32,7 @@ With `--sam-interval K` only every K-th update is sharpness-aware, so the row's 
 amortized: (median sharpness-aware update + (K − 1) × median plain update) / K, and the same
 for each timed part.
 """
+
 import ctypes
 import functools
 import logging
@@ -49,8 +50,10 @@ from typing import Callable, Dict, Iterator, List, Optional, Sequence, Tuple
 import numpy as np
 import torch
 
-from . import USER_DIR, perturbation, table4, two_pass
-from .optim import find_sharpness_aware
+from .. import USER_DIR, perturbation, two_pass
+from ..errors import ConfigError
+from ..optim import find_sharpness_aware
+from . import recipe
 
 logger = logging.getLogger(__name__)
 
@@ -68,7 +71,7 @@ TARGET_LENGTH_RATIO_RANGE = (0.8, 1.2)
 # Sentences generated per batch needed, over the average that fills one (the rest is slack).
 SENTENCE_SLACK = 1.5
 
-BYTES_PER_MIB = 2 ** 20
+BYTES_PER_MIB = 2**20
 # glibc mallopt: allocations from this size on get their own mapping, unmapped when freed.
 M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3
 MMAP_THRESHOLD_BYTES = 64 * 1024
@@ -91,7 +94,7 @@ TWO_PASS_STEP = "two-pass-step"
 
 
 @dataclass(frozen=True)
-class Preset:
+class BenchmarkPreset:
     args_files: Tuple[str, ...]  # fairseq-train argument files in configs/, applied in order
     dictionary_sizes: Tuple[int, int]  # (source, target), special symbols included
     warmup: int
@@ -101,13 +104,19 @@ class Preset:
 
 LOOKSAM_ALPHA = 0.7  # the reuse weight α of the LookSAM row
 
-PRESETS = {
-    "iwslt": Preset(
-        table4.PRESETS["paper"].args_files, IWSLT14_DICTIONARY_SIZES, warmup=3, timed=5,
+BENCHMARK_PRESETS = {
+    "iwslt": BenchmarkPreset(
+        (recipe.RECIPE_ARGS,),
+        IWSLT14_DICTIONARY_SIZES,
+        warmup=3,
+        timed=5,
         description="transformer_iwslt_de_en, fairseq's IWSLT'14 recipe, 4,096 tokens per batch",
     ),
-    "small": Preset(
-        table4.PRESETS["tiny"].args_files, SMALL_DICTIONARY_SIZES, warmup=3, timed=10,
+    "small": BenchmarkPreset(
+        (recipe.RECIPE_ARGS, recipe.TINY_OVERRIDES_ARGS),
+        SMALL_DICTIONARY_SIZES,
+        warmup=3,
+        timed=10,
         description="the tiny preset's 1-layer, 32-dimensional Transformer, 1,024 tokens per batch",
     ),
 }
@@ -126,11 +135,11 @@ class BenchmarkSpec:
 
     @property
     def warmup_updates(self) -> int:
-        return PRESETS[self.preset].warmup if self.warmup is None else self.warmup
+        return BENCHMARK_PRESETS[self.preset].warmup if self.warmup is None else self.warmup
 
     @property
     def timed_updates(self) -> int:
-        return PRESETS[self.preset].timed if self.timed is None else self.timed
+        return BENCHMARK_PRESETS[self.preset].timed if self.timed is None else self.timed
 
     @property
     def total_updates(self) -> int:
@@ -151,28 +160,45 @@ def rows_for(spec: BenchmarkSpec) -> List[Row]:
         Row("adam", "adam"),
         Row("sam", "sam"),
         Row("asam", "asam"),
-        Row(f"asam-interval-{spec.sam_interval}", "asam", (("--sam-interval", str(spec.sam_interval)),)),
+        Row(
+            f"asam-interval-{spec.sam_interval}",
+            "asam",
+            (("--sam-interval", str(spec.sam_interval)),),
+        ),
         Row("asam-not-started", "asam", (("--sam-start-update", str(spec.total_updates)),)),
-    ] + ([Row(f"asam-looksam-{spec.sam_interval}", "asam", (("--sam-interval", str(spec.sam_interval)),
-                                                          ("--looksam-alpha", str(LOOKSAM_ALPHA))))]
-         if spec.sam_interval >= 2 else [])
+    ] + (
+        [
+            Row(
+                f"asam-looksam-{spec.sam_interval}",
+                "asam",
+                (
+                    ("--sam-interval", str(spec.sam_interval)),
+                    ("--looksam-alpha", str(LOOKSAM_ALPHA)),
+                ),
+            )
+        ]
+        if spec.sam_interval >= 2
+        else []
+    )
 
 
 def check_spec(spec: BenchmarkSpec) -> None:
-    if spec.preset not in PRESETS:
-        raise ValueError(f"--preset must be one of {sorted(PRESETS)}, got {spec.preset!r}")
+    if spec.preset not in BENCHMARK_PRESETS:
+        raise ConfigError(
+            f"--preset must be one of {sorted(BENCHMARK_PRESETS)}, got {spec.preset!r}"
+        )
     if spec.device not in DEVICES:
-        raise ValueError(f"--device must be one of {DEVICES}, got {spec.device!r}")
+        raise ConfigError(f"--device must be one of {DEVICES}, got {spec.device!r}")
     if spec.precision not in PRECISIONS:
-        raise ValueError(f"precision must be one of {PRECISIONS}, got {spec.precision!r}")
+        raise ConfigError(f"precision must be one of {PRECISIONS}, got {spec.precision!r}")
     if spec.precision != "fp32" and spec.device != "cuda":
-        raise ValueError(f"--{spec.precision} needs --device cuda")
+        raise ConfigError(f"--{spec.precision} needs --device cuda")
     if spec.device == "cuda" and not torch.cuda.is_available():
-        raise ValueError("--device cuda: no GPU is visible")
+        raise ConfigError("--device cuda: no GPU is visible")
     if spec.update_freq < 1 or spec.warmup_updates < 0 or spec.sam_interval < 1:
-        raise ValueError("--update-freq and --sam-interval must be >= 1, --warmup >= 0")
+        raise ConfigError("--update-freq and --sam-interval must be >= 1, --warmup >= 0")
     if spec.timed_updates < spec.sam_interval:
-        raise ValueError(
+        raise ConfigError(
             f"--timed ({spec.timed_updates}) must be >= --sam-interval ({spec.sam_interval}): "
             "the interval row needs a sharpness-aware and a plain update among the timed ones"
         )
@@ -184,17 +210,19 @@ def check_spec(spec: BenchmarkSpec) -> None:
 
 
 def training_argv(spec: BenchmarkSpec, row: Row) -> List[str]:
-    preset = PRESETS[spec.preset]
-    files = list(preset.args_files) + [table4.OPTIMIZER_ARGS.format(optimizer=row.optimizer_args)]
-    recipe = [opt for name in files for opt in table4.read_args_file(os.path.join(table4.CONFIG_DIR, name))]
-    own = [("--seed", str(spec.seed)), ("--num-workers", "0"), ("--update-freq", str(spec.update_freq)),
-           ("--user-dir", USER_DIR)]
+    options = recipe.training_options(BENCHMARK_PRESETS[spec.preset].args_files, row.optimizer_args)
+    own = [
+        ("--seed", str(spec.seed)),
+        ("--num-workers", "0"),
+        ("--update-freq", str(spec.update_freq)),
+        ("--user-dir", USER_DIR),
+    ]
     if spec.device == "cpu":
         own.append(("--cpu", None))
     if spec.precision == "fp16":
         own.append(("--fp16", None))
     # The data folder is never read: the dictionaries and batches are generated.
-    return ["<synthetic>"] + table4.merge_options(recipe, own, row.options)
+    return ["<synthetic>"] + recipe.merge_options(options, own, row.options)
 
 
 def synthetic_dictionary(size: int):
@@ -207,7 +235,7 @@ def synthetic_dictionary(size: int):
 
 
 def build_trainer(spec: BenchmarkSpec, row: Row):
-    """fairseq's Trainer for `row`, its model initialized from `spec.seed` like every other row's."""
+    """fairseq's Trainer for `row`; its model is initialized from `spec.seed` as every row's."""
     from fairseq import options
     from fairseq.dataclass.utils import convert_namespace_to_omegaconf
     from fairseq.tasks.translation import TranslationTask
@@ -217,8 +245,10 @@ def build_trainer(spec: BenchmarkSpec, row: Row):
     cfg = convert_namespace_to_omegaconf(args)
     # fairseq-train's --bf16 also means TPU; bf16 alone is common.bf16 (as fairseq-hydra-train).
     cfg.common.bf16 = spec.precision == "bf16"
-    source_size, target_size = PRESETS[spec.preset].dictionary_sizes
-    task = TranslationTask(cfg.task, synthetic_dictionary(source_size), synthetic_dictionary(target_size))
+    source_size, target_size = BENCHMARK_PRESETS[spec.preset].dictionary_sizes
+    task = TranslationTask(
+        cfg.task, synthetic_dictionary(source_size), synthetic_dictionary(target_size)
+    )
     torch.manual_seed(cfg.common.seed)
     model = task.build_model(cfg.model)
     criterion = task.build_criterion(cfg.criterion)
@@ -239,28 +269,41 @@ def synthetic_updates(trainer, spec: BenchmarkSpec) -> List[List[dict]]:
 
     task, cfg = trainer.task, trainer.cfg
     batches_needed = spec.total_updates * spec.update_freq
-    mean_length = MEDIAN_SENTENCE_TOKENS * math.exp(SENTENCE_LENGTH_SIGMA ** 2 / 2)
+    mean_length = MEDIAN_SENTENCE_TOKENS * math.exp(SENTENCE_LENGTH_SIGMA**2 / 2)
     count = math.ceil(batches_needed * cfg.dataset.max_tokens / mean_length * SENTENCE_SLACK)
     rng = np.random.default_rng(spec.seed)
     source_sizes, target_sizes = sentence_lengths(rng, count)
 
     def sentences(sizes, dictionary):
         first, end = dictionary.nspecial, len(dictionary)
-        return [torch.from_numpy(np.append(rng.integers(first, end, n - 1), dictionary.eos())) for n in sizes]
+        return [
+            torch.from_numpy(np.append(rng.integers(first, end, n - 1), dictionary.eos()))
+            for n in sizes
+        ]
 
     dataset = LanguagePairDataset(
-        sentences(source_sizes, task.src_dict), source_sizes, task.src_dict,
-        sentences(target_sizes, task.tgt_dict), target_sizes, task.tgt_dict,
-        left_pad_source=cfg.task.left_pad_source, left_pad_target=cfg.task.left_pad_target,
+        sentences(source_sizes, task.src_dict),
+        source_sizes,
+        task.src_dict,
+        sentences(target_sizes, task.tgt_dict),
+        target_sizes,
+        task.tgt_dict,
+        left_pad_source=cfg.task.left_pad_source,
+        left_pad_target=cfg.task.left_pad_target,
     )
     itr = task.get_batch_iterator(
-        dataset=dataset, max_tokens=cfg.dataset.max_tokens, max_sentences=cfg.dataset.batch_size,
-        seed=spec.seed, disable_iterator_cache=True,
+        dataset=dataset,
+        max_tokens=cfg.dataset.max_tokens,
+        max_sentences=cfg.dataset.batch_size,
+        seed=spec.seed,
+        disable_iterator_cache=True,
     ).next_epoch_itr(shuffle=True)
     batches = [batch for _, batch in zip(range(batches_needed), itr)]
     if len(batches) < batches_needed:
-        raise RuntimeError(f"generated {len(batches)} batches, {batches_needed} needed: raise SENTENCE_SLACK")
-    return [batches[i:i + spec.update_freq] for i in range(0, batches_needed, spec.update_freq)]
+        raise RuntimeError(
+            f"generated {len(batches)} batches, {batches_needed} needed: raise SENTENCE_SLACK"
+        )
+    return [batches[i : i + spec.update_freq] for i in range(0, batches_needed, spec.update_freq)]
 
 
 def parameter_bytes(trainer) -> Dict[str, int]:
@@ -367,8 +410,13 @@ def time_rows(spec: BenchmarkSpec, rows: Sequence[Row]) -> TimedRows:
     updates = synthetic_updates(first, spec)
     names = [row.name for row in rows]
     records: Dict[str, List[UpdateRecord]] = {name: [] for name in names}
-    with patched(perturbation, {PERTURB: functools.partial(timer.timed, PERTURB),
-                                RESTORE: functools.partial(timer.timed, RESTORE)}):
+    with patched(
+        perturbation,
+        {
+            PERTURB: functools.partial(timer.timed, PERTURB),
+            RESTORE: functools.partial(timer.timed, RESTORE),
+        },
+    ):
         for index, samples in enumerate(updates):
             # Each round starts one row later, so that no row always runs first.
             start = index % len(names)
@@ -379,8 +427,12 @@ def time_rows(spec: BenchmarkSpec, rows: Sequence[Row]) -> TimedRows:
                 logger.info("update %d of %d, %s: %.1f s", index + 1, len(updates), name, seconds)
                 if index >= spec.warmup_updates:
                     ntokens = sum(int(sample["ntokens"]) for sample in samples)
-                    records[name].append(UpdateRecord(seconds, dict(timer.seconds), ntokens, perturbed))
-    fractions = {name: sharpness_aware_fraction(spec, trainer) for name, trainer in trainers.items()}
+                    records[name].append(
+                        UpdateRecord(seconds, dict(timer.seconds), ntokens, perturbed)
+                    )
+    fractions = {
+        name: sharpness_aware_fraction(spec, trainer) for name, trainer in trainers.items()
+    }
     return TimedRows(records, fractions, parameter_bytes(first))
 
 
@@ -391,12 +443,14 @@ def amortized(values: Sequence[float], perturbed: Sequence[bool], fraction: floa
         group = [v for v, p in zip(values, perturbed) if p == is_perturbed]
         if weight > 0:
             if not group:
-                raise RuntimeError("no timed update of a kind the row needs: raise --timed")
+                raise ConfigError("no timed update of a kind the row needs: raise --timed")
             total += weight * statistics.median(group)
     return total
 
 
-def summarize(records: Sequence[UpdateRecord], adam: Sequence[UpdateRecord], fraction: float) -> Dict[str, float]:
+def summarize_row(
+    records: Sequence[UpdateRecord], adam: Sequence[UpdateRecord], fraction: float
+) -> Dict[str, float]:
     """Amortized milliseconds per update of the update and each part, tokens per second, and
     the comparisons with Adam.
 
@@ -415,7 +469,9 @@ def summarize(records: Sequence[UpdateRecord], adam: Sequence[UpdateRecord], fra
     overhead = ms([outside(r) - outside(a) for r, a in zip(records, adam)])
     return {
         "update_ms": update,
-        "ratio_to_adam": amortized([r.seconds / a.seconds for r, a in zip(records, adam)], perturbed, fraction),
+        "ratio_to_adam": amortized(
+            [r.seconds / a.seconds for r, a in zip(records, adam)], perturbed, fraction
+        ),
         "forward_ms": ms([r.parts[FORWARD] for r in records]),
         "backward_ms": ms([r.parts[BACKWARD] for r in records]),
         "optimizer_ms": ms([r.parts[OPTIMIZER] for r in records]),
@@ -450,7 +506,9 @@ def release_freed_memory_at_once() -> bool:
         mallopt = ctypes.CDLL("libc.so.6").mallopt
     except (OSError, AttributeError):
         return False
-    return bool(mallopt(M_MMAP_THRESHOLD, MMAP_THRESHOLD_BYTES)) and bool(mallopt(M_TRIM_THRESHOLD, 0))
+    return bool(mallopt(M_MMAP_THRESHOLD, MMAP_THRESHOLD_BYTES)) and bool(
+        mallopt(M_TRIM_THRESHOLD, 0)
+    )
 
 
 def reset_peak_rss() -> None:
@@ -472,7 +530,7 @@ def measure_peak_memory(spec: BenchmarkSpec, row: Row) -> Dict[str, float]:
     """
     tight_rss = spec.device == "cpu" and release_freed_memory_at_once()
     trainer = build_trainer(spec, row)
-    updates = synthetic_updates(trainer, spec)[:memory_updates(spec)]
+    updates = synthetic_updates(trainer, spec)[: memory_updates(spec)]
     if spec.device == "cuda":
         trainer.cuda_env = None  # fairseq would reset the peak statistics after every update
         torch.cuda.synchronize()
@@ -518,7 +576,9 @@ def measure_rows_memory(spec: BenchmarkSpec, rows: Sequence[Row]) -> Dict[str, D
 def cpu_model() -> str:
     try:
         with open("/proc/cpuinfo", encoding="utf-8") as f:
-            return next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
+            return next(
+                line.split(":", 1)[1].strip() for line in f if line.startswith("model name")
+            )
     except (OSError, StopIteration):
         return platform.processor() or platform.machine()
 
@@ -536,24 +596,42 @@ def machine_info(spec: BenchmarkSpec) -> Dict[str, object]:
     return info
 
 
-def check_targets(rows: Dict[str, Dict[str, float]], spec: BenchmarkSpec,
-                  sizes: Dict[str, int]) -> List[Dict[str, object]]:
+def check_targets(
+    rows: Dict[str, Dict[str, float]], spec: BenchmarkSpec, sizes: Dict[str, int]
+) -> List[Dict[str, object]]:
     """The issue's targets (set for transformer_iwslt_de_en) against the measured rows."""
     asam, interval = rows["asam"], rows[f"asam-interval-{spec.sam_interval}"]
     targets = [
         ("ASAM / Adam update time", asam["ratio_to_adam"], MAX_ASAM_TO_ADAM_RATIO, "×"),
-        ("perturbation overhead / ASAM update", asam["overhead_fraction"], MAX_OVERHEAD_FRACTION, ""),
-        (f"--sam-interval {spec.sam_interval} / Adam update time", interval["ratio_to_adam"],
-         MAX_INTERVAL_TO_ADAM_RATIO, "×"),
+        (
+            "perturbation overhead / ASAM update",
+            asam["overhead_fraction"],
+            MAX_OVERHEAD_FRACTION,
+            "",
+        ),
+        (
+            f"--sam-interval {spec.sam_interval} / Adam update time",
+            interval["ratio_to_adam"],
+            MAX_INTERVAL_TO_ADAM_RATIO,
+            "×",
+        ),
     ]
     if "extra_memory_bytes" in asam:
         budget = sizes["fp32_copy"] + (sizes["gradient_stash"] if spec.update_freq > 1 else 0)
         stash = " + the gradient stash" if spec.update_freq > 1 else ""
         for name in ("sam", "asam"):
-            targets.append((f"{name.upper()} extra peak memory over Adam / (one fp32 copy{stash})",
-                            rows[name]["extra_memory_bytes"] / budget, 1.0 + MEMORY_TOLERANCE, "×"))
-    return [{"target": name, "measured": value, "limit": limit, "unit": unit, "met": value <= limit}
-            for name, value, limit, unit in targets]
+            targets.append(
+                (
+                    f"{name.upper()} extra peak memory over Adam / (one fp32 copy{stash})",
+                    rows[name]["extra_memory_bytes"] / budget,
+                    1.0 + MEMORY_TOLERANCE,
+                    "×",
+                )
+            )
+    return [
+        {"target": name, "measured": value, "limit": limit, "unit": unit, "met": value <= limit}
+        for name, value, limit, unit in targets
+    ]
 
 
 def run_benchmark(spec: BenchmarkSpec, measure_memory: bool = True) -> Dict[str, object]:
@@ -564,57 +642,106 @@ def run_benchmark(spec: BenchmarkSpec, measure_memory: bool = True) -> Dict[str,
     timed = time_rows(spec, rows)
     load_after = os.getloadavg()
     sizes = timed.sizes
-    summary = {name: summarize(records, timed.records["adam"], timed.fractions[name])
-               for name, records in timed.records.items()}
+    summary = {
+        name: summarize_row(records, timed.records["adam"], timed.fractions[name])
+        for name, records in timed.records.items()
+    }
     if measure_memory:
         memory = measure_rows_memory(spec, rows)
         for name, row in summary.items():
             row.update(memory[name])
-            row["extra_memory_bytes"] = memory[name]["peak_increase_bytes"] - memory["adam"]["peak_increase_bytes"]
+            row["extra_memory_bytes"] = (
+                memory[name]["peak_increase_bytes"] - memory["adam"]["peak_increase_bytes"]
+            )
     return {
-        "spec": {**asdict(spec), "warmup_updates": spec.warmup_updates, "timed_updates": spec.timed_updates,
-                 "memory_updates": memory_updates(spec) if measure_memory else 0},
-        "preset": PRESETS[spec.preset].description,
+        "spec": {
+            **asdict(spec),
+            "warmup_updates": spec.warmup_updates,
+            "timed_updates": spec.timed_updates,
+            "memory_updates": memory_updates(spec) if measure_memory else 0,
+        },
+        "preset": BENCHMARK_PRESETS[spec.preset].description,
         "machine": machine_info(spec),
         "load_average_before": load_before,
         "load_average_after": load_after,
         "parameter_bytes": sizes,
-        "rows": [{"name": row.name, "optimizer": row.optimizer_args, "options": [" ".join(o) for o in row.options],
-                  **summary[row.name]}
-                 for row in rows],
+        "rows": [
+            {
+                "name": row.name,
+                "optimizer": row.optimizer_args,
+                "options": [" ".join(o) for o in row.options],
+                **summary[row.name],
+            }
+            for row in rows
+        ],
         "targets": check_targets(summary, spec, sizes),
     }
 
 
-def format_report(result: Dict[str, object]) -> str:
+def format_benchmark(result: Dict[str, object]) -> str:
     spec, sizes = result["spec"], result["parameter_bytes"]
-    header = ["row", "update ms", "×Adam", "fwd ms", "bwd ms", "opt ms", "outside ms",
-              "overhead ms", "overhead %", "perturb+restore ms", "tokens/s", "peak Δ MiB", "extra MiB"]
+    header = [
+        "row",
+        "update ms",
+        "×Adam",
+        "fwd ms",
+        "bwd ms",
+        "opt ms",
+        "outside ms",
+        "overhead ms",
+        "overhead %",
+        "perturb+restore ms",
+        "tokens/s",
+        "peak Δ MiB",
+        "extra MiB",
+    ]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for row in result["rows"]:
-        memory = [f"{row[k] / BYTES_PER_MIB:.0f}" if k in row else "-"
-                  for k in ("peak_increase_bytes", "extra_memory_bytes")]
-        cells = [row["name"], f"{row['update_ms']:.1f}", f"{row['ratio_to_adam']:.3f}", f"{row['forward_ms']:.1f}",
-                 f"{row['backward_ms']:.1f}", f"{row['optimizer_ms']:.1f}", f"{row['outside_ms']:.1f}",
-                 f"{row['overhead_ms']:.1f}", f"{100 * row['overhead_fraction']:.2f}",
-                 f"{row['perturb_restore_ms']:.1f}", f"{row['tokens_per_s']:.0f}"] + memory
+        memory = [
+            f"{row[k] / BYTES_PER_MIB:.0f}" if k in row else "-"
+            for k in ("peak_increase_bytes", "extra_memory_bytes")
+        ]
+        cells = [
+            row["name"],
+            f"{row['update_ms']:.1f}",
+            f"{row['ratio_to_adam']:.3f}",
+            f"{row['forward_ms']:.1f}",
+            f"{row['backward_ms']:.1f}",
+            f"{row['optimizer_ms']:.1f}",
+            f"{row['outside_ms']:.1f}",
+            f"{row['overhead_ms']:.1f}",
+            f"{100 * row['overhead_fraction']:.2f}",
+            f"{row['perturb_restore_ms']:.1f}",
+            f"{row['tokens_per_s']:.0f}",
+        ] + memory
         lines.append("| " + " | ".join(cells) + " |")
     lines.append("")
-    lines.append(f"{result['preset']}; {spec['device']} {spec['precision']}, --update-freq {spec['update_freq']}, "
-                 f"{spec['warmup_updates']} warm-up + {spec['timed_updates']} timed updates per row, interleaved; "
-                 f"{sizes['parameters']:,} parameters (one fp32 copy = {sizes['fp32_copy'] / BYTES_PER_MIB:.0f} MiB).")
+    lines.append(
+        f"{result['preset']}; {spec['device']} {spec['precision']}, "
+        f"--update-freq {spec['update_freq']}, {spec['warmup_updates']} warm-up + "
+        f"{spec['timed_updates']} timed updates per row, interleaved; {sizes['parameters']:,} "
+        f"parameters (one fp32 copy = {sizes['fp32_copy'] / BYTES_PER_MIB:.0f} MiB)."
+    )
     if spec["memory_updates"]:
-        lines.append(f"peak memory: {result['rows'][0]['memory_measure']}, over the first {spec['memory_updates']} "
-                     "updates, in a fresh process per row.")
-    lines.append(f"load average (1, 5, 15 min) before {tuple(round(x, 2) for x in result['load_average_before'])}, "
-                 f"after {tuple(round(x, 2) for x in result['load_average_after'])}; "
-                 f"{result['machine']['cpu_count']} CPUs ({result['machine']['processor']}), "
-                 f"{result['machine']['torch_threads']} torch threads.")
+        lines.append(
+            f"peak memory: {result['rows'][0]['memory_measure']}, "
+            f"over the first {spec['memory_updates']} "
+            "updates, in a fresh process per row."
+        )
+    lines.append(
+        "load average (1, 5, 15 min) before "
+        f"{tuple(round(x, 2) for x in result['load_average_before'])}, "
+        f"after {tuple(round(x, 2) for x in result['load_average_after'])}; "
+        f"{result['machine']['cpu_count']} CPUs ({result['machine']['processor']}), "
+        f"{result['machine']['torch_threads']} torch threads."
+    )
     lines.append("")
     for target in result["targets"]:
         mark = "met" if target["met"] else "NOT met"
-        lines.append(f"- {target['target']}: {target['measured']:.4g}{target['unit']} "
-                     f"(target <= {target['limit']:.4g}{target['unit']}): {mark}")
+        lines.append(
+            f"- {target['target']}: {target['measured']:.4g}{target['unit']} "
+            f"(target <= {target['limit']:.4g}{target['unit']}): {mark}"
+        )
     return "\n".join(lines)
 
 
@@ -622,7 +749,16 @@ def format_report(result: Dict[str, object]) -> str:
 # Profile of one sharpness-aware update
 # --------------------------------------------------------------------------------------------
 
-PROFILED_RANGES = (FORWARD, BACKWARD, PERTURB, RESTORE, "reduce-grads", "multiply-grads", "clip-grads", OPTIMIZER)
+PROFILED_RANGES = (
+    FORWARD,
+    BACKWARD,
+    PERTURB,
+    RESTORE,
+    "reduce-grads",
+    "multiply-grads",
+    "clip-grads",
+    OPTIMIZER,
+)
 
 
 def profile_update(spec: BenchmarkSpec, row_name: str = "asam") -> Dict[str, object]:
@@ -639,7 +775,7 @@ def profile_update(spec: BenchmarkSpec, row_name: str = "asam") -> Dict[str, obj
     trainer = build_trainer(spec, row)
     updates = synthetic_updates(trainer, spec)
     synchronize = PartTimer(spec.device).synchronize
-    for samples in updates[:spec.warmup_updates]:
+    for samples in updates[: spec.warmup_updates]:
         trainer.train_step(samples)
 
     def ranged(name):
@@ -648,13 +784,15 @@ def profile_update(spec: BenchmarkSpec, row_name: str = "asam") -> Dict[str, obj
             def wrapper(*args, **kwargs):
                 with record_function(name):
                     return fn(*args, **kwargs)
+
             return wrapper
+
         return wrap
 
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if spec.device == "cuda" else [])
-    with patched(perturbation, {PERTURB: ranged(PERTURB), RESTORE: ranged(RESTORE)}), \
-            patched(two_pass, {"sharpness_aware_train_step": ranged(TWO_PASS_STEP)}), \
-            profile(activities=activities) as prof:
+    with patched(perturbation, {PERTURB: ranged(PERTURB), RESTORE: ranged(RESTORE)}), patched(
+        two_pass, {"sharpness_aware_train_step": ranged(TWO_PASS_STEP)}
+    ), profile(activities=activities) as prof:
         seconds, _ = run_update(trainer, updates[spec.warmup_updates], synchronize)
     events = prof.events()
     ranges: Dict[str, float] = {}
@@ -675,15 +813,24 @@ def profile_update(spec: BenchmarkSpec, row_name: str = "asam") -> Dict[str, obj
         "update_ms": 1e3 * seconds,
         "ranges_ms": ranges,
         "two_pass_bookkeeping_ms": ranges.get(TWO_PASS_STEP, 0.0) - step_ranges,
-        "operators_ms": {name: dict(sorted(ops.items(), key=lambda kv: -kv[1])) for name, ops in operators.items()},
+        "operators_ms": {
+            name: dict(sorted(ops.items(), key=lambda kv: -kv[1]))
+            for name, ops in operators.items()
+        },
     }
 
 
 def format_profile(profile_result: Dict[str, object]) -> str:
-    lines = [f"profile of one {profile_result['row']} update ({profile_result['update_ms']:.1f} ms under the profiler):"]
+    lines = [
+        f"profile of one {profile_result['row']} update "
+        f"({profile_result['update_ms']:.1f} ms under the profiler):"
+    ]
     for name, ms in profile_result["ranges_ms"].items():
         lines.append(f"  {name:<16} {ms:10.2f} ms")
-    lines.append(f"  two-pass step outside passes/perturb/restore: {profile_result['two_pass_bookkeeping_ms']:.2f} ms")
+    lines.append(
+        "  two-pass step outside passes/perturb/restore: "
+        f"{profile_result['two_pass_bookkeeping_ms']:.2f} ms"
+    )
     for part, ops in profile_result["operators_ms"].items():
         lines.append(f"  inside {part}:")
         lines.extend(f"    {op:<32} {ms:8.2f} ms" for op, ms in ops.items())

@@ -1,16 +1,17 @@
-"""Table 4 from the runs of fairseq_asam.table4: BLEU per optimizer next to the paper's, and plots.
+"""Table 4 from the runs of experiments.runner: BLEU per optimizer next to the paper's, and plots.
 
-Reads `<out>/runs/<optimizer>-seed<k>/results.json` (fairseq_asam.evaluation) and `train.log`
+Reads `<out>/runs/<optimizer>-seed<k>/results.json` (experiments.evaluation) and `train.log`
 (fairseq-train with --log-format json; fairseq's `... | valid | {...}` lines or hydra's
 `[...][valid][INFO] - {...}` lines) and writes into the report folder:
 
 * `table4.md`, `table4.csv`: valid and test BLEU (tokenized, the paper's metric) mean ± sample
   standard deviation over seeds per optimizer, the paper's numbers, detokenized sacreBLEU, and
   the adaptive sharpness of the evaluated checkpoints where a results.json has a `sharpness`
-  entry (fairseq_asam.sharpness's report, or a number);
+  entry (experiments.sharpness's report, or a number);
 * `valid_loss.png`, `valid_bleu.png` (runs trained with --eval-bleu), `sharpness.png` (the
   `sharpness` logged by SAM/ASAM on train_inner lines): one line per run against updates.
 """
+
 import csv
 import io
 import json
@@ -18,11 +19,12 @@ import logging
 import os
 import re
 import statistics
-import tempfile
 from dataclasses import dataclass
 from typing import Callable, Dict, List, Optional, Sequence
 
+from ..errors import FairseqAsamError
 from .evaluation import RESULTS_NAME
+from .files import atomic_output, write_text
 
 logger = logging.getLogger(__name__)
 
@@ -49,18 +51,21 @@ PAPER_TABLE4 = {
 
 # fairseq's simple/json log line, and the same record as logged under fairseq-hydra-train.
 LOG_RECORD = re.compile(
-    r"(?:\| (?P<tag>train_inner|valid|train) \| |\]\[(?P<hydra_tag>train_inner|valid|train)\]\[\w+\] - )(?P<record>\{.*\})\s*$"
+    r"(?:\| (?P<tag>train_inner|valid|train) \| "
+    r"|\]\[(?P<hydra_tag>train_inner|valid|train)\]\[\w+\] - )(?P<record>\{.*\})\s*$"
 )
 # (record tag, key of the x axis, key of the y axis, file, y label) of each plot.
 PLOTS = (
     ("valid", "valid_num_updates", "valid_loss", "valid_loss.png", "validation loss (base 2)"),
     ("valid", "valid_num_updates", "valid_bleu", "valid_bleu.png", "validation BLEU (--eval-bleu)"),
-    ("train_inner", "num_updates", "sharpness", "sharpness.png", "sharpness L(w+ε) − L(w) (base 2)"),
+    (
+        "train_inner",
+        "num_updates",
+        "sharpness",
+        "sharpness.png",
+        "sharpness L(w+ε) − L(w) (base 2)",
+    ),
 )
-
-
-class ReportError(Exception):
-    """A missing folder or an unreadable results file; the message names it."""
 
 
 # --------------------------------------------------------------------------------------------
@@ -81,7 +86,11 @@ def parse_train_log(path: str) -> Dict[str, List[dict]]:
     A resumed run logs some updates twice: the last record of an update number wins.
     """
     records: Dict[str, Dict[float, dict]] = {"train_inner": {}, "valid": {}, "train": {}}
-    update_key = {"train_inner": "num_updates", "valid": "valid_num_updates", "train": "train_num_updates"}
+    update_key = {
+        "train_inner": "num_updates",
+        "valid": "valid_num_updates",
+        "train": "train_num_updates",
+    }
     with open(path, encoding="utf-8", errors="replace") as f:
         for line in f:
             match = LOG_RECORD.search(line)
@@ -99,7 +108,7 @@ def parse_train_log(path: str) -> Dict[str, List[dict]]:
 def run_directories(out_dir: str) -> List[str]:
     runs_dir = os.path.join(out_dir, RUNS_FOLDER)
     if not os.path.isdir(runs_dir):
-        raise ReportError(f"no runs folder: {runs_dir}")
+        raise FairseqAsamError(f"no runs folder: {runs_dir}")
     return sorted(os.path.join(runs_dir, n) for n in os.listdir(runs_dir) if RUN_NAME.match(n))
 
 
@@ -114,12 +123,12 @@ def load_results(out_dir: str) -> List[dict]:
             with open(path, encoding="utf-8") as f:
                 results.append({**json.load(f), "run_dir": run_dir})
         except json.JSONDecodeError as error:
-            raise ReportError(f"{path} is not valid JSON: {error}") from error
+            raise FairseqAsamError(f"{path} is not valid JSON: {error}") from error
     return results
 
 
 def adaptive_sharpness(results: dict) -> Optional[float]:
-    """The run's measured adaptive sharpness: a number, or fairseq_asam.sharpness's report."""
+    """The run's measured adaptive sharpness: a number, or experiments.sharpness's report."""
     entry = results.get("sharpness")
     if isinstance(entry, (int, float)):
         return float(entry)
@@ -181,7 +190,8 @@ def optimizer_order(name: str):
     return (known.index(name), "") if name in known else (len(known), name)
 
 
-def summarize(results: Sequence[dict]) -> List[OptimizerSummary]:
+def summarize_runs(results: Sequence[dict]) -> List[OptimizerSummary]:
+    """Per optimizer (in the paper's row order): its seeds and the Stat of every metric."""
     by_optimizer: Dict[str, List[dict]] = {}
     for r in results:
         by_optimizer.setdefault(r["optimizer"], []).append(r)
@@ -191,7 +201,9 @@ def summarize(results: Sequence[dict]) -> List[OptimizerSummary]:
             sorted(r["seed"] for r in runs),
             {key: Stat.of([metric(r) for r in runs]) for key, metric in METRICS.items()},
         )
-        for optimizer, runs in sorted(by_optimizer.items(), key=lambda item: optimizer_order(item[0]))
+        for optimizer, runs in sorted(
+            by_optimizer.items(), key=lambda item: optimizer_order(item[0])
+        )
     ]
 
 
@@ -209,10 +221,18 @@ def _value(value: Optional[float], digits: int = 2) -> str:
 
 
 def markdown_table(results: Sequence[dict]) -> str:
-    summaries = summarize(results)
+    summaries = summarize_runs(results)
     with_sharpness = any(s.stats["adaptive_sharpness"] for s in summaries)
-    header = ["Optimizer", "Seeds", "Valid BLEU", "Test BLEU", "Paper valid", "Paper test",
-              "Valid sacreBLEU", "Test sacreBLEU"] + (["Adaptive sharpness"] if with_sharpness else [])
+    header = [
+        "Optimizer",
+        "Seeds",
+        "Valid BLEU",
+        "Test BLEU",
+        "Paper valid",
+        "Paper test",
+        "Valid sacreBLEU",
+        "Test sacreBLEU",
+    ] + (["Adaptive sharpness"] if with_sharpness else [])
     lines = [
         "# Table 4: IWSLT'14 De→En, Transformer",
         "",
@@ -225,23 +245,46 @@ def markdown_table(results: Sequence[dict]) -> str:
     for s in summaries:
         paper = PAPER_TABLE4.get(s.optimizer)
         cells = [
-            s.label, ",".join(map(str, s.seeds)), _cell(s.stats["valid_bleu"]), _cell(s.stats["test_bleu"]),
-            _value(paper.valid_bleu if paper else None), _value(paper.test_bleu if paper else None),
-            _cell(s.stats["valid_sacrebleu"]), _cell(s.stats["test_sacrebleu"]),
+            s.label,
+            ",".join(map(str, s.seeds)),
+            _cell(s.stats["valid_bleu"]),
+            _cell(s.stats["test_bleu"]),
+            _value(paper.valid_bleu if paper else None),
+            _value(paper.test_bleu if paper else None),
+            _cell(s.stats["valid_sacrebleu"]),
+            _cell(s.stats["test_sacrebleu"]),
         ] + ([_cell(s.stats["adaptive_sharpness"], 4)] if with_sharpness else [])
         lines.append("| " + " | ".join(cells) + " |")
 
-    run_header = ["Run", "Checkpoint", "Valid BLEU", "Test BLEU", "Valid sacreBLEU", "Test sacreBLEU"]
+    run_header = [
+        "Run",
+        "Checkpoint",
+        "Valid BLEU",
+        "Test BLEU",
+        "Valid sacreBLEU",
+        "Test sacreBLEU",
+    ]
     run_header += ["Adaptive sharpness"] if with_sharpness else []
-    lines += ["", "## Runs", "", "| " + " | ".join(run_header) + " |", "|" + "---|" * len(run_header)]
+    lines += [
+        "",
+        "## Runs",
+        "",
+        "| " + " | ".join(run_header) + " |",
+        "|" + "---|" * len(run_header),
+    ]
     for r in sorted(results, key=lambda r: (optimizer_order(r["optimizer"]), r["seed"])):
         cells = [
-            os.path.basename(r["run_dir"]), r.get("checkpoint", {}).get("choice", "–"),
-            _value(METRICS["valid_bleu"](r)), _value(METRICS["test_bleu"](r)),
-            _value(METRICS["valid_sacrebleu"](r)), _value(METRICS["test_sacrebleu"](r)),
+            os.path.basename(r["run_dir"]),
+            r.get("checkpoint", {}).get("choice", "–"),
+            _value(METRICS["valid_bleu"](r)),
+            _value(METRICS["test_bleu"](r)),
+            _value(METRICS["valid_sacrebleu"](r)),
+            _value(METRICS["test_sacrebleu"](r)),
         ] + ([_value(adaptive_sharpness(r), 4)] if with_sharpness else [])
         lines.append("| " + " | ".join(cells) + " |")
-    signatures = sorted({r[s]["sacrebleu_signature"] for r in results for s in ("valid", "test") if s in r})
+    signatures = sorted(
+        {r[s]["sacrebleu_signature"] for r in results for s in ("valid", "test") if s in r}
+    )
     if signatures:
         lines += ["", "sacreBLEU signature: " + "; ".join(f"`{sig}`" for sig in signatures)]
     return "\n".join(lines) + "\n"
@@ -254,30 +297,30 @@ def csv_table(results: Sequence[dict]) -> str:
         ["optimizer", "label", "seeds", "paper_valid_bleu", "paper_test_bleu"]
         + [f"{key}_{part}" for key in METRICS for part in ("mean", "std")]
     )
-    for s in summarize(results):
+    for s in summarize_runs(results):
         paper = PAPER_TABLE4.get(s.optimizer)
-        row = [s.optimizer, s.label, " ".join(map(str, s.seeds)),
-               paper.valid_bleu if paper else "", paper.test_bleu if paper else ""]
+        row = [
+            s.optimizer,
+            s.label,
+            " ".join(map(str, s.seeds)),
+            paper.valid_bleu if paper else "",
+            paper.test_bleu if paper else "",
+        ]
         for key in METRICS:
             stat = s.stats[key]
-            row += ["", ""] if stat is None else [round(stat.mean, 4), "" if stat.std is None else round(stat.std, 4)]
+            row += (
+                ["", ""]
+                if stat is None
+                else [round(stat.mean, 4), "" if stat.std is None else round(stat.std, 4)]
+            )
         writer.writerow(row)
     return out.getvalue()
 
 
-def _write_text_atomic(text: str, path: str) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", dir=os.path.dirname(os.path.abspath(path)))
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        os.unlink(tmp)
-        raise
-
-
-def plot_curves(logs: Dict[str, Dict[str, List[dict]]], tag: str, x_key: str, y_key: str, ylabel: str, path: str) -> bool:
-    """One line per run (colour per optimizer) of `y_key` against `x_key`; False if no run logged it."""
+def plot_curves(
+    logs: Dict[str, Dict[str, List[dict]]], tag: str, x_key: str, y_key: str, ylabel: str, path: str
+) -> bool:
+    """One line per run (colour per optimizer) of `y_key` against `x_key`; False if none did."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -285,12 +328,17 @@ def plot_curves(logs: Dict[str, Dict[str, List[dict]]], tag: str, x_key: str, y_
 
     series = {}
     for run_name, log in logs.items():
-        points = [(r[x_key], r[y_key]) for r in log[tag] if isinstance(r.get(y_key), float) and x_key in r]
+        points = [
+            (r[x_key], r[y_key]) for r in log[tag] if isinstance(r.get(y_key), float) and x_key in r
+        ]
         if points:
             series[run_name] = points
     if not series:
         return False
-    optimizers = sorted({RUN_NAME.match(n).group("optimizer") for n in series} | set(PAPER_TABLE4), key=optimizer_order)
+    optimizers = sorted(
+        {RUN_NAME.match(n).group("optimizer") for n in series} | set(PAPER_TABLE4),
+        key=optimizer_order,
+    )
     colours = {o: f"C{i}" for i, o in enumerate(optimizers)}  # the same in every plot
     figure, axes = plt.subplots(figsize=(7, 4.5))
     labelled = set()
@@ -301,24 +349,31 @@ def plot_curves(logs: Dict[str, Dict[str, List[dict]]], tag: str, x_key: str, y_
 
     for run_name, points in sorted(series.items(), key=run_order):
         optimizer = RUN_NAME.match(run_name).group("optimizer")
-        label = None if optimizer in labelled else (PAPER_TABLE4[optimizer].label if optimizer in PAPER_TABLE4 else optimizer)
+        label = (
+            None
+            if optimizer in labelled
+            else (PAPER_TABLE4[optimizer].label if optimizer in PAPER_TABLE4 else optimizer)
+        )
         labelled.add(optimizer)
         xs, ys = zip(*points)
-        axes.plot(xs, ys, color=colours[optimizer], alpha=0.8, label=label, marker="." if len(xs) < 30 else None)
+        axes.plot(
+            xs,
+            ys,
+            color=colours[optimizer],
+            alpha=0.8,
+            label=label,
+            marker="." if len(xs) < 30 else None,
+        )
     axes.set_xlabel("updates")
     axes.set_ylabel(ylabel)
     axes.grid(alpha=0.3)
     axes.legend()
     figure.tight_layout()
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".png", dir=os.path.dirname(os.path.abspath(path)))
-    os.close(fd)
     try:
-        figure.savefig(tmp, format="png", dpi=120)
-        os.replace(tmp, path)
+        with atomic_output(path) as temporary:
+            figure.savefig(temporary, format="png", dpi=120)
     finally:
         plt.close(figure)
-        if os.path.exists(tmp):
-            os.unlink(tmp)
     return True
 
 
@@ -334,9 +389,12 @@ def write_report(out_dir: str, report_dir: Optional[str] = None) -> Dict[str, st
     os.makedirs(report_dir, exist_ok=True)
     written = {}
     if results:
-        for name, text in ((TABLE_MARKDOWN, markdown_table(results)), (TABLE_CSV, csv_table(results))):
+        for name, text in (
+            (TABLE_MARKDOWN, markdown_table(results)),
+            (TABLE_CSV, csv_table(results)),
+        ):
             written[name] = os.path.join(report_dir, name)
-            _write_text_atomic(text, written[name])
+            write_text(written[name], text)
     else:
         logger.warning(f"no {RESULTS_NAME} under {os.path.join(out_dir, RUNS_FOLDER)}: no table")
     for tag, x_key, y_key, file_name, ylabel in PLOTS:

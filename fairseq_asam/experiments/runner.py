@@ -1,17 +1,18 @@
 """Table 4 of Kwon et al. (ICML 2021), IWSLT'14 De->En: the grid of runs, from data to report.
 
-    <out>/data/                       prepare_iwslt14's work folder (data-bin inside)
+    <out>/data/                       the preparation's work folder (data-bin inside)
     <out>/runs/<optimizer>-seed<k>/   one run: command.txt, train.log, checkpoints/,
                                       generate-{valid,test}.txt, results.json
-    <out>/report/                     table4.md, table4.csv, plots (fairseq_asam.report)
+    <out>/report/                     table4.md, table4.csv, plots (experiments.report)
 
-Settings come from the fairseq-train argument files in configs/ (`PRESETS` says which): the
+Settings come from the fairseq-train argument files in configs/ (`TABLE4_PRESETS` says which): the
 recipe, then the preset's overrides, then the optimizer's file, then what the run itself sets
 (data, --save-dir, --seed, --user-dir).  Resumable: a run with a results.json is skipped; a run
 without one trains with the same --save-dir, so fairseq continues from checkpoint_last.pt (or
 skips training if `training.done` says it finished), then it is evaluated.  On GPUs the runs
 go one per GPU in parallel (CUDA_VISIBLE_DEVICES); on a CPU one after the other.
 """
+
 import logging
 import math
 import os
@@ -23,30 +24,24 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Dict, List, Optional, Sequence, Tuple
 
-from . import USER_DIR, evaluation, iwslt14, report, sharpness
+from .. import USER_DIR
+from ..errors import ConfigError, FairseqAsamError
+from . import evaluation, prepare, recipe, report, sharpness, synthetic_data
 
 logger = logging.getLogger(__name__)
 
 OPTIMIZERS = ("adam", "sam", "asam")
 # Cheaper schedules beyond the paper (configs/iwslt14_de_en/<name>.args): rows on request only.
 SCHEDULE_ROWS = ("asam_interval5", "asam_looksam5", "asam_late")
-CONFIG_DIR = os.path.join(os.path.dirname(USER_DIR), "configs")
-RECIPE_ARGS = "iwslt14_de_en/common.args"
-OPTIMIZER_ARGS = "iwslt14_de_en/{optimizer}.args"
-EVAL_BLEU_ARGS = "iwslt14_de_en/eval_bleu.args"
 DATA_FOLDER = "data"
 CHECKPOINTS_FOLDER = "checkpoints"
 COMMAND_FILE, TRAINING_DONE = "command.txt", "training.done"
-DATA_BIN_NAME = os.path.join("data-bin", iwslt14.PREP_NAME)
-
-
-class Table4Error(Exception):
-    """Bad input (flag, file) or a failed run; the message names the flag or the file."""
+DATA_BIN_NAME = os.path.join("data-bin", prepare.PREP_NAME)
 
 
 @dataclass(frozen=True)
 class SampleArchive:
-    """A generated de-en.tgz in the real IWSLT'14 layout (iwslt14.build_sample_archive)."""
+    """A generated de-en.tgz in the real IWSLT'14 layout (synthetic_data.build_sample_archive)."""
 
     n_train: int
     n_dev: int
@@ -54,7 +49,7 @@ class SampleArchive:
 
 
 @dataclass(frozen=True)
-class Preset:
+class Table4Preset:
     name: str
     args_files: Tuple[str, ...]  # relative to the config folder, applied in order
     seeds: Tuple[int, ...]
@@ -67,15 +62,24 @@ class Preset:
     cpu_threads: Optional[int] = None
 
 
-PRESETS = {
-    "paper": Preset(
-        "paper", (RECIPE_ARGS,), seeds=(1, 2, 3), bpe_merges=iwslt14.DEFAULT_BPE_MERGES,
-        checkpoint="best", description="Table 4 as published: needs --archive (the IWSLT'14 de-en.tgz) and GPUs",
+TABLE4_PRESETS = {
+    "paper": Table4Preset(
+        "paper",
+        (recipe.RECIPE_ARGS,),
+        seeds=(1, 2, 3),
+        bpe_merges=prepare.DEFAULT_BPE_MERGES,
+        checkpoint="best",
+        description="Table 4 as published: needs --archive (the IWSLT'14 de-en.tgz) and GPUs",
     ),
-    "tiny": Preset(
-        "tiny", (RECIPE_ARGS, "tiny/overrides.args"), seeds=(1,), bpe_merges=500, checkpoint="best",
-        sample_archive=SampleArchive(n_train=2000, n_dev=40), cpu_threads=1,
-        description="the same pipeline on a generated sample archive with a tiny Transformer, on a CPU",
+    "tiny": Table4Preset(
+        "tiny",
+        (recipe.RECIPE_ARGS, recipe.TINY_OVERRIDES_ARGS),
+        seeds=(1,),
+        bpe_merges=500,
+        checkpoint="best",
+        sample_archive=SampleArchive(n_train=2000, n_dev=40),
+        cpu_threads=1,
+        description="the same pipeline on a generated sample archive, a tiny Transformer, a CPU",
     ),
 }
 
@@ -98,75 +102,38 @@ class Run:
 def parse_optimizers(text: str) -> Tuple[str, ...]:
     choices = ",".join(OPTIMIZERS + SCHEDULE_ROWS)
     if not text.strip():
-        raise Table4Error(f"--optimizers: empty list; choose from {choices}")
+        raise ConfigError(f"--optimizers: empty list; choose from {choices}")
     names = tuple(name.strip() for name in text.split(","))
     unknown = [name for name in names if name not in OPTIMIZERS + SCHEDULE_ROWS]
     if unknown:
-        raise Table4Error(f"--optimizers: unknown {', '.join(map(repr, unknown))}; choose from {choices}")
+        raise ConfigError(
+            f"--optimizers: unknown {', '.join(map(repr, unknown))}; choose from {choices}"
+        )
     if len(set(names)) != len(names):
-        raise Table4Error(f"--optimizers: {text!r} names an optimizer twice")
+        raise ConfigError(f"--optimizers: {text!r} names an optimizer twice")
     return names
 
 
 def parse_seeds(text: str) -> Tuple[int, ...]:
     parts = [part.strip() for part in text.split(",")]
     if not all(part.isdigit() and int(part) >= 1 for part in parts):
-        raise Table4Error(f"--seeds must be a comma-separated list of integers >= 1, got {text!r}")
+        raise ConfigError(f"--seeds must be a comma-separated list of integers >= 1, got {text!r}")
     seeds = tuple(int(part) for part in parts)
     if len(set(seeds)) != len(seeds):
-        raise Table4Error(f"--seeds: {text!r} names a seed twice")
+        raise ConfigError(f"--seeds: {text!r} names a seed twice")
     return seeds
 
 
 # --------------------------------------------------------------------------------------------
-# fairseq-train argument files
+# fairseq-train commands
 # --------------------------------------------------------------------------------------------
 
 
-def read_args_file(path: str) -> List[Tuple[str, Optional[str]]]:
-    """The options of an argument file: one `--flag [value]` per line, '#' comments.
-
-    The value is the rest of the line (it may hold spaces: `--adam-betas (0.9, 0.98)`).
-    """
-    if not os.path.isfile(path):
-        raise Table4Error(f"argument file not found: {path}")
-    options = []
-    with open(path, encoding="utf-8") as f:
-        for number, line in enumerate(f, 1):
-            line = line.strip()
-            if not line or line.startswith("#"):
-                continue
-            flag, _, value = line.partition(" ")
-            if not flag.startswith("--"):
-                raise Table4Error(f"{path}:{number}: expected '--flag [value]', got {line!r}")
-            options.append((flag, value.strip() or None))
-    return options
-
-
-def merge_options(*option_lists: Sequence[Tuple[str, Optional[str]]]) -> List[str]:
-    """argv from option lists, a later list's flag replacing an earlier one in place."""
-    merged: Dict[str, Optional[str]] = {}
-    for options in option_lists:
-        for flag, value in options:
-            merged[flag] = value
-    argv = []
-    for flag, value in merged.items():
-        argv += [flag] if value is None else [flag, value]
-    return argv
-
-
-def training_options(
-    preset: Preset, optimizer: str, config_dir: str = CONFIG_DIR, eval_bleu: bool = False
-) -> List[Tuple[str, Optional[str]]]:
-    """The experiment's options for `optimizer` (without data, --save-dir, --seed, --user-dir)."""
-    files = list(preset.args_files) + [OPTIMIZER_ARGS.format(optimizer=optimizer)]
-    if eval_bleu:
-        files.append(EVAL_BLEU_ARGS)
-    return [option for name in files for option in read_args_file(os.path.join(config_dir, name))]
-
-
 def train_command(
-    data_bin: str, run_dir: str, run: Run, options: Sequence[Tuple[str, Optional[str]]],
+    data_bin: str,
+    run_dir: str,
+    run: Run,
+    options: Sequence[Tuple[str, Optional[str]]],
     overrides: Sequence[Tuple[str, Optional[str]]] = (),
 ) -> List[str]:
     own = [
@@ -174,7 +141,9 @@ def train_command(
         ("--seed", str(run.seed)),
         ("--user-dir", USER_DIR),
     ]
-    return [sys.executable, "-m", "fairseq_cli.train", data_bin] + merge_options(options, overrides, own)
+    return [sys.executable, "-m", "fairseq_cli.train", data_bin] + recipe.merge_options(
+        options, overrides, own
+    )
 
 
 # --------------------------------------------------------------------------------------------
@@ -185,7 +154,7 @@ def train_command(
 @dataclass
 class GridConfig:
     out_dir: str
-    preset: Preset
+    preset: Table4Preset
     optimizers: Tuple[str, ...] = OPTIMIZERS
     seeds: Optional[Tuple[int, ...]] = None  # None: the preset's
     archive: Optional[str] = None
@@ -195,7 +164,7 @@ class GridConfig:
     eval_bleu: bool = False
     checkpoint: Optional[str] = None  # None: the preset's
     sharpness_rho: Optional[float] = None  # also measure the adaptive sharpness at this ρ
-    config_dir: str = CONFIG_DIR
+    config_dir: Optional[str] = None  # None: the installed configs (recipe.config_dir())
     gpus: Optional[List[str]] = None  # None: every visible GPU
 
     @property
@@ -232,28 +201,34 @@ def visible_gpus() -> List[str]:
     return [str(i) for i in range(count)]
 
 
-def check_inputs(config: GridConfig) -> None:
+def check_grid(config: GridConfig) -> None:
     """Every check that needs no work, so that bad input fails before anything starts."""
     if config.max_update is not None and config.max_update < 1:
-        raise Table4Error(f"--max-update must be >= 1, got {config.max_update}")
+        raise ConfigError(f"--max-update must be >= 1, got {config.max_update}")
     if config.checkpoint is not None:
         evaluation.parse_checkpoint_choice(config.checkpoint)
     for optimizer in config.optimizers:
-        training_options(config.preset, optimizer, config.config_dir, config.eval_bleu)
+        recipe.training_options(
+            config.preset.args_files, optimizer, config.eval_bleu, config.config_dir
+        )
     if config.data_bin is not None:
         evaluation.check_data_bin(config.data_bin)
     elif config.archive is not None:
         if not os.path.isfile(config.archive):
-            raise Table4Error(f"--archive: file not found: {config.archive}")
+            raise ConfigError(f"--archive: file not found: {config.archive}")
     elif config.preset.sample_archive is None and not os.path.isdir(config.default_data_bin):
-        raise Table4Error(
+        raise ConfigError(
             f"--archive is required for --preset {config.preset.name} (the IWSLT'14 de-en.tgz), "
             f"unless {config.default_data_bin} exists or --data-bin is given"
         )
-    if config.sharpness_rho is not None and not (math.isfinite(config.sharpness_rho) and config.sharpness_rho > 0):
-        raise Table4Error(f"--sharpness-rho must be a finite number > 0, got {config.sharpness_rho}")
+    if config.sharpness_rho is not None and not (
+        math.isfinite(config.sharpness_rho) and config.sharpness_rho > 0
+    ):
+        raise ConfigError(
+            f"--sharpness-rho must be a finite number > 0, got {config.sharpness_rho}"
+        )
     if config.fp16 and not config.gpu_ids():
-        raise Table4Error("--fp16 needs a GPU, and none is visible")
+        raise ConfigError("--fp16 needs a GPU, and none is visible")
 
 
 def prepare_data(config: GridConfig) -> str:
@@ -269,23 +244,26 @@ def prepare_data(config: GridConfig) -> str:
     if archive is None:
         sample = config.preset.sample_archive
         os.makedirs(workdir, exist_ok=True)
-        archive = iwslt14.build_sample_archive(
-            os.path.join(workdir, iwslt14.ARCHIVE_NAME), n_train=sample.n_train, n_dev=sample.n_dev, seed=sample.seed
+        archive = synthetic_data.build_sample_archive(
+            os.path.join(workdir, prepare.ARCHIVE_NAME),
+            n_train=sample.n_train,
+            n_dev=sample.n_dev,
+            seed=sample.seed,
         )
         logger.info(f"data: built the sample archive {archive}")
     logger.info(f"data: preparing {archive} into {workdir}")
     return os.path.abspath(
-        iwslt14.prepare_iwslt14(archive, workdir, bpe_merges=config.preset.bpe_merges)
+        prepare.prepare_iwslt14(archive, workdir, bpe_merges=config.preset.bpe_merges)
     )
 
 
 def reference_files(data_bin: str) -> Dict[str, str]:
-    """Untokenized references `{split}.raw.en` written by prepare_iwslt14, where they exist."""
-    tokenized = os.path.join(os.path.dirname(os.path.dirname(data_bin)), iwslt14.PREP_NAME)
+    """Untokenized references `{split}.raw.en` written by the preparation, where they exist."""
+    tokenized = os.path.join(os.path.dirname(os.path.dirname(data_bin)), prepare.PREP_NAME)
     found = {}
-    for split in evaluation.SPLITS:
+    for split in evaluation.EVALUATED_SPLITS:
         for folder in (os.path.join(tokenized, "tmp"), tokenized):
-            path = os.path.join(folder, f"{split}.raw.{evaluation.TARGET_LANG}")
+            path = os.path.join(folder, f"{split}.raw.{prepare.TARGET_LANG}")
             if os.path.isfile(path):
                 found[split] = path
                 break
@@ -300,12 +278,12 @@ def train(command: List[str], command_line: str, run_dir: str, env: Dict[str, st
     with open(log_path, "a", encoding="utf-8") as log:
         returncode = subprocess.call(command, stdout=log, stderr=subprocess.STDOUT, env=env)
     if returncode != 0:
-        raise Table4Error(f"fairseq-train failed with exit code {returncode}; see {log_path}")
+        raise FairseqAsamError(f"fairseq-train failed with exit code {returncode}; see {log_path}")
     with open(os.path.join(run_dir, TRAINING_DONE), "w", encoding="utf-8") as f:
         f.write(command_line + "\n")
 
 
-def run_environment(preset: Preset, gpu: Optional[str]) -> Dict[str, str]:
+def run_environment(preset: Table4Preset, gpu: Optional[str]) -> Dict[str, str]:
     """Environment variables a run sets: its GPU, or on a CPU the preset's thread count."""
     if gpu is not None:
         return {"CUDA_VISIBLE_DEVICES": gpu}
@@ -314,40 +292,66 @@ def run_environment(preset: Preset, gpu: Optional[str]) -> Dict[str, str]:
     return {}
 
 
-def execute_run(config: GridConfig, run: Run, data_bin: str, references: Dict[str, str], gpu: Optional[str]) -> str:
+def execute_run(
+    config: GridConfig, run: Run, data_bin: str, references: Dict[str, str], gpu: Optional[str]
+) -> str:
     """Trains (or resumes) and evaluates one run; returns its results.json."""
     run_dir = config.run_dir(run)
     results_path = os.path.join(run_dir, evaluation.RESULTS_NAME)
     os.makedirs(run_dir, exist_ok=True)
-    options = training_options(config.preset, run.optimizer, config.config_dir, config.eval_bleu)
+    options = recipe.training_options(
+        config.preset.args_files, run.optimizer, config.eval_bleu, config.config_dir
+    )
     command = train_command(data_bin, run_dir, run, options, config.overrides())
     settings = run_environment(config.preset, gpu)
     env = {**os.environ, **settings}
-    command_line = " ".join([f"{k}={shlex.quote(v)}" for k, v in settings.items()] + [shlex.join(command)])
+    command_line = " ".join(
+        [f"{k}={shlex.quote(v)}" for k, v in settings.items()] + [shlex.join(command)]
+    )
     if os.path.isfile(os.path.join(run_dir, TRAINING_DONE)):
         logger.info(f"{run.name}: training finished earlier ({TRAINING_DONE}); evaluating")
     else:
         last = os.path.join(run_dir, CHECKPOINTS_FOLDER, "checkpoint_last.pt")
         where = f"GPU {gpu}" if gpu is not None else "CPU"
-        logger.info(f"{run.name}: {'resuming from ' + last if os.path.isfile(last) else 'training'} on {where}")
+        logger.info(
+            f"{run.name}: {'resuming from ' + last if os.path.isfile(last) else 'training'} "
+            f"on {where}"
+        )
         train(command, command_line, run_dir, env)
     checkpoint = evaluation.parse_checkpoint_choice(config.checkpoint or config.preset.checkpoint)
     scores = evaluation.evaluate_checkpoint(
-        data_bin, os.path.join(run_dir, CHECKPOINTS_FOLDER), USER_DIR, checkpoint,
-        references=references, output_dir=run_dir, env=env,
+        data_bin,
+        os.path.join(run_dir, CHECKPOINTS_FOLDER),
+        USER_DIR,
+        checkpoint,
+        references=references,
+        output_dir=run_dir,
+        env=env,
     )
     with open(os.path.join(run_dir, COMMAND_FILE), encoding="utf-8") as f:
         train_command_line = f.read().strip()
-    results = evaluation.update_results(results_path, {
-        "run": run.name, "optimizer": run.optimizer, "seed": run.seed, "preset": config.preset.name,
-        "data_bin": data_bin, "train_command": train_command_line, **scores,
-    })
+    results = evaluation.update_results(
+        results_path,
+        {
+            "run": run.name,
+            "optimizer": run.optimizer,
+            "seed": run.seed,
+            "preset": config.preset.name,
+            "data_bin": data_bin,
+            "train_command": train_command_line,
+            **scores,
+        },
+    )
     if config.sharpness_rho is not None and "sharpness" not in results:
         logger.info(f"{run.name}: measuring adaptive sharpness at rho={config.sharpness_rho}")
         # This process sees every GPU of the grid, in CUDA_VISIBLE_DEVICES order.
         device = f"cuda:{config.gpu_ids().index(gpu)}" if gpu is not None else "cpu"
         measured = sharpness.measure_checkpoint(
-            scores["checkpoint"]["path"], data_bin, config.sharpness_rho, measures=("adaptive",), device=device,
+            scores["checkpoint"]["path"],
+            data_bin,
+            config.sharpness_rho,
+            measures=("adaptive",),
+            device=device,
         )
         evaluation.update_results(results_path, {"sharpness": measured})
     logger.info(f"{run.name}: done, {results_path}")
@@ -356,7 +360,7 @@ def execute_run(config: GridConfig, run: Run, data_bin: str, references: Dict[st
 
 def run_grid(config: GridConfig) -> Dict[str, str]:
     """Data -> every run of the grid -> report; returns the report's files."""
-    check_inputs(config)
+    check_grid(config)
     gpus = config.gpu_ids()
     data_bin = prepare_data(config)
     references = reference_files(data_bin)
@@ -385,11 +389,10 @@ def run_grid(config: GridConfig) -> Dict[str, str]:
         for run, future in futures.items():
             try:
                 future.result()
-            except (Table4Error, evaluation.EvaluationError) as error:
+            except FairseqAsamError as error:
                 logger.error(f"{run.name}: {error}")
                 failures.append(f"{run.name}: {error}")
     outputs = report.write_report(config.out_dir)
     if failures:
-        raise Table4Error(f"{len(failures)} run(s) failed: " + "; ".join(failures))
+        raise FairseqAsamError(f"{len(failures)} run(s) failed: " + "; ".join(failures))
     return outputs
-

@@ -19,6 +19,7 @@ Checkpoint choice: `best` (lowest validation loss, fairseq's checkpoint_best.pt)
 `average:N`, the parameters averaged over the last N epoch checkpoints as fairseq's
 scripts/average_checkpoints.py --num-epoch-checkpoints N does.
 """
+
 import collections
 import json
 import logging
@@ -32,33 +33,28 @@ from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
 
-from .checkpoint import save_atomic
-from .sharpness import write_json_atomic
+from ..errors import ConfigError, FairseqAsamError
+from .files import atomic_output, write_json
+from .prepare import SOURCE_LANG, TARGET_LANG
 
 logger = logging.getLogger(__name__)
 
-SPLITS = ("valid", "test")
-SOURCE_LANG, TARGET_LANG = "de", "en"
+EVALUATED_SPLITS = ("valid", "test")
 DEFAULT_BEAM = 5
 DEFAULT_BATCH_SIZE = 128  # fairseq's IWSLT'14 example
 DEFAULT_CHECKPOINT = "best"
-# fairseq-generate flags that remove each kind of subword unit (prepare_iwslt14's `subword`).
+# fairseq-generate flags that remove each kind of subword unit (the preparation's `subword`).
 REMOVE_SUBWORD_FLAGS = {"bpe": ["--remove-bpe"], "sentencepiece": ["--remove-bpe", "sentencepiece"]}
 NAMED_CHECKPOINTS = {"best": "checkpoint_best.pt", "last": "checkpoint_last.pt"}
 AVERAGE_PREFIX = "average:"
 EPOCH_CHECKPOINT = re.compile(r"^checkpoint(\d+)\.pt$")
-GENERATE_OUTPUT = "generate-{split}.txt"
-PARTIAL_SUFFIX = ".partial"
+GENERATE_FILE = "generate-{split}.txt"
 RESULTS_NAME = "results.json"
 # fairseq-generate's last line: "Generate test with beam=5: BLEU4 = 34.86, 68.1/42.8/... (BP=...)"
 GENERATE_SCORE_LINE = re.compile(r"^Generate (\S+) with beam=(\d+): (BLEU4 = ([0-9.]+),.*)$")
 # Largest difference tolerated between the recomputed BLEU and fairseq-generate's printed one
 # (which is rounded to 2 decimals).
 PRINTED_BLEU_TOLERANCE = 0.006
-
-
-class EvaluationError(Exception):
-    """A missing file, a bad option or a failed fairseq-generate; the message names it."""
 
 
 # --------------------------------------------------------------------------------------------
@@ -80,10 +76,10 @@ def parse_checkpoint_choice(text: str) -> CheckpointChoice:
     if text in NAMED_CHECKPOINTS:
         return CheckpointChoice(text)
     if text.startswith(AVERAGE_PREFIX):
-        count = text[len(AVERAGE_PREFIX):]
+        count = text[len(AVERAGE_PREFIX) :]
         if count.isdigit() and int(count) >= 1:
             return CheckpointChoice("average", int(count))
-    raise EvaluationError(f"--checkpoint must be best, last or average:N with N >= 1, got {text!r}")
+    raise ConfigError(f"--checkpoint must be best, last or average:N with N >= 1, got {text!r}")
 
 
 def last_epoch_checkpoints(save_dir: str, count: int) -> List[str]:
@@ -94,7 +90,7 @@ def last_epoch_checkpoints(save_dir: str, count: int) -> List[str]:
         if match:
             epochs.append((int(match.group(1)), os.path.join(save_dir, name)))
     if len(epochs) < count:
-        raise EvaluationError(
+        raise FairseqAsamError(
             f"--checkpoint average:{count} needs {count} epoch checkpoints in {save_dir}, found "
             f"{len(epochs)} (train with --keep-last-epochs >= {count})"
         )
@@ -109,7 +105,7 @@ def average_checkpoints(paths: Sequence[str]) -> dict:
     fairseq's own (trusted), so they are unpickled in full.
     """
     if not paths:
-        raise EvaluationError("no checkpoints to average")
+        raise FairseqAsamError("no checkpoints to average")
     sums: "collections.OrderedDict[str, torch.Tensor]" = collections.OrderedDict()
     keys = None
     first_state = None
@@ -121,7 +117,9 @@ def average_checkpoints(paths: Sequence[str]) -> dict:
         if keys is None:
             keys = list(params)
         elif list(params) != keys:
-            raise EvaluationError(f"{path} has other parameters than {paths[0]}; cannot average them")
+            raise FairseqAsamError(
+                f"{path} has other parameters than {paths[0]}; cannot average them"
+            )
         for name, tensor in params.items():
             if tensor.dtype in (torch.float16, torch.bfloat16):
                 tensor = tensor.float()
@@ -144,16 +142,20 @@ def resolve_checkpoint(save_dir: str, choice: CheckpointChoice) -> Tuple[str, Li
     `average:N` writes `checkpoint_average<N>.pt` into `save_dir` (atomically).
     """
     if not os.path.isdir(save_dir):
-        raise EvaluationError(f"checkpoint folder not found: {save_dir}")
+        raise FairseqAsamError(f"checkpoint folder not found: {save_dir}")
     if choice.kind in NAMED_CHECKPOINTS:
         path = os.path.join(save_dir, NAMED_CHECKPOINTS[choice.kind])
         if not os.path.isfile(path):
-            raise EvaluationError(f"--checkpoint {choice}: {path} not found")
+            raise FairseqAsamError(f"--checkpoint {choice}: {path} not found")
         return path, [path]
     sources = last_epoch_checkpoints(save_dir, choice.num_epochs)
     path = os.path.join(save_dir, f"checkpoint_average{choice.num_epochs}.pt")
-    logger.info(f"averaging {len(sources)} checkpoints into {path}: {', '.join(map(os.path.basename, sources))}")
-    save_atomic(average_checkpoints(sources), path)
+    logger.info(
+        f"averaging {len(sources)} checkpoints into {path}: "
+        f"{', '.join(map(os.path.basename, sources))}"
+    )
+    with atomic_output(path) as temporary:
+        torch.save(average_checkpoints(sources), temporary)
     return path, sources
 
 
@@ -173,11 +175,13 @@ def tokenized_bleu(hypotheses: Sequence[str], references: Sequence[str]) -> Tupl
     from fairseq.scoring import bleu
 
     if len(hypotheses) != len(references):
-        raise EvaluationError(f"{len(hypotheses)} hypotheses for {len(references)} references")
+        raise FairseqAsamError(f"{len(hypotheses)} hypotheses for {len(references)} references")
     if not hypotheses:
-        raise EvaluationError("no sentences to score")
+        raise FairseqAsamError("no sentences to score")
     vocabulary = Dictionary()
-    scorer = bleu.Scorer(bleu.BleuConfig(pad=vocabulary.pad(), eos=vocabulary.eos(), unk=vocabulary.unk()))
+    scorer = bleu.Scorer(
+        bleu.BleuConfig(pad=vocabulary.pad(), eos=vocabulary.eos(), unk=vocabulary.unk())
+    )
     for hypothesis, reference in zip(hypotheses, references):
         scorer.add(
             vocabulary.encode_line(reference, add_if_not_exist=True),
@@ -195,12 +199,14 @@ def moses_detokenize(lines: Sequence[str], lang: str = TARGET_LANG) -> List[str]
     return [detokenizer.detokenize(line.split()) for line in lines]
 
 
-def detokenized_sacrebleu(hypotheses: Sequence[str], references: Sequence[str]) -> Tuple[float, str]:
+def detokenized_sacrebleu(
+    hypotheses: Sequence[str], references: Sequence[str]
+) -> Tuple[float, str]:
     """sacreBLEU (default 13a tokenization) of detokenized text; returns (score, signature)."""
     import sacrebleu
 
     if len(hypotheses) != len(references):
-        raise EvaluationError(f"{len(hypotheses)} hypotheses for {len(references)} references")
+        raise FairseqAsamError(f"{len(hypotheses)} hypotheses for {len(references)} references")
     metric = sacrebleu.BLEU()
     score = metric.corpus_score(list(hypotheses), [list(references)])
     return score.score, str(metric.get_signature())
@@ -239,11 +245,14 @@ def parse_generate_output(text: str) -> GenerateOutput:
             if match:
                 printed_line, printed_bleu = match.group(3), float(match.group(4))
     if set(hypotheses) != set(references):
-        raise EvaluationError(
-            f"fairseq-generate output has {len(hypotheses)} hypotheses for {len(references)} references"
+        raise FairseqAsamError(
+            f"fairseq-generate output has {len(hypotheses)} hypotheses "
+            f"for {len(references)} references"
         )
     ids = sorted(hypotheses)
-    return GenerateOutput([hypotheses[i] for i in ids], [references[i] for i in ids], ids, printed_line, printed_bleu)
+    return GenerateOutput(
+        [hypotheses[i] for i in ids], [references[i] for i in ids], ids, printed_line, printed_bleu
+    )
 
 
 def generate_command(
@@ -256,27 +265,47 @@ def generate_command(
     batch_size: int = DEFAULT_BATCH_SIZE,
 ) -> List[str]:
     if subword not in REMOVE_SUBWORD_FLAGS:
-        raise EvaluationError(f"--subword must be one of {sorted(REMOVE_SUBWORD_FLAGS)}, got {subword!r}")
+        raise ConfigError(
+            f"--subword must be one of {sorted(REMOVE_SUBWORD_FLAGS)}, got {subword!r}"
+        )
     return [
-        sys.executable, "-m", "fairseq_cli.generate", data_bin,
-        "--user-dir", user_dir,
-        "--path", checkpoint,
-        "--gen-subset", split,
-        "--beam", str(beam),
-        "--batch-size", str(batch_size),
+        sys.executable,
+        "-m",
+        "fairseq_cli.generate",
+        data_bin,
+        "--user-dir",
+        user_dir,
+        "--path",
+        checkpoint,
+        "--gen-subset",
+        split,
+        "--beam",
+        str(beam),
+        "--batch-size",
+        str(batch_size),
+        # fairseq-fixed 0.12.3.1 leaves out the sentences of the last batch when it is not a
+        # multiple of --required-batch-size-multiple (default 8): with 1 every sentence is scored.
+        "--required-batch-size-multiple",
+        "1",
         *REMOVE_SUBWORD_FLAGS[subword],
     ]
 
 
-def run_generate(command: Sequence[str], output_path: str, env: Optional[Dict[str, str]] = None) -> str:
-    """Runs fairseq-generate into `output_path` (complete or absent: written as .partial first)."""
-    partial = output_path + PARTIAL_SUFFIX
+def run_generate(
+    command: Sequence[str], output_path: str, env: Optional[Dict[str, str]] = None
+) -> str:
+    """Runs fairseq-generate into `output_path` (complete or absent: written atomically); the
+    output of a failed run is kept as `<output_path>.failed` for the error message."""
     logger.info(f"generating {output_path}: {shlex.join(command)}")
-    with open(partial, "w", encoding="utf-8") as out:
-        returncode = subprocess.call(command, stdout=out, stderr=subprocess.STDOUT, env=env)
-    if returncode != 0:
-        raise EvaluationError(f"fairseq-generate failed with exit code {returncode}; see {partial}")
-    os.replace(partial, output_path)
+    with atomic_output(output_path) as temporary:
+        with open(temporary, "w", encoding="utf-8") as out:
+            returncode = subprocess.call(command, stdout=out, stderr=subprocess.STDOUT, env=env)
+        if returncode != 0:
+            failed = output_path + ".failed"
+            os.replace(temporary, failed)
+            raise FairseqAsamError(
+                f"fairseq-generate failed with exit code {returncode}; see {failed}"
+            )
     with open(output_path, encoding="utf-8") as f:
         return f.read()
 
@@ -286,16 +315,21 @@ def read_references(path: str, ids: Sequence[int]) -> List[str]:
     with open(path, encoding="utf-8") as f:
         lines = [line.rstrip("\n") for line in f]
     if ids and max(ids) >= len(lines):
-        raise EvaluationError(f"references file {path} has {len(lines)} lines, sentence id {max(ids)} needs more")
+        raise FairseqAsamError(
+            f"references file {path} has {len(lines)} lines, sentence id {max(ids)} needs more"
+        )
     return [lines[i] for i in ids]
 
 
-def score_split(output: GenerateOutput, subword: str, references_path: Optional[str] = None) -> Dict:
+def score_split(
+    output: GenerateOutput, subword: str, references_path: Optional[str] = None
+) -> Dict:
     """Both BLEU scores of one parsed fairseq-generate output."""
     bleu, bleu_details = tokenized_bleu(output.hypotheses, output.references)
     if output.printed_bleu is not None and abs(output.printed_bleu - bleu) > PRINTED_BLEU_TOLERANCE:
-        raise EvaluationError(
-            f"recomputed BLEU {bleu:.4f} differs from fairseq-generate's {output.printed_score_line!r}"
+        raise FairseqAsamError(
+            f"recomputed BLEU {bleu:.4f} differs from fairseq-generate's "
+            f"{output.printed_score_line!r}"
         )
     # BPE output is Moses-tokenized text; SentencePiece output is already untokenized.
     detokenize = moses_detokenize if subword == "bpe" else list
@@ -321,7 +355,7 @@ def evaluate_checkpoint(
     save_dir: str,
     user_dir: str,
     choice: CheckpointChoice = CheckpointChoice(DEFAULT_CHECKPOINT),
-    splits: Sequence[str] = SPLITS,
+    splits: Sequence[str] = EVALUATED_SPLITS,
     subword: str = "bpe",
     beam: int = DEFAULT_BEAM,
     batch_size: int = DEFAULT_BATCH_SIZE,
@@ -337,7 +371,7 @@ def evaluate_checkpoint(
     check_data_bin(data_bin, splits)
     for split, path in (references or {}).items():
         if not os.path.isfile(path):
-            raise EvaluationError(f"references file for {split} not found: {path}")
+            raise FairseqAsamError(f"references file for {split} not found: {path}")
     checkpoint, sources = resolve_checkpoint(save_dir, choice)
     output_dir = output_dir or os.path.dirname(os.path.abspath(save_dir))
     results = {
@@ -347,7 +381,7 @@ def evaluate_checkpoint(
     }
     for split in splits:
         command = generate_command(data_bin, checkpoint, split, user_dir, subword, beam, batch_size)
-        output_path = os.path.join(output_dir, GENERATE_OUTPUT.format(split=split))
+        output_path = os.path.join(output_dir, GENERATE_FILE.format(split=split))
         output = parse_generate_output(run_generate(command, output_path, env))
         scores = score_split(output, subword, (references or {}).get(split))
         results[split] = {**scores, "command": shlex.join(command), "output": output_path}
@@ -358,22 +392,28 @@ def evaluate_checkpoint(
     return results
 
 
-def missing_data_files(data_bin: str, splits: Sequence[str] = SPLITS) -> List[str]:
-    """What `data_bin` lacks of fairseq-preprocess output for `splits`: dictionaries, split indexes."""
+def missing_data_files(data_bin: str, splits: Sequence[str] = EVALUATED_SPLITS) -> List[str]:
+    """What `data_bin` lacks of fairseq-preprocess output for `splits`: dictionaries, indexes."""
     if not os.path.isdir(data_bin):
         return [data_bin]
     names = set(os.listdir(data_bin))
-    missing = [f"dict.{lang}.txt" for lang in (SOURCE_LANG, TARGET_LANG) if f"dict.{lang}.txt" not in names]
-    return missing + [s for s in splits if not any(n.startswith(f"{s}.") and n.endswith(".idx") for n in names)]
+    missing = [
+        f"dict.{lang}.txt" for lang in (SOURCE_LANG, TARGET_LANG) if f"dict.{lang}.txt" not in names
+    ]
+    return missing + [
+        s for s in splits if not any(n.startswith(f"{s}.") and n.endswith(".idx") for n in names)
+    ]
 
 
-def check_data_bin(data_bin: str, splits: Sequence[str] = SPLITS) -> None:
+def check_data_bin(data_bin: str, splits: Sequence[str] = EVALUATED_SPLITS) -> None:
     """Raises unless `data_bin` holds fairseq-preprocess output for `splits`."""
     if not os.path.isdir(data_bin):
-        raise EvaluationError(f"--data-bin: folder not found: {data_bin}")
+        raise FairseqAsamError(f"--data-bin: folder not found: {data_bin}")
     missing = missing_data_files(data_bin, splits)
     if missing:
-        raise EvaluationError(f"--data-bin {data_bin} is not binarized data: missing {', '.join(missing)}")
+        raise FairseqAsamError(
+            f"--data-bin {data_bin} is not binarized data: missing {', '.join(missing)}"
+        )
 
 
 def update_results(path: str, entries: Dict) -> Dict:
@@ -383,6 +423,5 @@ def update_results(path: str, entries: Dict) -> Dict:
         with open(path, encoding="utf-8") as f:
             results = json.load(f)
     results.update(entries)
-    write_json_atomic(results, path)
+    write_json(path, results)
     return results
-

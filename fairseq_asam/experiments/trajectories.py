@@ -18,15 +18,19 @@ the origin is a saddle.  One step of each method, with g = ∇L(w) and step size
 
 ASAM perturbs both weights by the same fraction ρ/√2 of themselves, whatever the scale of w;
 ∇L(w + ε) is then parallel to g, so ASAM walks SGD's path (up to discretization: the step
-lengths differ) and settles next to where SGD does (η = 0.01 changes this little).  SAM's ε has length ρ wherever w is: from
+lengths differ) and settles next to where SGD does (η = 0.01 changes this little).  SAM's ε
+has length ρ wherever w is: from
 starts whose ‖w‖ is comparable to ρ it jumps across the saddle and stalls there, and on the
 valley it drifts toward the balanced minimum (1, 1), where the largest Hessian eigenvalue
 w₁² + w₂² is smallest.  Adaptive sharpness, invariant along the valley, prefers no point of it.
 """
+
 import dataclasses
 from typing import Dict, Sequence, Tuple
 
 import numpy as np
+
+from .files import atomic_output
 
 METHODS = ("sgd", "sam", "asam")
 # Small-scale starts (SAM stalls at the saddle) and large, unbalanced ones (all converge).
@@ -106,7 +110,9 @@ def trajectories(
 
 
 def plot(
-    output: str, starts: Sequence[Tuple[float, float]] = DEFAULT_STARTS, settings: Settings = Settings()
+    output: str,
+    starts: Sequence[Tuple[float, float]] = DEFAULT_STARTS,
+    settings: Settings = Settings(),
 ) -> Dict[str, np.ndarray]:
     """Draws loss contours and the paths of SGD, SAM and ASAM to the PNG `output`; returns them."""
     import matplotlib
@@ -120,26 +126,42 @@ def plot(
     grid = np.stack(np.meshgrid(axis, axis), axis=-1)
     figure, ax = plt.subplots(figsize=FIGURE_SIZE_INCHES, dpi=FIGURE_DPI)
     try:
-        ax.contourf(axis, axis, loss(grid), levels=CONTOUR_LEVELS, norm=colors.LogNorm(),
-                    cmap="Greens_r", extend="both", alpha=0.55)
+        ax.contourf(
+            axis,
+            axis,
+            loss(grid),
+            levels=CONTOUR_LEVELS,
+            norm=colors.LogNorm(),
+            cmap="Greens_r",
+            extend="both",
+            alpha=0.55,
+        )
         ax.contour(axis, axis, loss(grid), levels=CONTOUR_LEVELS, colors="0.6", linewidths=0.4)
         valley = np.linspace(1.0 / PLOT_LIMITS[1], PLOT_LIMITS[1], 200)
-        ax.plot(valley, 1.0 / valley, color="k", linewidth=0.8, linestyle=":", label="minima $w_1w_2=1$")
+        ax.plot(
+            valley, 1.0 / valley, color="k", linewidth=0.8, linestyle=":", label="minima $w_1w_2=1$"
+        )
         for method, style in METHOD_STYLES.items():
             for index, path in enumerate(paths[method]):
-                ax.plot(path[:, 0], path[:, 1], **dict(style, label=style["label"] if index == 0 else None))
+                ax.plot(
+                    path[:, 0],
+                    path[:, 1],
+                    **dict(style, label=style["label"] if index == 0 else None),
+                )
                 ax.plot(*path[-1], marker="o", markersize=4, color=style["color"])
         starts_array = np.asarray(starts, dtype=float)
         ax.plot(starts_array[:, 0], starts_array[:, 1], "k^", markersize=5, label="start")
         ax.set(xlim=PLOT_LIMITS, ylim=PLOT_LIMITS, xlabel="$w_1$", ylabel="$w_2$", aspect="equal")
         ax.set_title(
             f"$L=\\frac{{1}}{{2}}(1-w_1w_2)^2$: {settings.steps} steps, lr {settings.lr:g}, "
-            f"SAM $\\rho$={settings.sam_rho:g}, ASAM $\\rho$={settings.asam_rho:g}, $\\eta$={settings.eta:g}",
+            f"SAM $\\rho$={settings.sam_rho:g}, ASAM $\\rho$={settings.asam_rho:g}, "
+            f"$\\eta$={settings.eta:g}",
             fontsize=9,
         )
         ax.legend(loc="upper right", fontsize=8)
         figure.tight_layout()
-        figure.savefig(output, format="png")
+        with atomic_output(output) as temporary:
+            figure.savefig(temporary, format="png")
     finally:
         plt.close(figure)
     return paths

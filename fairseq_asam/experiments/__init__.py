@@ -1,0 +1,17 @@
+"""The experiment kit: the paper's IWSLT'14 De→En Table 4 with the plugin, from data to report.
+
+It depends on the plugin (`fairseq_asam`), never the other way round: `--user-dir
+fairseq_asam` loads none of these modules and none of their dependencies (the `experiments`
+extra: sacrebleu, sentencepiece, subword-nmt, sacremoses, matplotlib, regex).
+
+    prepare          IWSLT'14 de-en as fairseq's prepare-iwslt14.sh (fairseq-asam-prepare)
+    synthetic_data   the generated corpora: the toy corpus and the IWSLT-layout sample archive
+    recipe           the fairseq-train argument files of configs/ (shipped as package data)
+    runner           the Table 4 grid: data, runs, evaluation, report (fairseq-asam-table4)
+    evaluation       BLEU of a run as Table 4 reports it, and sacreBLEU (fairseq-asam-evaluate)
+    report           Table 4 and plots from the runs (fairseq-asam-report)
+    sharpness        sharpness and adaptive sharpness of a checkpoint (fairseq-asam-sharpness)
+    trajectories     SGD/SAM/ASAM on a 2-parameter scale-symmetric loss (fairseq-asam-trajectories)
+    benchmark        the cost of an update, Adam vs SAM vs ASAM (fairseq-asam-benchmark)
+    cli              the console commands above; files: the one atomic-write helper
+"""

@@ -1,0 +1,72 @@
+"""Writing files so that a path never holds a partial result: the kit's one atomic-write helper.
+
+`atomic_output(path)` hands out a temporary name in the same folder (so the final rename stays
+on one file system), and renames it onto `path` only when the block finishes without an error;
+on an error the temporary file or folder is removed.  Whatever writes the output — `open`,
+`torch.save`, matplotlib, fairseq-preprocess (a folder) — writes to that name.  A run killed
+mid-write leaves only a hidden `.<name>.tmp-*` entry, which no reader takes for the output.
+"""
+
+import contextlib
+import json
+import os
+import shutil
+import uuid
+from typing import Any, Iterable, Iterator
+
+TEMPORARY_MARK = ".tmp-"
+
+
+def temporary_name(path: str) -> str:
+    """A fresh hidden name beside `path`: `.<name>.tmp-<random>`."""
+    folder, name = os.path.split(os.path.abspath(path))
+    return os.path.join(folder, f".{name}{TEMPORARY_MARK}{uuid.uuid4().hex[:12]}")
+
+
+def _remove(path: str) -> None:
+    if os.path.isdir(path) and not os.path.islink(path):
+        shutil.rmtree(path, ignore_errors=True)
+    elif os.path.lexists(path):
+        os.unlink(path)
+
+
+@contextlib.contextmanager
+def atomic_output(path: str) -> Iterator[str]:
+    """Yields a temporary path to write a file or a folder to; it becomes `path` on success.
+
+    The folder of `path` is created if needed.  An existing folder at `path` is replaced.
+    """
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    temporary = temporary_name(path)
+    try:
+        yield temporary
+        if not os.path.lexists(temporary):
+            raise FileNotFoundError(f"{path}: nothing was written to {temporary}")
+        if os.path.isdir(temporary) and os.path.isdir(path):
+            shutil.rmtree(path)  # os.replace cannot replace a non-empty folder
+        os.replace(temporary, path)
+    finally:
+        _remove(temporary)
+
+
+def write_text(path: str, text: str) -> None:
+    """`text` to `path` in UTF-8 with \\n line ends, atomically."""
+    with atomic_output(path) as temporary, open(
+        temporary, "w", encoding="utf-8", newline="\n"
+    ) as f:
+        f.write(text)
+
+
+def write_lines(path: str, lines: Iterable[str]) -> None:
+    """One line per item, each ended by \\n, atomically."""
+    with atomic_output(path) as temporary, open(
+        temporary, "w", encoding="utf-8", newline="\n"
+    ) as f:
+        for line in lines:
+            f.write(line)
+            f.write("\n")
+
+
+def write_json(path: str, obj: Any) -> None:
+    """`obj` as indented JSON, atomically."""
+    write_text(path, json.dumps(obj, indent=2) + "\n")

@@ -1,0 +1,81 @@
+"""The fairseq-train argument files of `configs/`: where they are, how they read and combine.
+
+The folder ships as package data, `fairseq_asam.experiments.configs` (setup.py maps it onto the
+checkout's `configs/`), and is found with importlib.resources: a wheel install, an editable
+install and a checkout on PYTHONPATH all find theirs.
+
+An argument file holds one option per line, `--flag value`, the value being the rest of the
+line (it may hold spaces: `--adam-betas (0.9, 0.98)`); '#' starts a comment line.  Files are
+applied in order, a later file's flag replacing an earlier one's in place.
+"""
+
+import importlib.resources
+import os
+from typing import Dict, List, Optional, Sequence, Tuple
+
+from ..errors import ConfigError
+
+CONFIG_PACKAGE = "fairseq_asam.experiments.configs"
+# A checkout used without installing it (PYTHONPATH): configs/ two folders above this package.
+CHECKOUT_CONFIG_DIR = os.path.join(
+    os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))), "configs"
+)
+RECIPE_ARGS = "iwslt14_de_en/common.args"
+OPTIMIZER_ARGS = "iwslt14_de_en/{optimizer}.args"
+EVAL_BLEU_ARGS = "iwslt14_de_en/eval_bleu.args"
+TINY_OVERRIDES_ARGS = "tiny/overrides.args"
+HYDRA_CONFIG_DIR = os.path.join("hydra", "iwslt14_de_en")
+
+Option = Tuple[str, Optional[str]]  # (flag, value or None for a switch)
+
+
+def config_dir() -> str:
+    """The folder holding the argument files and the hydra YAML (a real folder on disk)."""
+    try:
+        return str(importlib.resources.files(CONFIG_PACKAGE))
+    except ModuleNotFoundError:  # not installed: the checkout's own configs/
+        return CHECKOUT_CONFIG_DIR
+
+
+def read_args_file(path: str) -> List[Option]:
+    """The options of one argument file, in order."""
+    if not os.path.isfile(path):
+        raise ConfigError(f"argument file not found: {path}")
+    options = []
+    with open(path, encoding="utf-8") as f:
+        for number, line in enumerate(f, 1):
+            line = line.strip()
+            if not line or line.startswith("#"):
+                continue
+            flag, _, value = line.partition(" ")
+            if not flag.startswith("--"):
+                raise ConfigError(f"{path}:{number}: expected '--flag [value]', got {line!r}")
+            options.append((flag, value.strip() or None))
+    return options
+
+
+def merge_options(*option_lists: Sequence[Option]) -> List[str]:
+    """argv from option lists, a later list's flag replacing an earlier one in place."""
+    merged: Dict[str, Optional[str]] = {}
+    for options in option_lists:
+        for flag, value in options:
+            merged[flag] = value
+    argv = []
+    for flag, value in merged.items():
+        argv += [flag] if value is None else [flag, value]
+    return argv
+
+
+def training_options(
+    args_files: Sequence[str],
+    optimizer: str,
+    eval_bleu: bool = False,
+    folder: Optional[str] = None,
+) -> List[Option]:
+    """The options of `args_files`, then the optimizer's file (and the --eval-bleu file), read
+    from `folder` (default: `config_dir()`); without data, --save-dir, --seed, --user-dir."""
+    folder = config_dir() if folder is None else folder
+    files = list(args_files) + [OPTIMIZER_ARGS.format(optimizer=optimizer)]
+    if eval_bleu:
+        files.append(EVAL_BLEU_ARGS)
+    return [option for name in files for option in read_args_file(os.path.join(folder, name))]

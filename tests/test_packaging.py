@@ -1,0 +1,234 @@
+"""The two layers as installed: `--user-dir` loads the plugin alone; a wheel runs the kit.
+
+The wheel test builds a wheel of this checkout, installs it (not editable) into a new venv
+outside the checkout and runs `fairseq-asam-table4 --preset tiny --optimizers adam` from another
+folder.  To stay within minutes, that venv gets torch, fairseq and the kit's dependencies from the
+environment running the tests: a `.pth` line adds its site-packages folder(s) at the end of the
+new venv's sys.path.  Python does not run the `.pth` files of a folder added that way, so an
+editable fairseq_asam of the running environment stays invisible, and fairseq_asam can only
+come from the wheel (which the test checks).
+"""
+
+import glob
+import json
+import os
+import shutil
+import site
+import subprocess
+import sys
+import sysconfig
+import textwrap
+
+import pytest
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+PLUGIN_MODULES = {
+    "fairseq_asam",
+    "fairseq_asam.checkpoint",
+    "fairseq_asam.errors",
+    "fairseq_asam.looksam",
+    "fairseq_asam.optim",
+    "fairseq_asam.perturbation",
+    "fairseq_asam.two_pass",
+}
+# The `experiments` extra of setup.py, as import names.
+KIT_DEPENDENCIES = {
+    "sacrebleu",
+    "sentencepiece",
+    "subword_nmt",
+    "sacremoses",
+    "matplotlib",
+    "regex",
+}
+# Build artefacts and local state that a copy of the checkout for building leaves out.
+NOT_SOURCE = shutil.ignore_patterns(
+    ".git",
+    ".venv",
+    "runs",
+    "build",
+    "dist",
+    "*.egg-info",
+    "__pycache__",
+    "data-bin",
+    ".pytest_cache",
+)
+WHEEL_TEST_TIMEOUT_SECONDS = 900
+
+
+def python_output(code: str, cwd=None) -> str:
+    done = subprocess.run(
+        [sys.executable, "-c", textwrap.dedent(code)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=cwd,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    return done.stdout
+
+
+def test_user_dir_loads_the_plugin_and_nothing_of_the_kit(tmp_path):
+    """What `--user-dir` imports, measured in a fresh process against what the fairseq modules
+    the plugin uses load by themselves."""
+    out = python_output(
+        """
+        import argparse, json, sys
+        import numpy, omegaconf, torch
+        from fairseq import metrics, utils
+        from fairseq.optim import register_optimizer
+        from fairseq.optim.adam import FairseqAdam
+        from fairseq.tasks import FairseqTask
+        before = set(sys.modules)
+        utils.import_user_module(argparse.Namespace(user_dir=%r))
+        print(json.dumps({"before": sorted(before), "after": sorted(sys.modules)}))
+        """
+        % os.path.join(REPO, "fairseq_asam"),
+        cwd=str(tmp_path),
+    )
+    modules = json.loads(out.strip().splitlines()[-1])
+    new = set(modules["after"]) - set(modules["before"])
+    assert {m for m in modules["after"] if m.startswith("fairseq_asam")} == PLUGIN_MODULES
+    assert not {m.split(".")[0] for m in new} & KIT_DEPENDENCIES, sorted(new)
+    assert "fairseq_asam.experiments" not in modules["after"]
+
+
+def test_plugin_source_imports_nothing_of_the_kit():
+    """The dependency goes one way: no plugin module mentions the kit or its dependencies."""
+    for module in PLUGIN_MODULES:
+        path = os.path.join(REPO, *module.split(".")) + ".py"
+        if module == "fairseq_asam":
+            path = os.path.join(REPO, "fairseq_asam", "__init__.py")
+        with open(path, encoding="utf-8") as f:
+            imports = [line for line in f if line.lstrip().startswith(("import ", "from "))]
+        assert not [line for line in imports if "experiments" in line], path
+        assert not [
+            line for line in imports if line.split()[1].split(".")[0] in KIT_DEPENDENCIES
+        ], path
+
+
+def test_configs_ship_as_package_data():
+    from fairseq_asam.experiments import recipe
+
+    folder = recipe.config_dir()
+    for name in (
+        "README.md",
+        recipe.RECIPE_ARGS,
+        recipe.TINY_OVERRIDES_ARGS,
+        "iwslt14_de_en/asam_late.args",
+        os.path.join(recipe.HYDRA_CONFIG_DIR, "asam.yaml"),
+    ):
+        assert os.path.isfile(os.path.join(folder, name)), name
+
+
+@pytest.fixture(scope="module")
+def wheel_venv(tmp_path_factory):
+    """A venv outside the checkout with this checkout's wheel installed (not editable)."""
+    root = tmp_path_factory.mktemp("wheel")
+    source = root / "source"
+    shutil.copytree(REPO, source, ignore=NOT_SOURCE)
+    subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "wheel",
+            "--no-deps",
+            "--no-build-isolation",
+            "--quiet",
+            "-w",
+            str(root / "dist"),
+            str(source),
+        ],
+        check=True,
+        timeout=600,
+    )
+    (wheel,) = glob.glob(str(root / "dist" / "fairseq_asam-*.whl"))
+    venv = root / "venv"
+    subprocess.run(
+        [sys.executable, "-m", "venv", "--without-pip", str(venv)], check=True, timeout=120
+    )
+    python = str(venv / "bin" / "python")
+    # Installed before the .pth below exists, so that pip sees no other fairseq_asam.
+    subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "--python",
+            python,
+            "install",
+            "--no-deps",
+            "--no-index",
+            "--quiet",
+            wheel,
+        ],
+        check=True,
+        timeout=600,
+    )
+    purelib = subprocess.run(
+        [python, "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout.strip()
+    with open(os.path.join(purelib, "running-environment.pth"), "w", encoding="utf-8") as pth:
+        pth.writelines(
+            folder + "\n" for folder in site.getsitepackages() + [sysconfig.get_paths()["purelib"]]
+        )
+    return venv, purelib
+
+
+def clean_environment():
+    """This environment without what would make the venv see the checkout."""
+    return {
+        k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "PYTHONHOME", "VIRTUAL_ENV")
+    }
+
+
+@pytest.mark.slow
+def test_wheel_runs_the_tiny_preset_outside_the_checkout(wheel_venv, tmp_path):
+    venv, purelib = wheel_venv
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    env = clean_environment()
+    where = subprocess.run(
+        [
+            str(venv / "bin" / "python"),
+            "-c",
+            "import fairseq_asam; from fairseq_asam.experiments import recipe; "
+            "print(fairseq_asam.__file__); print(recipe.config_dir())",
+        ],
+        capture_output=True,
+        text=True,
+        cwd=elsewhere,
+        env=env,
+        timeout=300,
+    )
+    assert where.returncode == 0, where.stderr[-3000:]
+    package_file, config_dir = where.stdout.split()[-2:]
+    assert package_file == os.path.join(purelib, "fairseq_asam", "__init__.py")
+    assert config_dir == os.path.join(purelib, "fairseq_asam", "experiments", "configs")
+
+    out = tmp_path / "out"
+    done = subprocess.run(
+        [
+            str(venv / "bin" / "fairseq-asam-table4"),
+            "--preset",
+            "tiny",
+            "--optimizers",
+            "adam",
+            "--out",
+            str(out),
+        ],
+        capture_output=True,
+        text=True,
+        cwd=elsewhere,
+        env=env,
+        timeout=WHEEL_TEST_TIMEOUT_SECONDS,
+    )
+    assert done.returncode == 0, done.stdout[-4000:] + done.stderr[-4000:]
+    table = (out / "report" / "table4.md").read_text()
+    assert "| Adam | 1 |" in table and table.strip() in done.stdout  # the report, printed
+    command = (out / "runs" / "adam-seed1" / "command.txt").read_text()
+    assert f"--user-dir {os.path.join(purelib, 'fairseq_asam')}" in command
+    assert REPO not in command and REPO not in done.stdout
