@@ -9,6 +9,7 @@ keep Adam's state unchanged, so `switch_optimizer` rewrites the recorded optimiz
 Adam checkpoint; resuming from the result keeps the update count, the LR schedule and Adam's
 moments.
 """
+
 import argparse
 import os
 import tempfile
@@ -18,7 +19,6 @@ import numpy
 import torch
 
 from .optim import FairseqASAM, FairseqAsamError, FairseqSAM
-
 
 # numpy 2 moved numpy.core to numpy._core; checkpoints pickled under numpy 1 name the old path.
 NUMPY1_MULTIARRAY = "numpy.core.multiarray"
@@ -39,8 +39,10 @@ def _fairseq_checkpoint_globals():
     if dtypes is not None:
         numpy_types += [getattr(dtypes, name) for name in dir(dtypes) if name.endswith("DType")]
     if multiarray.__name__ != NUMPY1_MULTIARRAY and _torch_version() >= _RENAMED_GLOBALS_TORCH:
-        numpy_types += [(multiarray._reconstruct, f"{NUMPY1_MULTIARRAY}._reconstruct"),
-                        (multiarray.scalar, f"{NUMPY1_MULTIARRAY}.scalar")]
+        numpy_types += [
+            (multiarray._reconstruct, f"{NUMPY1_MULTIARRAY}._reconstruct"),
+            (multiarray.scalar, f"{NUMPY1_MULTIARRAY}.scalar"),
+        ]
     return [argparse.Namespace] + numpy_types
 
 
@@ -128,16 +130,22 @@ def _flatten_optimizer_state(optimizer_state, source: str):
     ids = [i for group in groups for i in group["params"]]
     per_param = optimizer_state["state"]
     if any(i not in per_param or "exp_avg" not in per_param[i] for i in ids):
-        raise CheckpointError(f"{source}: some parameters have no Adam state yet (never updated); "
-                              "train at least one update before switching to flat --fp16")
+        raise CheckpointError(
+            f"{source}: some parameters have no Adam state yet (never updated); "
+            "train at least one update before switching to flat --fp16"
+        )
     hyper = [{k: v for k, v in g.items() if k != "params"} for g in groups]
     if any(h != hyper[0] for h in hyper):
-        raise CheckpointError(f"{source}: parameter groups with different settings cannot be flattened "
-                              "for --fp16; use --fp16-no-flatten-grads")
+        raise CheckpointError(
+            f"{source}: parameter groups with different settings cannot be flattened "
+            "for --fp16; use --fp16-no-flatten-grads"
+        )
     steps = {int(per_param[i]["step"]) for i in ids}
     if len(steps) != 1:
-        raise CheckpointError(f"{source}: parameters were updated different numbers of times; "
-                              "cannot flatten for --fp16, use --fp16-no-flatten-grads")
+        raise CheckpointError(
+            f"{source}: parameters were updated different numbers of times; "
+            "cannot flatten for --fp16, use --fp16-no-flatten-grads"
+        )
     flat = {"step": per_param[ids[0]]["step"]}
     for key in _FLAT_STATE_KEYS:
         if all(key in per_param[i] for i in ids):
@@ -148,8 +156,9 @@ def _flatten_optimizer_state(optimizer_state, source: str):
     return out
 
 
-def switch_optimizer(source: str, target: str, optimizer: str, precision: Optional[str] = None,
-                     flatten: bool = True) -> Tuple[str, str]:
+def switch_optimizer(
+    source: str, target: str, optimizer: str, precision: Optional[str] = None, flatten: bool = True
+) -> Tuple[str, str]:
     """Writes `target`: `source` set up to resume with `--optimizer optimizer` at `precision`.
 
     fairseq resumes only if the recorded optimizer class equals the new run's: the base
@@ -160,9 +169,13 @@ def switch_optimizer(source: str, target: str, optimizer: str, precision: Option
     Returns (recorded name before, recorded name after).
     """
     if optimizer not in OPTIMIZER_CLASS_NAMES:
-        raise CheckpointError(f"--optimizer must be one of {sorted(OPTIMIZER_CLASS_NAMES)}, got {optimizer!r}")
+        raise CheckpointError(
+            f"--optimizer must be one of {sorted(OPTIMIZER_CLASS_NAMES)}, got {optimizer!r}"
+        )
     if precision is not None and precision not in PRECISION_WRAPPERS:
-        raise CheckpointError(f"precision must be one of {sorted(PRECISION_WRAPPERS)}, got {precision!r}")
+        raise CheckpointError(
+            f"precision must be one of {sorted(PRECISION_WRAPPERS)}, got {precision!r}"
+        )
     if not os.path.isfile(source):
         raise CheckpointError(f"checkpoint not found: {source}")
     state = torch.load(source, map_location="cpu", weights_only=False)
@@ -171,10 +184,18 @@ def switch_optimizer(source: str, target: str, optimizer: str, precision: Option
         raise CheckpointError(f"{source} has no optimizer history (was it saved by fairseq-train?)")
     previous = history[-1]["optimizer_name"]
     if previous not in OPTIMIZER_CLASS_NAMES.values() and (
-            previous not in PRECISION_WRAPPERS.values() or _base_optimizer(state) not in OPTIMIZER_CLASS_NAMES):
-        wrapping = f" around --optimizer {_base_optimizer(state)}" if previous in PRECISION_WRAPPERS.values() else ""
-        raise CheckpointError(f"{source} was trained with {previous}{wrapping}; only "
-                              f"{sorted(OPTIMIZER_CLASS_NAMES)} share Adam's state and can be switched")
+        previous not in PRECISION_WRAPPERS.values()
+        or _base_optimizer(state) not in OPTIMIZER_CLASS_NAMES
+    ):
+        wrapping = (
+            f" around --optimizer {_base_optimizer(state)}"
+            if previous in PRECISION_WRAPPERS.values()
+            else ""
+        )
+        raise CheckpointError(
+            f"{source} was trained with {previous}{wrapping}; only "
+            f"{sorted(OPTIMIZER_CLASS_NAMES)} share Adam's state and can be switched"
+        )
     source_precision, source_flat = _source_precision(state, previous)
     if precision is None:
         precision, target_flat = source_precision, source_flat
@@ -182,10 +203,16 @@ def switch_optimizer(source: str, target: str, optimizer: str, precision: Option
         target_flat = precision == "fp16" and flatten
     if source_flat and not target_flat:
         raise CheckpointError(
-            f"{source} holds a flat --fp16 optimizer state (one tensor for all parameters); resume it "
-            "with --fp16 (flat) or use --reset-optimizer")
+            f"{source} holds a flat --fp16 optimizer state (one tensor for all parameters); "
+            "resume it "
+            "with --fp16 (flat) or use --reset-optimizer"
+        )
     if target_flat and not source_flat and state.get("last_optimizer_state") is not None:
-        state["last_optimizer_state"] = _flatten_optimizer_state(state["last_optimizer_state"], source)
-    history[-1]["optimizer_name"] = PRECISION_WRAPPERS[precision] or OPTIMIZER_CLASS_NAMES[optimizer]
+        state["last_optimizer_state"] = _flatten_optimizer_state(
+            state["last_optimizer_state"], source
+        )
+    history[-1]["optimizer_name"] = (
+        PRECISION_WRAPPERS[precision] or OPTIMIZER_CLASS_NAMES[optimizer]
+    )
     save_atomic(state, target)
     return previous, history[-1]["optimizer_name"]

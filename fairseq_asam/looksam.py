@@ -10,13 +10,16 @@ and on the plain updates in between (`--sam-interval`), the gradient becomes
 
 instead of dropping the sharpness-aware direction altogether.  All vectors are flat fp32.
 """
+
 import torch
 from torch import Tensor
 
 
 def orthogonal_component(sharp: Tensor, plain: Tensor) -> Tensor:
     """g_v: the part of `sharp` orthogonal to `plain` (both flat)."""
-    coefficient = torch.dot(sharp, plain) / torch.dot(plain, plain).clamp_min(torch.finfo(plain.dtype).tiny)
+    coefficient = torch.dot(sharp, plain) / torch.dot(plain, plain).clamp_min(
+        torch.finfo(plain.dtype).tiny
+    )
     return sharp - coefficient * plain
 
 

@@ -4,6 +4,7 @@ The optimizer itself only carries the perturbation settings and steps like Adam;
 forward-backward passes run in the task's train step (see `two_pass.py`), because only there
 are the batch, the model and the criterion at hand.
 """
+
 import math
 from dataclasses import dataclass, field
 from typing import List
@@ -27,8 +28,10 @@ class SharpnessAwareConfig(FairseqAdamConfig):
     )
     sam_interval: int = field(
         default=1,
-        metadata={"help": "take the sharpness-aware gradient on every K-th update only and Adam's "
-                          "plain gradient on the others (cost ≈ 1 + 1/K passes per update)"},
+        metadata={
+            "help": "take the sharpness-aware gradient on every K-th update only and Adam's "
+            "plain gradient on the others (cost ≈ 1 + 1/K passes per update)"
+        },
     )
     sam_start_update: int = field(
         default=0,
@@ -36,17 +39,21 @@ class SharpnessAwareConfig(FairseqAdamConfig):
     )
     looksam_alpha: float = field(
         default=0.0,
-        metadata={"help": "LookSAM: on the updates --sam-interval leaves plain, add α‖g‖/‖g_v‖·g_v, "
-                          "g_v being the last sharpness-aware gradient's part orthogonal to the "
-                          "plain one (0: off; costs two fp32 gradient-sized buffers)"},
+        metadata={
+            "help": "LookSAM: on the updates --sam-interval leaves plain, add α‖g‖/‖g_v‖·g_v, "
+            "g_v being the last sharpness-aware gradient's part orthogonal to the "
+            "plain one (0: off; costs two fp32 gradient-sized buffers)"
+        },
     )
     sharpness_eval_interval: int = field(
         default=0,
-        metadata={"help": "every N updates, also log `sharpness_eval`: L(w+ε) − L(w) with dropout "
-                          "off (eval mode, ε from the eval-mode gradient) on each micro-batch — the "
-                          "noise-free counterpart of `sharpness`; the training update is unchanged "
-                          "(cost: one forward-backward and one forward per micro-batch, every N "
-                          "updates; 0: off)"},
+        metadata={
+            "help": "every N updates, also log `sharpness_eval`: L(w+ε) − L(w) with dropout "
+            "off (eval mode, ε from the eval-mode gradient) on each micro-batch — the "
+            "noise-free counterpart of `sharpness`; the training update is unchanged "
+            "(cost: one forward-backward and one forward per micro-batch, every N "
+            "updates; 0: off)"
+        },
     )
 
 
@@ -70,22 +77,31 @@ class FairseqASAMConfig(SharpnessAwareConfig):
 def _validate(cfg, adaptive: bool, name: str) -> None:
     rho = float(cfg.rho)
     if not (math.isfinite(rho) and rho > 0):
-        raise ConfigError(f"--rho must be a finite number > 0 for --optimizer {name}, got {cfg.rho}")
+        raise ConfigError(
+            f"--rho must be a finite number > 0 for --optimizer {name}, got {cfg.rho}"
+        )
     if adaptive:
         eta = float(cfg.eta)
         if not (math.isfinite(eta) and eta >= 0):
-            raise ConfigError(f"--eta must be a finite number >= 0 for --optimizer {name}, got {cfg.eta}")
+            raise ConfigError(
+                f"--eta must be a finite number >= 0 for --optimizer {name}, got {cfg.eta}"
+            )
     if int(cfg.sam_interval) < 1:
         raise ConfigError(f"--sam-interval must be an integer >= 1, got {cfg.sam_interval}")
     if int(cfg.sam_start_update) < 0:
         raise ConfigError(f"--sam-start-update must be an integer >= 0, got {cfg.sam_start_update}")
     if int(cfg.sharpness_eval_interval) < 0:
-        raise ConfigError(f"--sharpness-eval-interval must be an integer >= 0, got {cfg.sharpness_eval_interval}")
+        raise ConfigError(
+            f"--sharpness-eval-interval must be an integer >= 0, got {cfg.sharpness_eval_interval}"
+        )
     alpha = float(cfg.looksam_alpha)
     if not (math.isfinite(alpha) and alpha >= 0):
         raise ConfigError(f"--looksam-alpha must be a finite number >= 0, got {cfg.looksam_alpha}")
     if alpha > 0 and int(cfg.sam_interval) < 2:
-        raise ConfigError("--looksam-alpha reuses g_v between sharpness-aware updates: it needs --sam-interval >= 2")
+        raise ConfigError(
+            "--looksam-alpha reuses g_v between sharpness-aware updates: "
+            "it needs --sam-interval >= 2"
+        )
     if _run_setting(cfg, "distributed_training", "ddp_backend") == "fully_sharded":
         raise ConfigError(
             f"--optimizer {name} does not support --ddp-backend fully_sharded (the perturbation "
@@ -140,7 +156,8 @@ class SharpnessAware:
         """Raises unless some micro-batch of this update went through the two-pass step."""
         if self.two_pass_micro_batches == 0:
             raise TaskBypassError(
-                f"--optimizer {self.optimizer_name} cannot train with task {task_name}: it replaces "
+                f"--optimizer {self.optimizer_name} cannot train with task {task_name}: "
+                "it replaces "
                 "train_step without calling FairseqTask.train_step, so no sharpness-aware pass ran "
                 "and the update would be plain Adam"
             )
@@ -171,24 +188,36 @@ class SharpnessAware:
             # by the criterion's, which pass 1 does not see: pad G with zeros for those.
             plain = flat.new_zeros(0) if self._plain_sum is None else self._plain_sum  # dummy-only
             plain = torch.nn.functional.pad(plain, (0, flat.numel() - plain.numel()))
-            if (not self._gradients_are_local and dist.is_available() and dist.is_initialized()
-                    and dist.get_world_size() > 1):
+            if (
+                not self._gradients_are_local
+                and dist.is_available()
+                and dist.is_initialized()
+                and dist.get_world_size() > 1
+            ):
                 dist.all_reduce(plain)  # G is global like G_s; its scale does not matter
             self._g_v = looksam.orthogonal_component(flat, plain)
             self._plain_sum = None
         elif self._g_v is not None:
             term = looksam.reuse_term(flat, self._g_v, self.looksam_alpha)
-            with_grad = [(p, v) for p, v in zip(params, term.split([p.numel() for p in params]))
-                         if p.grad is not None]
-            torch._foreach_add_([p.grad for p, _ in with_grad],
-                                [v.view_as(p.grad).to(p.grad.dtype) for p, v in with_grad])
+            with_grad = [
+                (p, v)
+                for p, v in zip(params, term.split([p.numel() for p in params]))
+                if p.grad is not None
+            ]
+            torch._foreach_add_(
+                [p.grad for p, _ in with_grad],
+                [v.view_as(p.grad).to(p.grad.dtype) for p, v in with_grad],
+            )
 
 
 def _flat_gradient(params: List[Tensor]) -> Tensor:
     """All gradients as one flat fp32 vector, zeros where a parameter has none."""
-    return torch.cat([
-        (p.grad.reshape(-1) if p.grad is not None else p.new_zeros(p.numel())).float() for p in params
-    ])
+    return torch.cat(
+        [
+            (p.grad.reshape(-1) if p.grad is not None else p.new_zeros(p.numel())).float()
+            for p in params
+        ]
+    )
 
 
 @register_optimizer("sam", dataclass=FairseqSAMConfig)
@@ -218,7 +247,12 @@ def find_sharpness_aware(optimizer) -> "SharpnessAware | None":
     for _ in range(_MAX_WRAPPER_DEPTH):
         if optimizer is None or isinstance(optimizer, SharpnessAware):
             return optimizer
-        optimizer = next((getattr(optimizer, a) for a in _WRAPPED_OPTIMIZER_ATTRIBUTES
-                          if getattr(optimizer, a, None) is not None), None)
+        optimizer = next(
+            (
+                getattr(optimizer, a)
+                for a in _WRAPPED_OPTIMIZER_ATTRIBUTES
+                if getattr(optimizer, a, None) is not None
+            ),
+            None,
+        )
     return None
-

@@ -13,6 +13,7 @@ Update rule (Foret et al., ICLR 2021; Kwon et al., ICML 2021, Algorithm 1), per 
 one copy of the parameters (the buffer that holds T is reused to save w), fp32 gradients are
 turned into ε in place, and one device-to-host sync per call (to skip a non-finite ‖T g‖).
 """
+
 from typing import List, Optional, Sequence
 
 import torch
@@ -24,7 +25,7 @@ _MIN_NORM = torch.finfo(torch.float32).tiny
 
 
 def is_adaptive(name: str, adaptive: bool) -> bool:
-    """Whether ASAM scales the tensor called `name` by T = |w| + η (the paper leaves biases alone)."""
+    """Whether ASAM scales the tensor `name` by T = |w| + η (the paper leaves biases alone)."""
     return adaptive and ADAPTIVE_NAME_KEY in name
 
 

@@ -20,6 +20,7 @@ The logged `loss` is pass 1's; `sharpness` is pass 2's loss minus pass 1's, each
 dropout mask; `sharpness_eval` (--sharpness-eval-interval) is the same difference with dropout
 off, measured without touching the update.
 """
+
 import contextlib
 import functools
 import math
@@ -59,7 +60,8 @@ def _with_metrics(logging_output, loss, keys, measured):
         value, weight = measured.get(key, (0.0, 0.0))
         if torch.is_tensor(loss):
             value, weight = (
-                x.detach().float().reshape(()).to(loss.device) if torch.is_tensor(x)
+                x.detach().float().reshape(()).to(loss.device)
+                if torch.is_tensor(x)
                 else torch.tensor(float(x), dtype=torch.float32, device=loss.device)
                 for x in (value, weight)
             )
@@ -111,12 +113,15 @@ def eval_mode_sharpness(sample, model, criterion, sam, optimizer):
     return perturbed_loss.detach() - loss.detach(), sample_size
 
 
-def sharpness_aware_train_step(train_step, task, sample, model, criterion, optimizer, update_num,
-                               ignore_grad=False, **kwargs):
+def sharpness_aware_train_step(
+    train_step, task, sample, model, criterion, optimizer, update_num, ignore_grad=False, **kwargs
+):
     """Runs `train_step` (the task's plain step) twice, at w and at w + ε."""
     sam = find_sharpness_aware(optimizer)
     if sam is None:
-        return train_step(task, sample, model, criterion, optimizer, update_num, ignore_grad, **kwargs)
+        return train_step(
+            task, sample, model, criterion, optimizer, update_num, ignore_grad, **kwargs
+        )
     sam.two_pass_micro_batches += 1
     sam.sharpness_aware_update = sam.perturbs_at(update_num)
     keys, measured = _logged_keys(sam), {}
@@ -134,7 +139,9 @@ def sharpness_aware_train_step(train_step, task, sample, model, criterion, optim
     # The criterion's own parameters (e.g. a learnable temperature) take pass 2's gradient like
     # the model's, but are not perturbed: ε is defined on the model's weights.
     in_model = {id(p) for _, p in named}
-    criterion_params = [p for p in criterion.parameters() if p.requires_grad and id(p) not in in_model]
+    criterion_params = [
+        p for p in criterion.parameters() if p.requires_grad and id(p) not in in_model
+    ]
     every = [p for _, p in named] + criterion_params
     accumulated = [p.grad for p in every]
     for p in every:
@@ -173,7 +180,9 @@ def sharpness_aware_train_step(train_step, task, sample, model, criterion, optim
             perturbation.restore(params, saved)
 
     # Pass 2's loss minus pass 1's, each under its own dropout mask (as the authors' code).
-    sharpness = perturbed_loss.detach() - loss.detach() if torch.is_tensor(loss) else perturbed_loss - loss
+    sharpness = (
+        perturbed_loss.detach() - loss.detach() if torch.is_tensor(loss) else perturbed_loss - loss
+    )
     measured[SHARPNESS_KEY] = (sharpness, sample_size)
     return loss, sample_size, _with_metrics(logging_output, loss, keys, measured)
 
@@ -189,7 +198,9 @@ def log_sharpness(logging_outputs) -> None:
         if weight > 0:
             total = sum(float(log.get(key, 0)) for log in logging_outputs)
             metrics.log_scalar(key, total / weight / math.log(2), weight, round=4)
-        _drop_empty_meters(key, keep_filled=any(key + WEIGHT_SUFFIX in log for log in logging_outputs))
+        _drop_empty_meters(
+            key, keep_filled=any(key + WEIGHT_SUFFIX in log for log in logging_outputs)
+        )
 
 
 def _drop_empty_meters(key: str, keep_filled: bool) -> None:
@@ -225,9 +236,19 @@ def install() -> None:
     plain_optimizer_step = FairseqTask.optimizer_step
 
     @functools.wraps(plain_train_step)
-    def train_step(self, sample, model, criterion, optimizer, update_num, ignore_grad=False, **kwargs):
+    def train_step(
+        self, sample, model, criterion, optimizer, update_num, ignore_grad=False, **kwargs
+    ):
         return sharpness_aware_train_step(
-            plain_train_step, self, sample, model, criterion, optimizer, update_num, ignore_grad, **kwargs
+            plain_train_step,
+            self,
+            sample,
+            model,
+            criterion,
+            optimizer,
+            update_num,
+            ignore_grad,
+            **kwargs,
         )
 
     @functools.wraps(plain_reduce_metrics)

@@ -1,7 +1,7 @@
 """What only a GPU can show, each against the update written from the equations (harness.py).
 
-    bash scripts/gpu_check.sh                  # a CUDA machine: one line per check, exit 1 on a failure
-    python tests/gpu_check.py --device cpu     # the same checks on the CPU (tests/test_gpu_check.py)
+    bash scripts/gpu_check.sh               # CUDA: one line per check, exit 1 on a failure
+    python tests/gpu_check.py --device cpu  # the same checks on the CPU (test_gpu_check.py)
 
 Checks: fp32; fairseq's flat --fp16; bf16 weights (common.bf16); --amp (CUDA: GradScaler and
 fp16 autocast on, compared with the equations evaluated under the same autocast); data parallel
@@ -11,6 +11,7 @@ data) leaves every rank logging the same loss and sharpness.  On the CPU, flat -
 emulated (harness.emulate_flat_fp16_on_cpu), --amp is fp32 (fairseq's AMP is CUDA-only) and the
 data-parallel checks run over 2 gloo processes with torch DDP.
 """
+
 import argparse
 import contextlib
 import copy
@@ -38,10 +39,26 @@ from harness import (  # noqa: E402
 )
 
 RHO, ETA, UPDATE_FREQ = 0.5, 0.01, 2
-ASAM_FLAGS = ["--optimizer", "asam", "--rho", str(RHO), "--eta", str(ETA), "--update-freq", str(UPDATE_FREQ)]
+ASAM_FLAGS = [
+    "--optimizer",
+    "asam",
+    "--rho",
+    str(RHO),
+    "--eta",
+    str(ETA),
+    "--update-freq",
+    str(UPDATE_FREQ),
+]
 # fp16/bf16 gradients round differently from the fp32 reference; the plain gradient is ~0.4
 # away at this ρ, so these bounds still tell the two apart (a check also needs control > 3 × bound).
-BOUND = {"fp32": 1e-5, "fp16-flat": 1e-2, "bf16": 6e-2, "amp-cuda": 1e-2, "amp-cpu": 1e-6, "ddp": 1e-5}
+BOUND = {
+    "fp32": 1e-5,
+    "fp16-flat": 1e-2,
+    "bf16": 6e-2,
+    "amp-cuda": 1e-2,
+    "amp-cpu": 1e-6,
+    "ddp": 1e-5,
+}
 CPU_DDP_WORLD_SIZE = 2
 DUMMY = {}  # what fairseq's ShardedIterator pads a short shard with
 
@@ -77,54 +94,74 @@ def update_check(name, data_bin, device, flags=(), bf16=False, autocast=None, bo
         scaler = trainer.optimizer._grad_scaler.is_enabled()
         ok = ok and scaler == (device == "cuda")
         extra = f", GradScaler {'on' if scaler else 'off (CPU: this is fp32)'}"
-    return ok, (f"{name}: {type(trainer.optimizer).__name__}, relative error vs reference {error:.2e} "
-                f"(bound {bound:.0e}), vs plain gradient {control:.2e}{extra}")
+    return ok, (
+        f"{name}: {type(trainer.optimizer).__name__}, relative error vs reference {error:.2e} "
+        f"(bound {bound:.0e}), vs plain gradient {control:.2e}{extra}"
+    )
 
 
 def _wrap_for(device, rank, data_bin):
     if device == "cuda":
         from fairseq.models import DistributedFairseqModel
 
-        cfg = parse_cfg(data_bin, ["--ddp-backend", "pytorch_ddp", "--device-id", str(rank)], device)
+        cfg = parse_cfg(
+            data_bin, ["--ddp-backend", "pytorch_ddp", "--device-id", str(rank)], device
+        )
 
         def wrap(model):
-            return DistributedFairseqModel(cfg.distributed_training, model.cuda(), dist.group.WORLD,
-                                           torch.device("cuda", rank))
+            return DistributedFairseqModel(
+                cfg.distributed_training, model.cuda(), dist.group.WORLD, torch.device("cuda", rank)
+            )
     else:
         from fairseq.distributed import ModuleProxyWrapper
 
         def wrap(model):
             return ModuleProxyWrapper(torch.nn.parallel.DistributedDataParallel(model))
+
     return wrap
 
 
 def _ddp_worker(rank, world_size, device, data_bin, out_dir):
     if device == "cuda":
         torch.cuda.set_device(rank)
-    dist.init_process_group("nccl" if device == "cuda" else "gloo", rank=rank, world_size=world_size,
-                            init_method=f"file://{os.path.join(out_dir, 'init')}",
-                            timeout=datetime.timedelta(seconds=300))
+    dist.init_process_group(
+        "nccl" if device == "cuda" else "gloo",
+        rank=rank,
+        world_size=world_size,
+        init_method=f"file://{os.path.join(out_dir, 'init')}",
+        timeout=datetime.timedelta(seconds=300),
+    )
     flags = ASAM_FLAGS + ["--distributed-world-size", str(world_size)]
     result = {}
 
-    trainer = build_trainer(data_bin, flags, wrap_model=_wrap_for(device, rank, data_bin), device=device)
-    world = [batches(trainer, UPDATE_FREQ, shard_id=r, num_shards=world_size) for r in range(world_size)]
+    trainer = build_trainer(
+        data_bin, flags, wrap_model=_wrap_for(device, rank, data_bin), device=device
+    )
+    world = [
+        batches(trainer, UPDATE_FREQ, shard_id=r, num_shards=world_size) for r in range(world_size)
+    ]
     model0 = copy.deepcopy(trainer.get_model())
     recorder = StepRecorder(trainer)
     trainer.train_step(world[rank])
     prepared = [[trainer._prepare_sample(s)[0] for s in worker] for worker in world]
-    expected = reference_update_gradient(model0, trainer.criterion, None, RHO, ETA, True, world_samples=prepared)
+    expected = reference_update_gradient(
+        model0, trainer.criterion, None, RHO, ETA, True, world_samples=prepared
+    )
     result["error"] = relative_error(recorder.grads, expected)
 
     if world_size > 1:  # the last rank's shard ran out: its micro-batches are dummy batches
-        trainer = build_trainer(data_bin, flags, wrap_model=_wrap_for(device, rank, data_bin), device=device)
+        trainer = build_trainer(
+            data_bin, flags, wrap_model=_wrap_for(device, rank, data_bin), device=device
+        )
         trainer.reset_dummy_batch(world[0][0])
         model0 = copy.deepcopy(trainer.get_model())
         own = [DUMMY] * UPDATE_FREQ if rank == world_size - 1 else world[rank]
         log = trainer.train_step(own)
         result["loss"], result["sharpness"] = float(log["loss"]), float(log["sharpness"])
         kept = [trainer._prepare_sample(s)[0] for worker in world[:-1] for s in worker]
-        result["expected_sharpness"] = reference_logged_sharpness(model0, trainer.criterion, kept, RHO, ETA, True)
+        result["expected_sharpness"] = reference_logged_sharpness(
+            model0, trainer.criterion, kept, RHO, ETA, True
+        )
     with open(os.path.join(out_dir, f"rank{rank}.json"), "w") as f:
         json.dump(result, f)
     dist.destroy_process_group()
@@ -133,12 +170,19 @@ def _ddp_worker(rank, world_size, device, data_bin, out_dir):
 def ddp_checks(data_bin, device):
     world_size = torch.cuda.device_count() if device == "cuda" else CPU_DDP_WORLD_SIZE
     out_dir = tempfile.mkdtemp()
-    mp.spawn(_ddp_worker, args=(world_size, device, data_bin, out_dir), nprocs=world_size, join=True)
+    mp.spawn(
+        _ddp_worker, args=(world_size, device, data_bin, out_dir), nprocs=world_size, join=True
+    )
     ranks = [json.load(open(os.path.join(out_dir, f"rank{r}.json"))) for r in range(world_size)]
     transport = "NCCL, DistributedFairseqModel" if device == "cuda" else "gloo, torch DDP"
     worst = max(r["error"] for r in ranks)
-    checks = [(worst < BOUND["ddp"], f"ddp: {world_size} ranks ({transport}), update vs reference sum of "
-                                     f"per-worker perturbed gradients {worst:.2e} (bound {BOUND['ddp']:.0e})")]
+    checks = [
+        (
+            worst < BOUND["ddp"],
+            f"ddp: {world_size} ranks ({transport}), update vs reference sum of "
+            f"per-worker perturbed gradients {worst:.2e} (bound {BOUND['ddp']:.0e})",
+        )
+    ]
     if world_size == 1:
         checks.append((True, "ddp-dummy-batch: skipped, needs 2 or more GPUs"))
         return checks
@@ -148,8 +192,13 @@ def ddp_checks(data_bin, device):
     spread = max(sharpness) - min(sharpness)
     error = abs(sharpness[0] - expected) / max(abs(expected), 1e-12)
     ok = len(losses) == 1 and spread == 0 and error < 1e-3
-    checks.append((ok, f"ddp-dummy-batch: last of {world_size} ranks on dummy batches: loss {sorted(losses)} "
-                       f"on every rank, sharpness spread {spread:.1e}, vs reference {error:.1e}"))
+    checks.append(
+        (
+            ok,
+            f"ddp-dummy-batch: last of {world_size} ranks on dummy batches: loss {sorted(losses)} "
+            f"on every rank, sharpness spread {spread:.1e}, vs reference {error:.1e}",
+        )
+    )
     return checks
 
 
@@ -159,19 +208,30 @@ def run(device: str):
         update_check("fp32", data_bin, device),
         update_check("fp16-flat", data_bin, device, ["--fp16", "--fp16-init-scale", "128"]),
         update_check("bf16", data_bin, device, bf16=True),
-        update_check("amp", data_bin, device, ["--amp"], autocast=torch.float16 if device == "cuda" else None,
-                     bound_key=f"amp-{device}"),
+        update_check(
+            "amp",
+            data_bin,
+            device,
+            ["--amp"],
+            autocast=torch.float16 if device == "cuda" else None,
+            bound_key=f"amp-{device}",
+        ),
     ]
     checks += ddp_checks(data_bin, device)
     return checks
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--device", choices=["cuda", "cpu"], default="cuda")
     args = parser.parse_args(argv)
     if args.device == "cuda" and not torch.cuda.is_available():
-        print("gpu_check: error: no CUDA device (use --device cpu to run the checks on the CPU)", file=sys.stderr)
+        print(
+            "gpu_check: error: no CUDA device (use --device cpu to run the checks on the CPU)",
+            file=sys.stderr,
+        )
         return 1
     name = torch.cuda.get_device_name(0) if args.device == "cuda" else "cpu"
     print(f"device: {name}, torch {torch.__version__}", flush=True)

@@ -1,5 +1,6 @@
 """Shared test helpers: a tiny Transformer on a generated corpus, built through fairseq's own
 option parser and Trainer, and the reference update written straight from the equations."""
+
 import contextlib
 import copy
 import math
@@ -11,17 +12,50 @@ import fairseq_asam
 from fairseq_asam.experiments import synthetic_data
 
 TINY_TRANSFORMER = [
-    "--arch", "transformer",
-    "--encoder-layers", "1", "--decoder-layers", "1",
-    "--encoder-embed-dim", "16", "--decoder-embed-dim", "16",
-    "--encoder-ffn-embed-dim", "32", "--decoder-ffn-embed-dim", "32",
-    "--encoder-attention-heads", "2", "--decoder-attention-heads", "2",
-    "--dropout", "0", "--attention-dropout", "0", "--activation-dropout", "0",
+    "--arch",
+    "transformer",
+    "--encoder-layers",
+    "1",
+    "--decoder-layers",
+    "1",
+    "--encoder-embed-dim",
+    "16",
+    "--decoder-embed-dim",
+    "16",
+    "--encoder-ffn-embed-dim",
+    "32",
+    "--decoder-ffn-embed-dim",
+    "32",
+    "--encoder-attention-heads",
+    "2",
+    "--decoder-attention-heads",
+    "2",
+    "--dropout",
+    "0",
+    "--attention-dropout",
+    "0",
+    "--activation-dropout",
+    "0",
 ]
 BASE_ARGS = TINY_TRANSFORMER + [
-    "--task", "translation", "--source-lang", "de", "--target-lang", "en",
-    "--criterion", "label_smoothed_cross_entropy", "--label-smoothing", "0.1",
-    "--lr", "1e-3", "--max-tokens", "120", "--seed", "3", "--num-workers", "0",
+    "--task",
+    "translation",
+    "--source-lang",
+    "de",
+    "--target-lang",
+    "en",
+    "--criterion",
+    "label_smoothed_cross_entropy",
+    "--label-smoothing",
+    "0.1",
+    "--lr",
+    "1e-3",
+    "--max-tokens",
+    "120",
+    "--seed",
+    "3",
+    "--num-workers",
+    "0",
 ]
 
 
@@ -54,7 +88,8 @@ def parse_cfg(data_bin: str, extra, device: str = "cpu"):
     parser = options.get_training_parser()
     device_args = ["--cpu"] if device == "cpu" else []
     args = options.parse_args_and_arch(
-        parser, [data_bin, "--user-dir", fairseq_asam.USER_DIR] + BASE_ARGS + device_args + list(extra)
+        parser,
+        [data_bin, "--user-dir", fairseq_asam.USER_DIR] + BASE_ARGS + device_args + list(extra),
     )
     return convert_namespace_to_omegaconf(args)
 
@@ -118,8 +153,9 @@ class StepRecorder:
         torch_optimizer.step = step
 
 
-def reference_update_gradient(model, criterion, samples, rho, eta, adaptive,
-                              normalize_biases=False, world_samples=None):
+def reference_update_gradient(
+    model, criterion, samples, rho, eta, adaptive, normalize_biases=False, world_samples=None
+):
     """Σ_B ∇L_B(w + ε_B) / Σ_B sample_size, with ε_B = ρ T² g_B / ‖T g_B‖ — from the equations.
 
     `world_samples`: per-worker lists of micro-batches (DDP); defaults to one worker.
@@ -128,7 +164,9 @@ def reference_update_gradient(model, criterion, samples, rho, eta, adaptive,
     total, sample_size = None, 0.0
     for worker in world_samples or [samples]:
         for sample in worker:
-            step = reference_micro_batch(model, criterion, sample, rho, eta, adaptive, normalize_biases)
+            step = reference_micro_batch(
+                model, criterion, sample, rho, eta, adaptive, normalize_biases
+            )
             if total is None:
                 total = [torch.zeros_like(g) for g in step.perturbed_grad]
             with torch.no_grad():
@@ -146,8 +184,9 @@ class ReferenceStep:
         self.perturbed_grad, self.sample_size = perturbed_grad, sample_size
 
 
-def reference_micro_batch(model, criterion, sample, rho, eta, adaptive, normalize_biases=False,
-                          train_mode=True):
+def reference_micro_batch(
+    model, criterion, sample, rho, eta, adaptive, normalize_biases=False, train_mode=True
+):
     """ε = ρ T² g / ‖T g‖ from g = ∇L(w) on a copy of `model`; L and ∇L at w + ε (train mode,
     or eval mode: no dropout)."""
     model = copy.deepcopy(model)
@@ -159,7 +198,9 @@ def reference_micro_batch(model, criterion, sample, rho, eta, adaptive, normaliz
     g = torch.autograd.grad(loss, params, allow_unused=True)
     g = [torch.zeros_like(p) if gi is None else gi for p, gi in zip(params, g)]
     scale = [
-        (wi.abs() + eta) if adaptive and ("weight" in n or normalize_biases) else torch.ones_like(wi)
+        (wi.abs() + eta)
+        if adaptive and ("weight" in n or normalize_biases)
+        else torch.ones_like(wi)
         for n, wi in zip(names, w)
     ]
     norm = torch.sqrt(sum(((t * gi) ** 2).sum() for t, gi in zip(scale, g)))
@@ -175,8 +216,10 @@ def reference_micro_batch(model, criterion, sample, rho, eta, adaptive, normaliz
 def reference_logged_sharpness(model, criterion, samples, rho, eta, adaptive, train_mode=True):
     """The `sharpness` metric from the equations: Σ_B (L_B(w + ε_B) − L_B(w)) / Σ_B sample_size,
     in base 2 like fairseq's logged `loss` (`train_mode` False: `sharpness_eval`, no dropout)."""
-    steps = [reference_micro_batch(model, criterion, s, rho, eta, adaptive, train_mode=train_mode)
-             for s in samples]
+    steps = [
+        reference_micro_batch(model, criterion, s, rho, eta, adaptive, train_mode=train_mode)
+        for s in samples
+    ]
     rise = sum(s.perturbed_loss - s.loss for s in steps)
     return rise / sum(s.sample_size for s in steps) / math.log(2)
 

@@ -1,5 +1,6 @@
 """Checkpoints: numpy-1 pickles under numpy 2, and switching an Adam checkpoint to ASAM across
 precisions (fairseq records the mixed-precision wrapper's class name, not Adam's)."""
+
 import io
 import os
 import subprocess
@@ -8,10 +9,10 @@ import sys
 import numpy as np
 import pytest
 import torch
+from harness import batches, build_trainer, emulate_flat_fp16_on_cpu
 
 import fairseq_asam  # noqa: F401  (safe globals for fairseq checkpoints)
 from fairseq_asam.checkpoint import CheckpointError, switch_optimizer
-from harness import batches, build_trainer, emulate_flat_fp16_on_cpu
 
 SWITCH_SCRIPT = os.path.join(os.path.dirname(__file__), "..", "scripts", "switch_optimizer.py")
 NUMPY2_MULTIARRAY = b"numpy._core.multiarray"
@@ -23,8 +24,11 @@ def test_numpy1_pickled_checkpoint_loads_under_numpy2():
     """A checkpoint saved under numpy 1 names numpy.core.multiarray.scalar/_reconstruct, which
     numpy 2 moved to numpy._core: torch's safe loader must accept the old names."""
     buffer = io.BytesIO()
-    torch.save({"extra_state": {"best": np.float64(35.1), "counts": np.arange(4)}}, buffer,
-               _use_new_zipfile_serialization=False)  # the legacy format keeps names as plain text
+    torch.save(
+        {"extra_state": {"best": np.float64(35.1), "counts": np.arange(4)}},
+        buffer,
+        _use_new_zipfile_serialization=False,
+    )  # the legacy format keeps names as plain text
     data = buffer.getvalue()
     assert data.count(NUMPY2_MULTIARRAY) == 2
     numpy1 = data.replace(NUMPY2_MULTIARRAY, NUMPY1_MULTIARRAY)
@@ -44,14 +48,29 @@ PRECISION_FLAGS = {
     "memory-efficient-fp16": ["--memory-efficient-fp16"],
     "amp": ["--amp"],
 }
-WRAPPER = {"fp32": None, "fp16": "FP16Optimizer", "fp16-no-flatten": "FP16Optimizer",
-           "memory-efficient-fp16": "MemoryEfficientFP16Optimizer", "amp": "AMPOptimizer"}
+WRAPPER = {
+    "fp32": None,
+    "fp16": "FP16Optimizer",
+    "fp16-no-flatten": "FP16Optimizer",
+    "memory-efficient-fp16": "MemoryEfficientFP16Optimizer",
+    "amp": "AMPOptimizer",
+}
 ADAM_UPDATES = 3
 
 
 def _trainer(data_bin, optimizer, precision):
-    flags = ["--optimizer", optimizer, "--fp16-init-scale", "128", "--lr", "1e-3",
-             "--lr-scheduler", "inverse_sqrt", "--warmup-updates", "10"]
+    flags = [
+        "--optimizer",
+        optimizer,
+        "--fp16-init-scale",
+        "128",
+        "--lr",
+        "1e-3",
+        "--lr-scheduler",
+        "inverse_sqrt",
+        "--warmup-updates",
+        "10",
+    ]
     return build_trainer(data_bin, flags + PRECISION_FLAGS[precision])
 
 
@@ -72,27 +91,33 @@ def _adam_checkpoint(data_bin, tmp_path, precision):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("source,target", [
-    ("fp16-no-flatten", None),  # fp16 Adam → fp16 ASAM: the recorded name stays FP16Optimizer
-    ("fp32", "amp"),
-    ("fp32", "memory-efficient-fp16"),
-    ("fp32", "fp16"),  # flat: Adam's per-parameter moments are flattened
-    ("fp16", None),
-])
+@pytest.mark.parametrize(
+    "source,target",
+    [
+        ("fp16-no-flatten", None),  # fp16 Adam → fp16 ASAM: the recorded name stays FP16Optimizer
+        ("fp32", "amp"),
+        ("fp32", "memory-efficient-fp16"),
+        ("fp32", "fp16"),  # flat: Adam's per-parameter moments are flattened
+        ("fp16", None),
+    ],
+)
 def test_switch_keeps_adam_state_across_precisions(data_bin, tmp_path, source, target):
     with emulate_flat_fp16_on_cpu():
         path, moments = _adam_checkpoint(data_bin, tmp_path, source)
         switched = str(tmp_path / "asam.pt")
         target_precision = target or source
-        before, after = switch_optimizer(path, switched, "asam",
-                                         None if target is None else target.replace("-no-flatten", ""))
+        before, after = switch_optimizer(
+            path, switched, "asam", None if target is None else target.replace("-no-flatten", "")
+        )
         assert before == (WRAPPER[source] or "FairseqAdam")
         assert after == (WRAPPER[target_precision] or "FairseqASAM")
         trainer = _trainer(data_bin, "asam", target_precision)
         trainer.load_checkpoint(switched)  # fairseq's own resume check passes
         assert trainer.get_num_updates() == ADAM_UPDATES
         assert torch.equal(_adam_moments(trainer), moments)  # Adam's moments, in the new layout
-        assert trainer.get_lr() == pytest.approx(1e-3 * ADAM_UPDATES / 10, rel=1e-6)  # warm-up goes on
+        assert trainer.get_lr() == pytest.approx(
+            1e-3 * ADAM_UPDATES / 10, rel=1e-6
+        )  # warm-up goes on
         log = trainer.train_step(batches(trainer, ADAM_UPDATES + 1)[-1:])
         assert trainer.get_num_updates() == ADAM_UPDATES + 1 and "sharpness" in log
 
@@ -111,8 +136,20 @@ def test_switch_refuses_what_cannot_resume(data_bin, tmp_path):
         switch_optimizer(str(tmp_path / "sgd.pt"), str(tmp_path / "x.pt"), "asam")
     assert not (tmp_path / "x.pt").exists()
     # The script says it in one line naming the flag, and writes nothing.
-    proc = subprocess.run([sys.executable, SWITCH_SCRIPT, flat, str(tmp_path / "x.pt"), "--optimizer", "asam",
-                           "--fp32"], capture_output=True, text=True, timeout=120)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            SWITCH_SCRIPT,
+            flat,
+            str(tmp_path / "x.pt"),
+            "--optimizer",
+            "asam",
+            "--fp32",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert proc.returncode == 1 and "Traceback" not in proc.stderr
     assert proc.stderr.strip().splitlines()[-1].startswith("switch_optimizer.py: error: ")
     assert "resume it with --fp16" in proc.stderr and not (tmp_path / "x.pt").exists()

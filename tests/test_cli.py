@@ -1,4 +1,5 @@
 """End to end through fairseq's own command-line tools, on a tiny generated corpus."""
+
 import json
 import os
 import subprocess
@@ -7,26 +8,46 @@ import textwrap
 
 import pytest
 import torch
+from harness import TINY_TRANSFORMER
 
 import fairseq_asam
 from fairseq_asam.checkpoint import switch_optimizer
-from harness import TINY_TRANSFORMER
 
 TRAIN_ARGS = TINY_TRANSFORMER + [
-    "--user-dir", fairseq_asam.USER_DIR, "--task", "translation",
-    "--criterion", "label_smoothed_cross_entropy", "--label-smoothing", "0.1",
-    "--max-tokens", "120", "--cpu", "--num-workers", "0", "--seed", "2",
-    "--log-format", "json", "--log-interval", "1", "--no-epoch-checkpoints",
+    "--user-dir",
+    fairseq_asam.USER_DIR,
+    "--task",
+    "translation",
+    "--criterion",
+    "label_smoothed_cross_entropy",
+    "--label-smoothing",
+    "0.1",
+    "--max-tokens",
+    "120",
+    "--cpu",
+    "--num-workers",
+    "0",
+    "--seed",
+    "2",
+    "--log-format",
+    "json",
+    "--log-interval",
+    "1",
+    "--no-epoch-checkpoints",
 ]
 
 
 def fairseq(tool: str, *argv, check=True):
     proc = subprocess.run(
         [sys.executable, "-m", f"fairseq_cli.{tool}", *argv],
-        capture_output=True, text=True, timeout=300,
+        capture_output=True,
+        text=True,
+        timeout=300,
     )
     if check and proc.returncode != 0:
-        raise AssertionError(f"fairseq_cli.{tool} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
+        raise AssertionError(
+            f"fairseq_cli.{tool} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
+        )
     return proc
 
 
@@ -57,13 +78,25 @@ def test_training_runs_loss_falls_sharpness_logged(data_bin, tmp_path, optimizer
     assert last < first - 0.5, (first, last)
     assert all("sharpness" in rec for rec in inner)
     assert "train_sharpness" in logged(proc.stdout, "train")[-1]
-    assert (tmp_path / "checkpoint_last.pt").is_file() and (tmp_path / "checkpoint_best.pt").is_file()
+    assert (tmp_path / "checkpoint_last.pt").is_file() and (
+        tmp_path / "checkpoint_best.pt"
+    ).is_file()
 
 
 @pytest.mark.slow
 def test_resume_matches_uninterrupted_run_and_generate_loads(data_bin, tmp_path):
-    common = ["--optimizer", "asam", "--lr", "2e-3", "--dropout", "0.1",
-              "--lr-scheduler", "inverse_sqrt", "--warmup-updates", "4"]
+    common = [
+        "--optimizer",
+        "asam",
+        "--lr",
+        "2e-3",
+        "--dropout",
+        "0.1",
+        "--lr-scheduler",
+        "inverse_sqrt",
+        "--warmup-updates",
+        "4",
+    ]
     train(data_bin, tmp_path / "straight", *common, "--max-update", "10")
     train(data_bin, tmp_path / "resumed", *common, "--max-update", "5")
     second = train(data_bin, tmp_path / "resumed", *common, "--max-update", "10")
@@ -74,9 +107,21 @@ def test_resume_matches_uninterrupted_run_and_generate_loads(data_bin, tmp_path)
     assert a.keys() == b.keys()
     assert all(torch.equal(a[k], b[k]) for k in a)
     # fairseq-generate loads the checkpoint under torch >= 2.6 (weights_only default).
-    gen = fairseq("generate", data_bin, "--user-dir", fairseq_asam.USER_DIR, "--cpu",
-                  "--path", str(tmp_path / "straight" / "checkpoint_last.pt"),
-                  "--gen-subset", "valid", "--beam", "2", "--max-tokens", "500")
+    gen = fairseq(
+        "generate",
+        data_bin,
+        "--user-dir",
+        fairseq_asam.USER_DIR,
+        "--cpu",
+        "--path",
+        str(tmp_path / "straight" / "checkpoint_last.pt"),
+        "--gen-subset",
+        "valid",
+        "--beam",
+        "2",
+        "--max-tokens",
+        "500",
+    )
     assert "BLEU4" in gen.stdout + gen.stderr
 
 
@@ -84,20 +129,32 @@ def test_resume_matches_uninterrupted_run_and_generate_loads(data_bin, tmp_path)
 def test_adam_checkpoint_fine_tuned_with_asam_keeps_schedule(data_bin, tmp_path):
     sched = ["--lr", "1e-3", "--lr-scheduler", "inverse_sqrt", "--warmup-updates", "20"]
     train(data_bin, tmp_path / "adam", "--optimizer", "adam", *sched, "--max-update", "6")
-    refused = train(data_bin, tmp_path / "adam", "--optimizer", "asam", *sched, "--max-update", "8", check=False)
+    refused = train(
+        data_bin, tmp_path / "adam", "--optimizer", "asam", *sched, "--max-update", "8", check=False
+    )
     assert refused.returncode != 0  # fairseq's own check: a different optimizer class
     converted = tmp_path / "asam_start.pt"
-    assert switch_optimizer(str(tmp_path / "adam" / "checkpoint_last.pt"), str(converted), "asam") == (
-        "FairseqAdam", "FairseqASAM")
-    proc = train(data_bin, tmp_path / "asam", "--optimizer", "asam", *sched, "--max-update", "8",
-                 "--restore-file", str(converted))
+    assert switch_optimizer(
+        str(tmp_path / "adam" / "checkpoint_last.pt"), str(converted), "asam"
+    ) == ("FairseqAdam", "FairseqASAM")
+    proc = train(
+        data_bin,
+        tmp_path / "asam",
+        "--optimizer",
+        "asam",
+        *sched,
+        "--max-update",
+        "8",
+        "--restore-file",
+        str(converted),
+    )
     inner = logged(proc.stdout, "train_inner")
     assert [int(r["num_updates"]) for r in inner] == [7, 8]
     assert float(inner[0]["lr"]) == pytest.approx(1e-3 * 7 / 20, rel=1e-3)  # warm-up continues
     assert "sharpness" in inner[0]
 
 
-BYPASS_TASK = textwrap.dedent('''
+BYPASS_TASK = textwrap.dedent("""
     import fairseq_asam  # registers --optimizer asam
     from fairseq.tasks import register_task
     from fairseq.tasks.translation import TranslationConfig, TranslationTask
@@ -109,19 +166,25 @@ BYPASS_TASK = textwrap.dedent('''
             loss, sample_size, logging_output = criterion(model, sample)
             optimizer.backward(loss)
             return loss, sample_size, logging_output
-''')
+""")
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("flags,message", [
-    (["--optimizer", "asam", "--rho", "-1"], "--rho must be a finite number > 0"),
-    (["--optimizer", "sam", "--rho", "nan"], "--rho must be a finite number > 0"),
-    (["--optimizer", "asam", "--eta", "-0.5"], "--eta must be a finite number >= 0"),
-    (["--optimizer", "sam", "--sam-interval", "0"], "--sam-interval must be an integer >= 1"),
-    (["--optimizer", "asam", "--looksam-alpha", "0.5"], "it needs --sam-interval >= 2"),
-    (["--optimizer", "asam", "--sharpness-eval-interval", "-1"], "--sharpness-eval-interval must be an integer >= 0"),
-    (["--optimizer", "asam", "--task", "bypass_translation"], "task 'BypassTranslation'"),
-])
+@pytest.mark.parametrize(
+    "flags,message",
+    [
+        (["--optimizer", "asam", "--rho", "-1"], "--rho must be a finite number > 0"),
+        (["--optimizer", "sam", "--rho", "nan"], "--rho must be a finite number > 0"),
+        (["--optimizer", "asam", "--eta", "-0.5"], "--eta must be a finite number >= 0"),
+        (["--optimizer", "sam", "--sam-interval", "0"], "--sam-interval must be an integer >= 1"),
+        (["--optimizer", "asam", "--looksam-alpha", "0.5"], "it needs --sam-interval >= 2"),
+        (
+            ["--optimizer", "asam", "--sharpness-eval-interval", "-1"],
+            "--sharpness-eval-interval must be an integer >= 0",
+        ),
+        (["--optimizer", "asam", "--task", "bypass_translation"], "task 'BypassTranslation'"),
+    ],
+)
 def test_bad_input_fails_with_one_line(data_bin, tmp_path, flags, message):
     argv = list(flags)
     if "bypass_translation" in flags:
@@ -141,8 +204,9 @@ def test_bad_input_fails_with_one_line(data_bin, tmp_path, flags, message):
 def test_fully_sharded_refused_when_optimizer_is_built(data_bin):
     """In-process: fairseq-train needs fairscale for FSDP before it reaches the optimizer."""
     from fairseq import optim
-    from fairseq_asam.optim import ConfigError
     from harness import parse_cfg
+
+    from fairseq_asam.optim import ConfigError
 
     cfg = parse_cfg(data_bin, ["--optimizer", "asam", "--ddp-backend", "fully_sharded"])
     with pytest.raises(ConfigError, match="--ddp-backend fully_sharded"):
@@ -156,9 +220,15 @@ def test_checkpoint_with_numpy_values_loads_safely(tmp_path):
 
     import numpy as np
 
-    state = {"args": argparse.Namespace(arch="transformer"), "model": {"w": torch.ones(2)},
-             "extra_state": {"best": np.float64(35.1), "counts": np.arange(4, dtype=np.int64),
-                             "scores": np.ones(3, dtype=np.float32)}}
+    state = {
+        "args": argparse.Namespace(arch="transformer"),
+        "model": {"w": torch.ones(2)},
+        "extra_state": {
+            "best": np.float64(35.1),
+            "counts": np.arange(4, dtype=np.int64),
+            "scores": np.ones(3, dtype=np.float32),
+        },
+    }
     path = tmp_path / "ckpt.pt"
     torch.save(state, path)
     loaded = torch.load(path, map_location="cpu")
@@ -172,7 +242,9 @@ def test_checkpoint_with_numpy_values_loads_safely(tmp_path):
 @pytest.mark.slow
 def test_no_empty_sharpness_in_logs_with_sam_interval(data_bin, tmp_path):
     """A log interval without a sharpness-aware update prints no `sharpness` (not None/null)."""
-    proc = train(data_bin, tmp_path, "--optimizer", "asam", "--sam-interval", "2", "--max-update", "6")
+    proc = train(
+        data_bin, tmp_path, "--optimizer", "asam", "--sam-interval", "2", "--max-update", "6"
+    )
     inner = logged(proc.stdout, "train_inner")
     assert [int(r["num_updates"]) for r in inner] == [1, 2, 3, 4, 5, 6]
     # Updates 0, 2, 4 (0-based) are sharpness-aware: they are logged as num_updates 1, 3, 5.
@@ -184,7 +256,16 @@ def test_no_empty_sharpness_in_logs_with_sam_interval(data_bin, tmp_path):
 @pytest.mark.slow
 def test_adam_resumed_from_asam_checkpoint_logs_no_sharpness(data_bin, tmp_path):
     train(data_bin, tmp_path, "--optimizer", "asam", "--max-update", "4")
-    proc = train(data_bin, tmp_path, "--optimizer", "adam", "--reset-optimizer", "--max-update", "8",
-                 "--log-format", "simple")
+    proc = train(
+        data_bin,
+        tmp_path,
+        "--optimizer",
+        "adam",
+        "--reset-optimizer",
+        "--max-update",
+        "8",
+        "--log-format",
+        "simple",
+    )
     assert "Loaded checkpoint" in proc.stdout and "num_updates=8" in proc.stdout
     assert "sharpness" not in proc.stdout  # fairseq restored the meters; none is printed

@@ -4,6 +4,7 @@ The sharpness-aware update is ∇ of exp(s)·L(w + ε): for s that is exp(s)·L(
 micro-batch (pass 2's loss), never pass 1's exp(s)·L(w); s itself is not perturbed (ε lives on
 the model's weights), and when fairseq wraps the criterion in DDP, pass 1 must not sync it.
 """
+
 import copy
 import datetime
 import json
@@ -14,7 +15,6 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 from fairseq.criterions.label_smoothed_cross_entropy import LabelSmoothedCrossEntropyCriterion
-
 from harness import (
     StepRecorder,
     batches,
@@ -47,7 +47,9 @@ def build(data_bin, extra, wrap_model=None, wrap_criterion=None):
     from fairseq import tasks
     from fairseq.trainer import Trainer
 
-    cfg = parse_cfg(data_bin, ["--optimizer", "asam", "--rho", str(RHO), "--eta", str(ETA)] + list(extra))
+    cfg = parse_cfg(
+        data_bin, ["--optimizer", "asam", "--rho", str(RHO), "--eta", str(ETA)] + list(extra)
+    )
     task = tasks.setup_task(cfg.task)
     task.load_dataset("train")
     torch.manual_seed(cfg.common.seed)
@@ -63,8 +65,11 @@ def build(data_bin, extra, wrap_model=None, wrap_criterion=None):
 
 def expected_criterion_gradients(model, criterion, world_samples):
     """∂/∂s of the update from the equations, and the two wrong answers (controls)."""
-    steps = [reference_micro_batch(model, criterion, s, RHO, ETA, True)
-             for worker in world_samples for s in worker]
+    steps = [
+        reference_micro_batch(model, criterion, s, RHO, ETA, True)
+        for worker in world_samples
+        for s in worker
+    ]
     size = sum(s.sample_size for s in steps)
     return {
         "sharpness_aware": sum(s.perturbed_loss for s in steps) / size,  # exp(s)·L(w + ε)
@@ -112,23 +117,46 @@ def _counting_allreduce(counter):
 
 
 def _worker(rank, init_file, data_bin, out_dir):
-    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank,
-                            world_size=WORLD_SIZE, timeout=datetime.timedelta(seconds=120))
+    dist.init_process_group(
+        "gloo",
+        init_method=f"file://{init_file}",
+        rank=rank,
+        world_size=WORLD_SIZE,
+        timeout=datetime.timedelta(seconds=120),
+    )
     torch.set_num_threads(1)
     update_freq = 2
-    trainer, criterion = build(data_bin, ["--update-freq", str(update_freq), "--distributed-world-size",
-                                          str(WORLD_SIZE), "--ddp-backend", "pytorch_ddp"],
-                               wrap_model=_ddp, wrap_criterion=_ddp)
+    trainer, criterion = build(
+        data_bin,
+        [
+            "--update-freq",
+            str(update_freq),
+            "--distributed-world-size",
+            str(WORLD_SIZE),
+            "--ddp-backend",
+            "pytorch_ddp",
+        ],
+        wrap_model=_ddp,
+        wrap_criterion=_ddp,
+    )
     syncs = []
     trainer.criterion.module.register_comm_hook(None, _counting_allreduce(syncs))
-    world_samples = [batches(trainer, update_freq, shard_id=r, num_shards=WORLD_SIZE) for r in range(WORLD_SIZE)]
+    world_samples = [
+        batches(trainer, update_freq, shard_id=r, num_shards=WORLD_SIZE) for r in range(WORLD_SIZE)
+    ]
     model0, criterion0 = copy.deepcopy(trainer.get_model()), ScaledCriterion(trainer.task)
     recorder = StepRecorder(trainer)
     trainer.train_step(world_samples[rank])
     expected = expected_criterion_gradients(model0, criterion0, world_samples)
-    reference = reference_update_gradient(model0, criterion0, None, RHO, ETA, True, world_samples=world_samples)
-    result = {"received": float(recorder.grads[-1]), **expected, "criterion_syncs": len(syncs),
-              "model_error": relative_error(recorder.grads[:-1], reference)}
+    reference = reference_update_gradient(
+        model0, criterion0, None, RHO, ETA, True, world_samples=world_samples
+    )
+    result = {
+        "received": float(recorder.grads[-1]),
+        **expected,
+        "criterion_syncs": len(syncs),
+        "model_error": relative_error(recorder.grads[:-1], reference),
+    }
     with open(os.path.join(out_dir, f"rank{rank}.json"), "w") as f:
         json.dump(result, f)
     dist.destroy_process_group()
@@ -136,7 +164,12 @@ def _worker(rank, init_file, data_bin, out_dir):
 
 @pytest.mark.slow
 def test_criterion_in_ddp(tmp_path, data_bin):
-    mp.spawn(_worker, args=(str(tmp_path / "init"), data_bin, str(tmp_path)), nprocs=WORLD_SIZE, join=True)
+    mp.spawn(
+        _worker,
+        args=(str(tmp_path / "init"), data_bin, str(tmp_path)),
+        nprocs=WORLD_SIZE,
+        join=True,
+    )
     for rank in range(WORLD_SIZE):
         r = json.load(open(tmp_path / f"rank{rank}.json"))
         assert r["received"] == pytest.approx(r["sharpness_aware"], rel=1e-5)

@@ -3,6 +3,7 @@
 fairseq's own DDP wrapper insists on CUDA device ids, so the test wraps the model as fairseq
 would (ModuleProxyWrapper around the DDP module) but on the CPU.
 """
+
 import contextlib
 import copy
 import json
@@ -12,7 +13,6 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
-
 from harness import (
     StepRecorder,
     batches,
@@ -36,9 +36,12 @@ def _wrapper(backend):
         if backend.startswith("pytorch_ddp"):
             # fairseq's --gradient-as-bucket-view: .grad tensors are views into DDP's buckets.
             inner = torch.nn.parallel.DistributedDataParallel(
-                model, gradient_as_bucket_view=backend.endswith(BUCKET_VIEW_SUFFIX))
+                model, gradient_as_bucket_view=backend.endswith(BUCKET_VIEW_SUFFIX)
+            )
         else:
-            inner = LegacyDistributedDataParallel(model, process_group=dist.group.WORLD, buffer_size=2 ** 20)
+            inner = LegacyDistributedDataParallel(
+                model, process_group=dist.group.WORLD, buffer_size=2**20
+            )
         return ModuleProxyWrapper(inner)
 
     return wrap
@@ -52,9 +55,14 @@ def reference_with_synced_pass_one(model, criterion, world_samples):
     w = [p.detach().clone() for p in params]
     total, size = [torch.zeros_like(p) for p in params], 0.0
     for micro in range(UPDATE_FREQ):
-        grads = [torch.autograd.grad(criterion(model, worker[micro])[0], params) for worker in world_samples]
+        grads = [
+            torch.autograd.grad(criterion(model, worker[micro])[0], params)
+            for worker in world_samples
+        ]
         g = [sum(gs) / len(gs) for gs in zip(*grads)]
-        scale = [wi.abs() + ETA if "weight" in n else torch.ones_like(wi) for n, wi in zip(names, w)]
+        scale = [
+            wi.abs() + ETA if "weight" in n else torch.ones_like(wi) for n, wi in zip(names, w)
+        ]
         norm = torch.sqrt(sum(((t * gi) ** 2).sum() for t, gi in zip(scale, g)))
         for worker in world_samples:
             with torch.no_grad():
@@ -71,7 +79,9 @@ def reference_with_synced_pass_one(model, criterion, world_samples):
 
 
 def _worker(rank, init_file, data_bin, backend, out_dir):
-    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=WORLD_SIZE)
+    dist.init_process_group(
+        "gloo", init_method=f"file://{init_file}", rank=rank, world_size=WORLD_SIZE
+    )
     torch.set_num_threads(1)
     result = {**_check_update(rank, data_bin, backend), **_check_overflow(rank, data_bin, backend)}
     with open(os.path.join(out_dir, f"rank{rank}.json"), "w") as f:
@@ -80,10 +90,24 @@ def _worker(rank, init_file, data_bin, backend, out_dir):
 
 
 def _ddp_trainer(rank, data_bin, backend, extra=()):
-    args = ["--optimizer", "asam", "--rho", str(RHO), "--eta", str(ETA), "--update-freq", str(UPDATE_FREQ),
-            "--distributed-world-size", str(WORLD_SIZE), "--ddp-backend", backend.split("+")[0]]
+    args = [
+        "--optimizer",
+        "asam",
+        "--rho",
+        str(RHO),
+        "--eta",
+        str(ETA),
+        "--update-freq",
+        str(UPDATE_FREQ),
+        "--distributed-world-size",
+        str(WORLD_SIZE),
+        "--ddp-backend",
+        backend.split("+")[0],
+    ]
     trainer = build_trainer(data_bin, args + list(extra), wrap_model=_wrapper(backend))
-    world_samples = [batches(trainer, UPDATE_FREQ, shard_id=r, num_shards=WORLD_SIZE) for r in range(WORLD_SIZE)]
+    world_samples = [
+        batches(trainer, UPDATE_FREQ, shard_id=r, num_shards=WORLD_SIZE) for r in range(WORLD_SIZE)
+    ]
     return trainer, world_samples
 
 
@@ -92,19 +116,23 @@ def _check_update(rank, data_bin, backend):
     model0 = copy.deepcopy(trainer.get_model())
     recorder = StepRecorder(trainer)
     trainer.train_step(world_samples[rank])
-    expected = reference_update_gradient(model0, trainer.criterion, None, RHO, ETA, True,
-                                         world_samples=world_samples)
+    expected = reference_update_gradient(
+        model0, trainer.criterion, None, RHO, ETA, True, world_samples=world_samples
+    )
     synced = reference_with_synced_pass_one(model0, trainer.criterion, world_samples)
-    return {"error": relative_error(recorder.grads, expected),
-            "control_error": relative_error(recorder.grads, synced)}
+    return {
+        "error": relative_error(recorder.grads, expected),
+        "control_error": relative_error(recorder.grads, synced),
+    }
 
 
 def _check_overflow(rank, data_bin, backend):
     """Only rank 0's pass 1 overflows; every rank must see the overflow."""
     from test_modes import FailingCriterion
 
-    trainer, world_samples = _ddp_trainer(rank, data_bin, backend,
-                                          ["--memory-efficient-fp16", "--fp16-init-scale", "128"])
+    trainer, world_samples = _ddp_trainer(
+        rank, data_bin, backend, ["--memory-efficient-fp16", "--fp16-init-scale", "128"]
+    )
     own = world_samples[rank]
     result = {}
     criterion = FailingCriterion(trainer.criterion, scale_call=1, factor=1e6 if rank == 0 else 1.0)
@@ -114,7 +142,9 @@ def _check_overflow(rank, data_bin, backend):
     trainer.zero_grad()
     for i, sample in enumerate(own):
         with model.no_sync() if i < len(own) - 1 else contextlib.nullcontext():
-            trainer.task.train_step(trainer._prepare_sample(sample)[0], model, criterion, optimizer, 0)
+            trainer.task.train_step(
+                trainer._prepare_sample(sample)[0], model, criterion, optimizer, 0
+            )
     optimizer.all_reduce_grads(model)
     optimizer.multiply_grads(WORLD_SIZE / 100.0)
     try:
@@ -123,14 +153,22 @@ def _check_overflow(rank, data_bin, backend):
     except OverflowError:
         result["overflow_detected"] = True
     result["loss_scale_lowered"] = optimizer.scaler.loss_scale < scale_before
-    result["weights_untouched"] = all(torch.equal(p.detach(), w) for p, w in zip(model.parameters(), w0))
+    result["weights_untouched"] = all(
+        torch.equal(p.detach(), w) for p, w in zip(model.parameters(), w0)
+    )
     return result
 
 
-@pytest.mark.parametrize("backend", ["pytorch_ddp", "pytorch_ddp" + BUCKET_VIEW_SUFFIX, "legacy_ddp"])
+@pytest.mark.parametrize(
+    "backend", ["pytorch_ddp", "pytorch_ddp" + BUCKET_VIEW_SUFFIX, "legacy_ddp"]
+)
 def test_ddp_update_and_overflow(tmp_path, data_bin, backend):
-    mp.spawn(_worker, args=(str(tmp_path / "init"), data_bin, backend, str(tmp_path)),
-             nprocs=WORLD_SIZE, join=True)
+    mp.spawn(
+        _worker,
+        args=(str(tmp_path / "init"), data_bin, backend, str(tmp_path)),
+        nprocs=WORLD_SIZE,
+        join=True,
+    )
     for rank in range(WORLD_SIZE):
         r = json.load(open(tmp_path / f"rank{rank}.json"))
         # The update is the reference sum of per-worker perturbed gradients ...
@@ -142,30 +180,61 @@ def test_ddp_update_and_overflow(tmp_path, data_bin, backend):
 
 
 def _bmuf_worker(rank, init_file, data_bin, out_dir):
-    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=WORLD_SIZE)
+    dist.init_process_group(
+        "gloo", init_method=f"file://{init_file}", rank=rank, world_size=WORLD_SIZE
+    )
     torch.set_num_threads(1)
     result = {}
-    for name, extra in (("asam", []), ("asam-looksam", ["--sam-interval", "2", "--looksam-alpha", "0.5"])):
-        trainer = build_trainer(data_bin, ["--optimizer", "asam", "--rho", str(RHO), "--eta", str(ETA),
-                                           "--update-freq", str(UPDATE_FREQ), "--use-bmuf",
-                                           "--distributed-world-size", str(WORLD_SIZE)] + extra)
+    for name, extra in (
+        ("asam", []),
+        ("asam-looksam", ["--sam-interval", "2", "--looksam-alpha", "0.5"]),
+    ):
+        trainer = build_trainer(
+            data_bin,
+            [
+                "--optimizer",
+                "asam",
+                "--rho",
+                str(RHO),
+                "--eta",
+                str(ETA),
+                "--update-freq",
+                str(UPDATE_FREQ),
+                "--use-bmuf",
+                "--distributed-world-size",
+                str(WORLD_SIZE),
+            ]
+            + extra,
+        )
         own = batches(trainer, 2 * UPDATE_FREQ, shard_id=rank, num_shards=WORLD_SIZE)
         model0 = copy.deepcopy(trainer.get_model())
         recorder = StepRecorder(trainer)
         trainer.train_step(own[:UPDATE_FREQ])
         # BMUF: every worker steps with its own gradient between block syncs (no all-reduce).
-        local = reference_update_gradient(model0, trainer.criterion, own[:UPDATE_FREQ], RHO, ETA, True)
-        plain = reference_update_gradient(model0, trainer.criterion, own[:UPDATE_FREQ], 1e-30, ETA, True)
-        result[name] = {"error": relative_error(recorder.grads, local),
-                        "control_error": relative_error(recorder.grads, plain)}
+        local = reference_update_gradient(
+            model0, trainer.criterion, own[:UPDATE_FREQ], RHO, ETA, True
+        )
+        plain = reference_update_gradient(
+            model0, trainer.criterion, own[:UPDATE_FREQ], 1e-30, ETA, True
+        )
+        result[name] = {
+            "error": relative_error(recorder.grads, local),
+            "control_error": relative_error(recorder.grads, plain),
+        }
         if name == "asam-looksam":  # the plain update in between reuses this worker's own g_v
             g_s = torch.cat([g.reshape(-1).double() for g in local])
             g = torch.cat([g.reshape(-1).double() for g in plain])
             g_v = g_s - (g_s @ g) / (g @ g) * g
             model1 = copy.deepcopy(trainer.get_model())
             trainer.train_step(own[UPDATE_FREQ:])
-            g1 = torch.cat([x.reshape(-1).double() for x in reference_update_gradient(
-                model1, trainer.criterion, own[UPDATE_FREQ:], 1e-30, ETA, True)])
+            g1 = torch.cat(
+                [
+                    x.reshape(-1).double()
+                    for x in reference_update_gradient(
+                        model1, trainer.criterion, own[UPDATE_FREQ:], 1e-30, ETA, True
+                    )
+                ]
+            )
             expected = g1 + 0.5 * g1.norm() / g_v.norm() * g_v
             actual = torch.cat([x.reshape(-1).double() for x in recorder.grads])
             result[name]["looksam_error"] = float((actual - expected).norm() / expected.norm())
@@ -175,9 +244,18 @@ def _bmuf_worker(rank, init_file, data_bin, out_dir):
 
 
 def test_bmuf_steps_each_worker_with_its_own_sharpness_aware_gradient(tmp_path, data_bin):
-    mp.spawn(_bmuf_worker, args=(str(tmp_path / "init"), data_bin, str(tmp_path)), nprocs=WORLD_SIZE, join=True)
+    mp.spawn(
+        _bmuf_worker,
+        args=(str(tmp_path / "init"), data_bin, str(tmp_path)),
+        nprocs=WORLD_SIZE,
+        join=True,
+    )
     for rank in range(WORLD_SIZE):
         r = json.load(open(tmp_path / f"bmuf-rank{rank}.json"))
         for name in ("asam", "asam-looksam"):
-            assert r[name]["error"] < 1e-6 and r[name]["control_error"] > 1e-4, (rank, name, r[name])
+            assert r[name]["error"] < 1e-6 and r[name]["control_error"] > 1e-4, (
+                rank,
+                name,
+                r[name],
+            )
         assert r["asam-looksam"]["looksam_error"] < 1e-5

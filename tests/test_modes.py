@@ -1,10 +1,10 @@
 """Every training mode that runs on a CPU: mixed precision, clipping, dummy batches, overflow,
 and an exception inside pass 2."""
+
 import copy
 
 import pytest
 import torch
-
 from harness import (
     StepRecorder,
     batches,
@@ -18,8 +18,20 @@ RHO, ETA = 0.5, 0.01
 
 
 def run_update(data_bin, extra, update_freq=2):
-    trainer = build_trainer(data_bin, ["--optimizer", "asam", "--rho", str(RHO), "--eta", str(ETA),
-                                       "--update-freq", str(update_freq)] + list(extra))
+    trainer = build_trainer(
+        data_bin,
+        [
+            "--optimizer",
+            "asam",
+            "--rho",
+            str(RHO),
+            "--eta",
+            str(ETA),
+            "--update-freq",
+            str(update_freq),
+        ]
+        + list(extra),
+    )
     samples = batches(trainer, update_freq)
     model0 = copy.deepcopy(trainer.get_model()).float()
     recorder = StepRecorder(trainer)
@@ -27,18 +39,24 @@ def run_update(data_bin, extra, update_freq=2):
     return trainer, samples, model0, recorder
 
 
-@pytest.mark.parametrize("flags,rtol", [
-    (["--fp16", "--fp16-init-scale", "128"], 1e-2),  # flat fp32 master copy, emulated on CPU
-    (["--fp16", "--fp16-no-flatten-grads", "--fp16-init-scale", "128"], 1e-2),
-    (["--memory-efficient-fp16", "--fp16-init-scale", "128"], 1e-2),
-    (["--bf16-via-hydra"], 6e-2),
-])
+@pytest.mark.parametrize(
+    "flags,rtol",
+    [
+        (["--fp16", "--fp16-init-scale", "128"], 1e-2),  # flat fp32 master copy, emulated on CPU
+        (["--fp16", "--fp16-no-flatten-grads", "--fp16-init-scale", "128"], 1e-2),
+        (["--memory-efficient-fp16", "--fp16-init-scale", "128"], 1e-2),
+        (["--bf16-via-hydra"], 6e-2),
+    ],
+)
 def test_mixed_precision_matches_reference(data_bin, flags, rtol):
     with emulate_flat_fp16_on_cpu():
         if flags == ["--bf16-via-hydra"]:
             # fairseq-train --bf16 means TPU; fairseq-hydra-train sets common.bf16 alone, as here.
-            trainer = build_trainer(data_bin, ["--optimizer", "asam", "--rho", str(RHO), "--eta", str(ETA),
-                                               "--update-freq", "2"], bf16=True)
+            trainer = build_trainer(
+                data_bin,
+                ["--optimizer", "asam", "--rho", str(RHO), "--eta", str(ETA), "--update-freq", "2"],
+                bf16=True,
+            )
             samples = batches(trainer, 2)
             model0 = copy.deepcopy(trainer.get_model()).float()
             recorder = StepRecorder(trainer)
@@ -86,7 +104,7 @@ def test_bf16_autocast_on_cpu(data_bin):
 def test_clip_norm_applies_to_perturbed_gradient(data_bin, clip):
     trainer, samples, model0, recorder = run_update(data_bin, ["--clip-norm", str(clip)])
     expected = reference_update_gradient(model0, trainer.criterion, samples, RHO, ETA, True)
-    total = torch.sqrt(sum((g ** 2).sum() for g in expected))
+    total = torch.sqrt(sum((g**2).sum() for g in expected))
     assert total > clip  # the clip is active
     clipped = [g * (clip / (total + 1e-6)) for g in expected]
     assert relative_error(recorder.grads, clipped) < 1e-5
@@ -109,7 +127,9 @@ def test_dummy_batch_takes_one_unperturbed_pass(data_bin):
     w0 = [p.detach().clone() for p in model.parameters()]
     forwards = CountingForward(model)
     trainer.zero_grad()
-    trainer.task.train_step(sample, model, trainer.criterion, trainer.optimizer, 0, ignore_grad=True)
+    trainer.task.train_step(
+        sample, model, trainer.criterion, trainer.optimizer, 0, ignore_grad=True
+    )
     assert len(forwards.seen) == 1
     assert all(torch.equal(a, b) for a, b in zip(forwards.seen[0], w0))
     assert all(p.grad is None or not p.grad.any() for p in model.parameters())
@@ -160,7 +180,9 @@ def test_fp16_overflow_in_pass_one_reaches_loss_scaler(data_bin, fp16_flag):
     trainer.zero_grad()
     trainer.task.train_step(sample, model, overflowing, optimizer, 0)
     assert len(forwards.seen) == 2
-    assert all(torch.equal(a, b) for a, b in zip(forwards.seen[1], w0))  # pass 2 at w: no perturbation
+    assert all(
+        torch.equal(a, b) for a, b in zip(forwards.seen[1], w0)
+    )  # pass 2 at w: no perturbation
     assert all(torch.equal(p.detach(), w) for p, w in zip(model.parameters(), w0))
     optimizer.multiply_grads(1.0)
     with pytest.raises(OverflowError):

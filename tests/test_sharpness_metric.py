@@ -1,11 +1,11 @@
 """The logged `sharpness` and `sharpness_eval` metrics against their definitions, computed here
 from the equations: Σ_B (L_B(w + ε_B) − L_B(w)) / Σ_B sample_size, in base 2 like `loss`."""
+
 import copy
 
 import pytest
 import torch
 from fairseq import metrics
-
 from harness import batches, build_trainer, reference_logged_sharpness
 
 SETTINGS = {"asam": (0.5, 0.01, True), "sam": (0.05, 0.0, False)}
@@ -20,7 +20,9 @@ def _train_and_read(trainer, samples):
 
 def _flags(optimizer, extra=()):
     rho, eta, adaptive = SETTINGS[optimizer]
-    flags = ["--optimizer", optimizer, "--rho", str(rho)] + (["--eta", str(eta)] if adaptive else [])
+    flags = ["--optimizer", optimizer, "--rho", str(rho)] + (
+        ["--eta", str(eta)] if adaptive else []
+    )
     return flags + list(extra)
 
 
@@ -57,14 +59,18 @@ def test_eval_sharpness_leaves_training_unchanged(data_bin):
     dropout = ["--dropout", "0.1", "--update-freq", "2"]
     runs = {}
     for interval in (0, 2):
-        trainer = build_trainer(data_bin, _flags("asam", dropout + ["--sharpness-eval-interval", str(interval)]))
+        trainer = build_trainer(
+            data_bin, _flags("asam", dropout + ["--sharpness-eval-interval", str(interval)])
+        )
         samples = batches(trainer, 8)
         logs = []
         for update in range(4):
             model0 = copy.deepcopy(trainer.get_model())
-            micro = samples[2 * update:2 * update + 2]
+            micro = samples[2 * update : 2 * update + 2]
             logged = _train_and_read(trainer, micro)
-            expected = reference_logged_sharpness(model0, trainer.criterion, micro, rho, eta, True, train_mode=False)
+            expected = reference_logged_sharpness(
+                model0, trainer.criterion, micro, rho, eta, True, train_mode=False
+            )
             logs.append((logged, expected))
         runs[interval] = (trainer, logs)
     plain_weights = [p.detach() for p in runs[0][0].model.parameters()]

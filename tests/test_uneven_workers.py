@@ -5,6 +5,7 @@ all-reduces the training statistics as one packed buffer whose keys come from ea
 first logging output, so every worker must log the same keys for every micro-batch — a dummy
 batch, a plain update of --sam-interval, a sharpness-aware one alike.
 """
+
 import copy
 import datetime
 import json
@@ -15,7 +16,6 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
-
 from harness import batches, build_trainer, reference_logged_sharpness
 from test_ddp import _wrapper
 
@@ -28,10 +28,38 @@ OPTIMIZERS = {
     "adam": ["--optimizer", "adam"],
     "asam": ["--optimizer", "asam", "--rho", str(RHO), "--eta", str(ETA)],
     "sam": ["--optimizer", "sam", "--rho", str(RHO)],
-    "asam-interval2": ["--optimizer", "asam", "--rho", str(RHO), "--eta", str(ETA), "--sam-interval", "2"],
-    "asam-looksam": ["--optimizer", "asam", "--rho", str(RHO), "--eta", str(ETA),
-                     "--sam-interval", "2", "--looksam-alpha", "0.5"],
-    "asam-eval": ["--optimizer", "asam", "--rho", str(RHO), "--eta", str(ETA), "--sharpness-eval-interval", "1"],
+    "asam-interval2": [
+        "--optimizer",
+        "asam",
+        "--rho",
+        str(RHO),
+        "--eta",
+        str(ETA),
+        "--sam-interval",
+        "2",
+    ],
+    "asam-looksam": [
+        "--optimizer",
+        "asam",
+        "--rho",
+        str(RHO),
+        "--eta",
+        str(ETA),
+        "--sam-interval",
+        "2",
+        "--looksam-alpha",
+        "0.5",
+    ],
+    "asam-eval": [
+        "--optimizer",
+        "asam",
+        "--rho",
+        str(RHO),
+        "--eta",
+        str(ETA),
+        "--sharpness-eval-interval",
+        "1",
+    ],
 }
 # Rank 1's micro-batches per update ("real" or a dummy); rank 0 always has real ones.
 PATTERNS = {
@@ -45,8 +73,13 @@ ODD_BATCH_COUNT_MAX_TOKENS = 130  # 11 batches of the 120-pair toy corpus
 
 
 def _init(rank, init_file):
-    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank,
-                            world_size=WORLD_SIZE, timeout=datetime.timedelta(seconds=120))
+    dist.init_process_group(
+        "gloo",
+        init_method=f"file://{init_file}",
+        rank=rank,
+        world_size=WORLD_SIZE,
+        timeout=datetime.timedelta(seconds=120),
+    )
     torch.set_num_threads(1)
 
 
@@ -58,15 +91,19 @@ def _logged(log_output, key):
 def _run_pattern(rank, data_bin, optimizer, pattern):
     """Two updates of `pattern`; returns what each rank logged and the reference values."""
     update_freq = len(pattern[0])
-    args = OPTIMIZERS[optimizer] + ["--update-freq", str(update_freq),
-                                    "--distributed-world-size", str(WORLD_SIZE)]
+    args = OPTIMIZERS[optimizer] + [
+        "--update-freq",
+        str(update_freq),
+        "--distributed-world-size",
+        str(WORLD_SIZE),
+    ]
     trainer = build_trainer(data_bin, args, wrap_model=_wrapper("pytorch_ddp"))
     pool = batches(trainer, 2 * UPDATES * update_freq + 1)
     trainer.reset_dummy_batch(pool[-1])
     out = []
     for update in range(UPDATES):
-        rank0 = pool[2 * update * update_freq:(2 * update + 1) * update_freq]
-        rank1_real = pool[(2 * update + 1) * update_freq:(2 * update + 2) * update_freq]
+        rank0 = pool[2 * update * update_freq : (2 * update + 1) * update_freq]
+        rank1_real = pool[(2 * update + 1) * update_freq : (2 * update + 2) * update_freq]
         rank1 = [s if kind == "real" else DUMMY for s, kind in zip(rank1_real, pattern[update])]
         own = rank0 if rank == 0 else rank1
         model0 = copy.deepcopy(trainer.get_model())
@@ -79,9 +116,13 @@ def _run_pattern(rank, data_bin, optimizer, pattern):
             cfg = OPTIMIZERS[optimizer]
             adaptive = cfg[1] == "asam"
             perturbed = "--sam-interval" not in cfg or update % 2 == 0
-            record["expected_sharpness"] = reference_logged_sharpness(
-                model0, trainer.criterion, kept, RHO, ETA if adaptive else 0.0, adaptive
-            ) if perturbed else None
+            record["expected_sharpness"] = (
+                reference_logged_sharpness(
+                    model0, trainer.criterion, kept, RHO, ETA if adaptive else 0.0, adaptive
+                )
+                if perturbed
+                else None
+            )
         out.append(record)
     return out
 
@@ -102,7 +143,12 @@ def _same(a, b):
 
 
 def test_dummy_batches_on_one_worker(tmp_path, data_bin):
-    mp.spawn(_worker, args=(str(tmp_path / "init"), data_bin, str(tmp_path)), nprocs=WORLD_SIZE, join=True)
+    mp.spawn(
+        _worker,
+        args=(str(tmp_path / "init"), data_bin, str(tmp_path)),
+        nprocs=WORLD_SIZE,
+        join=True,
+    )
     ranks = [json.load(open(tmp_path / f"rank{r}.json")) for r in range(WORLD_SIZE)]
     for case, updates in ranks[0].items():
         pattern_name, optimizer = case.split("/")
@@ -121,7 +167,9 @@ def test_dummy_batches_on_one_worker(tmp_path, data_bin):
             elif record["expected_sharpness"] is None:  # a plain update of --sam-interval 2
                 assert record["sharpness"] is None, case
             else:
-                assert record["sharpness"] == pytest.approx(record["expected_sharpness"], rel=2e-3, abs=1e-4), case
+                assert record["sharpness"] == pytest.approx(
+                    record["expected_sharpness"], rel=2e-3, abs=1e-4
+                ), case
 
 
 def _epoch_worker(rank, init_file, data_bin, out_dir):
@@ -133,9 +181,19 @@ def _epoch_worker(rank, init_file, data_bin, out_dir):
     result = {}
     for update_freq in (1, 2):
         for optimizer in EPOCH_OPTIMIZERS:
-            trainer = build_trainer(data_bin, OPTIMIZERS[optimizer] + [
-                "--update-freq", str(update_freq), "--distributed-world-size", str(WORLD_SIZE),
-                "--max-tokens", str(ODD_BATCH_COUNT_MAX_TOKENS)], wrap_model=_wrapper("pytorch_ddp"))
+            trainer = build_trainer(
+                data_bin,
+                OPTIMIZERS[optimizer]
+                + [
+                    "--update-freq",
+                    str(update_freq),
+                    "--distributed-world-size",
+                    str(WORLD_SIZE),
+                    "--max-tokens",
+                    str(ODD_BATCH_COUNT_MAX_TOKENS),
+                ],
+                wrap_model=_wrapper("pytorch_ddp"),
+            )
             epoch_itr = trainer.get_train_iterator(epoch=1)
             result["total_batches"] = len(epoch_itr.frozen_batches)
             logs = []
@@ -152,8 +210,12 @@ def _epoch_worker(rank, init_file, data_bin, out_dir):
 
 
 def test_epochs_with_odd_batch_count(tmp_path, data_bin):
-    mp.spawn(_epoch_worker, args=(str(tmp_path / "init"), data_bin, str(tmp_path)),
-             nprocs=WORLD_SIZE, join=True)
+    mp.spawn(
+        _epoch_worker,
+        args=(str(tmp_path / "init"), data_bin, str(tmp_path)),
+        nprocs=WORLD_SIZE,
+        join=True,
+    )
     ranks = [json.load(open(tmp_path / f"epoch-rank{r}.json")) for r in range(WORLD_SIZE)]
     assert ranks[0]["total_batches"] % 2 == 1  # one shard is padded with a dummy batch
     for update_freq in (1, 2):
@@ -169,4 +231,6 @@ def test_epochs_with_odd_batch_count(tmp_path, data_bin):
             if optimizer == "asam":
                 assert all(x["sharpness"] is not None for x in a)
             # The first update starts from the same weights as Adam's: the same loss.
-            assert a[0]["loss"] == pytest.approx(ranks[0][f"uf{update_freq}/adam"][0]["loss"], rel=1e-6)
+            assert a[0]["loss"] == pytest.approx(
+                ranks[0][f"uf{update_freq}/adam"][0]["loss"], rel=1e-6
+            )

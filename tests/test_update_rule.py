@@ -1,10 +1,9 @@
 """The gradient that reaches Adam equals the update rule, computed here from the equations."""
+
 import copy
 
 import pytest
 import torch
-
-from fairseq_asam import perturbation
 from harness import (
     StepRecorder,
     batches,
@@ -12,6 +11,8 @@ from harness import (
     reference_update_gradient,
     relative_error,
 )
+
+from fairseq_asam import perturbation
 
 RTOL = 1e-6
 
@@ -58,7 +59,9 @@ def test_sharpness_logged_and_loss_is_pass_one(data_bin):
     with metrics.aggregate(new_root=True) as agg:
         trainer.train_step(samples)
     logged = agg.get_smoothed_values()
-    assert logged["loss"] == pytest.approx(float(loss1) / float(size) / torch.log(torch.tensor(2.0)).item(), abs=1e-3)
+    assert logged["loss"] == pytest.approx(
+        float(loss1) / float(size) / torch.log(torch.tensor(2.0)).item(), abs=1e-3
+    )
     assert "sharpness" in logged and logged["sharpness"] > 0  # the ascent step raises the loss
 
 
@@ -108,8 +111,21 @@ def test_zero_gradient_gives_zero_perturbation():
 def test_sam_interval_and_start_update_schedule(data_bin):
     """--sam-start-update 1 --sam-interval 3: updates 1 and 4 sharpness-aware, 0, 2, 3 plain."""
     rho, eta = 0.5, 0.01
-    trainer = build_trainer(data_bin, ["--optimizer", "asam", "--rho", str(rho), "--eta", str(eta),
-                                       "--sam-interval", "3", "--sam-start-update", "1"])
+    trainer = build_trainer(
+        data_bin,
+        [
+            "--optimizer",
+            "asam",
+            "--rho",
+            str(rho),
+            "--eta",
+            str(eta),
+            "--sam-interval",
+            "3",
+            "--sam-start-update",
+            "1",
+        ],
+    )
     samples = batches(trainer, 5)
     recorder = StepRecorder(trainer)
     kinds = []
@@ -118,7 +134,10 @@ def test_sam_interval_and_start_update_schedule(data_bin):
         trainer.train_step([sample])
         sam = reference_update_gradient(model0, trainer.criterion, [sample], rho, eta, True)
         plain = reference_update_gradient(model0, trainer.criterion, [sample], 1e-30, eta, True)
-        sam_error, plain_error = relative_error(recorder.grads, sam), relative_error(recorder.grads, plain)
+        sam_error, plain_error = (
+            relative_error(recorder.grads, sam),
+            relative_error(recorder.grads, plain),
+        )
         assert min(sam_error, plain_error) < RTOL and max(sam_error, plain_error) > 1e3 * RTOL
         kinds.append("sam" if sam_error < plain_error else "plain")
     assert kinds == ["plain", "sam", "plain", "plain", "sam"]
@@ -132,9 +151,23 @@ def _flat(tensors):
 def test_looksam_reuses_orthogonal_component(data_bin, update_freq):
     """--sam-interval 2 --looksam-alpha α: update 0 is ASAM; update 1 is G + α‖G‖/‖g_v‖ g_v."""
     rho, eta, alpha = 0.5, 0.01, 0.7
-    trainer = build_trainer(data_bin, ["--optimizer", "asam", "--rho", str(rho), "--eta", str(eta),
-                                       "--sam-interval", "2", "--looksam-alpha", str(alpha),
-                                       "--update-freq", str(update_freq)])
+    trainer = build_trainer(
+        data_bin,
+        [
+            "--optimizer",
+            "asam",
+            "--rho",
+            str(rho),
+            "--eta",
+            str(eta),
+            "--sam-interval",
+            "2",
+            "--looksam-alpha",
+            str(alpha),
+            "--update-freq",
+            str(update_freq),
+        ],
+    )
     samples = batches(trainer, 2 * update_freq)
     first, second = samples[:update_freq], samples[update_freq:]
     recorder = StepRecorder(trainer)
