@@ -521,3 +521,84 @@ def test_cli_end_to_end(tiny_checkpoint, data_bin, tmp_path):
     assert failed.stderr.splitlines() == [
         "fairseq-asam-sharpness: error: --rho must be a finite number > 0, got -1.0"
     ]
+
+
+# ---------------------------------------------------------------- checkpoint and data do not fit
+
+
+def _preprocess(argv):
+    from fairseq import options
+    from fairseq_cli import preprocess
+
+    preprocess.main(options.get_preprocessing_parser().parse_args(argv))
+
+
+@pytest.fixture(scope="module")
+def unfitting_data_bins(tmp_path_factory):
+    """Data folders the tiny translation checkpoint (de-en) does not fit, by what is wrong."""
+    from fairseq_asam.experiments import synthetic_data
+
+    root = tmp_path_factory.mktemp("unfitting")
+    text = synthetic_data.write_corpus(str(root / "text"), {"train": 120, "valid": 24})
+    language_model = str(root / "lm-bin")
+    _preprocess(
+        [
+            "--only-source",
+            "--trainpref",
+            str(root / "text" / "train.de"),
+            "--validpref",
+            str(root / "text" / "valid.de"),
+            "--destdir",
+            language_model,
+        ]
+    )
+    other_pair_text = synthetic_data.write_corpus(
+        str(root / "fr-es"), {"train": 120, "valid": 24}, src="fr", tgt="es"
+    )
+    other_pair = synthetic_data.binarize(
+        other_pair_text, str(root / "fr-es-bin"), src="fr", tgt="es"
+    )
+    small_text = synthetic_data.write_corpus(str(root / "small"), {"train": 3, "valid": 24})
+    small_vocabulary = synthetic_data.binarize(small_text, str(root / "small-bin"))
+    assert text
+    return {
+        "no language pair": (language_model, "no valid split for the pair de-en"),
+        "another pair": (other_pair, "no valid split for the pair de-en"),
+        "another vocabulary": (small_vocabulary, "source dictionary has"),
+    }
+
+
+@pytest.mark.parametrize("case", ["no language pair", "another pair", "another vocabulary"])
+def test_checkpoint_and_data_that_do_not_fit_give_one_line(
+    tiny_checkpoint, unfitting_data_bins, case, capsys, monkeypatch
+):
+    folder, words = unfitting_data_bins[case]
+
+    def no_work(*args, **kwargs):
+        raise AssertionError("the checkpoint was loaded before the pairing was checked")
+
+    monkeypatch.setattr(sharpness, "load_subset", no_work)
+    assert sharpness_main([tiny_checkpoint, folder, "--rho", "0.1"]) == 1
+    captured = capsys.readouterr()
+    assert captured.err.count("\n") == 1, captured.err
+    assert captured.err.startswith("fairseq-asam-sharpness: error: checkpoint ")
+    assert tiny_checkpoint in captured.err and folder in captured.err and words in captured.err
+
+
+def test_what_the_pairing_check_cannot_see_is_one_line_too(
+    tiny_checkpoint, data_bin, capsys, monkeypatch
+):
+    """A failure inside fairseq's loading (here: injected) still names the checkpoint and data."""
+
+    def fails(*args, **kwargs):
+        raise RuntimeError("Error(s) in loading state_dict for TransformerModel:\n size mismatch")
+
+    monkeypatch.setattr(sharpness, "load_subset", fails)
+    assert sharpness_main([tiny_checkpoint, data_bin, "--rho", "0.1"]) == 1
+    err = capsys.readouterr().err
+    assert (
+        err.count("\n") == 1
+        and tiny_checkpoint in err
+        and data_bin in err
+        and "size mismatch" in err
+    )

@@ -46,7 +46,7 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 import torch
 from torch import Tensor, nn
 
-from ..errors import ConfigError
+from ..errors import ConfigError, FairseqAsamError
 from ..perturbation import is_adaptive
 
 MEASURES = ("adaptive", "plain")
@@ -262,6 +262,69 @@ def binarized_splits(data_bin: str) -> List[str]:
     return sorted({name.split(".")[0] for name in names})
 
 
+# Special symbols every fairseq Dictionary adds to the words of its dict.*.txt file.
+DICTIONARY_SPECIAL_SYMBOLS = 4
+TRANSLATION_EMBEDDINGS = {
+    "source": "encoder.embed_tokens.weight",
+    "target": "decoder.embed_tokens.weight",
+}
+
+
+def _saved_task_and_embeddings(checkpoint: str) -> Tuple[Dict[str, Any], Dict[str, int]]:
+    """The task settings a checkpoint was trained with and its embedding table sizes, read
+    memory-mapped (the weights themselves are not read)."""
+    try:
+        state = torch.load(checkpoint, map_location="cpu", mmap=True, weights_only=False)
+    except Exception as error:  # not a zip checkpoint (mmap needs one), or not a checkpoint
+        try:
+            state = torch.load(checkpoint, map_location="cpu", weights_only=False)
+        except Exception:
+            raise FairseqAsamError(f"{checkpoint} is not a fairseq checkpoint: {error}") from None
+    if not isinstance(state, dict) or "model" not in state:
+        raise FairseqAsamError(f"{checkpoint} is not a fairseq checkpoint (no model weights)")
+    cfg, args = state.get("cfg"), state.get("args")
+    task = (
+        dict(cfg["task"]) if cfg is not None and cfg.get("task") is not None else vars(args or {})
+    )
+    if "_name" not in task and args is not None:
+        task["_name"] = getattr(args, "task", None)
+    sizes = {
+        side: int(state["model"][key].shape[0])
+        for side, key in TRANSLATION_EMBEDDINGS.items()
+        if key in state["model"]
+    }
+    return task, sizes
+
+
+def check_pairing(checkpoint: str, data_bin: str, subset: str) -> None:
+    """Raises FairseqAsamError naming both when a translation checkpoint does not fit the data
+    folder: another language pair, no pair at all (e.g. a language-model data-bin), or
+    dictionaries whose sizes differ from the checkpoint's embedding tables."""
+    task, sizes = _saved_task_and_embeddings(checkpoint)
+    if not str(task.get("_name") or "").startswith("translation"):
+        return  # other tasks: load_subset reports what fairseq finds
+    folder = data_bin.split(os.pathsep)[0]
+    source, target = task.get("source_lang"), task.get("target_lang")
+    pair = f"{source}-{target}"
+    mismatch = f"checkpoint {checkpoint} ({task['_name']}, {pair}) does not fit {folder}"
+    indexed = [
+        f"{subset}.{a}-{b}.{source}{INDEX_SUFFIX}" for a, b in ((source, target), (target, source))
+    ]
+    if not any(os.path.isfile(os.path.join(folder, name)) for name in indexed):
+        raise FairseqAsamError(f"{mismatch}: it has no {subset} split for the pair {pair}")
+    for side, lang in (("source", source), ("target", target)):
+        path = os.path.join(folder, f"dict.{lang}.txt")
+        if not os.path.isfile(path):
+            raise FairseqAsamError(f"{mismatch}: {os.path.basename(path)} is missing")
+        with open(path, encoding="utf-8") as f:
+            words = sum(1 for line in f if line.strip())
+        if side in sizes and words + DICTIONARY_SPECIAL_SYMBOLS != sizes[side]:
+            raise FairseqAsamError(
+                f"{mismatch}: its {side} dictionary has {words + DICTIONARY_SPECIAL_SYMBOLS} "
+                f"symbols, the checkpoint's {side} embeddings {sizes[side]}"
+            )
+
+
 def check_measurement(
     checkpoint: str,
     data_bin: str,
@@ -308,6 +371,7 @@ def check_measurement(
             f"--subset {subset}: no such split in {folder} "
             f"(it has: {', '.join(splits) or 'no binarized split'})"
         )
+    check_pairing(checkpoint, data_bin, subset)
     return torch_device
 
 
@@ -385,9 +449,17 @@ def measure_checkpoint(
         max_tokens,
         batch_size,
     )
-    model, batches, loss_fn = load_subset(
-        checkpoint, data_bin, subset, max_batches, torch_device, max_tokens, batch_size
-    )
+    try:
+        model, batches, loss_fn = load_subset(
+            checkpoint, data_bin, subset, max_batches, torch_device, max_tokens, batch_size
+        )
+    except FairseqAsamError:
+        raise
+    except Exception as error:  # what check_pairing cannot see (other tasks): fairseq's words
+        reason = " ".join(str(error).split()) or type(error).__name__
+        raise FairseqAsamError(
+            f"cannot load checkpoint {checkpoint} with the data in {data_bin}: {reason}"
+        ) from error
     estimates = [
         estimate_sharpness(
             model, batches, loss_fn, rho, measure == "adaptive", eta, normalize_biases, steps
