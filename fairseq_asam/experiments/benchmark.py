@@ -154,8 +154,9 @@ class Row:
 
 
 def rows_for(spec: BenchmarkSpec) -> List[Row]:
-    """Adam, SAM, ASAM, ASAM on every K-th update, ASAM that never starts (plain Adam), and
-    LookSAM's reuse on every K-th update (K >= 2)."""
+    """Adam, SAM, ASAM, ASAM on every K-th update, ASAM that never starts (plain Adam), ASAM
+    that also measures the noise-free `sharpness_eval` on every update (its cost per measured
+    update; every N-th update costs 1/N of it), and LookSAM's reuse on every K-th update."""
     return [
         Row("adam", "adam"),
         Row("sam", "sam"),
@@ -166,6 +167,7 @@ def rows_for(spec: BenchmarkSpec) -> List[Row]:
             (("--sam-interval", str(spec.sam_interval)),),
         ),
         Row("asam-not-started", "asam", (("--sam-start-update", str(spec.total_updates)),)),
+        Row("asam-eval-sharpness-1", "asam", (("--sharpness-eval-interval", "1"),)),
     ] + (
         [
             Row(
