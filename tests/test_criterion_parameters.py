@@ -38,7 +38,7 @@ class ScaledCriterion(LabelSmoothedCrossEntropyCriterion):
         self.seen_log_scale = []
 
     def forward(self, model, sample, reduce=True):
-        self.seen_log_scale.append(float(self.log_scale))
+        self.seen_log_scale.append(float(self.log_scale.detach()))
         loss, sample_size, logging_output = super().forward(model, sample, reduce=reduce)
         return loss * self.log_scale.exp(), sample_size, logging_output
 
