@@ -80,6 +80,7 @@ PRECISION_WRAPPERS = {
     "memory-efficient-fp16": "MemoryEfficientFP16Optimizer",
     "amp": "AMPOptimizer",
 }
+BMUF_CLASS_NAME = "FairseqBMUF"
 _FLAT_STATE_KEYS = ("exp_avg", "exp_avg_sq", "max_exp_avg_sq")
 
 
@@ -131,8 +132,8 @@ def _flatten_optimizer_state(optimizer_state, source: str):
     per_param = optimizer_state["state"]
     if any(i not in per_param or "exp_avg" not in per_param[i] for i in ids):
         raise CheckpointError(
-            f"{source}: some parameters have no Adam state yet (never updated); "
-            "train at least one update before switching to flat --fp16"
+            f"{source}: some parameters have no Adam state (never updated, e.g. unused by the "
+            "model); flat --fp16 needs one for every parameter: use --fp16-no-flatten-grads"
         )
     hyper = [{k: v for k, v in g.items() if k != "params"} for g in groups]
     if any(h != hyper[0] for h in hyper):
@@ -183,6 +184,15 @@ def switch_optimizer(
     if not history:
         raise CheckpointError(f"{source} has no optimizer history (was it saved by fairseq-train?)")
     previous = history[-1]["optimizer_name"]
+    if previous == BMUF_CLASS_NAME and _base_optimizer(state) in OPTIMIZER_CLASS_NAMES:
+        # fairseq records BMUF's name whatever it wraps: a --use-bmuf run resumes it as it is.
+        if precision is not None:
+            raise CheckpointError(
+                f"{source} was trained with --use-bmuf, whose checkpoints record {BMUF_CLASS_NAME}"
+                " whatever precision it wraps; switching precision under BMUF is not supported"
+            )
+        save_atomic(state, target)
+        return previous, previous
     if previous not in OPTIMIZER_CLASS_NAMES.values() and (
         previous not in PRECISION_WRAPPERS.values()
         or _base_optimizer(state) not in OPTIMIZER_CLASS_NAMES
@@ -204,8 +214,7 @@ def switch_optimizer(
     if source_flat and not target_flat:
         raise CheckpointError(
             f"{source} holds a flat --fp16 optimizer state (one tensor for all parameters); "
-            "resume it "
-            "with --fp16 (flat) or use --reset-optimizer"
+            "resume it with --fp16 (flat) or use --reset-optimizer"
         )
     if target_flat and not source_flat and state.get("last_optimizer_state") is not None:
         state["last_optimizer_state"] = _flatten_optimizer_state(

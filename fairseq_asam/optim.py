@@ -162,12 +162,16 @@ class SharpnessAware:
                 "and the update would be plain Adam"
             )
 
-    def record_plain_gradient(self, params: List[Tensor], first_micro_batch: bool) -> None:
+    def start_update(self) -> None:
+        """A new update begins (with its first micro-batch, dummy or not)."""
+        self._plain_sum = None
+
+    def record_plain_gradient(self, params: List[Tensor]) -> None:
         """LookSAM: adds one micro-batch's pass-1 gradient (model parameter order) to G."""
         if not self.looksam_alpha:
             return
         flat = _flat_gradient(params)
-        if first_micro_batch or self._plain_sum is None:
+        if self._plain_sum is None:
             self._plain_sum = flat
         else:
             self._plain_sum += flat

@@ -18,7 +18,8 @@ get pass 2's gradient like the model's, and are not perturbed.
 
 The logged `loss` is pass 1's; `sharpness` is pass 2's loss minus pass 1's, each under its own
 dropout mask; `sharpness_eval` (--sharpness-eval-interval) is the same difference with dropout
-off, measured without touching the update.
+off, measured without touching the update.  Both travel in the logging outputs under private
+keys that the criterion's own reduce_metrics never sees.
 """
 
 import contextlib
@@ -27,16 +28,20 @@ import math
 
 import torch
 from fairseq import metrics
+from fairseq.optim.amp_optimizer import AMPOptimizer
 from fairseq.tasks import FairseqTask
 
 from . import perturbation
 from .optim import find_sharpness_aware
 
+# The metrics, as fairseq logs them.
 SHARPNESS_KEY = "sharpness"
 EVAL_SHARPNESS_KEY = "sharpness_eval"
-# Each metric's sum over micro-batches is logged with the Σ sample_size of the micro-batches
-# that measured it, so it is averaged over those only (not over dummy batches, nor over the
-# plain updates of --sam-interval).
+# The logging-output keys that carry them, apart from any key a criterion logs itself (and
+# hidden from the criterion's reduce_metrics).  Each metric's sum over micro-batches travels
+# with the Σ sample_size of the micro-batches that measured it, so it is averaged over those
+# only (not over dummy batches, nor over the plain updates of --sam-interval).
+LOGGING_PREFIX = "fairseq_asam_"
 WEIGHT_SUFFIX = "_sample_size"
 _INSTALLED_MARK = "_fairseq_asam_wrapped"
 
@@ -45,9 +50,9 @@ def _no_sync(module):
     return module.no_sync() if hasattr(module, "no_sync") else contextlib.nullcontext()
 
 
-def _with_metrics(logging_output, loss, keys, measured):
-    """`logging_output` plus, for every key in `keys`, the key and its weight: the measured
-    (value, sample_size) from `measured`, zeros for the keys this micro-batch did not measure.
+def _with_metrics(logging_output, loss, metric_names, measured):
+    """`logging_output` plus, for every metric in `metric_names`, its private key and weight:
+    the measured (value, sample_size) from `measured`, zeros where nothing was measured.
 
     Invariant: with a sharpness-aware optimizer, every micro-batch of every update on every
     worker — perturbed, plain (--sam-interval) or dummy — logs the same keys, as values of the
@@ -56,8 +61,8 @@ def _with_metrics(logging_output, loss, keys, measured):
     present on one worker and missing on another would misalign the buffer (or hang it).
     """
     logging_output = dict(logging_output)
-    for key in keys:
-        value, weight = measured.get(key, (0.0, 0.0))
+    for metric in metric_names:
+        value, weight = measured.get(metric, (0.0, 0.0))
         if torch.is_tensor(loss):
             value, weight = (
                 x.detach().float().reshape(()).to(loss.device)
@@ -67,31 +72,53 @@ def _with_metrics(logging_output, loss, keys, measured):
             )
         else:
             value, weight = float(value), float(weight)
+        key = LOGGING_PREFIX + metric
         logging_output[key], logging_output[key + WEIGHT_SUFFIX] = value, weight
     return logging_output
 
 
-def _logged_keys(sam):
+def _metric_names(sam):
     return (SHARPNESS_KEY, EVAL_SHARPNESS_KEY) if sam.sharpness_eval_interval else (SHARPNESS_KEY,)
+
+
+def _loss_scale(optimizer) -> float:
+    """The current fp16 loss scale of fairseq's optimizer wrappers (1 without one)."""
+    scaler = getattr(optimizer, "scaler", None)  # FP16Optimizer, MemoryEfficientFP16Optimizer
+    if scaler is not None and getattr(scaler, "loss_scale", None):
+        return float(scaler.loss_scale)
+    grad_scaler = getattr(optimizer, "_grad_scaler", None)  # AMPOptimizer
+    if grad_scaler is not None and grad_scaler.is_enabled():
+        return float(grad_scaler.get_scale())
+    return 1.0
 
 
 def eval_mode_sharpness(sample, model, criterion, sam, optimizer):
     """L(w + ε) − L(w) without dropout: both losses and ε's gradient in eval mode.
 
-    A measurement only: `.grad`, the weights (restored bit for bit), the random number
-    generators (eval mode draws no dropout mask) and DDP (no_sync, no .grad accumulation) are
-    left as they were, so the training update is the same with or without it.
-    Returns (L(w + ε) − L(w), sample_size), the losses summed like the criterion's.
+    A measurement only: `.grad`, the weights (restored bit for bit), DDP (no_sync, nothing
+    accumulated) and the random number generators (forked: LayerDrop draws in eval mode too)
+    are left as they were, so the training update is the same with or without it.
+    Returns (L(w + ε) − L(w), sample_size), the losses summed like the criterion's, or None if
+    the gradient is not finite.
     """
+    cuda = torch.cuda.is_available() and torch.cuda.is_initialized()
+    with torch.random.fork_rng(devices=[torch.cuda.current_device()] if cuda else []):
+        return _eval_mode_sharpness(sample, model, criterion, sam, optimizer)
+
+
+def _eval_mode_sharpness(sample, model, criterion, sam, optimizer):
     named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    # As fairseq's train_step: AMP's autocast around the criterion (CUDA only).
+    amp = isinstance(optimizer, AMPOptimizer) and torch.cuda.is_available()
     was_training = model.training
     model.eval()
     try:
-        with _no_sync(model), _no_sync(criterion):
+        with _no_sync(model), _no_sync(criterion), torch.autocast("cuda", enabled=amp):
             loss, sample_size, _ = criterion(model, sample)
             # The loss scale keeps fp16 gradients from underflowing; ε does not depend on it.
-            scale = float(getattr(getattr(optimizer, "scaler", None), "loss_scale", None) or 1.0)
-            grads = torch.autograd.grad(loss * scale, [p for _, p in named], allow_unused=True)
+            grads = torch.autograd.grad(
+                loss * _loss_scale(optimizer), [p for _, p in named], allow_unused=True
+            )
         reached = [(n, p, g) for (n, p), g in zip(named, grads) if g is not None]
         params = [p for _, p, _ in reached]
         saved = perturbation.perturb(
@@ -101,10 +128,10 @@ def eval_mode_sharpness(sample, model, criterion, sam, optimizer):
             sam.rho,
             sam.eta,
         )
-        if saved is None:  # non-finite gradient: nothing measured
+        if saved is None:
             return None
         try:
-            with torch.no_grad():
+            with torch.no_grad(), torch.autocast("cuda", enabled=amp):
                 perturbed_loss, _, _ = criterion(model, sample)
         finally:
             perturbation.restore(params, saved)
@@ -122,9 +149,14 @@ def sharpness_aware_train_step(
         return train_step(
             task, sample, model, criterion, optimizer, update_num, ignore_grad, **kwargs
         )
+    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    # fairseq's zero_grad sets every .grad to None when an update begins (an update skipped for
+    # an fp16 overflow never reaches the optimizer's step, so the step cannot mark it).
+    if all(p.grad is None for _, p in named):
+        sam.start_update()
     sam.two_pass_micro_batches += 1
     sam.sharpness_aware_update = sam.perturbs_at(update_num)
-    keys, measured = _logged_keys(sam), {}
+    metric_names, measured = _metric_names(sam), {}
     if not ignore_grad and sam.measures_eval_sharpness_at(update_num):
         result = eval_mode_sharpness(sample, model, criterion, sam, optimizer)
         if result is not None:
@@ -133,9 +165,8 @@ def sharpness_aware_train_step(
         loss, sample_size, logging_output = train_step(
             task, sample, model, criterion, optimizer, update_num, ignore_grad, **kwargs
         )
-        return loss, sample_size, _with_metrics(logging_output, loss, keys, measured)
+        return loss, sample_size, _with_metrics(logging_output, loss, metric_names, measured)
 
-    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
     # The criterion's own parameters (e.g. a learnable temperature) take pass 2's gradient like
     # the model's, but are not perturbed: ε is defined on the model's weights.
     in_model = {id(p) for _, p in named}
@@ -152,8 +183,7 @@ def sharpness_aware_train_step(
             task, sample, model, criterion, optimizer, update_num, False, **kwargs
         )
 
-    # fairseq's zero_grad sets .grad to None: all None means this is the update's first micro-batch.
-    sam.record_plain_gradient([p for _, p in named], all(acc is None for acc in accumulated))
+    sam.record_plain_gradient([p for _, p in named])
     # Parameters that pass 1 did not reach have a zero gradient: they are not perturbed.
     reached = [(n, p) for n, p in named if p.grad is not None]
     params = [p for _, p in reached]
@@ -184,7 +214,16 @@ def sharpness_aware_train_step(
         perturbed_loss.detach() - loss.detach() if torch.is_tensor(loss) else perturbed_loss - loss
     )
     measured[SHARPNESS_KEY] = (sharpness, sample_size)
-    return loss, sample_size, _with_metrics(logging_output, loss, keys, measured)
+    return loss, sample_size, _with_metrics(logging_output, loss, metric_names, measured)
+
+
+def without_plugin_keys(logging_outputs):
+    """The logging outputs as the criterion made them (some criteria, e.g. wav2vec's, log every
+    key they are given)."""
+    return [
+        {k: v for k, v in log.items() if not k.startswith(LOGGING_PREFIX)}
+        for log in logging_outputs
+    ]
 
 
 def log_sharpness(logging_outputs) -> None:
@@ -193,18 +232,20 @@ def log_sharpness(logging_outputs) -> None:
     logs nothing."""
     if not logging_outputs:
         return
-    for key in (SHARPNESS_KEY, EVAL_SHARPNESS_KEY):
+    for metric in (SHARPNESS_KEY, EVAL_SHARPNESS_KEY):
+        key = LOGGING_PREFIX + metric
         weight = sum(float(log.get(key + WEIGHT_SUFFIX, 0)) for log in logging_outputs)
         if weight > 0:
             total = sum(float(log.get(key, 0)) for log in logging_outputs)
-            metrics.log_scalar(key, total / weight / math.log(2), weight, round=4)
-        _drop_empty_meters(
-            key, keep_filled=any(key + WEIGHT_SUFFIX in log for log in logging_outputs)
-        )
+            metrics.log_scalar(metric, total / weight / math.log(2), weight, round=4)
+        if any(metric in log for log in logging_outputs):
+            continue  # the criterion logs a metric of that name itself: not ours to remove
+        sharpness_aware = any(key + WEIGHT_SUFFIX in log for log in logging_outputs)
+        _drop_empty_meters(metric, keep_filled=sharpness_aware)
 
 
 def _drop_empty_meters(key: str, keep_filled: bool) -> None:
-    """Removes the meter `key` where it would print `key=None`.
+    """Removes the meter `key` where it would print `key=None` or a stale value.
 
     fairseq prints every meter of an aggregator, also one that got no value since its last
     reset (a log interval with no sharpness-aware update) or one restored from a checkpoint of
@@ -253,7 +294,7 @@ def install() -> None:
 
     @functools.wraps(plain_reduce_metrics)
     def reduce_metrics(self, logging_outputs, criterion):
-        plain_reduce_metrics(self, logging_outputs, criterion)
+        plain_reduce_metrics(self, without_plugin_keys(logging_outputs), criterion)
         log_sharpness(logging_outputs)
 
     @functools.wraps(plain_optimizer_step)

@@ -94,11 +94,20 @@ def parse_cfg(data_bin: str, extra, device: str = "cpu"):
     return convert_namespace_to_omegaconf(args)
 
 
-def build_trainer(data_bin: str, extra=(), wrap_model=None, bf16=False, device="cpu"):
+def build_trainer(
+    data_bin: str,
+    extra=(),
+    wrap_model=None,
+    bf16=False,
+    device="cpu",
+    make_criterion=None,
+    wrap_criterion=None,
+):
     """fairseq Trainer for the tiny model; `wrap_model(model)` installs a DDP wrapper.
 
     `bf16` sets common.bf16 alone, as fairseq-hydra-train does (fairseq-train's --bf16 is TPU).
-    `device` "cuda" trains on the current GPU (scripts/gpu_check.sh).
+    `device` "cuda" trains on the current GPU (scripts/gpu_check.sh).  `make_criterion(task)`
+    replaces the configured criterion; `wrap_criterion(criterion)` installs its DDP wrapper.
     """
     from fairseq import tasks
     from fairseq.trainer import Trainer
@@ -109,10 +118,14 @@ def build_trainer(data_bin: str, extra=(), wrap_model=None, bf16=False, device="
     task.load_dataset("train")
     torch.manual_seed(cfg.common.seed)
     model = task.build_model(cfg.model)
-    criterion = task.build_criterion(cfg.criterion)
+    criterion = (
+        task.build_criterion(cfg.criterion) if make_criterion is None else make_criterion(task)
+    )
     trainer = Trainer(cfg, task, model, criterion)
     if wrap_model is not None:
         trainer._wrapped_model = wrap_model(model)
+    if wrap_criterion is not None:
+        trainer._wrapped_criterion = wrap_criterion(criterion)
     return trainer
 
 
@@ -147,7 +160,10 @@ class StepRecorder:
         def step(*args, **kwargs):
             params = [p for g in torch_optimizer.param_groups for p in g["params"]]
             self.weights = [p.detach().clone() for p in params]
-            self.grads = [p.grad.detach().clone() for p in params]
+            # Optimizers that "step with scale" (apex's FusedAdamV1) get the unscaling factor
+            # instead of unscaled gradients.
+            scale = float(kwargs.get("scale", 1.0))
+            self.grads = [p.grad.detach().clone() / scale for p in params]
             return plain_step(*args, **kwargs)
 
         torch_optimizer.step = step

@@ -75,9 +75,15 @@ def _trainer(data_bin, optimizer, precision):
 
 
 def _adam_moments(trainer):
-    """exp_avg of every parameter as one flat vector, whatever the layout."""
+    """exp_avg of every model parameter, by the parameter's name, whatever the layout: flat
+    --fp16 keeps one buffer holding the parameters one after another in the model's order."""
+    named = [(n, p) for n, p in trainer.model.named_parameters() if p.requires_grad]
     state = trainer.optimizer.state_dict()["state"]
-    return torch.cat([state[i]["exp_avg"].reshape(-1).float() for i in sorted(state)])
+    if len(state) == 1 < len(named):
+        pieces = state[0]["exp_avg"].float().split([p.numel() for _, p in named])
+    else:
+        pieces = [state[i]["exp_avg"].reshape(-1).float() for i in range(len(named))]
+    return {name: piece for (name, _), piece in zip(named, pieces)}
 
 
 def _adam_checkpoint(data_bin, tmp_path, precision):
@@ -114,7 +120,9 @@ def test_switch_keeps_adam_state_across_precisions(data_bin, tmp_path, source, t
         trainer = _trainer(data_bin, "asam", target_precision)
         trainer.load_checkpoint(switched)  # fairseq's own resume check passes
         assert trainer.get_num_updates() == ADAM_UPDATES
-        assert torch.equal(_adam_moments(trainer), moments)  # Adam's moments, in the new layout
+        loaded = _adam_moments(trainer)  # Adam's moments, in the new layout, by parameter
+        assert loaded.keys() == moments.keys()
+        assert all(torch.equal(loaded[name], moments[name]) for name in moments)
         assert trainer.get_lr() == pytest.approx(
             1e-3 * ADAM_UPDATES / 10, rel=1e-6
         )  # warm-up goes on
@@ -153,3 +161,24 @@ def test_switch_refuses_what_cannot_resume(data_bin, tmp_path):
     assert proc.returncode == 1 and "Traceback" not in proc.stderr
     assert proc.stderr.strip().splitlines()[-1].startswith("switch_optimizer.py: error: ")
     assert "resume it with --fp16" in proc.stderr and not (tmp_path / "x.pt").exists()
+
+
+@pytest.mark.slow
+def test_switch_under_bmuf_keeps_the_recorded_name(data_bin, tmp_path):
+    """fairseq records FairseqBMUF whatever it wraps: Adam → ASAM needs no rename."""
+    flags = ["--use-bmuf", "--distributed-world-size", "1", "--lr", "1e-3"]
+    adam = build_trainer(data_bin, ["--optimizer", "adam"] + flags)
+    for sample in batches(adam, 2):
+        adam.train_step([sample])
+    adam.consolidate_optimizer()
+    adam.save_checkpoint(str(tmp_path / "adam.pt"), {})
+    assert switch_optimizer(str(tmp_path / "adam.pt"), str(tmp_path / "asam.pt"), "asam") == (
+        "FairseqBMUF",
+        "FairseqBMUF",
+    )
+    asam = build_trainer(data_bin, ["--optimizer", "asam"] + flags)
+    asam.load_checkpoint(str(tmp_path / "asam.pt"))
+    assert asam.get_num_updates() == 2
+    assert "sharpness" in asam.train_step(batches(asam, 3)[-1:])
+    with pytest.raises(CheckpointError, match="--use-bmuf"):
+        switch_optimizer(str(tmp_path / "adam.pt"), str(tmp_path / "x.pt"), "asam", "amp")

@@ -18,7 +18,7 @@ from fairseq.criterions.label_smoothed_cross_entropy import LabelSmoothedCrossEn
 from harness import (
     StepRecorder,
     batches,
-    parse_cfg,
+    build_trainer,
     reference_micro_batch,
     reference_update_gradient,
     relative_error,
@@ -44,23 +44,15 @@ class ScaledCriterion(LabelSmoothedCrossEntropyCriterion):
 
 
 def build(data_bin, extra, wrap_model=None, wrap_criterion=None):
-    from fairseq import tasks
-    from fairseq.trainer import Trainer
-
-    cfg = parse_cfg(
-        data_bin, ["--optimizer", "asam", "--rho", str(RHO), "--eta", str(ETA)] + list(extra)
+    flags = ["--optimizer", "asam", "--rho", str(RHO), "--eta", str(ETA)] + list(extra)
+    trainer = build_trainer(
+        data_bin,
+        flags,
+        wrap_model=wrap_model,
+        make_criterion=ScaledCriterion,
+        wrap_criterion=wrap_criterion,
     )
-    task = tasks.setup_task(cfg.task)
-    task.load_dataset("train")
-    torch.manual_seed(cfg.common.seed)
-    model = task.build_model(cfg.model)
-    criterion = ScaledCriterion(task)
-    trainer = Trainer(cfg, task, model, criterion)
-    if wrap_model is not None:
-        trainer._wrapped_model = wrap_model(model)
-    if wrap_criterion is not None:
-        trainer._wrapped_criterion = wrap_criterion(criterion)
-    return trainer, criterion
+    return trainer, trainer.get_criterion()
 
 
 def expected_criterion_gradients(model, criterion, world_samples):

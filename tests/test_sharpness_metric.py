@@ -6,6 +6,7 @@ import copy
 import pytest
 import torch
 from fairseq import metrics
+from fairseq.criterions.label_smoothed_cross_entropy import LabelSmoothedCrossEntropyCriterion
 from harness import batches, build_trainer, reference_logged_sharpness
 
 SETTINGS = {"asam": (0.5, 0.01, True), "sam": (0.05, 0.0, False)}
@@ -51,12 +52,16 @@ def test_eval_sharpness_is_sharpness_without_dropout(data_bin):
     assert logged["sharpness_eval"] == pytest.approx(logged["sharpness"], rel=1e-5)
 
 
-def test_eval_sharpness_leaves_training_unchanged(data_bin):
-    """Dropout 0.1: `sharpness_eval` is the eval-mode value from the equations, measured on
-    updates 0 and 2 only, and the weights after 4 updates are bit for bit those of a run
-    without it (it draws no dropout mask and touches no gradient)."""
+@pytest.mark.parametrize("layerdrop", [False, True])
+def test_eval_sharpness_leaves_training_unchanged(data_bin, layerdrop):
+    """Dropout 0.1 (and LayerDrop, which draws random numbers in eval mode too): `sharpness_eval`
+    is the eval-mode value from the equations, measured on updates 0 and 2 only, and the
+    weights after 4 updates are bit for bit those of a run without it (its random numbers come
+    from a forked generator; it touches no gradient)."""
     rho, eta, _ = SETTINGS["asam"]
     dropout = ["--dropout", "0.1", "--update-freq", "2"]
+    if layerdrop:
+        dropout += ["--encoder-layers", "3", "--encoder-layerdrop", "0.5"]
     runs = {}
     for interval in (0, 2):
         trainer = build_trainer(
@@ -83,3 +88,58 @@ def test_eval_sharpness_leaves_training_unchanged(data_bin):
             assert logged["sharpness"] != pytest.approx(logged["sharpness_eval"], rel=1e-3)
         else:
             assert "sharpness_eval" not in logged
+
+
+class LogsEveryKey(LabelSmoothedCrossEntropyCriterion):
+    """Like wav2vec's and data2vec's criteria: reduce_metrics logs every key of the logging
+    outputs that it does not know; `extra` adds keys of its own to every logging output."""
+
+    extra = {}
+
+    def forward(self, model, sample, reduce=True):
+        loss, sample_size, logging_output = super().forward(model, sample, reduce=reduce)
+        return loss, sample_size, {**logging_output, **self.extra}
+
+    @classmethod
+    def reduce_metrics(cls, logging_outputs):
+        super().reduce_metrics(logging_outputs)
+        known = {"loss", "nll_loss", "ntokens", "nsentences", "sample_size"}
+        for key in logging_outputs[0]:
+            if key not in known:
+                total = sum(float(log.get(key, 0)) for log in logging_outputs)
+                metrics.log_scalar(key, total / len(logging_outputs))
+
+
+def test_criterion_that_logs_every_key_sees_none_of_the_plugins(data_bin):
+    rho, eta, adaptive = SETTINGS["asam"]
+    trainer = build_trainer(
+        data_bin,
+        _flags("asam", ["--sam-interval", "2"]),
+        make_criterion=lambda task: LogsEveryKey(task, sentence_avg=False, label_smoothing=0.1),
+    )
+    samples = batches(trainer, 2)
+    model0 = copy.deepcopy(trainer.get_model())
+    with metrics.aggregate(new_root=True) as agg:
+        trainer.train_step(samples[:1])
+    expected = reference_logged_sharpness(
+        model0, trainer.criterion, samples[:1], rho, eta, adaptive
+    )
+    assert agg["sharpness"].avg == pytest.approx(expected, rel=1e-4)
+    assert [k for k in agg if "sharpness" in k or k.startswith("fairseq_asam")] == ["sharpness"]
+    with metrics.aggregate(new_root=True) as agg:
+        trainer.train_step(samples[1:])  # a plain update of --sam-interval 2
+    assert not [k for k in agg if "sharpness" in k or k.startswith("fairseq_asam")]
+
+
+def test_a_criterions_own_sharpness_metric_is_left_alone(data_bin):
+    class OwnSharpness(LogsEveryKey):
+        extra = {"sharpness": 0.5}
+
+    trainer = build_trainer(
+        data_bin,
+        ["--optimizer", "adam"],
+        make_criterion=lambda task: OwnSharpness(task, sentence_avg=False, label_smoothing=0.1),
+    )
+    with metrics.aggregate(new_root=True) as agg:
+        trainer.train_step(batches(trainer, 1))
+    assert agg["sharpness"].avg == 0.5

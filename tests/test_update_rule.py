@@ -187,3 +187,38 @@ def test_looksam_reuses_orthogonal_component(data_bin, update_freq):
     actual = _flat(recorder.grads)
     assert float((actual - expected).norm() / expected.norm()) < 1e-5
     assert float((actual - plain1).norm() / plain1.norm()) > 1e-2  # control: reuse is visible
+
+
+def test_looksam_plain_gradient_restarts_with_each_update(data_bin):
+    """An update skipped before its step (an fp16 overflow) leaves its pass-1 gradient behind;
+    the next update — here starting with a dummy batch — must not add onto it."""
+    from fairseq_asam.optim import find_sharpness_aware
+
+    trainer = build_trainer(
+        data_bin,
+        ["--optimizer", "asam", "--rho", "0.5", "--sam-interval", "2", "--looksam-alpha", "0.7"],
+    )
+    samples = batches(trainer, 2)
+    task, model, criterion, optimizer = (
+        trainer.task,
+        trainer.model,
+        trainer.criterion,
+        trainer.optimizer,
+    )
+    sam = find_sharpness_aware(optimizer)
+    model0 = copy.deepcopy(trainer.get_model())
+
+    def plain_gradient(sample):
+        params = [p for p in model0.parameters() if p.requires_grad]
+        return _flat(torch.autograd.grad(criterion(model0, sample)[0], params))
+
+    trainer.zero_grad()
+    task.train_step(samples[0], model, criterion, optimizer, 0)  # recorded, never stepped
+    trainer.zero_grad()
+    task.train_step(samples[1], model, criterion, optimizer, 0, ignore_grad=True)  # a dummy
+    task.train_step(samples[1], model, criterion, optimizer, 0)
+    recorded = sam._plain_sum.double()
+    expected = plain_gradient(samples[1])
+    assert float((recorded - expected).norm() / expected.norm()) < 1e-6
+    stale = expected + plain_gradient(samples[0])
+    assert float((recorded - stale).norm() / stale.norm()) > 1e-2  # control
