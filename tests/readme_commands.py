@@ -38,6 +38,8 @@ SHELL_LANGUAGES = ("bash", "sh", "shell")
 MAX_UPDATE_VARIABLE = "FAIRSEQ_ASAM_README_MAX_UPDATE"
 BLOCK_TIMEOUT = 1200  # seconds for one block
 OUTPUT_TAIL_LINES = 40
+LINE_CUT = 300  # characters of one output line in a failure message (fairseq logs whole configs)
+FAILED_AT = "README command failed at "  # what the ERR trap prints before the failing command
 # Folders never searched for READMEs when the checkout is not a git repository.
 NOT_SOURCE = {".git", ".venv", "runs", "build", "dist", "data-bin", "outputs", "__pycache__"}
 # Variables of the environment that would make a block run unlike a user's shell: an outer
@@ -198,10 +200,15 @@ def max_update_from_environment() -> Optional[int]:
 
 
 def failure_message(block: Block, what: str, output: str) -> str:
-    tail = "\n".join(output.rstrip().splitlines()[-OUTPUT_TAIL_LINES:])
+    failed = [line for line in output.splitlines() if line.startswith(FAILED_AT)]
+    at = f"  failed command: {failed[-1][len(FAILED_AT) :]}\n" if failed else ""
+    tail = "\n".join(
+        line if len(line) <= LINE_CUT else line[:LINE_CUT] + " [...]"
+        for line in output.rstrip().splitlines()[-OUTPUT_TAIL_LINES:]
+    )
     return (
         f"{block.source}:{block.line + 1}: the README command block starting here {what}\n"
-        f"  first line: {block.first_line}\n"
+        f"  first line: {block.first_line}\n{at}"
         f"--- last {OUTPUT_TAIL_LINES} lines of its output (stdout and stderr) ---\n{tail}"
     )
 
@@ -218,7 +225,7 @@ def run_block(
     # the README's line block.line + k: the ERR trap names the README line of the failing command.
     offset = block.line - 1
     prelude = (
-        "set -eo pipefail; trap 'echo \"README command failed at "
+        f"set -eo pipefail; trap 'echo \"{FAILED_AT}"
         f"{block.source}:$((LINENO + {offset})): $BASH_COMMAND\" >&2' ERR"
     )
     with tempfile.NamedTemporaryFile(

@@ -182,6 +182,8 @@ def test_a_broken_block_fails_with_its_place_and_its_error(tmp_path):
     print(message)  # shown with -s: what a broken README block reports
     assert message.startswith("README.md:13: the README command block starting here failed")
     assert '  first line: echo "the first command works"\n' in message
+    failed = "  failed command: README.md:14: fairseq-asam-report --no-such-flag runs/x\n"
+    assert failed in message
     assert "fairseq-asam-report: error: unrecognized arguments: --no-such-flag" in message
     assert "README command failed at README.md:14: fairseq-asam-report --no-such-flag" in message
     assert "never printed" not in message
@@ -196,7 +198,9 @@ def test_readme_block_runs(block, tmp_path):
             block, str(tmp_path), venv_bin=VENV_BIN, max_update=max_update
         )
     except BlockFailed as failure:
-        pytest.fail(str(failure), pytrace=False)
+        output, message = None, str(failure)
+    if output is None:  # outside the except clause: no "during handling" chain in the report
+        pytest.fail(message, pytrace=False)
     for key, check in EXPECTED.items():
         if key in block.text:
             check(block, output, shortened=max_update is not None)
