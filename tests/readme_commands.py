@@ -80,6 +80,8 @@ class BlockFailed(AssertionError):
 def extract_blocks(path: str, root: str = ROOT) -> List[Block]:
     """The fenced shell blocks of the Markdown file `path`, in order."""
     source = os.path.relpath(path, root)
+    if source.startswith(os.pardir + os.sep):  # a Markdown file outside the checkout
+        source = os.path.abspath(path)
     with open(path, encoding="utf-8") as f:
         lines = f.read().splitlines()
     blocks = []
@@ -87,7 +89,7 @@ def extract_blocks(path: str, root: str = ROOT) -> List[Block]:
     while number < len(lines):
         opening = _FENCE.match(lines[number])
         number += 1
-        if not opening or (opening.group("fence")[0] == "`" and "`" in opening.group("info")):
+        if not opening:
             continue
         indent, fence = opening.group("indent"), opening.group("fence")
         language = opening.group("info").split()[0].lower() if opening.group("info") else ""
