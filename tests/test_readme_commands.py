@@ -20,6 +20,7 @@ from readme_commands import (
     ROOT,
     BlockFailed,
     all_blocks,
+    block_environment,
     extract_blocks,
     max_update_from_environment,
     readme_files,
@@ -126,7 +127,13 @@ def test_make_targets_shown_in_the_readmes_exist():
         }
     )
     for target in targets:
-        dry = subprocess.run(["make", "-n", target], cwd=ROOT, capture_output=True, text=True)
+        dry = subprocess.run(
+            ["make", "-n", target],
+            cwd=ROOT,
+            env=block_environment(VENV_BIN),  # not an outer make's flags (CI runs `make test`)
+            capture_output=True,
+            text=True,
+        )
         assert dry.returncode == 0, f"`make {target}` (a README block): {dry.stderr.strip()}"
     assert {"tiny", "test", "test-fast"} <= set(targets)
 
