@@ -28,6 +28,9 @@ def parse_args(argv):
     parser.add_argument("--max-tokens", type=int, default=precision.RECIPE_MAX_TOKENS)
     parser.add_argument("--sr-seeds", type=int, default=precision.DEFAULT_SR_SEEDS,
                         help="stochastic-rounding draws per row (0: no stochastic rounding)")
+    parser.add_argument("--gradient-seeds", type=int, default=precision.DEFAULT_GRADIENT_SEEDS,
+                        help="stochastic-rounding draws whose pass-2 gradient is compared too "
+                             "(round to nearest always; -1: no gradient comparison)")
     parser.add_argument("--seed", type=int, default=1, help="model init (--init) and batch order")
     parser.add_argument("--precisions", default=",".join(precision.WEIGHT_DTYPES))
     parser.add_argument("--autocast", default=",".join(precision.AUTOCAST_DTYPES),
@@ -53,7 +56,7 @@ def main(argv=None) -> int:
         result = precision.run(
             args.data_bin, checkpoint=args.checkpoint, init=args.init, seed=args.seed, batches=args.batches,
             max_tokens=args.max_tokens, sr_seeds=args.sr_seeds, subset=args.subset,
-            real_forward=not args.no_real_forward,
+            real_forward=not args.no_real_forward, gradient_seeds=args.gradient_seeds,
             weight_precisions=[p for p in args.precisions.split(",") if p],
             autocast_modes=[m for m in args.autocast.split(",") if m], log=log,
         )

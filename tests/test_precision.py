@@ -237,6 +237,8 @@ def test_measure_batch_on_a_tiny_transformer(data_bin):
         assert fp32["target_increase"] > 0  # one ascent step raises the loss
         bf16 = rows[(opt, "weights", "bf16", "nearest", None)]
         assert bf16["lost_fraction"] > fp32["lost_fraction"] and bf16["cosine"] < fp32["cosine"]
+        assert bf16["grad_change_cosine"] < 1.0 and bf16["grad_error"] > 0  # pass 2's gradient is compared
+        assert rows[(opt, "weights", "bf16", "stochastic", 1)]["grad_change_cosine"] is not None
         noise = rows[(opt, "weights", "bf16", "noise-floor", 0)]
         assert abs(noise["cosine"]) < 0.2  # SR noise of w alone does not point along ε
         assert (opt, "autocast", "amp-bf16", "nearest", None) in rows

@@ -12,6 +12,10 @@ This module measures, for one model and fixed batches:
     cosine   = <ε_eff, ε> / (‖ε_eff‖ ‖ε‖),  L2 error = ‖ε_eff − ε‖ / ‖ε‖   (float64 sums)
     ΔL       = L(w_p + ε_eff) − L(w_p)              the loss increase pass 2 actually gets
 
+What training uses is pass 2's gradient, so it is compared too (fp32 arithmetic):
+    Δg       = ∇L(w_p + ε_eff) − ∇L(w_p)  against  ∇L(w_p + ε) − ∇L(w_p)   (cosine, L2 error)
+    g' error = ‖∇L(w_p + ε_eff) − ∇L(w_p + ε)‖ / ‖∇L(w_p + ε)‖              (what Adam receives)
+
 L is the criterion's loss per sample-size unit (label-smoothed cross-entropy: nats per target
 token) on the batch, in eval mode.  "(a)" losses use fp32 arithmetic at the (rounded) weights,
 which isolates weight storage; "(b)" losses use the real low-precision forward: a copy of the
@@ -77,6 +81,8 @@ STOCHASTIC_VARIANTS = (STOCHASTIC, SIGN_CONTROL, SR_MASTER, NOISE_FLOOR)
 
 RECIPE_MAX_TOKENS = 4096  # the IWSLT'14 recipe's --max-tokens: one micro-batch
 DEFAULT_SR_SEEDS = 5
+# Stochastic-rounding seeds whose pass-2 gradient is also compared (a forward-backward each).
+DEFAULT_GRADIENT_SEEDS = 2
 DEFAULT_SUBSET = "train"  # ε is computed on training micro-batches
 # fairseq's IWSLT'14 recipe (configs/iwslt14_de_en/common.args), the parts that shape the model
 # and the loss; used for --init.
@@ -472,6 +478,7 @@ def _random_signs(like: Sequence[Tensor], seed: int) -> List[Tensor]:
 def _row(optimizer: str, mode: str, precision: str, rounding: str, seed: Optional[int], stats: EpsilonStats,
          base_a: float, perturbed_a: float, target_increase: float,
          base_b: Optional[float] = None, perturbed_b: Optional[float] = None,
+         gradient: Optional[Tuple[EpsilonStats, EpsilonStats]] = None,
          groups: Optional[Dict[str, EpsilonStats]] = None) -> Dict[str, Any]:
     row = {
         "optimizer": optimizer, "mode": mode, "precision": precision, "rounding": rounding, "seed": seed,
@@ -480,6 +487,11 @@ def _row(optimizer: str, mode: str, precision: str, rounding: str, seed: Optiona
         "target_increase": target_increase,
         "increase_b": None if base_b is None else perturbed_b - base_b,
         "loss_b": base_b,
+        # pass 2's gradient: Δg = ∇L(w_p + ε_eff) − ∇L(w_p) against ∇L(w_p + ε) − ∇L(w_p), and the
+        # whole gradient ∇L(w_p + ε_eff) against ∇L(w_p + ε)
+        "grad_change_cosine": None if gradient is None else gradient[0].cosine,
+        "grad_change_error": None if gradient is None else gradient[0].relative_l2_error,
+        "grad_error": None if gradient is None else gradient[1].relative_l2_error,
     }
     if groups is not None:
         row["groups"] = {
@@ -490,6 +502,10 @@ def _row(optimizer: str, mode: str, precision: str, rounding: str, seed: Optiona
     return row
 
 
+def _difference(a: Sequence[Tensor], b: Sequence[Tensor]) -> List[Tensor]:
+    return [x - y for x, y in zip(a, b)]
+
+
 def measure_batch(
     probe: LossProbe,
     optimizers: Sequence[OptimizerSetting] = PAPER_OPTIMIZERS,
@@ -497,11 +513,18 @@ def measure_batch(
     autocast_modes: Sequence[str] = tuple(AUTOCAST_DTYPES),
     sr_seeds: int = DEFAULT_SR_SEEDS,
     real_forward: bool = True,
+    gradient_seeds: int = DEFAULT_GRADIENT_SEEDS,
     log=None,
 ) -> Dict[str, Any]:
     """Every row (optimizer × weight precision × rounding [× seed], optimizer × autocast mode) for
-    the probe's batch.  The model's weights are restored before returning."""
+    the probe's batch.  The model's weights are restored before returning.
+
+    `gradient_seeds`: pass 2's gradient (fp32 arithmetic) is also compared, for the
+    round-to-nearest rows and the first `gradient_seeds` seeds of the stochastic ones (one
+    forward-backward each); < 0 turns it off.
+    """
     say = log or (lambda message: None)
+    with_gradients = gradient_seeds >= 0
     master = probe.weights()  # w, fp32
     rows: List[Dict[str, Any]] = []
     info: Dict[str, Any] = {"autocast": {}}
@@ -511,61 +534,71 @@ def measure_batch(
         fp32_epsilon: Dict[str, List[Tensor]] = {}
         for precision in weight_precisions:
             dtype = _dtype(precision, WEIGHT_DTYPES, "--precisions")
-            held = master if dtype == torch.float32 else [round_nearest(w, dtype) for w in master]
+            low = dtype != torch.float32
+            held = [round_nearest(w, dtype) for w in master] if low else master
             base_a = probe.loss(held)
-            base_b = probe.loss(held, dtype) if real_forward and dtype != torch.float32 else None
+            base_b = probe.loss(held, dtype) if real_forward and low else None
             _, grads = probe.loss_and_gradient(held)
             say(f"{precision}: L(w_p) = {base_a:.6f} (fp32 arithmetic)" +
                 ("" if base_b is None else f", {base_b:.6f} ({precision} forward)"))
+
+            def measure(setting, rounding, seed, eff, eps, target, target_grad, gradient, groups=False, losses=None):
+                weights = _add(held, eff)
+                loss_a, loss_b = losses or (probe.loss(weights), probe.loss(weights, dtype) if base_b is not None else None)
+                grad_stats = None
+                if gradient and target_grad is not None:
+                    _, perturbed_grad = probe.loss_and_gradient(weights)
+                    grad_stats = (compare_epsilon(_difference(perturbed_grad, grads), _difference(target_grad, grads)),
+                                  compare_epsilon(perturbed_grad, target_grad))
+                rows.append(_row(setting.name, "weights", precision, rounding, seed, compare_epsilon(eff, eps),
+                                 base_a, loss_a, target, base_b, loss_b, grad_stats,
+                                 compare_by_group(probe.names, eff, eps) if groups else None))
+
             # The noise floor: SR of the fp32 master weights with ε = 0.  Its losses are measured
-            # once per seed; its ε_eff is drawn again (same generator) to compare with each ε.
+            # once per seed; its ε_eff is drawn again (same generator) for every comparison.
             zeros = [torch.zeros_like(w) for w in master]
 
             def noise_floor(seed: int) -> List[Tensor]:
                 return effective_epsilon(held, zeros, dtype, STOCHASTIC, _generator(seed, NOISE_FLOOR), start=master)
 
             noise_losses = {}
-            if dtype != torch.float32:
+            if low:
                 for seed in range(sr_seeds):
                     weights = _add(held, noise_floor(seed))
                     noise_losses[seed] = (probe.loss(weights), probe.loss(weights, dtype) if base_b is not None else None)
             for setting in optimizers:
                 eps = sharpness_epsilon(probe.names, held, grads, setting)
-                if dtype == torch.float32:
+                if not low:
                     fp32_epsilon[setting.name] = eps
-                target = probe.loss(_add(held, eps)) - base_a  # L(w_p + ε) − L(w_p), fp32 arithmetic
-                eff = effective_epsilon(held, eps, dtype, NEAREST)
-                weights = _add(held, eff)
-                rows.append(_row(
-                    setting.name, "weights", precision, NEAREST, None, compare_epsilon(eff, eps),
-                    base_a, probe.loss(weights), target, base_b,
-                    probe.loss(weights, dtype) if base_b is not None else None,
-                    groups=compare_by_group(probe.names, eff, eps)))
+                # the targets: L(w_p + ε) − L(w_p) and ∇L(w_p + ε), fp32 arithmetic
+                if with_gradients and low:
+                    perturbed_loss, target_grad = probe.loss_and_gradient(_add(held, eps))
+                else:
+                    perturbed_loss, target_grad = probe.loss(_add(held, eps)), None
+                target = perturbed_loss - base_a
+                measure(setting, NEAREST, None, effective_epsilon(held, eps, dtype, NEAREST), eps, target,
+                        target_grad, with_gradients, groups=True)
                 say(f"{precision} {setting.name} nearest: lost {rows[-1]['lost_fraction']:.4f} "
                     f"cos {rows[-1]['cosine']:.4f} dL {rows[-1]['increase_a']:.3e} (target {target:.3e})")
-                if dtype == torch.float32:
+                if not low:
                     continue
                 for seed in range(sr_seeds):
+                    gradient = with_gradients and seed < gradient_seeds
                     signs = _random_signs(eps, seed)
-                    variants = {
-                        STOCHASTIC: effective_epsilon(held, eps, dtype, STOCHASTIC, _generator(seed, STOCHASTIC)),
-                        SIGN_CONTROL: effective_epsilon(
-                            held, [s * e for s, e in zip(signs, eps)], dtype, STOCHASTIC,
-                            _generator(seed, SIGN_CONTROL)),
-                        SR_MASTER: effective_epsilon(
-                            held, eps, dtype, STOCHASTIC, _generator(seed, SR_MASTER), start=master),
-                    }
-                    for variant, eff in variants.items():
-                        weights = _add(held, eff)
-                        rows.append(_row(
-                            setting.name, "weights", precision, variant, seed, compare_epsilon(eff, eps),
-                            base_a, probe.loss(weights), target, base_b,
-                            probe.loss(weights, dtype) if base_b is not None else None))
-                    del variants, weights
-                    noise_a, noise_b = noise_losses[seed]
-                    rows.append(_row(setting.name, "weights", precision, NOISE_FLOOR, seed,
-                                     compare_epsilon(noise_floor(seed), eps), base_a, noise_a, target, base_b, noise_b))
+                    measure(setting, STOCHASTIC, seed,
+                            effective_epsilon(held, eps, dtype, STOCHASTIC, _generator(seed, STOCHASTIC)),
+                            eps, target, target_grad, gradient)
+                    measure(setting, SIGN_CONTROL, seed,
+                            effective_epsilon(held, [s * e for s, e in zip(signs, eps)], dtype, STOCHASTIC,
+                                              _generator(seed, SIGN_CONTROL)),
+                            eps, target, target_grad, gradient)
+                    measure(setting, SR_MASTER, seed,
+                            effective_epsilon(held, eps, dtype, STOCHASTIC, _generator(seed, SR_MASTER), start=master),
+                            eps, target, target_grad, gradient)
+                    measure(setting, NOISE_FLOOR, seed, noise_floor(seed), eps, target, target_grad, gradient,
+                            losses=noise_losses[seed])
                 say(f"{precision} {setting.name}: {sr_seeds} stochastic-rounding seeds done")
+                del target_grad
         for mode in autocast_modes:
             dtype = _dtype(mode, AUTOCAST_DTYPES, "--autocast")
             ok, reason = autocast_supported(dtype, _device_of(probe.model).type)
@@ -612,7 +645,8 @@ def _spread(values: Sequence[float]) -> Dict[str, float]:
 
 
 SUMMARY_METRICS = ("lost_fraction", "changed_fraction", "cosine", "relative_l2_error", "norm_ratio",
-                   "increase_a", "increase_b", "target_increase")
+                   "increase_a", "increase_b", "target_increase", "grad_change_cosine", "grad_change_error",
+                   "grad_error")
 
 
 def summarize(rows: Iterable[Dict[str, Any]]) -> List[Dict[str, Any]]:
@@ -641,11 +675,15 @@ def _cell(spread: Dict[str, float], fmt: str, with_std: bool) -> str:
 
 
 def format_summary(summary: Sequence[Dict[str, Any]]) -> str:
-    """A markdown table: ΔL in nats per target token; ± is the std over seeds (and batches)."""
+    """A markdown table: ΔL in nats per target token; ± is the std over seeds (and batches).
+
+    Δg = ∇L(w_p + ε_eff) − ∇L(w_p) against ∇L(w_p + ε) − ∇L(w_p) (cosine, relative L2 error);
+    g' err = ‖∇L(w_p + ε_eff) − ∇L(w_p + ε)‖ / ‖∇L(w_p + ε)‖, the gradient Adam would get.
+    """
     lines = [
         "| optimizer | mode | precision | rounding | n | lost | changed | cosine | L2 err | ‖eff‖/‖ε‖ "
-        "| ΔL target (fp32 ε) | ΔL (a) fp32 arith | ΔL (b) real fwd |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "| ΔL target (fp32 ε) | ΔL (a) fp32 arith | ΔL (b) real fwd | Δg cosine | Δg err | g' err |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for e in summary:
         spread = e["count"] > 1
@@ -655,7 +693,8 @@ def format_summary(summary: Sequence[Dict[str, Any]]) -> str:
             f"| {_cell(e['cosine'], '.4f', spread)} | {_cell(e['relative_l2_error'], '.3f', spread)} "
             f"| {_cell(e['norm_ratio'], '.3f', spread)} "
             f"| {_cell(e['target_increase'], '.3e', False)} | {_cell(e['increase_a'], '+.3e', spread)} "
-            f"| {_cell(e['increase_b'], '+.3e', spread)} |"
+            f"| {_cell(e['increase_b'], '+.3e', spread)} | {_cell(e['grad_change_cosine'], '.4f', spread)} "
+            f"| {_cell(e['grad_change_error'], '.3f', spread)} | {_cell(e['grad_error'], '.2e', spread)} |"
         )
     return "\n".join(lines)
 
@@ -699,7 +738,7 @@ def check_inputs(data_bin: str, checkpoint: Optional[str], init: bool, batches: 
 
 def run(data_bin: str, checkpoint: Optional[str] = None, init: bool = False, seed: int = 1,
         batches: int = 1, max_tokens: int = RECIPE_MAX_TOKENS, sr_seeds: int = DEFAULT_SR_SEEDS,
-        subset: str = DEFAULT_SUBSET, real_forward: bool = True,
+        subset: str = DEFAULT_SUBSET, real_forward: bool = True, gradient_seeds: int = DEFAULT_GRADIENT_SEEDS,
         weight_precisions: Sequence[str] = tuple(WEIGHT_DTYPES),
         autocast_modes: Sequence[str] = tuple(AUTOCAST_DTYPES), log=None) -> Dict[str, Any]:
     """Loads (or initialises) the model, measures `batches` fixed batches, returns a JSON-ready dict."""
@@ -718,7 +757,8 @@ def run(data_bin: str, checkpoint: Optional[str] = None, init: bool = False, see
         if log:
             log(f"batch {index}: {int(sample['ntokens'])} target tokens, {int(sample['nsentences'])} sentences")
         result = measure_batch(LossProbe(model, criterion, sample), weight_precisions=weight_precisions,
-                               autocast_modes=autocast_modes, sr_seeds=sr_seeds, real_forward=real_forward, log=log)
+                               autocast_modes=autocast_modes, sr_seeds=sr_seeds, real_forward=real_forward,
+                               gradient_seeds=gradient_seeds, log=log)
         result["batch"] = index
         result["ntokens"] = int(sample["ntokens"])
         results.append(result)
@@ -730,6 +770,7 @@ def run(data_bin: str, checkpoint: Optional[str] = None, init: bool = False, see
         "criterion": getattr(cfg.criterion, "_name", None),
         "parameters": sum(p.numel() for p in model.parameters()),
         "seed": seed, "subset": subset, "max_tokens": max_tokens, "sr_seeds": sr_seeds,
+        "gradient_seeds": gradient_seeds,
         "batches": [{k: v for k, v in r.items() if k != "rows"} for r in results],
         "rows": rows,
         "summary": summarize(rows),
