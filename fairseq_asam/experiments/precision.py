@@ -28,7 +28,8 @@ Rounding variants of round_p(· + ε):
     sign-control  stochastic rounding of w_p + s⊙ε, s random ±1: the same noise, no direction
     sr-master     stochastic rounding of w + ε, w the fp32 master weights (fairseq's FP16Optimizer
                   keeps them): up to one ulp of noise on every entry, so the control
-    noise-floor   stochastic rounding of w alone (ε = 0)
+    noise-floor   stochastic rounding of w alone (ε = 0).  Its ε_eff = SR(w) − w_p has mean
+                  w − w_p (w_p's own rounding residual, the same for every seed), plus the noise
 
 Autocast (`--amp`): the weights stay fp32 (w_p = w) and each matmul-type op casts its operands to
 fp16/bf16 (round to nearest).  Which parameters reach a low-precision op is recorded by running
