@@ -4,8 +4,8 @@ import math
 
 import pytest
 import torch
-from torch import nn
 import torch.nn.functional as F
+from torch import nn
 
 from fairseq_asam import perturbation
 from fairseq_asam.experiments import precision as P

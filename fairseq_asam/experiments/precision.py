@@ -281,7 +281,7 @@ def autocast_supported(dtype: torch.dtype, device: str = "cpu") -> Tuple[bool, s
     try:
         with torch.autocast(device, dtype=dtype):
             out = torch.ones(2, 2) @ torch.ones(2, 2)
-    except Exception as error:  # torch raises RuntimeError or warns and disables, by version
+    except (RuntimeError, TypeError, ValueError) as error:  # what torch raises differs by version
         return False, f"torch.autocast({device!r}, dtype={dtype}) failed: {error}"
     if out.dtype != dtype:
         return False, f"torch.autocast({device!r}, dtype={dtype}) ran the matmul in {out.dtype}"
@@ -682,8 +682,8 @@ def format_summary(summary: Sequence[Dict[str, Any]]) -> str:
     g' err = ‖∇L(w_p + ε_eff) − ∇L(w_p + ε)‖ / ‖∇L(w_p + ε)‖, the gradient Adam would get.
     """
     lines = [
-        "| optimizer | mode | precision | rounding | n | lost | changed | cosine | L2 err | ‖eff‖/‖ε‖ "
-        "| ΔL target (fp32 ε) | ΔL (a) fp32 arith | ΔL (b) real fwd | Δg cosine | Δg err | g' err |",
+        ("| optimizer | mode | precision | rounding | n | lost | changed | cosine | L2 err | ‖eff‖/‖ε‖ "
+         "| ΔL target (fp32 ε) | ΔL (a) fp32 arith | ΔL (b) real fwd | Δg cosine | Δg err | g' err |"),
         "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for e in summary:
