@@ -14,6 +14,7 @@ CONSOLE_SCRIPTS = [
         "sharpness",
         "benchmark",
         "trajectories",
+        "precision",
     )
 ]
 

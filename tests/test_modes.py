@@ -188,3 +188,36 @@ def test_fp16_overflow_in_pass_one_reaches_loss_scaler(data_bin, fp16_flag):
     with pytest.raises(OverflowError):
         optimizer.clip_grad_norm(0.0)
     assert optimizer.scaler.loss_scale < scale_before
+
+
+@pytest.mark.parametrize(
+    "optimizer,flags,warned",
+    [
+        ("asam", ["--fp16", "--fp16-no-flatten-grads"], "asam with fp16 weights"),
+        ("sam", ["--memory-efficient-fp16"], "sam with fp16 weights"),
+        ("asam", ["--amp"], None),  # fp32 weights: ε is kept
+        ("asam", [], None),
+        ("adam", ["--fp16", "--fp16-no-flatten-grads"], None),
+    ],
+)
+def test_low_precision_weights_warn_at_start(data_bin, caplog, optimizer, flags, warned):
+    trainer = build_trainer(
+        data_bin, ["--optimizer", optimizer, "--fp16-init-scale", "128"] + flags
+    )
+    with caplog.at_level("WARNING", logger="fairseq_asam.optim"):
+        trainer.optimizer  # built here, before the first update
+    messages = [r.getMessage() for r in caplog.records if r.name == "fairseq_asam.optim"]
+    if warned is None:
+        assert messages == []
+    else:
+        assert len(messages) == 1 and warned in messages[0] and "--amp" in messages[0]
+
+
+def test_bf16_weights_warn_at_start(data_bin, caplog):
+    trainer = build_trainer(data_bin, ["--optimizer", "asam"], bf16=True)
+    with caplog.at_level("WARNING", logger="fairseq_asam.optim"):
+        trainer.optimizer
+    messages = [r.getMessage() for r in caplog.records if r.name == "fairseq_asam.optim"]
+    assert (
+        len(messages) == 1 and "asam with bf16 weights" in messages[0] and "72–82%" in messages[0]
+    )

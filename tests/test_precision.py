@@ -1,5 +1,6 @@
 """fairseq_asam.experiments.precision: effective ε under fp16/bf16 rounding, its comparison with
 ε, unbiased stochastic rounding, the autocast cast set, and one small end-to-end measurement."""
+
 import math
 
 import pytest
@@ -8,11 +9,12 @@ import torch.nn.functional as F
 from torch import nn
 
 from fairseq_asam import perturbation
+from fairseq_asam.errors import ConfigError
 from fairseq_asam.experiments import precision as P
 
-FP16_ULP_AT_1 = 2.0 ** -10  # spacing of fp16 just above 1.0 (10 mantissa bits)
-FP16_ULP_BELOW_1 = 2.0 ** -11  # spacing just below 1.0
-BF16_ULP_AT_1 = 2.0 ** -7  # 7 stored mantissa bits
+FP16_ULP_AT_1 = 2.0**-10  # spacing of fp16 just above 1.0 (10 mantissa bits)
+FP16_ULP_BELOW_1 = 2.0**-11  # spacing just below 1.0
+BF16_ULP_AT_1 = 2.0**-7  # 7 stored mantissa bits
 # Bound for a mean of Bernoulli-driven draws: |mean − exact| < Z_BOUND · std of the mean
 # (a false failure has probability ~6e-7 per check).
 Z_BOUND = 5.0
@@ -41,7 +43,9 @@ def test_same_epsilon_is_lost_in_bf16_and_kept_in_fp32():
     eps = [_t(6e-4, 5e-3)]  # bf16 half ulp at 1 is 3.9e-3
     assert P.effective_epsilon(held, eps, torch.bfloat16)[0].tolist() == [0.0, BF16_ULP_AT_1]
     fp32 = P.effective_epsilon(held, eps, torch.float32)[0]
-    assert torch.allclose(fp32, eps[0], rtol=1e-3, atol=0)  # kept, up to fp32's own rounding of 1 + ε
+    assert torch.allclose(
+        fp32, eps[0], rtol=1e-3, atol=0
+    )  # kept, up to fp32's own rounding of 1 + ε
 
 
 def test_effective_epsilon_matches_what_perturb_does_to_fp16_parameters():
@@ -54,7 +58,9 @@ def test_effective_epsilon_matches_what_perturb_does_to_fp16_parameters():
     eps = P.sharpness_epsilon(names, [w.float() for w in w16], grads, P.ASAM)
     expected = P.effective_epsilon([w.float() for w in w16], eps, torch.float16)
     params = [w.clone() for w in w16]
-    saved = perturbation.perturb(params, [g.clone() for g in grads], [True, False], P.ASAM.rho, P.ASAM.eta)
+    saved = perturbation.perturb(
+        params, [g.clone() for g in grads], [True, False], P.ASAM.rho, P.ASAM.eta
+    )
     assert saved is not None
     for after, before, exp in zip(params, w16, expected):
         assert torch.equal(after.float() - before.float(), exp)
@@ -66,9 +72,11 @@ def test_sharpness_epsilon_against_hand_computed_values():
     weights = [_t(1.0, -2.0), _t(0.5)]
     grads = [_t(3.0, 4.0), _t(1.0)]
     # ASAM, ρ 0.2, η 0.01: T = |w| + η on the weight only; Tg = (3.03, 8.04), bias g = 1.
-    norm = math.sqrt(3.03 ** 2 + 8.04 ** 2 + 1.0)
+    norm = math.sqrt(3.03**2 + 8.04**2 + 1.0)
     eps = P.sharpness_epsilon(names, weights, grads, P.ASAM)
-    assert eps[0].tolist() == pytest.approx([0.2 * 1.01 ** 2 * 3 / norm, 0.2 * 2.01 ** 2 * 4 / norm], rel=1e-6)
+    assert eps[0].tolist() == pytest.approx(
+        [0.2 * 1.01**2 * 3 / norm, 0.2 * 2.01**2 * 4 / norm], rel=1e-6
+    )
     assert eps[1].tolist() == pytest.approx([0.2 * 1.0 / norm], rel=1e-6)
     # SAM, ρ 0.1: ε = ρ g / ‖g‖ with ‖g‖ = √26.
     eps = P.sharpness_epsilon(names, weights, grads, P.SAM)
@@ -124,12 +132,15 @@ def test_tensor_groups():
 # ------------------------------------------------------------------ stochastic rounding
 
 
-@pytest.mark.parametrize("dtype,x,lo,hi", [
-    (torch.float16, 1.0 + 0.3 * FP16_ULP_AT_1, 1.0, 1.0 + FP16_ULP_AT_1),
-    (torch.float16, -(1.0 + 0.7 * FP16_ULP_AT_1), -(1.0 + FP16_ULP_AT_1), -1.0),
-    (torch.float16, 3.3e-6, 55 * 2.0 ** -24, 56 * 2.0 ** -24),  # subnormal: spacing 2^-24
-    (torch.bfloat16, 1.0 + 0.2 * BF16_ULP_AT_1, 1.0, 1.0 + BF16_ULP_AT_1),
-])
+@pytest.mark.parametrize(
+    "dtype,x,lo,hi",
+    [
+        (torch.float16, 1.0 + 0.3 * FP16_ULP_AT_1, 1.0, 1.0 + FP16_ULP_AT_1),
+        (torch.float16, -(1.0 + 0.7 * FP16_ULP_AT_1), -(1.0 + FP16_ULP_AT_1), -1.0),
+        (torch.float16, 3.3e-6, 55 * 2.0**-24, 56 * 2.0**-24),  # subnormal: spacing 2^-24
+        (torch.bfloat16, 1.0 + 0.2 * BF16_ULP_AT_1, 1.0, 1.0 + BF16_ULP_AT_1),
+    ],
+)
 def test_stochastic_rounding_is_unbiased_and_lands_on_a_neighbour(dtype, x, lo, hi):
     x32 = float(_t(x))
     assert lo < x32 < hi
@@ -152,7 +163,9 @@ def test_stochastic_rounding_of_random_values_returns_a_bracketing_neighbour():
         assert torch.equal(out.to(dtype).float(), out)  # representable
         below = out <= x
         # one ulp away at most: the bracketing pair of x has no representable value in between
-        nxt = torch.nextafter(out.to(dtype), torch.where(below, math.inf, -math.inf).to(dtype)).float()
+        nxt = torch.nextafter(
+            out.to(dtype), torch.where(below, math.inf, -math.inf).to(dtype)
+        ).float()
         assert bool(torch.where(below, nxt >= x, nxt <= x).all())
         assert bool(((out - x).abs() < (nxt - out).abs() + 1e-30).all())
         exact = x.to(dtype).float()
@@ -166,11 +179,15 @@ def test_stochastic_rounding_keeps_sub_ulp_epsilon_in_expectation():
     eps = [torch.full((DRAWS,), 0.1 * FP16_ULP_AT_1)]
     nearest = P.effective_epsilon(held, eps, torch.float16, P.NEAREST)
     assert P.compare_epsilon(nearest, eps).lost_fraction == 1.0
-    sr = P.effective_epsilon(held, eps, torch.float16, P.STOCHASTIC, torch.Generator().manual_seed(0))
+    sr = P.effective_epsilon(
+        held, eps, torch.float16, P.STOCHASTIC, torch.Generator().manual_seed(0)
+    )
     stats = P.compare_epsilon(sr, eps)
     assert set(sr[0].unique().tolist()) == {0.0, FP16_ULP_AT_1}
     assert stats.lost_fraction == pytest.approx(0.9, abs=Z_BOUND * math.sqrt(0.09 / DRAWS))
-    assert sr[0].double().mean().item() == pytest.approx(0.1 * FP16_ULP_AT_1, rel=Z_BOUND * 3 / math.sqrt(DRAWS))
+    assert sr[0].double().mean().item() == pytest.approx(
+        0.1 * FP16_ULP_AT_1, rel=Z_BOUND * 3 / math.sqrt(DRAWS)
+    )
     # per draw it is noise: ‖ε_eff‖/‖ε‖ = √(p·ulp²)/(0.1 ulp) = √10
     assert stats.norm_ratio == pytest.approx(math.sqrt(10), rel=0.02)
 
@@ -203,16 +220,16 @@ def test_autocast_cast_parameters():
 
 
 def test_bad_names_raise_naming_the_flag(tmp_path):
-    with pytest.raises(P.PrecisionConfigError, match="--precisions"):
+    with pytest.raises(ConfigError, match="--precisions"):
         P._dtype("fp8", P.WEIGHT_DTYPES, "--precisions")
-    with pytest.raises(FileNotFoundError, match="--data-bin"):
-        P.check_inputs(str(tmp_path / "nope"), None, True, 1, 4096, 1, "train")
-    with pytest.raises(FileNotFoundError, match="--checkpoint"):
-        P.check_inputs(str(tmp_path), str(tmp_path / "c.pt"), False, 1, 4096, 1, "train")
-    with pytest.raises(P.PrecisionConfigError, match="exactly one"):
-        P.check_inputs(str(tmp_path), None, False, 1, 4096, 1, "train")
-    with pytest.raises(P.PrecisionConfigError, match="--subset train"):
-        P.check_inputs(str(tmp_path), None, True, 1, 4096, 1, "train")
+    with pytest.raises(ConfigError, match="--data-bin"):
+        P.check_precision_inputs(str(tmp_path / "nope"), None, True, 1, 4096, 1, "train")
+    with pytest.raises(ConfigError, match="--checkpoint"):
+        P.check_precision_inputs(str(tmp_path), str(tmp_path / "c.pt"), False, 1, 4096, 1, "train")
+    with pytest.raises(ConfigError, match="exactly one"):
+        P.check_precision_inputs(str(tmp_path), None, False, 1, 4096, 1, "train")
+    with pytest.raises(ConfigError, match="--subset train"):
+        P.check_precision_inputs(str(tmp_path), None, True, 1, 4096, 1, "train")
 
 
 # ------------------------------------------------------------------ one small measurement
@@ -221,15 +238,23 @@ def test_bad_names_raise_naming_the_flag(tmp_path):
 def test_measure_batch_on_a_tiny_transformer(data_bin):
     from harness import TINY_TRANSFORMER
 
-    model_args = list(P.RECIPE_MODEL_ARGS[:P.RECIPE_MODEL_ARGS.index("--arch")]) + TINY_TRANSFORMER + [
-        "--criterion", "label_smoothed_cross_entropy", "--label-smoothing", "0.1"]
+    model_args = (
+        list(P.RECIPE_MODEL_ARGS[: P.RECIPE_MODEL_ARGS.index("--arch")])
+        + TINY_TRANSFORMER
+        + ["--criterion", "label_smoothed_cross_entropy", "--label-smoothing", "0.1"]
+    )
     model, criterion, task, _ = P.init_model(data_bin, seed=2, model_args=model_args)
     batch = P.fixed_batches(task, model, "train", 200, 1, seed=1)[0]
     probe = P.LossProbe(model, criterion, batch)
     before = probe.weights()
-    result = P.measure_batch(probe, weight_precisions=("fp32", "bf16"), sr_seeds=2, autocast_modes=("amp-bf16",))
+    result = P.measure_batch(
+        probe, weight_precisions=("fp32", "bf16"), sr_seeds=2, autocast_modes=("amp-bf16",)
+    )
     assert all(torch.equal(a, b) for a, b in zip(before, probe.weights()))  # weights restored
-    rows = {(r["optimizer"], r["mode"], r["precision"], r["rounding"], r["seed"]): r for r in result["rows"]}
+    rows = {
+        (r["optimizer"], r["mode"], r["precision"], r["rounding"], r["seed"]): r
+        for r in result["rows"]
+    }
     for opt in ("sam", "asam"):
         fp32 = rows[(opt, "weights", "fp32", "nearest", None)]
         assert fp32["cosine"] == pytest.approx(1.0, abs=1e-6) and fp32["lost_fraction"] < 0.05
@@ -237,13 +262,18 @@ def test_measure_batch_on_a_tiny_transformer(data_bin):
         assert fp32["target_increase"] > 0  # one ascent step raises the loss
         bf16 = rows[(opt, "weights", "bf16", "nearest", None)]
         assert bf16["lost_fraction"] > fp32["lost_fraction"] and bf16["cosine"] < fp32["cosine"]
-        assert bf16["grad_change_cosine"] < 1.0 and bf16["grad_error"] > 0  # pass 2's gradient is compared
+        assert (
+            bf16["grad_change_cosine"] < 1.0 and bf16["grad_error"] > 0
+        )  # pass 2's gradient is compared
         assert rows[(opt, "weights", "bf16", "stochastic", 1)]["grad_change_cosine"] is not None
         noise = rows[(opt, "weights", "bf16", "noise-floor", 0)]
         assert abs(noise["cosine"]) < 0.2  # SR noise of w alone does not point along ε
         assert (opt, "autocast", "amp-bf16", "nearest", None) in rows
-    summary = P.summarize(result["rows"])
-    sr = next(e for e in summary if e["precision"] == "bf16" and e["rounding"] == "stochastic"
-              and e["optimizer"] == "asam")
+    summary = P.summarize_precision_rows(result["rows"])
+    sr = next(
+        e
+        for e in summary
+        if e["precision"] == "bf16" and e["rounding"] == "stochastic" and e["optimizer"] == "asam"
+    )
     assert sr["count"] == 2 and sr["cosine"]["n"] == 2
     assert "| asam | weights | bf16 | stochastic | 2 |" in P.format_summary(summary)

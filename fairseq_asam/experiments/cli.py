@@ -620,3 +620,107 @@ def tokenizer_parity_main(argv: Optional[List[str]] = None) -> int:
         return 0
 
     return _run(PARITY, work)
+
+
+# --------------------------------------------------------------------------------------------
+# fairseq-asam-precision
+# --------------------------------------------------------------------------------------------
+
+PRECISION = "fairseq-asam-precision"
+
+
+def precision_parser() -> argparse.ArgumentParser:
+    from . import precision
+
+    parser = argparse.ArgumentParser(
+        prog=PRECISION,
+        description="How much of the SAM/ASAM perturbation ε survives fp16/bf16 weights and "
+        "autocast: fraction of ε lost, cosine and L2 error against ε, the loss increase obtained, "
+        "pass 2's gradient, and stochastic rounding with its controls (definitions in "
+        "fairseq_asam/experiments/precision.py).",
+    )
+    source = parser.add_mutually_exclusive_group(required=True)
+    source.add_argument("--checkpoint", metavar="PATH", help="a fairseq translation checkpoint")
+    source.add_argument(
+        "--init",
+        action="store_true",
+        help="a freshly initialised transformer_iwslt_de_en (the IWSLT'14 recipe's model)",
+    )
+    parser.add_argument("--data-bin", required=True, help="fairseq binarized data folder")
+    parser.add_argument("--subset", default=precision.DEFAULT_SUBSET)
+    parser.add_argument("--batches", type=int, default=1, help="fixed batches, each with its own ε")
+    parser.add_argument("--max-tokens", type=int, default=precision.RECIPE_MAX_TOKENS)
+    parser.add_argument(
+        "--sr-seeds",
+        type=int,
+        default=precision.DEFAULT_SR_SEEDS,
+        help="stochastic-rounding draws per row (0: no stochastic rounding)",
+    )
+    parser.add_argument(
+        "--gradient-seeds",
+        type=int,
+        default=precision.DEFAULT_GRADIENT_SEEDS,
+        help="stochastic-rounding draws whose pass-2 gradient is compared too (round to nearest "
+        "always; -1: no gradient comparison)",
+    )
+    parser.add_argument("--seed", type=int, default=1, help="model init (--init) and batch order")
+    parser.add_argument("--precisions", default=",".join(precision.WEIGHT_DTYPES))
+    parser.add_argument(
+        "--autocast",
+        default=",".join(precision.AUTOCAST_DTYPES),
+        help="autocast modes ('' for none)",
+    )
+    parser.add_argument(
+        "--no-real-forward",
+        action="store_true",
+        help="fp32-arithmetic losses only (skip the fp16/bf16/autocast forward)",
+    )
+    parser.add_argument("--threads", type=int, help="torch.set_num_threads")
+    parser.add_argument("--json", metavar="PATH", help="write every row and the summary as JSON")
+    parser.add_argument("--quiet", action="store_true", help="no progress lines on stderr")
+    return parser
+
+
+def precision_main(argv: Optional[List[str]] = None) -> int:
+    argv = _arguments(argv)
+    args = precision_parser().parse_args(argv)
+    _log_to_stdout(logging.WARNING)
+
+    def work() -> int:
+        import time
+
+        import torch
+
+        from . import precision
+        from .files import write_json
+
+        if args.threads:
+            torch.set_num_threads(args.threads)
+        start = time.time()
+
+        def log(message):
+            print(f"[{time.time() - start:7.1f}s] {message}", file=sys.stderr, flush=True)
+
+        result = precision.run(
+            args.data_bin,
+            checkpoint=args.checkpoint,
+            init=args.init,
+            seed=args.seed,
+            batches=args.batches,
+            max_tokens=args.max_tokens,
+            sr_seeds=args.sr_seeds,
+            subset=args.subset,
+            real_forward=not args.no_real_forward,
+            gradient_seeds=args.gradient_seeds,
+            weight_precisions=[p for p in args.precisions.split(",") if p],
+            autocast_modes=[m for m in args.autocast.split(",") if m],
+            log=None if args.quiet else log,
+        )
+        result["command"] = " ".join([PRECISION] + argv)
+        result["wall_seconds"] = time.time() - start
+        print(precision.format_result(result))
+        if args.json:
+            write_json(args.json, result)
+        return 0
+
+    return _run(PRECISION, work)

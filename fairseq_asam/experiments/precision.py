@@ -37,6 +37,7 @@ the forward under autocast (`autocast_cast_parameters`); for those ε_eff = roun
 round_p(w), for the others ε_eff = (w + ε) − w in fp32.  A parameter used by both kinds of op
 (the shared decoder embedding: fp32 lookup, fp16 output projection) counts as cast.
 """
+
 import copy
 import dataclasses
 import math
@@ -46,13 +47,10 @@ from typing import Any, Dict, Iterable, List, Optional, Sequence, Set, Tuple
 import torch
 from torch import Tensor, nn
 
-from fairseq_asam.perturbation import is_adaptive, perturb
+from ..errors import ConfigError
+from ..perturbation import is_adaptive, perturb
 
 # ------------------------------------------------------------------ settings
-
-
-class PrecisionConfigError(ValueError):
-    """A bad argument of the measurement; the message names the flag or file."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -88,9 +86,21 @@ DEFAULT_SUBSET = "train"  # ε is computed on training micro-batches
 # fairseq's IWSLT'14 recipe (configs/iwslt14_de_en/common.args), the parts that shape the model
 # and the loss; used for --init.
 RECIPE_MODEL_ARGS = (
-    "--task", "translation", "--source-lang", "de", "--target-lang", "en",
-    "--arch", "transformer_iwslt_de_en", "--share-decoder-input-output-embed", "--dropout", "0.3",
-    "--criterion", "label_smoothed_cross_entropy", "--label-smoothing", "0.1",
+    "--task",
+    "translation",
+    "--source-lang",
+    "de",
+    "--target-lang",
+    "en",
+    "--arch",
+    "transformer_iwslt_de_en",
+    "--share-decoder-input-output-embed",
+    "--dropout",
+    "0.3",
+    "--criterion",
+    "label_smoothed_cross_entropy",
+    "--label-smoothing",
+    "0.1",
 )
 # Seed offsets, so that the stochastic variants of one seed draw independent numbers.
 _SEED_STRIDE = 1000
@@ -100,7 +110,7 @@ _SIGN_SEED_OFFSET = 5
 
 def _dtype(name: str, table: Dict[str, torch.dtype], flag: str) -> torch.dtype:
     if name not in table:
-        raise PrecisionConfigError(f"{flag} must be one of {', '.join(table)}, got {name!r}")
+        raise ConfigError(f"{flag} must be one of {', '.join(table)}, got {name!r}")
     return table[name]
 
 
@@ -109,7 +119,9 @@ def _dtype(name: str, table: Dict[str, torch.dtype], flag: str) -> torch.dtype:
 
 def _check_finite(rounded: Tensor, source: Tensor, dtype: torch.dtype) -> None:
     if not bool(torch.isfinite(rounded).all()) and bool(torch.isfinite(source).all()):
-        raise OverflowError(f"a value overflows {dtype} (largest finite {torch.finfo(dtype).max:g})")
+        raise OverflowError(
+            f"a value overflows {dtype} (largest finite {torch.finfo(dtype).max:g})"
+        )
 
 
 def round_nearest(x: Tensor, dtype: torch.dtype) -> Tensor:
@@ -119,7 +131,9 @@ def round_nearest(x: Tensor, dtype: torch.dtype) -> Tensor:
     return rounded.float()
 
 
-def stochastic_round(x: Tensor, dtype: torch.dtype, generator: Optional[torch.Generator] = None) -> Tensor:
+def stochastic_round(
+    x: Tensor, dtype: torch.dtype, generator: Optional[torch.Generator] = None
+) -> Tensor:
     """Unbiased stochastic rounding of fp32 `x` to `dtype`, held in fp32.
 
     Each entry becomes one of its two neighbours in `dtype`, lo <= x <= hi, the upper one with
@@ -143,12 +157,14 @@ def stochastic_round(x: Tensor, dtype: torch.dtype, generator: Optional[torch.Ge
     return torch.where(uniform < prob_other, other_f, nearest_f)
 
 
-def round_to(x: Tensor, dtype: torch.dtype, rounding: str, generator: Optional[torch.Generator] = None) -> Tensor:
+def round_to(
+    x: Tensor, dtype: torch.dtype, rounding: str, generator: Optional[torch.Generator] = None
+) -> Tensor:
     if rounding == NEAREST:
         return round_nearest(x, dtype)
     if rounding == STOCHASTIC:
         return stochastic_round(x, dtype, generator)
-    raise PrecisionConfigError(f"rounding must be {NEAREST!r} or {STOCHASTIC!r}, got {rounding!r}")
+    raise ConfigError(f"rounding must be {NEAREST!r} or {STOCHASTIC!r}, got {rounding!r}")
 
 
 def effective_epsilon(
@@ -165,17 +181,26 @@ def effective_epsilon(
     rounding begin from other weights, e.g. the fp32 master copy (sr-master).
     """
     start = held if start is None else start
-    return [round_to(s.float() + e.float(), dtype, rounding, generator) - h.float()
-            for h, s, e in zip(held, start, epsilon)]
+    return [
+        round_to(s.float() + e.float(), dtype, rounding, generator) - h.float()
+        for h, s, e in zip(held, start, epsilon)
+    ]
 
 
 def sharpness_epsilon(
-    names: Sequence[str], weights: Sequence[Tensor], grads: Sequence[Tensor], setting: OptimizerSetting
+    names: Sequence[str],
+    weights: Sequence[Tensor],
+    grads: Sequence[Tensor],
+    setting: OptimizerSetting,
 ) -> List[Tensor]:
     """The plugin's ε = ρ·T²g/‖Tg‖₂ (perturbation.perturb on fp32 copies), one tensor per weight."""
     params = [w.detach().float().clone() for w in weights]
-    eps = [g.detach().float().clone() for g in grads]  # perturb turns fp32 gradients into ε in place
-    saved = perturb(params, eps, [is_adaptive(n, setting.adaptive) for n in names], setting.rho, setting.eta)
+    eps = [
+        g.detach().float().clone() for g in grads
+    ]  # perturb turns fp32 gradients into ε in place
+    saved = perturb(
+        params, eps, [is_adaptive(n, setting.adaptive) for n in names], setting.rho, setting.eta
+    )
     if saved is None:
         raise FloatingPointError(f"‖T g‖ is not finite for {setting.name}: no ε")
     return eps
@@ -217,18 +242,26 @@ class EpsilonStats:
         return math.sqrt(self.effective_sq / self.intended_sq) if self.intended_sq > 0 else math.nan
 
     def __add__(self, other: "EpsilonStats") -> "EpsilonStats":
-        return EpsilonStats(*(getattr(self, f.name) + getattr(other, f.name) for f in dataclasses.fields(self)))
+        return EpsilonStats(
+            *(getattr(self, f.name) + getattr(other, f.name) for f in dataclasses.fields(self))
+        )
 
     def summary(self) -> Dict[str, float]:
         return {
-            "lost_fraction": self.lost_fraction, "changed_fraction": self.changed_fraction,
-            "cosine": self.cosine, "relative_l2_error": self.relative_l2_error, "norm_ratio": self.norm_ratio,
-            "nonzero": self.nonzero, "lost": self.lost, "numel": self.numel,
+            "lost_fraction": self.lost_fraction,
+            "changed_fraction": self.changed_fraction,
+            "cosine": self.cosine,
+            "relative_l2_error": self.relative_l2_error,
+            "norm_ratio": self.norm_ratio,
+            "nonzero": self.nonzero,
+            "lost": self.lost,
+            "numel": self.numel,
         }
 
 
 def compare_epsilon(effective: Sequence[Tensor], intended: Sequence[Tensor]) -> EpsilonStats:
-    """Lost entries, cosine and relative L2 error of ε_eff against ε, over all tensors (float64 sums)."""
+    """Lost entries, cosine and relative L2 error of ε_eff against ε, over all tensors
+    (float64 sums)."""
     if len(effective) != len(intended):
         raise ValueError(f"{len(effective)} effective tensors for {len(intended)} intended ones")
     total = EpsilonStats(0, 0, 0, 0, 0.0, 0.0, 0.0, 0.0)
@@ -290,9 +323,27 @@ def autocast_supported(dtype: torch.dtype, device: str = "cpu") -> Tuple[bool, s
 
 # Ops whose output holds the input's values unchanged (a new storage): a parameter that reaches
 # a low-precision op through them (fairseq's attention concatenates the q/k/v biases) is cast.
-_VALUE_PRESERVING_OPS = ("cat", "stack", "clone", "_unsafe_view", "view", "reshape", "t", "transpose",
-                         "permute", "expand", "contiguous", "alias", "detach", "slice", "select", "split",
-                         "chunk", "unsqueeze", "squeeze")
+_VALUE_PRESERVING_OPS = (
+    "cat",
+    "stack",
+    "clone",
+    "_unsafe_view",
+    "view",
+    "reshape",
+    "t",
+    "transpose",
+    "permute",
+    "expand",
+    "contiguous",
+    "alias",
+    "detach",
+    "slice",
+    "select",
+    "split",
+    "chunk",
+    "unsqueeze",
+    "squeeze",
+)
 
 
 def autocast_cast_parameters(
@@ -356,7 +407,8 @@ def init_model(data_bin: str, seed: int, model_args: Sequence[str] = RECIPE_MODE
 
     parser = options.get_training_parser()
     args = options.parse_args_and_arch(
-        parser, [data_bin] + list(model_args) + ["--seed", str(seed), "--cpu", "--optimizer", "adam"]
+        parser,
+        [data_bin] + list(model_args) + ["--seed", str(seed), "--cpu", "--optimizer", "adam"],
     )
     cfg = convert_namespace_to_omegaconf(args)
     task = tasks.setup_task(cfg.task)
@@ -370,12 +422,16 @@ def load_model(checkpoint: str, data_bin: str):
     """A fairseq checkpoint's model (fp32, eval mode), criterion, task and cfg."""
     from fairseq import checkpoint_utils
 
-    models, cfg, task = checkpoint_utils.load_model_ensemble_and_task([checkpoint], arg_overrides={"data": data_bin})
+    models, cfg, task = checkpoint_utils.load_model_ensemble_and_task(
+        [checkpoint], arg_overrides={"data": data_bin}
+    )
     criterion = task.build_criterion(cfg.criterion)
     return models[0].float().eval(), criterion.eval(), task, cfg
 
 
-def fixed_batches(task, model: nn.Module, subset: str, max_tokens: int, count: int, seed: int) -> List[Any]:
+def fixed_batches(
+    task, model: nn.Module, subset: str, max_tokens: int, count: int, seed: int
+) -> List[Any]:
     """The first `count` batches of `subset` in fairseq's shuffled batch order for `seed`
     (length-bucketed batches, as training draws them; the same for every call)."""
     from fairseq import utils
@@ -395,7 +451,7 @@ def fixed_batches(task, model: nn.Module, subset: str, max_tokens: int, count: i
         if len(batches) == count:
             break
     if len(batches) < count:
-        raise PrecisionConfigError(f"--batches {count}: subset {subset!r} has only {len(batches)} batches")
+        raise ConfigError(f"--batches {count}: subset {subset!r} has only {len(batches)} batches")
     return batches
 
 
@@ -429,13 +485,18 @@ class LossProbe:
             raise FloatingPointError("the loss is not finite")
         return value
 
-    def loss(self, values: Sequence[Tensor], dtype: torch.dtype = torch.float32, autocast: bool = False) -> float:
+    def loss(
+        self, values: Sequence[Tensor], dtype: torch.dtype = torch.float32, autocast: bool = False
+    ) -> float:
         """L at weights `values`: fp32 arithmetic (default), the model cast to `dtype`, or fp32
         weights with `autocast` to `dtype`."""
         if dtype != torch.float32 and not autocast:
             if dtype not in self._copies:
                 low = copy.deepcopy(self.model).to(dtype).eval()
-                self._copies[dtype] = (low, [p for _, p in low.named_parameters() if p.requires_grad])
+                self._copies[dtype] = (
+                    low,
+                    [p for _, p in low.named_parameters() if p.requires_grad],
+                )
             model, params = self._copies[dtype]
         else:
             model, params = self.model, self.params
@@ -451,12 +512,18 @@ class LossProbe:
         self._write(self.params, values)
         loss, sample_size, _ = self.criterion(self.model, self.batch)
         grads = torch.autograd.grad(loss, self.params, allow_unused=True)
-        grads = [torch.zeros_like(p) if g is None else g.detach().float() for p, g in zip(self.params, grads)]
+        grads = [
+            torch.zeros_like(p) if g is None else g.detach().float()
+            for p, g in zip(self.params, grads)
+        ]
         return float(loss.detach().double()) / float(sample_size), grads
 
     def cast_parameters(self, dtype: torch.dtype) -> Set[str]:
         return autocast_cast_parameters(
-            self.model, lambda: self.criterion(self.model, self.batch), dtype, _device_of(self.model).type
+            self.model,
+            lambda: self.criterion(self.model, self.batch),
+            dtype,
+            _device_of(self.model).type,
         )
 
 
@@ -476,15 +543,31 @@ def _random_signs(like: Sequence[Tensor], seed: int) -> List[Tensor]:
     return [torch.randint(0, 2, t.shape, generator=g).float() * 2 - 1 for t in like]
 
 
-def _row(optimizer: str, mode: str, precision: str, rounding: str, seed: Optional[int], stats: EpsilonStats,
-         base_a: float, perturbed_a: float, target_increase: float,
-         base_b: Optional[float] = None, perturbed_b: Optional[float] = None,
-         gradient: Optional[Tuple[EpsilonStats, EpsilonStats]] = None,
-         groups: Optional[Dict[str, EpsilonStats]] = None) -> Dict[str, Any]:
+def _row(
+    optimizer: str,
+    mode: str,
+    precision: str,
+    rounding: str,
+    seed: Optional[int],
+    stats: EpsilonStats,
+    base_a: float,
+    perturbed_a: float,
+    target_increase: float,
+    base_b: Optional[float] = None,
+    perturbed_b: Optional[float] = None,
+    gradient: Optional[Tuple[EpsilonStats, EpsilonStats]] = None,
+    groups: Optional[Dict[str, EpsilonStats]] = None,
+) -> Dict[str, Any]:
     row = {
-        "optimizer": optimizer, "mode": mode, "precision": precision, "rounding": rounding, "seed": seed,
+        "optimizer": optimizer,
+        "mode": mode,
+        "precision": precision,
+        "rounding": rounding,
+        "seed": seed,
         **stats.summary(),
-        "loss_a": base_a, "perturbed_loss_a": perturbed_a, "increase_a": perturbed_a - base_a,
+        "loss_a": base_a,
+        "perturbed_loss_a": perturbed_a,
+        "increase_a": perturbed_a - base_a,
         "target_increase": target_increase,
         "increase_b": None if base_b is None else perturbed_b - base_b,
         "loss_b": base_b,
@@ -496,8 +579,15 @@ def _row(optimizer: str, mode: str, precision: str, rounding: str, seed: Optiona
     }
     if groups is not None:
         row["groups"] = {
-            g: {**s.summary(), "epsilon_sq_share": s.intended_sq / stats.intended_sq if stats.intended_sq else math.nan,
-                "kept_sq_share": s.effective_sq / stats.effective_sq if stats.effective_sq else math.nan}
+            g: {
+                **s.summary(),
+                "epsilon_sq_share": s.intended_sq / stats.intended_sq
+                if stats.intended_sq
+                else math.nan,
+                "kept_sq_share": s.effective_sq / stats.effective_sq
+                if stats.effective_sq
+                else math.nan,
+            }
             for g, s in groups.items()
         }
     return row
@@ -540,33 +630,72 @@ def measure_batch(
             base_a = probe.loss(held)
             base_b = probe.loss(held, dtype) if real_forward and low else None
             _, grads = probe.loss_and_gradient(held)
-            say(f"{precision}: L(w_p) = {base_a:.6f} (fp32 arithmetic)" +
-                ("" if base_b is None else f", {base_b:.6f} ({precision} forward)"))
+            say(
+                f"{precision}: L(w_p) = {base_a:.6f} (fp32 arithmetic)"
+                + ("" if base_b is None else f", {base_b:.6f} ({precision} forward)")
+            )
 
-            def measure(setting, rounding, seed, eff, eps, target, target_grad, gradient, groups=False, losses=None):
+            def measure(
+                setting,
+                rounding,
+                seed,
+                eff,
+                eps,
+                target,
+                target_grad,
+                gradient,
+                groups=False,
+                losses=None,
+            ):
                 weights = _add(held, eff)
-                loss_a, loss_b = losses or (probe.loss(weights), probe.loss(weights, dtype) if base_b is not None else None)
+                loss_a, loss_b = losses or (
+                    probe.loss(weights),
+                    probe.loss(weights, dtype) if base_b is not None else None,
+                )
                 grad_stats = None
                 if gradient and target_grad is not None:
                     _, perturbed_grad = probe.loss_and_gradient(weights)
-                    grad_stats = (compare_epsilon(_difference(perturbed_grad, grads), _difference(target_grad, grads)),
-                                  compare_epsilon(perturbed_grad, target_grad))
-                rows.append(_row(setting.name, "weights", precision, rounding, seed, compare_epsilon(eff, eps),
-                                 base_a, loss_a, target, base_b, loss_b, grad_stats,
-                                 compare_by_group(probe.names, eff, eps) if groups else None))
+                    grad_stats = (
+                        compare_epsilon(
+                            _difference(perturbed_grad, grads), _difference(target_grad, grads)
+                        ),
+                        compare_epsilon(perturbed_grad, target_grad),
+                    )
+                rows.append(
+                    _row(
+                        setting.name,
+                        "weights",
+                        precision,
+                        rounding,
+                        seed,
+                        compare_epsilon(eff, eps),
+                        base_a,
+                        loss_a,
+                        target,
+                        base_b,
+                        loss_b,
+                        grad_stats,
+                        compare_by_group(probe.names, eff, eps) if groups else None,
+                    )
+                )
 
             # The noise floor: SR of the fp32 master weights with ε = 0.  Its losses are measured
             # once per seed; its ε_eff is drawn again (same generator) for every comparison.
             zeros = [torch.zeros_like(w) for w in master]
 
             def noise_floor(seed: int) -> List[Tensor]:
-                return effective_epsilon(held, zeros, dtype, STOCHASTIC, _generator(seed, NOISE_FLOOR), start=master)
+                return effective_epsilon(
+                    held, zeros, dtype, STOCHASTIC, _generator(seed, NOISE_FLOOR), start=master
+                )
 
             noise_losses = {}
             if low:
                 for seed in range(sr_seeds):
                     weights = _add(held, noise_floor(seed))
-                    noise_losses[seed] = (probe.loss(weights), probe.loss(weights, dtype) if base_b is not None else None)
+                    noise_losses[seed] = (
+                        probe.loss(weights),
+                        probe.loss(weights, dtype) if base_b is not None else None,
+                    )
             for setting in optimizers:
                 eps = sharpness_epsilon(probe.names, held, grads, setting)
                 if not low:
@@ -577,27 +706,78 @@ def measure_batch(
                 else:
                     perturbed_loss, target_grad = probe.loss(_add(held, eps)), None
                 target = perturbed_loss - base_a
-                measure(setting, NEAREST, None, effective_epsilon(held, eps, dtype, NEAREST), eps, target,
-                        target_grad, with_gradients, groups=True)
-                say(f"{precision} {setting.name} nearest: lost {rows[-1]['lost_fraction']:.4f} "
-                    f"cos {rows[-1]['cosine']:.4f} dL {rows[-1]['increase_a']:.3e} (target {target:.3e})")
+                measure(
+                    setting,
+                    NEAREST,
+                    None,
+                    effective_epsilon(held, eps, dtype, NEAREST),
+                    eps,
+                    target,
+                    target_grad,
+                    with_gradients,
+                    groups=True,
+                )
+                say(
+                    f"{precision} {setting.name} nearest: lost {rows[-1]['lost_fraction']:.4f} "
+                    f"cos {rows[-1]['cosine']:.4f} dL {rows[-1]['increase_a']:.3e} "
+                    f"(target {target:.3e})"
+                )
                 if not low:
                     continue
                 for seed in range(sr_seeds):
                     gradient = with_gradients and seed < gradient_seeds
                     signs = _random_signs(eps, seed)
-                    measure(setting, STOCHASTIC, seed,
-                            effective_epsilon(held, eps, dtype, STOCHASTIC, _generator(seed, STOCHASTIC)),
-                            eps, target, target_grad, gradient)
-                    measure(setting, SIGN_CONTROL, seed,
-                            effective_epsilon(held, [s * e for s, e in zip(signs, eps)], dtype, STOCHASTIC,
-                                              _generator(seed, SIGN_CONTROL)),
-                            eps, target, target_grad, gradient)
-                    measure(setting, SR_MASTER, seed,
-                            effective_epsilon(held, eps, dtype, STOCHASTIC, _generator(seed, SR_MASTER), start=master),
-                            eps, target, target_grad, gradient)
-                    measure(setting, NOISE_FLOOR, seed, noise_floor(seed), eps, target, target_grad, gradient,
-                            losses=noise_losses[seed])
+                    measure(
+                        setting,
+                        STOCHASTIC,
+                        seed,
+                        effective_epsilon(
+                            held, eps, dtype, STOCHASTIC, _generator(seed, STOCHASTIC)
+                        ),
+                        eps,
+                        target,
+                        target_grad,
+                        gradient,
+                    )
+                    measure(
+                        setting,
+                        SIGN_CONTROL,
+                        seed,
+                        effective_epsilon(
+                            held,
+                            [s * e for s, e in zip(signs, eps)],
+                            dtype,
+                            STOCHASTIC,
+                            _generator(seed, SIGN_CONTROL),
+                        ),
+                        eps,
+                        target,
+                        target_grad,
+                        gradient,
+                    )
+                    measure(
+                        setting,
+                        SR_MASTER,
+                        seed,
+                        effective_epsilon(
+                            held, eps, dtype, STOCHASTIC, _generator(seed, SR_MASTER), start=master
+                        ),
+                        eps,
+                        target,
+                        target_grad,
+                        gradient,
+                    )
+                    measure(
+                        setting,
+                        NOISE_FLOOR,
+                        seed,
+                        noise_floor(seed),
+                        eps,
+                        target,
+                        target_grad,
+                        gradient,
+                        losses=noise_losses[seed],
+                    )
                 say(f"{precision} {setting.name}: {sr_seeds} stochastic-rounding seeds done")
                 del target_grad
         for mode in autocast_modes:
@@ -618,16 +798,36 @@ def measure_batch(
                 eps = fp32_epsilon.get(setting.name)
                 if eps is None:
                     _, grads = probe.loss_and_gradient(master)
-                    eps = fp32_epsilon[setting.name] = sharpness_epsilon(probe.names, master, grads, setting)
+                    eps = fp32_epsilon[setting.name] = sharpness_epsilon(
+                        probe.names, master, grads, setting
+                    )
                 target = probe.loss(_add(master, eps)) - loss_w
-                eff = [round_nearest(w + e, dtype) - h if c else (w + e) - w
-                       for w, e, h, c in zip(master, eps, held, is_cast)]
-                rows.append(_row(
-                    setting.name, "autocast", mode, NEAREST, None, compare_epsilon(eff, eps),
-                    base_a, probe.loss(_add(held, eff)), target, base_b,
-                    probe.loss(_add(master, eps), dtype, autocast=True) if base_b is not None else None,
-                    groups=compare_by_group(probe.names, eff, eps)))
-                say(f"{mode} {setting.name}: lost {rows[-1]['lost_fraction']:.4f} cos {rows[-1]['cosine']:.4f}")
+                eff = [
+                    round_nearest(w + e, dtype) - h if c else (w + e) - w
+                    for w, e, h, c in zip(master, eps, held, is_cast)
+                ]
+                rows.append(
+                    _row(
+                        setting.name,
+                        "autocast",
+                        mode,
+                        NEAREST,
+                        None,
+                        compare_epsilon(eff, eps),
+                        base_a,
+                        probe.loss(_add(held, eff)),
+                        target,
+                        base_b,
+                        probe.loss(_add(master, eps), dtype, autocast=True)
+                        if base_b is not None
+                        else None,
+                        groups=compare_by_group(probe.names, eff, eps),
+                    )
+                )
+                say(
+                    f"{mode} {setting.name}: lost {rows[-1]['lost_fraction']:.4f} "
+                    f"cos {rows[-1]['cosine']:.4f}"
+                )
     finally:
         LossProbe._write(probe.params, master)
     return {"rows": rows, **info}
@@ -641,25 +841,46 @@ def _spread(values: Sequence[float]) -> Dict[str, float]:
     if not values:
         return {"mean": math.nan, "std": math.nan, "min": math.nan, "max": math.nan, "n": 0}
     mean = sum(values) / len(values)
-    std = math.sqrt(sum((v - mean) ** 2 for v in values) / (len(values) - 1)) if len(values) > 1 else 0.0
+    std = (
+        math.sqrt(sum((v - mean) ** 2 for v in values) / (len(values) - 1))
+        if len(values) > 1
+        else 0.0
+    )
     return {"mean": mean, "std": std, "min": min(values), "max": max(values), "n": len(values)}
 
 
-SUMMARY_METRICS = ("lost_fraction", "changed_fraction", "cosine", "relative_l2_error", "norm_ratio",
-                   "increase_a", "increase_b", "target_increase", "grad_change_cosine", "grad_change_error",
-                   "grad_error")
+SUMMARY_METRICS = (
+    "lost_fraction",
+    "changed_fraction",
+    "cosine",
+    "relative_l2_error",
+    "norm_ratio",
+    "increase_a",
+    "increase_b",
+    "target_increase",
+    "grad_change_cosine",
+    "grad_change_error",
+    "grad_error",
+)
 
 
-def summarize(rows: Iterable[Dict[str, Any]]) -> List[Dict[str, Any]]:
+def summarize_precision_rows(rows: Iterable[Dict[str, Any]]) -> List[Dict[str, Any]]:
     """One entry per (optimizer, mode, precision, rounding): mean/std/min/max of every metric over
     seeds and batches, in first-seen order."""
     grouped: Dict[Tuple, List[Dict[str, Any]]] = {}
     for row in rows:
-        grouped.setdefault((row["optimizer"], row["mode"], row["precision"], row["rounding"]), []).append(row)
+        grouped.setdefault(
+            (row["optimizer"], row["mode"], row["precision"], row["rounding"]), []
+        ).append(row)
     out = []
     for (optimizer, mode, precision, rounding), members in grouped.items():
-        entry = {"optimizer": optimizer, "mode": mode, "precision": precision, "rounding": rounding,
-                 "count": len(members)}
+        entry = {
+            "optimizer": optimizer,
+            "mode": mode,
+            "precision": precision,
+            "rounding": rounding,
+            "count": len(members),
+        }
         for metric in SUMMARY_METRICS:
             entry[metric] = _spread([m[metric] for m in members])
         out.append(entry)
@@ -682,29 +903,45 @@ def format_summary(summary: Sequence[Dict[str, Any]]) -> str:
     g' err = ‖∇L(w_p + ε_eff) − ∇L(w_p + ε)‖ / ‖∇L(w_p + ε)‖, the gradient Adam would get.
     """
     lines = [
-        ("| optimizer | mode | precision | rounding | n | lost | changed | cosine | L2 err | ‖eff‖/‖ε‖ "
-         "| ΔL target (fp32 ε) | ΔL (a) fp32 arith | ΔL (b) real fwd | Δg cosine | Δg err | g' err |"),
+        (
+            "| optimizer | mode | precision | rounding | n | lost | changed | cosine | L2 err "
+            "| ‖eff‖/‖ε‖ | ΔL target (fp32 ε) | ΔL (a) fp32 arith | ΔL (b) real fwd "
+            "| Δg cosine | Δg err | g' err |"
+        ),
         "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for e in summary:
         spread = e["count"] > 1
-        lines.append(
-            f"| {e['optimizer']} | {e['mode']} | {e['precision']} | {e['rounding']} | {e['count']} "
-            f"| {_cell(e['lost_fraction'], '.4f', spread)} | {_cell(e['changed_fraction'], '.4f', spread)} "
-            f"| {_cell(e['cosine'], '.4f', spread)} | {_cell(e['relative_l2_error'], '.3f', spread)} "
-            f"| {_cell(e['norm_ratio'], '.3f', spread)} "
-            f"| {_cell(e['target_increase'], '.3e', False)} | {_cell(e['increase_a'], '+.3e', spread)} "
-            f"| {_cell(e['increase_b'], '+.3e', spread)} | {_cell(e['grad_change_cosine'], '.4f', spread)} "
-            f"| {_cell(e['grad_change_error'], '.3f', spread)} | {_cell(e['grad_error'], '.2e', spread)} |"
-        )
+        cells = [
+            e["optimizer"],
+            e["mode"],
+            e["precision"],
+            e["rounding"],
+            str(e["count"]),
+            _cell(e["lost_fraction"], ".4f", spread),
+            _cell(e["changed_fraction"], ".4f", spread),
+            _cell(e["cosine"], ".4f", spread),
+            _cell(e["relative_l2_error"], ".3f", spread),
+            _cell(e["norm_ratio"], ".3f", spread),
+            _cell(e["target_increase"], ".3e", False),
+            _cell(e["increase_a"], "+.3e", spread),
+            _cell(e["increase_b"], "+.3e", spread),
+            _cell(e["grad_change_cosine"], ".4f", spread),
+            _cell(e["grad_change_error"], ".3f", spread),
+            _cell(e["grad_error"], ".2e", spread),
+        ]
+        lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
 def format_groups(rows: Sequence[Dict[str, Any]]) -> str:
     """Per tensor group, for the round-to-nearest rows of the first batch: lost fraction and the
     group's share of ‖ε‖² and of ‖ε_eff‖²."""
-    lines = ["| optimizer | mode | precision | group | lost | cosine | share of ‖ε‖² | share of ‖ε_eff‖² |",
-             "|---|---|---|---|---|---|---|---|"]
+    lines = [
+        "| optimizer | mode | precision | group | lost | cosine "
+        "| share of ‖ε‖² | share of ‖ε_eff‖² |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
     seen = set()
     for row in rows:
         key = (row["optimizer"], row["mode"], row["precision"])
@@ -712,38 +949,61 @@ def format_groups(rows: Sequence[Dict[str, Any]]) -> str:
             continue
         seen.add(key)
         for group, s in row["groups"].items():
-            lines.append(f"| {row['optimizer']} | {row['mode']} | {row['precision']} | {group} "
-                         f"| {s['lost_fraction']:.4f} | {s['cosine']:.4f} | {s['epsilon_sq_share']:.4f} "
-                         f"| {s['kept_sq_share']:.4f} |")
+            lines.append(
+                f"| {row['optimizer']} | {row['mode']} | {row['precision']} | {group} "
+                f"| {s['lost_fraction']:.4f} | {s['cosine']:.4f} | {s['epsilon_sq_share']:.4f} "
+                f"| {s['kept_sq_share']:.4f} |"
+            )
     return "\n".join(lines)
 
 
 # ------------------------------------------------------------------ the whole run
 
 
-def check_inputs(data_bin: str, checkpoint: Optional[str], init: bool, batches: int, max_tokens: int,
-                 sr_seeds: int, subset: str) -> None:
-    """Raises PrecisionConfigError / FileNotFoundError naming the flag or the file."""
+def check_precision_inputs(
+    data_bin: str,
+    checkpoint: Optional[str],
+    init: bool,
+    batches: int,
+    max_tokens: int,
+    sr_seeds: int,
+    subset: str,
+) -> None:
+    """Raises ConfigError naming the flag or the file."""
     if init == (checkpoint is not None):
-        raise PrecisionConfigError("give exactly one of --checkpoint PATH and --init")
+        raise ConfigError("give exactly one of --checkpoint PATH and --init")
     if checkpoint is not None and not os.path.isfile(checkpoint):
-        raise FileNotFoundError(f"--checkpoint: file not found: {checkpoint}")
+        raise ConfigError(f"--checkpoint: file not found: {checkpoint}")
     if not os.path.isdir(data_bin):
-        raise FileNotFoundError(f"--data-bin: folder not found: {data_bin}")
+        raise ConfigError(f"--data-bin: folder not found: {data_bin}")
     if not any(f.startswith(subset + ".") and f.endswith(".idx") for f in os.listdir(data_bin)):
-        raise PrecisionConfigError(f"--subset {subset}: no binarized split {subset!r} in {data_bin}")
-    for flag, value, minimum in (("--batches", batches, 1), ("--max-tokens", max_tokens, 1), ("--sr-seeds", sr_seeds, 0)):
+        raise ConfigError(f"--subset {subset}: no binarized split {subset!r} in {data_bin}")
+    for flag, value, minimum in (
+        ("--batches", batches, 1),
+        ("--max-tokens", max_tokens, 1),
+        ("--sr-seeds", sr_seeds, 0),
+    ):
         if value < minimum:
-            raise PrecisionConfigError(f"{flag} must be >= {minimum}, got {value}")
+            raise ConfigError(f"{flag} must be >= {minimum}, got {value}")
 
 
-def run(data_bin: str, checkpoint: Optional[str] = None, init: bool = False, seed: int = 1,
-        batches: int = 1, max_tokens: int = RECIPE_MAX_TOKENS, sr_seeds: int = DEFAULT_SR_SEEDS,
-        subset: str = DEFAULT_SUBSET, real_forward: bool = True, gradient_seeds: int = DEFAULT_GRADIENT_SEEDS,
-        weight_precisions: Sequence[str] = tuple(WEIGHT_DTYPES),
-        autocast_modes: Sequence[str] = tuple(AUTOCAST_DTYPES), log=None) -> Dict[str, Any]:
-    """Loads (or initialises) the model, measures `batches` fixed batches, returns a JSON-ready dict."""
-    check_inputs(data_bin, checkpoint, init, batches, max_tokens, sr_seeds, subset)
+def run(
+    data_bin: str,
+    checkpoint: Optional[str] = None,
+    init: bool = False,
+    seed: int = 1,
+    batches: int = 1,
+    max_tokens: int = RECIPE_MAX_TOKENS,
+    sr_seeds: int = DEFAULT_SR_SEEDS,
+    subset: str = DEFAULT_SUBSET,
+    real_forward: bool = True,
+    gradient_seeds: int = DEFAULT_GRADIENT_SEEDS,
+    weight_precisions: Sequence[str] = tuple(WEIGHT_DTYPES),
+    autocast_modes: Sequence[str] = tuple(AUTOCAST_DTYPES),
+    log=None,
+) -> Dict[str, Any]:
+    """Loads (or initialises) the model, measures `batches` fixed batches; a JSON-ready dict."""
+    check_precision_inputs(data_bin, checkpoint, init, batches, max_tokens, sr_seeds, subset)
     for name in weight_precisions:
         _dtype(name, WEIGHT_DTYPES, "--precisions")
     for name in autocast_modes:
@@ -756,10 +1016,19 @@ def run(data_bin: str, checkpoint: Optional[str] = None, init: bool = False, see
     results = []
     for index, sample in enumerate(samples):
         if log:
-            log(f"batch {index}: {int(sample['ntokens'])} target tokens, {int(sample['nsentences'])} sentences")
-        result = measure_batch(LossProbe(model, criterion, sample), weight_precisions=weight_precisions,
-                               autocast_modes=autocast_modes, sr_seeds=sr_seeds, real_forward=real_forward,
-                               gradient_seeds=gradient_seeds, log=log)
+            log(
+                f"batch {index}: {int(sample['ntokens'])} target tokens, "
+                f"{int(sample['nsentences'])} sentences"
+            )
+        result = measure_batch(
+            LossProbe(model, criterion, sample),
+            weight_precisions=weight_precisions,
+            autocast_modes=autocast_modes,
+            sr_seeds=sr_seeds,
+            real_forward=real_forward,
+            gradient_seeds=gradient_seeds,
+            log=log,
+        )
         result["batch"] = index
         result["ntokens"] = int(sample["ntokens"])
         results.append(result)
@@ -770,9 +1039,33 @@ def run(data_bin: str, checkpoint: Optional[str] = None, init: bool = False, see
         "arch": getattr(cfg.model, "arch", None),
         "criterion": getattr(cfg.criterion, "_name", None),
         "parameters": sum(p.numel() for p in model.parameters()),
-        "seed": seed, "subset": subset, "max_tokens": max_tokens, "sr_seeds": sr_seeds,
+        "seed": seed,
+        "subset": subset,
+        "max_tokens": max_tokens,
+        "sr_seeds": sr_seeds,
         "gradient_seeds": gradient_seeds,
         "batches": [{k: v for k, v in r.items() if k != "rows"} for r in results],
         "rows": rows,
-        "summary": summarize(rows),
+        "summary": summarize_precision_rows(rows),
     }
+
+
+def format_result(result: Dict[str, Any]) -> str:
+    """The header, the summary table and the per-group table, as the command prints them."""
+    batches = result["batches"]
+    lines = [
+        f"{result['source']}: {result['arch']}, {result['parameters']:,} parameters, criterion "
+        f"{result['criterion']}; {len(batches)} batch(es) of "
+        f"{', '.join(str(b['ntokens']) for b in batches)} target tokens from {result['subset']}; "
+        f"L(w) = {batches[0]['loss_fp32']:.5f} nats/token (first batch)"
+    ]
+    for mode, status in batches[0]["autocast"].items():
+        extra = (
+            f", {status['cast_parameters']} of {status['parameters']} parameter tensors cast"
+            if status.get("supported")
+            else ""
+        )
+        lines.append(f"{mode}: {status['reason']}{extra}")
+    lines += ["", format_summary(result["summary"]), "", format_groups(result["rows"])]
+    lines.append(f"\nwall time {result['wall_seconds']:.0f} s")
+    return "\n".join(lines)
