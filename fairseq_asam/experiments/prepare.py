@@ -42,6 +42,7 @@ of the steps before it, so a changed setting redoes every step from the first it
 import dataclasses
 import gzip
 import hashlib
+import http.client
 import io
 import json
 import logging
@@ -432,7 +433,7 @@ def download_archive(
         try:
             _download_resuming(url, partial)
             break
-        except (urllib.error.URLError, OSError, ValueError) as exc:
+        except (urllib.error.URLError, http.client.HTTPException, OSError, ValueError) as exc:
             failure = exc
             logger.warning(
                 "download of %s failed (attempt %d of %d): %s", url, attempt, attempts, exc
