@@ -94,7 +94,12 @@ def fake_evaluate(data_bin, save_dir, user_dir, choice, *args, **kwargs):
     return {
         "protocol": str(choice),
         "evaluation": settings,
-        "checkpoint": {"choice": str(choice), "path": path, "sources": [path]},
+        "checkpoint": {
+            "choice": str(choice),
+            "path": path,
+            "sources": [path],
+            "num_updates": state["updates"],
+        },
         "beam": 5,
         "subword": "bpe",
         "scored_splits": ["valid", "test"],

@@ -402,13 +402,16 @@ def test_summary_is_the_mean_and_sample_std_over_seeds_next_to_the_paper():
         "| 35.00 ± 1.00 | 34.00 ± 1.00 | 0.2000 ± 0.1000 |" in table
     )
     assert "| Adam | 1 | best-bleu | 30.00 | 29.00 | 35.34 | 34.86 | 29.00 | 28.00 | – |" in table
-    assert "| asam-seed3 | best-bleu | done | 37.00 | 36.00 | 36.00 | 35.00 | 0.3000 |" in table
+    assert "| asam-seed3 | best-bleu | done | – | 37.00 | 36.00 | 36.00 | 35.00 | 0.3000 |" in table
     assert (
         report.csv_table(results)
         .splitlines()[2]
         .startswith("asam,Adam+ASAM,best-bleu,1 2 3,3,,35.66,35.02,36.0,1.0,35.0,1.0")
     )
     assert report.adaptive_sharpness({"sharpness": 0.5}) == 0.5
+    averaged = {"checkpoint": {"num_updates": 300, "sources": ["c5", "c4", "c3"]}}
+    assert report._updates(averaged) == "≤ 300 (3 averaged)"
+    assert report._updates({"checkpoint": {"num_updates": 120, "sources": ["best"]}}) == "120"
     # A grid of 3 seeds where Adam finished one: the row says over how many the mean is.
     grid = {"protocol": "best-bleu", "optimizers": ["adam", "asam"], "seeds": [1, 2, 3]}
     partial = report.markdown_table(results, [grid])
@@ -728,10 +731,12 @@ def test_tiny_preset_writes_every_run_file_and_the_report(tiny_out):
         assert evaluation.checkpoint_selection_metric(best) == ("bleu", True)
         logged = report.parse_train_log(str(run / "train.log"))["valid"]
         top = max(record["valid_bleu"] for record in logged)
-        chosen = next(record for record in logged if record["valid_bleu"] == top)
+        # fairseq's is_better is >=: of epochs with the top BLEU, the last one is kept.
+        chosen = [record for record in logged if record["valid_bleu"] == top][-1]
         state = torch.load(best, map_location="cpu", weights_only=False)
         assert float(state["extra_state"]["best"]) == pytest.approx(top, abs=0.01)
         assert state["optimizer_history"][-1]["num_updates"] == chosen["valid_num_updates"]
+        assert results["checkpoint"]["num_updates"] == chosen["valid_num_updates"]
         for split in ("valid", "test"):
             scores = results[split]
             bleu, sacre, sentences = independent_scores(
@@ -773,7 +778,8 @@ def test_tiny_preset_writes_every_run_file_and_the_report(tiny_out):
     )
     assert "| Adam | 1 | best-bleu |" in table and "| Adam+ASAM | 1 | best-bleu |" in table
     assert "35.66 | 35.02" in table and "Adam+SAM" not in table and "Adaptive sharpness" in table
-    assert "| adam-seed1 | best-bleu | done |" in table
+    adam_best = read_json(tiny_out / "runs" / "adam-seed1" / "results.json")["checkpoint"]
+    assert f"| adam-seed1 | best-bleu | done | {adam_best['num_updates']} |" in table
     csv_lines = (tiny_out / "report" / "table4.csv").read_text().splitlines()
     assert csv_lines[0].startswith(
         "optimizer,label,checkpoint,seeds,n,n_expected,paper_valid_bleu,paper_test_bleu"

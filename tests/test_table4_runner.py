@@ -116,7 +116,7 @@ def test_every_kind_of_failure_is_recorded_and_the_grid_goes_on(stubbed, tmp_pat
     ]
     assert row(text, "sam-seed2")[2].startswith("failed in train: fairseq-train was killed by")
     assert row(text, "adam-seed3")[2].startswith("failed in evaluate: RuntimeError:")
-    assert row(text, "adam-seed1")[2:4] == ["done", "20.00"]
+    assert row(text, "adam-seed1")[2:5] == ["done", "20", "20.00"]  # updates, valid BLEU
 
     # Fixed, the same command finishes the failed runs only; their failure records go.
     for name in ("sam-seed1", "sam-seed2"):

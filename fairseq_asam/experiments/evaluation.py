@@ -116,21 +116,41 @@ def parse_checkpoint_choice(text: str) -> CheckpointChoice:
     raise ConfigError(f"--checkpoint must be {CHECKPOINT_CHOICES} with N >= 1, got {text!r}")
 
 
-def checkpoint_selection_metric(path: str) -> Tuple[str, bool]:
-    """(--best-checkpoint-metric, --maximize-best-checkpoint-metric) a fairseq checkpoint was
-    saved under, read from its own config (memory-mapped: the tensors are not read)."""
+def _checkpoint_state(path: str) -> dict:
+    """A fairseq checkpoint, memory-mapped (its tensors are not read)."""
     try:
         state = torch.load(path, map_location="cpu", weights_only=False, mmap=True)
     except Exception as error:  # a truncated or foreign file
         raise FairseqAsamError(f"{path}: not a readable fairseq checkpoint ({error})") from error
-    cfg = state.get("cfg") if isinstance(state, dict) else None
+    if not isinstance(state, dict):
+        raise FairseqAsamError(f"{path}: not a fairseq checkpoint")
+    return state
+
+
+def checkpoint_position(path: str) -> Dict[str, Optional[int]]:
+    """{"epoch", "num_updates"} a fairseq checkpoint was saved at (None where not recorded)."""
+    state = _checkpoint_state(path)
+    history = state.get("optimizer_history") or [{}]
+    iterator = (state.get("extra_state") or {}).get("train_iterator") or {}
+    updates, epoch = history[-1].get("num_updates"), iterator.get("epoch")
+    return {
+        "epoch": None if epoch is None else int(epoch),
+        "num_updates": None if updates is None else int(updates),
+    }
+
+
+def checkpoint_selection_metric(path: str) -> Tuple[str, bool]:
+    """(--best-checkpoint-metric, --maximize-best-checkpoint-metric) a fairseq checkpoint was
+    saved under, read from its own config."""
+    state = _checkpoint_state(path)
+    cfg = state.get("cfg")
     checkpoint_cfg = cfg.get("checkpoint") if isinstance(cfg, dict) else None
     if checkpoint_cfg is not None:
         return (
             str(checkpoint_cfg.get("best_checkpoint_metric", "loss")),
             bool(checkpoint_cfg.get("maximize_best_checkpoint_metric", False)),
         )
-    args = state.get("args") if isinstance(state, dict) else None  # fairseq < 0.10
+    args = state.get("args")  # fairseq < 0.10
     if args is not None:
         return (
             str(getattr(args, "best_checkpoint_metric", "loss")),
@@ -533,6 +553,8 @@ def evaluate_checkpoint(
             "path": checkpoint,
             "sources": sources,
             "selected_by": SELECTION_METRICS.get(choice.kind),
+            # where it was saved (an average: its newest source)
+            **checkpoint_position(sources[0]),
         },
         "beam": beam,
         "subword": subword,

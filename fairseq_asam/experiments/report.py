@@ -432,6 +432,16 @@ def _value(value: Optional[float], digits: int = 2) -> str:
     return "–" if value is None else f"{value:.{digits}f}"
 
 
+def _updates(results: dict) -> str:
+    """The update count of the evaluated checkpoint (an average: of its newest source)."""
+    checkpoint = results.get("checkpoint", {})
+    updates = checkpoint.get("num_updates")
+    if updates is None:
+        return "–"
+    sources = checkpoint.get("sources") or []
+    return f"≤ {updates} ({len(sources)} averaged)" if len(sources) > 1 else str(updates)
+
+
 def _protocols(results: Sequence[dict], grids: Sequence[dict]) -> List[str]:
     found = []
     for protocol in [g.get("protocol") for g in grids] + [results_protocol(r) for r in results]:
@@ -497,6 +507,7 @@ def markdown_table(
         "Run",
         "Checkpoint",
         "Status",
+        "Updates",
         "Valid BLEU",
         "Test BLEU",
         "Valid sacreBLEU",
@@ -510,13 +521,18 @@ def markdown_table(
         "| " + " | ".join(run_header) + " |",
         "|" + "---|" * len(run_header),
     ]
+
+    def protocol_order(protocol: str) -> int:
+        return protocols.index(protocol) if protocol in protocols else len(protocols)
+
     rows = [
         (
-            (optimizer_order(r["optimizer"]), r["seed"], results_protocol(r)),
+            (optimizer_order(r["optimizer"]), r["seed"], protocol_order(results_protocol(r))),
             [
                 os.path.basename(r["run_dir"]),
                 results_protocol(r),
                 "done",
+                _updates(r),
                 _value(METRICS["valid_bleu"](r)),
                 _value(METRICS["test_bleu"](r)),
                 _value(METRICS["valid_sacrebleu"](r)),
@@ -528,7 +544,11 @@ def markdown_table(
     ]
     for status in statuses:
         match = RUN_NAME.match(status.name)
-        key = (optimizer_order(match.group("optimizer")), int(match.group("seed")), status.protocol)
+        key = (
+            optimizer_order(match.group("optimizer")),
+            int(match.group("seed")),
+            protocol_order(status.protocol),
+        )
         cells = [status.name, status.protocol, status.status.replace("|", "/")]
         rows.append((key, cells + ["–"] * (len(run_header) - len(cells))))
     for _, cells in sorted(rows, key=lambda row: row[0]):
