@@ -441,7 +441,8 @@ def plan_run(config: GridConfig, run: Run, references: Dict[str, str]) -> RunPla
 
 
 def training_conflicts(config: GridConfig) -> List[str]:
-    """One entry per kind of change: `--max-update 30 → 20 (adam-seed1, asam-seed1)`."""
+    """One entry per kind of change: `adam-seed1, asam-seed1 trained with other settings:
+    --max-update 30 → 20`."""
     grouped: Dict[str, List[str]] = {}
     for run in config.runs:
         plan = plan_training(config, run)
