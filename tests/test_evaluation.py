@@ -136,9 +136,13 @@ def test_detokenized_sacrebleu_on_moses_detokenized_text():
     )
     score, signature = evaluation.detokenized_sacrebleu(hypotheses, references)
     assert score == pytest.approx(sacrebleu.corpus_bleu(hypotheses, [references]).score)
+    # Both sides of IWSLT'14 are lowercased, and the signature says so.
+    assert signature == f"nrefs:1|case:lc|eff:no|tok:13a|smooth:exp|version:{sacrebleu.__version__}"
+    cased = evaluation.detokenized_sacrebleu(["The Cat sat."], ["the cat sat."])[0]
+    assert cased == pytest.approx(100.0)  # case-insensitive...
     assert (
-        signature == f"nrefs:1|case:mixed|eff:no|tok:13a|smooth:exp|version:{sacrebleu.__version__}"
-    )
+        sacrebleu.corpus_bleu(["The Cat sat."], [["the cat sat."]]).score < 100
+    )  # ...unlike the default
     assert evaluation.detokenized_sacrebleu(["The cat sat."], ["The cat sat."])[0] == pytest.approx(
         100.0
     )
@@ -321,23 +325,103 @@ def test_resolve_checkpoint(tmp_path):
     torch.testing.assert_close(
         torch.load(path, weights_only=False)["model"]["encoder.weight"], expected
     )
-    with pytest.raises(FairseqAsamError, match="--checkpoint best: .*checkpoint_best.pt not found"):
-        evaluation.resolve_checkpoint(str(tmp_path), evaluation.parse_checkpoint_choice("best"))
+    with pytest.raises(
+        FairseqAsamError, match="--checkpoint best-loss: .*checkpoint_best.pt not found"
+    ):
+        evaluation.resolve_checkpoint(
+            str(tmp_path), evaluation.parse_checkpoint_choice("best-loss")
+        )
     with pytest.raises(FairseqAsamError, match="checkpoint folder not found"):
         evaluation.resolve_checkpoint(
             str(tmp_path / "missing"), evaluation.parse_checkpoint_choice("last")
         )
 
 
-@pytest.mark.parametrize("text", ["best", "last", "average:1", "average:5"])
-def test_parse_checkpoint_choice(text):
-    assert str(evaluation.parse_checkpoint_choice(text)) == text
+@pytest.mark.parametrize(
+    "text, metric",
+    [
+        ("best-loss", "loss"),
+        ("best-bleu", "bleu"),
+        ("last", "loss"),
+        ("average:1", "loss"),
+        ("average:5", "loss"),
+    ],
+)
+def test_parse_checkpoint_choice(text, metric):
+    choice = evaluation.parse_checkpoint_choice(text)
+    assert str(choice) == text and choice.selection_metric == metric
 
 
 @pytest.mark.parametrize("text", ["", "first", "average", "average:0", "average:x", "avg5"])
 def test_parse_checkpoint_choice_rejects(text):
-    with pytest.raises(ConfigError, match="--checkpoint must be best, last or average:N"):
+    with pytest.raises(
+        ConfigError, match="--checkpoint must be best-loss, best-bleu, last or average:N"
+    ):
         evaluation.parse_checkpoint_choice(text)
+
+
+def test_best_alone_names_no_protocol():
+    with pytest.raises(ConfigError, match="--checkpoint best names no protocol: use best-loss"):
+        evaluation.parse_checkpoint_choice("best")
+
+
+def selected_checkpoint(path, metric, maximize):
+    torch.save(
+        {
+            "model": {"w": torch.zeros(1)},
+            "cfg": {
+                "checkpoint": {
+                    "best_checkpoint_metric": metric,
+                    "maximize_best_checkpoint_metric": maximize,
+                }
+            },
+        },
+        path,
+    )
+
+
+@pytest.mark.parametrize(
+    "metric, maximize, accepted, message",
+    [
+        ("loss", False, "best-loss", "selected by the lowest validation loss .*not by the highest"),
+        ("bleu", True, "best-bleu", "selected by the highest validation bleu .*not by the lowest"),
+        ("bleu", False, None, "selected by the lowest validation bleu"),
+    ],
+)
+def test_best_protocols_check_what_checkpoint_best_was_selected_by(
+    tmp_path, metric, maximize, accepted, message
+):
+    selected_checkpoint(tmp_path / "checkpoint_best.pt", metric, maximize)
+    for protocol in ("best-loss", "best-bleu"):
+        choice = evaluation.parse_checkpoint_choice(protocol)
+        if protocol == accepted:
+            path, _ = evaluation.resolve_checkpoint(str(tmp_path), choice)
+            assert path == str(tmp_path / "checkpoint_best.pt")
+        else:
+            with pytest.raises(FairseqAsamError, match=f"--checkpoint {protocol}: .*{message}"):
+                evaluation.resolve_checkpoint(str(tmp_path), choice)
+    assert evaluation.checkpoint_selection_metric(str(tmp_path / "checkpoint_best.pt")) == (
+        metric,
+        maximize,
+    )
+
+
+def test_evaluation_settings_change_with_the_checkpoint_files(tmp_path):
+    data_bin = tmp_path / "data-bin"
+    data_bin.mkdir()
+    fake_checkpoint(tmp_path / "checkpoint_last.pt", 1)
+    last = evaluation.parse_checkpoint_choice("last")
+    before = evaluation.evaluation_settings(str(data_bin), str(tmp_path), last)
+    assert before == evaluation.evaluation_settings(str(data_bin), str(tmp_path), last)
+    assert before["protocol"] == "last" and before["checkpoint_files"][0]["path"].endswith(
+        "checkpoint_last.pt"
+    )
+    fake_checkpoint(tmp_path / "checkpoint_last.pt", 2)  # trained further
+    os.utime(tmp_path / "checkpoint_last.pt", ns=(1, 1))
+    after = evaluation.evaluation_settings(str(data_bin), str(tmp_path), last)
+    assert after["fingerprint"] != before["fingerprint"]
+    other_beam = evaluation.evaluation_settings(str(data_bin), str(tmp_path), last, beam=4)
+    assert other_beam["fingerprint"] != after["fingerprint"]
 
 
 def test_check_data_bin(tmp_path):

@@ -19,7 +19,15 @@ from test_sharpness import one_step_reference
 
 import fairseq_asam
 from fairseq_asam.errors import ConfigError, FairseqAsamError
-from fairseq_asam.experiments import prepare, recipe, report, runner, sharpness, synthetic_data
+from fairseq_asam.experiments import (
+    evaluation,
+    prepare,
+    recipe,
+    report,
+    runner,
+    sharpness,
+    synthetic_data,
+)
 from fairseq_asam.experiments.cli import table4_main
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -162,6 +170,28 @@ def test_eval_bleu_argument_file_turns_on_validation_bleu():
     assert cfg.checkpoint.best_checkpoint_metric == "loss"  # the checkpoint choice does not change
 
 
+@pytest.mark.parametrize(
+    "protocol, eval_bleu, metric, maximize",
+    [
+        ("best-bleu", True, "bleu", True),
+        ("best-loss", False, "loss", False),
+        ("last", False, "loss", False),
+        ("average:5", False, "loss", False),
+    ],
+)
+def test_the_protocol_sets_how_fairseq_selects_checkpoint_best(
+    tmp_path, protocol, eval_bleu, metric, maximize
+):
+    config = runner.GridConfig(str(tmp_path), runner.TABLE4_PRESETS["paper"], checkpoint=protocol)
+    cfg = fairseq_train_cfg(config.training_options("asam"))
+    assert (cfg.task.eval_bleu, cfg.checkpoint.best_checkpoint_metric) == (eval_bleu, metric)
+    assert cfg.checkpoint.maximize_best_checkpoint_metric == maximize
+    if eval_bleu:  # as fairseq's IWSLT'14 example
+        assert json.loads(cfg.task.eval_bleu_args) == {"beam": 5, "max_len_a": 1.2, "max_len_b": 10}
+        assert (cfg.task.eval_bleu_detok, cfg.task.eval_bleu_remove_bpe) == ("moses", "@@ ")
+    assert runner.TABLE4_PRESETS["paper"].checkpoint == "best-bleu"  # the default
+
+
 # --------------------------------------------------------------------------------------------
 # The hydra YAML says the same as the argument files
 # --------------------------------------------------------------------------------------------
@@ -214,7 +244,10 @@ def normalized(value):
 
 @pytest.mark.parametrize("optimizer", runner.OPTIMIZERS)
 def test_hydra_yaml_and_argument_files_describe_the_same_settings(optimizer):
-    options = recipe.training_options(runner.TABLE4_PRESETS["paper"].args_files, optimizer)
+    # The YAML trains with the default protocol, best-bleu.
+    options = recipe.training_options(
+        runner.TABLE4_PRESETS["paper"].args_files, optimizer, selection_metric="bleu"
+    )
     from_args = dict(leaves(OmegaConf.to_container(fairseq_train_cfg(options), resolve=True)))
     from_yaml = compose_hydra(optimizer)
     written = written_yaml_settings(optimizer)
@@ -337,7 +370,8 @@ def fake_results(optimizer, seed, valid, test, **extra):
         "optimizer": optimizer,
         "seed": seed,
         "run_dir": f"/runs/{optimizer}-seed{seed}",
-        "checkpoint": {"choice": "best"},
+        "protocol": "best-bleu",
+        "checkpoint": {"choice": "best-bleu"},
         "valid": {"bleu": valid, "sacrebleu": valid - 1, "sacrebleu_signature": "nrefs:1|tok:13a"},
         "test": {"bleu": test, "sacrebleu": test - 1, "sacrebleu_signature": "nrefs:1|tok:13a"},
         **extra,
@@ -362,18 +396,123 @@ def test_summary_is_the_mean_and_sample_std_over_seeds_next_to_the_paper():
         and adam.stats["adaptive_sharpness"] is None
     )
     table = report.markdown_table(results)
+    assert table.startswith("# Table 4: IWSLT'14 De→En, Transformer — --checkpoint best-bleu\n")
     assert (
-        "| Adam+ASAM | 1,2,3 | 36.00 ± 1.00 | 35.00 ± 1.00 | 35.66 | 35.02 | 35.00 ± 1.00 "
-        "| 34.00 ± 1.00 | 0.2000 ± 0.1000 |" in table
+        "| Adam+ASAM | 1,2,3 | best-bleu | 36.00 ± 1.00 | 35.00 ± 1.00 | 35.66 | 35.02 "
+        "| 35.00 ± 1.00 | 34.00 ± 1.00 | 0.2000 ± 0.1000 |" in table
     )
-    assert "| Adam | 1 | 30.00 | 29.00 | 35.34 | 34.86 | 29.00 | 28.00 | – |" in table
-    assert "| asam-seed3 | best | 37.00 | 36.00 | 36.00 | 35.00 | 0.3000 |" in table
+    assert "| Adam | 1 | best-bleu | 30.00 | 29.00 | 35.34 | 34.86 | 29.00 | 28.00 | – |" in table
+    assert "| asam-seed3 | best-bleu | done | – | 37.00 | 36.00 | 36.00 | 35.00 | 0.3000 |" in table
     assert (
         report.csv_table(results)
         .splitlines()[2]
-        .startswith("asam,Adam+ASAM,1 2 3,35.66,35.02,36.0,1.0,35.0,1.0")
+        .startswith("asam,Adam+ASAM,best-bleu,1 2 3,3,,35.66,35.02,36.0,1.0,35.0,1.0")
     )
     assert report.adaptive_sharpness({"sharpness": 0.5}) == 0.5
+    averaged = {"checkpoint": {"num_updates": 300, "sources": ["c5", "c4", "c3"]}}
+    assert report._updates(averaged) == "≤ 300 (3 averaged)"
+    assert report._updates({"checkpoint": {"num_updates": 120, "sources": ["best"]}}) == "120"
+    # A grid of 3 seeds where Adam finished one: the row says over how many the mean is.
+    grid = {"protocol": "best-bleu", "optimizers": ["adam", "asam"], "seeds": [1, 2, 3]}
+    partial = report.markdown_table(results, [grid])
+    assert "| Adam | 1 (n = 1 of 3) | best-bleu | 30.00 |" in partial
+    assert "| Adam+ASAM | 1,2,3 | best-bleu | 36.00 ± 1.00 |" in partial
+    assert (
+        report.csv_table(results, [grid]).splitlines()[1].startswith("adam,Adam,best-bleu,1,1,3,")
+    )
+
+
+def sharpness_log(*values, evaluated=()):
+    """A train_inner log: `sharpness` at 10, 20, ... updates, `sharpness_eval` where given."""
+    records = []
+    for index, value in enumerate(values):
+        record = {"num_updates": float(10 * (index + 1)), "sharpness": value}
+        if index < len(evaluated):
+            record["sharpness_eval"] = evaluated[index]
+        records.append(record)
+    return {"train_inner": records, "valid": [], "train": []}
+
+
+SAM_SETTINGS = {"--optimizer": "sam", "--rho": "0.1", "--dropout": "0.3"}
+ASAM_SETTINGS = {"--optimizer": "asam", "--rho": "0.2", "--eta": "0.01", "--dropout": "0.3"}
+SAM_LABEL = "Adam+SAM: ρ = 0.1, plain ball ‖ε‖₂ ≤ ρ"
+ASAM_LABEL = "Adam+ASAM: ρ = 0.2, η = 0.01, adaptive ball ‖T⁻¹ε‖₂ ≤ ρ, T = |w| + η"
+
+
+def test_sharpness_plot_names_each_optimizers_ball_and_says_what_is_logged():
+    runs = [
+        report.PlottedRun("adam-seed1", "adam", 1, "best-bleu", sharpness_log(), {}),
+        report.PlottedRun(
+            "sam-seed1", "sam", 1, "best-bleu", sharpness_log(0.3, 0.2), SAM_SETTINGS
+        ),
+        report.PlottedRun(
+            "asam-seed1",
+            "asam",
+            1,
+            "best-bleu",
+            sharpness_log(0.05, 0.04, evaluated=(0.01, 0.02)),
+            ASAM_SETTINGS,
+        ),
+    ]
+    figure, caption = report.sharpness_figure(runs)
+    try:
+        axes = figure.axes[0]
+        labels = [text.get_text() for text in axes.get_legend().get_texts()]
+        assert labels == [
+            f"{SAM_LABEL} — sharpness",
+            f"{ASAM_LABEL} — sharpness",
+            f"{ASAM_LABEL} — sharpness_eval",
+        ]
+        lines = {line.get_label(): line for line in axes.get_lines()}
+        evaluated = lines[f"{ASAM_LABEL} — sharpness_eval"]
+        assert evaluated.get_linestyle() == "--" and list(evaluated.get_ydata()) == [0.01, 0.02]
+        assert list(lines[f"{SAM_LABEL} — sharpness"].get_ydata()) == [0.3, 0.2]
+        assert " ".join(figure.texts[0].get_text().split()) == caption  # printed under the plot
+    finally:
+        import matplotlib.pyplot as plt
+
+        plt.close(figure)
+    assert "not comparable across optimizers" in caption
+    assert "plain ball ‖ε‖₂ ≤ ρ" in caption and "adaptive ball ‖T⁻¹ε‖₂ ≤ ρ" in caption
+    assert "(--dropout 0.3)" in caption and "noisy estimate" in caption
+    assert (
+        "Dashed: `sharpness_eval` (--sharpness-eval-interval N), the same difference with "
+        "dropout off" in caption
+    )
+
+    # Negative controls: no sharpness_eval logged, no dashed line, and the text says so; Adam
+    # alone logs no sharpness, so there is no plot.
+    figure, caption = report.sharpness_figure(runs[:2])
+    assert [line.get_linestyle() for line in figure.axes[0].get_lines()] == ["-"]
+    assert "No run here logged `sharpness_eval`" in caption and "Dashed" not in caption
+    import matplotlib.pyplot as plt
+
+    plt.close(figure)
+    assert report.sharpness_figure(runs[:1]) == (None, None)
+    assert report.neighbourhood(
+        {"--optimizer": "asam", "--rho": "0.2", "--eta": "0.01", "--sam-interval": "5"}
+    ).endswith("every 5th update")
+
+
+def test_report_writes_the_sharpness_caption_it_plots(tmp_path):
+    run = tmp_path / "runs" / "asam-seed1"
+    run.mkdir(parents=True)
+    (run / "train.log").write_text(
+        "".join(
+            f'2026-01-01 | INFO | train_inner | {{"num_updates": "{u}", "sharpness": "0.{u}", '
+            f'"sharpness_eval": "0.0{u}"}}\n'
+            for u in (1, 2)
+        )
+    )
+    (run / "training.json").write_text(json.dumps({"settings": ASAM_SETTINGS}))
+    (run / "results.json").write_text(json.dumps(fake_results("asam", 1, 1.0, 2.0)))
+    outputs = report.write_report(str(tmp_path))
+    assert (tmp_path / "report" / "sharpness.png").read_bytes().startswith(b"\x89PNG")
+    text = (tmp_path / "report" / "table4.md").read_text()
+    figures = text.split("## Figures")[1]
+    assert "sharpness.png: `sharpness` as fairseq-train logs it" in figures
+    assert "Dashed: `sharpness_eval`" in figures and "not comparable across optimizers" in figures
+    assert set(outputs) >= {"table4.md", "table4.csv", "sharpness.png"}
 
 
 # --------------------------------------------------------------------------------------------
@@ -399,7 +538,11 @@ def test_summary_is_the_mean_and_sample_std_over_seeds_next_to_the_paper():
         (["--archive", "{tmp}/missing.tgz"], "--archive: file not found: {tmp}/missing.tgz"),
         (["--data-bin", "{tmp}/missing"], "--data-bin: folder not found: {tmp}/missing"),
         (["--max-update", "0"], "--max-update must be >= 1, got 0"),
-        (["--checkpoint", "newest"], "--checkpoint must be best, last or average:N"),
+        (
+            ["--checkpoint", "newest"],
+            "--checkpoint must be best-loss, best-bleu, last or average:N",
+        ),
+        (["--checkpoint", "best"], "--checkpoint best names no protocol: use best-loss"),
         (["--fp16"], "--fp16 needs a GPU, and none is visible"),
         (["--preset", "paper"], "--archive is required for --preset paper"),
     ],
@@ -426,7 +569,7 @@ def test_bad_input_fails_with_one_line_before_any_work(
 def test_runs_spread_over_the_gpus_one_at_a_time_and_failures_are_reported(tmp_path, monkeypatch):
     busy, started, lock = set(), [], threading.Lock()
 
-    def fake_execute_run(config, run, data_bin, references, gpu):
+    def fake_execute_run(config, run, data_bin, references, gpu, supervisor, progress):
         with lock:
             assert gpu not in busy, f"{gpu} runs two runs at once"
             busy.add(gpu)
@@ -440,7 +583,7 @@ def test_runs_spread_over_the_gpus_one_at_a_time_and_failures_are_reported(tmp_p
 
     monkeypatch.setattr(runner, "prepare_data", lambda config: str(tmp_path / "data-bin"))
     monkeypatch.setattr(runner, "execute_run", fake_execute_run)
-    monkeypatch.setattr(report, "write_report", lambda out_dir: {})
+    monkeypatch.setattr(report, "write_report", lambda *args: {})
     config = runner.GridConfig(
         str(tmp_path),
         runner.TABLE4_PRESETS["paper"],
@@ -450,7 +593,7 @@ def test_runs_spread_over_the_gpus_one_at_a_time_and_failures_are_reported(tmp_p
     )
     monkeypatch.setattr(runner.evaluation, "check_data_bin", lambda path: None)
     with pytest.raises(
-        FairseqAsamError, match=r"1 run\(s\) failed: sam-seed2: fairseq-train failed"
+        FairseqAsamError, match=r"1 run\(s\) failed: sam-seed2: start: fairseq-train failed"
     ):
         runner.run_grid(config)
     assert sorted(name for name, _ in started) == sorted(
@@ -466,7 +609,8 @@ def test_runs_spread_over_the_gpus_one_at_a_time_and_failures_are_reported(tmp_p
 
 @pytest.fixture(scope="module")
 def tiny_out(tmp_path_factory):
-    """The tiny preset for Adam and ASAM, END_TO_END_UPDATES updates each, from a built archive."""
+    """The tiny preset for Adam and ASAM, END_TO_END_UPDATES updates each, from a built archive,
+    with the default protocol named: --checkpoint best-bleu."""
     root = tmp_path_factory.mktemp("table4")
     archive = synthetic_data.build_sample_archive(str(root / "de-en.tgz"), n_train=300, n_dev=4)
     out = root / "out"
@@ -476,6 +620,8 @@ def tiny_out(tmp_path_factory):
             os.path.join(REPO, "scripts", "reproduce_table4.py"),
             "--preset",
             "tiny",
+            "--checkpoint",
+            "best-bleu",
             "--archive",
             archive,
             "--out",
@@ -493,6 +639,7 @@ def tiny_out(tmp_path_factory):
         env={**os.environ, "CUDA_VISIBLE_DEVICES": ""},
     )
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
+    assert (out / "report" / "table4.md").read_text().strip() in proc.stdout  # printed
     return out
 
 
@@ -544,18 +691,25 @@ def test_tiny_preset_writes_every_run_file_and_the_report(tiny_out):
         return path.read_text(encoding="utf-8").splitlines()
 
     assert (data_bin / "dict.en.txt").is_file()
+    grid = read_json(tiny_out / "grid.json")
+    assert (grid["preset"], grid["protocol"], grid["optimizers"]) == (
+        "tiny",
+        "best-bleu",
+        ["adam", "asam"],
+    )
     for name in ("adam-seed1", "asam-seed1"):
         run = tiny_out / "runs" / name
         for file in (
             "command.txt",
+            "training.json",
             "train.log",
-            "training.done",
             "generate-valid.txt",
             "generate-test.txt",
             "checkpoints/checkpoint_best.pt",
             "checkpoints/checkpoint_last.pt",
         ):
             assert (run / file).is_file(), run / file
+        assert not (run / "failure.json").exists()
         command = (run / "command.txt").read_text()
         if "OMP_NUM_THREADS" not in os.environ:
             assert command.startswith("OMP_NUM_THREADS=1 ")  # the tiny preset on a CPU
@@ -564,8 +718,25 @@ def test_tiny_preset_writes_every_run_file_and_the_report(tiny_out):
             f"--save-dir {run / 'checkpoints'}" in command
             and f"--max-update {END_TO_END_UPDATES}" in command
         )
+        # best-bleu: fairseq's in-training BLEU, and checkpoint_best.pt selected by it.
+        assert "--eval-bleu --eval-bleu-args " in command and "--eval-bleu-detok moses" in command
+        assert "--best-checkpoint-metric bleu --maximize-best-checkpoint-metric" in command
+        training = read_json(run / "training.json")
+        assert training["status"] == "finished" and training["command"] == command.strip()
+        assert training["settings"]["--best-checkpoint-metric"] == "bleu"
         results = read_json(run / "results.json")
         assert results["train_command"] == command.strip()
+        assert results["protocol"] == "best-bleu" and results["checkpoint"]["selected_by"] == "bleu"
+        best = str(run / "checkpoints" / "checkpoint_best.pt")
+        assert evaluation.checkpoint_selection_metric(best) == ("bleu", True)
+        logged = report.parse_train_log(str(run / "train.log"))["valid"]
+        top = max(record["valid_bleu"] for record in logged)
+        # fairseq's is_better is >=: of epochs with the top BLEU, the last one is kept.
+        chosen = [record for record in logged if record["valid_bleu"] == top][-1]
+        state = torch.load(best, map_location="cpu", weights_only=False)
+        assert float(state["extra_state"]["best"]) == pytest.approx(top, abs=0.01)
+        assert state["optimizer_history"][-1]["num_updates"] == chosen["valid_num_updates"]
+        assert results["checkpoint"]["num_updates"] == chosen["valid_num_updates"]
         for split in ("valid", "test"):
             scores = results[split]
             bleu, sacre, sentences = independent_scores(
@@ -577,17 +748,16 @@ def test_tiny_preset_writes_every_run_file_and_the_report(tiny_out):
             assert (
                 scores["fairseq_generate_bleu"] == scores["bleu_details"]
             )  # checked against fairseq-generate
-            assert scores["sacrebleu_signature"].startswith("nrefs:1|case:mixed|eff:no|tok:13a")
+            assert scores["sacrebleu_signature"].startswith("nrefs:1|case:lc|eff:no|tok:13a")
             assert scores["sacrebleu_references"].endswith(f"tmp/{split}.raw.en")
             assert "--beam 5" in scores["command"] and "--remove-bpe" in scores["command"]
         (estimate,) = results["sharpness"]["estimates"]  # --sharpness-rho: adaptive only
         assert estimate["rho"] == 0.05 and estimate["measure"] == "adaptive"
         assert results["sharpness"]["checkpoint"] == results["checkpoint"]["path"]
+        assert results["sharpness_settings"]["rho"] == 0.05
         # L(w) of the best checkpoint on the whole valid split is what fairseq-train logged for
         # it (base 2, 3 decimals); the ascent finds at least the one-step ASAM perturbation's rise.
-        logged = report.parse_train_log(str(run / "train.log"))["valid"]
-        best_valid_loss = min(record["valid_loss"] for record in logged)
-        assert estimate["loss"] / math.log(2) == pytest.approx(best_valid_loss, abs=6e-4)
+        assert estimate["loss"] / math.log(2) == pytest.approx(chosen["valid_loss"], abs=6e-4)
         loss, perturbed = one_step_reference(
             *sharpness.load_subset(
                 results["checkpoint"]["path"], str(data_bin), "valid", 20, torch.device("cpu")
@@ -603,36 +773,85 @@ def test_tiny_preset_writes_every_run_file_and_the_report(tiny_out):
     assert asam_log["valid"] and all("sharpness" in r for r in asam_log["train_inner"])
 
     table = (tiny_out / "report" / "table4.md").read_text()
-    assert "| Adam | 1 |" in table and "| Adam+ASAM | 1 |" in table and "35.66 | 35.02" in table
-    assert "Adam+SAM" not in table and "Adaptive sharpness" in table
+    assert table.startswith(
+        "# Table 4: IWSLT'14 De→En, Transformer — --checkpoint best-bleu (--preset tiny)"
+    )
+    assert "| Adam | 1 | best-bleu |" in table and "| Adam+ASAM | 1 | best-bleu |" in table
+    assert "35.66 | 35.02" in table and "Adam+SAM" not in table and "Adaptive sharpness" in table
+    adam_best = read_json(tiny_out / "runs" / "adam-seed1" / "results.json")["checkpoint"]
+    assert f"| adam-seed1 | best-bleu | done | {adam_best['num_updates']} |" in table
     csv_lines = (tiny_out / "report" / "table4.csv").read_text().splitlines()
     assert csv_lines[0].startswith(
-        "optimizer,label,seeds,paper_valid_bleu,paper_test_bleu,valid_bleu_mean"
+        "optimizer,label,checkpoint,seeds,n,n_expected,paper_valid_bleu,paper_test_bleu"
     )
-    assert [line.split(",")[0] for line in csv_lines[1:]] == ["adam", "asam"]
-    for plot in ("valid_loss.png", "sharpness.png"):
+    assert [line.split(",")[:3] for line in csv_lines[1:]] == [
+        ["adam", "Adam", "best-bleu"],
+        ["asam", "Adam+ASAM", "best-bleu"],
+    ]
+    for plot in ("valid_loss.png", "valid_bleu.png", "sharpness.png"):
         assert (tiny_out / "report" / plot).read_bytes().startswith(b"\x89PNG")
 
 
 @pytest.mark.slow
-def test_second_invocation_skips_finished_runs_and_resumes_an_interrupted_one(tiny_out, capsys):
+def test_best_loss_and_best_bleu_side_by_side(tiny_out, tmp_path):
+    """Adam trained again with --checkpoint best-loss on the same data: the same training
+    (in-training BLEU changes no update), another checkpoint_best.pt, one report of both."""
+    by_loss = tmp_path / "best-loss"
+    data_bin = tiny_out / "data" / "data-bin" / prepare.PREP_NAME
+    argv = ["--preset", "tiny", "--checkpoint", "best-loss", "--data-bin", str(data_bin)]
+    argv += ["--out", str(by_loss), "--optimizers", "adam"]
+    assert table4_main(argv + ["--max-update", str(END_TO_END_UPDATES)]) == 0
+    run = by_loss / "runs" / "adam-seed1"
+    assert "--eval-bleu" not in (run / "command.txt").read_text()
+    best = str(run / "checkpoints" / "checkpoint_best.pt")
+    assert evaluation.checkpoint_selection_metric(best) == ("loss", False)
+    by_bleu = report.parse_train_log(str(tiny_out / "runs" / "adam-seed1" / "train.log"))
+    by_loss_log = report.parse_train_log(str(run / "train.log"))
+    assert [r["loss"] for r in by_loss_log["train_inner"]] == [
+        r["loss"] for r in by_bleu["train_inner"]
+    ]
+    assert [r["valid_loss"] for r in by_loss_log["valid"]] == [
+        r["valid_loss"] for r in by_bleu["valid"]
+    ]
+    both = tmp_path / "both"
+    from fairseq_asam.experiments.cli import report_main
+
+    assert report_main([str(by_loss), str(tiny_out), "--report-dir", str(both)]) == 0
+    text = (both / "table4.md").read_text()
+    assert text.startswith(
+        "# Table 4: IWSLT'14 De→En, Transformer — --checkpoint best-loss, best-bleu"
+    )
+    loss_row = next(
+        line for line in text.splitlines() if line.startswith("| Adam | 1 | best-loss |")
+    )
+    bleu_row = next(
+        line for line in text.splitlines() if line.startswith("| Adam | 1 | best-bleu |")
+    )
+    loss_results = read_json(run / "results.json")
+    bleu_results = read_json(tiny_out / "runs" / "adam-seed1" / "results.json")
+    assert f"| {loss_results['test']['bleu']:.2f} |" in loss_row
+    assert f"| {bleu_results['test']['bleu']:.2f} |" in bleu_row
+
+
+@pytest.mark.slow
+def test_second_invocation_skips_finished_runs_and_continues_to_a_higher_budget(tiny_out, capsys):
     adam, asam = tiny_out / "runs" / "adam-seed1", tiny_out / "runs" / "asam-seed1"
     asam_results = (asam / "results.json").read_bytes()
     asam_mtime = os.stat(asam / "results.json").st_mtime_ns
-    argv = ["--preset", "tiny", "--out", str(tiny_out), "--optimizers", "adam,asam"]
+    argv = ["--preset", "tiny", "--out", str(tiny_out)]
 
     # Everything finished: nothing trains, nothing is evaluated again.
-    assert table4_main(argv + ["--max-update", str(END_TO_END_UPDATES)]) == 0
-    assert "adam-seed1: skipped" in capsys.readouterr().out
+    assert table4_main(argv + ["--optimizers", "adam,asam", "--max-update", "12"]) == 0
+    out = capsys.readouterr().out
+    assert "adam-seed1: skipped, done (results.json is current)" in out
     assert os.stat(asam / "results.json").st_mtime_ns == asam_mtime
 
-    # Adam interrupted after its last checkpoint: it continues from there (to a higher budget).
+    # A higher budget for Adam: it continues from its 12-update checkpoint, and is evaluated
+    # on the new checkpoint.
     generated_before = (adam / "generate-test.txt").read_bytes()
-    (adam / "results.json").unlink()
-    (adam / "training.done").unlink()
-    assert table4_main(argv + ["--max-update", str(RESUMED_UPDATES)]) == 0
+    assert table4_main(argv + ["--optimizers", "adam", "--max-update", str(RESUMED_UPDATES)]) == 0
     out = capsys.readouterr().out
-    assert "asam-seed1: skipped" in out and "adam-seed1: resuming from" in out
+    assert f"adam-seed1: --max-update {END_TO_END_UPDATES} → {RESUMED_UPDATES}: continuing" in out
     log = (adam / "train.log").read_text()
     assert f"@ {END_TO_END_UPDATES} updates" in log.split("Loaded checkpoint")[-1].splitlines()[0]
     valid = report.parse_train_log(str(adam / "train.log"))["valid"]
@@ -640,5 +859,13 @@ def test_second_invocation_skips_finished_runs_and_resumes_an_interrupted_one(ti
     results = read_json(adam / "results.json")
     bleu, _, _ = independent_scores(adam / "generate-test.txt", None)
     assert results["test"]["bleu"] == pytest.approx(bleu, abs=1e-4)
+    assert results["training"]["settings"]["--max-update"] == str(RESUMED_UPDATES)
     assert (adam / "generate-test.txt").read_bytes() != generated_before  # evaluated again
     assert (asam / "results.json").read_bytes() == asam_results
+    # The report of this grid (Adam at 16 updates) leaves out ASAM's 12-update result, and says so.
+    table = (tiny_out / "report" / "table4.md").read_text()
+    assert "Adam+ASAM" not in table and "asam-seed1: trained with other settings" in table
+
+    # Back to fewer updates: refused in one line, before anything runs.
+    assert table4_main(argv + ["--optimizers", "adam", "--max-update", "12"]) == 1
+    assert "adam-seed1 trained with other settings: --max-update 16 → 12" in capsys.readouterr().err

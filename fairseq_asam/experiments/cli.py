@@ -28,12 +28,13 @@ def _log_to_stdout(level: int = logging.INFO) -> None:
 
 
 def _run(program: str, work: Callable[[], int]) -> int:
-    """`work()`, with a user error reported as one line on stderr and status 1."""
+    """`work()`, with a user error reported as one line on stderr and status 1 (or the error's
+    own `exit_status`: 130 for an interrupted grid)."""
     try:
         return work()
     except FairseqAsamError as error:
         print(f"{program}: error: " + " ".join(str(error).splitlines()), file=sys.stderr)
-        return ERROR_STATUS
+        return getattr(error, "exit_status", ERROR_STATUS)
 
 
 def _arguments(argv: Optional[List[str]]) -> List[str]:
@@ -84,7 +85,10 @@ def table4_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--max-update", type=int, help="override the preset's number of updates")
     parser.add_argument(
-        "--checkpoint", help="best, last or average:N (default: the preset's, best)"
+        "--checkpoint",
+        help="the protocol: best-loss, best-bleu, last or average:N (default: the preset's, "
+        f"{runner.TABLE4_PRESETS['paper'].checkpoint}; configs/README.md gives the evidence). "
+        "best-bleu trains with fairseq's in-training validation BLEU and selects by it",
     )
     parser.add_argument(
         "--fp16",
@@ -128,7 +132,12 @@ def table4_main(argv: Optional[List[str]] = None) -> int:
             sharpness_rho=args.sharpness_rho,
             config_dir=args.config_dir,
         )
-        outputs = runner.run_grid(config)
+        try:
+            outputs = runner.run_grid(config)
+        except runner.GridFailed as failed:  # the report was written with what finished
+            if report.TABLE_MARKDOWN in failed.outputs:
+                _print_file(failed.outputs[report.TABLE_MARKDOWN])
+            raise
         if report.TABLE_MARKDOWN in outputs:
             _print_file(outputs[report.TABLE_MARKDOWN])
         return 0
@@ -195,6 +204,18 @@ def prepare_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--download-url", default=prepare.DOWNLOAD_URL, help="where to download de-en.tgz from"
     )
+    parser.add_argument(
+        "--download-md5",
+        default=prepare.ARCHIVE_MD5,
+        help="MD5 the downloaded (or already downloaded) archive must have "
+        "(default: that of fairseq's mirror, %(default)s)",
+    )
+    parser.add_argument(
+        "--allow-md5-mismatch",
+        action="store_true",
+        help="use an archive whose MD5 differs from --download-md5 (a warning instead of an "
+        "error; the line counts still check the real corpus)",
+    )
     return parser
 
 
@@ -219,6 +240,8 @@ def prepare_main(argv: Optional[List[str]] = None) -> int:
             workers=args.workers,
             expect_real_counts=args.expect_real_counts,
             download_url=args.download_url,
+            download_md5=args.download_md5,
+            allow_md5_mismatch=args.allow_md5_mismatch,
         )
         print(data_bin)
         return 0
@@ -245,7 +268,10 @@ def evaluate_parser() -> argparse.ArgumentParser:
     parser.add_argument("run_dir", help="a run folder holding checkpoints/")
     parser.add_argument("--data-bin", required=True, help="the binarized data the run trained on")
     parser.add_argument(
-        "--checkpoint", default=evaluation.DEFAULT_CHECKPOINT, help="best, last or average:N"
+        "--checkpoint",
+        default=evaluation.DEFAULT_CHECKPOINT,
+        help="the protocol: best-loss, best-bleu (checkpoint_best.pt, checked to be selected by "
+        "that metric), last or average:N (default: %(default)s)",
     )
     parser.add_argument(
         "--splits", default=",".join(evaluation.EVALUATED_SPLITS), help="comma-separated splits"
@@ -276,6 +302,7 @@ def evaluate_main(argv: Optional[List[str]] = None) -> int:
         from . import evaluation, prepare
 
         splits = [s.strip() for s in args.splits.split(",") if s.strip()]
+        choice = evaluation.parse_checkpoint_choice(args.checkpoint)
         references = None
         if args.references_dir is not None:
             references = {
@@ -286,7 +313,7 @@ def evaluate_main(argv: Optional[List[str]] = None) -> int:
             args.data_bin,
             os.path.join(args.run_dir, RUN_CHECKPOINTS),
             fairseq_asam.USER_DIR,
-            evaluation.parse_checkpoint_choice(args.checkpoint),
+            choice,
             splits,
             args.subword,
             args.beam,
@@ -295,7 +322,7 @@ def evaluate_main(argv: Optional[List[str]] = None) -> int:
             output_dir=args.run_dir,
         )
         path = os.path.join(args.run_dir, evaluation.RESULTS_NAME)
-        evaluation.update_results(path, scores)
+        evaluation.write_results(path, scores)
         for split in splits:
             print(
                 f"{split}: BLEU {scores[split]['bleu']:.2f}  "
@@ -318,10 +345,18 @@ def report_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog=REPORT,
         description="Table 4 (Markdown, CSV) and plots from OUT_DIR/runs/*/results.json and "
-        "train.log (the runs of fairseq-asam-table4), into OUT_DIR/report/.",
+        "train.log (the runs of fairseq-asam-table4), into OUT_DIR/report/.  Only the results "
+        "of OUT_DIR's grid (grid.json: preset, --checkpoint, training settings) are taken.  "
+        "Several OUT_DIRs (e.g. one per --checkpoint protocol) give one table with a row per "
+        "optimizer and protocol, side by side.",
     )
-    parser.add_argument("out_dir", help="output folder of fairseq-asam-table4 (holds runs/)")
-    parser.add_argument("--report-dir", help="where to write (default: OUT_DIR/report)")
+    parser.add_argument(
+        "out_dirs", nargs="+", metavar="OUT_DIR", help="output folder(s) of fairseq-asam-table4"
+    )
+    parser.add_argument(
+        "--report-dir",
+        help="where to write (default: OUT_DIR/report; required with several OUT_DIRs)",
+    )
     return parser
 
 
@@ -332,7 +367,7 @@ def report_main(argv: Optional[List[str]] = None) -> int:
     def work() -> int:
         from . import report
 
-        outputs = report.write_report(args.out_dir, args.report_dir)
+        outputs = report.write_report(args.out_dirs, args.report_dir)
         if report.TABLE_MARKDOWN in outputs:
             _print_file(outputs[report.TABLE_MARKDOWN])
         return 0

@@ -9,18 +9,30 @@ lines two scores are computed:
   where an unknown reference word never matches.  This is the number of the paper's Table 4
   (and of fairseq's IWSLT'14 example).  The "BLEU4 = ..." line fairseq-generate prints must
   agree with it, which is checked.
-* `sacrebleu`: detokenized sacreBLEU (13a tokenization, its signature recorded): hypotheses
-  detokenized with sacremoses' MosesDetokenizer (for BPE output), scored against the
-  untokenized references when a references file is given (`{split}.raw.en` of the IWSLT'14
-  preparation), else against the detokenized `T-` lines.  The IWSLT'14 text is lowercased, so
-  this is in effect case-insensitive sacreBLEU.
+* `sacrebleu`: detokenized, case-insensitive sacreBLEU (`BLEU(lowercase=True)`, 13a
+  tokenization; its signature, `case:lc`, is recorded): hypotheses detokenized with sacremoses'
+  MosesDetokenizer (for BPE output), scored against the untokenized references when a
+  references file is given (`{split}.raw.en` of the IWSLT'14 preparation), else against the
+  detokenized `T-` lines.  The IWSLT'14 preparation lowercases both sides.
 
-Checkpoint choice: `best` (lowest validation loss, fairseq's checkpoint_best.pt), `last`, or
+Checkpoint protocol (`--checkpoint`, see configs/README.md for the default and its evidence):
+`best-bleu` (fairseq's checkpoint_best.pt of a run trained with in-training validation BLEU and
+`--best-checkpoint-metric bleu --maximize-best-checkpoint-metric`), `best-loss`
+(checkpoint_best.pt of a run selecting by validation loss, fairseq's default), `last`, or
 `average:N`, the parameters averaged over the last N epoch checkpoints as fairseq's
-scripts/average_checkpoints.py --num-epoch-checkpoints N does.
+scripts/average_checkpoints.py --num-epoch-checkpoints N does.  For the two `best-*` protocols
+the metric recorded in the checkpoint's own config is checked: a checkpoint_best.pt selected by
+loss is never reported as `best-bleu`, nor the other way round.
+
+Every evaluation records its settings (`results.json` -> `evaluation`: protocol, beam, batch
+size, subword units, references, data, and the size and modification time of the checkpoint
+files it read) and their fingerprint; `write_results` replaces an evaluation made with other
+settings as a whole and merges the splits of one made with the same settings, so a
+results.json never mixes splits scored on different checkpoints.
 """
 
 import collections
+import hashlib
 import json
 import logging
 import os
@@ -29,7 +41,7 @@ import shlex
 import subprocess
 import sys
 from dataclasses import dataclass
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
 
@@ -42,11 +54,21 @@ logger = logging.getLogger(__name__)
 EVALUATED_SPLITS = ("valid", "test")
 DEFAULT_BEAM = 5
 DEFAULT_BATCH_SIZE = 128  # fairseq's IWSLT'14 example
-DEFAULT_CHECKPOINT = "best"
+# The protocol of Table 4 as we read the paper (configs/README.md gives the evidence).
+DEFAULT_CHECKPOINT = "best-bleu"
 # fairseq-generate flags that remove each kind of subword unit (the preparation's `subword`).
 REMOVE_SUBWORD_FLAGS = {"bpe": ["--remove-bpe"], "sentencepiece": ["--remove-bpe", "sentencepiece"]}
-NAMED_CHECKPOINTS = {"best": "checkpoint_best.pt", "last": "checkpoint_last.pt"}
+BEST_CHECKPOINT, LAST_CHECKPOINT = "checkpoint_best.pt", "checkpoint_last.pt"
+# --checkpoint value -> the file it evaluates
+NAMED_CHECKPOINTS = {
+    "best-loss": BEST_CHECKPOINT,
+    "best-bleu": BEST_CHECKPOINT,
+    "last": LAST_CHECKPOINT,
+}
+# The `best-*` protocols -> fairseq's --best-checkpoint-metric the run must have selected by.
+SELECTION_METRICS = {"best-loss": "loss", "best-bleu": "bleu"}
 AVERAGE_PREFIX = "average:"
+CHECKPOINT_CHOICES = "best-loss, best-bleu, last or average:N"
 EPOCH_CHECKPOINT = re.compile(r"^checkpoint(\d+)\.pt$")
 GENERATE_FILE = "generate-{split}.txt"
 RESULTS_NAME = "results.json"
@@ -64,22 +86,94 @@ PRINTED_BLEU_TOLERANCE = 0.006
 
 @dataclass(frozen=True)
 class CheckpointChoice:
-    kind: str  # "best", "last" or "average"
+    kind: str  # "best-loss", "best-bleu", "last" or "average"
     num_epochs: int = 0  # for "average": how many of the last epoch checkpoints
 
     def __str__(self) -> str:
+        """The --checkpoint value: the protocol's name in every report."""
         return f"{AVERAGE_PREFIX}{self.num_epochs}" if self.kind == "average" else self.kind
+
+    @property
+    def selection_metric(self) -> str:
+        """The --best-checkpoint-metric the run trains with: bleu for `best-bleu`, else loss
+        (fairseq's default; `last` and `average:N` do not read checkpoint_best.pt)."""
+        return SELECTION_METRICS.get(self.kind, "loss")
 
 
 def parse_checkpoint_choice(text: str) -> CheckpointChoice:
-    """`best`, `last` or `average:N` (N >= 1), as given to --checkpoint."""
+    """`best-loss`, `best-bleu`, `last` or `average:N` (N >= 1), as given to --checkpoint."""
     if text in NAMED_CHECKPOINTS:
         return CheckpointChoice(text)
     if text.startswith(AVERAGE_PREFIX):
         count = text[len(AVERAGE_PREFIX) :]
         if count.isdigit() and int(count) >= 1:
             return CheckpointChoice("average", int(count))
-    raise ConfigError(f"--checkpoint must be best, last or average:N with N >= 1, got {text!r}")
+    if text == "best":
+        raise ConfigError(
+            "--checkpoint best names no protocol: use best-loss (checkpoint_best.pt selected by "
+            "validation loss) or best-bleu (selected by validation BLEU)"
+        )
+    raise ConfigError(f"--checkpoint must be {CHECKPOINT_CHOICES} with N >= 1, got {text!r}")
+
+
+def _checkpoint_state(path: str) -> dict:
+    """A fairseq checkpoint, memory-mapped (its tensors are not read)."""
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=False, mmap=True)
+    except Exception as error:  # a truncated or foreign file
+        raise FairseqAsamError(f"{path}: not a readable fairseq checkpoint ({error})") from error
+    if not isinstance(state, dict):
+        raise FairseqAsamError(f"{path}: not a fairseq checkpoint")
+    return state
+
+
+def checkpoint_position(path: str) -> Dict[str, Optional[int]]:
+    """{"epoch", "num_updates"} a fairseq checkpoint was saved at (None where not recorded)."""
+    state = _checkpoint_state(path)
+    history = state.get("optimizer_history") or [{}]
+    iterator = (state.get("extra_state") or {}).get("train_iterator") or {}
+    updates, epoch = history[-1].get("num_updates"), iterator.get("epoch")
+    return {
+        "epoch": None if epoch is None else int(epoch),
+        "num_updates": None if updates is None else int(updates),
+    }
+
+
+def checkpoint_selection_metric(path: str) -> Tuple[str, bool]:
+    """(--best-checkpoint-metric, --maximize-best-checkpoint-metric) a fairseq checkpoint was
+    saved under, read from its own config."""
+    state = _checkpoint_state(path)
+    cfg = state.get("cfg")
+    checkpoint_cfg = cfg.get("checkpoint") if isinstance(cfg, dict) else None
+    if checkpoint_cfg is not None:
+        return (
+            str(checkpoint_cfg.get("best_checkpoint_metric", "loss")),
+            bool(checkpoint_cfg.get("maximize_best_checkpoint_metric", False)),
+        )
+    args = state.get("args")  # fairseq < 0.10
+    if args is not None:
+        return (
+            str(getattr(args, "best_checkpoint_metric", "loss")),
+            bool(getattr(args, "maximize_best_checkpoint_metric", False)),
+        )
+    raise FairseqAsamError(f"{path}: no fairseq config in the checkpoint")
+
+
+def check_selection(path: str, choice: CheckpointChoice) -> Optional[str]:
+    """For `best-loss`/`best-bleu`: raises unless checkpoint_best.pt at `path` was selected by
+    that protocol's metric (in the right direction); returns the metric (None otherwise)."""
+    wanted = SELECTION_METRICS.get(choice.kind)
+    if wanted is None:
+        return None
+    metric, maximize = checkpoint_selection_metric(path)
+    if metric != wanted or maximize != (wanted == "bleu"):
+        direction = "highest" if maximize else "lowest"
+        wanted_text = "highest validation BLEU" if wanted == "bleu" else "lowest validation loss"
+        raise FairseqAsamError(
+            f"--checkpoint {choice}: {path} was selected by the {direction} validation {metric} "
+            f"(--best-checkpoint-metric {metric}), not by the {wanted_text}"
+        )
+    return metric
 
 
 def last_epoch_checkpoints(save_dir: str, count: int) -> List[str]:
@@ -136,19 +230,35 @@ def average_checkpoints(paths: Sequence[str]) -> dict:
     return first_state
 
 
-def resolve_checkpoint(save_dir: str, choice: CheckpointChoice) -> Tuple[str, List[str]]:
-    """The checkpoint file to evaluate for `choice`, and the files it was made of.
-
-    `average:N` writes `checkpoint_average<N>.pt` into `save_dir` (atomically).
-    """
+def checkpoint_inputs(save_dir: str, choice: CheckpointChoice) -> List[str]:
+    """The checkpoint files `choice` reads (nothing is written): checkpoint_best.pt,
+    checkpoint_last.pt, or the last N epoch checkpoints."""
     if not os.path.isdir(save_dir):
         raise FairseqAsamError(f"checkpoint folder not found: {save_dir}")
     if choice.kind in NAMED_CHECKPOINTS:
         path = os.path.join(save_dir, NAMED_CHECKPOINTS[choice.kind])
         if not os.path.isfile(path):
             raise FairseqAsamError(f"--checkpoint {choice}: {path} not found")
-        return path, [path]
-    sources = last_epoch_checkpoints(save_dir, choice.num_epochs)
+        return [path]
+    return last_epoch_checkpoints(save_dir, choice.num_epochs)
+
+
+def file_identity(path: str) -> Dict:
+    """What tells one version of a file from another without reading it."""
+    status = os.stat(path)
+    return {"path": os.path.abspath(path), "bytes": status.st_size, "mtime_ns": status.st_mtime_ns}
+
+
+def resolve_checkpoint(save_dir: str, choice: CheckpointChoice) -> Tuple[str, List[str]]:
+    """The checkpoint file to evaluate for `choice`, and the files it was made of.
+
+    `best-loss`/`best-bleu` check the metric checkpoint_best.pt was selected by;
+    `average:N` writes `checkpoint_average<N>.pt` into `save_dir` (atomically).
+    """
+    sources = checkpoint_inputs(save_dir, choice)
+    if choice.kind in NAMED_CHECKPOINTS:
+        check_selection(sources[0], choice)
+        return sources[0], sources
     path = os.path.join(save_dir, f"checkpoint_average{choice.num_epochs}.pt")
     logger.info(
         f"averaging {len(sources)} checkpoints into {path}: "
@@ -202,12 +312,13 @@ def moses_detokenize(lines: Sequence[str], lang: str = TARGET_LANG) -> List[str]
 def detokenized_sacrebleu(
     hypotheses: Sequence[str], references: Sequence[str]
 ) -> Tuple[float, str]:
-    """sacreBLEU (default 13a tokenization) of detokenized text; returns (score, signature)."""
+    """Case-insensitive sacreBLEU (13a tokenization) of detokenized text; (score, signature)."""
     import sacrebleu
 
     if len(hypotheses) != len(references):
         raise FairseqAsamError(f"{len(hypotheses)} hypotheses for {len(references)} references")
-    metric = sacrebleu.BLEU()
+    # Both sides of IWSLT'14 are lowercased; lowercase=True makes the signature say so (case:lc).
+    metric = sacrebleu.BLEU(lowercase=True)
     score = metric.corpus_score(list(hypotheses), [list(references)])
     return score.score, str(metric.get_signature())
 
@@ -291,20 +402,46 @@ def generate_command(
     ]
 
 
+# How a child process is run: `call(command, stdout=file, env=...) -> exit status`.  The runner
+# passes its own, which registers the child so that Ctrl-C can stop it.
+Call = Callable[..., int]
+
+
+def default_call(command: Sequence[str], stdout, env: Optional[Dict[str, str]] = None) -> int:
+    return subprocess.call(list(command), stdout=stdout, stderr=subprocess.STDOUT, env=env)
+
+
+def exit_description(returncode: int) -> str:
+    """`exit code 1`, or `signal 9 (SIGKILL)` for a child killed by a signal."""
+    if returncode < 0:
+        import signal
+
+        try:
+            name = signal.Signals(-returncode).name
+        except ValueError:
+            name = "unknown signal"
+        return f"signal {-returncode} ({name})"
+    return f"exit code {returncode}"
+
+
 def run_generate(
-    command: Sequence[str], output_path: str, env: Optional[Dict[str, str]] = None
+    command: Sequence[str],
+    output_path: str,
+    env: Optional[Dict[str, str]] = None,
+    call: Call = default_call,
 ) -> str:
     """Runs fairseq-generate into `output_path` (complete or absent: written atomically); the
     output of a failed run is kept as `<output_path>.failed` for the error message."""
     logger.info(f"generating {output_path}: {shlex.join(command)}")
     with atomic_output(output_path) as temporary:
         with open(temporary, "w", encoding="utf-8") as out:
-            returncode = subprocess.call(command, stdout=out, stderr=subprocess.STDOUT, env=env)
+            returncode = call(command, stdout=out, env=env)
         if returncode != 0:
             failed = output_path + ".failed"
             os.replace(temporary, failed)
+            how = "was stopped by" if returncode < 0 else "failed with"
             raise FairseqAsamError(
-                f"fairseq-generate failed with exit code {returncode}; see {failed}"
+                f"fairseq-generate {how} {exit_description(returncode)}; see {failed}"
             )
     with open(output_path, encoding="utf-8") as f:
         return f.read()
@@ -350,6 +487,35 @@ def score_split(
     }
 
 
+def fingerprint(settings: Dict) -> str:
+    """A short hash of JSON-able settings (key order does not matter)."""
+    text = json.dumps(settings, sort_keys=True, separators=(",", ":"))
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()[:16]
+
+
+def evaluation_settings(
+    data_bin: str,
+    save_dir: str,
+    choice: CheckpointChoice,
+    subword: str = "bpe",
+    beam: int = DEFAULT_BEAM,
+    batch_size: int = DEFAULT_BATCH_SIZE,
+    references: Optional[Dict[str, str]] = None,
+) -> Dict:
+    """Everything an evaluation's numbers depend on, the checkpoint files' versions included
+    (so that a checkpoint trained further is evaluated again), with its fingerprint."""
+    settings = {
+        "protocol": str(choice),
+        "beam": beam,
+        "batch_size": batch_size,
+        "subword": subword,
+        "references": {k: os.path.abspath(v) for k, v in sorted((references or {}).items())},
+        "data_bin": os.path.abspath(data_bin),
+        "checkpoint_files": [file_identity(p) for p in checkpoint_inputs(save_dir, choice)],
+    }
+    return {**settings, "fingerprint": fingerprint(settings)}
+
+
 def evaluate_checkpoint(
     data_bin: str,
     save_dir: str,
@@ -362,8 +528,10 @@ def evaluate_checkpoint(
     references: Optional[Dict[str, str]] = None,
     output_dir: Optional[str] = None,
     env: Optional[Dict[str, str]] = None,
+    call: Call = default_call,
 ) -> Dict:
-    """Generates and scores every split; a JSON-ready dict with every number and command.
+    """Generates and scores every split; a JSON-ready dict with every number and command, and
+    the `evaluation` settings it was made with (`evaluation_settings`).
 
     `references` maps a split to its untokenized reference file (optional, for sacreBLEU);
     generate outputs go to `output_dir` (default: the folder above `save_dir`).
@@ -372,17 +540,30 @@ def evaluate_checkpoint(
     for split, path in (references or {}).items():
         if not os.path.isfile(path):
             raise FairseqAsamError(f"references file for {split} not found: {path}")
+    settings = evaluation_settings(
+        data_bin, save_dir, choice, subword, beam, batch_size, references
+    )
     checkpoint, sources = resolve_checkpoint(save_dir, choice)
     output_dir = output_dir or os.path.dirname(os.path.abspath(save_dir))
     results = {
-        "checkpoint": {"choice": str(choice), "path": checkpoint, "sources": sources},
+        "protocol": str(choice),
+        "evaluation": settings,
+        "checkpoint": {
+            "choice": str(choice),
+            "path": checkpoint,
+            "sources": sources,
+            "selected_by": SELECTION_METRICS.get(choice.kind),
+            # where it was saved (an average: its newest source)
+            **checkpoint_position(sources[0]),
+        },
         "beam": beam,
         "subword": subword,
+        "scored_splits": list(splits),
     }
     for split in splits:
         command = generate_command(data_bin, checkpoint, split, user_dir, subword, beam, batch_size)
         output_path = os.path.join(output_dir, GENERATE_FILE.format(split=split))
-        output = parse_generate_output(run_generate(command, output_path, env))
+        output = parse_generate_output(run_generate(command, output_path, env, call))
         scores = score_split(output, subword, (references or {}).get(split))
         results[split] = {**scores, "command": shlex.join(command), "output": output_path}
         logger.info(
@@ -414,6 +595,59 @@ def check_data_bin(data_bin: str, splits: Sequence[str] = EVALUATED_SPLITS) -> N
         raise FairseqAsamError(
             f"--data-bin {data_bin} is not binarized data: missing {', '.join(missing)}"
         )
+
+
+# Entries of results.json that belong to one evaluation (besides its splits); the sharpness of
+# the evaluated checkpoint goes with them.
+EVALUATION_KEYS = ("protocol", "evaluation", "checkpoint", "beam", "subword", "scored_splits")
+DEPENDENT_KEYS = ("sharpness",)
+
+
+def read_results(path: str) -> Dict:
+    """results.json as a dict ({} when it does not exist)."""
+    if not os.path.isfile(path):
+        return {}
+    try:
+        with open(path, encoding="utf-8") as f:
+            results = json.load(f)
+    except json.JSONDecodeError as error:
+        raise FairseqAsamError(f"{path} is not valid JSON: {error}") from error
+    if not isinstance(results, dict):
+        raise FairseqAsamError(f"{path} does not hold a JSON object")
+    return results
+
+
+def write_results(path: str, evaluated: Dict) -> Dict:
+    """Writes the output of `evaluate_checkpoint` into results.json (atomically).
+
+    An earlier evaluation with the same settings (fingerprint) keeps the splits this one did
+    not score (`--splits valid`, then `--splits test`); one with other settings is replaced
+    whole, with every split and the sharpness it had, so that no split of another checkpoint
+    or protocol is left beside the new ones.  Entries that are not an evaluation's (the run's
+    name, its training settings) are kept.
+    """
+    results = read_results(path)
+    previous = results.get("evaluation", {}).get("fingerprint")
+    if previous == evaluated["evaluation"]["fingerprint"]:
+        merged = sorted(set(results.get("scored_splits", [])) | set(evaluated["scored_splits"]))
+        evaluated = {**evaluated, "scored_splits": merged}
+    else:
+        stale = set(results.get("scored_splits", [])) | set(EVALUATED_SPLITS)
+        for key in list(EVALUATION_KEYS) + list(DEPENDENT_KEYS) + sorted(stale):
+            results.pop(key, None)
+    results.update(evaluated)
+    write_json(path, results)
+    return results
+
+
+def evaluation_done(
+    results: Dict, settings: Dict, splits: Sequence[str] = EVALUATED_SPLITS
+) -> bool:
+    """Whether `results` holds an evaluation with `settings` (same fingerprint) that scored
+    every one of `splits`: a results.json with one split only is not done."""
+    if results.get("evaluation", {}).get("fingerprint") != settings["fingerprint"]:
+        return False
+    return all(isinstance(results.get(s), dict) and "bleu" in results[s] for s in splits)
 
 
 def update_results(path: str, entries: Dict) -> Dict:

@@ -2,7 +2,8 @@
 
 The recipe, step by step (file names relative to `workdir`):
 
-1. archive: `orig/de-en.tgz`, downloaded from fairseq's mirror unless a local archive is given.
+1. archive: `orig/de-en.tgz`, downloaded from fairseq's mirror (https, MD5 checked) unless a
+   local archive is given.
    Every member the recipe reads is checked (present, complete, UTF-8, as many German as
    English lines) before anything is written.
 2. tokenize -> `iwslt14.tokenized.de-en/tmp/`
@@ -41,6 +42,7 @@ of the steps before it, so a changed setting redoes every step from the first it
 import dataclasses
 import gzip
 import hashlib
+import http.client
 import io
 import json
 import logging
@@ -68,12 +70,15 @@ SOURCE_LANG, TARGET_LANG = "de", "en"
 LANGUAGES = (SOURCE_LANG, TARGET_LANG)
 SPLITS = ("train", "valid", "test")
 
-# fairseq's current mirror of the WIT3 archive (the original wit3.fbk.eu link is gone).
-DOWNLOAD_URL = "http://dl.fbaipublicfiles.com/fairseq/data/iwslt14/de-en.tgz"
+# fairseq's current mirror of the WIT3 archive (the original wit3.fbk.eu link is gone), over
+# https (the mirror serves it; fairseq's own READMEs link dl.fbaipublicfiles.com with https).
+DOWNLOAD_URL = "https://dl.fbaipublicfiles.com/fairseq/data/iwslt14/de-en.tgz"
 ARCHIVE_NAME = "de-en.tgz"
-# MD5 of the mirror's de-en.tgz as published with other preparation scripts; a mismatch is
-# logged, and the line counts of step 4 remain the binding check.
+# MD5 of the mirror's de-en.tgz as published with other preparation scripts.  A downloaded or
+# already present archive with another MD5 is an error unless allow_md5_mismatch (the CLI's
+# --allow-md5-mismatch) is given; the line counts of step 4 check the corpus either way.
 ARCHIVE_MD5 = "10936dfdf616504ddbd844e91b94ef4a"
+MD5_PATTERN = re.compile(r"^[0-9a-f]{32}$")
 DOWNLOAD_ATTEMPTS = 5
 DOWNLOAD_RETRY_SECONDS = 5.0
 READ_BLOCK_BYTES = 1 << 20
@@ -374,11 +379,52 @@ def extract_texts(archive: str) -> Dict[Tuple[str, str], List[str]]:
     return texts
 
 
-def download_archive(url: str, destination: str, *, attempts: int = DOWNLOAD_ATTEMPTS) -> str:
+def check_md5_option(md5: Optional[str]) -> Optional[str]:
+    """--download-md5: 32 hexadecimal digits (lowercased), or None for no check."""
+    if md5 is None:
+        return None
+    if not MD5_PATTERN.match(md5.lower()):
+        raise ConfigError(f"--download-md5 must be 32 hexadecimal digits, got {md5!r}")
+    return md5.lower()
+
+
+def verify_md5(
+    path: str, expected: Optional[str], allow_mismatch: bool, what: str
+) -> Optional[str]:
+    """The MD5 of `path`; raises if it is not `expected` (unless `allow_mismatch`: a warning)."""
+    digest = _md5(path)
+    if expected is None or digest == expected:
+        return digest
+    message = f"{what} {path}: MD5 {digest} differs from the expected {expected}"
+    if allow_mismatch:
+        logger.warning("%s (--allow-md5-mismatch: used anyway)", message)
+        return digest
+    raise FairseqAsamError(message)
+
+
+def download_archive(
+    url: str,
+    destination: str,
+    *,
+    md5: Optional[str] = ARCHIVE_MD5,
+    allow_md5_mismatch: bool = False,
+    attempts: int = DOWNLOAD_ATTEMPTS,
+) -> str:
     """Downloads `url` to `destination` through `destination.download`, resuming an interrupted
-    download with an HTTP Range request, retrying failures, checking the size the server
-    announced and the MD5 of fairseq's archive; the file appears under its name only when whole."""
+    download with an HTTP Range request, retrying failures, and checking the size the server
+    announced and the MD5 (`md5`; None: no check).  The file appears under its name only when
+    whole and verified.  An archive already at `destination` is verified too.  A wrong MD5 is
+    an error (the downloaded file is removed, so that the next attempt starts afresh; one
+    already present is left alone) unless `allow_md5_mismatch`."""
+    md5 = check_md5_option(md5)
     if os.path.exists(destination):
+        try:
+            verify_md5(destination, md5, allow_md5_mismatch, "archive already present:")
+        except FairseqAsamError as error:
+            raise FairseqAsamError(
+                f"{error}; delete it to download it again, or pass --allow-md5-mismatch"
+            ) from None
+        logger.info("using %s (already downloaded, MD5 checked)", destination)
         return destination
     os.makedirs(os.path.dirname(os.path.abspath(destination)), exist_ok=True)
     partial = destination + DOWNLOAD_SUFFIX
@@ -387,7 +433,7 @@ def download_archive(url: str, destination: str, *, attempts: int = DOWNLOAD_ATT
         try:
             _download_resuming(url, partial)
             break
-        except (urllib.error.URLError, OSError, ValueError) as exc:
+        except (urllib.error.URLError, http.client.HTTPException, OSError, ValueError) as exc:
             failure = exc
             logger.warning(
                 "download of %s failed (attempt %d of %d): %s", url, attempt, attempts, exc
@@ -398,14 +444,14 @@ def download_archive(url: str, destination: str, *, attempts: int = DOWNLOAD_ATT
         raise FairseqAsamError(
             f"{url}: download failed {attempts} times ({failure}); pass a local --archive"
         )
-    digest = _md5(partial)
-    if url == DOWNLOAD_URL and digest != ARCHIVE_MD5:
-        logger.warning(
-            "%s: MD5 %s differs from the known %s; the line counts will tell",
-            url,
-            digest,
-            ARCHIVE_MD5,
-        )
+    try:
+        digest = verify_md5(partial, md5, allow_md5_mismatch, f"downloaded from {url}:")
+    except FairseqAsamError as error:
+        os.unlink(partial)
+        raise FairseqAsamError(
+            f"{error} (removed; pass --allow-md5-mismatch to use such a file, or --download-md5 "
+            "for another mirror's)"
+        ) from None
     os.replace(partial, destination)
     logger.info(
         "downloaded %s to %s (%d bytes, MD5 %s)",
@@ -417,18 +463,40 @@ def download_archive(url: str, destination: str, *, attempts: int = DOWNLOAD_ATT
     return destination
 
 
+def _total_from_content_range(value: Optional[str]) -> Optional[int]:
+    """The complete size in `bytes a-b/TOTAL` or `bytes */TOTAL` (None if unknown)."""
+    if not value or "/" not in value:
+        return None
+    total = value.rsplit("/", 1)[1].strip()
+    return int(total) if total.isdigit() else None
+
+
 def _download_resuming(url: str, partial: str) -> None:
     have = os.path.getsize(partial) if os.path.exists(partial) else 0
     request = urllib.request.Request(url, headers={"Range": f"bytes={have}-"} if have else {})
     try:
         response = urllib.request.urlopen(request, timeout=DOWNLOAD_TIMEOUT_SECONDS)
     except urllib.error.HTTPError as exc:
-        if exc.code == 416 and have:  # nothing left to fetch
-            return
+        if exc.code == 416 and have:
+            # Nothing left to fetch, if the part file is as long as the file: the size the
+            # server announces must match (the MD5 check follows); otherwise start again.
+            total = _total_from_content_range(exc.headers.get("Content-Range"))
+            if total == have:
+                return
+            logger.warning(
+                "%s: the server has %s bytes, %s holds %d: downloading it again",
+                url,
+                "an unknown number of" if total is None else total,
+                partial,
+                have,
+            )
+            os.unlink(partial)
+            return _download_resuming(url, partial)
         raise
     with response:
         if response.status == 206:
-            total = int(response.headers["Content-Range"].rsplit("/", 1)[1])
+            total = _total_from_content_range(response.headers.get("Content-Range"))
+            total = -1 if total is None else total
             mode = "ab"
         else:  # the server sent the whole file
             total = int(response.headers.get("Content-Length", -1))
@@ -542,10 +610,13 @@ def prepare_iwslt14(
     workers: int = os.cpu_count() or 1,
     expect_real_counts: Optional[bool] = None,
     download_url: str = DOWNLOAD_URL,
+    download_md5: Optional[str] = ARCHIVE_MD5,
+    allow_md5_mismatch: bool = False,
 ) -> str:
     """Runs the recipe of the module docstring; returns `workdir/data-bin/iwslt14.tokenized.de-en`.
 
-    `archive`: a local `de-en.tgz`, or None to download `download_url` to `workdir/orig/`.
+    `archive`: a local `de-en.tgz`, or None to download `download_url` to `workdir/orig/`
+    (checked against `download_md5` unless `allow_md5_mismatch`, see download_archive).
     `subword`: "bpe" (the recipe) or "sentencepiece"; `bpe_merges`: the number of BPE merges,
     or the SentencePiece vocabulary size. `joined_dictionary`: one fairseq dictionary for both
     languages. `workers`: processes for tokenization, apply_bpe and fairseq-preprocess.
@@ -558,8 +629,14 @@ def prepare_iwslt14(
     if bpe_merges < 1:
         raise ConfigError(f"--bpe-merges: must be positive, not {bpe_merges}")
     workers = max(1, workers)
+    download_md5 = check_md5_option(download_md5)
     if archive is None:
-        archive = download_archive(download_url, os.path.join(workdir, "orig", ARCHIVE_NAME))
+        archive = download_archive(
+            download_url,
+            os.path.join(workdir, "orig", ARCHIVE_NAME),
+            md5=download_md5,
+            allow_md5_mismatch=allow_md5_mismatch,
+        )
     archive = os.path.abspath(archive)
     if not os.path.isfile(archive):
         raise FairseqAsamError(f"{archive}: archive not found")

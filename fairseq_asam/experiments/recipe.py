@@ -23,6 +23,11 @@ CHECKOUT_CONFIG_DIR = os.path.join(
 RECIPE_ARGS = "iwslt14_de_en/common.args"
 OPTIMIZER_ARGS = "iwslt14_de_en/{optimizer}.args"
 EVAL_BLEU_ARGS = "iwslt14_de_en/eval_bleu.args"
+# The checkpoint protocol's training flags, by the --best-checkpoint-metric it selects with.
+SELECTION_ARGS = {
+    "bleu": "iwslt14_de_en/checkpoint_best_bleu.args",
+    "loss": "iwslt14_de_en/checkpoint_best_loss.args",
+}
 TINY_OVERRIDES_ARGS = "tiny/overrides.args"
 HYDRA_CONFIG_DIR = os.path.join("hydra", "iwslt14_de_en")
 
@@ -71,11 +76,20 @@ def training_options(
     optimizer: str,
     eval_bleu: bool = False,
     folder: Optional[str] = None,
+    selection_metric: Optional[str] = None,
 ) -> List[Option]:
-    """The options of `args_files`, then the optimizer's file (and the --eval-bleu file), read
-    from `folder` (default: `config_dir()`); without data, --save-dir, --seed, --user-dir."""
+    """The options of `args_files`, then the optimizer's file, the checkpoint protocol's file
+    for `selection_metric` ("bleu" or "loss", see SELECTION_ARGS) and the --eval-bleu file,
+    read from `folder` (default: `config_dir()`); without data, --save-dir, --seed, --user-dir."""
     folder = config_dir() if folder is None else folder
     files = list(args_files) + [OPTIMIZER_ARGS.format(optimizer=optimizer)]
+    if selection_metric is not None:
+        if selection_metric not in SELECTION_ARGS:
+            raise ConfigError(
+                f"no checkpoint protocol selects by {selection_metric!r}; "
+                f"choose from {', '.join(SELECTION_ARGS)}"
+            )
+        files.append(SELECTION_ARGS[selection_metric])
     if eval_bleu:
         files.append(EVAL_BLEU_ARGS)
     return [option for name in files for option in read_args_file(os.path.join(folder, name))]

@@ -1,15 +1,27 @@
 """Table 4 from the runs of experiments.runner: BLEU per optimizer next to the paper's, and plots.
 
-Reads `<out>/runs/<optimizer>-seed<k>/results.json` (experiments.evaluation) and `train.log`
-(fairseq-train with --log-format json; fairseq's `... | valid | {...}` lines or hydra's
-`[...][valid][INFO] - {...}` lines) and writes into the report folder:
+Reads, for one or more output folders of the runner, `<out>/grid.json` (what the grid is: preset,
+checkpoint protocol, optimizers, seeds, each row's training settings),
+`<out>/runs/<optimizer>-seed<k>/results.json` (experiments.evaluation), `failure.json`,
+`training.json` and `train.log` (fairseq-train with --log-format json; fairseq's
+`... | valid | {...}` lines or hydra's `[...][valid][INFO] - {...}` lines), and writes into the
+report folder:
 
 * `table4.md`, `table4.csv`: valid and test BLEU (tokenized, the paper's metric) mean ± sample
-  standard deviation over seeds per optimizer, the paper's numbers, detokenized sacreBLEU, and
-  the adaptive sharpness of the evaluated checkpoints where a results.json has a `sharpness`
-  entry (experiments.sharpness's report, or a number);
-* `valid_loss.png`, `valid_bleu.png` (runs trained with --eval-bleu), `sharpness.png` (the
-  `sharpness` logged by SAM/ASAM on train_inner lines): one line per run against updates.
+  standard deviation over seeds per optimizer and protocol (`--checkpoint`, named in the title
+  and on every row), the paper's numbers, detokenized sacreBLEU, and the adaptive sharpness of
+  the evaluated checkpoints where a results.json has a `sharpness` entry.  A mean over fewer
+  seeds than the grid has says so (`n = 2 of 3`), and every run of the grid that has no result
+  is listed with why (failed, and where; running elsewhere; interrupted; not started);
+* `valid_loss.png`, `valid_bleu.png` (runs trained with --eval-bleu or --checkpoint best-bleu),
+  `sharpness.png` (the `sharpness` SAM/ASAM log on their train_inner lines, and
+  `sharpness_eval` where logged): one line per run against updates; the sharpness plot names
+  each optimizer's ρ and neighbourhood, and the report says what the logged values are.
+
+Only results that match their folder's grid are taken: the same preset and protocol, and
+training settings equal to the ones the grid gives that row now (a run trained with another
+--max-update is left out and listed).  Without grid.json (a folder made by hand) every complete
+results.json is taken.
 """
 
 import csv
@@ -18,18 +30,25 @@ import json
 import logging
 import os
 import re
+import shlex
 import statistics
-from dataclasses import dataclass
-from typing import Callable, Dict, List, Optional, Sequence
+import textwrap
+from dataclasses import dataclass, field
+from typing import Callable, Dict, List, Optional, Sequence, Tuple, Union
 
 from ..errors import FairseqAsamError
-from .evaluation import RESULTS_NAME
+from .evaluation import EVALUATED_SPLITS, RESULTS_NAME
 from .files import atomic_output, write_text
+from .locks import lock_holder
 
 logger = logging.getLogger(__name__)
 
 RUNS_FOLDER, REPORT_FOLDER = "runs", "report"
 TRAIN_LOG = "train.log"
+COMMAND_FILE = "command.txt"
+TRAINING_RECORD = "training.json"
+FAILURE_RECORD = "failure.json"
+GRID_RECORD = "grid.json"
 RUN_NAME = re.compile(r"^(?P<optimizer>.+)-seed(?P<seed>\d+)$")
 TABLE_MARKDOWN, TABLE_CSV = "table4.md", "table4.csv"
 
@@ -49,21 +68,48 @@ PAPER_TABLE4 = {
     "asam": PaperRow("Adam+ASAM", valid_bleu=35.66, test_bleu=35.02),
 }
 
+
+def protocol_description(protocol: str) -> str:
+    """What a --checkpoint value evaluates, in one sentence."""
+    if protocol == "best-bleu":
+        return (
+            "checkpoint_best.pt, the epoch with the highest validation BLEU during training "
+            "(fairseq-train --eval-bleu: beam 5, BPE removed, Moses-detokenized sacreBLEU on "
+            "valid; --best-checkpoint-metric bleu --maximize-best-checkpoint-metric), as "
+            "fairseq's IWSLT'14 example trains; the valid column is then the score of a "
+            "checkpoint chosen on valid itself"
+        )
+    if protocol == "best-loss":
+        return (
+            "checkpoint_best.pt, the epoch with the lowest validation loss "
+            "(--best-checkpoint-metric loss, fairseq's default)"
+        )
+    if protocol == "last":
+        return "checkpoint_last.pt, the end of training"
+    if protocol.startswith("average:"):
+        return (
+            f"the parameter average of the last {protocol.split(':', 1)[1]} epoch checkpoints "
+            "(fairseq's scripts/average_checkpoints.py)"
+        )
+    return protocol
+
+
 # fairseq's simple/json log line, and the same record as logged under fairseq-hydra-train.
 LOG_RECORD = re.compile(
     r"(?:\| (?P<tag>train_inner|valid|train) \| "
     r"|\]\[(?P<hydra_tag>train_inner|valid|train)\]\[\w+\] - )(?P<record>\{.*\})\s*$"
 )
-# (record tag, key of the x axis, key of the y axis, file, y label) of each plot.
+SHARPNESS_KEY, SHARPNESS_EVAL_KEY = "sharpness", "sharpness_eval"
+SHARPNESS_PNG = "sharpness.png"
+# (record tag, key of the x axis, key of the y axis, file, y label) of the validation plots.
 PLOTS = (
     ("valid", "valid_num_updates", "valid_loss", "valid_loss.png", "validation loss (base 2)"),
-    ("valid", "valid_num_updates", "valid_bleu", "valid_bleu.png", "validation BLEU (--eval-bleu)"),
     (
-        "train_inner",
-        "num_updates",
-        "sharpness",
-        "sharpness.png",
-        "sharpness L(w+ε) − L(w) (base 2)",
+        "valid",
+        "valid_num_updates",
+        "valid_bleu",
+        "valid_bleu.png",
+        "validation BLEU (fairseq-train --eval-bleu, detokenized)",
     ),
 )
 
@@ -105,6 +151,16 @@ def parse_train_log(path: str) -> Dict[str, List[dict]]:
     return {tag: [by_update[u] for u in sorted(by_update)] for tag, by_update in records.items()}
 
 
+def _read_json(path: str) -> Optional[dict]:
+    if not os.path.isfile(path):
+        return None
+    try:
+        with open(path, encoding="utf-8") as f:
+            return json.load(f)
+    except json.JSONDecodeError as error:
+        raise FairseqAsamError(f"{path} is not valid JSON: {error}") from error
+
+
 def run_directories(out_dir: str) -> List[str]:
     runs_dir = os.path.join(out_dir, RUNS_FOLDER)
     if not os.path.isdir(runs_dir):
@@ -116,15 +172,31 @@ def load_results(out_dir: str) -> List[dict]:
     """Every results.json under <out>/runs, each with its `run_dir`."""
     results = []
     for run_dir in run_directories(out_dir):
-        path = os.path.join(run_dir, RESULTS_NAME)
-        if not os.path.isfile(path):
-            continue
-        try:
-            with open(path, encoding="utf-8") as f:
-                results.append({**json.load(f), "run_dir": run_dir})
-        except json.JSONDecodeError as error:
-            raise FairseqAsamError(f"{path} is not valid JSON: {error}") from error
+        loaded = _read_json(os.path.join(run_dir, RESULTS_NAME))
+        if loaded is not None:
+            match = RUN_NAME.match(os.path.basename(run_dir))
+            loaded.setdefault("optimizer", match.group("optimizer"))
+            loaded.setdefault("seed", int(match.group("seed")))
+            results.append({**loaded, "run_dir": run_dir})
     return results
+
+
+def run_settings(run_dir: str) -> Dict[str, Optional[str]]:
+    """The fairseq-train options a run was trained with: its training.json, else command.txt."""
+    record = _read_json(os.path.join(run_dir, TRAINING_RECORD))
+    if record and isinstance(record.get("settings"), dict):
+        return record["settings"]
+    path = os.path.join(run_dir, COMMAND_FILE)
+    if not os.path.isfile(path):
+        return {}
+    with open(path, encoding="utf-8") as f:
+        words = shlex.split(f.read())
+    settings: Dict[str, Optional[str]] = {}
+    for index, word in enumerate(words):
+        if word.startswith("--"):
+            following = words[index + 1] if index + 1 < len(words) else None
+            settings[word] = None if following is None or following.startswith("--") else following
+    return settings
 
 
 def adaptive_sharpness(results: dict) -> Optional[float]:
@@ -137,6 +209,115 @@ def adaptive_sharpness(results: dict) -> Optional[float]:
             if estimate.get("measure") == "adaptive":
                 return float(estimate["sharpness"])
     return None
+
+
+def is_complete(results: dict) -> bool:
+    """Every split of Table 4 scored (a one-split results.json is not a result)."""
+    return all(isinstance(results.get(s), dict) and "bleu" in results[s] for s in EVALUATED_SPLITS)
+
+
+def results_protocol(results: dict) -> str:
+    return results.get("protocol") or results.get("checkpoint", {}).get("choice", "–")
+
+
+# --------------------------------------------------------------------------------------------
+# What a grid's report takes
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass
+class RunStatus:
+    """A run of a grid that has no result in the table, and why."""
+
+    name: str
+    protocol: str
+    status: str
+
+
+@dataclass
+class Selection:
+    results: List[dict] = field(default_factory=list)  # taken into the table
+    statuses: List[RunStatus] = field(default_factory=list)  # grid runs without a result
+    left_out: List[Tuple[str, str]] = field(default_factory=list)  # (run, why) not of this grid
+    grids: List[dict] = field(default_factory=list)
+    run_dirs: List[str] = field(default_factory=list)  # runs whose logs are plotted
+
+
+def _mismatch(results: dict, grid: dict) -> Optional[str]:
+    """Why `results` is not a result of `grid` (None if it is)."""
+    if not is_complete(results):
+        missing = [s for s in EVALUATED_SPLITS if not isinstance(results.get(s), dict)]
+        return f"results.json lacks {', '.join(missing)}"
+    if results.get("preset") != grid.get("preset"):
+        return f"preset {results.get('preset')}, the grid's is {grid.get('preset')}"
+    if results_protocol(results) != grid.get("protocol"):
+        return f"--checkpoint {results_protocol(results)}, the grid's is {grid.get('protocol')}"
+    expected = grid.get("recipe_fingerprints", {}).get(results.get("optimizer"))
+    if results.get("training", {}).get("recipe_fingerprint") != expected:
+        return "trained with other settings than the grid's (e.g. another --max-update)"
+    return None
+
+
+def _status_of(run_dir: str, results: Optional[dict], why: Optional[str]) -> str:
+    holder = lock_holder(run_dir) if os.path.isdir(run_dir) else None
+    if holder:
+        return f"in progress ({holder})"
+    failure = _read_json(os.path.join(run_dir, FAILURE_RECORD))
+    if failure:
+        return f"failed in {failure.get('stage', '?')}: {failure.get('error', '?')}"
+    training = _read_json(os.path.join(run_dir, TRAINING_RECORD))
+    if results is not None and why:
+        return f"not current: {why}"
+    if training and training.get("status") != "finished":
+        return "interrupted in training (resumable)"
+    if training:
+        return "trained, not evaluated"
+    return "not started"
+
+
+def select_results(out_dir: str) -> Selection:
+    """The results that belong to `out_dir`'s grid, and the state of its other runs."""
+    grid = _read_json(os.path.join(out_dir, GRID_RECORD))
+    selection = Selection(grids=[grid] if grid else [])
+    by_name = {os.path.basename(r["run_dir"]): r for r in load_results(out_dir)}
+    if grid is None:
+        selection.results = [r for r in by_name.values() if is_complete(r)]
+        selection.left_out = [
+            (n, "results.json lacks a split") for n, r in by_name.items() if not is_complete(r)
+        ]
+        selection.run_dirs = run_directories(out_dir)
+        return selection
+    grid_runs = [f"{o}-seed{s}" for o in grid.get("optimizers", []) for s in grid.get("seeds", [])]
+    for name, results in sorted(by_name.items()):
+        why = _mismatch(results, grid)
+        if why is None:
+            selection.results.append(results)
+            selection.run_dirs.append(results["run_dir"])
+        elif name not in grid_runs:
+            selection.left_out.append((name, why))
+    for name in grid_runs:
+        results = by_name.get(name)
+        if results is not None and _mismatch(results, grid) is None:
+            continue
+        run_dir = os.path.join(out_dir, RUNS_FOLDER, name)
+        why = _mismatch(results, grid) if results is not None else None
+        selection.statuses.append(
+            RunStatus(name, grid.get("protocol", "–"), _status_of(run_dir, results, why))
+        )
+        if os.path.isfile(os.path.join(run_dir, TRAIN_LOG)):
+            selection.run_dirs.append(run_dir)
+    return selection
+
+
+def combine(selections: Sequence[Selection]) -> Selection:
+    combined = Selection()
+    for s in selections:
+        combined.results += s.results
+        combined.statuses += s.statuses
+        combined.left_out += s.left_out
+        combined.grids += s.grids
+        combined.run_dirs += s.run_dirs
+    return combined
 
 
 # --------------------------------------------------------------------------------------------
@@ -178,11 +359,24 @@ class OptimizerSummary:
     optimizer: str
     seeds: List[int]
     stats: Dict[str, Optional[Stat]]  # by METRICS key
+    protocol: str = "–"
+    expected_seeds: Optional[int] = None  # how many seeds the grid has for this row
 
     @property
     def label(self) -> str:
-        row = PAPER_TABLE4.get(self.optimizer)
-        return row.label if row else self.optimizer
+        return optimizer_label(self.optimizer)
+
+    @property
+    def seeds_cell(self) -> str:
+        seeds = ",".join(map(str, self.seeds)) or "–"
+        if self.expected_seeds is not None and len(self.seeds) < self.expected_seeds:
+            return f"{seeds} (n = {len(self.seeds)} of {self.expected_seeds})"
+        return seeds
+
+
+def optimizer_label(name: str) -> str:
+    row = PAPER_TABLE4.get(name)
+    return row.label if row else name
 
 
 def optimizer_order(name: str):
@@ -190,19 +384,37 @@ def optimizer_order(name: str):
     return (known.index(name), "") if name in known else (len(known), name)
 
 
-def summarize_runs(results: Sequence[dict]) -> List[OptimizerSummary]:
-    """Per optimizer (in the paper's row order): its seeds and the Stat of every metric."""
-    by_optimizer: Dict[str, List[dict]] = {}
+def _expected_seeds(grids: Sequence[dict], protocol: str, optimizer: str) -> Optional[int]:
+    for grid in grids:
+        if grid.get("protocol") == protocol and optimizer in grid.get("optimizers", []):
+            return len(grid.get("seeds", []))
+    return None
+
+
+def summarize_runs(results: Sequence[dict], grids: Sequence[dict] = ()) -> List[OptimizerSummary]:
+    """Per optimizer (in the paper's row order) and protocol: its seeds and the Stat of every
+    metric; a row of a grid with no finished seed is there too (n = 0 of 3)."""
+    groups: Dict[Tuple[str, str], List[dict]] = {}
     for r in results:
-        by_optimizer.setdefault(r["optimizer"], []).append(r)
+        groups.setdefault((r["optimizer"], results_protocol(r)), []).append(r)
+    for grid in grids:
+        for optimizer in grid.get("optimizers", []):
+            groups.setdefault((optimizer, grid.get("protocol", "–")), [])
+    protocols = []
+    for _, protocol in groups:
+        if protocol not in protocols:
+            protocols.append(protocol)
     return [
         OptimizerSummary(
             optimizer,
             sorted(r["seed"] for r in runs),
             {key: Stat.of([metric(r) for r in runs]) for key, metric in METRICS.items()},
+            protocol,
+            _expected_seeds(grids, protocol, optimizer),
         )
-        for optimizer, runs in sorted(
-            by_optimizer.items(), key=lambda item: optimizer_order(item[0])
+        for (optimizer, protocol), runs in sorted(
+            groups.items(),
+            key=lambda item: (optimizer_order(item[0][0]), protocols.index(item[0][1])),
         )
     ]
 
@@ -220,12 +432,39 @@ def _value(value: Optional[float], digits: int = 2) -> str:
     return "–" if value is None else f"{value:.{digits}f}"
 
 
-def markdown_table(results: Sequence[dict]) -> str:
-    summaries = summarize_runs(results)
+def _updates(results: dict) -> str:
+    """The update count of the evaluated checkpoint (an average: of its newest source)."""
+    checkpoint = results.get("checkpoint", {})
+    updates = checkpoint.get("num_updates")
+    if updates is None:
+        return "–"
+    sources = checkpoint.get("sources") or []
+    return f"≤ {updates} ({len(sources)} averaged)" if len(sources) > 1 else str(updates)
+
+
+def _protocols(results: Sequence[dict], grids: Sequence[dict]) -> List[str]:
+    found = []
+    for protocol in [g.get("protocol") for g in grids] + [results_protocol(r) for r in results]:
+        if protocol and protocol not in found:
+            found.append(protocol)
+    return found
+
+
+def markdown_table(
+    results: Sequence[dict],
+    grids: Sequence[dict] = (),
+    statuses: Sequence[RunStatus] = (),
+    left_out: Sequence[Tuple[str, str]] = (),
+    figures: Sequence[str] = (),
+) -> str:
+    summaries = summarize_runs(results, grids)
+    protocols = _protocols(results, grids)
+    presets = sorted({g.get("preset") for g in grids if g.get("preset")})
     with_sharpness = any(s.stats["adaptive_sharpness"] for s in summaries)
     header = [
         "Optimizer",
         "Seeds",
+        "Checkpoint",
         "Valid BLEU",
         "Test BLEU",
         "Paper valid",
@@ -233,11 +472,18 @@ def markdown_table(results: Sequence[dict]) -> str:
         "Valid sacreBLEU",
         "Test sacreBLEU",
     ] + (["Adaptive sharpness"] if with_sharpness else [])
-    lines = [
-        "# Table 4: IWSLT'14 De→En, Transformer",
+    title = "# Table 4: IWSLT'14 De→En, Transformer — --checkpoint " + ", ".join(protocols or ["–"])
+    if presets:
+        title += f" (--preset {', '.join(presets)})"
+    lines = [title, ""]
+    for protocol in protocols:
+        lines.append(f"`--checkpoint {protocol}`: {protocol_description(protocol)}.")
+    lines += [
         "",
         "BLEU: tokenized BLEU-4 of fairseq-generate (beam 5, subword units removed), the paper's "
-        "metric; mean ± sample standard deviation over seeds. sacreBLEU: detokenized.",
+        "metric; mean ± sample standard deviation over seeds; `n = k of m`: the mean is over the "
+        "k seeds that finished (see Runs for the others). sacreBLEU: detokenized, "
+        "case-insensitive.",
         "",
         "| " + " | ".join(header) + " |",
         "|" + "---|" * len(header),
@@ -246,7 +492,8 @@ def markdown_table(results: Sequence[dict]) -> str:
         paper = PAPER_TABLE4.get(s.optimizer)
         cells = [
             s.label,
-            ",".join(map(str, s.seeds)),
+            s.seeds_cell,
+            s.protocol,
             _cell(s.stats["valid_bleu"]),
             _cell(s.stats["test_bleu"]),
             _value(paper.valid_bleu if paper else None),
@@ -259,6 +506,8 @@ def markdown_table(results: Sequence[dict]) -> str:
     run_header = [
         "Run",
         "Checkpoint",
+        "Status",
+        "Updates",
         "Valid BLEU",
         "Test BLEU",
         "Valid sacreBLEU",
@@ -272,37 +521,72 @@ def markdown_table(results: Sequence[dict]) -> str:
         "| " + " | ".join(run_header) + " |",
         "|" + "---|" * len(run_header),
     ]
-    for r in sorted(results, key=lambda r: (optimizer_order(r["optimizer"]), r["seed"])):
-        cells = [
-            os.path.basename(r["run_dir"]),
-            r.get("checkpoint", {}).get("choice", "–"),
-            _value(METRICS["valid_bleu"](r)),
-            _value(METRICS["test_bleu"](r)),
-            _value(METRICS["valid_sacrebleu"](r)),
-            _value(METRICS["test_sacrebleu"](r)),
-        ] + ([_value(adaptive_sharpness(r), 4)] if with_sharpness else [])
+
+    def protocol_order(protocol: str) -> int:
+        return protocols.index(protocol) if protocol in protocols else len(protocols)
+
+    rows = [
+        (
+            (optimizer_order(r["optimizer"]), r["seed"], protocol_order(results_protocol(r))),
+            [
+                os.path.basename(r["run_dir"]),
+                results_protocol(r),
+                "done",
+                _updates(r),
+                _value(METRICS["valid_bleu"](r)),
+                _value(METRICS["test_bleu"](r)),
+                _value(METRICS["valid_sacrebleu"](r)),
+                _value(METRICS["test_sacrebleu"](r)),
+            ]
+            + ([_value(adaptive_sharpness(r), 4)] if with_sharpness else []),
+        )
+        for r in results
+    ]
+    for status in statuses:
+        match = RUN_NAME.match(status.name)
+        key = (
+            optimizer_order(match.group("optimizer")),
+            int(match.group("seed")),
+            protocol_order(status.protocol),
+        )
+        cells = [status.name, status.protocol, status.status.replace("|", "/")]
+        rows.append((key, cells + ["–"] * (len(run_header) - len(cells))))
+    for _, cells in sorted(rows, key=lambda row: row[0]):
         lines.append("| " + " | ".join(cells) + " |")
+    if left_out:
+        lines += [
+            "",
+            "Not in this table (results of other settings): "
+            + "; ".join(f"{name}: {why}" for name, why in left_out)
+            + ".",
+        ]
     signatures = sorted(
         {r[s]["sacrebleu_signature"] for r in results for s in ("valid", "test") if s in r}
     )
     if signatures:
         lines += ["", "sacreBLEU signature: " + "; ".join(f"`{sig}`" for sig in signatures)]
+    if figures:
+        lines += ["", "## Figures", ""] + [f"- {text}" for text in figures]
     return "\n".join(lines) + "\n"
 
 
-def csv_table(results: Sequence[dict]) -> str:
+def csv_table(results: Sequence[dict], grids: Sequence[dict] = ()) -> str:
     out = io.StringIO()
     writer = csv.writer(out, lineterminator="\n")
     writer.writerow(
-        ["optimizer", "label", "seeds", "paper_valid_bleu", "paper_test_bleu"]
+        ["optimizer", "label", "checkpoint", "seeds", "n", "n_expected"]
+        + ["paper_valid_bleu", "paper_test_bleu"]
         + [f"{key}_{part}" for key in METRICS for part in ("mean", "std")]
     )
-    for s in summarize_runs(results):
+    for s in summarize_runs(results, grids):
         paper = PAPER_TABLE4.get(s.optimizer)
         row = [
             s.optimizer,
             s.label,
+            s.protocol,
             " ".join(map(str, s.seeds)),
+            len(s.seeds),
+            "" if s.expected_seeds is None else s.expected_seeds,
             paper.valid_bleu if paper else "",
             paper.test_bleu if paper else "",
         ]
@@ -317,91 +601,263 @@ def csv_table(results: Sequence[dict]) -> str:
     return out.getvalue()
 
 
-def plot_curves(
-    logs: Dict[str, Dict[str, List[dict]]], tag: str, x_key: str, y_key: str, ylabel: str, path: str
-) -> bool:
-    """One line per run (colour per optimizer) of `y_key` against `x_key`; False if none did."""
+# --------------------------------------------------------------------------------------------
+# Plots
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass
+class PlottedRun:
+    """One run's logs, as the plots need them."""
+
+    name: str  # e.g. adam-seed1
+    optimizer: str
+    seed: int
+    protocol: str
+    log: Dict[str, List[dict]]
+    settings: Dict[str, Optional[str]]
+
+
+def _pyplot():
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    series = {}
-    for run_name, log in logs.items():
-        points = [
-            (r[x_key], r[y_key]) for r in log[tag] if isinstance(r.get(y_key), float) and x_key in r
-        ]
-        if points:
-            series[run_name] = points
-    if not series:
-        return False
-    optimizers = sorted(
-        {RUN_NAME.match(n).group("optimizer") for n in series} | set(PAPER_TABLE4),
-        key=optimizer_order,
-    )
-    colours = {o: f"C{i}" for i, o in enumerate(optimizers)}  # the same in every plot
-    figure, axes = plt.subplots(figsize=(7, 4.5))
-    labelled = set()
+    return plt
 
-    def run_order(item):
-        match = RUN_NAME.match(item[0])
-        return optimizer_order(match.group("optimizer")), int(match.group("seed"))
 
-    for run_name, points in sorted(series.items(), key=run_order):
-        optimizer = RUN_NAME.match(run_name).group("optimizer")
-        label = (
-            None
-            if optimizer in labelled
-            else (PAPER_TABLE4[optimizer].label if optimizer in PAPER_TABLE4 else optimizer)
-        )
-        labelled.add(optimizer)
-        xs, ys = zip(*points)
-        axes.plot(
-            xs,
-            ys,
-            color=colours[optimizer],
-            alpha=0.8,
-            label=label,
-            marker="." if len(xs) < 30 else None,
-        )
-    axes.set_xlabel("updates")
-    axes.set_ylabel(ylabel)
-    axes.grid(alpha=0.3)
-    axes.legend()
-    figure.tight_layout()
+def _series(run: PlottedRun, tag: str, x_key: str, y_key: str) -> List[Tuple[float, float]]:
+    return [
+        (r[x_key], r[y_key]) for r in run.log[tag] if isinstance(r.get(y_key), float) and x_key in r
+    ]
+
+
+def _colours(runs: Sequence[PlottedRun]) -> Dict[str, str]:
+    optimizers = sorted({r.optimizer for r in runs} | set(PAPER_TABLE4), key=optimizer_order)
+    return {o: f"C{i}" for i, o in enumerate(optimizers)}  # the same in every plot
+
+
+def _run_order(run: PlottedRun):
+    return optimizer_order(run.optimizer), run.seed, run.protocol
+
+
+def _save(figure, path: str) -> None:
+    plt = _pyplot()
     try:
         with atomic_output(path) as temporary:
             figure.savefig(temporary, format="png", dpi=120)
     finally:
         plt.close(figure)
-    return True
 
 
-def write_report(out_dir: str, report_dir: Optional[str] = None) -> Dict[str, str]:
-    """Writes the tables and plots for the runs under `out_dir`; returns {name: path}."""
-    report_dir = report_dir or os.path.join(out_dir, REPORT_FOLDER)
-    results = load_results(out_dir)
-    logs = {
-        os.path.basename(d): parse_train_log(os.path.join(d, TRAIN_LOG))
-        for d in run_directories(out_dir)
-        if os.path.isfile(os.path.join(d, TRAIN_LOG))
-    }
+def curves_figure(runs: Sequence[PlottedRun], tag: str, x_key: str, y_key: str, ylabel: str):
+    """One line per run (colour per optimizer, line style per protocol); None if no run
+    logged `y_key`."""
+    plotted = [(r, _series(r, tag, x_key, y_key)) for r in sorted(runs, key=_run_order)]
+    plotted = [(r, points) for r, points in plotted if points]
+    if not plotted:
+        return None
+    plt = _pyplot()
+    colours = _colours(runs)
+    protocols = sorted({r.protocol for r, _ in plotted})
+    styles = {p: ("-", "--", ":", "-.")[i % 4] for i, p in enumerate(protocols)}
+    figure, axes = plt.subplots(figsize=(7, 4.5))
+    labelled = set()
+    for run, points in plotted:
+        key = (run.optimizer, run.protocol)
+        label = optimizer_label(run.optimizer)
+        if len(protocols) > 1:
+            label += f" (--checkpoint {run.protocol})"
+        xs, ys = zip(*points)
+        axes.plot(
+            xs,
+            ys,
+            color=colours[run.optimizer],
+            linestyle=styles[run.protocol],
+            alpha=0.8,
+            label=None if key in labelled else label,
+            marker="." if len(xs) < 30 else None,
+        )
+        labelled.add(key)
+    axes.set_xlabel("updates")
+    axes.set_ylabel(ylabel)
+    axes.grid(alpha=0.3)
+    axes.legend()
+    figure.tight_layout()
+    return figure
+
+
+def neighbourhood(settings: Dict[str, Optional[str]]) -> Optional[str]:
+    """ρ and kind of ball of a SAM/ASAM run, from its fairseq-train options (None for Adam)."""
+    optimizer = settings.get("--optimizer")
+    if optimizer not in ("sam", "asam"):
+        return None
+    rho = settings.get("--rho") or "the plugin's default"
+    if optimizer == "sam":
+        text = f"ρ = {rho}, plain ball ‖ε‖₂ ≤ ρ"
+    else:
+        eta = settings.get("--eta") or "the plugin's default"
+        text = f"ρ = {rho}, η = {eta}, adaptive ball ‖T⁻¹ε‖₂ ≤ ρ, T = |w| + η"
+    interval = settings.get("--sam-interval")
+    if interval and interval != "1":
+        text += f", every {interval}th update"
+    start = settings.get("--sam-start-update")
+    if start and start != "0":
+        text += f", from update {start}"
+    return text
+
+
+def sharpness_caption(runs: Sequence[PlottedRun], with_eval: bool) -> str:
+    """What the sharpness plot shows, as the plugin logs it (the report's text for it)."""
+    dropouts = sorted({r.settings.get("--dropout") or "fairseq's default" for r in runs})
+    text = (
+        f"{SHARPNESS_PNG}: `sharpness` as fairseq-train logs it on its train_inner lines: "
+        "L(w+ε) − L(w) on each update's own training batches, per target token in base 2, "
+        "averaged over each --log-interval. "
+        "SAM's ε lies in the plain ball ‖ε‖₂ ≤ ρ, ASAM's in the adaptive ball ‖T⁻¹ε‖₂ ≤ ρ "
+        "(T = |w| + η on weights), with the ρ (and η) named in the legend: the two measure "
+        "different neighbourhoods, so their values are not comparable across optimizers, "
+        "only along one run. "
+        f"The two passes draw their own dropout masks (--dropout {', '.join(dropouts)}), so "
+        "under dropout the logged `sharpness` is a noisy estimate of the rise ε causes. "
+    )
+    if with_eval:
+        text += (
+            "Dashed: `sharpness_eval` (--sharpness-eval-interval N), the same difference with "
+            "dropout off, free of that noise, on the updates it was measured on."
+        )
+    else:
+        text += (
+            "No run here logged `sharpness_eval`, the noise-free value with dropout off "
+            "(fairseq-train --sharpness-eval-interval N logs it)."
+        )
+    return text
+
+
+def sharpness_figure(runs: Sequence[PlottedRun]):
+    """`sharpness` (solid) and `sharpness_eval` (dashed) of the SAM/ASAM runs, the legend naming
+    each optimizer's ρ and ball, the caption below; (figure, caption) or (None, None)."""
+    measured = [
+        (
+            r,
+            _series(r, "train_inner", "num_updates", SHARPNESS_KEY),
+            _series(r, "train_inner", "num_updates", SHARPNESS_EVAL_KEY),
+        )
+        for r in sorted(runs, key=_run_order)
+    ]
+    measured = [m for m in measured if m[1] or m[2]]
+    if not measured:
+        return None, None
+    plt = _pyplot()
+    colours = _colours(runs)
+    with_eval = any(m[2] for m in measured)
+    caption = sharpness_caption([m[0] for m in measured], with_eval)
+    figure, axes = plt.subplots(figsize=(8, 6.2))
+    labelled = set()
+    for run, logged, evaluated in measured:
+        ball = neighbourhood(run.settings)
+        label = optimizer_label(run.optimizer) + (f": {ball}" if ball else "")
+        for points, key, style in (
+            (logged, SHARPNESS_KEY, "-"),
+            (evaluated, SHARPNESS_EVAL_KEY, "--"),
+        ):
+            if not points:
+                continue
+            xs, ys = zip(*points)
+            name = (run.optimizer, key)
+            axes.plot(
+                xs,
+                ys,
+                color=colours[run.optimizer],
+                linestyle=style,
+                alpha=0.8,
+                label=None if name in labelled else f"{label} — {key}",
+                marker="." if len(xs) < 30 else None,
+            )
+            labelled.add(name)
+    axes.set_xlabel("updates")
+    axes.set_ylabel("L(w+ε) − L(w) (base 2)")
+    axes.grid(alpha=0.3)
+    axes.legend(fontsize=7)
+    figure.tight_layout(rect=(0, 0.2, 1, 1))
+    figure.text(0.01, 0.01, textwrap.fill(caption, 125), fontsize=6.5, va="bottom", ha="left")
+    return figure, caption
+
+
+def plotted_runs(selection: Selection) -> List[PlottedRun]:
+    runs = []
+    for run_dir in selection.run_dirs:
+        log_path = os.path.join(run_dir, TRAIN_LOG)
+        if not os.path.isfile(log_path):
+            continue
+        name = os.path.basename(run_dir)
+        match = RUN_NAME.match(name)
+        results = _read_json(os.path.join(run_dir, RESULTS_NAME)) or {}
+        grid = _read_json(os.path.join(os.path.dirname(os.path.dirname(run_dir)), GRID_RECORD))
+        protocol = (grid or {}).get("protocol") or results_protocol(results)
+        runs.append(
+            PlottedRun(
+                name,
+                match.group("optimizer"),
+                int(match.group("seed")),
+                protocol,
+                parse_train_log(log_path),
+                run_settings(run_dir),
+            )
+        )
+    return runs
+
+
+def write_report(
+    out_dirs: Union[str, Sequence[str]], report_dir: Optional[str] = None
+) -> Dict[str, str]:
+    """Writes the tables and plots of the grid(s) in `out_dirs`; returns {name: path}.
+
+    One folder: its own report (default `<out>/report`).  Several (e.g. the same grid run with
+    `--checkpoint best-loss` and with `best-bleu`): one table with a row per optimizer and
+    protocol; `report_dir` is then required.
+    """
+    out_dirs = [out_dirs] if isinstance(out_dirs, str) else list(out_dirs)
+    if report_dir is None:
+        if len(out_dirs) > 1:
+            raise FairseqAsamError("--report-dir is required with more than one output folder")
+        report_dir = os.path.join(out_dirs[0], REPORT_FOLDER)
+    selection = combine([select_results(out_dir) for out_dir in out_dirs])
+    runs = plotted_runs(selection)
     os.makedirs(report_dir, exist_ok=True)
-    written = {}
-    if results:
+    written, figures = {}, []
+    for tag, x_key, y_key, file_name, ylabel in PLOTS:
+        figure = curves_figure(runs, tag, x_key, y_key, ylabel)
+        if figure is None:
+            logger.info(f"no run logged {y_key}: no {file_name}")
+            continue
+        written[file_name] = os.path.join(report_dir, file_name)
+        _save(figure, written[file_name])
+    figure, caption = sharpness_figure(runs)
+    if figure is None:
+        logger.info(f"no run logged {SHARPNESS_KEY}: no {SHARPNESS_PNG}")
+    else:
+        written[SHARPNESS_PNG] = os.path.join(report_dir, SHARPNESS_PNG)
+        _save(figure, written[SHARPNESS_PNG])
+        figures.append(caption)
+    if selection.results or selection.statuses:
         for name, text in (
-            (TABLE_MARKDOWN, markdown_table(results)),
-            (TABLE_CSV, csv_table(results)),
+            (
+                TABLE_MARKDOWN,
+                markdown_table(
+                    selection.results,
+                    selection.grids,
+                    selection.statuses,
+                    selection.left_out,
+                    figures,
+                ),
+            ),
+            (TABLE_CSV, csv_table(selection.results, selection.grids)),
         ):
             written[name] = os.path.join(report_dir, name)
             write_text(written[name], text)
     else:
-        logger.warning(f"no {RESULTS_NAME} under {os.path.join(out_dir, RUNS_FOLDER)}: no table")
-    for tag, x_key, y_key, file_name, ylabel in PLOTS:
-        path = os.path.join(report_dir, file_name)
-        if plot_curves(logs, tag, x_key, y_key, ylabel, path):
-            written[file_name] = path
-        else:
-            logger.info(f"no run logged {y_key}: no {file_name}")
+        logger.warning(f"no {RESULTS_NAME} under {', '.join(out_dirs)}: no table")
     logger.info(f"report: {', '.join(written.values()) or 'nothing to report'}")
-    return written
+    return {**{k: written[k] for k in (TABLE_MARKDOWN, TABLE_CSV) if k in written}, **written}

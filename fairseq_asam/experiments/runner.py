@@ -1,32 +1,61 @@
 """Table 4 of Kwon et al. (ICML 2021), IWSLT'14 De->En: the grid of runs, from data to report.
 
+    <out>/grid.json                   what this grid is: preset, protocol (--checkpoint),
+                                      optimizers, seeds, the training settings per row
     <out>/data/                       the preparation's work folder (data-bin inside)
-    <out>/runs/<optimizer>-seed<k>/   one run: command.txt, train.log, checkpoints/,
-                                      generate-{valid,test}.txt, results.json
+    <out>/runs/<optimizer>-seed<k>/   one run: command.txt, training.json, train.log,
+                                      checkpoints/, generate-{valid,test}.txt, results.json,
+                                      failure.json (if its last attempt failed), run.lock
     <out>/report/                     table4.md, table4.csv, plots (experiments.report)
 
 Settings come from the fairseq-train argument files in configs/ (`TABLE4_PRESETS` says which): the
-recipe, then the preset's overrides, then the optimizer's file, then what the run itself sets
-(data, --save-dir, --seed, --user-dir).  Resumable: a run with a results.json is skipped; a run
-without one trains with the same --save-dir, so fairseq continues from checkpoint_last.pt (or
-skips training if `training.done` says it finished), then it is evaluated.  On GPUs the runs
-go one per GPU in parallel (CUDA_VISIBLE_DEVICES); on a CPU one after the other.
+recipe, then the preset's overrides, then the optimizer's file, then the checkpoint protocol's
+file (`--checkpoint`: best-bleu trains with in-training validation BLEU and selects by it), then
+what the run itself sets (data, --save-dir, --seed, --user-dir).
+
+Every stage records the settings it ran with, and a re-run compares them with the current ones
+before anything starts:
+
+* training (`training.json`: every fairseq-train option but --save-dir/--user-dir, and the data):
+  the same settings and finished -> skipped; the same and interrupted -> resumed from
+  checkpoint_last.pt; only --max-update raised -> continued from checkpoint_last.pt to the new
+  budget; anything else changed -> the grid refuses to start, with one line naming what changed
+  (a run is never silently reused, nor silently thrown away);
+* evaluation (`results.json` -> `evaluation`: protocol, beam, references, data and the version
+  of every checkpoint file it read): redone unless its fingerprint matches and every split
+  (valid, test) is scored;
+* adaptive sharpness (`--sharpness-rho`): redone when the evaluation or ρ changed.
+
+A run folder is locked (`locks.RunLock`) while a launcher works on it: a second launcher skips it
+and says so.  A failure of one run — any exception, a trainer killed by a signal — is written to
+its `failure.json` and the grid goes on; the report is written with what finished.  Ctrl-C
+starts no new run or stage, stops the running children (SIGINT, then SIGKILL after a grace
+period), writes the report and leaves every run resumable.  On GPUs the runs go one per GPU in
+parallel (CUDA_VISIBLE_DEVICES); on a CPU one after the other.
 """
 
+import datetime
+import json
 import logging
 import math
 import os
 import queue
 import shlex
+import signal
 import subprocess
 import sys
-from concurrent.futures import ThreadPoolExecutor
+import threading
+import time
+import traceback
+from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass
 from typing import Dict, List, Optional, Sequence, Tuple
 
 from .. import USER_DIR
 from ..errors import ConfigError, FairseqAsamError
-from . import evaluation, prepare, recipe, report, sharpness, synthetic_data
+from . import evaluation, prepare, recipe, report, synthetic_data
+from .files import write_json, write_text
+from .locks import RunLock, RunLocked
 
 logger = logging.getLogger(__name__)
 
@@ -35,8 +64,26 @@ OPTIMIZERS = ("adam", "sam", "asam")
 SCHEDULE_ROWS = ("asam_interval5", "asam_looksam5", "asam_late")
 DATA_FOLDER = "data"
 CHECKPOINTS_FOLDER = "checkpoints"
-COMMAND_FILE, TRAINING_DONE = "command.txt", "training.done"
+COMMAND_FILE = report.COMMAND_FILE
+TRAINING_RECORD = report.TRAINING_RECORD
+FAILURE_RECORD = report.FAILURE_RECORD
+GRID_RECORD = report.GRID_RECORD
+SHARPNESS_JSON, SHARPNESS_LOG = "sharpness.json", "sharpness.log"
+# Written by versions before training.json: a run that has one cannot tell its settings.
+LEGACY_TRAINING_DONE = "training.done"
 DATA_BIN_NAME = os.path.join("data-bin", prepare.PREP_NAME)
+# fairseq-train options that name where a run writes, not how it trains.
+RUN_LOCATION_FLAGS = ("--save-dir", "--user-dir")
+SEED_FLAG, BUDGET_FLAG = "--seed", "--max-update"
+DATA_SETTING = "data"
+# Ctrl-C: how long the children get to exit after SIGINT before they are killed.
+STOP_GRACE_SECONDS = 60.0
+POLL_SECONDS = 0.5
+INTERRUPTED_STATUS = 130  # the shell's status for a program ended by SIGINT
+# The adaptive sharpness runs as fairseq-asam-sharpness in its own process, on the run's GPU.
+SHARPNESS_PROGRAM = (
+    "from fairseq_asam.experiments.cli import sharpness_main; raise SystemExit(sharpness_main())"
+)
 
 
 @dataclass(frozen=True)
@@ -54,7 +101,7 @@ class Table4Preset:
     args_files: Tuple[str, ...]  # relative to the config folder, applied in order
     seeds: Tuple[int, ...]
     bpe_merges: int
-    checkpoint: str  # evaluation.parse_checkpoint_choice
+    checkpoint: str  # the default protocol, evaluation.parse_checkpoint_choice
     description: str
     sample_archive: Optional[SampleArchive] = None  # data when no --archive is given
     # OMP_NUM_THREADS for runs on a CPU (unless set already): a tiny model is many times faster
@@ -68,7 +115,7 @@ TABLE4_PRESETS = {
         (recipe.RECIPE_ARGS,),
         seeds=(1, 2, 3),
         bpe_merges=prepare.DEFAULT_BPE_MERGES,
-        checkpoint="best",
+        checkpoint=evaluation.DEFAULT_CHECKPOINT,
         description="Table 4 as published: needs --archive (the IWSLT'14 de-en.tgz) and GPUs",
     ),
     "tiny": Table4Preset(
@@ -76,7 +123,7 @@ TABLE4_PRESETS = {
         (recipe.RECIPE_ARGS, recipe.TINY_OVERRIDES_ARGS),
         seeds=(1,),
         bpe_merges=500,
-        checkpoint="best",
+        checkpoint=evaluation.DEFAULT_CHECKPOINT,
         sample_archive=SampleArchive(n_train=2000, n_dev=40),
         cpu_threads=1,
         description="the same pipeline on a generated sample archive, a tiny Transformer, a CPU",
@@ -125,7 +172,7 @@ def parse_seeds(text: str) -> Tuple[int, ...]:
 
 
 # --------------------------------------------------------------------------------------------
-# fairseq-train commands
+# fairseq-train commands and their settings
 # --------------------------------------------------------------------------------------------
 
 
@@ -138,12 +185,65 @@ def train_command(
 ) -> List[str]:
     own = [
         ("--save-dir", os.path.join(run_dir, CHECKPOINTS_FOLDER)),
-        ("--seed", str(run.seed)),
+        (SEED_FLAG, str(run.seed)),
         ("--user-dir", USER_DIR),
     ]
     return [sys.executable, "-m", "fairseq_cli.train", data_bin] + recipe.merge_options(
         options, overrides, own
     )
+
+
+def settings_of_command(command: Sequence[str]) -> Dict[str, Optional[str]]:
+    """{flag: value or None} of a fairseq-train command built by `train_command`, and its data
+    folder; without the flags that only say where the run writes."""
+    arguments = list(command[3:])
+    settings: Dict[str, Optional[str]] = {DATA_SETTING: arguments[0]}
+    index = 1
+    while index < len(arguments):
+        flag = arguments[index]
+        has_value = index + 1 < len(arguments) and not arguments[index + 1].startswith("--")
+        value = arguments[index + 1] if has_value else None
+        if flag not in RUN_LOCATION_FLAGS:
+            settings[flag] = value
+        index += 2 if has_value else 1
+    return settings
+
+
+def recipe_fingerprint(settings: Dict[str, Optional[str]]) -> str:
+    """The fingerprint of a run's training settings without its seed: the same for every seed
+    of one row of the grid (the report takes only results with the current one)."""
+    return evaluation.fingerprint({k: v for k, v in settings.items() if k != SEED_FLAG})
+
+
+def describe_changes(old: Dict[str, Optional[str]], new: Dict[str, Optional[str]]) -> List[str]:
+    """`--max-update 20 → 30`, `--eval-bleu added`, ... for every setting that differs."""
+
+    def shown(value: Optional[str]) -> str:
+        return "(switch)" if value is None else value
+
+    changes = []
+    for key in list(old) + [k for k in new if k not in old]:
+        if key not in new:
+            changes.append(f"{key} {shown(old[key])} removed")
+        elif key not in old:
+            changes.append(f"{key} {shown(new[key])} added")
+        elif old[key] != new[key]:
+            changes.append(f"{key} {shown(old[key])} → {shown(new[key])}")
+    return changes
+
+
+def read_json_file(path: str) -> Optional[dict]:
+    if not os.path.isfile(path):
+        return None
+    try:
+        with open(path, encoding="utf-8") as f:
+            return json.load(f)
+    except json.JSONDecodeError as error:
+        raise FairseqAsamError(f"{path} is not valid JSON: {error}") from error
+
+
+def _now() -> str:
+    return datetime.datetime.now().isoformat(timespec="seconds")
 
 
 # --------------------------------------------------------------------------------------------
@@ -162,18 +262,33 @@ class GridConfig:
     max_update: Optional[int] = None
     fp16: bool = False
     eval_bleu: bool = False
-    checkpoint: Optional[str] = None  # None: the preset's
+    checkpoint: Optional[str] = None  # the protocol; None: the preset's
     sharpness_rho: Optional[float] = None  # also measure the adaptive sharpness at this ρ
     config_dir: Optional[str] = None  # None: the installed configs (recipe.config_dir())
     gpus: Optional[List[str]] = None  # None: every visible GPU
 
     @property
     def runs(self) -> List[Run]:
-        return [Run(o, s) for o in self.optimizers for s in (self.seeds or self.preset.seeds)]
+        return [Run(o, s) for o in self.optimizers for s in self.seed_list]
+
+    @property
+    def seed_list(self) -> Tuple[int, ...]:
+        return self.seeds or self.preset.seeds
+
+    @property
+    def protocol(self) -> evaluation.CheckpointChoice:
+        return evaluation.parse_checkpoint_choice(self.checkpoint or self.preset.checkpoint)
 
     @property
     def default_data_bin(self) -> str:
         return os.path.join(self.out_dir, DATA_FOLDER, DATA_BIN_NAME)
+
+    @property
+    def data_bin_path(self) -> str:
+        """Where the grid's binarized data is (or will be once prepared), absolute."""
+        return os.path.abspath(
+            self.data_bin if self.data_bin is not None else self.default_data_bin
+        )
 
     def run_dir(self, run: Run) -> str:
         return os.path.join(self.out_dir, report.RUNS_FOLDER, run.name)
@@ -184,10 +299,31 @@ class GridConfig:
     def overrides(self) -> List[Tuple[str, Optional[str]]]:
         options = []
         if self.max_update is not None:
-            options.append(("--max-update", str(self.max_update)))
+            options.append((BUDGET_FLAG, str(self.max_update)))
         if self.fp16:
             options.append(("--fp16", None))
         return options
+
+    def training_options(self, optimizer: str) -> List[Tuple[str, Optional[str]]]:
+        return recipe.training_options(
+            self.preset.args_files,
+            optimizer,
+            self.eval_bleu,
+            self.config_dir,
+            selection_metric=self.protocol.selection_metric,
+        )
+
+    def command(self, run: Run, data_bin: Optional[str] = None) -> List[str]:
+        return train_command(
+            data_bin or self.data_bin_path,
+            self.run_dir(run),
+            run,
+            self.training_options(run.optimizer),
+            self.overrides(),
+        )
+
+    def training_settings(self, run: Run) -> Dict[str, Optional[str]]:
+        return settings_of_command(self.command(run))
 
 
 def visible_gpus() -> List[str]:
@@ -201,16 +337,130 @@ def visible_gpus() -> List[str]:
     return [str(i) for i in range(count)]
 
 
+def known_rows(config: GridConfig) -> List[str]:
+    """Every row whose argument file exists in the config folder."""
+    folder = config.config_dir or recipe.config_dir()
+    return [
+        name
+        for name in OPTIMIZERS + SCHEDULE_ROWS
+        if os.path.isfile(os.path.join(folder, recipe.OPTIMIZER_ARGS.format(optimizer=name)))
+    ]
+
+
+# --------------------------------------------------------------------------------------------
+# What a run needs: its plan
+# --------------------------------------------------------------------------------------------
+
+# Plan actions
+TRAIN, RESUME, EXTEND, EVALUATE, DONE = "train", "resume", "extend", "evaluate", "done"
+
+
+@dataclass
+class RunPlan:
+    run: Run
+    action: str
+    reason: str = ""
+    conflict: Optional[str] = None  # the settings changes that forbid reusing the run
+
+
+def _has_checkpoints(run_dir: str) -> bool:
+    folder = os.path.join(run_dir, CHECKPOINTS_FOLDER)
+    return os.path.isdir(folder) and any(n.endswith(".pt") for n in os.listdir(folder))
+
+
+def _budget(settings: Dict[str, Optional[str]]) -> Optional[int]:
+    value = settings.get(BUDGET_FLAG)
+    return int(value) if value is not None and value.isdigit() else None
+
+
+def plan_training(config: GridConfig, run: Run) -> RunPlan:
+    """What the run's training needs, from its training.json and the current settings."""
+    run_dir = config.run_dir(run)
+    record = read_json_file(os.path.join(run_dir, TRAINING_RECORD))
+    current = config.training_settings(run)
+    if record is None:
+        if _has_checkpoints(run_dir) or os.path.exists(os.path.join(run_dir, LEGACY_TRAINING_DONE)):
+            return RunPlan(
+                run,
+                TRAIN,
+                conflict=f"has checkpoints but no {TRAINING_RECORD} (an older version made it), "
+                "so its settings are unknown",
+            )
+        return RunPlan(run, TRAIN, "training")
+    changes = describe_changes(record.get("settings", {}), current)
+    if changes:
+        old, new = _budget(record.get("settings", {})), _budget(current)
+        only_budget = all(change.startswith(BUDGET_FLAG + " ") for change in changes)
+        if only_budget and old is not None and new is not None and new > old:
+            return RunPlan(
+                run, EXTEND, f"{BUDGET_FLAG} {old} → {new}: continuing from checkpoint_last.pt"
+            )
+        return RunPlan(run, TRAIN, conflict="trained with other settings: " + "; ".join(changes))
+    if record.get("status") != "finished":
+        return RunPlan(run, RESUME, "interrupted earlier: resuming from checkpoint_last.pt")
+    return RunPlan(run, EVALUATE, "trained")
+
+
+def sharpness_settings(config: GridConfig, evaluation_fingerprint: str) -> Optional[Dict]:
+    if config.sharpness_rho is None:
+        return None
+    settings = {
+        "rho": config.sharpness_rho,
+        "measures": ["adaptive"],
+        "evaluation": evaluation_fingerprint,
+    }
+    return {**settings, "fingerprint": evaluation.fingerprint(settings)}
+
+
+def plan_run(config: GridConfig, run: Run, references: Dict[str, str]) -> RunPlan:
+    """The training plan, or for a trained run whether its evaluation and sharpness are done."""
+    plan = plan_training(config, run)
+    if plan.action != EVALUATE or plan.conflict:
+        return plan
+    run_dir = config.run_dir(run)
+    results = evaluation.read_results(os.path.join(run_dir, evaluation.RESULTS_NAME))
+    try:
+        settings = evaluation.evaluation_settings(
+            config.data_bin_path,
+            os.path.join(run_dir, CHECKPOINTS_FOLDER),
+            config.protocol,
+            references=references,
+        )
+    except FairseqAsamError as error:  # e.g. a checkpoint missing: the evaluation will say
+        return RunPlan(run, EVALUATE, f"to evaluate ({error})")
+    if not evaluation.evaluation_done(results, settings):
+        return RunPlan(run, EVALUATE, "to evaluate")
+    wanted = sharpness_settings(config, settings["fingerprint"])
+    if wanted and results.get("sharpness_settings", {}).get("fingerprint") != wanted["fingerprint"]:
+        return RunPlan(run, EVALUATE, "to measure its sharpness")
+    if results.get("training", {}).get("fingerprint") != evaluation.fingerprint(
+        config.training_settings(run)
+    ):
+        return RunPlan(run, EVALUATE, "to record its settings")
+    return RunPlan(run, DONE, f"done ({evaluation.RESULTS_NAME} is current)")
+
+
+def training_conflicts(config: GridConfig) -> List[str]:
+    """One entry per kind of change: `adam-seed1, asam-seed1 trained with other settings:
+    --max-update 30 → 20`."""
+    grouped: Dict[str, List[str]] = {}
+    for run in config.runs:
+        plan = plan_training(config, run)
+        if plan.conflict:
+            grouped.setdefault(plan.conflict, []).append(run.name)
+    return [
+        f"{names[0] if len(names) == 1 else ', '.join(names)} {why}"
+        for why, names in grouped.items()
+    ]
+
+
 def check_grid(config: GridConfig) -> None:
     """Every check that needs no work, so that bad input fails before anything starts."""
     if config.max_update is not None and config.max_update < 1:
         raise ConfigError(f"--max-update must be >= 1, got {config.max_update}")
-    if config.checkpoint is not None:
-        evaluation.parse_checkpoint_choice(config.checkpoint)
+    evaluation.parse_checkpoint_choice(config.checkpoint or config.preset.checkpoint)
     for optimizer in config.optimizers:
-        recipe.training_options(
-            config.preset.args_files, optimizer, config.eval_bleu, config.config_dir
-        )
+        config.training_options(optimizer)
     if config.data_bin is not None:
         evaluation.check_data_bin(config.data_bin)
     elif config.archive is not None:
@@ -229,6 +479,40 @@ def check_grid(config: GridConfig) -> None:
         )
     if config.fp16 and not config.gpu_ids():
         raise ConfigError("--fp16 needs a GPU, and none is visible")
+    conflicts = training_conflicts(config)
+    if conflicts:
+        raise ConfigError(
+            f"{os.path.join(config.out_dir, report.RUNS_FOLDER)}: "
+            + "; ".join(conflicts)
+            + ". Re-run with the settings they were trained with, delete those run folders, "
+            "or give another --out"
+        )
+
+
+def grid_record(config: GridConfig) -> Dict:
+    """grid.json: what the report of this grid takes (preset, protocol, each row's settings)."""
+    fingerprints = {}
+    for row in known_rows(config):
+        settings = settings_of_command(
+            train_command(
+                config.data_bin_path,
+                config.run_dir(Run(row, 1)),
+                Run(row, 1),
+                config.training_options(row),
+                config.overrides(),
+            )
+        )
+        fingerprints[row] = recipe_fingerprint(settings)
+    return {
+        "preset": config.preset.name,
+        "protocol": str(config.protocol),
+        "optimizers": list(config.optimizers),
+        "seeds": list(config.seed_list),
+        "max_update": config.max_update,
+        "sharpness_rho": config.sharpness_rho,
+        "recipe_fingerprints": fingerprints,
+        "written": _now(),
+    }
 
 
 def prepare_data(config: GridConfig) -> str:
@@ -270,17 +554,87 @@ def reference_files(data_bin: str) -> Dict[str, str]:
     return found
 
 
-def train(command: List[str], command_line: str, run_dir: str, env: Dict[str, str]) -> None:
-    """fairseq-train, appending to train.log; resumes from checkpoint_last.pt if there is one."""
-    with open(os.path.join(run_dir, COMMAND_FILE), "w", encoding="utf-8") as f:
-        f.write(command_line + "\n")
-    log_path = os.path.join(run_dir, report.TRAIN_LOG)
-    with open(log_path, "a", encoding="utf-8") as log:
-        returncode = subprocess.call(command, stdout=log, stderr=subprocess.STDOUT, env=env)
-    if returncode != 0:
-        raise FairseqAsamError(f"fairseq-train failed with exit code {returncode}; see {log_path}")
-    with open(os.path.join(run_dir, TRAINING_DONE), "w", encoding="utf-8") as f:
-        f.write(command_line + "\n")
+# --------------------------------------------------------------------------------------------
+# Children: every process the grid starts, so that Ctrl-C can stop them
+# --------------------------------------------------------------------------------------------
+
+
+class RunInterrupted(Exception):
+    """The grid is stopping (Ctrl-C): the run stopped where it was, resumable."""
+
+
+class Supervisor:
+    """Starts the grid's child processes and stops them all on request.
+
+    `call` refuses to start a child once `stop()` was called; `stop()` sends SIGINT to the
+    running ones (the signal a terminal's Ctrl-C sends), waits up to `grace` seconds and kills
+    what is left, and returns when every child has exited.
+    """
+
+    def __init__(self):
+        self._lock = threading.Lock()
+        self._children: List[subprocess.Popen] = []
+        self.stopping = threading.Event()
+
+    def call(
+        self,
+        command: Sequence[str],
+        stdout,
+        env: Optional[Dict[str, str]] = None,
+        pass_fds: Sequence[int] = (),
+    ) -> int:
+        with self._lock:
+            if self.stopping.is_set():
+                raise RunInterrupted("not started: the grid is stopping")
+            child = subprocess.Popen(
+                list(command),
+                stdout=stdout,
+                stderr=subprocess.STDOUT,
+                env=env,
+                pass_fds=tuple(pass_fds),
+            )
+            self._children.append(child)
+        try:
+            returncode = child.wait()
+        finally:
+            with self._lock:
+                self._children.remove(child)
+        if self.stopping.is_set() and returncode != 0:
+            raise RunInterrupted(f"stopped ({evaluation.exit_description(returncode)})")
+        return returncode
+
+    def running(self) -> List[subprocess.Popen]:
+        with self._lock:
+            return list(self._children)
+
+    def stop(self, grace: float = STOP_GRACE_SECONDS) -> None:
+        with self._lock:
+            self.stopping.set()
+            children = list(self._children)
+        for child in children:
+            if child.poll() is None:
+                logger.info(f"stopping child {child.pid} (SIGINT)")
+                child.send_signal(signal.SIGINT)
+        deadline = time.monotonic() + grace
+        try:
+            for child in children:
+                remaining = max(0.0, deadline - time.monotonic())
+                try:
+                    child.wait(timeout=remaining)
+                except subprocess.TimeoutExpired:
+                    pass
+        except KeyboardInterrupt:  # a second Ctrl-C: no more waiting
+            logger.warning("second Ctrl-C: killing the children")
+        for child in children:
+            if child.poll() is None:
+                logger.warning(f"child {child.pid} did not stop within {grace:.0f} s: killing it")
+                child.kill()
+                child.wait()
+
+
+# --------------------------------------------------------------------------------------------
+# One run
+# --------------------------------------------------------------------------------------------
 
 
 def run_environment(preset: Table4Preset, gpu: Optional[str]) -> Dict[str, str]:
@@ -292,107 +646,371 @@ def run_environment(preset: Table4Preset, gpu: Optional[str]) -> Dict[str, str]:
     return {}
 
 
-def execute_run(
-    config: GridConfig, run: Run, data_bin: str, references: Dict[str, str], gpu: Optional[str]
-) -> str:
-    """Trains (or resumes) and evaluates one run; returns its results.json."""
-    run_dir = config.run_dir(run)
-    results_path = os.path.join(run_dir, evaluation.RESULTS_NAME)
+@dataclass
+class Progress:
+    stage: str = "start"
+
+
+def record_failure(run_dir: str, run: Run, stage: str, error: BaseException) -> str:
+    """failure.json in the run folder; returns the one-line message."""
+    message = " ".join(str(error).splitlines()) or type(error).__name__
+    if not isinstance(error, FairseqAsamError):
+        message = f"{type(error).__name__}: {message}"
     os.makedirs(run_dir, exist_ok=True)
-    options = recipe.training_options(
-        config.preset.args_files, run.optimizer, config.eval_bleu, config.config_dir
-    )
-    command = train_command(data_bin, run_dir, run, options, config.overrides())
-    settings = run_environment(config.preset, gpu)
-    env = {**os.environ, **settings}
-    command_line = " ".join(
-        [f"{k}={shlex.quote(v)}" for k, v in settings.items()] + [shlex.join(command)]
-    )
-    if os.path.isfile(os.path.join(run_dir, TRAINING_DONE)):
-        logger.info(f"{run.name}: training finished earlier ({TRAINING_DONE}); evaluating")
-    else:
-        last = os.path.join(run_dir, CHECKPOINTS_FOLDER, "checkpoint_last.pt")
-        where = f"GPU {gpu}" if gpu is not None else "CPU"
-        logger.info(
-            f"{run.name}: {'resuming from ' + last if os.path.isfile(last) else 'training'} "
-            f"on {where}"
-        )
-        train(command, command_line, run_dir, env)
-    checkpoint = evaluation.parse_checkpoint_choice(config.checkpoint or config.preset.checkpoint)
-    scores = evaluation.evaluate_checkpoint(
-        data_bin,
-        os.path.join(run_dir, CHECKPOINTS_FOLDER),
-        USER_DIR,
-        checkpoint,
-        references=references,
-        output_dir=run_dir,
-        env=env,
-    )
-    with open(os.path.join(run_dir, COMMAND_FILE), encoding="utf-8") as f:
-        train_command_line = f.read().strip()
-    results = evaluation.update_results(
-        results_path,
+    write_json(
+        os.path.join(run_dir, FAILURE_RECORD),
         {
             "run": run.name,
-            "optimizer": run.optimizer,
-            "seed": run.seed,
-            "preset": config.preset.name,
-            "data_bin": data_bin,
-            "train_command": train_command_line,
-            **scores,
+            "stage": stage,
+            "error": message,
+            "type": type(error).__name__,
+            "traceback": "".join(
+                traceback.format_exception(type(error), error, error.__traceback__)
+            ),
+            "time": _now(),
         },
     )
-    if config.sharpness_rho is not None and "sharpness" not in results:
-        logger.info(f"{run.name}: measuring adaptive sharpness at rho={config.sharpness_rho}")
-        # This process sees every GPU of the grid, in CUDA_VISIBLE_DEVICES order.
-        device = f"cuda:{config.gpu_ids().index(gpu)}" if gpu is not None else "cpu"
-        measured = sharpness.measure_checkpoint(
-            scores["checkpoint"]["path"],
-            data_bin,
-            config.sharpness_rho,
-            measures=("adaptive",),
-            device=device,
+    return message
+
+
+def train(
+    config: GridConfig,
+    run: Run,
+    command: List[str],
+    command_line: str,
+    env: Dict[str, str],
+    supervisor: Supervisor,
+    lock: RunLock,
+) -> None:
+    """fairseq-train, appending to train.log; resumes from checkpoint_last.pt if there is one.
+
+    training.json says `running` (with the settings) before the trainer starts and `finished`
+    once it exited with status 0; results.json, made from older checkpoints, goes first.
+    """
+    run_dir = config.run_dir(run)
+    settings = settings_of_command(command)
+    record = {
+        "run": run.name,
+        "settings": settings,
+        "fingerprint": evaluation.fingerprint(settings),
+        "recipe_fingerprint": recipe_fingerprint(settings),
+        "command": command_line,
+        "status": "running",
+        "started": _now(),
+    }
+    results_path = os.path.join(run_dir, evaluation.RESULTS_NAME)
+    if os.path.exists(results_path):
+        os.unlink(results_path)  # its checkpoints are about to change
+    write_text(os.path.join(run_dir, COMMAND_FILE), command_line + "\n")
+    write_json(os.path.join(run_dir, TRAINING_RECORD), record)
+    log_path = os.path.join(run_dir, report.TRAIN_LOG)
+    with open(log_path, "a", encoding="utf-8") as log:
+        returncode = supervisor.call(command, stdout=log, env=env, pass_fds=(lock.fd,))
+    if returncode != 0:
+        how = "was killed by" if returncode < 0 else "failed with"
+        raise FairseqAsamError(
+            f"fairseq-train {how} {evaluation.exit_description(returncode)}; see {log_path}"
         )
-        evaluation.update_results(results_path, {"sharpness": measured})
-    logger.info(f"{run.name}: done, {results_path}")
-    return results_path
+    write_json(
+        os.path.join(run_dir, TRAINING_RECORD), {**record, "status": "finished", "finished": _now()}
+    )
 
 
-def run_grid(config: GridConfig) -> Dict[str, str]:
-    """Data -> every run of the grid -> report; returns the report's files."""
+def measure_sharpness(
+    config: GridConfig,
+    run: Run,
+    checkpoint: str,
+    data_bin: str,
+    env: Dict[str, str],
+    gpu: Optional[str],
+    supervisor: Supervisor,
+    lock: RunLock,
+) -> Dict:
+    """fairseq-asam-sharpness on the evaluated checkpoint, in its own process on the run's GPU
+    (CUDA_VISIBLE_DEVICES=<gpu>, device cuda:0 there); returns its JSON report."""
+    run_dir = config.run_dir(run)
+    json_path = os.path.join(run_dir, SHARPNESS_JSON)
+    command = [
+        sys.executable,
+        "-c",
+        SHARPNESS_PROGRAM,
+        checkpoint,
+        data_bin,
+        "--rho",
+        repr(config.sharpness_rho),
+        "--measures",
+        "adaptive",
+        "--device",
+        "cuda:0" if gpu is not None else "cpu",
+        "--json",
+        json_path,
+    ]
+    if os.path.exists(json_path):
+        os.unlink(json_path)
+    log_path = os.path.join(run_dir, SHARPNESS_LOG)
+    with open(log_path, "w", encoding="utf-8") as log:
+        returncode = supervisor.call(command, stdout=log, env=env, pass_fds=(lock.fd,))
+    if returncode != 0 or not os.path.isfile(json_path):
+        raise FairseqAsamError(
+            f"fairseq-asam-sharpness failed with {evaluation.exit_description(returncode)}; "
+            f"see {log_path}"
+        )
+    return read_json_file(json_path)
+
+
+def execute_run(
+    config: GridConfig,
+    run: Run,
+    data_bin: str,
+    references: Dict[str, str],
+    gpu: Optional[str],
+    supervisor: Optional[Supervisor] = None,
+    progress: Optional[Progress] = None,
+) -> str:
+    """Trains (or resumes, or continues) and evaluates one run, under its lock; returns its
+    results.json.  Raises RunLocked if another launcher works on it."""
+    supervisor = supervisor or Supervisor()
+    progress = progress or Progress()
+    run_dir = config.run_dir(run)
+    os.makedirs(run_dir, exist_ok=True)
+    with RunLock(run_dir) as lock:
+        # Planned again under the lock: another launcher may have finished it meanwhile.
+        plan = plan_run(config, run, references)
+        if plan.conflict:
+            raise FairseqAsamError(f"{run.name} {plan.conflict}")
+        if plan.action == DONE:
+            logger.info(f"{run.name}: {plan.reason}")
+            return os.path.join(run_dir, evaluation.RESULTS_NAME)
+        command = config.command(run, data_bin)
+        settings = run_environment(config.preset, gpu)
+        env = {**os.environ, **settings}
+        command_line = " ".join(
+            [f"{k}={shlex.quote(v)}" for k, v in settings.items()] + [shlex.join(command)]
+        )
+        where = f"GPU {gpu}" if gpu is not None else "CPU"
+        if plan.action in (TRAIN, RESUME, EXTEND):
+            progress.stage = "train"
+            logger.info(f"{run.name}: {plan.reason} on {where}")
+            train(config, run, command, command_line, env, supervisor, lock)
+        if supervisor.stopping.is_set():
+            raise RunInterrupted("trained; not evaluated (the grid is stopping)")
+        progress.stage = "evaluate"
+        results_path = os.path.join(run_dir, evaluation.RESULTS_NAME)
+        save_dir = os.path.join(run_dir, CHECKPOINTS_FOLDER)
+        settings_now = evaluation.evaluation_settings(
+            data_bin, save_dir, config.protocol, references=references
+        )
+        results = evaluation.read_results(results_path)
+        if not evaluation.evaluation_done(results, settings_now):
+            logger.info(f"{run.name}: evaluating --checkpoint {config.protocol} on {where}")
+            scores = evaluation.evaluate_checkpoint(
+                data_bin,
+                save_dir,
+                USER_DIR,
+                config.protocol,
+                references=references,
+                output_dir=run_dir,
+                env=env,
+                call=supervisor.call,
+            )
+            results = evaluation.write_results(results_path, scores)
+        training = read_json_file(os.path.join(run_dir, TRAINING_RECORD)) or {}
+        results = evaluation.update_results(
+            results_path,
+            {
+                "run": run.name,
+                "optimizer": run.optimizer,
+                "seed": run.seed,
+                "preset": config.preset.name,
+                "data_bin": data_bin,
+                "train_command": training.get("command", command_line),
+                "training": {
+                    "fingerprint": training.get("fingerprint"),
+                    "recipe_fingerprint": training.get("recipe_fingerprint"),
+                    "settings": training.get("settings"),
+                },
+            },
+        )
+        wanted = sharpness_settings(config, results["evaluation"]["fingerprint"])
+        if (
+            wanted
+            and results.get("sharpness_settings", {}).get("fingerprint") != wanted["fingerprint"]
+        ):
+            if supervisor.stopping.is_set():
+                raise RunInterrupted("evaluated; sharpness not measured (the grid is stopping)")
+            progress.stage = "sharpness"
+            logger.info(f"{run.name}: measuring adaptive sharpness at rho={config.sharpness_rho}")
+            measured = measure_sharpness(
+                config, run, results["checkpoint"]["path"], data_bin, env, gpu, supervisor, lock
+            )
+            evaluation.update_results(
+                results_path, {"sharpness": measured, "sharpness_settings": wanted}
+            )
+        failure = os.path.join(run_dir, FAILURE_RECORD)
+        if os.path.exists(failure):
+            os.unlink(failure)
+        logger.info(f"{run.name}: done, {results_path}")
+        return results_path
+
+
+# --------------------------------------------------------------------------------------------
+# Every run
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass
+class RunOutcome:
+    run: Run
+    status: str  # "done", "failed", "interrupted", "locked", "cancelled"
+    message: str = ""
+
+
+class GridFailed(FairseqAsamError):
+    """Some runs failed; the report (`outputs`) was written with the others."""
+
+    def __init__(self, message: str, outputs: Dict[str, str]):
+        super().__init__(message)
+        self.outputs = outputs
+
+
+class GridInterrupted(GridFailed):
+    """Ctrl-C: the grid stopped; every run is resumable."""
+
+    exit_status = INTERRUPTED_STATUS
+
+
+def guarded_run(
+    config: GridConfig,
+    run: Run,
+    data_bin: str,
+    references: Dict[str, str],
+    gpu: Optional[str],
+    supervisor: Supervisor,
+) -> RunOutcome:
+    """execute_run, with whatever goes wrong kept to this run (and recorded in its folder)."""
+    if supervisor.stopping.is_set():
+        return RunOutcome(run, "cancelled", "not started (Ctrl-C)")
+    progress = Progress()
+    try:
+        execute_run(config, run, data_bin, references, gpu, supervisor, progress)
+        return RunOutcome(run, "done")
+    except RunLocked as error:
+        logger.warning(f"{run.name}: skipped, {error}")
+        return RunOutcome(run, "locked", str(error))
+    except (RunInterrupted, KeyboardInterrupt) as error:
+        logger.warning(f"{run.name}: interrupted in {progress.stage} ({error}); resumable")
+        return RunOutcome(run, "interrupted", str(error))
+    except BaseException as error:  # any failure of one run stays that run's
+        if supervisor.stopping.is_set():
+            logger.warning(f"{run.name}: interrupted in {progress.stage} ({error}); resumable")
+            return RunOutcome(run, "interrupted", str(error))
+        message = record_failure(config.run_dir(run), run, progress.stage, error)
+        logger.error(f"{run.name}: failed in {progress.stage}: {message}")
+        return RunOutcome(run, "failed", f"{progress.stage}: {message}")
+
+
+def run_grid(config: GridConfig, supervisor: Optional[Supervisor] = None) -> Dict[str, str]:
+    """Data -> every run of the grid -> report; returns the report's files.
+
+    Raises GridFailed (after writing the report) if a run failed, GridInterrupted on Ctrl-C.
+    """
     check_grid(config)
+    supervisor = supervisor or Supervisor()
     gpus = config.gpu_ids()
-    data_bin = prepare_data(config)
-    references = reference_files(data_bin)
-    pending = []
-    for run in config.runs:
-        if os.path.isfile(os.path.join(config.run_dir(run), evaluation.RESULTS_NAME)):
-            logger.info(f"{run.name}: skipped, {evaluation.RESULTS_NAME} exists")
-        else:
-            pending.append(run)
-    logger.info(f"{len(pending)} of {len(config.runs)} runs to do, on {len(gpus) or 'no'} GPU(s)")
+    os.makedirs(config.out_dir, exist_ok=True)
+    write_json(os.path.join(config.out_dir, GRID_RECORD), grid_record(config))
+    outcomes: Dict[Run, RunOutcome] = {}
+    interrupted = False
+    try:
+        data_bin = prepare_data(config)
+        references = reference_files(data_bin)
+        pending = []
+        for run in config.runs:
+            plan = plan_run(config, run, references)
+            if plan.action == DONE:
+                logger.info(f"{run.name}: skipped, {plan.reason}")
+                outcomes[run] = RunOutcome(run, "done")
+            else:
+                pending.append(run)
+        logger.info(
+            f"{len(pending)} of {len(config.runs)} runs to do (--checkpoint {config.protocol}), "
+            f"on {len(gpus) or 'no'} GPU(s)"
+        )
+        interrupted = _run_pending(
+            config, pending, data_bin, references, gpus, supervisor, outcomes
+        )
+    except KeyboardInterrupt:  # during the data preparation or the planning
+        interrupted = True
+        supervisor.stop()
+    outputs = report.write_report(config.out_dir)
+    failed = [o for o in outcomes.values() if o.status == "failed"]
+    if interrupted:
+        stopped = [
+            o.run.name for o in outcomes.values() if o.status in ("interrupted", "cancelled")
+        ]
+        raise GridInterrupted(
+            "interrupted (Ctrl-C): "
+            + (f"{', '.join(stopped)} stopped; " if stopped else "")
+            + "every run is resumable: run the same command again to continue",
+            outputs,
+        )
+    if failed:
+        raise GridFailed(
+            f"{len(failed)} run(s) failed: "
+            + "; ".join(f"{o.run.name}: {o.message}" for o in failed)
+            + f" (report written with the others; see each run's {FAILURE_RECORD})",
+            outputs,
+        )
+    return outputs
 
+
+def _run_pending(
+    config: GridConfig,
+    pending: List[Run],
+    data_bin: str,
+    references: Dict[str, str],
+    gpus: List[str],
+    supervisor: Supervisor,
+    outcomes: Dict[Run, RunOutcome],
+) -> bool:
+    """Runs `pending` one per GPU (or one at a time); True if Ctrl-C stopped them."""
     devices: "queue.Queue[Optional[str]]" = queue.Queue()
     for device in gpus or [None]:
         devices.put(device)
 
-    def on_free_device(run: Run) -> str:
+    def on_free_device(run: Run) -> RunOutcome:
         device = devices.get()
         try:
-            return execute_run(config, run, data_bin, references, device)
+            return guarded_run(config, run, data_bin, references, device, supervisor)
         finally:
             devices.put(device)
 
-    failures = []
-    with ThreadPoolExecutor(max_workers=max(1, len(gpus))) as pool:
-        futures = {run: pool.submit(on_free_device, run) for run in pending}
-        for run, future in futures.items():
+    pool = ThreadPoolExecutor(max_workers=max(1, len(gpus)))
+    futures: Dict[Future, Run] = {pool.submit(on_free_device, run): run for run in pending}
+    try:
+        remaining = set(futures)
+        while remaining:
+            finished, remaining = wait(remaining, timeout=POLL_SECONDS, return_when=FIRST_COMPLETED)
+            for future in finished:
+                outcomes[futures[future]] = future.result()
+        return False
+    except KeyboardInterrupt:
+        logger.warning(
+            "Ctrl-C: starting no new run; stopping the running ones (SIGINT, then SIGKILL after "
+            f"{STOP_GRACE_SECONDS:.0f} s); they resume when the grid runs again"
+        )
+        for future in futures:
+            future.cancel()
+        supervisor.stop()
+        for future, run in futures.items():
+            if future.cancelled():
+                outcomes[run] = RunOutcome(run, "cancelled", "not started (Ctrl-C)")
+                continue
             try:
-                future.result()
-            except FairseqAsamError as error:
-                logger.error(f"{run.name}: {error}")
-                failures.append(f"{run.name}: {error}")
-    outputs = report.write_report(config.out_dir)
-    if failures:
-        raise FairseqAsamError(f"{len(failures)} run(s) failed: " + "; ".join(failures))
-    return outputs
+                outcomes[run] = future.result()
+            except KeyboardInterrupt:  # a second Ctrl-C while the workers wind down
+                supervisor.stop(grace=0)
+                outcomes[run] = future.result()
+        return True
+    finally:
+        pool.shutdown(wait=True, cancel_futures=True)

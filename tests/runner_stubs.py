@@ -1,0 +1,180 @@
+"""Stand-ins for fairseq-train, fairseq-generate and fairseq-asam-sharpness, so that the tests of
+the Table 4 runner's own logic (stage records, failures, locks, Ctrl-C) run in seconds.
+
+* `python runner_stubs.py train DATA --save-dir D --max-update N --seed S ...` is the trainer:
+  it continues from `D/checkpoint_last.pt` if there is one (a JSON file here, not a torch
+  checkpoint), "trains" to N updates, logs fairseq-style json lines and writes
+  checkpoint_last.pt, checkpoint_best.pt and checkpoint<epoch>.pt holding {"updates", "seed",
+  "resumed_from"}.  A file `stub.mode` in the run folder (D/..) changes what it does:
+  `fail` (exit status 1), `kill` (killed by SIGKILL), `sleep` (appends its pid to
+  `stub.started`, then waits for a signal, 30 s at most; on SIGINT it exits with status 130
+  like Python).
+* `fake_evaluate` replaces evaluation.evaluate_checkpoint: valid BLEU = the checkpoint's updates,
+  test BLEU = updates + seed / 10, so that a test sees which checkpoint was scored.
+* `SHARPNESS_PROGRAM` replaces the runner's fairseq-asam-sharpness program: it writes its own
+  command line and CUDA_VISIBLE_DEVICES into the --json file.
+* `python runner_stubs.py launch OUT MAX_UPDATE OPTIMIZERS` runs a grid with these stubs (the
+  Ctrl-C and two-launcher tests start it as a separate process).
+"""
+
+import json
+import os
+import signal
+import sys
+import time
+
+STUB = os.path.abspath(__file__)
+MODE_FILE, STARTED_FILE = "stub.mode", "stub.started"
+SLEEP_SECONDS = 30
+
+
+def _option(argv, flag, default=None):
+    return argv[argv.index(flag) + 1] if flag in argv else default
+
+
+def train_main(argv):
+    save_dir = _option(argv, "--save-dir")
+    run_dir = os.path.dirname(save_dir)
+    max_update = int(_option(argv, "--max-update"))
+    seed = int(_option(argv, "--seed"))
+    mode_path = os.path.join(run_dir, MODE_FILE)
+    mode = open(mode_path).read().strip() if os.path.exists(mode_path) else "ok"
+    if mode == "fail":
+        print("stub trainer: failing as asked", flush=True)
+        return 1
+    if mode == "kill":
+        os.kill(os.getpid(), signal.SIGKILL)
+    os.makedirs(save_dir, exist_ok=True)
+    last = os.path.join(save_dir, "checkpoint_last.pt")
+    start = 0
+    if os.path.exists(last):
+        with open(last) as f:
+            start = json.load(f)["updates"]
+        print(f"stub trainer: Loaded checkpoint {last} (epoch 1 @ {start} updates)", flush=True)
+    if mode == "sleep":
+        with open(os.path.join(run_dir, STARTED_FILE), "a") as f:
+            f.write(f"{os.getpid()}\n")
+        try:
+            time.sleep(SLEEP_SECONDS)  # a test that fails never waits longer
+        except KeyboardInterrupt:
+            print("stub trainer: interrupted", flush=True)
+            return 130
+        print("stub trainer: nobody stopped me", flush=True)
+        return 1
+    for updates in range(start + 1, max_update + 1):
+        record = {"num_updates": str(updates), "loss": str(10.0 / updates)}
+        if "--optimizer" in argv and _option(argv, "--optimizer") != "adam":
+            record["sharpness"] = str(0.5 / updates)
+        print(f"2026-01-01 00:00:00 | INFO | train_inner | {json.dumps(record)}", flush=True)
+    valid = {"valid_loss": str(10.0 / max_update), "valid_num_updates": str(max_update)}
+    print(f"2026-01-01 00:00:00 | INFO | valid | {json.dumps(valid)}", flush=True)
+    state = {"updates": max_update, "seed": seed, "resumed_from": start}
+    for name in ("checkpoint_last.pt", "checkpoint_best.pt", f"checkpoint{max_update}.pt"):
+        with open(os.path.join(save_dir, name), "w") as f:
+            json.dump(state, f)
+    return 0
+
+
+def fake_evaluate(data_bin, save_dir, user_dir, choice, *args, **kwargs):
+    """evaluation.evaluate_checkpoint without fairseq-generate (same result shape)."""
+    from fairseq_asam.experiments import evaluation
+
+    if hasattr(evaluation, "evaluation_settings"):
+        settings = evaluation.evaluation_settings(
+            data_bin, save_dir, choice, references=kwargs.get("references")
+        )
+        path = evaluation.checkpoint_inputs(save_dir, choice)[0]
+    else:  # the runner before stage records (to see the tests fail there)
+        settings = {"fingerprint": None}
+        name = "checkpoint_last.pt" if str(choice) == "last" else "checkpoint_best.pt"
+        path = os.path.join(save_dir, name)
+    with open(path) as f:
+        state = json.load(f)
+    signature = "nrefs:1|case:lc|eff:no|tok:13a|smooth:exp|version:stub"
+    return {
+        "protocol": str(choice),
+        "evaluation": settings,
+        "checkpoint": {
+            "choice": str(choice),
+            "path": path,
+            "sources": [path],
+            "num_updates": state["updates"],
+        },
+        "beam": 5,
+        "subword": "bpe",
+        "scored_splits": ["valid", "test"],
+        "valid": {
+            "bleu": float(state["updates"]),
+            "sacrebleu": 1.0,
+            "sacrebleu_signature": signature,
+        },
+        "test": {
+            "bleu": state["updates"] + state["seed"] / 10,
+            "sacrebleu": 2.0,
+            "sacrebleu_signature": signature,
+        },
+    }
+
+
+SHARPNESS_PROGRAM = (
+    "import json, os, sys; argv = sys.argv[1:]; "
+    "json.dump({'argv': argv, 'cuda_visible_devices': os.environ.get('CUDA_VISIBLE_DEVICES'), "
+    "'checkpoint': argv[0], 'estimates': [{'measure': 'adaptive', 'sharpness': 0.25}]}, "
+    "open(argv[argv.index('--json') + 1], 'w'))"
+)
+
+
+def fake_data_bin(folder):
+    """A folder that passes evaluation.check_data_bin (the stubs never read it)."""
+    os.makedirs(folder, exist_ok=True)
+    for name in ("dict.de.txt", "dict.en.txt", "valid.de-en.de.idx", "test.de-en.de.idx"):
+        open(os.path.join(folder, name), "w").close()
+    return folder
+
+
+def install(runner, evaluation_module=None, sharpness_program=SHARPNESS_PROGRAM):
+    """Points `runner` at the stubs (the caller undoes it: monkeypatch, or a throw-away process)."""
+    original = runner.train_command
+
+    def stub_command(*args, **kwargs):
+        return [sys.executable, STUB, "train"] + original(*args, **kwargs)[3:]
+
+    runner.train_command = stub_command
+    runner.SHARPNESS_PROGRAM = sharpness_program
+    (evaluation_module or runner.evaluation).evaluate_checkpoint = fake_evaluate
+
+
+def tiny_grid(runner, out, max_update=20, optimizers=("adam", "asam"), seeds=(1,), **kwargs):
+    return runner.GridConfig(
+        out_dir=str(out),
+        preset=runner.TABLE4_PRESETS["tiny"],
+        optimizers=tuple(optimizers),
+        seeds=tuple(seeds),
+        data_bin=fake_data_bin(os.path.join(str(out), "data-bin")),
+        max_update=max_update,
+        gpus=kwargs.pop("gpus", []),
+        **kwargs,
+    )
+
+
+def launch_main(argv):
+    """A launcher with the stubs: OUT MAX_UPDATE OPTIMIZERS; exit status as the console command."""
+    import logging
+
+    from fairseq_asam.experiments import runner
+
+    logging.basicConfig(level=logging.INFO, stream=sys.stdout, force=True)
+    out, max_update, optimizers = argv[0], int(argv[1]), argv[2].split(",")
+    install(runner)
+    config = tiny_grid(runner, out, max_update, optimizers)
+    try:
+        runner.run_grid(config)
+    except runner.FairseqAsamError as error:
+        print(f"launcher: error: {error}", file=sys.stderr, flush=True)
+        return getattr(error, "exit_status", 1)
+    return 0
+
+
+if __name__ == "__main__":
+    command, rest = sys.argv[1], sys.argv[2:]
+    sys.exit(train_main(rest) if command == "train" else launch_main(rest))

@@ -1,0 +1,436 @@
+"""The Table 4 runner never trusts stale or partial work: stage records, failures kept to their
+run, locks, Ctrl-C, and a report of the grid's own results.
+
+fairseq is replaced by the stubs of runner_stubs.py (a trainer that writes JSON "checkpoints"
+holding their update count, an evaluation whose valid BLEU is that count), so that every test
+here checks the runner's logic in seconds; tests/test_table4_pipeline.py runs the real thing.
+"""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import runner_stubs
+
+from fairseq_asam.errors import ConfigError
+from fairseq_asam.experiments import evaluation, report, runner
+from fairseq_asam.experiments.cli import report_main
+
+
+@pytest.fixture
+def stubbed(monkeypatch):
+    original = runner.train_command
+
+    def stub_command(*args, **kwargs):
+        return [sys.executable, runner_stubs.STUB, "train"] + original(*args, **kwargs)[3:]
+
+    monkeypatch.setattr(runner, "train_command", stub_command)
+    monkeypatch.setattr(runner, "SHARPNESS_PROGRAM", runner_stubs.SHARPNESS_PROGRAM, raising=False)
+    monkeypatch.setattr(evaluation, "evaluate_checkpoint", runner_stubs.fake_evaluate)
+    monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
+    return runner
+
+
+def grid(out, **kwargs):
+    return runner_stubs.tiny_grid(runner, out, **kwargs)
+
+
+def read_json(path):
+    with open(path, encoding="utf-8") as f:
+        return json.load(f)
+
+
+def set_mode(out, run_name, mode):
+    folder = os.path.join(str(out), "runs", run_name)
+    os.makedirs(folder, exist_ok=True)
+    with open(os.path.join(folder, runner_stubs.MODE_FILE), "w") as f:
+        f.write(mode)
+
+
+def table(out):
+    return (out / "report" / "table4.md").read_text()
+
+
+def row(text, first_cell):
+    """The cells of the Markdown row whose first cell is `first_cell`."""
+    for line in text.splitlines():
+        cells = [c.strip() for c in line.strip().strip("|").split("|")]
+        if cells[0] == first_cell:
+            return cells
+    raise AssertionError(f"no row {first_cell!r} in:\n{text}")
+
+
+# --------------------------------------------------------------------------------------------
+# A failure stays its run's; the report is written with what finished
+# --------------------------------------------------------------------------------------------
+
+
+def test_every_kind_of_failure_is_recorded_and_the_grid_goes_on(stubbed, tmp_path, monkeypatch):
+    out = tmp_path / "out"
+    set_mode(out, "sam-seed1", "fail")  # fairseq-train exits with status 1
+    set_mode(out, "sam-seed2", "kill")  # the trainer is killed (SIGKILL)
+    evaluate = evaluation.evaluate_checkpoint
+
+    def exploding_evaluate(data_bin, save_dir, *args, **kwargs):
+        if "adam-seed3" in save_dir:  # not a FairseqAsamError: e.g. torch.load's own error
+            raise RuntimeError("PytorchStreamReader failed reading zip archive")
+        return evaluate(data_bin, save_dir, *args, **kwargs)
+
+    monkeypatch.setattr(evaluation, "evaluate_checkpoint", exploding_evaluate)
+    config = grid(out, optimizers=("adam", "sam"), seeds=(1, 2, 3))
+    with pytest.raises(runner.FairseqAsamError, match=r"3 run\(s\) failed") as failed:
+        runner.run_grid(config)
+    message = str(failed.value)
+    assert "sam-seed1: train: fairseq-train failed with exit code 1" in message
+    assert "sam-seed2: train: fairseq-train was killed by signal 9 (SIGKILL)" in message
+    assert "adam-seed3: evaluate: RuntimeError: PytorchStreamReader failed" in message
+
+    # Each failure is in its run's folder, with where it happened and the traceback.
+    failure = read_json(out / "runs" / "adam-seed3" / "failure.json")
+    assert failure["stage"] == "evaluate" and failure["type"] == "RuntimeError"
+    assert "exploding_evaluate" in failure["traceback"]
+    assert read_json(out / "runs" / "sam-seed2" / "failure.json")["stage"] == "train"
+    # Every other run finished, after the failures (the grid went on).
+    for name in ("adam-seed1", "adam-seed2", "sam-seed3"):
+        assert read_json(out / "runs" / name / "results.json")["valid"]["bleu"] == 20.0
+        assert not (out / "runs" / name / "failure.json").exists()
+
+    text = table(out)
+    assert row(text, "Adam")[:5] == [
+        "Adam",
+        "1,2 (n = 2 of 3)",
+        "best-bleu",
+        "20.00 ± 0.00",
+        "20.15 ± 0.07",
+    ]
+    assert row(text, "Adam+SAM")[:4] == ["Adam+SAM", "3 (n = 1 of 3)", "best-bleu", "20.00"]
+    assert row(text, "sam-seed1")[:3] == [
+        "sam-seed1",
+        "best-bleu",
+        f"failed in train: fairseq-train failed with exit code 1; see "
+        f"{out / 'runs' / 'sam-seed1' / 'train.log'}",
+    ]
+    assert row(text, "sam-seed2")[2].startswith("failed in train: fairseq-train was killed by")
+    assert row(text, "adam-seed3")[2].startswith("failed in evaluate: RuntimeError:")
+    assert row(text, "adam-seed1")[2:5] == ["done", "20", "20.00"]  # updates, valid BLEU
+
+    # Fixed, the same command finishes the failed runs only; their failure records go.
+    for name in ("sam-seed1", "sam-seed2"):
+        (out / "runs" / name / runner_stubs.MODE_FILE).unlink()
+    monkeypatch.setattr(evaluation, "evaluate_checkpoint", evaluate)
+    done_before = (out / "runs" / "adam-seed1" / "results.json").stat().st_mtime_ns
+    runner.run_grid(config)
+    assert (out / "runs" / "adam-seed1" / "results.json").stat().st_mtime_ns == done_before
+    assert not list(out.glob("runs/*/failure.json"))
+    assert row(table(out), "Adam")[1] == "1,2,3" and "n = " not in row(table(out), "Adam+SAM")[1]
+
+
+def test_a_failed_sharpness_measurement_is_recorded_too(stubbed, tmp_path, monkeypatch):
+    out = tmp_path / "out"
+    monkeypatch.setattr(runner, "SHARPNESS_PROGRAM", "import sys; sys.exit(3)")
+    with pytest.raises(
+        runner.FairseqAsamError, match="asam-seed1: sharpness: fairseq-asam-sharpness"
+    ):
+        runner.run_grid(grid(out, optimizers=("asam",), sharpness_rho=0.05))
+    failure = read_json(out / "runs" / "asam-seed1" / "failure.json")
+    assert failure["stage"] == "sharpness" and "exit code 3" in failure["error"]
+    # Evaluated but not measured: no result with a stale or missing sharpness is reported.
+    assert "sharpness" not in read_json(out / "runs" / "asam-seed1" / "results.json")
+
+
+def test_sharpness_runs_on_the_runs_own_gpu(stubbed, tmp_path):
+    """GridConfig.gpus set, CUDA_VISIBLE_DEVICES unset: GPU "7" is device 7 of this machine,
+    not the second of the grid's list."""
+    out = tmp_path / "out"
+    config = grid(out, optimizers=("asam",), sharpness_rho=0.05, gpus=["4", "7"])
+    data_bin = config.data_bin_path
+    runner.execute_run(config, runner.Run("asam", 1), data_bin, {}, gpu="7")
+    measured = read_json(out / "runs" / "asam-seed1" / "results.json")["sharpness"]
+    assert measured["cuda_visible_devices"] == "7"
+    argv = measured["argv"]
+    assert argv[argv.index("--device") + 1] == "cuda:0"  # the one GPU that process sees
+    assert argv[argv.index("--rho") + 1] == "0.05" and argv[0].endswith("checkpoint_best.pt")
+
+
+# --------------------------------------------------------------------------------------------
+# Settings: a re-run redoes a stage or refuses; it never silently reuses
+# --------------------------------------------------------------------------------------------
+
+
+def test_a_higher_max_update_continues_training_and_the_report_shows_the_new_checkpoint(
+    stubbed, tmp_path
+):
+    out = tmp_path / "out"
+    runner.run_grid(grid(out, max_update=20))
+    assert row(table(out), "Adam")[3] == "20.00"
+
+    runner.run_grid(grid(out, max_update=30))
+    for name in ("adam-seed1", "asam-seed1"):
+        checkpoint = read_json(out / "runs" / name / "checkpoints" / "checkpoint_last.pt")
+        assert checkpoint == {"updates": 30, "seed": 1, "resumed_from": 20}  # continued
+        results = read_json(out / "runs" / name / "results.json")
+        assert results["valid"]["bleu"] == 30.0  # the 30-update checkpoint was evaluated
+        record = read_json(out / "runs" / name / "training.json")
+        assert record["status"] == "finished" and record["settings"]["--max-update"] == "30"
+    assert row(table(out), "Adam")[3] == "30.00" and row(table(out), "Adam+ASAM")[3] == "30.00"
+    assert "20.00" not in table(out)
+
+
+def test_other_training_settings_are_refused_in_one_line_before_any_work(stubbed, tmp_path, capsys):
+    out = tmp_path / "out"
+    runner.run_grid(grid(out, max_update=30))
+    results = out / "runs" / "adam-seed1" / "results.json"
+    before = results.stat().st_mtime_ns
+
+    with pytest.raises(ConfigError) as refused:
+        runner.run_grid(grid(out, max_update=20))
+    assert "adam-seed1, asam-seed1 trained with other settings: --max-update 30 → 20" in str(
+        refused.value
+    )
+    with pytest.raises(ConfigError) as refused:
+        runner.run_grid(grid(out, max_update=30, checkpoint="best-loss"))
+    assert "--best-checkpoint-metric bleu → loss" in str(refused.value)
+    assert "--eval-bleu (switch) removed" in str(refused.value)
+    assert results.stat().st_mtime_ns == before  # nothing ran, nothing was rewritten
+
+
+def test_a_protocol_that_reads_other_checkpoints_of_the_same_training_is_evaluated_again(
+    stubbed, tmp_path
+):
+    out = tmp_path / "out"
+    runner.run_grid(grid(out, checkpoint="best-loss"))
+    log = (out / "runs" / "adam-seed1" / "train.log").read_text()
+    runner.run_grid(grid(out, checkpoint="last"))  # trains alike (selection by loss)
+    assert (out / "runs" / "adam-seed1" / "train.log").read_text() == log  # not trained again
+    results = read_json(out / "runs" / "adam-seed1" / "results.json")
+    assert results["protocol"] == "last" and results["checkpoint"]["path"].endswith(
+        "checkpoint_last.pt"
+    )
+    text = table(out)
+    assert text.startswith("# Table 4: IWSLT'14 De→En, Transformer — --checkpoint last")
+    assert row(text, "Adam")[2] == "last" and "best-loss" not in text
+
+
+def test_a_results_json_without_every_split_is_not_done(stubbed, tmp_path):
+    out = tmp_path / "out"
+    runner.run_grid(grid(out, optimizers=("adam",)))
+    path = out / "runs" / "adam-seed1" / "results.json"
+    results = read_json(path)
+    # What `fairseq-asam-evaluate RUN --splits valid` leaves: valid only.
+    for key in ("test", "scored_splits"):
+        results.pop(key)
+    path.write_text(json.dumps(results))
+    runner.run_grid(grid(out, optimizers=("adam",)))
+    assert read_json(path)["test"]["bleu"] == pytest.approx(20.1)
+
+
+def test_write_results_merges_splits_of_one_evaluation_and_replaces_another(tmp_path):
+    path = str(tmp_path / "results.json")
+    first = {"evaluation": {"fingerprint": "a"}, "scored_splits": ["valid"], "valid": {"bleu": 1}}
+    evaluation.write_results(path, first)
+    evaluation.update_results(path, {"run": "adam-seed1", "sharpness": {"estimates": []}})
+    same = {"evaluation": {"fingerprint": "a"}, "scored_splits": ["test"], "test": {"bleu": 2}}
+    merged = evaluation.write_results(path, same)
+    assert merged["valid"] == {"bleu": 1} and merged["test"] == {"bleu": 2}
+    assert merged["scored_splits"] == ["test", "valid"] and "sharpness" in merged
+    other = {"evaluation": {"fingerprint": "b"}, "scored_splits": ["valid"], "valid": {"bleu": 3}}
+    replaced = evaluation.write_results(path, other)
+    assert replaced["valid"] == {"bleu": 3} and "test" not in replaced  # no split of "a" left
+    assert "sharpness" not in replaced and replaced["run"] == "adam-seed1"
+    assert evaluation.evaluation_done(merged, {"fingerprint": "a"})
+    assert not evaluation.evaluation_done(replaced, {"fingerprint": "b"})  # test is missing
+    assert not evaluation.evaluation_done(merged, {"fingerprint": "b"})
+
+
+def test_a_run_of_an_older_version_is_refused_not_guessed(stubbed, tmp_path):
+    out = tmp_path / "out"
+    legacy = out / "runs" / "adam-seed1"
+    (legacy / "checkpoints").mkdir(parents=True)
+    (legacy / "checkpoints" / "checkpoint_last.pt").write_text("{}")
+    (legacy / "training.done").write_text("python -m fairseq_cli.train ...\n")
+    with pytest.raises(ConfigError, match="adam-seed1 has checkpoints but no training.json"):
+        runner.run_grid(grid(out, optimizers=("adam",)))
+
+
+# --------------------------------------------------------------------------------------------
+# Locks
+# --------------------------------------------------------------------------------------------
+
+
+def test_a_locked_run_is_skipped_and_said(stubbed, tmp_path, caplog):
+    from fairseq_asam.experiments.locks import RunLock
+
+    out = tmp_path / "out"
+    with RunLock(str(out / "runs" / "adam-seed1")):
+        runner.run_grid(grid(out))
+        assert "adam-seed1: skipped, locked by pid" in caplog.text
+        assert not (out / "runs" / "adam-seed1" / "training.json").exists()  # never touched
+        assert read_json(out / "runs" / "asam-seed1" / "results.json")["valid"]["bleu"] == 20.0
+        status = row(table(out), "adam-seed1")[2]
+        assert status.startswith(f"in progress (pid {os.getpid()} on ")
+        assert row(table(out), "Adam")[1] == "– (n = 0 of 1)"
+    runner.run_grid(grid(out))  # unlocked: it runs now
+    assert read_json(out / "runs" / "adam-seed1" / "results.json")["valid"]["bleu"] == 20.0
+
+
+def start_launcher(out, max_update=20, optimizers="adam,asam"):
+    return subprocess.Popen(
+        [sys.executable, runner_stubs.STUB, "launch", str(out), str(max_update), optimizers],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+
+
+def wait_for(path, seconds=60):
+    """The pids in `path` (stub.started), once there is one."""
+    deadline = time.monotonic() + seconds
+    while not (os.path.exists(path) and open(path).read().endswith("\n")):
+        assert time.monotonic() < deadline, f"{path} did not appear"
+        time.sleep(0.05)
+    return [int(line) for line in open(path).read().split()]
+
+
+def alive(pid):
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    return True
+
+
+def test_a_second_launcher_skips_the_run_the_first_is_training(stubbed, tmp_path, caplog):
+    out = tmp_path / "out"
+    set_mode(out, "adam-seed1", "sleep")
+    first = start_launcher(out)
+    try:
+        started = out / "runs" / "adam-seed1" / runner_stubs.STARTED_FILE
+        (trainer,) = wait_for(started)
+        runner.run_grid(grid(out, optimizers=("adam",)))  # the second launcher, here
+        assert "adam-seed1: skipped, locked by pid" in caplog.text
+        assert wait_for(started) == [trainer]  # no second trainer on that save directory
+        assert alive(trainer)  # and the first one's is untouched
+        assert not (out / "runs" / "adam-seed1" / "results.json").exists()
+    finally:
+        first.send_signal(signal.SIGINT)
+        try:
+            first.communicate(timeout=60)
+        except subprocess.TimeoutExpired:
+            first.kill()
+
+
+# --------------------------------------------------------------------------------------------
+# Ctrl-C
+# --------------------------------------------------------------------------------------------
+
+
+def test_ctrl_c_stops_the_children_starts_nothing_new_and_leaves_runs_resumable(tmp_path):
+    out = tmp_path / "out"
+    set_mode(out, "adam-seed1", "sleep")
+    launcher = start_launcher(out, optimizers="adam,sam,asam")
+    (trainer,) = wait_for(out / "runs" / "adam-seed1" / runner_stubs.STARTED_FILE)
+    launcher.send_signal(signal.SIGINT)  # Ctrl-C to the launcher only
+    try:
+        stdout, stderr = launcher.communicate(timeout=60)
+    except subprocess.TimeoutExpired:
+        launcher.kill()
+        raise
+    assert launcher.returncode == 130, stdout[-3000:] + stderr[-3000:]  # as the shell's Ctrl-C
+    assert "interrupted (Ctrl-C)" in stderr and "resumable" in stderr
+    assert not alive(trainer)  # the child was stopped and waited for
+    assert "stub trainer: interrupted" in (out / "runs" / "adam-seed1" / "train.log").read_text()
+    for name in ("sam-seed1", "asam-seed1"):  # queued runs never started
+        assert not (out / "runs" / name / "training.json").exists()
+    record = read_json(out / "runs" / "adam-seed1" / "training.json")
+    assert record["status"] == "running"  # resumable, and not a failure
+    assert not (out / "runs" / "adam-seed1" / "failure.json").exists()
+    assert (out / "report" / "table4.md").exists()  # the report of what there is
+    assert row(table(out), "adam-seed1")[2] == "interrupted in training (resumable)"
+
+    # The same command again: the interrupted run resumes, the others run.
+    (out / "runs" / "adam-seed1" / runner_stubs.MODE_FILE).unlink()
+    again = start_launcher(out, optimizers="adam,sam,asam")
+    stdout, stderr = again.communicate(timeout=120)
+    assert again.returncode == 0, stdout[-3000:] + stderr[-3000:]
+    assert "adam-seed1: interrupted earlier: resuming from checkpoint_last.pt" in stdout
+    for name in ("adam-seed1", "sam-seed1", "asam-seed1"):
+        assert read_json(out / "runs" / name / "results.json")["valid"]["bleu"] == 20.0
+
+
+# --------------------------------------------------------------------------------------------
+# The report takes the grid's results only
+# --------------------------------------------------------------------------------------------
+
+
+def test_report_takes_only_the_results_of_the_grids_preset_and_protocol(stubbed, tmp_path):
+    out = tmp_path / "out"
+    # A row of another grid (asam, 12 updates) trained into the folder earlier...
+    runner.run_grid(grid(out, checkpoint="best-loss", optimizers=("asam",), max_update=12))
+    runner.run_grid(grid(out, checkpoint="best-loss", optimizers=("adam", "sam")))
+    # ...and, in this grid's runs, a result of another preset and one of another protocol:
+    for name, entries in (("sam-seed1", {"preset": "paper"}), ("adam-seed1", {"protocol": "last"})):
+        evaluation.update_results(str(out / "runs" / name / "results.json"), entries)
+    report.write_report(str(out))  # as fairseq-asam-report OUT: grid.json says adam,sam at 20
+    text = table(out)
+    assert row(text, "adam-seed1")[2].startswith("not current: --checkpoint last, the grid's is")
+    assert row(text, "sam-seed1")[2].startswith("not current: preset paper, the grid's is tiny")
+    assert row(text, "Adam")[1] == "– (n = 0 of 1)" and row(text, "Adam")[3] == "–"
+    assert "Adam+ASAM" not in text  # asam-seed1 is of another grid (other --max-update)...
+    assert "asam-seed1: trained with other settings than the grid's" in text  # ...and said so
+
+
+def test_report_of_two_protocols_side_by_side(stubbed, tmp_path, capsys):
+    by_loss, by_bleu = tmp_path / "best-loss", tmp_path / "best-bleu"
+    runner.run_grid(grid(by_loss, checkpoint="best-loss", optimizers=("adam",)))
+    runner.run_grid(grid(by_bleu, checkpoint="best-bleu", optimizers=("adam",)))
+    both = tmp_path / "both"
+    assert report_main([str(by_loss), str(by_bleu), "--report-dir", str(both)]) == 0
+    text = (both / "table4.md").read_text()
+    assert text.startswith(
+        "# Table 4: IWSLT'14 De→En, Transformer — --checkpoint best-loss, best-bleu"
+    )
+    rows = [line for line in text.splitlines() if line.startswith("| Adam |")]
+    assert [r.split("|")[3].strip() for r in rows] == ["best-loss", "best-bleu"]
+    assert "`--checkpoint best-bleu`: checkpoint_best.pt, the epoch with the highest" in text
+    assert report_main([str(by_loss), str(by_bleu)]) == 1
+    assert "--report-dir is required" in capsys.readouterr().err
+
+
+def test_evaluate_cli_writes_whole_evaluations(tmp_path, monkeypatch, capsys):
+    """fairseq-asam-evaluate --splits valid, then --splits test: one evaluation of both splits;
+    then --checkpoint last: the best-loss splits are gone, not mixed with last's."""
+    from fairseq_asam.experiments.cli import evaluate_main
+
+    run = tmp_path / "adam-seed1"
+    (run / "checkpoints").mkdir(parents=True)
+    for name, updates in (("checkpoint_best.pt", 7), ("checkpoint_last.pt", 9)):
+        (run / "checkpoints" / name).write_text(json.dumps({"updates": updates, "seed": 1}))
+    data_bin = runner_stubs.fake_data_bin(str(tmp_path / "data-bin"))
+
+    def fake(data_bin, save_dir, user_dir, choice, splits, *args, **kwargs):
+        evaluated = runner_stubs.fake_evaluate(data_bin, save_dir, user_dir, choice)
+        for split in ("valid", "test"):
+            if split not in splits:
+                del evaluated[split]
+        return {**evaluated, "scored_splits": list(splits)}
+
+    monkeypatch.setattr(evaluation, "evaluate_checkpoint", fake)
+    argv = [str(run), "--data-bin", data_bin, "--checkpoint", "best-loss"]
+    assert evaluate_main(argv + ["--splits", "valid"]) == 0
+    path = run / "results.json"
+    assert not evaluation.evaluation_done(read_json(path), read_json(path)["evaluation"])
+    assert evaluate_main(argv + ["--splits", "test"]) == 0
+    results = read_json(path)
+    assert (results["valid"]["bleu"], results["test"]["bleu"]) == (7.0, 7.1)
+    assert evaluation.evaluation_done(results, results["evaluation"])
+    assert evaluate_main(argv[:-1] + ["last", "--splits", "valid"]) == 0
+    results = read_json(path)
+    assert results["protocol"] == "last" and results["valid"]["bleu"] == 9.0
+    assert "test" not in results  # not best-loss's test beside last's valid
+    capsys.readouterr()
+    assert evaluate_main(argv[:-1] + ["best"]) == 1
+    assert "--checkpoint best names no protocol" in capsys.readouterr().err
