@@ -543,7 +543,8 @@ def test_report_writes_the_sharpness_caption_it_plots(tmp_path):
             "--checkpoint must be best-loss, best-bleu, last or average:N",
         ),
         (["--checkpoint", "best"], "--checkpoint best names no protocol: use best-loss"),
-        (["--fp16"], "--fp16 needs a GPU, and none is visible"),
+        (["--amp"], "--amp needs a GPU, and none is visible"),
+        (["--fp16"], "--fp16 keeps the weights in fp16, which rounds away part of SAM/ASAM's"),
         (["--preset", "paper"], "--archive is required for --preset paper"),
     ],
 )

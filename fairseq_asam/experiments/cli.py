@@ -12,7 +12,7 @@ import os
 import sys
 from typing import Callable, List, Optional
 
-from ..errors import FairseqAsamError
+from ..errors import ConfigError, FairseqAsamError
 
 LOG_FORMAT = "%(asctime)s | %(levelname)s | %(name)s | %(message)s"  # fairseq's
 LOG_DATE_FORMAT = "%Y-%m-%d %H:%M:%S"
@@ -91,10 +91,13 @@ def table4_parser() -> argparse.ArgumentParser:
         "best-bleu trains with fairseq's in-training validation BLEU and selects by it",
     )
     parser.add_argument(
-        "--fp16",
+        "--amp",
         action="store_true",
-        help="train in fp16 (GPUs; for bf16 use fairseq-hydra-train)",
+        help="mixed precision with fp32 weights (fairseq's --amp: fp16 autocast, loss scaling; "
+        "GPUs). fp16 weights (--fp16) would round away part of SAM/ASAM's perturbation: see the "
+        "README, 'Mixed precision and ε'",
     )
+    parser.add_argument("--fp16", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument(
         "--eval-bleu", action="store_true", help="log validation BLEU every epoch (BLEU plot)"
     )
@@ -117,6 +120,11 @@ def table4_main(argv: Optional[List[str]] = None) -> int:
     def work() -> int:
         from . import report, runner
 
+        if args.fp16:
+            raise ConfigError(
+                "--fp16 keeps the weights in fp16, which rounds away part of SAM/ASAM's "
+                "perturbation (README, 'Mixed precision and ε'): use --amp (fp32 weights)"
+            )
         preset = runner.TABLE4_PRESETS[args.preset]
         config = runner.GridConfig(
             out_dir=os.path.abspath(args.out or os.path.join("runs", preset.name)),
@@ -126,7 +134,7 @@ def table4_main(argv: Optional[List[str]] = None) -> int:
             archive=args.archive,
             data_bin=args.data_bin,
             max_update=args.max_update,
-            fp16=args.fp16,
+            amp=args.amp,
             eval_bleu=args.eval_bleu,
             checkpoint=args.checkpoint,
             sharpness_rho=args.sharpness_rho,

@@ -260,7 +260,7 @@ class GridConfig:
     archive: Optional[str] = None
     data_bin: Optional[str] = None
     max_update: Optional[int] = None
-    fp16: bool = False
+    amp: bool = False  # fairseq's --amp: fp32 weights (SAM/ASAM's ε survives, README)
     eval_bleu: bool = False
     checkpoint: Optional[str] = None  # the protocol; None: the preset's
     sharpness_rho: Optional[float] = None  # also measure the adaptive sharpness at this ρ
@@ -300,8 +300,8 @@ class GridConfig:
         options = []
         if self.max_update is not None:
             options.append((BUDGET_FLAG, str(self.max_update)))
-        if self.fp16:
-            options.append(("--fp16", None))
+        if self.amp:
+            options.append(("--amp", None))
         return options
 
     def training_options(self, optimizer: str) -> List[Tuple[str, Optional[str]]]:
@@ -477,8 +477,8 @@ def check_grid(config: GridConfig) -> None:
         raise ConfigError(
             f"--sharpness-rho must be a finite number > 0, got {config.sharpness_rho}"
         )
-    if config.fp16 and not config.gpu_ids():
-        raise ConfigError("--fp16 needs a GPU, and none is visible")
+    if config.amp and not config.gpu_ids():
+        raise ConfigError("--amp needs a GPU, and none is visible")
     conflicts = training_conflicts(config)
     if conflicts:
         raise ConfigError(
