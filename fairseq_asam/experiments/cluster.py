@@ -45,7 +45,7 @@ logger = logging.getLogger(__name__)
 
 LAUNCHERS = ("local", "slurm", "submitit-local")
 SUBMITIT_FOLDER = "submitit"
-JOB_RECORD = "job.json"
+JOB_RECORD = report.JOB_RECORD
 # The Slurm job states in which a job may still run the run (sacct's names).
 QUEUED_STATES = {
     "PENDING",
@@ -201,9 +201,7 @@ class RunJob:
         return state
 
     def __call__(self) -> Dict[str, str]:
-        from .cli import _log_to_stdout
-
-        _log_to_stdout()
+        _log_in_job()
         self._supervisor = runner.Supervisor()
         outcome: List[runner.RunOutcome] = []
         gpu = job_gpus()
@@ -242,11 +240,17 @@ class RunJob:
         )
 
 
+def _log_in_job() -> None:
+    """Progress to the job's stdout (submitit's log file), in a submitit job only."""
+    if os.environ.get("SUBMITIT_EXECUTOR"):
+        from .cli import _log_to_stdout
+
+        _log_to_stdout()
+
+
 def write_report_job(out_dir: str) -> Dict[str, str]:
     """The final dependent job: the grid's report, from whatever the run jobs left."""
-    from .cli import _log_to_stdout
-
-    _log_to_stdout()
+    _log_in_job()
     return report.write_report(out_dir)
 
 
@@ -268,7 +272,8 @@ def slurm_state(record: dict) -> str:
     import submitit
 
     try:
-        return submitit.SlurmJob(record["folder"], record["job_id"]).state
+        job = submitit.SlurmJob(record["folder"], record["job_id"])
+        return job.get_info(mode="force").get("State") or "UNKNOWN"
     except Exception as error:  # no sacct here, or an unreadable answer
         logger.warning(f"cannot tell the state of Slurm job {record.get('job_id')}: {error}")
         return "UNKNOWN"

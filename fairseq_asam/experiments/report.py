@@ -49,6 +49,7 @@ COMMAND_FILE = "command.txt"
 TRAINING_RECORD = "training.json"
 FAILURE_RECORD = "failure.json"
 GRID_RECORD = "grid.json"
+JOB_RECORD = "job.json"  # the job last submitted for a run (experiments.cluster)
 RUN_NAME = re.compile(r"^(?P<optimizer>.+)-seed(?P<seed>\d+)$")
 TABLE_MARKDOWN, TABLE_CSV = "table4.md", "table4.csv"
 
@@ -326,6 +327,9 @@ def _status_of(run_dir: str, results: Optional[dict], why: Optional[str]) -> str
         return "interrupted in training (resumable)"
     if training:
         return "trained, not evaluated"
+    job = _read_json(os.path.join(run_dir, JOB_RECORD))  # experiments.cluster's
+    if job:
+        return f"submitted as {job.get('launcher')} job {job.get('job_id')}, not started"
     return "not started"
 
 
