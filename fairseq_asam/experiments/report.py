@@ -16,7 +16,13 @@ report folder:
 * `valid_loss.png`, `valid_bleu.png` (runs trained with --eval-bleu or --checkpoint best-bleu),
   `sharpness.png` (the `sharpness` SAM/ASAM log on their train_inner lines, and
   `sharpness_eval` where logged): one line per run against updates; the sharpness plot names
-  each optimizer's ρ and neighbourhood, and the report says what the logged values are.
+  each optimizer's ρ and neighbourhood, and the report says what the logged values are;
+* for a ρ sweep (rows named `asam-rho0.1`, ...): `## BLEU against ρ` in table4.md,
+  `bleu_vs_rho.csv` and `bleu_vs_rho.png` (mean ± sample std over seeds against ρ, and the ρ
+  with the highest mean validation BLEU).
+
+A table row is a grid row: an optimizer's row (adam, asam, asam_interval5, ...) and, in a sweep,
+its swept values (results.json's `row`; the run folder's name without `-seed<k>`).
 
 Only results that match their folder's grid are taken: the same preset and protocol, and
 training settings equal to the ones the grid gives that row now (a run trained with another
@@ -851,6 +857,10 @@ def rho_sweep_figure(results: Sequence[dict]):
                 stat.mean, color="grey", linestyle=style, label=f"Adam — {key.split('_')[0]}"
             )
     axes.set_xscale("log")
+    rhos = sorted({p.rho for c in curves for p in c.points}, key=float)
+    axes.set_xticks([float(r) for r in rhos])
+    axes.set_xticklabels(rhos)
+    axes.minorticks_off()
     axes.set_xlabel("ρ")
     axes.set_ylabel("BLEU (fairseq-generate, beam 5)")
     axes.set_title("BLEU against ρ: mean ± sample std over seeds")

@@ -30,6 +30,11 @@ before anything starts:
   (valid, test) is scored;
 * adaptive sharpness (`--sharpness-rho`): redone when the evaluation or ρ changed.
 
+Sweeps (`GridConfig.sweep`, `--rho 0.05,0.1 --eta 0.01,0.1`): one row per value of every
+optimizer that takes it (SWEEPABLE), named after its values (`asam-rho0.1-eta0.01`); the values are
+fairseq-train options of its runs, so in their settings and fingerprints.  The runs can also go
+to jobs, on Slurm or submitit's local executor: experiments.cluster.
+
 A run folder is locked (`locks.RunLock`) while a launcher works on it: a second launcher skips it
 and says so.  A failure of one run — any exception, a trainer killed by a signal — is written to
 its `failure.json` and the grid goes on; the report is written with what finished.  Ctrl-C
