@@ -241,6 +241,27 @@ def launch_main(argv):
     return 0
 
 
+def launch_jobs_main(argv):
+    """OUT OPTIMIZERS: the grid through submitit-local (one job at a time); exit status as the
+    console command.  Its jobs import this module: the caller puts this folder on PYTHONPATH."""
+    import logging
+
+    from fairseq_asam.experiments import cluster, runner
+
+    logging.basicConfig(level=logging.INFO, stream=sys.stdout, force=True)
+    out, optimizers = argv[0], argv[1].split(",")
+    config = stub_grid(out, 20, optimizers)
+    try:
+        cluster.submit_grid(
+            config, "submitit-local", cluster.JobOptions(time_min=10, max_concurrent=1)
+        )
+    except runner.FairseqAsamError as error:
+        print(f"launcher: error: {error}", file=sys.stderr, flush=True)
+        return getattr(error, "exit_status", 1)
+    return 0
+
+
 if __name__ == "__main__":
     command, rest = sys.argv[1], sys.argv[2:]
-    sys.exit(train_main(rest) if command == "train" else launch_main(rest))
+    mains = {"train": train_main, "launch": launch_main, "launch-jobs": launch_jobs_main}
+    sys.exit(mains[command](rest))

@@ -354,6 +354,43 @@ def test_submitit_local_runs_the_grid_as_jobs_and_writes_the_report(stubbed, tmp
 
 
 @pytest.mark.slow
+def test_ctrl_c_cancels_the_local_jobs_and_leaves_runs_resumable(tmp_path):
+    import signal
+
+    out = tmp_path / "out"
+    config = runner_stubs.stub_grid(out, optimizers=("adam", "asam"))
+    set_mode(config, "adam-seed1", "sleep")
+    env = {**os.environ, "PYTHONPATH": TESTS + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    env.pop("CUDA_VISIBLE_DEVICES", None)
+    launcher = subprocess.Popen(
+        [sys.executable, runner_stubs.STUB, "launch-jobs", str(out), "adam,asam"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=env,
+    )
+    (trainer,) = wait_for(out / "runs" / "adam-seed1" / runner_stubs.STARTED_FILE)
+    launcher.send_signal(signal.SIGINT)  # Ctrl-C to the launcher only
+    try:
+        stdout, stderr = launcher.communicate(timeout=120)
+    except subprocess.TimeoutExpired:
+        launcher.kill()
+        raise
+    assert launcher.returncode == 130, stdout[-3000:] + stderr[-3000:]
+    assert "jobs cancelled; every run is resumable" in stderr
+    deadline = time.monotonic() + 30
+    while os.path.exists(f"/proc/{trainer}"):  # the job stopped its trainer
+        assert time.monotonic() < deadline, "the trainer outlived its cancelled job"
+        time.sleep(0.1)
+    assert read_json(out / "runs" / "adam-seed1" / "training.json")["status"] == "running"
+    assert not (out / "runs" / "adam-seed1" / "failure.json").exists()
+    assert not (out / "runs" / "asam-seed1" / cluster.JOB_RECORD).exists()  # never submitted
+    assert lock_holder(str(out / "runs" / "adam-seed1")) is None
+    table = (out / "report" / "table4.md").read_text()
+    assert "| adam-seed1 | best-bleu | interrupted in training (resumable) |" in table
+
+
+@pytest.mark.slow
 def test_tiny_preset_through_submitit_local_end_to_end(tmp_path):
     """The Done-when command, shortened: fairseq-train, -generate and the report, as a job."""
     archive = synthetic_data.build_sample_archive(str(tmp_path / "de-en.tgz"), n_train=300, n_dev=4)

@@ -65,6 +65,8 @@ POLL_SECONDS = 2.0
 # delay (90 s before Slurm's time limit), so that the requeue happens before the kill.
 CHECKPOINT_GRACE_SECONDS = 30.0
 REPORT_JOB_MINUTES = 30
+# After Ctrl-C, how long the launcher waits for the cancelled jobs to end before the report.
+CANCEL_WAIT_SECONDS = runner.STOP_GRACE_SECONDS + 30
 
 
 @dataclass
@@ -435,6 +437,13 @@ def _wait_for_jobs(config, launcher, pending, submit, limit) -> Dict[str, str]:
             outcomes[run.name] = ("interrupted", "cancelled (Ctrl-C)")
         for run in queue:
             outcomes[run.name] = ("cancelled", "not submitted (Ctrl-C)")
+        # The report of what the cancelled jobs left: once they have let go of their runs.
+        deadline = time.monotonic() + CANCEL_WAIT_SECONDS
+        try:
+            while any(not job.done() for job in running) and time.monotonic() < deadline:
+                time.sleep(POLL_SECONDS / 4)
+        except KeyboardInterrupt:  # a second Ctrl-C: no more waiting
+            pass
     outputs = report.write_report(config.out_dir)
     if interrupted:
         raise runner.GridInterrupted(
