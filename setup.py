@@ -30,7 +30,7 @@ setup(
     packages=["fairseq_asam", "fairseq_asam.experiments", CONFIGS_PACKAGE],
     # The checkout's top-level configs/ ships inside the package, found with importlib.resources.
     package_dir={CONFIGS_PACKAGE: "configs"},
-    package_data={CONFIGS_PACKAGE: ["*.md", "*/*.args", "hydra/*/*.yaml"]},
+    package_data={CONFIGS_PACKAGE: ["*.md", "*/*.args", "hydra/*/*.yaml", "hydra/*/*/*.yaml"]},
     python_requires=">=3.8",
     install_requires=["torch>=2.1", "numpy"],
     extras_require={
@@ -47,6 +47,13 @@ setup(
             "sacremoses",
             "matplotlib",
             "regex",
+            # --launcher slurm / submitit-local (experiments.cluster), and the hydra route
+            # (fairseq-hydra-train --multirun hydra/launcher=submitit_slurm).  The launcher's
+            # 1.2 line needs hydra-core >= 1.1 (fairseq-fixed pins 1.3.2); the official
+            # fairseq 0.12.2 (Python < 3.11) pins hydra-core < 1.1, whose launcher is 1.0.x.
+            "submitit>=1.5,<2",
+            "hydra-submitit-launcher>=1.2,<1.3; python_version >= '3.11'",
+            "hydra-submitit-launcher>=1.0.1,<1.1; python_version < '3.11'",
         ],
         "dev": ["pytest", "tensorboardX", "ruff==0.17.5"],
     },

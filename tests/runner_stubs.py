@@ -8,13 +8,17 @@ the Table 4 runner's own logic (stage records, failures, locks, Ctrl-C) run in s
   "resumed_from"}.  A file `stub.mode` in the run folder (D/..) changes what it does:
   `fail` (exit status 1), `kill` (killed by SIGKILL), `sleep` (appends its pid to
   `stub.started`, then waits for a signal, 30 s at most; on SIGINT it exits with status 130
-  like Python).
+  like Python), `slow` (appends its pid to `stub.started`, then trains 0.2 s per update and
+  writes checkpoint_last.pt after each, as fairseq's --save-interval-updates 1 would; on SIGINT
+  it exits with status 130).
 * `fake_evaluate` replaces evaluation.evaluate_checkpoint: valid BLEU = the checkpoint's updates,
   test BLEU = updates + seed / 10, so that a test sees which checkpoint was scored.
 * `SHARPNESS_PROGRAM` replaces the runner's fairseq-asam-sharpness program: it writes its own
   command line and CUDA_VISIBLE_DEVICES into the --json file.
 * `python runner_stubs.py launch OUT MAX_UPDATE OPTIMIZERS` runs a grid with these stubs (the
   Ctrl-C and two-launcher tests start it as a separate process).
+* `StubGridConfig` is a GridConfig whose runs use these stubs in any process it is unpickled in:
+  a submitit job (experiments.cluster) gets it pickled, with this folder on PYTHONPATH.
 """
 
 import json
@@ -26,6 +30,7 @@ import time
 STUB = os.path.abspath(__file__)
 MODE_FILE, STARTED_FILE = "stub.mode", "stub.started"
 SLEEP_SECONDS = 30
+SLOW_UPDATE_SECONDS = 0.2
 
 
 def _option(argv, flag, default=None):
@@ -51,6 +56,20 @@ def train_main(argv):
         with open(last) as f:
             start = json.load(f)["updates"]
         print(f"stub trainer: Loaded checkpoint {last} (epoch 1 @ {start} updates)", flush=True)
+    if mode == "slow":
+        with open(os.path.join(run_dir, STARTED_FILE), "a") as f:
+            f.write(f"{os.getpid()}\n")
+        try:
+            for updates in range(start + 1, max_update + 1):
+                time.sleep(SLOW_UPDATE_SECONDS)
+                state = {"updates": updates, "seed": seed, "resumed_from": start}
+                with open(last + ".tmp", "w") as f:
+                    json.dump(state, f)
+                os.replace(last + ".tmp", last)
+                print(f"stub trainer: update {updates}", flush=True)
+        except KeyboardInterrupt:
+            print("stub trainer: interrupted", flush=True)
+            return 130
     if mode == "sleep":
         with open(os.path.join(run_dir, STARTED_FILE), "a") as f:
             f.write(f"{os.getpid()}\n")
@@ -157,6 +176,53 @@ def tiny_grid(runner, out, max_update=20, optimizers=("adam", "asam"), seeds=(1,
     )
 
 
+def _stub_config_class():
+    import dataclasses
+
+    from fairseq_asam.experiments import runner
+
+    @dataclasses.dataclass
+    class StubGridConfig(runner.GridConfig):
+        """A GridConfig whose runs use the stubs, here and wherever it is unpickled."""
+
+        def __setstate__(self, state):
+            install(runner)
+            self.__dict__.update(state)
+
+        def command(self, run, data_bin=None):
+            command = super().command(run, data_bin)
+            return [sys.executable, STUB, "train"] + command[3:]
+
+    StubGridConfig.__module__ = __name__
+    StubGridConfig.__qualname__ = "StubGridConfig"
+    return StubGridConfig
+
+
+def __getattr__(name):
+    if name == "StubGridConfig":
+        cls = globals().get("_StubGridConfig") or _stub_config_class()
+        globals()["_StubGridConfig"] = cls
+        return cls
+    raise AttributeError(name)
+
+
+def stub_grid(out, max_update=20, optimizers=("adam", "asam"), seeds=(1,), **kwargs):
+    """tiny_grid as a StubGridConfig (its runs use the stubs in a submitit job too)."""
+    from fairseq_asam.experiments import runner
+
+    cls = __getattr__("StubGridConfig")
+    return cls(
+        out_dir=str(out),
+        preset=runner.TABLE4_PRESETS["tiny"],
+        optimizers=tuple(optimizers),
+        seeds=tuple(seeds),
+        data_bin=fake_data_bin(os.path.join(str(out), "data-bin")),
+        max_update=max_update,
+        gpus=kwargs.pop("gpus", []),
+        **kwargs,
+    )
+
+
 def launch_main(argv):
     """A launcher with the stubs: OUT MAX_UPDATE OPTIMIZERS; exit status as the console command."""
     import logging
@@ -175,6 +241,27 @@ def launch_main(argv):
     return 0
 
 
+def launch_jobs_main(argv):
+    """OUT OPTIMIZERS: the grid through submitit-local (one job at a time); exit status as the
+    console command.  Its jobs import this module: the caller puts this folder on PYTHONPATH."""
+    import logging
+
+    from fairseq_asam.experiments import cluster, runner
+
+    logging.basicConfig(level=logging.INFO, stream=sys.stdout, force=True)
+    out, optimizers = argv[0], argv[1].split(",")
+    config = stub_grid(out, 20, optimizers)
+    try:
+        cluster.submit_grid(
+            config, "submitit-local", cluster.JobOptions(time_min=10, max_concurrent=1)
+        )
+    except runner.FairseqAsamError as error:
+        print(f"launcher: error: {error}", file=sys.stderr, flush=True)
+        return getattr(error, "exit_status", 1)
+    return 0
+
+
 if __name__ == "__main__":
     command, rest = sys.argv[1], sys.argv[2:]
-    sys.exit(train_main(rest) if command == "train" else launch_main(rest))
+    mains = {"train": train_main, "launch": launch_main, "launch-jobs": launch_jobs_main}
+    sys.exit(mains[command](rest))

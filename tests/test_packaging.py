@@ -39,6 +39,8 @@ KIT_DEPENDENCIES = {
     "sacremoses",
     "matplotlib",
     "regex",
+    "submitit",
+    "hydra_plugins",
 }
 # Build artefacts and local state that a copy of the checkout for building leaves out.
 NOT_SOURCE = shutil.ignore_patterns(
@@ -232,3 +234,29 @@ def test_wheel_runs_the_tiny_preset_outside_the_checkout(wheel_venv, tmp_path):
     command = (out / "runs" / "adam-seed1" / "command.txt").read_text()
     assert f"--user-dir {os.path.join(purelib, 'fairseq_asam')}" in command
     assert REPO not in command and REPO not in done.stdout
+
+
+def test_cluster_dependencies_are_the_kits_not_the_plugins():
+    """submitit and hydra-submitit-launcher come with the `experiments` extra only; the launcher
+    line installed with fairseq-fixed never asks for another hydra-core."""
+    import ast
+
+    with open(os.path.join(REPO, "setup.py"), encoding="utf-8") as f:
+        tree = ast.parse(f.read())
+    (call,) = [
+        node
+        for node in ast.walk(tree)
+        if isinstance(node, ast.Call) and getattr(node.func, "id", None) == "setup"
+    ]
+    arguments = {k.arg: k.value for k in call.keywords}
+    plugin = " ".join(ast.literal_eval(arguments["install_requires"]))
+    assert "submitit" not in plugin and "hydra" not in plugin
+    kit = ast.literal_eval(arguments["extras_require"])["experiments"]
+    assert "submitit>=1.5,<2" in kit
+    assert "hydra-submitit-launcher>=1.2,<1.3; python_version >= '3.11'" in kit
+    from importlib.metadata import requires, version
+
+    assert version("hydra-core") == "1.3.2"  # fairseq-fixed's pin, kept by the launcher
+    assert any(
+        r.startswith("hydra-core") and ">=1.1" in r for r in requires("hydra-submitit-launcher")
+    )

@@ -110,7 +110,121 @@ def table4_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--config-dir", help="folder of the argument files (default: the installed configs/)"
     )
+    sweep = parser.add_argument_group(
+        "sweeps", "a list of values makes one row per value (x seeds), e.g. asam-rho0.1-seed1"
+    )
+    sweep.add_argument(
+        "--rho",
+        help="comma-separated ρ values for every SAM/ASAM row (also the schedule rows), e.g. "
+        "0.05,0.1,0.2,0.5; the report adds BLEU against ρ and the ρ validation BLEU picks",
+    )
+    sweep.add_argument(
+        "--eta", help="comma-separated η values for every ASAM row (also the schedule rows)"
+    )
+    jobs = parser.add_argument_group(
+        "jobs", "--launcher slurm / submitit-local: each run as a job through submitit"
+    )
+    jobs.add_argument(
+        "--launcher",
+        choices=cluster_launchers(),
+        default="local",
+        help="local: here, one run per GPU (default); slurm: a Slurm job per run (job array), "
+        "the report by a final dependent job; submitit-local: the same jobs through submitit's "
+        "local executor, waited for here",
+    )
+    jobs.add_argument("--partition", help="Slurm partition")
+    jobs.add_argument(
+        "--time-min", type=int, help="time limit of one job in minutes (default: 1440)"
+    )
+    jobs.add_argument(
+        "--gpus-per-job", type=int, help="GPUs per job (default: 1 on Slurm, 0 locally)"
+    )
+    jobs.add_argument("--cpus-per-job", type=int, help="CPUs per job (default: 8)")
+    jobs.add_argument("--mem-gb", type=int, help="memory per job in GB (default: Slurm's)")
+    jobs.add_argument(
+        "--max-concurrent", type=int, help="at most this many jobs at once (a Slurm array's %%N)"
+    )
+    jobs.add_argument(
+        "--sbatch",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="an extra sbatch option, e.g. --sbatch account=nlp --sbatch qos=high (repeatable)",
+    )
+    jobs.add_argument(
+        "--job-setup",
+        action="append",
+        default=[],
+        metavar="COMMAND",
+        help="a shell line each job runs first, e.g. 'module load cuda' (repeatable)",
+    )
+    jobs.add_argument(
+        "--max-requeue",
+        type=int,
+        help="timeouts after which a job is requeued, resuming from checkpoint_last.pt "
+        "(default: 3; preemptions always requeue)",
+    )
+    jobs.add_argument(
+        "--wait", action="store_true", help="slurm: wait here for the jobs, then write the report"
+    )
+    jobs.add_argument(
+        "--no-report-job",
+        action="store_true",
+        help="slurm: no final job writing the report (run the same command again for it)",
+    )
     return parser
+
+
+# The job flags, and the launchers that take each (the others refuse it in one line).
+JOB_FLAGS = {
+    "partition": ("slurm",),
+    "time_min": ("slurm", "submitit-local"),
+    "gpus_per_job": ("slurm", "submitit-local"),
+    "cpus_per_job": ("slurm", "submitit-local"),
+    "mem_gb": ("slurm", "submitit-local"),
+    "max_concurrent": ("slurm", "submitit-local"),
+    "sbatch": ("slurm",),
+    "job_setup": ("slurm", "submitit-local"),
+    "max_requeue": ("slurm", "submitit-local"),
+    "wait": ("slurm",),
+    "no_report_job": ("slurm",),
+}
+
+
+def check_job_flags(args) -> None:
+    for name, launchers in JOB_FLAGS.items():
+        value = getattr(args, name)
+        if value not in (None, False, []) and args.launcher not in launchers:
+            raise ConfigError(
+                f"--{name.replace('_', '-')} is a job option: it needs --launcher "
+                + " or ".join(launchers)
+            )
+
+
+def job_options(args):
+    from . import cluster
+
+    check_job_flags(args)
+    defaults = cluster.JobOptions()
+    return cluster.JobOptions(
+        partition=args.partition,
+        time_min=args.time_min if args.time_min is not None else defaults.time_min,
+        gpus_per_job=args.gpus_per_job,
+        cpus_per_job=args.cpus_per_job if args.cpus_per_job is not None else defaults.cpus_per_job,
+        mem_gb=args.mem_gb,
+        max_concurrent=args.max_concurrent,
+        sbatch=cluster.parse_sbatch(args.sbatch),
+        setup=list(args.job_setup),
+        max_requeue=args.max_requeue if args.max_requeue is not None else defaults.max_requeue,
+        wait=args.wait,
+        report_job=not args.no_report_job,
+    )
+
+
+def cluster_launchers():
+    from .cluster import LAUNCHERS
+
+    return LAUNCHERS
 
 
 def table4_main(argv: Optional[List[str]] = None) -> int:
@@ -139,9 +253,21 @@ def table4_main(argv: Optional[List[str]] = None) -> int:
             checkpoint=args.checkpoint,
             sharpness_rho=args.sharpness_rho,
             config_dir=args.config_dir,
+            sweep={
+                name: runner.parse_sweep(name, text)
+                for name, text in (("rho", args.rho), ("eta", args.eta))
+                if text is not None
+            },
         )
         try:
-            outputs = runner.run_grid(config)
+            if args.launcher == "local":
+                check_job_flags(args)
+                outputs = runner.run_grid(config)
+            else:
+                from . import cluster
+
+                options = job_options(args)
+                outputs = cluster.submit_grid(config, args.launcher, options)
         except runner.GridFailed as failed:  # the report was written with what finished
             if report.TABLE_MARKDOWN in failed.outputs:
                 _print_file(failed.outputs[report.TABLE_MARKDOWN])

@@ -16,7 +16,13 @@ report folder:
 * `valid_loss.png`, `valid_bleu.png` (runs trained with --eval-bleu or --checkpoint best-bleu),
   `sharpness.png` (the `sharpness` SAM/ASAM log on their train_inner lines, and
   `sharpness_eval` where logged): one line per run against updates; the sharpness plot names
-  each optimizer's ρ and neighbourhood, and the report says what the logged values are.
+  each optimizer's ρ and neighbourhood, and the report says what the logged values are;
+* for a ρ sweep (rows named `asam-rho0.1`, ...): `## BLEU against ρ` in table4.md,
+  `bleu_vs_rho.csv` and `bleu_vs_rho.png` (mean ± sample std over seeds against ρ, and the ρ
+  with the highest mean validation BLEU).
+
+A table row is a grid row: an optimizer's row (adam, asam, asam_interval5, ...) and, in a sweep,
+its swept values (results.json's `row`; the run folder's name without `-seed<k>`).
 
 Only results that match their folder's grid are taken: the same preset and protocol, and
 training settings equal to the ones the grid gives that row now (a run trained with another
@@ -49,6 +55,7 @@ COMMAND_FILE = "command.txt"
 TRAINING_RECORD = "training.json"
 FAILURE_RECORD = "failure.json"
 GRID_RECORD = "grid.json"
+JOB_RECORD = "job.json"  # the job last submitted for a run (experiments.cluster)
 RUN_NAME = re.compile(r"^(?P<optimizer>.+)-seed(?P<seed>\d+)$")
 TABLE_MARKDOWN, TABLE_CSV = "table4.md", "table4.csv"
 
@@ -67,6 +74,34 @@ PAPER_TABLE4 = {
     "sam": PaperRow("Adam+SAM", valid_bleu=35.52, test_bleu=34.78),
     "asam": PaperRow("Adam+ASAM", valid_bleu=35.66, test_bleu=35.02),
 }
+# The paper's hyperparameters of those rows: a sweep row with these values is the paper's row.
+PAPER_HPARAMS = {"adam": {}, "sam": {"rho": 0.1}, "asam": {"rho": 0.2, "eta": 0.01}}
+SWEPT_NAMES = {"rho": "ρ", "eta": "η"}
+# A row's swept values in its name (experiments.runner.Run.row): asam-rho0.1-eta0.01.
+SWEPT_VALUE = re.compile(r"-(?P<name>rho|eta)(?P<value>\d[\d.]*(?:e[-+]?\d+)?)")
+ROW_NAME = re.compile(r"^(?P<base>.+?)(?P<swept>(?:-(?:rho|eta)\d[\d.]*(?:e[-+]?\d+)?)*)$")
+RHO_SWEEP_PNG, RHO_SWEEP_CSV = "bleu_vs_rho.png", "bleu_vs_rho.csv"
+
+
+def parse_row(row: str) -> Tuple[str, Dict[str, str]]:
+    """`asam-rho0.1-eta0.01` -> ("asam", {"rho": "0.1", "eta": "0.01"}); `adam` -> ("adam", {})."""
+    match = ROW_NAME.match(row)
+    if not match:
+        return row, {}
+    found = SWEPT_VALUE.findall(match.group("swept"))
+    return match.group("base"), {name: value for name, value in found}
+
+
+def paper_row(row: str) -> Optional[PaperRow]:
+    """The paper's numbers for a row: its own, or a sweep row with the paper's values."""
+    base, swept = parse_row(row)
+    paper = PAPER_TABLE4.get(base)
+    if paper is None:
+        return None
+    wanted = PAPER_HPARAMS.get(base, {})
+    if all(name in wanted and float(value) == wanted[name] for name, value in swept.items()):
+        return paper
+    return None
 
 
 def protocol_description(protocol: str) -> str:
@@ -176,6 +211,7 @@ def load_results(out_dir: str) -> List[dict]:
         if loaded is not None:
             match = RUN_NAME.match(os.path.basename(run_dir))
             loaded.setdefault("optimizer", match.group("optimizer"))
+            loaded.setdefault("row", loaded["optimizer"])
             loaded.setdefault("seed", int(match.group("seed")))
             results.append({**loaded, "run_dir": run_dir})
     return results
@@ -252,10 +288,35 @@ def _mismatch(results: dict, grid: dict) -> Optional[str]:
         return f"preset {results.get('preset')}, the grid's is {grid.get('preset')}"
     if results_protocol(results) != grid.get("protocol"):
         return f"--checkpoint {results_protocol(results)}, the grid's is {grid.get('protocol')}"
-    expected = grid.get("recipe_fingerprints", {}).get(results.get("optimizer"))
-    if results.get("training", {}).get("recipe_fingerprint") != expected:
+    if results.get("training", {}).get("recipe_fingerprint") != expected_fingerprint(
+        grid, row_of(results)
+    ):
         return "trained with other settings than the grid's (e.g. another --max-update)"
     return None
+
+
+def row_of(results: dict) -> str:
+    return results.get("row") or results["optimizer"]
+
+
+def expected_fingerprint(grid: dict, row: str) -> Optional[str]:
+    """The recipe fingerprint the grid gives `row` now: recorded for its rows and the config
+    folder's; for a sweep row of another grid, its row's settings with the swept values."""
+    from .evaluation import fingerprint
+
+    recorded = grid.get("recipe_fingerprints", {}).get(row)
+    if recorded is not None:
+        return recorded
+    base, swept = parse_row(row)
+    settings = grid.get("row_settings", {}).get(base)
+    if settings is None or not swept:
+        return None
+    return fingerprint({**settings, **{f"--{name}": value for name, value in swept.items()}})
+
+
+def grid_rows(grid: dict) -> List[str]:
+    """The rows of a grid (older grid.json: its optimizers)."""
+    return list(grid.get("rows") or grid.get("optimizers", []))
 
 
 def _status_of(run_dir: str, results: Optional[dict], why: Optional[str]) -> str:
@@ -272,6 +333,9 @@ def _status_of(run_dir: str, results: Optional[dict], why: Optional[str]) -> str
         return "interrupted in training (resumable)"
     if training:
         return "trained, not evaluated"
+    job = _read_json(os.path.join(run_dir, JOB_RECORD))  # experiments.cluster's
+    if job:
+        return f"submitted as {job.get('launcher')} job {job.get('job_id')}, not started"
     return "not started"
 
 
@@ -287,7 +351,7 @@ def select_results(out_dir: str) -> Selection:
         ]
         selection.run_dirs = run_directories(out_dir)
         return selection
-    grid_runs = [f"{o}-seed{s}" for o in grid.get("optimizers", []) for s in grid.get("seeds", [])]
+    grid_runs = [f"{row}-seed{s}" for row in grid_rows(grid) for s in grid.get("seeds", [])]
     for name, results in sorted(by_name.items()):
         why = _mismatch(results, grid)
         if why is None:
@@ -375,18 +439,26 @@ class OptimizerSummary:
 
 
 def optimizer_label(name: str) -> str:
-    row = PAPER_TABLE4.get(name)
-    return row.label if row else name
+    """`Adam+ASAM`, or for a sweep row `Adam+ASAM (ρ = 0.1, η = 0.01)`."""
+    base, swept = parse_row(name)
+    row = PAPER_TABLE4.get(base)
+    label = row.label if row else base
+    if swept:
+        label += " (" + ", ".join(f"{SWEPT_NAMES[n]} = {v}" for n, v in swept.items()) + ")"
+    return label
 
 
 def optimizer_order(name: str):
+    """The paper's rows first, then the others; a sweep's rows by their values."""
+    base, swept = parse_row(name)
     known = list(PAPER_TABLE4)
-    return (known.index(name), "") if name in known else (len(known), name)
+    values = tuple((n, float(v)) for n, v in sorted(swept.items()))
+    return (known.index(base), "", values) if base in known else (len(known), base, values)
 
 
 def _expected_seeds(grids: Sequence[dict], protocol: str, optimizer: str) -> Optional[int]:
     for grid in grids:
-        if grid.get("protocol") == protocol and optimizer in grid.get("optimizers", []):
+        if grid.get("protocol") == protocol and optimizer in grid_rows(grid):
             return len(grid.get("seeds", []))
     return None
 
@@ -396,9 +468,9 @@ def summarize_runs(results: Sequence[dict], grids: Sequence[dict] = ()) -> List[
     metric; a row of a grid with no finished seed is there too (n = 0 of 3)."""
     groups: Dict[Tuple[str, str], List[dict]] = {}
     for r in results:
-        groups.setdefault((r["optimizer"], results_protocol(r)), []).append(r)
+        groups.setdefault((row_of(r), results_protocol(r)), []).append(r)
     for grid in grids:
-        for optimizer in grid.get("optimizers", []):
+        for optimizer in grid_rows(grid):
             groups.setdefault((optimizer, grid.get("protocol", "–")), [])
     protocols = []
     for _, protocol in groups:
@@ -489,7 +561,7 @@ def markdown_table(
         "|" + "---|" * len(header),
     ]
     for s in summaries:
-        paper = PAPER_TABLE4.get(s.optimizer)
+        paper = paper_row(s.optimizer)
         cells = [
             s.label,
             s.seeds_cell,
@@ -502,6 +574,7 @@ def markdown_table(
             _cell(s.stats["test_sacrebleu"]),
         ] + ([_cell(s.stats["adaptive_sharpness"], 4)] if with_sharpness else [])
         lines.append("| " + " | ".join(cells) + " |")
+    lines += rho_sweep_markdown(results)
 
     run_header = [
         "Run",
@@ -527,7 +600,7 @@ def markdown_table(
 
     rows = [
         (
-            (optimizer_order(r["optimizer"]), r["seed"], protocol_order(results_protocol(r))),
+            (optimizer_order(row_of(r)), r["seed"], protocol_order(results_protocol(r))),
             [
                 os.path.basename(r["run_dir"]),
                 results_protocol(r),
@@ -579,7 +652,7 @@ def csv_table(results: Sequence[dict], grids: Sequence[dict] = ()) -> str:
         + [f"{key}_{part}" for key in METRICS for part in ("mean", "std")]
     )
     for s in summarize_runs(results, grids):
-        paper = PAPER_TABLE4.get(s.optimizer)
+        paper = paper_row(s.optimizer)
         row = [
             s.optimizer,
             s.label,
@@ -599,6 +672,202 @@ def csv_table(results: Sequence[dict], grids: Sequence[dict] = ()) -> str:
             )
         writer.writerow(row)
     return out.getvalue()
+
+
+# --------------------------------------------------------------------------------------------
+# Sweeps: BLEU against ρ
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass
+class SweepPoint:
+    """One ρ of a sweep: the runs of one row (e.g. asam-rho0.1-eta0.01) and protocol."""
+
+    row: str
+    rho: str
+    seeds: List[int]
+    valid: Optional[Stat]
+    test: Optional[Stat]
+    picked: bool = False
+
+
+@dataclass
+class SweepCurve:
+    """BLEU against ρ for one optimizer row, its other swept values and protocol."""
+
+    base_row: str  # the row without its ρ: asam, asam-eta0.1, asam_interval5
+    protocol: str
+    points: List[SweepPoint]
+
+    @property
+    def label(self) -> str:
+        return optimizer_label(self.base_row)
+
+    @property
+    def pick(self) -> Optional[SweepPoint]:
+        return next((p for p in self.points if p.picked), None)
+
+
+def rho_sweeps(results: Sequence[dict]) -> List[SweepCurve]:
+    """The rows that name their ρ (a `--rho` sweep), grouped by everything but ρ; in each group
+    the ρ with the highest mean validation BLEU is picked (the smaller ρ on a tie)."""
+    groups: Dict[Tuple[str, str], Dict[str, List[dict]]] = {}
+    for r in results:
+        row = row_of(r)
+        base, swept = parse_row(row)
+        if "rho" not in swept:
+            continue
+        rest = base + "".join(f"-{n}{v}" for n, v in swept.items() if n != "rho")
+        groups.setdefault((rest, results_protocol(r)), {}).setdefault(swept["rho"], []).append(r)
+    curves = []
+    for (base_row, protocol), by_rho in groups.items():
+        points = [
+            SweepPoint(
+                row_of(runs[0]),
+                rho,
+                sorted(r["seed"] for r in runs),
+                Stat.of([METRICS["valid_bleu"](r) for r in runs]),
+                Stat.of([METRICS["test_bleu"](r) for r in runs]),
+            )
+            for rho, runs in sorted(by_rho.items(), key=lambda item: float(item[0]))
+        ]
+        scored = [p for p in points if p.valid is not None]
+        if scored:
+            best = max(p.valid.mean for p in scored)
+            next(p for p in scored if p.valid.mean == best).picked = True
+        curves.append(SweepCurve(base_row, protocol, points))
+    curves.sort(key=lambda c: (optimizer_order(c.base_row), c.protocol))
+    return curves
+
+
+def rho_sweep_markdown(results: Sequence[dict]) -> List[str]:
+    curves = rho_sweeps(results)
+    if not curves:
+        return []
+    lines = [
+        "",
+        "## BLEU against ρ",
+        "",
+        "Each ρ of the sweep (`--rho`), mean ± sample standard deviation over seeds; ✓ marks the "
+        "ρ with the highest mean validation BLEU, the choice the paper made by grid search. Only "
+        "validation BLEU chooses; test BLEU is the estimate of the chosen ρ. Under `--checkpoint "
+        "best-bleu` validation BLEU also chose each run's checkpoint, so the valid column is "
+        f"optimistic. Plot: {RHO_SWEEP_PNG}.",
+        "",
+        "| Optimizer | Checkpoint | ρ | Seeds | Valid BLEU | Test BLEU | Picked by valid BLEU |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for curve in curves:
+        for p in curve.points:
+            cells = [
+                curve.label,
+                curve.protocol,
+                p.rho,
+                ",".join(map(str, p.seeds)),
+                _cell(p.valid),
+                _cell(p.test),
+                "✓" if p.picked else "",
+            ]
+            lines.append("| " + " | ".join(cells) + " |")
+    lines.append("")
+    for curve in curves:
+        pick = curve.pick
+        if pick is None:
+            lines.append(f"- {curve.label} ({curve.protocol}): no validation BLEU, no pick.")
+            continue
+        lines.append(
+            f"- Validation BLEU picks ρ = {pick.rho} for {curve.label} (--checkpoint "
+            f"{curve.protocol}): valid {_cell(pick.valid)}, test {_cell(pick.test)}, over "
+            f"{len(pick.seeds)} seed(s)."
+        )
+    return lines
+
+
+def rho_sweep_csv(results: Sequence[dict]) -> Optional[str]:
+    curves = rho_sweeps(results)
+    if not curves:
+        return None
+    out = io.StringIO()
+    writer = csv.writer(out, lineterminator="\n")
+    writer.writerow(
+        ["row", "label", "checkpoint", "rho", "seeds", "n"]
+        + ["valid_bleu_mean", "valid_bleu_std", "test_bleu_mean", "test_bleu_std", "picked"]
+    )
+    for curve in curves:
+        for p in curve.points:
+            row = [curve.base_row, curve.label, curve.protocol, p.rho]
+            row += [" ".join(map(str, p.seeds)), len(p.seeds)]
+            for stat in (p.valid, p.test):
+                row += (
+                    ["", ""]
+                    if stat is None
+                    else [round(stat.mean, 4), "" if stat.std is None else round(stat.std, 4)]
+                )
+            writer.writerow(row + [int(p.picked)])
+    return out.getvalue()
+
+
+def rho_sweep_figure(results: Sequence[dict]):
+    """Valid (solid) and test (dashed) BLEU against ρ with error bars (sample std over seeds),
+    one colour per curve, a star on the picked ρ; Adam's BLEU as a dotted line when there."""
+    curves = rho_sweeps(results)
+    if not curves:
+        return None
+    plt = _pyplot()
+    figure, axes = plt.subplots(figsize=(7, 4.5))
+    for index, curve in enumerate(curves):
+        colour = f"C{index}"
+        label = curve.label + (
+            f" (--checkpoint {curve.protocol})" if len({c.protocol for c in curves}) > 1 else ""
+        )
+        for key, style, marker, part in (("valid", "-", "o", "valid"), ("test", "--", "s", "test")):
+            points = [(float(p.rho), getattr(p, key)) for p in curve.points if getattr(p, key)]
+            if not points:
+                continue
+            xs = [x for x, _ in points]
+            ys = [stat.mean for _, stat in points]
+            errors = [stat.std or 0.0 for _, stat in points]
+            axes.errorbar(
+                xs,
+                ys,
+                yerr=errors,
+                color=colour,
+                linestyle=style,
+                marker=marker,
+                capsize=3,
+                label=f"{label} — {part}",
+            )
+        pick = curve.pick
+        if pick is not None:
+            axes.plot(
+                [float(pick.rho)],
+                [pick.valid.mean],
+                marker="*",
+                markersize=16,
+                color=colour,
+                linestyle="none",
+                label=f"picked by valid BLEU: ρ = {pick.rho}",
+            )
+    protocols = {c.protocol for c in curves}
+    adam = [r for r in results if row_of(r) == "adam" and results_protocol(r) in protocols]
+    for key, style in (("valid_bleu", ":"), ("test_bleu", "-.")):
+        stat = Stat.of([METRICS[key](r) for r in adam])
+        if stat is not None:
+            axes.axhline(
+                stat.mean, color="grey", linestyle=style, label=f"Adam — {key.split('_')[0]}"
+            )
+    axes.set_xscale("log")
+    rhos = sorted({p.rho for c in curves for p in c.points}, key=float)
+    axes.set_xticks([float(r) for r in rhos])
+    axes.set_xticklabels(rhos)
+    axes.minorticks_off()
+    axes.set_xlabel("ρ")
+    axes.set_ylabel("BLEU (fairseq-generate, beam 5)")
+    axes.set_title("BLEU against ρ: mean ± sample std over seeds")
+    axes.grid(alpha=0.3)
+    axes.legend(fontsize=7)
+    figure.tight_layout()
+    return figure
 
 
 # --------------------------------------------------------------------------------------------
@@ -834,6 +1103,14 @@ def write_report(
             continue
         written[file_name] = os.path.join(report_dir, file_name)
         _save(figure, written[file_name])
+    figure = rho_sweep_figure(selection.results)
+    if figure is not None:
+        written[RHO_SWEEP_PNG] = os.path.join(report_dir, RHO_SWEEP_PNG)
+        _save(figure, written[RHO_SWEEP_PNG])
+    sweep_csv = rho_sweep_csv(selection.results)
+    if sweep_csv is not None:
+        written[RHO_SWEEP_CSV] = os.path.join(report_dir, RHO_SWEEP_CSV)
+        write_text(written[RHO_SWEEP_CSV], sweep_csv)
     figure, caption = sharpness_figure(runs)
     if figure is None:
         logger.info(f"no run logged {SHARPNESS_KEY}: no {SHARPNESS_PNG}")

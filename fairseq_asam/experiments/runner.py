@@ -3,9 +3,13 @@
     <out>/grid.json                   what this grid is: preset, protocol (--checkpoint),
                                       optimizers, seeds, the training settings per row
     <out>/data/                       the preparation's work folder (data-bin inside)
-    <out>/runs/<optimizer>-seed<k>/   one run: command.txt, training.json, train.log,
+    <out>/runs/<row>-seed<k>/         one run: command.txt, training.json, train.log,
                                       checkpoints/, generate-{valid,test}.txt, results.json,
-                                      failure.json (if its last attempt failed), run.lock
+                                      failure.json (if its last attempt failed), run.lock;
+                                      <row> is the optimizer's row (adam, asam, asam_interval5...)
+                                      and, in a sweep, its swept values: asam-rho0.1-eta0.01
+    <out>/submitit/                   the jobs' files under --launcher slurm / submitit-local
+                                      (experiments.cluster)
     <out>/report/                     table4.md, table4.csv, plots (experiments.report)
 
 Settings come from the fairseq-train argument files in configs/ (`TABLE4_PRESETS` says which): the
@@ -26,6 +30,11 @@ before anything starts:
   (valid, test) is scored;
 * adaptive sharpness (`--sharpness-rho`): redone when the evaluation or ρ changed.
 
+Sweeps (`GridConfig.sweep`, `--rho 0.05,0.1 --eta 0.01,0.1`): one row per value of every
+optimizer that takes it (SWEEPABLE), named after its values (`asam-rho0.1-eta0.01`); the values are
+fairseq-train options of its runs, so in their settings and fingerprints.  The runs can also go
+to jobs, on Slurm or submitit's local executor: experiments.cluster.
+
 A run folder is locked (`locks.RunLock`) while a launcher works on it: a second launcher skips it
 and says so.  A failure of one run — any exception, a trainer killed by a signal — is written to
 its `failure.json` and the grid goes on; the report is written with what finished.  Ctrl-C
@@ -35,6 +44,8 @@ parallel (CUDA_VISIBLE_DEVICES); on a CPU one after the other.
 """
 
 import datetime
+import decimal
+import itertools
 import json
 import logging
 import math
@@ -131,14 +142,29 @@ TABLE4_PRESETS = {
 }
 
 
+# Hyperparameters a grid can sweep (`--rho 0.05,0.1`, `--eta 0.01,0.1`): the fairseq-train flag
+# of each, and the optimizers (the `--optimizer` of a row's argument file) that take it.
+SWEEPABLE = {"rho": ("sam", "asam"), "eta": ("asam",)}
+
+
 @dataclass(frozen=True)
 class Run:
-    optimizer: str
+    optimizer: str  # the row's argument file: adam, sam, asam, asam_interval5, ...
     seed: int
+    # Swept values of this row, in SWEEPABLE's order: (("rho", "0.1"), ("eta", "0.01")).
+    hparams: Tuple[Tuple[str, str], ...] = ()
+
+    @property
+    def row(self) -> str:
+        """The grid row: `asam`, or in a sweep `asam-rho0.1-eta0.01` (never a `-` in a value)."""
+        return self.optimizer + "".join(f"-{name}{value}" for name, value in self.hparams)
 
     @property
     def name(self) -> str:
-        return f"{self.optimizer}-seed{self.seed}"
+        return f"{self.row}-seed{self.seed}"
+
+    def sweep_options(self) -> List[Tuple[str, Optional[str]]]:
+        return [(f"--{name}", value) for name, value in self.hparams]
 
 
 # --------------------------------------------------------------------------------------------
@@ -159,6 +185,36 @@ def parse_optimizers(text: str) -> Tuple[str, ...]:
     if len(set(names)) != len(names):
         raise ConfigError(f"--optimizers: {text!r} names an optimizer twice")
     return names
+
+
+def sweep_value(number: float) -> str:
+    """The text of a swept value, in the run's folder name and on its command line: positional
+    notation, no exponent (so never a `-`): 0.05, 0.1, 0.00001, 2."""
+    text = format(decimal.Decimal(repr(float(number))).normalize(), "f")
+    return text
+
+
+def parse_sweep(name: str, text: str) -> Tuple[str, ...]:
+    """`--rho 0.05,0.1` -> ("0.05", "0.1"): finite numbers, > 0 for rho, >= 0 for eta."""
+    flag = f"--{name}"
+    parts = [part.strip() for part in text.split(",")]
+    values = []
+    for part in parts:
+        try:
+            number = float(part)
+        except ValueError:
+            raise ConfigError(
+                f"{flag} must be a comma-separated list of numbers, got {text!r}"
+            ) from None
+        lowest_ok = number > 0 if name == "rho" else number >= 0
+        if not (math.isfinite(number) and lowest_ok):
+            bound = "> 0" if name == "rho" else ">= 0"
+            raise ConfigError(f"{flag}: every value must be a finite number {bound}, got {part!r}")
+        values.append(sweep_value(number))
+    twice = sorted({v for v in values if values.count(v) > 1})
+    if twice:
+        raise ConfigError(f"{flag}: {text!r} names {', '.join(twice)} twice")
+    return tuple(values)
 
 
 def parse_seeds(text: str) -> Tuple[int, ...]:
@@ -266,10 +322,31 @@ class GridConfig:
     sharpness_rho: Optional[float] = None  # also measure the adaptive sharpness at this ρ
     config_dir: Optional[str] = None  # None: the installed configs (recipe.config_dir())
     gpus: Optional[List[str]] = None  # None: every visible GPU
+    # Sweeps: {"rho": ("0.05", "0.1"), "eta": (...)} (parse_sweep); each value a row of every
+    # optimizer that takes it (SWEEPABLE), the rows of several swept names their product.
+    sweep: Optional[Dict[str, Tuple[str, ...]]] = None
+
+    def base_optimizer(self, row: str) -> Optional[str]:
+        """The `--optimizer` of a row's argument file (asam for asam_interval5)."""
+        return dict(self.training_options(row)).get("--optimizer")
+
+    def row_hparams(self, optimizer: str) -> List[Tuple[Tuple[str, str], ...]]:
+        """The swept values of each row of `optimizer`: [()] without a sweep that applies."""
+        base = self.base_optimizer(optimizer)
+        names = [n for n in SWEEPABLE if (self.sweep or {}).get(n) and base in SWEEPABLE[n]]
+        return [
+            tuple(zip(names, values))
+            for values in itertools.product(*[self.sweep[n] for n in names])
+        ]
+
+    @property
+    def rows(self) -> List[Run]:
+        """One Run (seed 0) per row of the grid, in order."""
+        return [Run(o, 0, h) for o in self.optimizers for h in self.row_hparams(o)]
 
     @property
     def runs(self) -> List[Run]:
-        return [Run(o, s) for o in self.optimizers for s in self.seed_list]
+        return [Run(r.optimizer, s, r.hparams) for r in self.rows for s in self.seed_list]
 
     @property
     def seed_list(self) -> Tuple[int, ...]:
@@ -319,7 +396,7 @@ class GridConfig:
             self.run_dir(run),
             run,
             self.training_options(run.optimizer),
-            self.overrides(),
+            self.overrides() + run.sweep_options(),
         )
 
     def training_settings(self, run: Run) -> Dict[str, Optional[str]]:
@@ -454,13 +531,28 @@ def training_conflicts(config: GridConfig) -> List[str]:
     ]
 
 
-def check_grid(config: GridConfig) -> None:
-    """Every check that needs no work, so that bad input fails before anything starts."""
+def check_grid(config: GridConfig, jobs_have_gpus: Optional[bool] = None) -> None:
+    """Every check that needs no work, so that bad input fails before anything starts.
+
+    `jobs_have_gpus`: the runs go to jobs (experiments.cluster) that have GPUs or not; None:
+    they run here, on this machine's GPUs."""
     if config.max_update is not None and config.max_update < 1:
         raise ConfigError(f"--max-update must be >= 1, got {config.max_update}")
     evaluation.parse_checkpoint_choice(config.checkpoint or config.preset.checkpoint)
     for optimizer in config.optimizers:
         config.training_options(optimizer)
+    for name, values in (config.sweep or {}).items():
+        if name not in SWEEPABLE:
+            raise ConfigError(
+                f"--{name}: not a hyperparameter the grid sweeps ({', '.join(SWEEPABLE)})"
+            )
+        takers = [o for o in config.optimizers if config.base_optimizer(o) in SWEEPABLE[name]]
+        if values and not takers:
+            raise ConfigError(
+                f"--{name}: no row of --optimizers ({','.join(config.optimizers)}) takes it; "
+                f"it applies to --optimizer {' and '.join(SWEEPABLE[name])} and the rows built "
+                "on them"
+            )
     if config.data_bin is not None:
         evaluation.check_data_bin(config.data_bin)
     elif config.archive is not None:
@@ -477,8 +569,10 @@ def check_grid(config: GridConfig) -> None:
         raise ConfigError(
             f"--sharpness-rho must be a finite number > 0, got {config.sharpness_rho}"
         )
-    if config.amp and not config.gpu_ids():
+    if config.amp and jobs_have_gpus is None and not config.gpu_ids():
         raise ConfigError("--amp needs a GPU, and none is visible")
+    if config.amp and jobs_have_gpus is False:
+        raise ConfigError("--amp needs a GPU, and the jobs get none (--gpus-per-job 0)")
     conflicts = training_conflicts(config)
     if conflicts:
         raise ConfigError(
@@ -490,27 +584,31 @@ def check_grid(config: GridConfig) -> None:
 
 
 def grid_record(config: GridConfig) -> Dict:
-    """grid.json: what the report of this grid takes (preset, protocol, each row's settings)."""
-    fingerprints = {}
-    for row in known_rows(config):
-        settings = settings_of_command(
-            train_command(
-                config.data_bin_path,
-                config.run_dir(Run(row, 1)),
-                Run(row, 1),
-                config.training_options(row),
-                config.overrides(),
-            )
-        )
-        fingerprints[row] = recipe_fingerprint(settings)
+    """grid.json: what the report of this grid takes (preset, protocol, each row's settings).
+
+    `recipe_fingerprints`: the training settings (without the seed) of every row of the grid and
+    of every row the config folder has, as the grid would train them now; `row_settings`: those
+    settings of the config folder's rows, so that the report can check a sweep row of another
+    grid in the same folder (its swept values put over its row's settings).
+    """
+    fingerprints, row_settings = {}, {}
+    for run in [Run(row, 1) for row in known_rows(config)] + config.rows:
+        probe = Run(run.optimizer, 1, run.hparams)
+        settings = config.training_settings(probe)
+        fingerprints[probe.row] = recipe_fingerprint(settings)
+        if not probe.hparams:
+            row_settings[probe.row] = {k: v for k, v in settings.items() if k != SEED_FLAG}
     return {
         "preset": config.preset.name,
         "protocol": str(config.protocol),
         "optimizers": list(config.optimizers),
+        "rows": [run.row for run in config.rows],
+        "sweep": {name: list(values) for name, values in (config.sweep or {}).items() if values},
         "seeds": list(config.seed_list),
         "max_update": config.max_update,
         "sharpness_rho": config.sharpness_rho,
         "recipe_fingerprints": fingerprints,
+        "row_settings": row_settings,
         "written": _now(),
     }
 
@@ -820,6 +918,8 @@ def execute_run(
             {
                 "run": run.name,
                 "optimizer": run.optimizer,
+                "row": run.row,
+                "hparams": dict(run.hparams),
                 "seed": run.seed,
                 "preset": config.preset.name,
                 "data_bin": data_bin,

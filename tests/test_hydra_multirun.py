@@ -1,0 +1,128 @@
+"""The hydra route: configs/hydra/iwslt14_de_en/table4.yaml with `fairseq-hydra-train --multirun`
+over the `row` group (optimizer) x seed (x ρ), through hydra-submitit-launcher.
+
+The fast test composes table4.yaml for each row and compares it with the row's own YAML (itself
+checked against the argument files in test_table4_pipeline.py).  The slow one runs a real
+2-job multirun with `hydra/launcher=submitit_local` on a tiny model, then the same multirun with
+a higher --max-update: each job continues from its checkpoint_last.pt, as a requeued Slurm job
+does (the fixed hydra.sweep.dir is what makes that work).
+"""
+
+import os
+import subprocess
+import sys
+
+import pytest
+from omegaconf import OmegaConf
+from test_table4_pipeline import HYDRA_DIR, leaves
+
+import fairseq_asam
+from fairseq_asam.experiments import report
+
+TINY_MODEL = [
+    f"+model.{k}={v}"
+    for k, v in (
+        ("encoder_layers", 1),
+        ("decoder_layers", 1),
+        ("encoder_embed_dim", 16),
+        ("decoder_embed_dim", 16),
+        ("encoder_ffn_embed_dim", 32),
+        ("decoder_ffn_embed_dim", 32),
+    )
+]
+RUN_OVERRIDES = ["task.data=/data-bin", f"common.user_dir={fairseq_asam.USER_DIR}"]
+
+
+def compose(config_name, overrides=()):
+    from fairseq.dataclass.initialize import hydra_init
+    from hydra import compose as hydra_compose
+    from hydra import initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+
+    GlobalHydra.instance().clear()
+    hydra_init(config_name)
+    with initialize_config_dir(config_dir=HYDRA_DIR, version_base="1.1"):
+        cfg = hydra_compose(
+            config_name=config_name,
+            overrides=RUN_OVERRIDES + ["checkpoint.save_dir=/save"] + list(overrides),
+            return_hydra_config=True,
+        )
+    GlobalHydra.instance().clear()
+    subdir = cfg.hydra.sweep.subdir if config_name == "table4" else None
+    container = OmegaConf.to_container(cfg)
+    del container["hydra"]
+    return dict(leaves(OmegaConf.to_container(OmegaConf.create(container), resolve=True))), subdir
+
+
+@pytest.mark.parametrize(
+    "row, folder",
+    [("adam", "adam-seed2"), ("sam", "sam-rho0.1-seed2"), ("asam", "asam-rho0.2-eta0.01-seed2")],
+)
+def test_table4_yaml_with_a_row_is_that_rows_yaml(row, folder):
+    table4, subdir = compose("table4", [f"row={row}", "common.seed=2"])
+    own, _ = compose(row, ["common.seed=2"])
+    assert table4 == own  # every setting, the optimizer's and the recipe's
+    assert subdir == folder  # the runner's run folder names (report.RUN_NAME)
+    assert report.parse_row(folder.rsplit("-seed", 1)[0])[0] == row
+
+
+def multirun(sweep_dir, data_bin, max_update, cwd):
+    return subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "fairseq_cli.hydra_train",
+            "--multirun",
+            "--config-dir",
+            HYDRA_DIR,
+            "--config-name",
+            "table4",
+            "row=adam,asam",
+            f"task.data={data_bin}",
+            f"common.user_dir={fairseq_asam.USER_DIR}",
+            f"hydra.sweep.dir={sweep_dir}",
+            "hydra/launcher=submitit_local",
+            "hydra.launcher.timeout_min=10",
+            f"optimization.max_update={max_update}",
+            "dataset.max_tokens=200",
+            "common.log_interval=1",
+            "common.cpu=true",
+            "dataset.num_workers=0",
+            "task.eval_bleu=false",
+            "checkpoint.best_checkpoint_metric=loss",
+            "checkpoint.maximize_best_checkpoint_metric=false",
+            *TINY_MODEL,
+        ],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        cwd=cwd,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+    )
+
+
+@pytest.mark.slow
+def test_a_two_job_multirun_through_submitit_local_trains_and_resumes(data_bin, tmp_path):
+    sweep_dir = tmp_path / "table4" / "runs"
+    done = multirun(sweep_dir, data_bin, 3, tmp_path)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    jobs = {"adam-seed1": "adam", "asam-rho0.2-eta0.01-seed1": "asam"}
+    assert {p.name for p in sweep_dir.iterdir() if not p.name.startswith(".")} >= set(jobs)
+    submitit_logs = list((sweep_dir / ".submitit").glob("*/*_0_log.out"))
+    assert len(submitit_logs) == 2  # two submitit jobs, each with its own files
+    for name, optimizer in jobs.items():
+        job = sweep_dir / name
+        assert (job / "checkpoints" / "checkpoint_last.pt").is_file()
+        assert f"_name: {optimizer}" in (job / ".hydra" / "config.yaml").read_text()
+        log = report.parse_train_log(str(job / "train.log"))  # hydra's log lines
+        assert [r["num_updates"] for r in log["train_inner"]] == [1, 2, 3]
+        assert all(("sharpness" in r) == (optimizer == "asam") for r in log["train_inner"])
+
+    # The same multirun with a higher budget: each job continues from its checkpoint_last.pt.
+    again = multirun(sweep_dir, data_bin, 5, tmp_path)
+    assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-3000:]
+    for name in jobs:
+        text = (sweep_dir / name / "train.log").read_text()
+        assert "Loaded checkpoint" in text and "(epoch 1 @ 3 updates)" in text
+        log = report.parse_train_log(str(sweep_dir / name / "train.log"))
+        assert [r["num_updates"] for r in log["train_inner"]] == [1, 2, 3, 4, 5]
