@@ -24,6 +24,7 @@ from fairseq_asam.experiments.cli import table4_main
 from fairseq_asam.experiments.locks import RunLock, lock_holder
 
 TESTS = os.path.dirname(os.path.abspath(__file__))
+TRAIN_COMMAND, EVALUATE = runner.train_command, evaluation.evaluate_checkpoint
 REPO = os.path.dirname(TESTS)
 
 FAKE_SBATCH = """#!/bin/bash
@@ -177,7 +178,8 @@ def test_slurm_submits_each_run_once_and_a_report_job_after_them(stubbed, tmp_pa
     assert "#SBATCH --array=0-3%2" in submitted[4101]
     report_script = submitted[4102]
     assert "#SBATCH --dependency=afterany:4101" in report_script
-    assert "#SBATCH --gpus-per-node=0" in report_script and "#SBATCH --account=nlp" in report_script
+    assert "--gpus-per-node" not in report_script and "#SBATCH --cpus-per-task=1" in report_script
+    assert "#SBATCH --account=nlp" in report_script and "#SBATCH --time=30" in report_script
     names = [run.name for run in config.runs]
     for index, name in enumerate(names):
         record = read_json(tmp_path / "out" / "runs" / name / cluster.JOB_RECORD)
@@ -206,6 +208,8 @@ def test_slurm_submits_each_run_once_and_a_report_job_after_them(stubbed, tmp_pa
         assert isinstance(delayed.function, cluster.RunJob) and delayed.function.run.name == name
         if name != "adam-seed2":
             assert delayed.result()["status"] == "done"
+    # Unpickled here, the stub config patched nothing of this process (later tests run fairseq).
+    assert runner.train_command is TRAIN_COMMAND
     lines[2] = "4101_2|NODE_FAIL|node"
     lines = [line.replace("RUNNING", "COMPLETED").replace("PENDING", "COMPLETED") for line in lines]
     (fake_slurm / "sacct.txt").write_text("\n".join(lines) + "\n")

@@ -384,7 +384,6 @@ def submit_grid(
                 nodes=1,
                 tasks_per_node=1,
                 cpus_per_task=1,
-                gpus_per_node=0,
                 **{
                     k: v
                     for k, v in executor_parameters(launcher, options, name).items()
