@@ -434,3 +434,130 @@ def test_evaluate_cli_writes_whole_evaluations(tmp_path, monkeypatch, capsys):
     capsys.readouterr()
     assert evaluate_main(argv[:-1] + ["best"]) == 1
     assert "--checkpoint best names no protocol" in capsys.readouterr().err
+
+
+# --------------------------------------------------------------------------------------------
+# Data: a run and its scores belong to the data they were made from
+# --------------------------------------------------------------------------------------------
+
+
+def test_other_data_in_the_same_data_bin_is_refused_not_reused(stubbed, tmp_path):
+    out = tmp_path / "out"
+    config = grid(out, optimizers=("adam",))
+    runner.run_grid(config)
+    results = out / "runs" / "adam-seed1" / "results.json"
+    before = results.stat().st_mtime_ns
+    again = grid(out, optimizers=("adam",))
+    # The same folder, binarized again from other text: another dictionary.
+    with open(os.path.join(config.data_bin, "dict.en.txt"), "w") as f:
+        f.write("hello 3\n")
+    with pytest.raises(ConfigError) as refused:
+        runner.run_grid(again)
+    assert "adam-seed1 trained with other settings: data_content " in str(refused.value)
+    assert results.stat().st_mtime_ns == before
+
+
+def fake_preparation(calls):
+    """prepare.prepare_iwslt14 without the work: a data-bin whose dictionary is the archive's
+    text and the number of merges, and the untokenized references beside it."""
+    from fairseq_asam.experiments import prepare
+
+    def fake(archive, workdir, bpe_merges=prepare.DEFAULT_BPE_MERGES, **kwargs):
+        calls.append((archive, bpe_merges))
+        data_bin = runner_stubs.fake_data_bin(os.path.join(workdir, "data-bin", prepare.PREP_NAME))
+        with open(archive) as f, open(os.path.join(data_bin, "dict.en.txt"), "w") as d:
+            d.write(f"{f.read()} {bpe_merges}\n")
+        tmp = os.path.join(workdir, prepare.PREP_NAME, "tmp")
+        os.makedirs(tmp, exist_ok=True)
+        settings = {"archive": os.path.abspath(archive), "bpe_merges": bpe_merges}
+        prepare._StepRecords(workdir).mark_done("binarize", settings)
+        for split in ("valid", "test"):
+            path = os.path.join(tmp, f"{split}.raw.en")
+            if not os.path.exists(path):  # the step is done (for this fake, whatever archive)
+                with open(path, "w") as f:
+                    f.write("a reference\n")
+        return data_bin
+
+    return fake
+
+
+def archive_grid(out, archive, **kwargs):
+    return runner.GridConfig(
+        out_dir=str(out),
+        preset=runner.TABLE4_PRESETS["tiny"],
+        optimizers=("adam",),
+        seeds=(1,),
+        archive=str(archive),
+        max_update=20,
+        gpus=[],
+        **kwargs,
+    )
+
+
+def test_a_new_archive_is_prepared_and_the_runs_of_the_old_data_are_refused(
+    stubbed, tmp_path, monkeypatch
+):
+    calls = []
+    monkeypatch.setattr(runner.prepare, "prepare_iwslt14", fake_preparation(calls))
+    first, second = tmp_path / "first.tgz", tmp_path / "second.tgz"
+    first.write_text("first corpus")
+    second.write_text("second corpus")
+    out = tmp_path / "out"
+    runner.run_grid(archive_grid(out, first))
+    results = out / "runs" / "adam-seed1" / "results.json"
+    before = results.stat().st_mtime_ns
+
+    # The same archive: the preparation is asked again (its step records make that a no-op)
+    # and the run is current.
+    runner.run_grid(archive_grid(out, first))
+    assert [archive for archive, _ in calls] == [str(first), str(first)]
+    assert results.stat().st_mtime_ns == before
+
+    # Another archive: prepared, and the run of the other data is refused in one line.
+    with pytest.raises(ConfigError) as refused:
+        runner.run_grid(archive_grid(out, second))
+    assert calls[-1][0] == str(second)
+    assert "adam-seed1 trained with other settings: data_content " in str(refused.value)
+    assert results.stat().st_mtime_ns == before
+
+    # The data-bin deleted and prepared again from the other archive: refused as well.
+    import shutil
+
+    shutil.rmtree(out / "data" / "data-bin")
+    with pytest.raises(ConfigError, match="adam-seed1 trained with other settings: data_content"):
+        runner.run_grid(archive_grid(out, second))
+
+
+def test_other_references_are_scored_again_without_training_again(stubbed, tmp_path, monkeypatch):
+    calls = []
+    monkeypatch.setattr(runner.prepare, "prepare_iwslt14", fake_preparation(calls))
+    archive = tmp_path / "de-en.tgz"
+    archive.write_text("corpus")
+    out = tmp_path / "out"
+    runner.run_grid(archive_grid(out, archive))
+    run = out / "runs" / "adam-seed1"
+    log = (run / "train.log").read_text()
+    fingerprint = read_json(run / "results.json")["evaluation"]["fingerprint"]
+    # Same size, other words: the references' content is what counts.
+    (out / "data" / "iwslt14.tokenized.de-en" / "tmp" / "test.raw.en").write_text("b reference\n")
+    runner.run_grid(archive_grid(out, archive))
+    assert (run / "train.log").read_text() == log
+    assert read_json(run / "results.json")["evaluation"]["fingerprint"] != fingerprint
+
+
+def test_a_data_bin_of_another_presets_merges_is_prepared_again(stubbed, tmp_path, monkeypatch):
+    """No --archive: the data-bin in <out>/data is used only if it was prepared with the
+    preset's number of BPE merges."""
+    calls = []
+    monkeypatch.setattr(runner.prepare, "prepare_iwslt14", fake_preparation(calls))
+    archive = tmp_path / "de-en.tgz"
+    archive.write_text("corpus")
+    out = tmp_path / "out"
+    runner.run_grid(archive_grid(out, archive))
+    tiny = runner.TABLE4_PRESETS["tiny"]
+    other = runner.Table4Preset(**{**tiny.__dict__, "name": "tiny", "bpe_merges": 700})
+    config = archive_grid(out, archive)
+    config.archive, config.preset = None, other
+    with pytest.raises(ConfigError, match="data_content"):
+        runner.run_grid(config)
+    assert calls[-1] == (str(archive), 700)

@@ -341,6 +341,8 @@ def submit_grid(
     os.makedirs(config.out_dir, exist_ok=True)
     write_json(os.path.join(config.out_dir, runner.GRID_RECORD), runner.grid_record(config))
     data_bin = runner.prepare_data(config)
+    runner.refuse_conflicts(config)  # with what the data-bin holds now
+    write_json(os.path.join(config.out_dir, runner.GRID_RECORD), runner.grid_record(config))
     references = runner.reference_files(data_bin)
     pending, skipped = plan_jobs(config, launcher, references)
     for name, why in skipped.items():
