@@ -28,8 +28,8 @@ before anything starts:
   budget; anything else changed -> the grid refuses to start, with one line naming what changed
   (a run is never silently reused, nor silently thrown away);
 * evaluation (`results.json` -> `evaluation`: protocol, beam, references and data with their
-  content, and the version of every checkpoint file it read): redone unless its fingerprint matches and every split
-  (valid, test) is scored;
+  content, and the version of every checkpoint file it read): redone unless its fingerprint
+  matches and every split (valid, test) is scored;
 * adaptive sharpness (`--sharpness-rho`): redone when the evaluation or ρ changed.
 
 Sweeps (`GridConfig.sweep`, `--rho 0.05,0.1 --eta 0.01,0.1`): one row per value of every
