@@ -561,3 +561,33 @@ def test_a_data_bin_of_another_presets_merges_is_prepared_again(stubbed, tmp_pat
     with pytest.raises(ConfigError, match="data_content"):
         runner.run_grid(config)
     assert calls[-1] == (str(archive), 700)
+
+
+# --------------------------------------------------------------------------------------------
+# The report of several folders keeps each grid's rows apart
+# --------------------------------------------------------------------------------------------
+
+
+def test_report_of_several_folders_never_averages_two_grids_into_one_row(stubbed, tmp_path):
+    short, long = tmp_path / "short", tmp_path / "long"
+    runner.run_grid(grid(short, optimizers=("adam",), max_update=20))
+    config = grid(long, optimizers=("adam",), max_update=40)
+    config.preset = runner.TABLE4_PRESETS["paper"]  # another preset, another budget
+    runner.run_grid(config)
+    both = tmp_path / "both"
+    assert report_main([str(short), str(long), "--report-dir", str(both)]) == 0
+    text = (both / "table4.md").read_text()
+    rows = [line for line in text.splitlines() if line.startswith("| Adam |")]
+    assert len(rows) == 2, text  # one row per grid, not one mean over both
+    header = [c.strip() for c in text.split("\n| Optimizer |")[1].split("\n")[0].split("|")]
+    assert "Preset" in header and "Folder" in header
+    cells = [[c.strip() for c in r.strip("|").split("|")] for r in rows]
+    by_preset = {c[header.index("Preset") + 1]: c for c in cells}
+    assert by_preset["tiny"][3] == "20.00" and by_preset["paper"][3] == "40.00"
+    assert by_preset["tiny"][header.index("Folder") + 1] == str(short)
+    assert by_preset["tiny"][1] == "1" and "n = " not in by_preset["paper"][1]
+    run_header = text.split("| Run |")[1].split("\n")[0]
+    assert "Folder" in run_header
+    assert row(text, "adam-seed1")[-1] in (str(short), str(long))
+    csv_lines = (both / "table4.csv").read_text().splitlines()
+    assert csv_lines[0].endswith(",preset,folder") and len(csv_lines) == 3

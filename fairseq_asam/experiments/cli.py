@@ -482,7 +482,7 @@ def report_parser() -> argparse.ArgumentParser:
         "train.log (the runs of fairseq-asam-table4), into OUT_DIR/report/.  Only the results "
         "of OUT_DIR's grid (grid.json: preset, --checkpoint, training settings) are taken.  "
         "Several OUT_DIRs (e.g. one per --checkpoint protocol) give one table with a row per "
-        "optimizer and protocol, side by side.",
+        "folder, optimizer and protocol, side by side (each row names its preset and folder).",
     )
     parser.add_argument(
         "out_dirs", nargs="+", metavar="OUT_DIR", help="output folder(s) of fairseq-asam-table4"
