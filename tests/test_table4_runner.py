@@ -591,3 +591,65 @@ def test_report_of_several_folders_never_averages_two_grids_into_one_row(stubbed
     assert row(text, "adam-seed1")[-1] in (str(short), str(long))
     csv_lines = (both / "table4.csv").read_text().splitlines()
     assert csv_lines[0].endswith(",preset,folder") and len(csv_lines) == 3
+
+
+# --------------------------------------------------------------------------------------------
+# A stage found stale and not redone leaves nothing stale behind
+# --------------------------------------------------------------------------------------------
+
+
+def test_a_sharpness_of_another_rho_is_never_reported_when_its_redo_fails(
+    stubbed, tmp_path, monkeypatch
+):
+    out = tmp_path / "out"
+    runner.run_grid(grid(out, optimizers=("asam",), sharpness_rho=0.05))
+    path = out / "runs" / "asam-seed1" / "results.json"
+    assert read_json(path)["sharpness_settings"]["rho"] == 0.05
+    monkeypatch.setattr(runner, "SHARPNESS_PROGRAM", "import sys; sys.exit(3)")
+    with pytest.raises(runner.FairseqAsamError, match="asam-seed1: sharpness:"):
+        runner.run_grid(grid(out, optimizers=("asam",), sharpness_rho=0.5))
+    results = read_json(path)
+    assert "sharpness" not in results and "sharpness_settings" not in results
+    text = table(out)
+    assert "0.2500" not in text and "Adaptive sharpness" not in text
+    # The report checks it too: a results.json holding a sharpness of another ρ (written by
+    # hand, or by an older version) is shown without it.
+    evaluation.update_results(
+        str(path),
+        {
+            "sharpness": {"estimates": [{"measure": "adaptive", "sharpness": 0.25}]},
+            "sharpness_settings": {"rho": 0.05, "evaluation": results["evaluation"]["fingerprint"]},
+        },
+    )
+    report.write_report(str(out))
+    assert "0.2500" not in table(out)
+
+
+def test_an_evaluation_found_stale_is_not_reported_when_its_redo_fails(
+    stubbed, tmp_path, monkeypatch
+):
+    out = tmp_path / "out"
+    runner.run_grid(grid(out, optimizers=("adam",)))
+    assert row(table(out), "Adam")[3] == "20.00"
+    best = out / "runs" / "adam-seed1" / "checkpoints" / "checkpoint_best.pt"
+    best.write_text(json.dumps({"updates": 17, "seed": 1, "resumed_from": 0}))  # another file
+
+    def failing(*args, **kwargs):
+        raise runner.FairseqAsamError("fairseq-generate failed with exit code 1")
+
+    monkeypatch.setattr(evaluation, "evaluate_checkpoint", failing)
+    with pytest.raises(runner.FairseqAsamError, match="adam-seed1: evaluate:"):
+        runner.run_grid(grid(out, optimizers=("adam",)))
+    text = table(out)
+    assert row(text, "Adam")[3] == "–" and "20.00" not in text
+    assert row(text, "adam-seed1")[2].startswith("failed in evaluate:")
+    # The report compares the evaluation with the checkpoint files too: a results.json whose
+    # checkpoint changed since is not current, whoever left it.
+    monkeypatch.setattr(evaluation, "evaluate_checkpoint", runner_stubs.fake_evaluate)
+    runner.run_grid(grid(out, optimizers=("adam",)))
+    assert row(table(out), "Adam")[3] == "17.00"
+    best.write_text(json.dumps({"updates": 19, "seed": 1, "resumed_from": 0}))
+    report.write_report(str(out))
+    text = table(out)
+    assert row(text, "Adam")[3] == "–"
+    assert row(text, "adam-seed1")[2].startswith("not current: evaluated")

@@ -647,7 +647,7 @@ def check_data_bin(data_bin: str, splits: Sequence[str] = EVALUATED_SPLITS) -> N
 # Entries of results.json that belong to one evaluation (besides its splits); the sharpness of
 # the evaluated checkpoint goes with them.
 EVALUATION_KEYS = ("protocol", "evaluation", "checkpoint", "beam", "subword", "scored_splits")
-DEPENDENT_KEYS = ("sharpness",)
+DEPENDENT_KEYS = ("sharpness", "sharpness_settings")
 
 
 def read_results(path: str) -> Dict:
@@ -695,6 +695,48 @@ def evaluation_done(
     if results.get("evaluation", {}).get("fingerprint") != settings["fingerprint"]:
         return False
     return all(isinstance(results.get(s), dict) and "bleu" in results[s] for s in splits)
+
+
+def drop_results(path: str, keys: Sequence[str]) -> Dict:
+    """Removes `keys` from the JSON file `path` (atomically), keeping its other entries: a stage
+    about to be redone first drops its old output, so that a failed redo leaves none behind."""
+    results = read_results(path)
+    if any(key in results for key in keys):
+        results = {k: v for k, v in results.items() if k not in keys}
+        write_json(path, results)
+    return results
+
+
+def drop_evaluation(path: str) -> Dict:
+    """Removes the evaluation (its settings, every split, the sharpness that depends on it)."""
+    results = read_results(path)
+    stale = set(results.get("scored_splits", [])) | set(EVALUATED_SPLITS)
+    return drop_results(path, list(EVALUATION_KEYS) + list(DEPENDENT_KEYS) + sorted(stale))
+
+
+def current_fingerprint(results: Dict, save_dir: str) -> Optional[str]:
+    """The fingerprint the evaluation recorded in `results` would have now (the checkpoint
+    files, data and references as they are), from the settings it recorded; None if it cannot
+    be computed (a checkpoint gone, settings not recorded)."""
+    recorded = results.get("evaluation")
+    if not isinstance(recorded, dict) or "protocol" not in recorded:
+        return None
+    references = {
+        split: entry["path"] if isinstance(entry, dict) else entry
+        for split, entry in (recorded.get("references") or {}).items()
+    }
+    try:
+        return evaluation_settings(
+            recorded.get("data_bin", ""),
+            save_dir,
+            parse_checkpoint_choice(recorded["protocol"]),
+            recorded.get("subword", "bpe"),
+            recorded.get("beam", DEFAULT_BEAM),
+            recorded.get("batch_size", DEFAULT_BATCH_SIZE),
+            references,
+        )["fingerprint"]
+    except (FairseqAsamError, OSError):
+        return None
 
 
 def update_results(path: str, entries: Dict) -> Dict:

@@ -45,13 +45,14 @@ from dataclasses import dataclass, field
 from typing import Callable, Dict, List, Optional, Sequence, Tuple, Union
 
 from ..errors import FairseqAsamError
-from .evaluation import EVALUATED_SPLITS, RESULTS_NAME
+from .evaluation import EVALUATED_SPLITS, RESULTS_NAME, current_fingerprint
 from .files import atomic_output, write_text
 from .locks import lock_holder
 
 logger = logging.getLogger(__name__)
 
 RUNS_FOLDER, REPORT_FOLDER = "runs", "report"
+CHECKPOINTS_FOLDER = "checkpoints"  # in each run folder (experiments.runner)
 TRAIN_LOG = "train.log"
 COMMAND_FILE = "command.txt"
 TRAINING_RECORD = "training.json"
@@ -287,6 +288,13 @@ def _mismatch(results: dict, grid: dict) -> Optional[str]:
     if not is_complete(results):
         missing = [s for s in EVALUATED_SPLITS if not isinstance(results.get(s), dict)]
         return f"results.json lacks {', '.join(missing)}"
+    if "run_dir" in results and isinstance(results.get("evaluation"), dict):
+        now = current_fingerprint(results, os.path.join(results["run_dir"], CHECKPOINTS_FOLDER))
+        if now != results["evaluation"].get("fingerprint"):
+            return (
+                "evaluated before its checkpoint files, data or references changed "
+                "(evaluation out of date)"
+            )
     if results.get("preset") != grid.get("preset"):
         return f"preset {results.get('preset')}, the grid's is {grid.get('preset')}"
     if results_protocol(results) != grid.get("protocol"):
@@ -296,6 +304,20 @@ def _mismatch(results: dict, grid: dict) -> Optional[str]:
     ):
         return "trained with other settings than the grid's (e.g. another --max-update)"
     return None
+
+
+def _sharpness_of_grid(results: dict, grid: dict) -> bool:
+    """Whether the sharpness in `results` was measured at the grid's ρ (--sharpness-rho) on
+    the evaluation it holds now (a results.json without one: trivially)."""
+    if "sharpness" not in results:
+        return True
+    settings = results.get("sharpness_settings") or {}
+    rho = grid.get("sharpness_rho")
+    return (
+        rho is not None
+        and settings.get("rho") == rho
+        and settings.get("evaluation") == results.get("evaluation", {}).get("fingerprint")
+    )
 
 
 def row_of(results: dict) -> str:
@@ -360,6 +382,9 @@ def select_results(out_dir: str) -> Selection:
         return selection
     grid_runs = [f"{row}-seed{s}" for row in grid_rows(grid) for s in grid.get("seeds", [])]
     for name, results in sorted(by_name.items()):
+        if not _sharpness_of_grid(results, grid):
+            for key in ("sharpness", "sharpness_settings"):
+                results.pop(key, None)
         why = _mismatch(results, grid)
         if why is None:
             selection.results.append(results)

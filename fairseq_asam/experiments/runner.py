@@ -76,7 +76,7 @@ OPTIMIZERS = ("adam", "sam", "asam")
 # Cheaper schedules beyond the paper (configs/iwslt14_de_en/<name>.args): rows on request only.
 SCHEDULE_ROWS = ("asam_interval5", "asam_looksam5", "asam_late")
 DATA_FOLDER = "data"
-CHECKPOINTS_FOLDER = "checkpoints"
+CHECKPOINTS_FOLDER = report.CHECKPOINTS_FOLDER
 COMMAND_FILE = report.COMMAND_FILE
 TRAINING_RECORD = report.TRAINING_RECORD
 FAILURE_RECORD = report.FAILURE_RECORD
@@ -945,6 +945,7 @@ def execute_run(
         )
         results = evaluation.read_results(results_path)
         if not evaluation.evaluation_done(results, settings_now):
+            evaluation.drop_evaluation(results_path)  # a failed redo leaves no stale scores
             logger.info(f"{run.name}: evaluating --checkpoint {config.protocol} on {where}")
             scores = evaluation.evaluate_checkpoint(
                 data_bin,
@@ -984,6 +985,7 @@ def execute_run(
             if supervisor.stopping.is_set():
                 raise RunInterrupted("evaluated; sharpness not measured (the grid is stopping)")
             progress.stage = "sharpness"
+            evaluation.drop_results(results_path, evaluation.DEPENDENT_KEYS)  # of another ρ
             logger.info(f"{run.name}: measuring adaptive sharpness at rho={config.sharpness_rho}")
             measured = measure_sharpness(
                 config, run, results["checkpoint"]["path"], data_bin, env, gpu, supervisor, lock
