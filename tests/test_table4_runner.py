@@ -31,6 +31,7 @@ def stubbed(monkeypatch):
     monkeypatch.setattr(runner, "train_command", stub_command)
     monkeypatch.setattr(runner, "SHARPNESS_PROGRAM", runner_stubs.SHARPNESS_PROGRAM, raising=False)
     monkeypatch.setattr(evaluation, "evaluate_checkpoint", runner_stubs.fake_evaluate)
+    monkeypatch.setattr(evaluation, "checkpoint_position", runner_stubs.fake_checkpoint_position)
     monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
     return runner
 
@@ -653,3 +654,25 @@ def test_an_evaluation_found_stale_is_not_reported_when_its_redo_fails(
     text = table(out)
     assert row(text, "Adam")[3] == "–"
     assert row(text, "adam-seed1")[2].startswith("not current: evaluated")
+
+
+# --------------------------------------------------------------------------------------------
+# Resuming a training that had finished
+# --------------------------------------------------------------------------------------------
+
+
+def test_a_training_that_reached_its_budget_is_not_resumed_beyond_it(stubbed, tmp_path):
+    """The launcher killed (kill -9, Ctrl-C) after fairseq-train's last save: training.json still
+    says running.  fairseq-train resumed there would take one more update (201 of 200)."""
+    out = tmp_path / "out"
+    runner.run_grid(grid(out, optimizers=("adam",)))
+    run = out / "runs" / "adam-seed1"
+    record = read_json(run / "training.json")
+    (run / "training.json").write_text(json.dumps({**record, "status": "running"}))
+    (run / "results.json").unlink()
+    log = (run / "train.log").read_text()
+    runner.run_grid(grid(out, optimizers=("adam",)))
+    assert read_json(run / "checkpoints" / "checkpoint_last.pt")["updates"] == 20
+    assert (run / "train.log").read_text() == log  # fairseq-train was not started
+    assert read_json(run / "training.json")["status"] == "finished"
+    assert read_json(run / "results.json")["checkpoint"]["num_updates"] == 20

@@ -24,9 +24,11 @@ before anything starts:
   its folder and `data_content`, a hash of what the folder holds; the data is prepared before
   that is compared, and --archive always goes through the preparation's step records):
   the same settings and finished -> skipped; the same and interrupted -> resumed from
-  checkpoint_last.pt; only --max-update raised -> continued from checkpoint_last.pt to the new
-  budget; anything else changed -> the grid refuses to start, with one line naming what changed
-  (a run is never silently reused, nor silently thrown away);
+  checkpoint_last.pt (one at --max-update already: marked finished, not resumed, since
+  fairseq-train takes an update before it checks the budget); only --max-update raised ->
+  continued from checkpoint_last.pt to the new budget; anything else changed -> the grid
+  refuses to start, with one line naming what changed (a run is never silently reused, nor
+  silently thrown away);
 * evaluation (`results.json` -> `evaluation`: protocol, beam, references and data with their
   content, and the version of every checkpoint file it read): redone unless its fingerprint
   matches and every split (valid, test) is scored;
@@ -859,6 +861,38 @@ def train(
     )
 
 
+def checkpoint_updates(path: str) -> Optional[int]:
+    """The update count fairseq saved a checkpoint at (None if the file cannot tell)."""
+    if not os.path.isfile(path):
+        return None
+    try:
+        return evaluation.checkpoint_position(path)["num_updates"]
+    except (FairseqAsamError, OSError, KeyError, TypeError, ValueError):
+        return None
+
+
+def finished_at_budget(config: GridConfig, run: Run) -> bool:
+    """For a run to resume: if its checkpoint_last.pt is at --max-update already (the launcher
+    was killed after fairseq-train's last save), marks training.json finished and returns True.
+    fairseq-train resumed there would take one update beyond the budget before it stops."""
+    run_dir = config.run_dir(run)
+    record = read_json_file(os.path.join(run_dir, TRAINING_RECORD)) or {}
+    budget = _budget(record.get("settings", {}))
+    last = os.path.join(run_dir, CHECKPOINTS_FOLDER, evaluation.LAST_CHECKPOINT)
+    updates = checkpoint_updates(last)
+    if budget is None or updates is None or updates < budget:
+        return False
+    logger.info(
+        f"{run.name}: {evaluation.LAST_CHECKPOINT} is at {updates} updates, {BUDGET_FLAG} "
+        f"{budget}: training had finished; not resumed"
+    )
+    write_json(
+        os.path.join(run_dir, TRAINING_RECORD),
+        {**record, "status": "finished", "finished": _now(), "finished_by": "checkpoint_last.pt"},
+    )
+    return True
+
+
 def measure_sharpness(
     config: GridConfig,
     run: Run,
@@ -931,6 +965,8 @@ def execute_run(
             [f"{k}={shlex.quote(v)}" for k, v in settings.items()] + [shlex.join(command)]
         )
         where = f"GPU {gpu}" if gpu is not None else "CPU"
+        if plan.action == RESUME and finished_at_budget(config, run):
+            plan = RunPlan(run, EVALUATE, "trained")
         if plan.action in (TRAIN, RESUME, EXTEND):
             progress.stage = "train"
             logger.info(f"{run.name}: {plan.reason} on {where}")
