@@ -676,3 +676,16 @@ def test_a_training_that_reached_its_budget_is_not_resumed_beyond_it(stubbed, tm
     assert (run / "train.log").read_text() == log  # fairseq-train was not started
     assert read_json(run / "training.json")["status"] == "finished"
     assert read_json(run / "results.json")["checkpoint"]["num_updates"] == 20
+
+
+def test_an_average_of_more_epochs_than_the_recipe_keeps_is_refused_before_any_work(
+    stubbed, tmp_path
+):
+    out = tmp_path / "out"
+    with pytest.raises(ConfigError) as refused:
+        runner.run_grid(grid(out, checkpoint="average:10"))
+    message = str(refused.value)
+    assert "--checkpoint average:10" in message and "--keep-last-epochs 5" in message
+    assert "iwslt14_de_en/common.args" in message and "\n" not in message
+    assert not (out / "runs").exists()
+    runner.check_grid(grid(out, checkpoint="average:5"))  # what the recipe keeps: fine

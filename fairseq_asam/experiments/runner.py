@@ -560,6 +560,7 @@ def check_grid(config: GridConfig, jobs_have_gpus: Optional[bool] = None) -> Non
     evaluation.parse_checkpoint_choice(config.checkpoint or config.preset.checkpoint)
     for optimizer in config.optimizers:
         config.training_options(optimizer)
+        check_epochs_kept(config, optimizer)
     for name, values in (config.sweep or {}).items():
         if name not in SWEEPABLE:
             raise ConfigError(
@@ -593,6 +594,38 @@ def check_grid(config: GridConfig, jobs_have_gpus: Optional[bool] = None) -> Non
     if config.amp and jobs_have_gpus is False:
         raise ConfigError("--amp needs a GPU, and the jobs get none (--gpus-per-job 0)")
     refuse_conflicts(config)
+
+
+KEEP_EPOCHS_FLAG, NO_EPOCH_CHECKPOINTS_FLAG = "--keep-last-epochs", "--no-epoch-checkpoints"
+
+
+def check_epochs_kept(config: GridConfig, optimizer: str) -> None:
+    """`--checkpoint average:N` averages the last N epoch checkpoints: the row's training must
+    keep that many (--keep-last-epochs >= N, epoch checkpoints on)."""
+    protocol = config.protocol
+    if protocol.kind != "average":
+        return
+    options = dict(config.training_options(optimizer))
+    files = recipe.training_files(
+        config.preset.args_files, optimizer, config.eval_bleu, protocol.selection_metric
+    )
+    folder = config.config_dir or recipe.config_dir()
+    if NO_EPOCH_CHECKPOINTS_FLAG in options:
+        source = recipe.option_source(files, NO_EPOCH_CHECKPOINTS_FLAG, folder)
+        raise ConfigError(
+            f"--checkpoint {protocol} averages epoch checkpoints, and {source} sets "
+            f"{NO_EPOCH_CHECKPOINTS_FLAG} (row {optimizer})"
+        )
+    kept = options.get(KEEP_EPOCHS_FLAG)
+    if kept is None or not kept.lstrip("-").isdigit() or int(kept) < 0:
+        return  # fairseq's default -1: every epoch checkpoint is kept
+    if int(kept) < protocol.num_epochs:
+        source = recipe.option_source(files, KEEP_EPOCHS_FLAG, folder)
+        raise ConfigError(
+            f"--checkpoint {protocol} needs the last {protocol.num_epochs} epoch checkpoints, "
+            f"and {source} sets {KEEP_EPOCHS_FLAG} {kept} (row {optimizer}): use --checkpoint "
+            f"average:{kept} or less, or raise {KEEP_EPOCHS_FLAG} there"
+        )
 
 
 def refuse_conflicts(config: GridConfig) -> None:
