@@ -689,3 +689,40 @@ def test_an_average_of_more_epochs_than_the_recipe_keeps_is_refused_before_any_w
     assert "iwslt14_de_en/common.args" in message and "\n" not in message
     assert not (out / "runs").exists()
     runner.check_grid(grid(out, checkpoint="average:5"))  # what the recipe keeps: fine
+
+
+# --------------------------------------------------------------------------------------------
+# Ctrl-C anywhere: one line, status 130
+# --------------------------------------------------------------------------------------------
+
+
+def test_ctrl_c_during_the_data_preparation_of_a_fresh_out_is_one_line_and_130(
+    stubbed, tmp_path, monkeypatch, capsys
+):
+    from fairseq_asam.experiments.cli import table4_main
+
+    def interrupted(config):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(runner, "prepare_data", interrupted)
+    out = tmp_path / "out"
+    argv = ["--preset", "tiny", "--optimizers", "adam", "--out", str(out)]
+    assert table4_main(argv) == 130
+    err = capsys.readouterr().err
+    assert "interrupted (Ctrl-C)" in err and "no runs folder" not in err
+    assert len(err.strip().splitlines()) == 1 and "Traceback" not in err
+    # Before the grid's own handling (the checks): the same.
+    monkeypatch.setattr(runner, "check_grid", interrupted)
+    assert table4_main(argv) == 130
+    err = capsys.readouterr().err
+    assert len(err.strip().splitlines()) == 1 and "interrupted (Ctrl-C)" in err
+
+
+def test_the_report_of_a_grid_without_runs_yet_lists_them_as_not_started(stubbed, tmp_path):
+    out = tmp_path / "out"
+    out.mkdir()
+    config = grid(out, optimizers=("adam",))
+    (out / "grid.json").write_text(json.dumps(runner.grid_record(config)))
+    assert report_main([str(out)]) == 0
+    assert row(table(out), "adam-seed1")[2] == "not started"
+    assert report_main([str(tmp_path / "nowhere")]) == 1

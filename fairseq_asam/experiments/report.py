@@ -200,9 +200,13 @@ def _read_json(path: str) -> Optional[dict]:
 
 
 def run_directories(out_dir: str) -> List[str]:
+    """The run folders under <out>/runs (none yet, e.g. interrupted in the data preparation:
+    an empty list); an output folder that does not exist is an error."""
+    if not os.path.isdir(out_dir):
+        raise FairseqAsamError(f"output folder not found: {out_dir}")
     runs_dir = os.path.join(out_dir, RUNS_FOLDER)
     if not os.path.isdir(runs_dir):
-        raise FairseqAsamError(f"no runs folder: {runs_dir}")
+        return []
     return sorted(os.path.join(runs_dir, n) for n in os.listdir(runs_dir) if RUN_NAME.match(n))
 
 
