@@ -726,3 +726,26 @@ def test_the_report_of_a_grid_without_runs_yet_lists_them_as_not_started(stubbed
     assert report_main([str(out)]) == 0
     assert row(table(out), "adam-seed1")[2] == "not started"
     assert report_main([str(tmp_path / "nowhere")]) == 1
+
+
+# --------------------------------------------------------------------------------------------
+# A corrupt record is its run's failure
+# --------------------------------------------------------------------------------------------
+
+
+def test_a_corrupt_results_json_is_that_runs_failure_and_the_grid_goes_on(stubbed, tmp_path):
+    out = tmp_path / "out"
+    runner.run_grid(grid(out, optimizers=("adam",)))
+    (out / "runs" / "adam-seed1" / "results.json").write_text('{"valid": ')  # truncated
+    with pytest.raises(runner.GridFailed, match=r"1 run\(s\) failed: adam-seed1: .*not valid JSON"):
+        runner.run_grid(grid(out, optimizers=("asam", "adam")))
+    assert read_json(out / "runs" / "asam-seed1" / "results.json")["valid"]["bleu"] == 20.0
+    assert "not valid JSON" in read_json(out / "runs" / "adam-seed1" / "failure.json")["error"]
+    text = table(out)
+    assert "not valid JSON" in row(text, "adam-seed1")[2]
+    assert row(text, "Adam+ASAM")[3] == "20.00"
+    # The report alone, without the runner's failure record: the same.
+    (out / "runs" / "adam-seed1" / "failure.json").unlink()
+    (out / "runs" / "adam-seed1" / "training.json").write_text("{")
+    assert report_main([str(out)]) == 0
+    assert "not valid JSON" in row(table(out), "adam-seed1")[2]

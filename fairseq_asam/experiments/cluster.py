@@ -299,7 +299,10 @@ def plan_jobs(
     pending, skipped = [], {}
     for run in config.runs:
         run_dir = config.run_dir(run)
-        plan = runner.plan_run(config, run, references)
+        try:
+            plan = runner.plan_run(config, run, references)
+        except FairseqAsamError:  # e.g. a corrupt results.json: the job records the failure
+            plan = runner.RunPlan(run, runner.EVALUATE, "to plan")
         if plan.action == runner.DONE:
             skipped[run.name] = plan.reason
             continue

@@ -657,8 +657,10 @@ def read_results(path: str) -> Dict:
     try:
         with open(path, encoding="utf-8") as f:
             results = json.load(f)
-    except json.JSONDecodeError as error:
-        raise FairseqAsamError(f"{path} is not valid JSON: {error}") from error
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise FairseqAsamError(
+            f"{path} is not valid JSON: {error} (delete it to evaluate the run again)"
+        ) from error
     if not isinstance(results, dict):
         raise FairseqAsamError(f"{path} does not hold a JSON object")
     return results
@@ -741,10 +743,7 @@ def current_fingerprint(results: Dict, save_dir: str) -> Optional[str]:
 
 def update_results(path: str, entries: Dict) -> Dict:
     """Writes `entries` into the JSON file `path` (atomically), keeping its other entries."""
-    results = {}
-    if os.path.isfile(path):
-        with open(path, encoding="utf-8") as f:
-            results = json.load(f)
+    results = read_results(path)
     results.update(entries)
     write_json(path, results)
     return results

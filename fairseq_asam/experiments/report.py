@@ -194,9 +194,24 @@ def _read_json(path: str) -> Optional[dict]:
         return None
     try:
         with open(path, encoding="utf-8") as f:
-            return json.load(f)
-    except json.JSONDecodeError as error:
+            loaded = json.load(f)
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
         raise FairseqAsamError(f"{path} is not valid JSON: {error}") from error
+    if not isinstance(loaded, dict):
+        raise FairseqAsamError(f"{path} does not hold a JSON object")
+    return loaded
+
+
+def _read_record(path: str) -> Optional[dict]:
+    """A run's record (training.json, failure.json, job.json) for its status: None if absent;
+    an unreadable one as {"unreadable": why}, so that one broken file never stops a report."""
+    try:
+        return _read_json(path)
+    except FairseqAsamError as error:
+        return {UNREADABLE: str(error)}
+
+
+UNREADABLE = "unreadable"  # the entry of a record that could not be read (_read_record)
 
 
 def run_directories(out_dir: str) -> List[str]:
@@ -214,7 +229,7 @@ def load_results(out_dir: str) -> List[dict]:
     """Every results.json under <out>/runs, each with its `run_dir`."""
     results = []
     for run_dir in run_directories(out_dir):
-        loaded = _read_json(os.path.join(run_dir, RESULTS_NAME))
+        loaded = _read_record(os.path.join(run_dir, RESULTS_NAME))
         if loaded is not None:
             match = RUN_NAME.match(os.path.basename(run_dir))
             loaded.setdefault("optimizer", match.group("optimizer"))
@@ -226,7 +241,7 @@ def load_results(out_dir: str) -> List[dict]:
 
 def run_settings(run_dir: str) -> Dict[str, Optional[str]]:
     """The fairseq-train options a run was trained with: its training.json, else command.txt."""
-    record = _read_json(os.path.join(run_dir, TRAINING_RECORD))
+    record = _read_record(os.path.join(run_dir, TRAINING_RECORD))
     if record and isinstance(record.get("settings"), dict):
         return record["settings"]
     path = os.path.join(run_dir, COMMAND_FILE)
@@ -289,6 +304,8 @@ class Selection:
 
 def _mismatch(results: dict, grid: dict) -> Optional[str]:
     """Why `results` is not a result of `grid` (None if it is)."""
+    if UNREADABLE in results:
+        return results[UNREADABLE]
     if not is_complete(results):
         missing = [s for s in EVALUATED_SPLITS if not isinstance(results.get(s), dict)]
         return f"results.json lacks {', '.join(missing)}"
@@ -352,18 +369,22 @@ def _status_of(run_dir: str, results: Optional[dict], why: Optional[str]) -> str
     holder = lock_holder(run_dir) if os.path.isdir(run_dir) else None
     if holder:
         return f"in progress ({holder})"
-    failure = _read_json(os.path.join(run_dir, FAILURE_RECORD))
-    if failure:
+    failure = _read_record(os.path.join(run_dir, FAILURE_RECORD))
+    if failure and UNREADABLE not in failure:
         return f"failed in {failure.get('stage', '?')}: {failure.get('error', '?')}"
-    training = _read_json(os.path.join(run_dir, TRAINING_RECORD))
+    if results is not None and UNREADABLE in results:
+        return f"failed: {results[UNREADABLE]}"
+    training = _read_record(os.path.join(run_dir, TRAINING_RECORD))
+    if training and UNREADABLE in training:
+        return f"failed: {training[UNREADABLE]}"
     if results is not None and why:
         return f"not current: {why}"
     if training and training.get("status") != "finished":
         return "interrupted in training (resumable)"
     if training:
         return "trained, not evaluated"
-    job = _read_json(os.path.join(run_dir, JOB_RECORD))  # experiments.cluster's
-    if job:
+    job = _read_record(os.path.join(run_dir, JOB_RECORD))  # experiments.cluster's
+    if job and UNREADABLE not in job:
         return f"submitted as {job.get('launcher')} job {job.get('job_id')}, not started"
     return "not started"
 
@@ -380,7 +401,9 @@ def select_results(out_dir: str) -> Selection:
     if grid is None:
         selection.results = [r for r in by_name.values() if is_complete(r)]
         selection.left_out = [
-            (n, "results.json lacks a split") for n, r in by_name.items() if not is_complete(r)
+            (n, r.get(UNREADABLE, "results.json lacks a split"))
+            for n, r in by_name.items()
+            if not is_complete(r)
         ]
         selection.run_dirs = run_directories(out_dir)
         return selection
@@ -1158,8 +1181,8 @@ def plotted_runs(selection: Selection) -> List[PlottedRun]:
             continue
         name = os.path.basename(run_dir)
         match = RUN_NAME.match(name)
-        results = _read_json(os.path.join(run_dir, RESULTS_NAME)) or {}
-        grid = _read_json(os.path.join(os.path.dirname(os.path.dirname(run_dir)), GRID_RECORD))
+        results = _read_record(os.path.join(run_dir, RESULTS_NAME)) or {}
+        grid = _read_record(os.path.join(os.path.dirname(os.path.dirname(run_dir)), GRID_RECORD))
         protocol = (grid or {}).get("protocol") or results_protocol(results)
         runs.append(
             PlottedRun(

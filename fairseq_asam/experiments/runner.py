@@ -826,7 +826,7 @@ def run_environment(preset: Table4Preset, gpu: Optional[str]) -> Dict[str, str]:
 
 @dataclass
 class Progress:
-    stage: str = "start"
+    stage: str = "plan"
 
 
 def record_failure(run_dir: str, run: Run, stage: str, error: BaseException) -> str:
@@ -1144,7 +1144,11 @@ def run_grid(config: GridConfig, supervisor: Optional[Supervisor] = None) -> Dic
         references = reference_files(data_bin)
         pending = []
         for run in config.runs:
-            plan = plan_run(config, run, references)
+            try:
+                plan = plan_run(config, run, references)
+            except FairseqAsamError:  # e.g. a corrupt results.json: that run's failure, below
+                pending.append(run)
+                continue
             if plan.action == DONE:
                 logger.info(f"{run.name}: skipped, {plan.reason}")
                 outcomes[run] = RunOutcome(run, "done")
