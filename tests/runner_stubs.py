@@ -11,6 +11,8 @@ the Table 4 runner's own logic (stage records, failures, locks, Ctrl-C) run in s
   like Python), `slow` (appends its pid to `stub.started`, then trains 0.2 s per update and
   writes checkpoint_last.pt after each, as fairseq's --save-interval-updates 1 would; on SIGINT
   it exits with status 130).
+* `fake_checkpoint_position` replaces evaluation.checkpoint_position (the update count of a
+  stub checkpoint).
 * `fake_evaluate` replaces evaluation.evaluate_checkpoint: valid BLEU = the checkpoint's updates,
   test BLEU = updates + seed / 10, so that a test sees which checkpoint was scored.
 * `SHARPNESS_PROGRAM` replaces the runner's fairseq-asam-sharpness program: it writes its own
@@ -80,18 +82,27 @@ def train_main(argv):
             return 130
         print("stub trainer: nobody stopped me", flush=True)
         return 1
-    for updates in range(start + 1, max_update + 1):
+    # fairseq-train takes one update before it checks --max-update: a run resumed at its
+    # budget ends one update beyond it.
+    end = max(max_update, start + 1)
+    for updates in range(start + 1, end + 1):
         record = {"num_updates": str(updates), "loss": str(10.0 / updates)}
         if "--optimizer" in argv and _option(argv, "--optimizer") != "adam":
             record["sharpness"] = str(0.5 / updates)
         print(f"2026-01-01 00:00:00 | INFO | train_inner | {json.dumps(record)}", flush=True)
-    valid = {"valid_loss": str(10.0 / max_update), "valid_num_updates": str(max_update)}
+    valid = {"valid_loss": str(10.0 / end), "valid_num_updates": str(end)}
     print(f"2026-01-01 00:00:00 | INFO | valid | {json.dumps(valid)}", flush=True)
-    state = {"updates": max_update, "seed": seed, "resumed_from": start}
-    for name in ("checkpoint_last.pt", "checkpoint_best.pt", f"checkpoint{max_update}.pt"):
+    state = {"updates": end, "seed": seed, "resumed_from": start}
+    for name in ("checkpoint_last.pt", "checkpoint_best.pt", f"checkpoint{end}.pt"):
         with open(os.path.join(save_dir, name), "w") as f:
             json.dump(state, f)
     return 0
+
+
+def fake_checkpoint_position(path):
+    """evaluation.checkpoint_position of a stub checkpoint (a JSON file)."""
+    with open(path) as f:
+        return {"epoch": None, "num_updates": json.load(f)["updates"]}
 
 
 def fake_evaluate(data_bin, save_dir, user_dir, choice, *args, **kwargs):
@@ -161,6 +172,7 @@ def install(runner, evaluation_module=None, sharpness_program=SHARPNESS_PROGRAM)
     runner.train_command = stub_command
     runner.SHARPNESS_PROGRAM = sharpness_program
     (evaluation_module or runner.evaluation).evaluate_checkpoint = fake_evaluate
+    (evaluation_module or runner.evaluation).checkpoint_position = fake_checkpoint_position
 
 
 def tiny_grid(runner, out, max_update=20, optimizers=("adam", "asam"), seeds=(1,), **kwargs):

@@ -28,6 +28,7 @@ def stubbed(monkeypatch):
 
     monkeypatch.setattr(runner, "train_command", stub_command)
     monkeypatch.setattr(evaluation, "evaluate_checkpoint", runner_stubs.fake_evaluate)
+    monkeypatch.setattr(evaluation, "checkpoint_position", runner_stubs.fake_checkpoint_position)
     monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
     return runner
 

@@ -31,6 +31,7 @@ def stubbed(monkeypatch):
     monkeypatch.setattr(runner, "train_command", stub_command)
     monkeypatch.setattr(runner, "SHARPNESS_PROGRAM", runner_stubs.SHARPNESS_PROGRAM, raising=False)
     monkeypatch.setattr(evaluation, "evaluate_checkpoint", runner_stubs.fake_evaluate)
+    monkeypatch.setattr(evaluation, "checkpoint_position", runner_stubs.fake_checkpoint_position)
     monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
     return runner
 
@@ -434,3 +435,317 @@ def test_evaluate_cli_writes_whole_evaluations(tmp_path, monkeypatch, capsys):
     capsys.readouterr()
     assert evaluate_main(argv[:-1] + ["best"]) == 1
     assert "--checkpoint best names no protocol" in capsys.readouterr().err
+
+
+# --------------------------------------------------------------------------------------------
+# Data: a run and its scores belong to the data they were made from
+# --------------------------------------------------------------------------------------------
+
+
+def test_other_data_in_the_same_data_bin_is_refused_not_reused(stubbed, tmp_path):
+    out = tmp_path / "out"
+    config = grid(out, optimizers=("adam",))
+    runner.run_grid(config)
+    results = out / "runs" / "adam-seed1" / "results.json"
+    before = results.stat().st_mtime_ns
+    again = grid(out, optimizers=("adam",))
+    # The same folder, binarized again from other text: another dictionary.
+    with open(os.path.join(config.data_bin, "dict.en.txt"), "w") as f:
+        f.write("hello 3\n")
+    with pytest.raises(ConfigError) as refused:
+        runner.run_grid(again)
+    assert "adam-seed1 trained with other settings: data_content " in str(refused.value)
+    assert results.stat().st_mtime_ns == before
+
+
+def fake_preparation(calls):
+    """prepare.prepare_iwslt14 without the work: a data-bin whose dictionary is the archive's
+    text and the number of merges, and the untokenized references beside it."""
+    from fairseq_asam.experiments import prepare
+
+    def fake(archive, workdir, bpe_merges=prepare.DEFAULT_BPE_MERGES, **kwargs):
+        calls.append((archive, bpe_merges))
+        data_bin = runner_stubs.fake_data_bin(os.path.join(workdir, "data-bin", prepare.PREP_NAME))
+        with open(archive) as f, open(os.path.join(data_bin, "dict.en.txt"), "w") as d:
+            d.write(f"{f.read()} {bpe_merges}\n")
+        tmp = os.path.join(workdir, prepare.PREP_NAME, "tmp")
+        os.makedirs(tmp, exist_ok=True)
+        settings = {"archive": os.path.abspath(archive), "bpe_merges": bpe_merges}
+        prepare._StepRecords(workdir).mark_done("binarize", settings)
+        for split in ("valid", "test"):
+            path = os.path.join(tmp, f"{split}.raw.en")
+            if not os.path.exists(path):  # the step is done (for this fake, whatever archive)
+                with open(path, "w") as f:
+                    f.write("a reference\n")
+        return data_bin
+
+    return fake
+
+
+def archive_grid(out, archive, **kwargs):
+    return runner.GridConfig(
+        out_dir=str(out),
+        preset=runner.TABLE4_PRESETS["tiny"],
+        optimizers=("adam",),
+        seeds=(1,),
+        archive=str(archive),
+        max_update=20,
+        gpus=[],
+        **kwargs,
+    )
+
+
+def test_a_new_archive_is_prepared_and_the_runs_of_the_old_data_are_refused(
+    stubbed, tmp_path, monkeypatch
+):
+    calls = []
+    monkeypatch.setattr(runner.prepare, "prepare_iwslt14", fake_preparation(calls))
+    first, second = tmp_path / "first.tgz", tmp_path / "second.tgz"
+    first.write_text("first corpus")
+    second.write_text("second corpus")
+    out = tmp_path / "out"
+    runner.run_grid(archive_grid(out, first))
+    results = out / "runs" / "adam-seed1" / "results.json"
+    before = results.stat().st_mtime_ns
+
+    # The same archive: the preparation is asked again (its step records make that a no-op)
+    # and the run is current.
+    runner.run_grid(archive_grid(out, first))
+    assert [archive for archive, _ in calls] == [str(first), str(first)]
+    assert results.stat().st_mtime_ns == before
+
+    # Another archive: prepared, and the run of the other data is refused in one line.
+    with pytest.raises(ConfigError) as refused:
+        runner.run_grid(archive_grid(out, second))
+    assert calls[-1][0] == str(second)
+    assert "adam-seed1 trained with other settings: data_content " in str(refused.value)
+    assert results.stat().st_mtime_ns == before
+
+    # The data-bin deleted and prepared again from the other archive: refused as well.
+    import shutil
+
+    shutil.rmtree(out / "data" / "data-bin")
+    with pytest.raises(ConfigError, match="adam-seed1 trained with other settings: data_content"):
+        runner.run_grid(archive_grid(out, second))
+
+
+def test_other_references_are_scored_again_without_training_again(stubbed, tmp_path, monkeypatch):
+    calls = []
+    monkeypatch.setattr(runner.prepare, "prepare_iwslt14", fake_preparation(calls))
+    archive = tmp_path / "de-en.tgz"
+    archive.write_text("corpus")
+    out = tmp_path / "out"
+    runner.run_grid(archive_grid(out, archive))
+    run = out / "runs" / "adam-seed1"
+    log = (run / "train.log").read_text()
+    fingerprint = read_json(run / "results.json")["evaluation"]["fingerprint"]
+    # Same size, other words: the references' content is what counts.
+    (out / "data" / "iwslt14.tokenized.de-en" / "tmp" / "test.raw.en").write_text("b reference\n")
+    runner.run_grid(archive_grid(out, archive))
+    assert (run / "train.log").read_text() == log
+    assert read_json(run / "results.json")["evaluation"]["fingerprint"] != fingerprint
+
+
+def test_a_data_bin_of_another_presets_merges_is_prepared_again(stubbed, tmp_path, monkeypatch):
+    """No --archive: the data-bin in <out>/data is used only if it was prepared with the
+    preset's number of BPE merges."""
+    calls = []
+    monkeypatch.setattr(runner.prepare, "prepare_iwslt14", fake_preparation(calls))
+    archive = tmp_path / "de-en.tgz"
+    archive.write_text("corpus")
+    out = tmp_path / "out"
+    runner.run_grid(archive_grid(out, archive))
+    tiny = runner.TABLE4_PRESETS["tiny"]
+    other = runner.Table4Preset(**{**tiny.__dict__, "name": "tiny", "bpe_merges": 700})
+    config = archive_grid(out, archive)
+    config.archive, config.preset = None, other
+    with pytest.raises(ConfigError, match="data_content"):
+        runner.run_grid(config)
+    assert calls[-1] == (str(archive), 700)
+
+
+# --------------------------------------------------------------------------------------------
+# The report of several folders keeps each grid's rows apart
+# --------------------------------------------------------------------------------------------
+
+
+def test_report_of_several_folders_never_averages_two_grids_into_one_row(stubbed, tmp_path):
+    short, long = tmp_path / "short", tmp_path / "long"
+    runner.run_grid(grid(short, optimizers=("adam",), max_update=20))
+    config = grid(long, optimizers=("adam",), max_update=40)
+    config.preset = runner.TABLE4_PRESETS["paper"]  # another preset, another budget
+    runner.run_grid(config)
+    both = tmp_path / "both"
+    assert report_main([str(short), str(long), "--report-dir", str(both)]) == 0
+    text = (both / "table4.md").read_text()
+    rows = [line for line in text.splitlines() if line.startswith("| Adam |")]
+    assert len(rows) == 2, text  # one row per grid, not one mean over both
+    header = [c.strip() for c in text.split("\n| Optimizer |")[1].split("\n")[0].split("|")]
+    assert "Preset" in header and "Folder" in header
+    cells = [[c.strip() for c in r.strip("|").split("|")] for r in rows]
+    by_preset = {c[header.index("Preset") + 1]: c for c in cells}
+    assert by_preset["tiny"][3] == "20.00" and by_preset["paper"][3] == "40.00"
+    assert by_preset["tiny"][header.index("Folder") + 1] == str(short)
+    assert by_preset["tiny"][1] == "1" and "n = " not in by_preset["paper"][1]
+    run_header = text.split("| Run |")[1].split("\n")[0]
+    assert "Folder" in run_header
+    assert row(text, "adam-seed1")[-1] in (str(short), str(long))
+    csv_lines = (both / "table4.csv").read_text().splitlines()
+    assert csv_lines[0].endswith(",preset,folder") and len(csv_lines) == 3
+
+
+# --------------------------------------------------------------------------------------------
+# A stage found stale and not redone leaves nothing stale behind
+# --------------------------------------------------------------------------------------------
+
+
+def test_a_sharpness_of_another_rho_is_never_reported_when_its_redo_fails(
+    stubbed, tmp_path, monkeypatch
+):
+    out = tmp_path / "out"
+    runner.run_grid(grid(out, optimizers=("asam",), sharpness_rho=0.05))
+    path = out / "runs" / "asam-seed1" / "results.json"
+    assert read_json(path)["sharpness_settings"]["rho"] == 0.05
+    monkeypatch.setattr(runner, "SHARPNESS_PROGRAM", "import sys; sys.exit(3)")
+    with pytest.raises(runner.FairseqAsamError, match="asam-seed1: sharpness:"):
+        runner.run_grid(grid(out, optimizers=("asam",), sharpness_rho=0.5))
+    results = read_json(path)
+    assert "sharpness" not in results and "sharpness_settings" not in results
+    text = table(out)
+    assert "0.2500" not in text and "Adaptive sharpness" not in text
+    # The report checks it too: a results.json holding a sharpness of another ρ (written by
+    # hand, or by an older version) is shown without it.
+    evaluation.update_results(
+        str(path),
+        {
+            "sharpness": {"estimates": [{"measure": "adaptive", "sharpness": 0.25}]},
+            "sharpness_settings": {"rho": 0.05, "evaluation": results["evaluation"]["fingerprint"]},
+        },
+    )
+    report.write_report(str(out))
+    assert "0.2500" not in table(out)
+
+
+def test_an_evaluation_found_stale_is_not_reported_when_its_redo_fails(
+    stubbed, tmp_path, monkeypatch
+):
+    out = tmp_path / "out"
+    runner.run_grid(grid(out, optimizers=("adam",)))
+    assert row(table(out), "Adam")[3] == "20.00"
+    best = out / "runs" / "adam-seed1" / "checkpoints" / "checkpoint_best.pt"
+    best.write_text(json.dumps({"updates": 17, "seed": 1, "resumed_from": 0}))  # another file
+
+    def failing(*args, **kwargs):
+        raise runner.FairseqAsamError("fairseq-generate failed with exit code 1")
+
+    monkeypatch.setattr(evaluation, "evaluate_checkpoint", failing)
+    with pytest.raises(runner.FairseqAsamError, match="adam-seed1: evaluate:"):
+        runner.run_grid(grid(out, optimizers=("adam",)))
+    text = table(out)
+    assert row(text, "Adam")[3] == "–" and "20.00" not in text
+    assert row(text, "adam-seed1")[2].startswith("failed in evaluate:")
+    # The report compares the evaluation with the checkpoint files too: a results.json whose
+    # checkpoint changed since is not current, whoever left it.
+    monkeypatch.setattr(evaluation, "evaluate_checkpoint", runner_stubs.fake_evaluate)
+    runner.run_grid(grid(out, optimizers=("adam",)))
+    assert row(table(out), "Adam")[3] == "17.00"
+    best.write_text(json.dumps({"updates": 19, "seed": 1, "resumed_from": 0}))
+    report.write_report(str(out))
+    text = table(out)
+    assert row(text, "Adam")[3] == "–"
+    assert row(text, "adam-seed1")[2].startswith("not current: evaluated")
+
+
+# --------------------------------------------------------------------------------------------
+# Resuming a training that had finished
+# --------------------------------------------------------------------------------------------
+
+
+def test_a_training_that_reached_its_budget_is_not_resumed_beyond_it(stubbed, tmp_path):
+    """The launcher killed (kill -9, Ctrl-C) after fairseq-train's last save: training.json still
+    says running.  fairseq-train resumed there would take one more update (201 of 200)."""
+    out = tmp_path / "out"
+    runner.run_grid(grid(out, optimizers=("adam",)))
+    run = out / "runs" / "adam-seed1"
+    record = read_json(run / "training.json")
+    (run / "training.json").write_text(json.dumps({**record, "status": "running"}))
+    (run / "results.json").unlink()
+    log = (run / "train.log").read_text()
+    runner.run_grid(grid(out, optimizers=("adam",)))
+    assert read_json(run / "checkpoints" / "checkpoint_last.pt")["updates"] == 20
+    assert (run / "train.log").read_text() == log  # fairseq-train was not started
+    assert read_json(run / "training.json")["status"] == "finished"
+    assert read_json(run / "results.json")["checkpoint"]["num_updates"] == 20
+
+
+def test_an_average_of_more_epochs_than_the_recipe_keeps_is_refused_before_any_work(
+    stubbed, tmp_path
+):
+    out = tmp_path / "out"
+    with pytest.raises(ConfigError) as refused:
+        runner.run_grid(grid(out, checkpoint="average:10"))
+    message = str(refused.value)
+    assert "--checkpoint average:10" in message and "--keep-last-epochs 5" in message
+    assert "iwslt14_de_en/common.args" in message and "\n" not in message
+    assert not (out / "runs").exists()
+    runner.check_grid(grid(out, checkpoint="average:5"))  # what the recipe keeps: fine
+
+
+# --------------------------------------------------------------------------------------------
+# Ctrl-C anywhere: one line, status 130
+# --------------------------------------------------------------------------------------------
+
+
+def test_ctrl_c_during_the_data_preparation_of_a_fresh_out_is_one_line_and_130(
+    stubbed, tmp_path, monkeypatch, capsys
+):
+    from fairseq_asam.experiments.cli import table4_main
+
+    def interrupted(config):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(runner, "prepare_data", interrupted)
+    out = tmp_path / "out"
+    argv = ["--preset", "tiny", "--optimizers", "adam", "--out", str(out)]
+    assert table4_main(argv) == 130
+    err = capsys.readouterr().err
+    assert "interrupted (Ctrl-C)" in err and "no runs folder" not in err
+    assert len(err.strip().splitlines()) == 1 and "Traceback" not in err
+    # Before the grid's own handling (the checks): the same.
+    monkeypatch.setattr(runner, "check_grid", interrupted)
+    assert table4_main(argv) == 130
+    err = capsys.readouterr().err
+    assert len(err.strip().splitlines()) == 1 and "interrupted (Ctrl-C)" in err
+
+
+def test_the_report_of_a_grid_without_runs_yet_lists_them_as_not_started(stubbed, tmp_path):
+    out = tmp_path / "out"
+    out.mkdir()
+    config = grid(out, optimizers=("adam",))
+    (out / "grid.json").write_text(json.dumps(runner.grid_record(config)))
+    assert report_main([str(out)]) == 0
+    assert row(table(out), "adam-seed1")[2] == "not started"
+    assert report_main([str(tmp_path / "nowhere")]) == 1
+
+
+# --------------------------------------------------------------------------------------------
+# A corrupt record is its run's failure
+# --------------------------------------------------------------------------------------------
+
+
+def test_a_corrupt_results_json_is_that_runs_failure_and_the_grid_goes_on(stubbed, tmp_path):
+    out = tmp_path / "out"
+    runner.run_grid(grid(out, optimizers=("adam",)))
+    (out / "runs" / "adam-seed1" / "results.json").write_text('{"valid": ')  # truncated
+    with pytest.raises(runner.GridFailed, match=r"1 run\(s\) failed: adam-seed1: .*not valid JSON"):
+        runner.run_grid(grid(out, optimizers=("asam", "adam")))
+    assert read_json(out / "runs" / "asam-seed1" / "results.json")["valid"]["bleu"] == 20.0
+    assert "not valid JSON" in read_json(out / "runs" / "adam-seed1" / "failure.json")["error"]
+    text = table(out)
+    assert "not valid JSON" in row(text, "adam-seed1")[2]
+    assert row(text, "Adam+ASAM")[3] == "20.00"
+    # The report alone, without the runner's failure record: the same.
+    (out / "runs" / "adam-seed1" / "failure.json").unlink()
+    (out / "runs" / "adam-seed1" / "training.json").write_text("{")
+    assert report_main([str(out)]) == 0
+    assert "not valid JSON" in row(table(out), "adam-seed1")[2]

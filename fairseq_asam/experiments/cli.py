@@ -27,14 +27,21 @@ def _log_to_stdout(level: int = logging.INFO) -> None:
     )
 
 
+INTERRUPTED_STATUS = 130  # the shell's status for a program ended by SIGINT
+
+
 def _run(program: str, work: Callable[[], int]) -> int:
     """`work()`, with a user error reported as one line on stderr and status 1 (or the error's
-    own `exit_status`: 130 for an interrupted grid)."""
+    own `exit_status`: 130 for an interrupted grid), and a Ctrl-C wherever it comes as one line
+    and status 130."""
     try:
         return work()
     except FairseqAsamError as error:
         print(f"{program}: error: " + " ".join(str(error).splitlines()), file=sys.stderr)
         return getattr(error, "exit_status", ERROR_STATUS)
+    except KeyboardInterrupt:
+        print(f"{program}: interrupted (Ctrl-C)", file=sys.stderr)
+        return INTERRUPTED_STATUS
 
 
 def _arguments(argv: Optional[List[str]]) -> List[str]:
@@ -482,7 +489,7 @@ def report_parser() -> argparse.ArgumentParser:
         "train.log (the runs of fairseq-asam-table4), into OUT_DIR/report/.  Only the results "
         "of OUT_DIR's grid (grid.json: preset, --checkpoint, training settings) are taken.  "
         "Several OUT_DIRs (e.g. one per --checkpoint protocol) give one table with a row per "
-        "optimizer and protocol, side by side.",
+        "folder, optimizer and protocol, side by side (each row names its preset and folder).",
     )
     parser.add_argument(
         "out_dirs", nargs="+", metavar="OUT_DIR", help="output folder(s) of fairseq-asam-table4"

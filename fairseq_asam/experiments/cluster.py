@@ -299,7 +299,10 @@ def plan_jobs(
     pending, skipped = [], {}
     for run in config.runs:
         run_dir = config.run_dir(run)
-        plan = runner.plan_run(config, run, references)
+        try:
+            plan = runner.plan_run(config, run, references)
+        except FairseqAsamError:  # e.g. a corrupt results.json: the job records the failure
+            plan = runner.RunPlan(run, runner.EVALUATE, "to plan")
         if plan.action == runner.DONE:
             skipped[run.name] = plan.reason
             continue
@@ -341,6 +344,8 @@ def submit_grid(
     os.makedirs(config.out_dir, exist_ok=True)
     write_json(os.path.join(config.out_dir, runner.GRID_RECORD), runner.grid_record(config))
     data_bin = runner.prepare_data(config)
+    runner.refuse_conflicts(config)  # with what the data-bin holds now
+    write_json(os.path.join(config.out_dir, runner.GRID_RECORD), runner.grid_record(config))
     references = runner.reference_files(data_bin)
     pending, skipped = plan_jobs(config, launcher, references)
     for name, why in skipped.items():

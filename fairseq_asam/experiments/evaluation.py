@@ -249,6 +249,52 @@ def file_identity(path: str) -> Dict:
     return {"path": os.path.abspath(path), "bytes": status.st_size, "mtime_ns": status.st_mtime_ns}
 
 
+# sha256 of files already read, by (path, size, mtime, inode): a grid asks for the same data's
+# identity once per run and stage.
+_CONTENT_HASHES: Dict[Tuple, str] = {}
+HASH_BLOCK_BYTES = 1 << 20
+# What fairseq-train and fairseq-generate read of a data-bin (not preprocess.log, which names
+# the temporary folder it was written to).
+DATA_FILE = re.compile(r"^(dict\.[^.]+\.txt|.+\.(bin|idx))$")
+
+
+def content_hash(path: str) -> str:
+    """The sha256 of a file's bytes (16 hex digits), read again only when the file changed."""
+    status = os.stat(path)
+    key = (os.path.abspath(path), status.st_size, status.st_mtime_ns, status.st_ino)
+    if key not in _CONTENT_HASHES:
+        digest = hashlib.sha256()
+        with open(path, "rb") as f:
+            for block in iter(lambda: f.read(HASH_BLOCK_BYTES), b""):
+                digest.update(block)
+        _CONTENT_HASHES[key] = digest.hexdigest()[:16]
+    return _CONTENT_HASHES[key]
+
+
+def data_identity(data_bin: str) -> Optional[str]:
+    """What a data-bin holds, as one hash: the names and contents of its dictionaries and
+    binarized splits (the same text binarized again gives the same hash, other text another
+    one); None if the folder holds no such file (not prepared yet)."""
+    if not os.path.isdir(data_bin):
+        return None
+    names = sorted(n for n in os.listdir(data_bin) if DATA_FILE.match(n))
+    names = [n for n in names if os.path.isfile(os.path.join(data_bin, n))]
+    if not names:
+        return None
+    return fingerprint({n: content_hash(os.path.join(data_bin, n)) for n in names})
+
+
+def references_identity(references: Optional[Dict[str, str]]) -> Dict[str, Dict]:
+    """{split: {"path", "sha256"}} of untokenized reference files (no hash for a missing one)."""
+    identity = {}
+    for split, path in sorted((references or {}).items()):
+        entry = {"path": os.path.abspath(path)}
+        if os.path.isfile(path):
+            entry["sha256"] = content_hash(path)
+        identity[split] = entry
+    return identity
+
+
 def resolve_checkpoint(save_dir: str, choice: CheckpointChoice) -> Tuple[str, List[str]]:
     """The checkpoint file to evaluate for `choice`, and the files it was made of.
 
@@ -509,8 +555,9 @@ def evaluation_settings(
         "beam": beam,
         "batch_size": batch_size,
         "subword": subword,
-        "references": {k: os.path.abspath(v) for k, v in sorted((references or {}).items())},
+        "references": references_identity(references),
         "data_bin": os.path.abspath(data_bin),
+        "data_content": data_identity(data_bin),
         "checkpoint_files": [file_identity(p) for p in checkpoint_inputs(save_dir, choice)],
     }
     return {**settings, "fingerprint": fingerprint(settings)}
@@ -600,7 +647,7 @@ def check_data_bin(data_bin: str, splits: Sequence[str] = EVALUATED_SPLITS) -> N
 # Entries of results.json that belong to one evaluation (besides its splits); the sharpness of
 # the evaluated checkpoint goes with them.
 EVALUATION_KEYS = ("protocol", "evaluation", "checkpoint", "beam", "subword", "scored_splits")
-DEPENDENT_KEYS = ("sharpness",)
+DEPENDENT_KEYS = ("sharpness", "sharpness_settings")
 
 
 def read_results(path: str) -> Dict:
@@ -610,8 +657,10 @@ def read_results(path: str) -> Dict:
     try:
         with open(path, encoding="utf-8") as f:
             results = json.load(f)
-    except json.JSONDecodeError as error:
-        raise FairseqAsamError(f"{path} is not valid JSON: {error}") from error
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise FairseqAsamError(
+            f"{path} is not valid JSON: {error} (delete it to evaluate the run again)"
+        ) from error
     if not isinstance(results, dict):
         raise FairseqAsamError(f"{path} does not hold a JSON object")
     return results
@@ -650,12 +699,51 @@ def evaluation_done(
     return all(isinstance(results.get(s), dict) and "bleu" in results[s] for s in splits)
 
 
+def drop_results(path: str, keys: Sequence[str]) -> Dict:
+    """Removes `keys` from the JSON file `path` (atomically), keeping its other entries: a stage
+    about to be redone first drops its old output, so that a failed redo leaves none behind."""
+    results = read_results(path)
+    if any(key in results for key in keys):
+        results = {k: v for k, v in results.items() if k not in keys}
+        write_json(path, results)
+    return results
+
+
+def drop_evaluation(path: str) -> Dict:
+    """Removes the evaluation (its settings, every split, the sharpness that depends on it)."""
+    results = read_results(path)
+    stale = set(results.get("scored_splits", [])) | set(EVALUATED_SPLITS)
+    return drop_results(path, list(EVALUATION_KEYS) + list(DEPENDENT_KEYS) + sorted(stale))
+
+
+def current_fingerprint(results: Dict, save_dir: str) -> Optional[str]:
+    """The fingerprint the evaluation recorded in `results` would have now (the checkpoint
+    files, data and references as they are), from the settings it recorded; None if it cannot
+    be computed (a checkpoint gone, settings not recorded)."""
+    recorded = results.get("evaluation")
+    if not isinstance(recorded, dict) or "protocol" not in recorded:
+        return None
+    references = {
+        split: entry["path"] if isinstance(entry, dict) else entry
+        for split, entry in (recorded.get("references") or {}).items()
+    }
+    try:
+        return evaluation_settings(
+            recorded.get("data_bin", ""),
+            save_dir,
+            parse_checkpoint_choice(recorded["protocol"]),
+            recorded.get("subword", "bpe"),
+            recorded.get("beam", DEFAULT_BEAM),
+            recorded.get("batch_size", DEFAULT_BATCH_SIZE),
+            references,
+        )["fingerprint"]
+    except (FairseqAsamError, OSError):
+        return None
+
+
 def update_results(path: str, entries: Dict) -> Dict:
     """Writes `entries` into the JSON file `path` (atomically), keeping its other entries."""
-    results = {}
-    if os.path.isfile(path):
-        with open(path, encoding="utf-8") as f:
-            results = json.load(f)
+    results = read_results(path)
     results.update(entries)
     write_json(path, results)
     return results

@@ -591,6 +591,20 @@ class _StepRecords:
         )
 
 
+def prepared_settings(workdir: str) -> Optional[dict]:
+    """The settings the last finished preparation in `workdir` ran with (archive, its size and
+    time, subword, bpe_merges, ...), None if none finished there."""
+    path = os.path.join(workdir, STATE_FOLDER, "binarize.json")
+    if not os.path.isfile(path):
+        return None
+    try:
+        with open(path, encoding="utf-8") as f:
+            settings = json.load(f)
+    except (OSError, json.JSONDecodeError):
+        return None
+    return settings if isinstance(settings, dict) else None
+
+
 def _count_report(counts: Dict[str, int]) -> str:
     return ", ".join(f"{split} {counts[split]:,}" for split in SPLITS)
 

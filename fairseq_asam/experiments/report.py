@@ -22,7 +22,9 @@ report folder:
   with the highest mean validation BLEU).
 
 A table row is a grid row: an optimizer's row (adam, asam, asam_interval5, ...) and, in a sweep,
-its swept values (results.json's `row`; the run folder's name without `-seed<k>`).
+its swept values (results.json's `row`; the run folder's name without `-seed<k>`).  Of several
+output folders, each folder's rows are its own (with its preset and folder named on the row, and
+the folder on each run of the Runs table): two grids are never averaged into one row.
 
 Only results that match their folder's grid are taken: the same preset and protocol, and
 training settings equal to the ones the grid gives that row now (a run trained with another
@@ -43,13 +45,14 @@ from dataclasses import dataclass, field
 from typing import Callable, Dict, List, Optional, Sequence, Tuple, Union
 
 from ..errors import FairseqAsamError
-from .evaluation import EVALUATED_SPLITS, RESULTS_NAME
+from .evaluation import EVALUATED_SPLITS, RESULTS_NAME, current_fingerprint
 from .files import atomic_output, write_text
 from .locks import lock_holder
 
 logger = logging.getLogger(__name__)
 
 RUNS_FOLDER, REPORT_FOLDER = "runs", "report"
+CHECKPOINTS_FOLDER = "checkpoints"  # in each run folder (experiments.runner)
 TRAIN_LOG = "train.log"
 COMMAND_FILE = "command.txt"
 TRAINING_RECORD = "training.json"
@@ -191,15 +194,34 @@ def _read_json(path: str) -> Optional[dict]:
         return None
     try:
         with open(path, encoding="utf-8") as f:
-            return json.load(f)
-    except json.JSONDecodeError as error:
+            loaded = json.load(f)
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
         raise FairseqAsamError(f"{path} is not valid JSON: {error}") from error
+    if not isinstance(loaded, dict):
+        raise FairseqAsamError(f"{path} does not hold a JSON object")
+    return loaded
+
+
+def _read_record(path: str) -> Optional[dict]:
+    """A run's record (training.json, failure.json, job.json) for its status: None if absent;
+    an unreadable one as {"unreadable": why}, so that one broken file never stops a report."""
+    try:
+        return _read_json(path)
+    except FairseqAsamError as error:
+        return {UNREADABLE: str(error)}
+
+
+UNREADABLE = "unreadable"  # the entry of a record that could not be read (_read_record)
 
 
 def run_directories(out_dir: str) -> List[str]:
+    """The run folders under <out>/runs (none yet, e.g. interrupted in the data preparation:
+    an empty list); an output folder that does not exist is an error."""
+    if not os.path.isdir(out_dir):
+        raise FairseqAsamError(f"output folder not found: {out_dir}")
     runs_dir = os.path.join(out_dir, RUNS_FOLDER)
     if not os.path.isdir(runs_dir):
-        raise FairseqAsamError(f"no runs folder: {runs_dir}")
+        return []
     return sorted(os.path.join(runs_dir, n) for n in os.listdir(runs_dir) if RUN_NAME.match(n))
 
 
@@ -207,7 +229,7 @@ def load_results(out_dir: str) -> List[dict]:
     """Every results.json under <out>/runs, each with its `run_dir`."""
     results = []
     for run_dir in run_directories(out_dir):
-        loaded = _read_json(os.path.join(run_dir, RESULTS_NAME))
+        loaded = _read_record(os.path.join(run_dir, RESULTS_NAME))
         if loaded is not None:
             match = RUN_NAME.match(os.path.basename(run_dir))
             loaded.setdefault("optimizer", match.group("optimizer"))
@@ -219,7 +241,7 @@ def load_results(out_dir: str) -> List[dict]:
 
 def run_settings(run_dir: str) -> Dict[str, Optional[str]]:
     """The fairseq-train options a run was trained with: its training.json, else command.txt."""
-    record = _read_json(os.path.join(run_dir, TRAINING_RECORD))
+    record = _read_record(os.path.join(run_dir, TRAINING_RECORD))
     if record and isinstance(record.get("settings"), dict):
         return record["settings"]
     path = os.path.join(run_dir, COMMAND_FILE)
@@ -268,6 +290,7 @@ class RunStatus:
     name: str
     protocol: str
     status: str
+    out_dir: Optional[str] = None  # the output folder of its grid
 
 
 @dataclass
@@ -281,9 +304,18 @@ class Selection:
 
 def _mismatch(results: dict, grid: dict) -> Optional[str]:
     """Why `results` is not a result of `grid` (None if it is)."""
+    if UNREADABLE in results:
+        return results[UNREADABLE]
     if not is_complete(results):
         missing = [s for s in EVALUATED_SPLITS if not isinstance(results.get(s), dict)]
         return f"results.json lacks {', '.join(missing)}"
+    if "run_dir" in results and isinstance(results.get("evaluation"), dict):
+        now = current_fingerprint(results, os.path.join(results["run_dir"], CHECKPOINTS_FOLDER))
+        if now != results["evaluation"].get("fingerprint"):
+            return (
+                "evaluated before its checkpoint files, data or references changed "
+                "(evaluation out of date)"
+            )
     if results.get("preset") != grid.get("preset"):
         return f"preset {results.get('preset')}, the grid's is {grid.get('preset')}"
     if results_protocol(results) != grid.get("protocol"):
@@ -293,6 +325,20 @@ def _mismatch(results: dict, grid: dict) -> Optional[str]:
     ):
         return "trained with other settings than the grid's (e.g. another --max-update)"
     return None
+
+
+def _sharpness_of_grid(results: dict, grid: dict) -> bool:
+    """Whether the sharpness in `results` was measured at the grid's ρ (--sharpness-rho) on
+    the evaluation it holds now (a results.json without one: trivially)."""
+    if "sharpness" not in results:
+        return True
+    settings = results.get("sharpness_settings") or {}
+    rho = grid.get("sharpness_rho")
+    return (
+        rho is not None
+        and settings.get("rho") == rho
+        and settings.get("evaluation") == results.get("evaluation", {}).get("fingerprint")
+    )
 
 
 def row_of(results: dict) -> str:
@@ -323,18 +369,22 @@ def _status_of(run_dir: str, results: Optional[dict], why: Optional[str]) -> str
     holder = lock_holder(run_dir) if os.path.isdir(run_dir) else None
     if holder:
         return f"in progress ({holder})"
-    failure = _read_json(os.path.join(run_dir, FAILURE_RECORD))
-    if failure:
+    failure = _read_record(os.path.join(run_dir, FAILURE_RECORD))
+    if failure and UNREADABLE not in failure:
         return f"failed in {failure.get('stage', '?')}: {failure.get('error', '?')}"
-    training = _read_json(os.path.join(run_dir, TRAINING_RECORD))
+    if results is not None and UNREADABLE in results:
+        return f"failed: {results[UNREADABLE]}"
+    training = _read_record(os.path.join(run_dir, TRAINING_RECORD))
+    if training and UNREADABLE in training:
+        return f"failed: {training[UNREADABLE]}"
     if results is not None and why:
         return f"not current: {why}"
     if training and training.get("status") != "finished":
         return "interrupted in training (resumable)"
     if training:
         return "trained, not evaluated"
-    job = _read_json(os.path.join(run_dir, JOB_RECORD))  # experiments.cluster's
-    if job:
+    job = _read_record(os.path.join(run_dir, JOB_RECORD))  # experiments.cluster's
+    if job and UNREADABLE not in job:
         return f"submitted as {job.get('launcher')} job {job.get('job_id')}, not started"
     return "not started"
 
@@ -342,17 +392,26 @@ def _status_of(run_dir: str, results: Optional[dict], why: Optional[str]) -> str
 def select_results(out_dir: str) -> Selection:
     """The results that belong to `out_dir`'s grid, and the state of its other runs."""
     grid = _read_json(os.path.join(out_dir, GRID_RECORD))
+    if grid is not None:
+        grid = {**grid, "out_dir": out_dir}
     selection = Selection(grids=[grid] if grid else [])
-    by_name = {os.path.basename(r["run_dir"]): r for r in load_results(out_dir)}
+    by_name = {
+        os.path.basename(r["run_dir"]): {**r, "out_dir": out_dir} for r in load_results(out_dir)
+    }
     if grid is None:
         selection.results = [r for r in by_name.values() if is_complete(r)]
         selection.left_out = [
-            (n, "results.json lacks a split") for n, r in by_name.items() if not is_complete(r)
+            (n, r.get(UNREADABLE, "results.json lacks a split"))
+            for n, r in by_name.items()
+            if not is_complete(r)
         ]
         selection.run_dirs = run_directories(out_dir)
         return selection
     grid_runs = [f"{row}-seed{s}" for row in grid_rows(grid) for s in grid.get("seeds", [])]
     for name, results in sorted(by_name.items()):
+        if not _sharpness_of_grid(results, grid):
+            for key in ("sharpness", "sharpness_settings"):
+                results.pop(key, None)
         why = _mismatch(results, grid)
         if why is None:
             selection.results.append(results)
@@ -366,7 +425,7 @@ def select_results(out_dir: str) -> Selection:
         run_dir = os.path.join(out_dir, RUNS_FOLDER, name)
         why = _mismatch(results, grid) if results is not None else None
         selection.statuses.append(
-            RunStatus(name, grid.get("protocol", "–"), _status_of(run_dir, results, why))
+            RunStatus(name, grid.get("protocol", "–"), _status_of(run_dir, results, why), out_dir)
         )
         if os.path.isfile(os.path.join(run_dir, TRAIN_LOG)):
             selection.run_dirs.append(run_dir)
@@ -425,6 +484,8 @@ class OptimizerSummary:
     stats: Dict[str, Optional[Stat]]  # by METRICS key
     protocol: str = "–"
     expected_seeds: Optional[int] = None  # how many seeds the grid has for this row
+    out_dir: Optional[str] = None  # the output folder (grid) of the row's runs
+    preset: Optional[str] = None
 
     @property
     def label(self) -> str:
@@ -456,39 +517,70 @@ def optimizer_order(name: str):
     return (known.index(base), "", values) if base in known else (len(known), base, values)
 
 
-def _expected_seeds(grids: Sequence[dict], protocol: str, optimizer: str) -> Optional[int]:
+def _grid_of(grids: Sequence[dict], out_dir: Optional[str]) -> Optional[dict]:
+    return next((g for g in grids if g.get("out_dir") == out_dir), None)
+
+
+def _expected_seeds(
+    grids: Sequence[dict], protocol: str, optimizer: str, out_dir: Optional[str] = None
+) -> Optional[int]:
     for grid in grids:
-        if grid.get("protocol") == protocol and optimizer in grid_rows(grid):
+        if (
+            grid.get("out_dir") == out_dir
+            and grid.get("protocol") == protocol
+            and optimizer in grid_rows(grid)
+        ):
             return len(grid.get("seeds", []))
     return None
 
 
 def summarize_runs(results: Sequence[dict], grids: Sequence[dict] = ()) -> List[OptimizerSummary]:
-    """Per optimizer (in the paper's row order) and protocol: its seeds and the Stat of every
-    metric; a row of a grid with no finished seed is there too (n = 0 of 3)."""
-    groups: Dict[Tuple[str, str], List[dict]] = {}
+    """Per output folder (grid), optimizer (in the paper's row order) and protocol: its seeds
+    and the Stat of every metric; a row of a grid with no finished seed is there too (n = 0 of
+    3).  Two folders are two grids (another preset, budget, data...): never one mean."""
+    groups: Dict[Tuple[Optional[str], str, str], List[dict]] = {}
     for r in results:
-        groups.setdefault((row_of(r), results_protocol(r)), []).append(r)
+        groups.setdefault((r.get("out_dir"), row_of(r), results_protocol(r)), []).append(r)
     for grid in grids:
         for optimizer in grid_rows(grid):
-            groups.setdefault((optimizer, grid.get("protocol", "–")), [])
-    protocols = []
-    for _, protocol in groups:
+            groups.setdefault((grid.get("out_dir"), optimizer, grid.get("protocol", "–")), [])
+    protocols, folders = [], []
+    for folder, _, protocol in groups:
         if protocol not in protocols:
             protocols.append(protocol)
+        if folder not in folders:
+            folders.append(folder)
+
+    def preset(folder: Optional[str], runs: List[dict]) -> Optional[str]:
+        grid = _grid_of(grids, folder)
+        if grid is not None:
+            return grid.get("preset")
+        return next((r.get("preset") for r in runs if r.get("preset")), None)
+
     return [
         OptimizerSummary(
             optimizer,
             sorted(r["seed"] for r in runs),
             {key: Stat.of([metric(r) for r in runs]) for key, metric in METRICS.items()},
             protocol,
-            _expected_seeds(grids, protocol, optimizer),
+            _expected_seeds(grids, protocol, optimizer, folder),
+            folder,
+            preset(folder, runs),
         )
-        for (optimizer, protocol), runs in sorted(
+        for (folder, optimizer, protocol), runs in sorted(
             groups.items(),
-            key=lambda item: (optimizer_order(item[0][0]), protocols.index(item[0][1])),
+            key=lambda item: (
+                optimizer_order(item[0][1]),
+                protocols.index(item[0][2]),
+                folders.index(item[0][0]),
+            ),
         )
     ]
+
+
+def _several_folders(results: Sequence[dict], grids: Sequence[dict], statuses=()) -> bool:
+    folders = {r.get("out_dir") for r in results} | {g.get("out_dir") for g in grids}
+    return len(folders | {s.out_dir for s in statuses}) > 1
 
 
 # --------------------------------------------------------------------------------------------
@@ -533,6 +625,7 @@ def markdown_table(
     protocols = _protocols(results, grids)
     presets = sorted({g.get("preset") for g in grids if g.get("preset")})
     with_sharpness = any(s.stats["adaptive_sharpness"] for s in summaries)
+    several = _several_folders(results, grids, statuses)
     header = [
         "Optimizer",
         "Seeds",
@@ -544,6 +637,7 @@ def markdown_table(
         "Valid sacreBLEU",
         "Test sacreBLEU",
     ] + (["Adaptive sharpness"] if with_sharpness else [])
+    header += ["Preset", "Folder"] if several else []
     title = "# Table 4: IWSLT'14 De→En, Transformer — --checkpoint " + ", ".join(protocols or ["–"])
     if presets:
         title += f" (--preset {', '.join(presets)})"
@@ -573,6 +667,7 @@ def markdown_table(
             _cell(s.stats["valid_sacrebleu"]),
             _cell(s.stats["test_sacrebleu"]),
         ] + ([_cell(s.stats["adaptive_sharpness"], 4)] if with_sharpness else [])
+        cells += [s.preset or "–", s.out_dir or "–"] if several else []
         lines.append("| " + " | ".join(cells) + " |")
     lines += rho_sweep_markdown(results)
 
@@ -587,6 +682,15 @@ def markdown_table(
         "Test sacreBLEU",
     ]
     run_header += ["Adaptive sharpness"] if with_sharpness else []
+    run_header += ["Folder"] if several else []
+    folders = []
+    for folder in [g.get("out_dir") for g in grids] + [r.get("out_dir") for r in results]:
+        if folder not in folders:
+            folders.append(folder)
+
+    def folder_order(folder: Optional[str]) -> int:
+        return folders.index(folder) if folder in folders else len(folders)
+
     lines += [
         "",
         "## Runs",
@@ -600,7 +704,12 @@ def markdown_table(
 
     rows = [
         (
-            (optimizer_order(row_of(r)), r["seed"], protocol_order(results_protocol(r))),
+            (
+                optimizer_order(row_of(r)),
+                r["seed"],
+                protocol_order(results_protocol(r)),
+                folder_order(r.get("out_dir")),
+            ),
             [
                 os.path.basename(r["run_dir"]),
                 results_protocol(r),
@@ -611,7 +720,8 @@ def markdown_table(
                 _value(METRICS["valid_sacrebleu"](r)),
                 _value(METRICS["test_sacrebleu"](r)),
             ]
-            + ([_value(adaptive_sharpness(r), 4)] if with_sharpness else []),
+            + ([_value(adaptive_sharpness(r), 4)] if with_sharpness else [])
+            + ([r.get("out_dir") or "–"] if several else []),
         )
         for r in results
     ]
@@ -621,9 +731,12 @@ def markdown_table(
             optimizer_order(match.group("optimizer")),
             int(match.group("seed")),
             protocol_order(status.protocol),
+            folder_order(status.out_dir),
         )
         cells = [status.name, status.protocol, status.status.replace("|", "/")]
-        rows.append((key, cells + ["–"] * (len(run_header) - len(cells))))
+        width = len(run_header) - (1 if several else 0)
+        cells += ["–"] * (width - len(cells)) + ([status.out_dir or "–"] if several else [])
+        rows.append((key, cells))
     for _, cells in sorted(rows, key=lambda row: row[0]):
         lines.append("| " + " | ".join(cells) + " |")
     if left_out:
@@ -650,6 +763,7 @@ def csv_table(results: Sequence[dict], grids: Sequence[dict] = ()) -> str:
         ["optimizer", "label", "checkpoint", "seeds", "n", "n_expected"]
         + ["paper_valid_bleu", "paper_test_bleu"]
         + [f"{key}_{part}" for key in METRICS for part in ("mean", "std")]
+        + ["preset", "folder"]
     )
     for s in summarize_runs(results, grids):
         paper = paper_row(s.optimizer)
@@ -670,7 +784,7 @@ def csv_table(results: Sequence[dict], grids: Sequence[dict] = ()) -> str:
                 if stat is None
                 else [round(stat.mean, 4), "" if stat.std is None else round(stat.std, 4)]
             )
-        writer.writerow(row)
+        writer.writerow(row + [s.preset or "", s.out_dir or ""])
     return out.getvalue()
 
 
@@ -698,10 +812,13 @@ class SweepCurve:
     base_row: str  # the row without its ρ: asam, asam-eta0.1, asam_interval5
     protocol: str
     points: List[SweepPoint]
+    out_dir: Optional[str] = None  # its grid's folder: and, among several, named in the label
+    several_folders: bool = False
 
     @property
     def label(self) -> str:
-        return optimizer_label(self.base_row)
+        label = optimizer_label(self.base_row)
+        return f"{label} [{self.out_dir}]" if self.several_folders else label
 
     @property
     def pick(self) -> Optional[SweepPoint]:
@@ -711,16 +828,18 @@ class SweepCurve:
 def rho_sweeps(results: Sequence[dict]) -> List[SweepCurve]:
     """The rows that name their ρ (a `--rho` sweep), grouped by everything but ρ; in each group
     the ρ with the highest mean validation BLEU is picked (the smaller ρ on a tie)."""
-    groups: Dict[Tuple[str, str], Dict[str, List[dict]]] = {}
+    groups: Dict[Tuple[Optional[str], str, str], Dict[str, List[dict]]] = {}
     for r in results:
         row = row_of(r)
         base, swept = parse_row(row)
         if "rho" not in swept:
             continue
         rest = base + "".join(f"-{n}{v}" for n, v in swept.items() if n != "rho")
-        groups.setdefault((rest, results_protocol(r)), {}).setdefault(swept["rho"], []).append(r)
+        key = (r.get("out_dir"), rest, results_protocol(r))
+        groups.setdefault(key, {}).setdefault(swept["rho"], []).append(r)
+    several = len({folder for folder, _, _ in groups}) > 1
     curves = []
-    for (base_row, protocol), by_rho in groups.items():
+    for (folder, base_row, protocol), by_rho in groups.items():
         points = [
             SweepPoint(
                 row_of(runs[0]),
@@ -735,8 +854,8 @@ def rho_sweeps(results: Sequence[dict]) -> List[SweepCurve]:
         if scored:
             best = max(p.valid.mean for p in scored)
             next(p for p in scored if p.valid.mean == best).picked = True
-        curves.append(SweepCurve(base_row, protocol, points))
-    curves.sort(key=lambda c: (optimizer_order(c.base_row), c.protocol))
+        curves.append(SweepCurve(base_row, protocol, points, folder, several))
+    curves.sort(key=lambda c: (optimizer_order(c.base_row), c.protocol, c.out_dir or ""))
     return curves
 
 
@@ -1062,8 +1181,8 @@ def plotted_runs(selection: Selection) -> List[PlottedRun]:
             continue
         name = os.path.basename(run_dir)
         match = RUN_NAME.match(name)
-        results = _read_json(os.path.join(run_dir, RESULTS_NAME)) or {}
-        grid = _read_json(os.path.join(os.path.dirname(os.path.dirname(run_dir)), GRID_RECORD))
+        results = _read_record(os.path.join(run_dir, RESULTS_NAME)) or {}
+        grid = _read_record(os.path.join(os.path.dirname(os.path.dirname(run_dir)), GRID_RECORD))
         protocol = (grid or {}).get("protocol") or results_protocol(results)
         runs.append(
             PlottedRun(
@@ -1084,8 +1203,9 @@ def write_report(
     """Writes the tables and plots of the grid(s) in `out_dirs`; returns {name: path}.
 
     One folder: its own report (default `<out>/report`).  Several (e.g. the same grid run with
-    `--checkpoint best-loss` and with `best-bleu`): one table with a row per optimizer and
-    protocol; `report_dir` is then required.
+    `--checkpoint best-loss` and with `best-bleu`): one table with a row per folder, optimizer
+    and protocol (never one mean over two grids), the preset and folder on every row;
+    `report_dir` is then required.
     """
     out_dirs = [out_dirs] if isinstance(out_dirs, str) else list(out_dirs)
     if report_dir is None:

@@ -20,14 +20,18 @@ what the run itself sets (data, --save-dir, --seed, --user-dir).
 Every stage records the settings it ran with, and a re-run compares them with the current ones
 before anything starts:
 
-* training (`training.json`: every fairseq-train option but --save-dir/--user-dir, and the data):
+* training (`training.json`: every fairseq-train option but --save-dir/--user-dir, and the data:
+  its folder and `data_content`, a hash of what the folder holds; the data is prepared before
+  that is compared, and --archive always goes through the preparation's step records):
   the same settings and finished -> skipped; the same and interrupted -> resumed from
-  checkpoint_last.pt; only --max-update raised -> continued from checkpoint_last.pt to the new
-  budget; anything else changed -> the grid refuses to start, with one line naming what changed
-  (a run is never silently reused, nor silently thrown away);
-* evaluation (`results.json` -> `evaluation`: protocol, beam, references, data and the version
-  of every checkpoint file it read): redone unless its fingerprint matches and every split
-  (valid, test) is scored;
+  checkpoint_last.pt (one at --max-update already: marked finished, not resumed, since
+  fairseq-train takes an update before it checks the budget); only --max-update raised ->
+  continued from checkpoint_last.pt to the new budget; anything else changed -> the grid
+  refuses to start, with one line naming what changed (a run is never silently reused, nor
+  silently thrown away);
+* evaluation (`results.json` -> `evaluation`: protocol, beam, references and data with their
+  content, and the version of every checkpoint file it read): redone unless its fingerprint
+  matches and every split (valid, test) is scored;
 * adaptive sharpness (`--sharpness-rho`): redone when the evaluation or ρ changed.
 
 Sweeps (`GridConfig.sweep`, `--rho 0.05,0.1 --eta 0.01,0.1`): one row per value of every
@@ -74,7 +78,7 @@ OPTIMIZERS = ("adam", "sam", "asam")
 # Cheaper schedules beyond the paper (configs/iwslt14_de_en/<name>.args): rows on request only.
 SCHEDULE_ROWS = ("asam_interval5", "asam_looksam5", "asam_late")
 DATA_FOLDER = "data"
-CHECKPOINTS_FOLDER = "checkpoints"
+CHECKPOINTS_FOLDER = report.CHECKPOINTS_FOLDER
 COMMAND_FILE = report.COMMAND_FILE
 TRAINING_RECORD = report.TRAINING_RECORD
 FAILURE_RECORD = report.FAILURE_RECORD
@@ -87,6 +91,8 @@ DATA_BIN_NAME = os.path.join("data-bin", prepare.PREP_NAME)
 RUN_LOCATION_FLAGS = ("--save-dir", "--user-dir")
 SEED_FLAG, BUDGET_FLAG = "--seed", "--max-update"
 DATA_SETTING = "data"
+# What the data folder holds (evaluation.data_identity): the same path may hold other data.
+DATA_CONTENT_SETTING = "data_content"
 # Ctrl-C: how long the children get to exit after SIGINT before they are killed.
 STOP_GRACE_SECONDS = 60.0
 POLL_SECONDS = 0.5
@@ -265,6 +271,14 @@ def settings_of_command(command: Sequence[str]) -> Dict[str, Optional[str]]:
     return settings
 
 
+def training_settings_of(command: Sequence[str]) -> Dict[str, Optional[str]]:
+    """The settings a run records and is compared by: its command's (`settings_of_command`)
+    and what its data folder holds (None while the data is not prepared)."""
+    settings = settings_of_command(command)
+    settings[DATA_CONTENT_SETTING] = evaluation.data_identity(settings[DATA_SETTING])
+    return settings
+
+
 def recipe_fingerprint(settings: Dict[str, Optional[str]]) -> str:
     """The fingerprint of a run's training settings without its seed: the same for every seed
     of one row of the grid (the report takes only results with the current one)."""
@@ -400,7 +414,7 @@ class GridConfig:
         )
 
     def training_settings(self, run: Run) -> Dict[str, Optional[str]]:
-        return settings_of_command(self.command(run))
+        return training_settings_of(self.command(run))
 
 
 def visible_gpus() -> List[str]:
@@ -455,6 +469,11 @@ def plan_training(config: GridConfig, run: Run) -> RunPlan:
     run_dir = config.run_dir(run)
     record = read_json_file(os.path.join(run_dir, TRAINING_RECORD))
     current = config.training_settings(run)
+    recorded = dict(record.get("settings", {})) if record is not None else {}
+    if current.get(DATA_CONTENT_SETTING) is None:
+        # The data is not prepared yet: compared once it is (run_grid checks again then).
+        current.pop(DATA_CONTENT_SETTING, None)
+        recorded.pop(DATA_CONTENT_SETTING, None)
     if record is None:
         if _has_checkpoints(run_dir) or os.path.exists(os.path.join(run_dir, LEGACY_TRAINING_DONE)):
             return RunPlan(
@@ -464,9 +483,9 @@ def plan_training(config: GridConfig, run: Run) -> RunPlan:
                 "so its settings are unknown",
             )
         return RunPlan(run, TRAIN, "training")
-    changes = describe_changes(record.get("settings", {}), current)
+    changes = describe_changes(recorded, current)
     if changes:
-        old, new = _budget(record.get("settings", {})), _budget(current)
+        old, new = _budget(recorded), _budget(current)
         only_budget = all(change.startswith(BUDGET_FLAG + " ") for change in changes)
         if only_budget and old is not None and new is not None and new > old:
             return RunPlan(
@@ -541,6 +560,7 @@ def check_grid(config: GridConfig, jobs_have_gpus: Optional[bool] = None) -> Non
     evaluation.parse_checkpoint_choice(config.checkpoint or config.preset.checkpoint)
     for optimizer in config.optimizers:
         config.training_options(optimizer)
+        check_epochs_kept(config, optimizer)
     for name, values in (config.sweep or {}).items():
         if name not in SWEEPABLE:
             raise ConfigError(
@@ -573,6 +593,43 @@ def check_grid(config: GridConfig, jobs_have_gpus: Optional[bool] = None) -> Non
         raise ConfigError("--amp needs a GPU, and none is visible")
     if config.amp and jobs_have_gpus is False:
         raise ConfigError("--amp needs a GPU, and the jobs get none (--gpus-per-job 0)")
+    refuse_conflicts(config)
+
+
+KEEP_EPOCHS_FLAG, NO_EPOCH_CHECKPOINTS_FLAG = "--keep-last-epochs", "--no-epoch-checkpoints"
+
+
+def check_epochs_kept(config: GridConfig, optimizer: str) -> None:
+    """`--checkpoint average:N` averages the last N epoch checkpoints: the row's training must
+    keep that many (--keep-last-epochs >= N, epoch checkpoints on)."""
+    protocol = config.protocol
+    if protocol.kind != "average":
+        return
+    options = dict(config.training_options(optimizer))
+    files = recipe.training_files(
+        config.preset.args_files, optimizer, config.eval_bleu, protocol.selection_metric
+    )
+    folder = config.config_dir or recipe.config_dir()
+    if NO_EPOCH_CHECKPOINTS_FLAG in options:
+        source = recipe.option_source(files, NO_EPOCH_CHECKPOINTS_FLAG, folder)
+        raise ConfigError(
+            f"--checkpoint {protocol} averages epoch checkpoints, and {source} sets "
+            f"{NO_EPOCH_CHECKPOINTS_FLAG} (row {optimizer})"
+        )
+    kept = options.get(KEEP_EPOCHS_FLAG)
+    if kept is None or not kept.lstrip("-").isdigit() or int(kept) < 0:
+        return  # fairseq's default -1: every epoch checkpoint is kept
+    if int(kept) < protocol.num_epochs:
+        source = recipe.option_source(files, KEEP_EPOCHS_FLAG, folder)
+        raise ConfigError(
+            f"--checkpoint {protocol} needs the last {protocol.num_epochs} epoch checkpoints, "
+            f"and {source} sets {KEEP_EPOCHS_FLAG} {kept} (row {optimizer}): use --checkpoint "
+            f"average:{kept} or less, or raise {KEEP_EPOCHS_FLAG} there"
+        )
+
+
+def refuse_conflicts(config: GridConfig) -> None:
+    """Raises ConfigError, in one line, if a run of the grid was trained with other settings."""
     conflicts = training_conflicts(config)
     if conflicts:
         raise ConfigError(
@@ -614,15 +671,38 @@ def grid_record(config: GridConfig) -> Dict:
 
 
 def prepare_data(config: GridConfig) -> str:
-    """The binarized data: --data-bin, or prepared in <out>/data (skipped when it exists)."""
+    """The binarized data: --data-bin, or prepared in <out>/data.
+
+    With --archive the preparation always runs: its step records make it a no-op for the
+    archive it prepared last, and redo what another archive changes.  Without, a data-bin in
+    <out>/data is used as it is unless its preparation recorded another number of BPE merges
+    than the preset's; it is then prepared again from the archive it recorded (or the preset's
+    sample archive).  The runs' settings hold what the data-bin holds (data_content), so a run
+    of other data is refused, never reused."""
     if config.data_bin is not None:
         return os.path.abspath(config.data_bin)
     data_bin = os.path.abspath(config.default_data_bin)
     workdir = os.path.join(config.out_dir, DATA_FOLDER)
-    if not evaluation.missing_data_files(data_bin):
-        logger.info(f"data: using {data_bin} (delete it to prepare again)")
-        return data_bin
     archive = config.archive
+    if archive is None and not evaluation.missing_data_files(data_bin):
+        prepared = prepare.prepared_settings(workdir) or {}
+        merges = prepared.get("bpe_merges")
+        if merges is None or merges == config.preset.bpe_merges:
+            logger.info(f"data: using {data_bin} (delete it to prepare again)")
+            return data_bin
+        logger.info(
+            f"data: {data_bin} has {merges} BPE merges, --preset {config.preset.name} "
+            f"{config.preset.bpe_merges}: preparing it again"
+        )
+        recorded = prepared.get("archive")
+        if recorded and os.path.isfile(recorded):
+            archive = recorded
+        elif config.preset.sample_archive is None:
+            raise ConfigError(
+                f"--archive: {data_bin} was prepared with {merges} BPE merges, --preset "
+                f"{config.preset.name} needs {config.preset.bpe_merges}, and its archive "
+                f"{recorded} is gone: give --archive"
+            )
     if archive is None:
         sample = config.preset.sample_archive
         os.makedirs(workdir, exist_ok=True)
@@ -746,7 +826,7 @@ def run_environment(preset: Table4Preset, gpu: Optional[str]) -> Dict[str, str]:
 
 @dataclass
 class Progress:
-    stage: str = "start"
+    stage: str = "plan"
 
 
 def record_failure(run_dir: str, run: Run, stage: str, error: BaseException) -> str:
@@ -786,7 +866,7 @@ def train(
     once it exited with status 0; results.json, made from older checkpoints, goes first.
     """
     run_dir = config.run_dir(run)
-    settings = settings_of_command(command)
+    settings = training_settings_of(command)
     record = {
         "run": run.name,
         "settings": settings,
@@ -812,6 +892,38 @@ def train(
     write_json(
         os.path.join(run_dir, TRAINING_RECORD), {**record, "status": "finished", "finished": _now()}
     )
+
+
+def checkpoint_updates(path: str) -> Optional[int]:
+    """The update count fairseq saved a checkpoint at (None if the file cannot tell)."""
+    if not os.path.isfile(path):
+        return None
+    try:
+        return evaluation.checkpoint_position(path)["num_updates"]
+    except (FairseqAsamError, OSError, KeyError, TypeError, ValueError):
+        return None
+
+
+def finished_at_budget(config: GridConfig, run: Run) -> bool:
+    """For a run to resume: if its checkpoint_last.pt is at --max-update already (the launcher
+    was killed after fairseq-train's last save), marks training.json finished and returns True.
+    fairseq-train resumed there would take one update beyond the budget before it stops."""
+    run_dir = config.run_dir(run)
+    record = read_json_file(os.path.join(run_dir, TRAINING_RECORD)) or {}
+    budget = _budget(record.get("settings", {}))
+    last = os.path.join(run_dir, CHECKPOINTS_FOLDER, evaluation.LAST_CHECKPOINT)
+    updates = checkpoint_updates(last)
+    if budget is None or updates is None or updates < budget:
+        return False
+    logger.info(
+        f"{run.name}: {evaluation.LAST_CHECKPOINT} is at {updates} updates, {BUDGET_FLAG} "
+        f"{budget}: training had finished; not resumed"
+    )
+    write_json(
+        os.path.join(run_dir, TRAINING_RECORD),
+        {**record, "status": "finished", "finished": _now(), "finished_by": "checkpoint_last.pt"},
+    )
+    return True
 
 
 def measure_sharpness(
@@ -886,6 +998,8 @@ def execute_run(
             [f"{k}={shlex.quote(v)}" for k, v in settings.items()] + [shlex.join(command)]
         )
         where = f"GPU {gpu}" if gpu is not None else "CPU"
+        if plan.action == RESUME and finished_at_budget(config, run):
+            plan = RunPlan(run, EVALUATE, "trained")
         if plan.action in (TRAIN, RESUME, EXTEND):
             progress.stage = "train"
             logger.info(f"{run.name}: {plan.reason} on {where}")
@@ -900,6 +1014,7 @@ def execute_run(
         )
         results = evaluation.read_results(results_path)
         if not evaluation.evaluation_done(results, settings_now):
+            evaluation.drop_evaluation(results_path)  # a failed redo leaves no stale scores
             logger.info(f"{run.name}: evaluating --checkpoint {config.protocol} on {where}")
             scores = evaluation.evaluate_checkpoint(
                 data_bin,
@@ -939,6 +1054,7 @@ def execute_run(
             if supervisor.stopping.is_set():
                 raise RunInterrupted("evaluated; sharpness not measured (the grid is stopping)")
             progress.stage = "sharpness"
+            evaluation.drop_results(results_path, evaluation.DEPENDENT_KEYS)  # of another ρ
             logger.info(f"{run.name}: measuring adaptive sharpness at rho={config.sharpness_rho}")
             measured = measure_sharpness(
                 config, run, results["checkpoint"]["path"], data_bin, env, gpu, supervisor, lock
@@ -1023,10 +1139,16 @@ def run_grid(config: GridConfig, supervisor: Optional[Supervisor] = None) -> Dic
     interrupted = False
     try:
         data_bin = prepare_data(config)
+        refuse_conflicts(config)  # with what the data-bin holds now
+        write_json(os.path.join(config.out_dir, GRID_RECORD), grid_record(config))
         references = reference_files(data_bin)
         pending = []
         for run in config.runs:
-            plan = plan_run(config, run, references)
+            try:
+                plan = plan_run(config, run, references)
+            except FairseqAsamError:  # e.g. a corrupt results.json: that run's failure, below
+                pending.append(run)
+                continue
             if plan.action == DONE:
                 logger.info(f"{run.name}: skipped, {plan.reason}")
                 outcomes[run] = RunOutcome(run, "done")
