@@ -15,9 +15,14 @@ import errno
 import fcntl
 import os
 import socket
+import time
 from typing import Optional
 
 LOCK_NAME = "run.lock"
+# How long acquire() waits out a shared hold: lock_holder's probe holds one for microseconds, and
+# a launcher starting at that moment must not take the probe for a launcher and skip its run.
+PROBE_GRACE_SECONDS = 1.0
+PROBE_RETRY_SECONDS = 0.05
 
 
 class RunLocked(Exception):
@@ -42,13 +47,19 @@ class RunLock:
         """Takes the lock or raises RunLocked naming its holder."""
         os.makedirs(os.path.dirname(self.path), exist_ok=True)
         fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError as error:
-            os.close(fd)
-            if error.errno in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
+        deadline = time.monotonic() + PROBE_GRACE_SECONDS
+        while True:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except OSError as error:
+                if error.errno not in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
+                    os.close(fd)
+                    raise
+            if _held_exclusively(self.path) or time.monotonic() >= deadline:
+                os.close(fd)
                 raise RunLocked(f"locked by {_holder(self.path)} ({self.path})") from None
-            raise
+            time.sleep(PROBE_RETRY_SECONDS)
         stamp = datetime.datetime.now().isoformat(timespec="seconds")
         os.ftruncate(fd, 0)
         os.write(fd, f"pid {os.getpid()} on {socket.gethostname()} since {stamp}\n".encode())
@@ -69,13 +80,27 @@ class RunLock:
         self.release()
 
 
-def lock_holder(run_dir: str) -> Optional[str]:
-    """Who holds the run's lock right now, or None if nobody does (nothing is left locked)."""
-    path = os.path.join(run_dir, LOCK_NAME)
-    if not os.path.exists(path):
-        return None
+def _held_exclusively(path: str) -> bool:
+    """Whether a launcher (or its trainer) holds the lock: a shared probe then fails too.  A
+    shared hold only (another probe) is not a launcher's."""
     try:
-        RunLock(run_dir).acquire().release()
-    except RunLocked:
-        return _holder(path)
-    return None
+        fd = os.open(path, os.O_RDONLY)
+    except FileNotFoundError:
+        return False
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+    except OSError as error:
+        if error.errno in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
+            return True
+        raise
+    finally:
+        os.close(fd)  # closing drops the probe's shared hold, if it got one
+    return False
+
+
+def lock_holder(run_dir: str) -> Optional[str]:
+    """Who holds the run's lock right now, or None if nobody does.  The probe takes a shared
+    lock for an instant and writes nothing: the holder's record is left as it is, and a launcher
+    acquiring meanwhile waits the instant out (PROBE_GRACE_SECONDS) instead of skipping."""
+    path = os.path.join(run_dir, LOCK_NAME)
+    return _holder(path) if _held_exclusively(path) else None
