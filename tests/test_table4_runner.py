@@ -749,3 +749,22 @@ def test_a_corrupt_results_json_is_that_runs_failure_and_the_grid_goes_on(stubbe
     (out / "runs" / "adam-seed1" / "training.json").write_text("{")
     assert report_main([str(out)]) == 0
     assert "not valid JSON" in row(table(out), "adam-seed1")[2]
+
+
+# --------------------------------------------------------------------------------------------
+# Seeds of an earlier invocation in the same folder
+# --------------------------------------------------------------------------------------------
+
+
+def test_a_seed_outside_the_grid_counts_but_never_hides_a_missing_grid_seed(stubbed, tmp_path):
+    out = tmp_path / "out"
+    runner.run_grid(grid(out, optimizers=("adam",), seeds=(4,)))  # an earlier --seeds 4
+    set_mode(out, "adam-seed3", "fail")
+    with pytest.raises(runner.GridFailed):
+        runner.run_grid(grid(out, optimizers=("adam",), seeds=(1, 2, 3)))
+    # Three results (seeds 1, 2, 4) for a grid of three seeds: seed 3's absence is still said.
+    assert row(table(out), "Adam")[1] == "1,2,4 (n = 3; no result for seed 3 of the grid's 1,2,3)"
+    # All of the grid's seeds there, plus an earlier one: nothing to say.
+    set_mode(out, "adam-seed3", "ok")
+    runner.run_grid(grid(out, optimizers=("adam",), seeds=(1, 2, 3)))
+    assert row(table(out), "Adam")[1] == "1,2,3,4"

@@ -483,7 +483,7 @@ class OptimizerSummary:
     seeds: List[int]
     stats: Dict[str, Optional[Stat]]  # by METRICS key
     protocol: str = "–"
-    expected_seeds: Optional[int] = None  # how many seeds the grid has for this row
+    grid_seeds: Optional[List[int]] = None  # the grid's --seeds for this row
     out_dir: Optional[str] = None  # the output folder (grid) of the row's runs
     preset: Optional[str] = None
 
@@ -492,11 +492,23 @@ class OptimizerSummary:
         return optimizer_label(self.optimizer)
 
     @property
+    def expected_seeds(self) -> Optional[int]:
+        return None if self.grid_seeds is None else len(self.grid_seeds)
+
+    @property
     def seeds_cell(self) -> str:
+        """The seeds averaged; says which of the grid's seeds have no result, also when a seed
+        trained earlier into the folder (outside --seeds) makes the count look complete."""
         seeds = ",".join(map(str, self.seeds)) or "–"
-        if self.expected_seeds is not None and len(self.seeds) < self.expected_seeds:
+        missing = [s for s in self.grid_seeds or () if s not in self.seeds]
+        if not missing:
+            return seeds
+        if set(self.seeds) <= set(self.grid_seeds):
             return f"{seeds} (n = {len(self.seeds)} of {self.expected_seeds})"
-        return seeds
+        return (
+            f"{seeds} (n = {len(self.seeds)}; no result for seed {','.join(map(str, missing))} "
+            f"of the grid's {','.join(map(str, self.grid_seeds))})"
+        )
 
 
 def optimizer_label(name: str) -> str:
@@ -521,16 +533,16 @@ def _grid_of(grids: Sequence[dict], out_dir: Optional[str]) -> Optional[dict]:
     return next((g for g in grids if g.get("out_dir") == out_dir), None)
 
 
-def _expected_seeds(
+def _grid_seeds(
     grids: Sequence[dict], protocol: str, optimizer: str, out_dir: Optional[str] = None
-) -> Optional[int]:
+) -> Optional[List[int]]:
     for grid in grids:
         if (
             grid.get("out_dir") == out_dir
             and grid.get("protocol") == protocol
             and optimizer in grid_rows(grid)
         ):
-            return len(grid.get("seeds", []))
+            return list(grid.get("seeds", []))
     return None
 
 
@@ -563,7 +575,7 @@ def summarize_runs(results: Sequence[dict], grids: Sequence[dict] = ()) -> List[
             sorted(r["seed"] for r in runs),
             {key: Stat.of([metric(r) for r in runs]) for key, metric in METRICS.items()},
             protocol,
-            _expected_seeds(grids, protocol, optimizer, folder),
+            _grid_seeds(grids, protocol, optimizer, folder),
             folder,
             preset(folder, runs),
         )
