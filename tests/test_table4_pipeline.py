@@ -594,7 +594,7 @@ def test_runs_spread_over_the_gpus_one_at_a_time_and_failures_are_reported(tmp_p
     )
     monkeypatch.setattr(runner.evaluation, "check_data_bin", lambda path: None)
     with pytest.raises(
-        FairseqAsamError, match=r"1 run\(s\) failed: sam-seed2: start: fairseq-train failed"
+        FairseqAsamError, match=r"1 run\(s\) failed: sam-seed2: plan: fairseq-train failed"
     ):
         runner.run_grid(config)
     assert sorted(name for name, _ in started) == sorted(
