@@ -2,6 +2,8 @@
 and an exception inside pass 2."""
 
 import copy
+import os
+import re
 
 import pytest
 import torch
@@ -219,5 +221,22 @@ def test_bf16_weights_warn_at_start(data_bin, caplog):
         trainer.optimizer
     messages = [r.getMessage() for r in caplog.records if r.name == "fairseq_asam.optim"]
     assert (
-        len(messages) == 1 and "asam with bf16 weights" in messages[0] and "72–82%" in messages[0]
+        len(messages) == 1 and "asam with bf16 weights" in messages[0] and "72–80%" in messages[0]
     )
+
+
+def test_start_up_warning_quotes_the_readmes_measured_table():
+    """The warning's figures are the README's measured "kept" column (min–max over init and
+    trained), so that neither can drift from the other."""
+    readme = os.path.join(os.path.dirname(os.path.dirname(__file__)), "README.md")
+    with open(readme, encoding="utf-8") as f:
+        text = f.read()
+    from fairseq_asam.optim import LOSS_INCREASE_KEPT
+
+    for (optimizer, precision), quoted in LOSS_INCREASE_KEPT.items():
+        row = re.search(
+            rf"^\| {optimizer.upper()}, {precision} weights \|.*\| (\d+)% / (\d+)% \|$", text, re.M
+        )
+        assert row, (optimizer, precision)
+        low, high = sorted(int(v) for v in row.groups())
+        assert quoted == (f"{low}%" if low == high else f"{low}–{high}%"), (quoted, row.group(0))
