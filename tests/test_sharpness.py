@@ -445,7 +445,7 @@ def one_step_reference(model, batches, loss_fn, rho, eta, adaptive):
         for total, g in zip(grads, torch.autograd.grad(loss, params, allow_unused=True)):
             if g is not None:
                 total += g
-        loss_sum, size = loss_sum + float(loss), size + float(batch_size)
+        loss_sum, size = loss_sum + float(loss.detach()), size + float(batch_size)
     with torch.no_grad():
         scales = [
             p.abs() + eta if adaptive and "weight" in n else torch.ones_like(p) for n, p in named
