@@ -248,6 +248,17 @@ def test_a_run_locked_elsewhere_is_not_submitted(stubbed, tmp_path, fake_slurm):
     assert (tmp_path / "out" / "runs" / "asam-seed1" / cluster.JOB_RECORD).exists()
 
 
+def test_a_corrupt_job_record_is_submitted_again_not_a_failed_submission(
+    stubbed, tmp_path, fake_slurm
+):
+    config = runner_stubs.stub_grid(tmp_path / "out", optimizers=("adam",))
+    run_dir = tmp_path / "out" / "runs" / "adam-seed1"
+    run_dir.mkdir(parents=True)
+    (run_dir / cluster.JOB_RECORD).write_text('{"launcher": "slurm", ')  # truncated
+    cluster.submit_grid(config, "slurm", SLURM_OPTIONS)
+    assert read_json(run_dir / cluster.JOB_RECORD)["launcher"] == "slurm"  # the new job's
+
+
 # --------------------------------------------------------------------------------------------
 # The job on its node: the lock, requeueing
 # --------------------------------------------------------------------------------------------

@@ -4,16 +4,21 @@ launcher that starts at the same moment skip its run, and never rewrites who hol
 import fcntl
 import os
 import threading
+import time
 
 import pytest
 
 from fairseq_asam.experiments.locks import LOCK_NAME, RunLock, RunLocked, lock_holder
 
 
-def test_a_lock_held_elsewhere_is_refused_and_named(tmp_path):
+def test_a_lock_held_elsewhere_is_refused_and_named_at_once(tmp_path, monkeypatch):
+    # A launcher's hold is refused at once, not after the grace a probe gets.
+    monkeypatch.setattr("fairseq_asam.experiments.locks.PROBE_GRACE_SECONDS", 30.0)
     with RunLock(str(tmp_path)):
+        started = time.monotonic()
         with pytest.raises(RunLocked, match=rf"locked by pid {os.getpid()} on "):
             RunLock(str(tmp_path)).acquire()
+        assert time.monotonic() - started < 5.0
         assert lock_holder(str(tmp_path)).startswith(f"pid {os.getpid()} on ")
     assert lock_holder(str(tmp_path)) is None
     RunLock(str(tmp_path)).acquire().release()  # free again
@@ -46,7 +51,7 @@ def test_a_shared_hold_longer_than_the_grace_is_refused(tmp_path, monkeypatch):
     fd = os.open(path, os.O_RDONLY)
     fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
     try:
-        with pytest.raises(RunLocked):
+        with pytest.raises(RunLocked, match="busy: probed by other processes for over 0.2 s"):
             RunLock(str(tmp_path)).acquire()
     finally:
         os.close(fd)

@@ -514,11 +514,16 @@ def test_a_new_archive_is_prepared_and_the_runs_of_the_old_data_are_refused(
     assert [archive for archive, _ in calls] == [str(first), str(first)]
     assert results.stat().st_mtime_ns == before
 
-    # Another archive: prepared, and the run of the other data is refused in one line.
+    # Another archive: refused in one line before the preparation touches the run's data.
+    dictionary = (out / "data" / "data-bin" / "iwslt14.tokenized.de-en" / "dict.en.txt").read_text()
     with pytest.raises(ConfigError) as refused:
         runner.run_grid(archive_grid(out, second))
-    assert calls[-1][0] == str(second)
-    assert "adam-seed1 trained with other settings: data_content " in str(refused.value)
+    assert len(calls) == 2  # not prepared
+    assert f"was prepared from {first} (" in str(refused.value)
+    assert f"adam-seed1 trained on it; preparing {second} " in str(refused.value)
+    assert "first corpus" in dictionary
+    path = out / "data" / "data-bin" / "iwslt14.tokenized.de-en" / "dict.en.txt"
+    assert path.read_text() == dictionary
     assert results.stat().st_mtime_ns == before
 
     # The data-bin deleted and prepared again from the other archive: refused as well.
@@ -559,8 +564,15 @@ def test_a_data_bin_of_another_presets_merges_is_prepared_again(stubbed, tmp_pat
     other = runner.Table4Preset(**{**tiny.__dict__, "name": "tiny", "bpe_merges": 700})
     config = archive_grid(out, archive)
     config.archive, config.preset = None, other
-    with pytest.raises(ConfigError, match="data_content"):
+    # Runs were trained on the data-bin: refused before it is prepared again ...
+    with pytest.raises(ConfigError, match="adam-seed1 trained on it"):
         runner.run_grid(config)
+    assert calls[-1] == (str(archive), tiny.bpe_merges)
+    # ... and prepared again (with the preset's merges) once no run depends on it.
+    import shutil
+
+    shutil.rmtree(out / "runs")
+    runner.run_grid(config)
     assert calls[-1] == (str(archive), 700)
 
 
@@ -653,7 +665,33 @@ def test_an_evaluation_found_stale_is_not_reported_when_its_redo_fails(
     report.write_report(str(out))
     text = table(out)
     assert row(text, "Adam")[3] == "–"
-    assert row(text, "adam-seed1")[2].startswith("not current: evaluated")
+    assert row(text, "adam-seed1")[2] == (
+        "not current: evaluation out of date: checkpoint_best.pt changed after the evaluation"
+    )
+
+
+def test_a_result_stays_when_its_checkpoints_are_pruned_or_its_folder_moves(stubbed, tmp_path):
+    # What the report cannot check is not a change: checkpoints deleted after the evaluation
+    # (disk space), or the output folder moved elsewhere with its timestamps.
+    out = tmp_path / "out"
+    runner.run_grid(grid(out, optimizers=("adam",)))
+    for checkpoint in (out / "runs" / "adam-seed1" / "checkpoints").iterdir():
+        checkpoint.unlink()
+    report.write_report(str(out))
+    assert row(table(out), "Adam")[3] == "20.00"
+    moved = tmp_path / "elsewhere"
+    os.rename(out, moved)
+    assert report_main([str(moved)]) == 0
+    assert row(table(moved), "Adam")[3] == "20.00"
+    # Negative control: other data in the data-bin the evaluation read is a change.
+    runner.run_grid(grid(out, optimizers=("adam",)))
+    data_bin = read_json(out / "runs" / "adam-seed1" / "results.json")["evaluation"]["data_bin"]
+    with open(os.path.join(data_bin, "dict.en.txt"), "a") as f:
+        f.write("extra 1\n")
+    report.write_report(str(out))
+    assert row(table(out), "adam-seed1")[2].startswith(
+        f"not current: evaluation out of date: {data_bin} holds other data"
+    )
 
 
 # --------------------------------------------------------------------------------------------
@@ -768,3 +806,43 @@ def test_a_seed_outside_the_grid_counts_but_never_hides_a_missing_grid_seed(stub
     set_mode(out, "adam-seed3", "ok")
     runner.run_grid(grid(out, optimizers=("adam",), seeds=(1, 2, 3)))
     assert row(table(out), "Adam")[1] == "1,2,3,4"
+
+
+# --------------------------------------------------------------------------------------------
+# Records of an older version; corrupt records seen by the runner and the cluster planner
+# --------------------------------------------------------------------------------------------
+
+
+def test_a_training_record_without_data_content_is_adopted_not_refused(stubbed, tmp_path):
+    out = tmp_path / "out"
+    runner.run_grid(grid(out, optimizers=("adam",)))
+    run = out / "runs" / "adam-seed1"
+    log = (run / "train.log").read_text()
+    record = read_json(run / "training.json")
+    content = record["settings"].pop(runner.DATA_CONTENT_SETTING)
+    assert content  # what this version records, and the older one did not
+    settings = record["settings"]
+    record["fingerprint"] = runner.evaluation.fingerprint(settings)
+    record["recipe_fingerprint"] = runner.recipe_fingerprint(settings)
+    (run / "training.json").write_text(json.dumps(record))
+    results = read_json(run / "results.json")  # which copies the training record's entries
+    results["training"] = {k: record[k] for k in ("settings", "fingerprint", "recipe_fingerprint")}
+    (run / "results.json").write_text(json.dumps(results))
+    # The older record's results are not the grid's: the report leaves them out ...
+    assert row(table(out), "Adam")[3] == "20.00"
+    report_main([str(out)])
+    assert row(table(out), "Adam")[3] == "–"
+    # ... until the runner adopts the data's content, without training again.
+    runner.run_grid(grid(out, optimizers=("adam",)))
+    assert (run / "train.log").read_text() == log
+    assert read_json(run / "training.json")["settings"][runner.DATA_CONTENT_SETTING] == content
+    assert row(table(out), "Adam")[3] == "20.00"
+
+
+def test_a_corrupt_training_record_fails_its_run_only(stubbed, tmp_path):
+    out = tmp_path / "out"
+    runner.run_grid(grid(out, optimizers=("adam",)))
+    (out / "runs" / "adam-seed1" / "training.json").write_text('{"settings": ')  # truncated
+    with pytest.raises(runner.GridFailed, match=r"1 run\(s\) failed: adam-seed1: plan: .*JSON"):
+        runner.run_grid(grid(out, optimizers=("asam", "adam")))
+    assert read_json(out / "runs" / "asam-seed1" / "results.json")["valid"]["bleu"] == 20.0

@@ -38,7 +38,7 @@ from typing import Dict, List, Optional, Sequence, Tuple
 
 from ..errors import ConfigError, FairseqAsamError
 from . import report, runner
-from .files import write_json
+from .files import read_json_object, write_json
 from .locks import lock_holder
 
 logger = logging.getLogger(__name__)
@@ -266,7 +266,7 @@ def _now() -> str:
 
 
 def recorded_job(run_dir: str) -> Optional[dict]:
-    return runner.read_json_file(os.path.join(run_dir, JOB_RECORD))
+    return read_json_object(os.path.join(run_dir, JOB_RECORD))
 
 
 def slurm_state(record: dict) -> str:
@@ -283,7 +283,11 @@ def slurm_state(record: dict) -> str:
 
 def still_queued(run_dir: str) -> Optional[str]:
     """`Slurm job 123_4 (PENDING)` if the job last submitted for the run may still run it."""
-    record = recorded_job(run_dir)
+    try:
+        record = recorded_job(run_dir)
+    except FairseqAsamError as error:  # unreadable: the new job's record replaces it
+        logger.warning(f"{error}: taken as no queued job")
+        return None
     if not record or record.get("launcher") != "slurm":
         return None
     state = slurm_state(record).split(" ")[0]
@@ -479,7 +483,7 @@ def _job_outcome(config, run, job) -> Tuple[str, str]:
         return "failed", f"job: {message}"
     status, message = result.get("status", "failed"), result.get("message", "")
     if status == "failed":
-        failure = runner.read_json_file(os.path.join(config.run_dir(run), runner.FAILURE_RECORD))
+        failure = read_json_object(os.path.join(config.run_dir(run), runner.FAILURE_RECORD))
         if failure:
             message = f"{failure.get('stage')}: {failure.get('error')}"
     logger.info(f"{run.name}: job {job.job_id} {status}{': ' + message if message else ''}")

@@ -46,7 +46,7 @@ from typing import Callable, Dict, List, Optional, Sequence, Tuple
 import torch
 
 from ..errors import ConfigError, FairseqAsamError
-from .files import atomic_output, write_json
+from .files import atomic_output, read_json_object, write_json
 from .prepare import SOURCE_LANG, TARGET_LANG
 
 logger = logging.getLogger(__name__)
@@ -652,18 +652,10 @@ DEPENDENT_KEYS = ("sharpness", "sharpness_settings")
 
 def read_results(path: str) -> Dict:
     """results.json as a dict ({} when it does not exist)."""
-    if not os.path.isfile(path):
-        return {}
     try:
-        with open(path, encoding="utf-8") as f:
-            results = json.load(f)
-    except (json.JSONDecodeError, UnicodeDecodeError) as error:
-        raise FairseqAsamError(
-            f"{path} is not valid JSON: {error} (delete it to evaluate the run again)"
-        ) from error
-    if not isinstance(results, dict):
-        raise FairseqAsamError(f"{path} does not hold a JSON object")
-    return results
+        return read_json_object(path) or {}
+    except FairseqAsamError as error:
+        raise FairseqAsamError(f"{error} (delete it to evaluate the run again)") from error
 
 
 def write_results(path: str, evaluated: Dict) -> Dict:
@@ -716,29 +708,34 @@ def drop_evaluation(path: str) -> Dict:
     return drop_results(path, list(EVALUATION_KEYS) + list(DEPENDENT_KEYS) + sorted(stale))
 
 
-def current_fingerprint(results: Dict, save_dir: str) -> Optional[str]:
-    """The fingerprint the evaluation recorded in `results` would have now (the checkpoint
-    files, data and references as they are), from the settings it recorded; None if it cannot
-    be computed (a checkpoint gone, settings not recorded)."""
+def evaluation_out_of_date(results: Dict, save_dir: str) -> Optional[str]:
+    """Why the evaluation recorded in `results` no longer describes the files it scored, or None.
+
+    For the report, which must not drop results over what it cannot check: each part is
+    compared only where its file is still there.  A checkpoint file is looked up by name in
+    `save_dir` (so a run folder moved with its timestamps, `mv` or `cp -a`, stays current) and
+    compared by size and modification time; the data-bin and the references by content.  A
+    checkpoint pruned after the evaluation, or a data folder no longer at its path, is not a
+    change.  (The runner compares the whole fingerprint and evaluates again on any difference.)
+    """
     recorded = results.get("evaluation")
     if not isinstance(recorded, dict) or "protocol" not in recorded:
-        return None
-    references = {
-        split: entry["path"] if isinstance(entry, dict) else entry
-        for split, entry in (recorded.get("references") or {}).items()
-    }
-    try:
-        return evaluation_settings(
-            recorded.get("data_bin", ""),
-            save_dir,
-            parse_checkpoint_choice(recorded["protocol"]),
-            recorded.get("subword", "bpe"),
-            recorded.get("beam", DEFAULT_BEAM),
-            recorded.get("batch_size", DEFAULT_BATCH_SIZE),
-            references,
-        )["fingerprint"]
-    except (FairseqAsamError, OSError):
-        return None
+        return "no evaluation settings recorded"
+    for entry in recorded.get("checkpoint_files") or []:
+        path = os.path.join(save_dir, os.path.basename(entry.get("path", "")))
+        if os.path.isfile(path):
+            status = os.stat(path)
+            if (status.st_size, status.st_mtime_ns) != (entry.get("bytes"), entry.get("mtime_ns")):
+                return f"{os.path.basename(path)} changed after the evaluation"
+    data_bin = recorded.get("data_bin")
+    if data_bin and os.path.isdir(data_bin):
+        if recorded.get("data_content") != data_identity(data_bin):
+            return f"{data_bin} holds other data than at the evaluation"
+    for split, entry in (recorded.get("references") or {}).items():
+        path = entry.get("path") if isinstance(entry, dict) else None
+        if path and os.path.isfile(path) and entry.get("sha256") != content_hash(path):
+            return f"the {split} references ({path}) changed after the evaluation"
+    return None
 
 
 def update_results(path: str, entries: Dict) -> Dict:

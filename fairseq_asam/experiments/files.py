@@ -12,7 +12,9 @@ import json
 import os
 import shutil
 import uuid
-from typing import Any, Iterable, Iterator
+from typing import Any, Iterable, Iterator, Optional
+
+from ..errors import FairseqAsamError
 
 TEMPORARY_MARK = ".tmp-"
 
@@ -70,3 +72,18 @@ def write_lines(path: str, lines: Iterable[str]) -> None:
 def write_json(path: str, obj: Any) -> None:
     """`obj` as indented JSON, atomically."""
     write_text(path, json.dumps(obj, indent=2) + "\n")
+
+
+def read_json_object(path: str) -> Optional[dict]:
+    """The JSON object in `path`, None if there is no such file; FairseqAsamError naming the file
+    if it is not readable JSON or not an object (a truncated or foreign file)."""
+    if not os.path.isfile(path):
+        return None
+    try:
+        with open(path, encoding="utf-8") as f:
+            loaded = json.load(f)
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise FairseqAsamError(f"{path} is not valid JSON: {error}") from error
+    if not isinstance(loaded, dict):
+        raise FairseqAsamError(f"{path} does not hold a JSON object")
+    return loaded

@@ -48,18 +48,25 @@ class RunLock:
         os.makedirs(os.path.dirname(self.path), exist_ok=True)
         fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
         deadline = time.monotonic() + PROBE_GRACE_SECONDS
-        while True:
-            try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                break
-            except OSError as error:
-                if error.errno not in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
-                    os.close(fd)
-                    raise
-            if _held_exclusively(self.path) or time.monotonic() >= deadline:
-                os.close(fd)
-                raise RunLocked(f"locked by {_holder(self.path)} ({self.path})") from None
-            time.sleep(PROBE_RETRY_SECONDS)
+        try:
+            while True:
+                try:
+                    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                    break
+                except OSError as error:
+                    if error.errno not in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
+                        raise
+                if _held_exclusively(self.path):
+                    raise RunLocked(f"locked by {_holder(self.path)} ({self.path})")
+                if time.monotonic() >= deadline:
+                    raise RunLocked(
+                        f"busy: probed by other processes for over {PROBE_GRACE_SECONDS:g} s "
+                        f"({self.path})"
+                    )
+                time.sleep(PROBE_RETRY_SECONDS)
+        except BaseException:  # RunLocked, an OS error, Ctrl-C while waiting: no fd left open
+            os.close(fd)
+            raise
         stamp = datetime.datetime.now().isoformat(timespec="seconds")
         os.ftruncate(fd, 0)
         os.write(fd, f"pid {os.getpid()} on {socket.gethostname()} since {stamp}\n".encode())

@@ -45,8 +45,8 @@ from dataclasses import dataclass, field
 from typing import Callable, Dict, List, Optional, Sequence, Tuple, Union
 
 from ..errors import FairseqAsamError
-from .evaluation import EVALUATED_SPLITS, RESULTS_NAME, current_fingerprint
-from .files import atomic_output, write_text
+from .evaluation import EVALUATED_SPLITS, RESULTS_NAME, evaluation_out_of_date
+from .files import atomic_output, read_json_object, write_text
 from .locks import lock_holder
 
 logger = logging.getLogger(__name__)
@@ -189,24 +189,11 @@ def parse_train_log(path: str) -> Dict[str, List[dict]]:
     return {tag: [by_update[u] for u in sorted(by_update)] for tag, by_update in records.items()}
 
 
-def _read_json(path: str) -> Optional[dict]:
-    if not os.path.isfile(path):
-        return None
-    try:
-        with open(path, encoding="utf-8") as f:
-            loaded = json.load(f)
-    except (json.JSONDecodeError, UnicodeDecodeError) as error:
-        raise FairseqAsamError(f"{path} is not valid JSON: {error}") from error
-    if not isinstance(loaded, dict):
-        raise FairseqAsamError(f"{path} does not hold a JSON object")
-    return loaded
-
-
 def _read_record(path: str) -> Optional[dict]:
     """A run's record (training.json, failure.json, job.json) for its status: None if absent;
     an unreadable one as {"unreadable": why}, so that one broken file never stops a report."""
     try:
-        return _read_json(path)
+        return read_json_object(path)
     except FairseqAsamError as error:
         return {UNREADABLE: str(error)}
 
@@ -310,12 +297,9 @@ def _mismatch(results: dict, grid: dict) -> Optional[str]:
         missing = [s for s in EVALUATED_SPLITS if not isinstance(results.get(s), dict)]
         return f"results.json lacks {', '.join(missing)}"
     if "run_dir" in results and isinstance(results.get("evaluation"), dict):
-        now = current_fingerprint(results, os.path.join(results["run_dir"], CHECKPOINTS_FOLDER))
-        if now != results["evaluation"].get("fingerprint"):
-            return (
-                "evaluated before its checkpoint files, data or references changed "
-                "(evaluation out of date)"
-            )
+        why = evaluation_out_of_date(results, os.path.join(results["run_dir"], CHECKPOINTS_FOLDER))
+        if why:
+            return f"evaluation out of date: {why}"
     if results.get("preset") != grid.get("preset"):
         return f"preset {results.get('preset')}, the grid's is {grid.get('preset')}"
     if results_protocol(results) != grid.get("protocol"):
@@ -391,7 +375,7 @@ def _status_of(run_dir: str, results: Optional[dict], why: Optional[str]) -> str
 
 def select_results(out_dir: str) -> Selection:
     """The results that belong to `out_dir`'s grid, and the state of its other runs."""
-    grid = _read_json(os.path.join(out_dir, GRID_RECORD))
+    grid = read_json_object(os.path.join(out_dir, GRID_RECORD))
     if grid is not None:
         grid = {**grid, "out_dir": out_dir}
     selection = Selection(grids=[grid] if grid else [])

@@ -50,7 +50,6 @@ parallel (CUDA_VISIBLE_DEVICES); on a CPU one after the other.
 import datetime
 import decimal
 import itertools
-import json
 import logging
 import math
 import os
@@ -69,7 +68,7 @@ from typing import Dict, List, Optional, Sequence, Tuple
 from .. import USER_DIR
 from ..errors import ConfigError, FairseqAsamError
 from . import evaluation, prepare, recipe, report, synthetic_data
-from .files import write_json, write_text
+from .files import read_json_object, write_json, write_text
 from .locks import RunLock, RunLocked
 
 logger = logging.getLogger(__name__)
@@ -302,16 +301,6 @@ def describe_changes(old: Dict[str, Optional[str]], new: Dict[str, Optional[str]
     return changes
 
 
-def read_json_file(path: str) -> Optional[dict]:
-    if not os.path.isfile(path):
-        return None
-    try:
-        with open(path, encoding="utf-8") as f:
-            return json.load(f)
-    except json.JSONDecodeError as error:
-        raise FairseqAsamError(f"{path} is not valid JSON: {error}") from error
-
-
 def _now() -> str:
     return datetime.datetime.now().isoformat(timespec="seconds")
 
@@ -467,11 +456,14 @@ def _budget(settings: Dict[str, Optional[str]]) -> Optional[int]:
 def plan_training(config: GridConfig, run: Run) -> RunPlan:
     """What the run's training needs, from its training.json and the current settings."""
     run_dir = config.run_dir(run)
-    record = read_json_file(os.path.join(run_dir, TRAINING_RECORD))
+    record = read_json_object(os.path.join(run_dir, TRAINING_RECORD))
     current = config.training_settings(run)
     recorded = dict(record.get("settings", {})) if record is not None else {}
-    if current.get(DATA_CONTENT_SETTING) is None:
-        # The data is not prepared yet: compared once it is (run_grid checks again then).
+    if current.get(DATA_CONTENT_SETTING) is None or (
+        record is not None and DATA_CONTENT_SETTING not in recorded
+    ):
+        # Not prepared yet: compared once it is (run_grid checks again then).  Or recorded by
+        # a version before data_content: unknown, adopted under the run's lock (execute_run).
         current.pop(DATA_CONTENT_SETTING, None)
         recorded.pop(DATA_CONTENT_SETTING, None)
     if record is None:
@@ -541,7 +533,10 @@ def training_conflicts(config: GridConfig) -> List[str]:
     --max-update 30 → 20`."""
     grouped: Dict[str, List[str]] = {}
     for run in config.runs:
-        plan = plan_training(config, run)
+        try:
+            plan = plan_training(config, run)
+        except FairseqAsamError:  # an unreadable training.json: that run's failure, not the grid's
+            continue
         if plan.conflict:
             grouped.setdefault(plan.conflict, []).append(run.name)
     return [
@@ -670,6 +665,42 @@ def grid_record(config: GridConfig) -> Dict:
     }
 
 
+def refuse_preparing_over_trained_data(
+    config: GridConfig, workdir: str, data_bin: str, archive: str
+) -> None:
+    """Raises ConfigError, before anything is written, if preparing `archive` would replace a
+    data-bin that runs of this folder were trained on with other data (another archive, other
+    BPE merges): their data would change under them, and under a launcher using it right now.
+    The archive it was prepared from (same file and size) with the same merges passes (the
+    preparation is then a no-op); a preparation that left no record cannot tell, and the runs'
+    data_content is checked after it (refuse_conflicts)."""
+    prepared = prepare.prepared_settings(workdir)
+    if prepared is None or evaluation.missing_data_files(data_bin):
+        return
+    recorded = prepared.get("archive")
+    same = (
+        recorded is not None
+        and os.path.realpath(recorded) == os.path.realpath(archive)
+        and prepared.get("archive_bytes", os.path.getsize(archive)) == os.path.getsize(archive)
+        and prepared.get("bpe_merges") in (None, config.preset.bpe_merges)
+    )
+    if same:
+        return
+    runs = os.path.join(config.out_dir, report.RUNS_FOLDER)
+    trained = sorted(
+        name
+        for name in (os.listdir(runs) if os.path.isdir(runs) else [])
+        if os.path.isfile(os.path.join(runs, name, TRAINING_RECORD))
+    )
+    if trained:
+        raise ConfigError(
+            f"--archive: {data_bin} was prepared from {recorded} "
+            f"({prepared.get('bpe_merges')} BPE merges) and {', '.join(trained)} trained on it; "
+            f"preparing {archive} ({config.preset.bpe_merges} merges) there would change their "
+            f"data. Give another --out, or the archive it was prepared from"
+        )
+
+
 def prepare_data(config: GridConfig) -> str:
     """The binarized data: --data-bin, or prepared in <out>/data.
 
@@ -713,6 +744,7 @@ def prepare_data(config: GridConfig) -> str:
             seed=sample.seed,
         )
         logger.info(f"data: built the sample archive {archive}")
+    refuse_preparing_over_trained_data(config, workdir, data_bin, archive)
     logger.info(f"data: preparing {archive} into {workdir}")
     return os.path.abspath(
         prepare.prepare_iwslt14(archive, workdir, bpe_merges=config.preset.bpe_merges)
@@ -904,12 +936,37 @@ def checkpoint_updates(path: str) -> Optional[int]:
         return None
 
 
+def adopt_data_content(config: GridConfig, run: Run) -> None:
+    """A training.json written before the settings held the data's content (data_content) gets
+    the content of the data folder as it is now, and its fingerprints again: the same trust in
+    the folder the older version placed, and the run's results count for the report again."""
+    path = os.path.join(config.run_dir(run), TRAINING_RECORD)
+    record = read_json_object(path)
+    if record is None or DATA_CONTENT_SETTING in record.get("settings", {}):
+        return
+    content = config.training_settings(run).get(DATA_CONTENT_SETTING)
+    if content is None:
+        return
+    settings = {**record.get("settings", {}), DATA_CONTENT_SETTING: content}
+    logger.info(f"{run.name}: {TRAINING_RECORD} predates data_content; recording the data's now")
+    write_json(
+        path,
+        {
+            **record,
+            "settings": settings,
+            "fingerprint": evaluation.fingerprint(settings),
+            "recipe_fingerprint": recipe_fingerprint(settings),
+            "data_content_adopted": _now(),
+        },
+    )
+
+
 def finished_at_budget(config: GridConfig, run: Run) -> bool:
     """For a run to resume: if its checkpoint_last.pt is at --max-update already (the launcher
     was killed after fairseq-train's last save), marks training.json finished and returns True.
     fairseq-train resumed there would take one update beyond the budget before it stops."""
     run_dir = config.run_dir(run)
-    record = read_json_file(os.path.join(run_dir, TRAINING_RECORD)) or {}
+    record = read_json_object(os.path.join(run_dir, TRAINING_RECORD)) or {}
     budget = _budget(record.get("settings", {}))
     last = os.path.join(run_dir, CHECKPOINTS_FOLDER, evaluation.LAST_CHECKPOINT)
     updates = checkpoint_updates(last)
@@ -965,7 +1022,7 @@ def measure_sharpness(
             f"fairseq-asam-sharpness failed with {evaluation.exit_description(returncode)}; "
             f"see {log_path}"
         )
-    return read_json_file(json_path)
+    return read_json_object(json_path)
 
 
 def execute_run(
@@ -988,6 +1045,7 @@ def execute_run(
         plan = plan_run(config, run, references)
         if plan.conflict:
             raise FairseqAsamError(f"{run.name} {plan.conflict}")
+        adopt_data_content(config, run)
         if plan.action == DONE:
             logger.info(f"{run.name}: {plan.reason}")
             return os.path.join(run_dir, evaluation.RESULTS_NAME)
@@ -1027,7 +1085,7 @@ def execute_run(
                 call=supervisor.call,
             )
             results = evaluation.write_results(results_path, scores)
-        training = read_json_file(os.path.join(run_dir, TRAINING_RECORD)) or {}
+        training = read_json_object(os.path.join(run_dir, TRAINING_RECORD)) or {}
         results = evaluation.update_results(
             results_path,
             {
