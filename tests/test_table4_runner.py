@@ -846,3 +846,12 @@ def test_a_corrupt_training_record_fails_its_run_only(stubbed, tmp_path):
     with pytest.raises(runner.GridFailed, match=r"1 run\(s\) failed: adam-seed1: plan: .*JSON"):
         runner.run_grid(grid(out, optimizers=("asam", "adam")))
     assert read_json(out / "runs" / "asam-seed1" / "results.json")["valid"]["bleu"] == 20.0
+
+
+def test_one_folder_named_twice_is_one_grid(stubbed, tmp_path, monkeypatch):
+    out = tmp_path / "out"
+    runner.run_grid(grid(out, optimizers=("adam",)))
+    monkeypatch.chdir(tmp_path)
+    assert report_main(["out", str(out), "--report-dir", str(tmp_path / "both")]) == 0
+    text = (tmp_path / "both" / "table4.md").read_text()
+    assert sum(line.startswith("| Adam |") for line in text.splitlines()) == 1

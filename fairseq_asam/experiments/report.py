@@ -1204,6 +1204,11 @@ def write_report(
     `report_dir` is then required.
     """
     out_dirs = [out_dirs] if isinstance(out_dirs, str) else list(out_dirs)
+    # One folder named twice (`runs/x` and `/abs/runs/x`) is one grid, not two rows.
+    by_path: Dict[str, str] = {}
+    for out_dir in out_dirs:
+        by_path.setdefault(os.path.realpath(out_dir), out_dir)
+    out_dirs = list(by_path.values())
     if report_dir is None:
         if len(out_dirs) > 1:
             raise FairseqAsamError("--report-dir is required with more than one output folder")
