@@ -782,6 +782,11 @@ def test_a_corrupt_results_json_is_that_runs_failure_and_the_grid_goes_on(stubbe
     text = table(out)
     assert "not valid JSON" in row(text, "adam-seed1")[2]
     assert row(text, "Adam+ASAM")[3] == "20.00"
+    # An unreadable failure record is said as such.
+    (out / "runs" / "adam-seed1" / "failure.json").write_text("{")
+    assert report_main([str(out)]) == 0
+    assert row(table(out), "adam-seed1")[2].startswith("failed: ")
+    assert "failure.json is not valid JSON" in row(table(out), "adam-seed1")[2]
     # The report alone, without the runner's failure record: the same.
     (out / "runs" / "adam-seed1" / "failure.json").unlink()
     (out / "runs" / "adam-seed1" / "training.json").write_text("{")

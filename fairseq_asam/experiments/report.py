@@ -354,7 +354,9 @@ def _status_of(run_dir: str, results: Optional[dict], why: Optional[str]) -> str
     if holder:
         return f"in progress ({holder})"
     failure = _read_record(os.path.join(run_dir, FAILURE_RECORD))
-    if failure and UNREADABLE not in failure:
+    if failure and UNREADABLE in failure:
+        return f"failed: {failure[UNREADABLE]}"
+    if failure:
         return f"failed in {failure.get('stage', '?')}: {failure.get('error', '?')}"
     if results is not None and UNREADABLE in results:
         return f"failed: {results[UNREADABLE]}"
