@@ -534,13 +534,19 @@ def test_a_new_archive_is_prepared_and_the_runs_of_the_old_data_are_refused(
         runner.run_grid(archive_grid(out, second))
 
 
-def test_other_references_are_scored_again_without_training_again(stubbed, tmp_path, monkeypatch):
+def prepared_and_trained(tmp_path, monkeypatch):
+    """A grid of adam-seed1 on the fake preparation of one archive: (calls, archive, out)."""
     calls = []
     monkeypatch.setattr(runner.prepare, "prepare_iwslt14", fake_preparation(calls))
     archive = tmp_path / "de-en.tgz"
     archive.write_text("corpus")
     out = tmp_path / "out"
     runner.run_grid(archive_grid(out, archive))
+    return calls, archive, out
+
+
+def test_other_references_are_scored_again_without_training_again(stubbed, tmp_path, monkeypatch):
+    calls, archive, out = prepared_and_trained(tmp_path, monkeypatch)
     run = out / "runs" / "adam-seed1"
     log = (run / "train.log").read_text()
     fingerprint = read_json(run / "results.json")["evaluation"]["fingerprint"]
@@ -554,12 +560,7 @@ def test_other_references_are_scored_again_without_training_again(stubbed, tmp_p
 def test_a_data_bin_of_another_presets_merges_is_prepared_again(stubbed, tmp_path, monkeypatch):
     """No --archive: the data-bin in <out>/data is used only if it was prepared with the
     preset's number of BPE merges."""
-    calls = []
-    monkeypatch.setattr(runner.prepare, "prepare_iwslt14", fake_preparation(calls))
-    archive = tmp_path / "de-en.tgz"
-    archive.write_text("corpus")
-    out = tmp_path / "out"
-    runner.run_grid(archive_grid(out, archive))
+    calls, archive, out = prepared_and_trained(tmp_path, monkeypatch)
     tiny = runner.TABLE4_PRESETS["tiny"]
     other = runner.Table4Preset(**{**tiny.__dict__, "name": "tiny", "bpe_merges": 700})
     config = archive_grid(out, archive)
@@ -771,13 +772,21 @@ def test_the_report_of_a_grid_without_runs_yet_lists_them_as_not_started(stubbed
 # --------------------------------------------------------------------------------------------
 
 
-def test_a_corrupt_results_json_is_that_runs_failure_and_the_grid_goes_on(stubbed, tmp_path):
+def corrupt_and_run_again(tmp_path, record):
+    """adam-seed1 trained and evaluated, its `record` truncated, then a grid of it and
+    asam-seed1: adam-seed1 fails in planning, asam-seed1 is done anyway."""
     out = tmp_path / "out"
     runner.run_grid(grid(out, optimizers=("adam",)))
-    (out / "runs" / "adam-seed1" / "results.json").write_text('{"valid": ')  # truncated
-    with pytest.raises(runner.GridFailed, match=r"1 run\(s\) failed: adam-seed1: .*not valid JSON"):
+    (out / "runs" / "adam-seed1" / record).write_text('{"valid": ')  # truncated
+    failed = r"1 run\(s\) failed: adam-seed1: plan: .*not valid JSON"
+    with pytest.raises(runner.GridFailed, match=failed):
         runner.run_grid(grid(out, optimizers=("asam", "adam")))
     assert read_json(out / "runs" / "asam-seed1" / "results.json")["valid"]["bleu"] == 20.0
+    return out
+
+
+def test_a_corrupt_results_json_is_that_runs_failure_and_the_grid_goes_on(stubbed, tmp_path):
+    out = corrupt_and_run_again(tmp_path, "results.json")
     assert "not valid JSON" in read_json(out / "runs" / "adam-seed1" / "failure.json")["error"]
     text = table(out)
     assert "not valid JSON" in row(text, "adam-seed1")[2]
@@ -845,12 +854,7 @@ def test_a_training_record_without_data_content_is_adopted_not_refused(stubbed, 
 
 
 def test_a_corrupt_training_record_fails_its_run_only(stubbed, tmp_path):
-    out = tmp_path / "out"
-    runner.run_grid(grid(out, optimizers=("adam",)))
-    (out / "runs" / "adam-seed1" / "training.json").write_text('{"settings": ')  # truncated
-    with pytest.raises(runner.GridFailed, match=r"1 run\(s\) failed: adam-seed1: plan: .*JSON"):
-        runner.run_grid(grid(out, optimizers=("asam", "adam")))
-    assert read_json(out / "runs" / "asam-seed1" / "results.json")["valid"]["bleu"] == 20.0
+    corrupt_and_run_again(tmp_path, "training.json")
 
 
 def test_one_folder_named_twice_is_one_grid(stubbed, tmp_path, monkeypatch):
