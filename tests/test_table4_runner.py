@@ -470,7 +470,12 @@ def fake_preparation(calls):
             d.write(f"{f.read()} {bpe_merges}\n")
         tmp = os.path.join(workdir, prepare.PREP_NAME, "tmp")
         os.makedirs(tmp, exist_ok=True)
-        settings = {"archive": os.path.abspath(archive), "bpe_merges": bpe_merges}
+        settings = {  # what the real preparation records of the archive, and the merges
+            "archive": os.path.abspath(archive),
+            "archive_bytes": os.path.getsize(archive),
+            "archive_mtime_ns": os.stat(archive).st_mtime_ns,
+            "bpe_merges": bpe_merges,
+        }
         prepare._StepRecords(workdir).mark_done("binarize", settings)
         for split in ("valid", "test"):
             path = os.path.join(tmp, f"{split}.raw.en")
@@ -514,13 +519,24 @@ def test_a_new_archive_is_prepared_and_the_runs_of_the_old_data_are_refused(
     assert [archive for archive, _ in calls] == [str(first), str(first)]
     assert results.stat().st_mtime_ns == before
 
-    # Another archive: refused in one line before the preparation touches the run's data.
+    # The same archive moved (size and time kept): the same data, prepared again, current.
+    moved = tmp_path / "moved.tgz"
+    os.rename(first, moved)
+    runner.run_grid(archive_grid(out, moved))
+    assert calls[-1][0] == str(moved) and results.stat().st_mtime_ns == before
+    os.rename(moved, first)
+
+    # Another archive: refused in one line before the preparation touches the run's data, or
+    # the grid.json the report reads.
+    grid_json = (out / "grid.json").read_bytes()
+    prepared = len(calls)
     dictionary = (out / "data" / "data-bin" / "iwslt14.tokenized.de-en" / "dict.en.txt").read_text()
     with pytest.raises(ConfigError) as refused:
         runner.run_grid(archive_grid(out, second))
-    assert len(calls) == 2  # not prepared
-    assert f"was prepared from {first} (" in str(refused.value)
-    assert f"adam-seed1 trained on it; preparing {second} " in str(refused.value)
+    assert len(calls) == prepared  # not prepared
+    assert (out / "grid.json").read_bytes() == grid_json
+    assert f"was prepared from {moved} (" in str(refused.value)  # the last one it was
+    assert f"adam-seed1 trained on it; preparing --archive {second} " in str(refused.value)
     assert "first corpus" in dictionary
     path = out / "data" / "data-bin" / "iwslt14.tokenized.de-en" / "dict.en.txt"
     assert path.read_text() == dictionary
@@ -550,8 +566,15 @@ def test_other_references_are_scored_again_without_training_again(stubbed, tmp_p
     run = out / "runs" / "adam-seed1"
     log = (run / "train.log").read_text()
     fingerprint = read_json(run / "results.json")["evaluation"]["fingerprint"]
-    # Same size, other words: the references' content is what counts.
-    (out / "data" / "iwslt14.tokenized.de-en" / "tmp" / "test.raw.en").write_text("b reference\n")
+    # Same size, other words: the references' content is what counts, for the report ...
+    references = out / "data" / "iwslt14.tokenized.de-en" / "tmp" / "test.raw.en"
+    references.write_text("b reference\n")
+    report.write_report(str(out))
+    assert row(table(out), "adam-seed1")[2] == (
+        f"not current: evaluation out of date: the test references ({references}) changed "
+        "after the evaluation"
+    )
+    # ... and for the runner, which scores it again.
     runner.run_grid(archive_grid(out, archive))
     assert (run / "train.log").read_text() == log
     assert read_json(run / "results.json")["evaluation"]["fingerprint"] != fingerprint
@@ -684,8 +707,8 @@ def test_a_result_stays_when_its_checkpoints_are_pruned_or_its_folder_moves(stub
     os.rename(out, moved)
     assert report_main([str(moved)]) == 0
     assert row(table(moved), "Adam")[3] == "20.00"
-    # Negative control: other data in the data-bin the evaluation read is a change.
     runner.run_grid(grid(out, optimizers=("adam",)))
+    # Negative control: other data in the data-bin the evaluation read is a change.
     data_bin = read_json(out / "runs" / "adam-seed1" / "results.json")["evaluation"]["data_bin"]
     with open(os.path.join(data_bin, "dict.en.txt"), "a") as f:
         f.write("extra 1\n")

@@ -483,7 +483,10 @@ def _job_outcome(config, run, job) -> Tuple[str, str]:
         return "failed", f"job: {message}"
     status, message = result.get("status", "failed"), result.get("message", "")
     if status == "failed":
-        failure = read_json_object(os.path.join(config.run_dir(run), runner.FAILURE_RECORD))
+        try:
+            failure = read_json_object(os.path.join(config.run_dir(run), runner.FAILURE_RECORD))
+        except FairseqAsamError as error:  # one broken record never stops the wait for the others
+            failure = {"stage": "?", "error": str(error)}
         if failure:
             message = f"{failure.get('stage')}: {failure.get('error')}"
     logger.info(f"{run.name}: job {job.job_id} {status}{': ' + message if message else ''}")

@@ -722,7 +722,9 @@ def evaluation_out_of_date(results: Dict, save_dir: str) -> Optional[str]:
     if not isinstance(recorded, dict) or "protocol" not in recorded:
         return "no evaluation settings recorded"
     for entry in recorded.get("checkpoint_files") or []:
-        path = os.path.join(save_dir, os.path.basename(entry.get("path", "")))
+        if not isinstance(entry, dict) or not isinstance(entry.get("path"), str):
+            return "its record of the checkpoint files is not readable"
+        path = os.path.join(save_dir, os.path.basename(entry["path"]))
         if os.path.isfile(path):
             status = os.stat(path)
             if (status.st_size, status.st_mtime_ns) != (entry.get("bytes"), entry.get("mtime_ns")):
@@ -731,7 +733,8 @@ def evaluation_out_of_date(results: Dict, save_dir: str) -> Optional[str]:
     if data_bin and os.path.isdir(data_bin):
         if recorded.get("data_content") != data_identity(data_bin):
             return f"{data_bin} holds other data than at the evaluation"
-    for split, entry in (recorded.get("references") or {}).items():
+    references = recorded.get("references") or {}
+    for split, entry in references.items() if isinstance(references, dict) else ():
         path = entry.get("path") if isinstance(entry, dict) else None
         if path and os.path.isfile(path) and entry.get("sha256") != content_hash(path):
             return f"the {split} references ({path}) changed after the evaluation"

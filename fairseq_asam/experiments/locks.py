@@ -64,12 +64,12 @@ class RunLock:
                         f"({self.path})"
                     )
                 time.sleep(PROBE_RETRY_SECONDS)
+            stamp = datetime.datetime.now().isoformat(timespec="seconds")
+            os.ftruncate(fd, 0)
+            os.write(fd, f"pid {os.getpid()} on {socket.gethostname()} since {stamp}\n".encode())
         except BaseException:  # RunLocked, an OS error, Ctrl-C while waiting: no fd left open
-            os.close(fd)
+            os.close(fd)  # (and no lock held: it goes with the descriptor)
             raise
-        stamp = datetime.datetime.now().isoformat(timespec="seconds")
-        os.ftruncate(fd, 0)
-        os.write(fd, f"pid {os.getpid()} on {socket.gethostname()} since {stamp}\n".encode())
         self.fd = fd
         return self
 

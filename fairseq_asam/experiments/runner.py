@@ -588,6 +588,7 @@ def check_grid(config: GridConfig, jobs_have_gpus: Optional[bool] = None) -> Non
         raise ConfigError("--amp needs a GPU, and none is visible")
     if config.amp and jobs_have_gpus is False:
         raise ConfigError("--amp needs a GPU, and the jobs get none (--gpus-per-job 0)")
+    refuse_preparing_over_trained_data(config)
     refuse_conflicts(config)
 
 
@@ -665,40 +666,68 @@ def grid_record(config: GridConfig) -> Dict:
     }
 
 
-def refuse_preparing_over_trained_data(
-    config: GridConfig, workdir: str, data_bin: str, archive: str
-) -> None:
-    """Raises ConfigError, before anything is written, if preparing `archive` would replace a
-    data-bin that runs of this folder were trained on with other data (another archive, other
-    BPE merges): their data would change under them, and under a launcher using it right now.
-    The archive it was prepared from (same file and size) with the same merges passes (the
-    preparation is then a no-op); a preparation that left no record cannot tell, and the runs'
-    data_content is checked after it (refuse_conflicts)."""
+def refuse_preparing_over_trained_data(config: GridConfig) -> None:
+    """Raises ConfigError, before any work, if the preparation this grid would run replaces a
+    data-bin in <out>/data that runs of this folder were trained on with other data (another
+    --archive, or a preset with other BPE merges): their data would change under them, and under
+    a launcher using it right now.
+
+    The archive the data-bin was prepared from passes: the same file (same real path and size),
+    or the same archive moved (same size and modification time); the preparation is then a
+    no-op.  A preparation that left no record cannot tell, and the runs' data_content is
+    checked after it (refuse_conflicts)."""
+    if config.data_bin is not None:
+        return
+    data_bin = os.path.abspath(config.default_data_bin)
+    workdir = os.path.join(config.out_dir, DATA_FOLDER)
     prepared = prepare.prepared_settings(workdir)
     if prepared is None or evaluation.missing_data_files(data_bin):
         return
-    recorded = prepared.get("archive")
-    same = (
-        recorded is not None
-        and os.path.realpath(recorded) == os.path.realpath(archive)
-        and prepared.get("archive_bytes", os.path.getsize(archive)) == os.path.getsize(archive)
-        and prepared.get("bpe_merges") in (None, config.preset.bpe_merges)
-    )
-    if same:
-        return
-    runs = os.path.join(config.out_dir, report.RUNS_FOLDER)
-    trained = sorted(
-        name
-        for name in (os.listdir(runs) if os.path.isdir(runs) else [])
-        if os.path.isfile(os.path.join(runs, name, TRAINING_RECORD))
-    )
-    if trained:
-        raise ConfigError(
-            f"--archive: {data_bin} was prepared from {recorded} "
-            f"({prepared.get('bpe_merges')} BPE merges) and {', '.join(trained)} trained on it; "
-            f"preparing {archive} ({config.preset.bpe_merges} merges) there would change their "
-            f"data. Give another --out, or the archive it was prepared from"
+    other_merges = prepared.get("bpe_merges") not in (None, config.preset.bpe_merges)
+    archive = config.archive
+    if archive is not None:
+        size, mtime = os.path.getsize(archive), os.stat(archive).st_mtime_ns
+        recorded = prepared.get("archive")
+        same_file = recorded is not None and os.path.realpath(recorded) == os.path.realpath(archive)
+        same_archive = prepared.get("archive_bytes", size) == size and (
+            same_file or prepared.get("archive_mtime_ns") == mtime
         )
+        if same_archive and not other_merges:
+            return
+    elif not other_merges:
+        return  # the data-bin is used as it is (prepare_data)
+    trained = trained_on(config, data_bin)
+    if not trained:
+        return
+    if archive is not None:
+        change = f"preparing --archive {archive} ({config.preset.bpe_merges} BPE merges) there"
+        fix = "Give another --out, or --archive with the archive it was prepared from"
+    else:
+        change = (
+            f"preparing it again with --preset {config.preset.name}'s "
+            f"{config.preset.bpe_merges} BPE merges"
+        )
+        fix = "Give another --out, or the preset it was prepared for"
+    raise ConfigError(
+        f"{data_bin} was prepared from {prepared.get('archive')} "
+        f"({prepared.get('bpe_merges')} BPE merges) and {', '.join(trained)} trained on it; "
+        f"{change} would change their data. {fix}"
+    )
+
+
+def trained_on(config: GridConfig, data_bin: str) -> List[str]:
+    """The run folders of this output folder whose training.json names `data_bin` as data."""
+    runs = os.path.join(config.out_dir, report.RUNS_FOLDER)
+    names = []
+    for name in sorted(os.listdir(runs)) if os.path.isdir(runs) else []:
+        try:
+            record = read_json_object(os.path.join(runs, name, TRAINING_RECORD))
+        except FairseqAsamError:
+            record = None  # unreadable: its own run's failure; it says nothing of the data
+        data = ((record or {}).get("settings") or {}).get(DATA_SETTING)
+        if data and os.path.realpath(data) == os.path.realpath(data_bin):
+            names.append(name)
+    return names
 
 
 def prepare_data(config: GridConfig) -> str:
@@ -744,7 +773,6 @@ def prepare_data(config: GridConfig) -> str:
             seed=sample.seed,
         )
         logger.info(f"data: built the sample archive {archive}")
-    refuse_preparing_over_trained_data(config, workdir, data_bin, archive)
     logger.info(f"data: preparing {archive} into {workdir}")
     return os.path.abspath(
         prepare.prepare_iwslt14(archive, workdir, bpe_merges=config.preset.bpe_merges)
