@@ -36,19 +36,11 @@ from harness import (  # noqa: E402
     reference_logged_sharpness,
     reference_update_gradient,
     relative_error,
+    sharpness_aware_args,
 )
 
 RHO, ETA, UPDATE_FREQ = 0.5, 0.01, 2
-ASAM_FLAGS = [
-    "--optimizer",
-    "asam",
-    "--rho",
-    str(RHO),
-    "--eta",
-    str(ETA),
-    "--update-freq",
-    str(UPDATE_FREQ),
-]
+ASAM_FLAGS = sharpness_aware_args("asam", RHO, ETA, UPDATE_FREQ)
 # fp16/bf16 gradients round differently from the fp32 reference; the plain gradient is ~0.4
 # away at this ρ, so these bounds still tell the two apart (a check also needs control > 3 × bound).
 BOUND = {

@@ -3,10 +3,13 @@ option parser and Trainer, and the reference update written straight from the eq
 
 import contextlib
 import copy
+import datetime
 import math
 import os
+from typing import Optional
 
 import torch
+import torch.distributed as dist
 
 import fairseq_asam
 from fairseq_asam.experiments import synthetic_data
@@ -244,3 +247,32 @@ def relative_error(actual, expected) -> float:
     diff = torch.sqrt(sum(((a.double() - e.double()) ** 2).sum() for a, e in zip(actual, expected)))
     norm = torch.sqrt(sum((e.double() ** 2).sum() for e in expected))
     return float(diff / norm)
+
+
+def sharpness_aware_args(
+    optimizer: str, rho: float, eta: Optional[float] = None, update_freq: Optional[int] = None
+) -> list:
+    """fairseq-train flags of `--optimizer sam|asam` with its ρ (and η, --update-freq)."""
+    args = ["--optimizer", optimizer, "--rho", str(rho)]
+    if eta is not None:
+        args += ["--eta", str(eta)]
+    if update_freq is not None:
+        args += ["--update-freq", str(update_freq)]
+    return args
+
+
+# A worker waits this long for the others (a hang, e.g. mismatched collectives, fails the
+# test in minutes rather than torch's default 30).
+GLOO_TIMEOUT = datetime.timedelta(seconds=120)
+
+
+def join_gloo(
+    rank: int, world_size: int, init_file: str, timeout: Optional[datetime.timedelta] = None
+) -> None:
+    """This process as `rank` of a CPU (gloo) process group, on one thread: the workers share
+    the machine's cores.  `timeout` None: torch's default."""
+    kwargs = {} if timeout is None else {"timeout": timeout}
+    dist.init_process_group(
+        "gloo", init_method=f"file://{init_file}", rank=rank, world_size=world_size, **kwargs
+    )
+    torch.set_num_threads(1)

@@ -6,7 +6,6 @@ the model's weights), and when fairseq wraps the criterion in DDP, pass 1 must n
 """
 
 import copy
-import datetime
 import json
 import os
 
@@ -16,9 +15,11 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 from fairseq.criterions.label_smoothed_cross_entropy import LabelSmoothedCrossEntropyCriterion
 from harness import (
+    GLOO_TIMEOUT,
     StepRecorder,
     batches,
     build_trainer,
+    join_gloo,
     reference_micro_batch,
     reference_update_gradient,
     relative_error,
@@ -109,14 +110,7 @@ def _counting_allreduce(counter):
 
 
 def _worker(rank, init_file, data_bin, out_dir):
-    dist.init_process_group(
-        "gloo",
-        init_method=f"file://{init_file}",
-        rank=rank,
-        world_size=WORLD_SIZE,
-        timeout=datetime.timedelta(seconds=120),
-    )
-    torch.set_num_threads(1)
+    join_gloo(rank, WORLD_SIZE, init_file, GLOO_TIMEOUT)
     update_freq = 2
     trainer, criterion = build(
         data_bin,

@@ -17,8 +17,10 @@ from harness import (
     StepRecorder,
     batches,
     build_trainer,
+    join_gloo,
     reference_update_gradient,
     relative_error,
+    sharpness_aware_args,
 )
 
 pytestmark = pytest.mark.slow  # subprocesses: DDP workers or fairseq command-line runs
@@ -79,10 +81,7 @@ def reference_with_synced_pass_one(model, criterion, world_samples):
 
 
 def _worker(rank, init_file, data_bin, backend, out_dir):
-    dist.init_process_group(
-        "gloo", init_method=f"file://{init_file}", rank=rank, world_size=WORLD_SIZE
-    )
-    torch.set_num_threads(1)
+    join_gloo(rank, WORLD_SIZE, init_file)
     result = {**_check_update(rank, data_bin, backend), **_check_overflow(rank, data_bin, backend)}
     with open(os.path.join(out_dir, f"rank{rank}.json"), "w") as f:
         json.dump(result, f)
@@ -90,15 +89,7 @@ def _worker(rank, init_file, data_bin, backend, out_dir):
 
 
 def _ddp_trainer(rank, data_bin, backend, extra=()):
-    args = [
-        "--optimizer",
-        "asam",
-        "--rho",
-        str(RHO),
-        "--eta",
-        str(ETA),
-        "--update-freq",
-        str(UPDATE_FREQ),
+    args = sharpness_aware_args("asam", RHO, ETA, UPDATE_FREQ) + [
         "--distributed-world-size",
         str(WORLD_SIZE),
         "--ddp-backend",
@@ -180,10 +171,7 @@ def test_ddp_update_and_overflow(tmp_path, data_bin, backend):
 
 
 def _bmuf_worker(rank, init_file, data_bin, out_dir):
-    dist.init_process_group(
-        "gloo", init_method=f"file://{init_file}", rank=rank, world_size=WORLD_SIZE
-    )
-    torch.set_num_threads(1)
+    join_gloo(rank, WORLD_SIZE, init_file)
     result = {}
     for name, extra in (
         ("asam", []),
@@ -191,19 +179,8 @@ def _bmuf_worker(rank, init_file, data_bin, out_dir):
     ):
         trainer = build_trainer(
             data_bin,
-            [
-                "--optimizer",
-                "asam",
-                "--rho",
-                str(RHO),
-                "--eta",
-                str(ETA),
-                "--update-freq",
-                str(UPDATE_FREQ),
-                "--use-bmuf",
-                "--distributed-world-size",
-                str(WORLD_SIZE),
-            ]
+            sharpness_aware_args("asam", RHO, ETA, UPDATE_FREQ)
+            + ["--use-bmuf", "--distributed-world-size", str(WORLD_SIZE)]
             + extra,
         )
         own = batches(trainer, 2 * UPDATE_FREQ, shard_id=rank, num_shards=WORLD_SIZE)

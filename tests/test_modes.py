@@ -14,6 +14,7 @@ from harness import (
     emulate_flat_fp16_on_cpu,
     reference_update_gradient,
     relative_error,
+    sharpness_aware_args,
 )
 
 RHO, ETA = 0.5, 0.01
@@ -22,17 +23,7 @@ RHO, ETA = 0.5, 0.01
 def run_update(data_bin, extra, update_freq=2):
     trainer = build_trainer(
         data_bin,
-        [
-            "--optimizer",
-            "asam",
-            "--rho",
-            str(RHO),
-            "--eta",
-            str(ETA),
-            "--update-freq",
-            str(update_freq),
-        ]
-        + list(extra),
+        sharpness_aware_args("asam", RHO, ETA, update_freq) + list(extra),
     )
     samples = batches(trainer, update_freq)
     model0 = copy.deepcopy(trainer.get_model()).float()

@@ -7,16 +7,21 @@ batch, a plain update of --sam-interval, a sharpness-aware one alike.
 """
 
 import copy
-import datetime
 import json
 import math
 import os
 
 import pytest
-import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
-from harness import batches, build_trainer, reference_logged_sharpness
+from harness import (
+    GLOO_TIMEOUT,
+    batches,
+    build_trainer,
+    join_gloo,
+    reference_logged_sharpness,
+    sharpness_aware_args,
+)
 from test_ddp import _wrapper
 
 pytestmark = pytest.mark.slow  # subprocesses: DDP workers or fairseq command-line runs
@@ -24,42 +29,14 @@ pytestmark = pytest.mark.slow  # subprocesses: DDP workers or fairseq command-li
 WORLD_SIZE = 2
 RHO, ETA = 0.5, 0.01
 DUMMY = {}  # fairseq's ShardedIterator pads a short shard with empty samples: dummy batches
+ASAM = sharpness_aware_args("asam", RHO, ETA)
 OPTIMIZERS = {
     "adam": ["--optimizer", "adam"],
-    "asam": ["--optimizer", "asam", "--rho", str(RHO), "--eta", str(ETA)],
-    "sam": ["--optimizer", "sam", "--rho", str(RHO)],
-    "asam-interval2": [
-        "--optimizer",
-        "asam",
-        "--rho",
-        str(RHO),
-        "--eta",
-        str(ETA),
-        "--sam-interval",
-        "2",
-    ],
-    "asam-looksam": [
-        "--optimizer",
-        "asam",
-        "--rho",
-        str(RHO),
-        "--eta",
-        str(ETA),
-        "--sam-interval",
-        "2",
-        "--looksam-alpha",
-        "0.5",
-    ],
-    "asam-eval": [
-        "--optimizer",
-        "asam",
-        "--rho",
-        str(RHO),
-        "--eta",
-        str(ETA),
-        "--sharpness-eval-interval",
-        "1",
-    ],
+    "asam": ASAM,
+    "sam": sharpness_aware_args("sam", RHO),
+    "asam-interval2": ASAM + ["--sam-interval", "2"],
+    "asam-looksam": ASAM + ["--sam-interval", "2", "--looksam-alpha", "0.5"],
+    "asam-eval": ASAM + ["--sharpness-eval-interval", "1"],
 }
 # Rank 1's micro-batches per update ("real" or a dummy); rank 0 always has real ones.
 PATTERNS = {
@@ -70,17 +47,6 @@ PATTERNS = {
 UPDATES = 2
 EPOCH_OPTIMIZERS = ("adam", "asam", "asam-looksam")
 ODD_BATCH_COUNT_MAX_TOKENS = 130  # 11 batches of the 120-pair toy corpus
-
-
-def _init(rank, init_file):
-    dist.init_process_group(
-        "gloo",
-        init_method=f"file://{init_file}",
-        rank=rank,
-        world_size=WORLD_SIZE,
-        timeout=datetime.timedelta(seconds=120),
-    )
-    torch.set_num_threads(1)
 
 
 def _logged(log_output, key):
@@ -128,7 +94,7 @@ def _run_pattern(rank, data_bin, optimizer, pattern):
 
 
 def _worker(rank, init_file, data_bin, out_dir):
-    _init(rank, init_file)
+    join_gloo(rank, WORLD_SIZE, init_file, GLOO_TIMEOUT)
     result = {}
     for pattern_name, pattern in PATTERNS.items():
         for optimizer in OPTIMIZERS:
@@ -177,7 +143,7 @@ def _epoch_worker(rank, init_file, data_bin, out_dir):
     epoch iterator: the short shard's last update holds a dummy batch."""
     from fairseq.data import iterators
 
-    _init(rank, init_file)
+    join_gloo(rank, WORLD_SIZE, init_file, GLOO_TIMEOUT)
     result = {}
     for update_freq in (1, 2):
         for optimizer in EPOCH_OPTIMIZERS:
