@@ -162,17 +162,20 @@ def fake_data_bin(folder):
     return folder
 
 
-def install(runner, evaluation_module=None, sharpness_program=SHARPNESS_PROGRAM):
-    """Points `runner` at the stubs (the caller undoes it: monkeypatch, or a throw-away process)."""
+def install(runner, set_attribute=setattr, train=True):
+    """Points `runner` at the stubs: its trainer (`train`), evaluation and sharpness program.
+    `set_attribute`: a test's monkeypatch.setattr, which undoes it; the builtin setattr in a
+    throw-away process."""
     original = runner.train_command
 
     def stub_command(*args, **kwargs):
         return [sys.executable, STUB, "train"] + original(*args, **kwargs)[3:]
 
-    runner.train_command = stub_command
-    runner.SHARPNESS_PROGRAM = sharpness_program
-    (evaluation_module or runner.evaluation).evaluate_checkpoint = fake_evaluate
-    (evaluation_module or runner.evaluation).checkpoint_position = fake_checkpoint_position
+    if train:
+        set_attribute(runner, "train_command", stub_command)
+    set_attribute(runner, "SHARPNESS_PROGRAM", SHARPNESS_PROGRAM)
+    set_attribute(runner.evaluation, "evaluate_checkpoint", fake_evaluate)
+    set_attribute(runner.evaluation, "checkpoint_position", fake_checkpoint_position)
 
 
 def tiny_grid(runner, out, max_update=20, optimizers=("adam", "asam"), seeds=(1,), **kwargs):

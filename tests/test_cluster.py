@@ -42,9 +42,8 @@ true
 
 @pytest.fixture
 def stubbed(monkeypatch):
-    monkeypatch.setattr(runner, "SHARPNESS_PROGRAM", runner_stubs.SHARPNESS_PROGRAM)
-    monkeypatch.setattr(evaluation, "evaluate_checkpoint", runner_stubs.fake_evaluate)
-    monkeypatch.setattr(evaluation, "checkpoint_position", runner_stubs.fake_checkpoint_position)
+    """conftest's, but the trainer is StubGridConfig's own (its command), here and in a job."""
+    runner_stubs.install(runner, monkeypatch.setattr, train=False)
     monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
     # submitit's jobs unpickle runner_stubs.StubGridConfig: they import this folder's modules.
     monkeypatch.setenv("PYTHONPATH", TESTS + os.pathsep + os.environ.get("PYTHONPATH", ""))

@@ -13,24 +13,10 @@ import pytest
 import runner_stubs
 
 from fairseq_asam.errors import ConfigError
-from fairseq_asam.experiments import evaluation, report, runner, synthetic_data
+from fairseq_asam.experiments import report, runner, synthetic_data
 from fairseq_asam.experiments.cli import table4_main
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-
-@pytest.fixture
-def stubbed(monkeypatch):
-    original = runner.train_command
-
-    def stub_command(*args, **kwargs):
-        return [sys.executable, runner_stubs.STUB, "train"] + original(*args, **kwargs)[3:]
-
-    monkeypatch.setattr(runner, "train_command", stub_command)
-    monkeypatch.setattr(evaluation, "evaluate_checkpoint", runner_stubs.fake_evaluate)
-    monkeypatch.setattr(evaluation, "checkpoint_position", runner_stubs.fake_checkpoint_position)
-    monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
-    return runner
 
 
 def read_json(path):

@@ -21,21 +21,6 @@ from fairseq_asam.experiments import evaluation, report, runner
 from fairseq_asam.experiments.cli import report_main
 
 
-@pytest.fixture
-def stubbed(monkeypatch):
-    original = runner.train_command
-
-    def stub_command(*args, **kwargs):
-        return [sys.executable, runner_stubs.STUB, "train"] + original(*args, **kwargs)[3:]
-
-    monkeypatch.setattr(runner, "train_command", stub_command)
-    monkeypatch.setattr(runner, "SHARPNESS_PROGRAM", runner_stubs.SHARPNESS_PROGRAM, raising=False)
-    monkeypatch.setattr(evaluation, "evaluate_checkpoint", runner_stubs.fake_evaluate)
-    monkeypatch.setattr(evaluation, "checkpoint_position", runner_stubs.fake_checkpoint_position)
-    monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
-    return runner
-
-
 def grid(out, **kwargs):
     return runner_stubs.tiny_grid(runner, out, **kwargs)
 
