@@ -18,7 +18,8 @@ from typing import Optional, Tuple
 import numpy
 import torch
 
-from .optim import FairseqASAM, FairseqAsamError, FairseqSAM
+from .errors import FairseqAsamError
+from .optim import FairseqASAM, FairseqSAM
 
 # numpy 2 moved numpy.core to numpy._core; checkpoints pickled under numpy 1 name the old path.
 NUMPY1_MULTIARRAY = "numpy.core.multiarray"

@@ -18,7 +18,7 @@ from omegaconf import DictConfig
 from torch import Tensor
 
 from . import looksam
-from .errors import ConfigError, FairseqAsamError, TaskBypassError  # noqa: F401  (re-exported)
+from .errors import ConfigError, TaskBypassError
 
 
 @dataclass
@@ -198,7 +198,7 @@ class SharpnessAware:
             )
 
     def start_update(self) -> None:
-        """A new update begins (with its first micro-batch, dummy or not)."""
+        """LookSAM: a new update begins (with its first micro-batch, dummy or not): G restarts."""
         self._plain_sum = None
 
     def record_plain_gradient(self, params: List[Tensor]) -> None:

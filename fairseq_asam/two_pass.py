@@ -29,6 +29,7 @@ import math
 import torch
 from fairseq import metrics
 from fairseq.optim.amp_optimizer import AMPOptimizer
+from fairseq.optim.bmuf import FairseqBMUF
 from fairseq.tasks import FairseqTask
 
 from . import perturbation
@@ -82,39 +83,41 @@ def _metric_names(sam):
 
 
 def _loss_scale(optimizer) -> float:
-    """The current fp16 loss scale of fairseq's optimizer wrappers (1 without one)."""
-    scaler = getattr(optimizer, "scaler", None)  # FP16Optimizer, MemoryEfficientFP16Optimizer
-    if scaler is not None and getattr(scaler, "loss_scale", None):
-        return float(scaler.loss_scale)
-    grad_scaler = getattr(optimizer, "_grad_scaler", None)  # AMPOptimizer
-    if grad_scaler is not None and grad_scaler.is_enabled():
-        return float(grad_scaler.get_scale())
-    return 1.0
+    """The current loss scale of fairseq's optimizer wrappers (1 without one), as fairseq's
+    Trainer reads it: `scaler` is fairseq's DynamicLossScaler (FP16Optimizer,
+    MemoryEfficientFP16Optimizer) or torch's GradScaler (AMPOptimizer; 1.0 when disabled).
+    Under --use-bmuf, the scaler of the optimizer BMUF wraps."""
+    if isinstance(optimizer, FairseqBMUF):
+        optimizer = optimizer._optimizer
+    scaler = getattr(optimizer, "scaler", None)
+    if scaler is None:
+        return 1.0
+    return float(scaler.get_scale() if hasattr(scaler, "get_scale") else scaler.loss_scale)
 
 
-def eval_mode_sharpness(sample, model, criterion, sam, optimizer):
+def eval_mode_sharpness(sample, named, model, criterion, sam, optimizer):
     """L(w + ε) − L(w) without dropout: both losses and ε's gradient in eval mode.
 
     A measurement only: `.grad`, the weights (restored bit for bit), DDP (no_sync, nothing
     accumulated) and the random number generators (forked: LayerDrop draws in eval mode too)
     are left as they were, so the training update is the same with or without it.
-    Returns (L(w + ε) − L(w), sample_size), the losses summed like the criterion's, or None if
-    the gradient is not finite.
+    `named`: the model's trainable (name, parameter) pairs.  Returns (L(w + ε) − L(w),
+    sample_size), the losses summed like the criterion's, or None if the gradient is not finite.
     """
     cuda = torch.cuda.is_available() and torch.cuda.is_initialized()
     with torch.random.fork_rng(devices=[torch.cuda.current_device()] if cuda else []):
-        return _eval_mode_sharpness(sample, model, criterion, sam, optimizer)
+        return _eval_mode_sharpness(sample, named, model, criterion, sam, optimizer)
 
 
-def _eval_mode_sharpness(sample, model, criterion, sam, optimizer):
-    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+def _eval_mode_sharpness(sample, named, model, criterion, sam, optimizer):
     # As fairseq's train_step: AMP's autocast around the criterion (CUDA only).
     amp = isinstance(optimizer, AMPOptimizer) and torch.cuda.is_available()
     was_training = model.training
     model.eval()
     try:
-        with _no_sync(model), _no_sync(criterion), torch.autocast("cuda", enabled=amp):
-            loss, sample_size, _ = criterion(model, sample)
+        with _no_sync(model), _no_sync(criterion):
+            with torch.autocast("cuda", enabled=amp):  # the forward only, as fairseq's
+                loss, sample_size, _ = criterion(model, sample)
             # The loss scale keeps fp16 gradients from underflowing; ε does not depend on it.
             grads = torch.autograd.grad(
                 loss * _loss_scale(optimizer), [p for _, p in named], allow_unused=True
@@ -150,15 +153,16 @@ def sharpness_aware_train_step(
             task, sample, model, criterion, optimizer, update_num, ignore_grad, **kwargs
         )
     named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
-    # fairseq's zero_grad sets every .grad to None when an update begins (an update skipped for
-    # an fp16 overflow never reaches the optimizer's step, so the step cannot mark it).
-    if all(p.grad is None for _, p in named):
+    # LookSAM's G restarts with each update.  fairseq's zero_grad sets every .grad to None when
+    # an update begins (an update skipped for an fp16 overflow never reaches the optimizer's
+    # step, so the step cannot mark it).
+    if sam.looksam_alpha and all(p.grad is None for _, p in named):
         sam.start_update()
     sam.two_pass_micro_batches += 1
     sam.sharpness_aware_update = sam.perturbs_at(update_num)
     metric_names, measured = _metric_names(sam), {}
     if not ignore_grad and sam.measures_eval_sharpness_at(update_num):
-        result = eval_mode_sharpness(sample, model, criterion, sam, optimizer)
+        result = eval_mode_sharpness(sample, named, model, criterion, sam, optimizer)
         if result is not None:
             measured[EVAL_SHARPNESS_KEY] = result
     if ignore_grad or not sam.sharpness_aware_update:

@@ -206,7 +206,7 @@ def test_fully_sharded_refused_when_optimizer_is_built(data_bin):
     from fairseq import optim
     from harness import parse_cfg
 
-    from fairseq_asam.optim import ConfigError
+    from fairseq_asam.errors import ConfigError
 
     cfg = parse_cfg(data_bin, ["--optimizer", "asam", "--ddp-backend", "fully_sharded"])
     with pytest.raises(ConfigError, match="--ddp-backend fully_sharded"):
