@@ -24,6 +24,7 @@ keys that the criterion's own reduce_metrics never sees.
 
 import contextlib
 import functools
+import logging
 import math
 
 import torch
@@ -34,6 +35,8 @@ from fairseq.tasks import FairseqTask
 
 from . import perturbation
 from .optim import find_sharpness_aware
+
+logger = logging.getLogger(__name__)
 
 # The metrics, as fairseq logs them.
 SHARPNESS_KEY = "sharpness"
@@ -230,6 +233,9 @@ def without_plugin_keys(logging_outputs):
     ]
 
 
+_SHADOWED = set()  # metrics a criterion logs itself (warned once per process)
+
+
 def log_sharpness(logging_outputs) -> None:
     """Logs `sharpness` (and `sharpness_eval`) normalized like fairseq's cross-entropy `loss`
     (per sample unit, base 2), over the micro-batches that measured it; an update with none
@@ -238,13 +244,20 @@ def log_sharpness(logging_outputs) -> None:
         return
     for metric in (SHARPNESS_KEY, EVAL_SHARPNESS_KEY):
         key = LOGGING_PREFIX + metric
+        sharpness_aware = any(key + WEIGHT_SUFFIX in log for log in logging_outputs)
+        if any(metric in log for log in logging_outputs):
+            # The criterion logs a metric of that name itself: its meter is not ours to fill
+            # (one meter would average the two) or to remove.
+            if sharpness_aware and metric not in _SHADOWED:
+                _SHADOWED.add(metric)
+                logger.warning(
+                    f"the criterion logs its own '{metric}': fairseq-asam's is not logged"
+                )
+            continue
         weight = sum(float(log.get(key + WEIGHT_SUFFIX, 0)) for log in logging_outputs)
         if weight > 0:
             total = sum(float(log.get(key, 0)) for log in logging_outputs)
             metrics.log_scalar(metric, total / weight / math.log(2), weight, round=4)
-        if any(metric in log for log in logging_outputs):
-            continue  # the criterion logs a metric of that name itself: not ours to remove
-        sharpness_aware = any(key + WEIGHT_SUFFIX in log for log in logging_outputs)
         _drop_empty_meters(metric, keep_filled=sharpness_aware)
 
 

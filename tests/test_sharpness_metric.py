@@ -7,7 +7,7 @@ import pytest
 import torch
 from fairseq import metrics
 from fairseq.criterions.label_smoothed_cross_entropy import LabelSmoothedCrossEntropyCriterion
-from harness import batches, build_trainer, reference_logged_sharpness
+from harness import batches, build_trainer, reference_logged_sharpness, sharpness_aware_args
 
 SETTINGS = {"asam": (0.5, 0.01, True), "sam": (0.05, 0.0, False)}
 
@@ -21,10 +21,7 @@ def _train_and_read(trainer, samples):
 
 def _flags(optimizer, extra=()):
     rho, eta, adaptive = SETTINGS[optimizer]
-    flags = ["--optimizer", optimizer, "--rho", str(rho)] + (
-        ["--eta", str(eta)] if adaptive else []
-    )
-    return flags + list(extra)
+    return sharpness_aware_args(optimizer, rho, eta if adaptive else None) + list(extra)
 
 
 @pytest.mark.parametrize("optimizer", ["asam", "sam"])
@@ -143,3 +140,26 @@ def test_a_criterions_own_sharpness_metric_is_left_alone(data_bin):
     with metrics.aggregate(new_root=True) as agg:
         trainer.train_step(batches(trainer, 1))
     assert agg["sharpness"].avg == 0.5
+
+
+def test_a_criterions_own_sharpness_metric_is_not_mixed_with_the_plugins(
+    data_bin, caplog, monkeypatch
+):
+    from fairseq_asam import two_pass
+
+    monkeypatch.setattr(two_pass, "_SHADOWED", set())  # warned once per process: not yet here
+
+    class OwnSharpness(LogsEveryKey):
+        extra = {"sharpness": 0.5}
+
+    trainer = build_trainer(
+        data_bin,
+        _flags("asam", []),
+        make_criterion=lambda task: OwnSharpness(task, sentence_avg=False, label_smoothing=0.1),
+    )
+    with metrics.aggregate(new_root=True) as agg, caplog.at_level("WARNING"):
+        trainer.train_step(batches(trainer, 1))
+        trainer.train_step(batches(trainer, 1))
+    assert agg["sharpness"].avg == 0.5  # the criterion's alone, not averaged with ours
+    warnings = [r for r in caplog.records if "logs its own 'sharpness'" in r.getMessage()]
+    assert len(warnings) == 1  # said once
