@@ -503,7 +503,9 @@ def test_cli_end_to_end(tiny_checkpoint, data_bin, tmp_path):
         assert estimate["loss"] == pytest.approx(loss, rel=1e-6)
         assert estimate["perturbed_loss"] == pytest.approx(perturbed, rel=1e-6)
         assert estimate["sharpness"] == pytest.approx(perturbed - loss, rel=1e-3)
-        assert estimate["scaled_epsilon_norm"] == pytest.approx(rho, rel=1e-9)
+        # ‖T⁻¹ε‖ is reduced in fp32 from fp32 weights: its rounding (kernels, thread count)
+        # allows ~1e-7 relative per operation, so 1e-6, not tighter.
+        assert estimate["scaled_epsilon_norm"] == pytest.approx(rho, rel=1e-6)
         printed = next(line for line in lines if line.startswith(estimate["measure"])).split()
         assert float(printed[6]) == pytest.approx(
             perturbed - loss, rel=1e-3

@@ -769,7 +769,8 @@ def test_tiny_preset_writes_every_run_file_and_the_report(tiny_out):
         )
         assert estimate["loss"] == pytest.approx(loss, rel=1e-6)
         assert estimate["sharpness"] >= (perturbed - loss) * (1 - 1e-6) > 0
-        assert estimate["scaled_epsilon_norm"] <= 0.05 * (1 + 1e-9)
+        # an fp32 norm: ~1e-7 relative rounding per operation, so the bound allows 1e-6
+        assert estimate["scaled_epsilon_norm"] <= 0.05 * (1 + 1e-6)
     asam_log = report.parse_train_log(str(tiny_out / "runs" / "asam-seed1" / "train.log"))
     assert asam_log["valid"] and all("sharpness" in r for r in asam_log["train_inner"])
 
