@@ -16,17 +16,20 @@ rank.  Dummy batches (`ignore_grad`), and updates that `--sam-interval`/`--sam-s
 leave plain, take one plain pass, which still joins the DDP sync.  Parameters of the criterion
 get pass 2's gradient like the model's, and are not perturbed.
 
-The logged `loss` is pass 1's; `sharpness` is pass 2's loss minus pass 1's, each under its own
-dropout mask; `sharpness_eval` (--sharpness-eval-interval) is the same difference with dropout
-off, measured without touching the update.  Both travel in the logging outputs under private
-keys that the criterion's own reduce_metrics never sees.
+The logged `loss` is pass 1's; `sharpness` is pass 2's logged loss minus pass 1's, each under
+its own dropout mask; `sharpness_eval` (--sharpness-eval-interval) is the same difference with
+dropout off, measured without touching the update.  Both travel in the logging outputs under
+private keys that the criterion's own reduce_metrics never sees, and are reduced by that
+reduce_metrics, so that they come out in the units of the criterion's `loss`.
+
+Host syncs: one per perturbed micro-batch (is ‖T g‖ finite?), none on a plain one.
 """
 
 import contextlib
 import functools
 import logging
-import math
 
+import numpy
 import torch
 from fairseq import metrics
 from fairseq.optim.amp_optimizer import AMPOptimizer
@@ -47,38 +50,70 @@ EVAL_SHARPNESS_KEY = "sharpness_eval"
 # only (not over dummy batches, nor over the plain updates of --sam-interval).
 LOGGING_PREFIX = "fairseq_asam_"
 WEIGHT_SUFFIX = "_sample_size"
+# Σ sample_size of all micro-batches, measured or not (see _reduce_like_loss).
+TOTAL_WEIGHT_KEY = LOGGING_PREFIX + "sample_size"
 _INSTALLED_MARK = "_fairseq_asam_wrapped"
 
 
+@contextlib.contextmanager
 def _no_sync(module):
-    return module.no_sync() if hasattr(module, "no_sync") else contextlib.nullcontext()
+    """`module.no_sync()`, with legacy_ddp's flag restored also when the body raises: fairseq's
+    LegacyDistributedDataParallel restores it only on a clean exit, and a flag left set after a
+    recovered OOM would keep that worker out of every later all-reduce."""
+    if not hasattr(module, "no_sync"):
+        yield
+        return
+    owner = module  # the flag's owner, under fairseq's ModuleProxyWrapper
+    while owner is not None and "accumulate_grads" not in vars(owner):
+        owner = getattr(owner, "module", None)
+    accumulate_grads = None if owner is None else owner.accumulate_grads
+    try:
+        with module.no_sync():
+            yield
+    finally:
+        if owner is not None:
+            owner.accumulate_grads = accumulate_grads
 
 
-def _with_metrics(logging_output, loss, metric_names, measured):
+def _with_metrics(logging_output, sample_size, metric_names, measured):
     """`logging_output` plus, for every metric in `metric_names`, its private key and weight:
     the measured (value, sample_size) from `measured`, zeros where nothing was measured.
 
     Invariant: with a sharpness-aware optimizer, every micro-batch of every update on every
     worker — perturbed, plain (--sam-interval) or dummy — logs the same keys, as values of the
-    same kind (a 0-dim fp32 tensor on the loss's device, or a float).  fairseq all-reduces the
-    statistics as one packed buffer keyed by each worker's first logging output, so a key
-    present on one worker and missing on another would misalign the buffer (or hang it).
+    same kind.  fairseq all-reduces the statistics as one packed buffer keyed by each worker's
+    first logging output, so a key present on one worker and missing on another would misalign
+    the buffer (or hang it).  Values take the kind of the criterion's logged `loss`, weights
+    that of its sample_size: a float where the criterion logs floats (its statistics may be
+    gathered by pickling, which tensors would bloat), else a 0-dim tensor made on the device
+    without a host sync.
     """
     logging_output = dict(logging_output)
+    loss_kind = logging_output.get("loss", 0.0)
     for metric in metric_names:
         value, weight = measured.get(metric, (0.0, 0.0))
-        if torch.is_tensor(loss):
-            value, weight = (
-                x.detach().float().reshape(()).to(loss.device)
-                if torch.is_tensor(x)
-                else torch.tensor(float(x), dtype=torch.float32, device=loss.device)
-                for x in (value, weight)
-            )
-        else:
-            value, weight = float(value), float(weight)
         key = LOGGING_PREFIX + metric
-        logging_output[key], logging_output[key + WEIGHT_SUFFIX] = value, weight
+        logging_output[key] = _of_kind(value, loss_kind)
+        logging_output[key + WEIGHT_SUFFIX] = _of_kind(weight, sample_size)
+    logging_output[TOTAL_WEIGHT_KEY] = _of_kind(sample_size, sample_size)
     return logging_output
+
+
+def _of_kind(x, like):
+    """`x` as a float, or as a 0-dim fp32 tensor on `like`'s device if `like` is a tensor."""
+    if not torch.is_tensor(like):
+        return float(x)
+    if torch.is_tensor(x):
+        return x.detach().float().reshape(())
+    return like.new_full((), x, dtype=torch.float32)
+
+
+def _logged_loss_rise(perturbed_log, log):
+    """L(w + ε) − L(w) as the criterion logs its `loss` (in its units, on its device)."""
+    perturbed, plain = perturbed_log["loss"], log["loss"]
+    if torch.is_tensor(plain):
+        return perturbed.detach().float() - plain.detach().float()
+    return float(perturbed) - float(plain)
 
 
 def _metric_names(sam):
@@ -102,14 +137,19 @@ def eval_mode_sharpness(sample, named, model, criterion, sam, optimizer):
     """L(w + ε) − L(w) without dropout: both losses and ε's gradient in eval mode.
 
     A measurement only: `.grad`, the weights (restored bit for bit), DDP (no_sync, nothing
-    accumulated) and the random number generators (forked: LayerDrop draws in eval mode too)
-    are left as they were, so the training update is the same with or without it.
-    `named`: the model's trainable (name, parameter) pairs.  Returns (L(w + ε) − L(w),
-    sample_size), the losses summed like the criterion's, or None if the gradient is not finite.
+    accumulated) and the random number generators (torch's forked, numpy's global state put
+    back: LayerDrop draws from either, in eval mode too) are left as they were, so the training
+    update is the same with or without it.  `named`: the model's trainable (name, parameter)
+    pairs.  Returns (the rise of the logged loss, sample_size), or None if the gradient is not
+    finite.
     """
     cuda = torch.cuda.is_available() and torch.cuda.is_initialized()
-    with torch.random.fork_rng(devices=[torch.cuda.current_device()] if cuda else []):
-        return _eval_mode_sharpness(sample, named, model, criterion, sam, optimizer)
+    numpy_state = numpy.random.get_state()
+    try:
+        with torch.random.fork_rng(devices=[torch.cuda.current_device()] if cuda else []):
+            return _eval_mode_sharpness(sample, named, model, criterion, sam, optimizer)
+    finally:
+        numpy.random.set_state(numpy_state)
 
 
 def _eval_mode_sharpness(sample, named, model, criterion, sam, optimizer):
@@ -120,7 +160,7 @@ def _eval_mode_sharpness(sample, named, model, criterion, sam, optimizer):
     try:
         with _no_sync(model), _no_sync(criterion):
             with torch.autocast("cuda", enabled=amp):  # the forward only, as fairseq's
-                loss, sample_size, _ = criterion(model, sample)
+                loss, sample_size, log = criterion(model, sample)
             # The loss scale keeps fp16 gradients from underflowing; ε does not depend on it.
             grads = torch.autograd.grad(
                 loss * _loss_scale(optimizer), [p for _, p in named], allow_unused=True
@@ -138,12 +178,12 @@ def _eval_mode_sharpness(sample, named, model, criterion, sam, optimizer):
             return None
         try:
             with torch.no_grad(), torch.autocast("cuda", enabled=amp):
-                perturbed_loss, _, _ = criterion(model, sample)
+                _, _, perturbed_log = criterion(model, sample)
         finally:
             perturbation.restore(params, saved)
     finally:
         model.train(was_training)
-    return perturbed_loss.detach() - loss.detach(), sample_size
+    return _logged_loss_rise(perturbed_log, log), sample_size
 
 
 def sharpness_aware_train_step(
@@ -168,12 +208,23 @@ def sharpness_aware_train_step(
         result = eval_mode_sharpness(sample, named, model, criterion, sam, optimizer)
         if result is not None:
             measured[EVAL_SHARPNESS_KEY] = result
-    if ignore_grad or not sam.sharpness_aware_update:
-        loss, sample_size, logging_output = train_step(
-            task, sample, model, criterion, optimizer, update_num, ignore_grad, **kwargs
-        )
-        return loss, sample_size, _with_metrics(logging_output, loss, metric_names, measured)
 
+    def run(ignore):
+        return train_step(task, sample, model, criterion, optimizer, update_num, ignore, **kwargs)
+
+    if ignore_grad or not sam.sharpness_aware_update:
+        loss, sample_size, logging_output = run(ignore_grad)
+    else:
+        loss, sample_size, logging_output, rise = _two_passes(run, named, criterion, model, sam)
+        if rise is not None:
+            measured[SHARPNESS_KEY] = (rise, sample_size)
+    return loss, sample_size, _with_metrics(logging_output, sample_size, metric_names, measured)
+
+
+def _two_passes(run, named, criterion, model, sam):
+    """Pass 1 at w (its gradient kept out of .grad and DDP), w ← w + ε, pass 2 at w + ε into
+    .grad, w restored.  Returns pass 1's (loss, sample_size, logging output) and the rise of
+    the logged loss, None if ‖T g‖ was not finite (then nothing was perturbed)."""
     # The criterion's own parameters (e.g. a learnable temperature) take pass 2's gradient like
     # the model's, but are not perturbed: ε is defined on the model's weights.
     in_model = {id(p) for _, p in named}
@@ -186,9 +237,7 @@ def sharpness_aware_train_step(
         p.grad = None
     # fairseq wraps a criterion with parameters in DDP too: pass 1 must not sync either.
     with _no_sync(model), _no_sync(criterion):
-        loss, sample_size, logging_output = train_step(
-            task, sample, model, criterion, optimizer, update_num, False, **kwargs
-        )
+        loss, sample_size, logging_output = run(False)
 
     sam.record_plain_gradient([p for _, p in named])
     # Parameters that pass 1 did not reach have a zero gradient: they are not perturbed.
@@ -201,27 +250,25 @@ def sharpness_aware_train_step(
         sam.rho,
         sam.eta,
     )
-    if saved is None:  # non-finite: keep g in .grad so the overflow is reduced and detected
+    if saved is None:
+        # Non-finite: pass 1's gradient joins the rest, so fairseq's overflow check fires on
+        # every rank (an fp32 .grad may hold T·g by now: perturb scales it in place, and a
+        # norm that overflows from finite entries overflows fairseq's own norm too).
         for p, acc in zip(every, accumulated):
             if acc is not None:
                 p.grad = acc if p.grad is None else p.grad.add_(acc)
-    else:  # pass 1's gradient is dropped, for the model's and the criterion's parameters
+    else:  # pass 1's gradient is dropped
         for p, acc in zip(every, accumulated):
             p.grad = acc
-    try:
-        perturbed_loss, _, _ = train_step(
-            task, sample, model, criterion, optimizer, update_num, False, **kwargs
-        )
+    try:  # at w + ε; at w after an overflow, still joining the workers' all-reduce
+        _, _, perturbed_log = run(False)
     finally:
         if saved is not None:
             perturbation.restore(params, saved)
-
+    if saved is None:
+        return loss, sample_size, logging_output, None
     # Pass 2's loss minus pass 1's, each under its own dropout mask (as the authors' code).
-    sharpness = (
-        perturbed_loss.detach() - loss.detach() if torch.is_tensor(loss) else perturbed_loss - loss
-    )
-    measured[SHARPNESS_KEY] = (sharpness, sample_size)
-    return loss, sample_size, _with_metrics(logging_output, loss, metric_names, measured)
+    return loss, sample_size, logging_output, _logged_loss_rise(perturbed_log, logging_output)
 
 
 def without_plugin_keys(logging_outputs):
@@ -236,29 +283,49 @@ def without_plugin_keys(logging_outputs):
 _SHADOWED = set()  # metrics a criterion logs itself (warned once per process)
 
 
-def log_sharpness(logging_outputs) -> None:
-    """Logs `sharpness` (and `sharpness_eval`) normalized like fairseq's cross-entropy `loss`
-    (per sample unit, base 2), over the micro-batches that measured it; an update with none
-    logs nothing."""
+def log_sharpness(logging_outputs, criterion, logged_by_criterion) -> None:
+    """Logs `sharpness` (and `sharpness_eval`) over the micro-batches that measured it, in the
+    units of the criterion's `loss`; an update with none logs nothing.  `logged_by_criterion`:
+    the metrics the criterion logged itself this update, never ours to fill or to remove."""
     if not logging_outputs:
         return
     for metric in (SHARPNESS_KEY, EVAL_SHARPNESS_KEY):
         key = LOGGING_PREFIX + metric
         sharpness_aware = any(key + WEIGHT_SUFFIX in log for log in logging_outputs)
-        if any(metric in log for log in logging_outputs):
-            # The criterion logs a metric of that name itself: its meter is not ours to fill
-            # (one meter would average the two) or to remove.
+        if metric in logged_by_criterion:
             if sharpness_aware and metric not in _SHADOWED:
                 _SHADOWED.add(metric)
                 logger.warning(
                     f"the criterion logs its own '{metric}': fairseq-asam's is not logged"
                 )
             continue
-        weight = sum(float(log.get(key + WEIGHT_SUFFIX, 0)) for log in logging_outputs)
-        if weight > 0:
-            total = sum(float(log.get(key, 0)) for log in logging_outputs)
-            metrics.log_scalar(metric, total / weight / math.log(2), weight, round=4)
+        if sharpness_aware:
+            # A float, except after a DDP all-reduce (a tensor: one host sync per update, as
+            # the criterion's own reduce_metrics makes).
+            weight = float(sum(log[key + WEIGHT_SUFFIX] for log in logging_outputs))
+            value = _reduce_like_loss(logging_outputs, key, weight, criterion) if weight else None
+            if value is not None:
+                metrics.log_scalar(metric, value, weight, round=4)
         _drop_empty_meters(metric, keep_filled=sharpness_aware)
+
+
+def _reduce_like_loss(logging_outputs, key, weight, criterion):
+    """The rises under `key`, normalized as the criterion normalizes its `loss` (per token in
+    base 2 for fairseq's cross-entropies, in nats or as averages for others): its
+    reduce_metrics runs, in an aggregator of its own, on the logging outputs with `loss`
+    replaced by the rise.  It normalizes over every micro-batch; the factor Σ sample_size /
+    Σ measured sample_size makes that the mean over the measured ones (exact where the
+    criterion divides its loss by sample_size, as fairseq's do, or all were measured)."""
+    replay = [
+        {**plain, "loss": log[key]}
+        for plain, log in zip(without_plugin_keys(logging_outputs), logging_outputs)
+    ]
+    with metrics.aggregate(new_root=True) as replayed:
+        criterion.__class__.reduce_metrics(replay)
+    if "loss" not in replayed:  # a criterion without a `loss`: no unit to follow
+        return None
+    total = sum(log[TOTAL_WEIGHT_KEY] for log in logging_outputs)
+    return replayed["loss"].avg * (total / weight)
 
 
 def _drop_empty_meters(key: str, keep_filled: bool) -> None:
@@ -311,8 +378,9 @@ def install() -> None:
 
     @functools.wraps(plain_reduce_metrics)
     def reduce_metrics(self, logging_outputs, criterion):
-        plain_reduce_metrics(self, without_plugin_keys(logging_outputs), criterion)
-        log_sharpness(logging_outputs)
+        with metrics.aggregate() as logged:  # sees what the task and criterion log
+            plain_reduce_metrics(self, without_plugin_keys(logging_outputs), criterion)
+        log_sharpness(logging_outputs, criterion, set(logged))
 
     @functools.wraps(plain_optimizer_step)
     def optimizer_step(self, optimizer, model, update_num):

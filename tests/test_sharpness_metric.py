@@ -16,7 +16,7 @@ def _train_and_read(trainer, samples):
     """One update; the raw (unrounded) averages of the sharpness meters."""
     with metrics.aggregate(new_root=True) as agg:
         trainer.train_step(samples)
-    return {k: agg[k].avg for k in ("sharpness", "sharpness_eval") if k in agg}
+    return {k: float(agg[k].avg) for k in ("sharpness", "sharpness_eval") if k in agg}
 
 
 def _flags(optimizer, extra=()):
@@ -121,7 +121,7 @@ def test_criterion_that_logs_every_key_sees_none_of_the_plugins(data_bin):
     expected = reference_logged_sharpness(
         model0, trainer.criterion, samples[:1], rho, eta, adaptive
     )
-    assert agg["sharpness"].avg == pytest.approx(expected, rel=1e-4)
+    assert float(agg["sharpness"].avg) == pytest.approx(expected, rel=1e-4)
     assert [k for k in agg if "sharpness" in k or k.startswith("fairseq_asam")] == ["sharpness"]
     with metrics.aggregate(new_root=True) as agg:
         trainer.train_step(samples[1:])  # a plain update of --sam-interval 2
@@ -139,7 +139,7 @@ def test_a_criterions_own_sharpness_metric_is_left_alone(data_bin):
     )
     with metrics.aggregate(new_root=True) as agg:
         trainer.train_step(batches(trainer, 1))
-    assert agg["sharpness"].avg == 0.5
+    assert float(agg["sharpness"].avg) == 0.5
 
 
 def test_a_criterions_own_sharpness_metric_is_not_mixed_with_the_plugins(
@@ -160,6 +160,6 @@ def test_a_criterions_own_sharpness_metric_is_not_mixed_with_the_plugins(
     with metrics.aggregate(new_root=True) as agg, caplog.at_level("WARNING"):
         trainer.train_step(batches(trainer, 1))
         trainer.train_step(batches(trainer, 1))
-    assert agg["sharpness"].avg == 0.5  # the criterion's alone, not averaged with ours
+    assert float(agg["sharpness"].avg) == 0.5  # the criterion's alone, not averaged with ours
     warnings = [r for r in caplog.records if "logs its own 'sharpness'" in r.getMessage()]
     assert len(warnings) == 1  # said once
