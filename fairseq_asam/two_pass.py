@@ -10,6 +10,10 @@ all but the last micro-batch of an update.  With `--optimizer sam/asam` the wrap
    gradient, so DDP all-reduces the whole update's sum once, on the last micro-batch;
 5. restore w from the saved copy, also when pass 2 raises.
 
+Pass 1 goes through the task's own step, not torch.autograd.grad on the criterion's loss: what
+fairseq does around the criterion (set_num_updates, autocast, the loss scaling of its fp16 and
+AMP wrappers, free of host syncs there) stays fairseq's, for every task and wrapper.
+
 A non-finite ‖T g‖ (fp16 overflow) perturbs nothing; pass 2 then runs at w on top of the
 non-finite g, so the overflow reaches fairseq's loss scaler through the all-reduce on every
 rank.  Dummy batches (`ignore_grad`), and updates that `--sam-interval`/`--sam-start-update`

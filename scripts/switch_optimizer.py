@@ -12,7 +12,7 @@ without one the checkpoint's own precision is kept.
 import argparse
 import sys
 
-from fairseq_asam.checkpoint import OPTIMIZER_CLASS_NAMES, CheckpointError, switch_optimizer
+from fairseq_asam.optimizer_switch import OPTIMIZER_CLASS_NAMES, CheckpointError, switch_optimizer
 
 PRECISION_FLAGS = ("fp32", "fp16", "bf16", "memory-efficient-fp16", "amp")
 

@@ -12,7 +12,7 @@ import torch
 from harness import batches, build_trainer, emulate_flat_fp16_on_cpu
 
 import fairseq_asam  # noqa: F401  (safe globals for fairseq checkpoints)
-from fairseq_asam.checkpoint import CheckpointError, switch_optimizer
+from fairseq_asam.optimizer_switch import CheckpointError, switch_optimizer
 
 SWITCH_SCRIPT = os.path.join(os.path.dirname(__file__), "..", "scripts", "switch_optimizer.py")
 NUMPY2_MULTIARRAY = b"numpy._core.multiarray"

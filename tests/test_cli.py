@@ -11,7 +11,7 @@ import torch
 from harness import TINY_TRANSFORMER
 
 import fairseq_asam
-from fairseq_asam.checkpoint import switch_optimizer
+from fairseq_asam.optimizer_switch import switch_optimizer
 
 TRAIN_ARGS = TINY_TRANSFORMER + [
     "--user-dir",

@@ -108,6 +108,27 @@ def test_plugin_source_imports_nothing_of_the_kit():
         ], path
 
 
+PLUGIN_MAX_LINES, MAX_FUNCTION_LINES = 1000, 80
+
+
+def test_plugin_stays_small():
+    """What `import fairseq_asam` loads (issue 18's measure): at most 1,000 lines, and no
+    function over 80 lines in it."""
+    import ast
+
+    total = 0
+    for module in PLUGIN_MODULES:
+        name = "__init__" if module == "fairseq_asam" else module.split(".")[-1]
+        with open(os.path.join(REPO, "fairseq_asam", name + ".py"), encoding="utf-8") as f:
+            source = f.read()
+        total += len(source.splitlines())
+        for node in ast.walk(ast.parse(source)):
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                length = node.end_lineno - node.lineno + 1
+                assert length <= MAX_FUNCTION_LINES, f"{module}.{node.name}: {length} lines"
+    assert total <= PLUGIN_MAX_LINES, total
+
+
 def test_configs_ship_as_package_data():
     from fairseq_asam.experiments import recipe
 
