@@ -31,15 +31,13 @@ setup(
     # The checkout's top-level configs/ ships inside the package, found with importlib.resources.
     package_dir={CONFIGS_PACKAGE: "configs"},
     package_data={CONFIGS_PACKAGE: ["*.md", "*/*.args", "hydra/*/*.yaml", "hydra/*/*/*.yaml"]},
-    python_requires=">=3.8",
+    # 3.10 reached its end of life in October 2026, and its fairseq (official 0.12.2) needs an
+    # omegaconf whose metadata pip >= 24.1 rejects; fairseq-fixed imports on 3.11 and later.
+    python_requires=">=3.11",
     install_requires=["torch>=2.1", "numpy"],
     extras_require={
-        # Left out of install_requires so that an existing fairseq is never replaced:
-        # official 0.12.2 does not import on Python >= 3.11, where the fairseq-fixed fork does.
-        "fairseq": [
-            "fairseq==0.12.2; python_version < '3.11'",
-            "fairseq-fixed==0.12.3.1; python_version >= '3.11'",
-        ],
+        # Left out of install_requires so that an existing fairseq is never replaced.
+        "fairseq": ["fairseq-fixed==0.12.3.1"],
         "experiments": [
             "sacrebleu>=2.0",
             "sentencepiece",
@@ -48,12 +46,10 @@ setup(
             "matplotlib",
             "regex",
             # --launcher slurm / submitit-local (experiments.cluster), and the hydra route
-            # (fairseq-hydra-train --multirun hydra/launcher=submitit_slurm).  The launcher's
-            # 1.2 line needs hydra-core >= 1.1 (fairseq-fixed pins 1.3.2); the official
-            # fairseq 0.12.2 (Python < 3.11) pins hydra-core < 1.1, whose launcher is 1.0.x.
+            # (fairseq-hydra-train --multirun hydra/launcher=submitit_slurm); the launcher's
+            # 1.2 line needs hydra-core >= 1.1 (fairseq-fixed pins 1.3.2).
             "submitit>=1.5,<2",
-            "hydra-submitit-launcher>=1.2,<1.3; python_version >= '3.11'",
-            "hydra-submitit-launcher>=1.0.1,<1.1; python_version < '3.11'",
+            "hydra-submitit-launcher>=1.2,<1.3",
         ],
         "dev": ["pytest", "tensorboardX", "ruff==0.17.5"],
     },
