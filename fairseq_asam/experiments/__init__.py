@@ -13,5 +13,6 @@ extra: sacrebleu, sentencepiece, subword-nmt, sacremoses, matplotlib, regex).
     sharpness        sharpness and adaptive sharpness of a checkpoint (fairseq-asam-sharpness)
     trajectories     SGD/SAM/ASAM on a 2-parameter scale-symmetric loss (fairseq-asam-trajectories)
     benchmark        the cost of an update, Adam vs SAM vs ASAM (fairseq-asam-benchmark)
+    loading          a checkpoint, its task on a data folder, model, criterion and batches
     cli              the console commands above; files: the one atomic-write helper
 """

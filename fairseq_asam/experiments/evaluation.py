@@ -46,6 +46,7 @@ from typing import Callable, Dict, List, Optional, Sequence, Tuple
 import torch
 
 from ..errors import ConfigError, FairseqAsamError
+from . import loading
 from .files import atomic_output, read_json_object, write_json
 from .prepare import SOURCE_LANG, TARGET_LANG
 
@@ -116,20 +117,9 @@ def parse_checkpoint_choice(text: str) -> CheckpointChoice:
     raise ConfigError(f"--checkpoint must be {CHECKPOINT_CHOICES} with N >= 1, got {text!r}")
 
 
-def _checkpoint_state(path: str) -> dict:
-    """A fairseq checkpoint, memory-mapped (its tensors are not read)."""
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=False, mmap=True)
-    except Exception as error:  # a truncated or foreign file
-        raise FairseqAsamError(f"{path}: not a readable fairseq checkpoint ({error})") from error
-    if not isinstance(state, dict):
-        raise FairseqAsamError(f"{path}: not a fairseq checkpoint")
-    return state
-
-
 def checkpoint_position(path: str) -> Dict[str, Optional[int]]:
     """{"epoch", "num_updates"} a fairseq checkpoint was saved at (None where not recorded)."""
-    state = _checkpoint_state(path)
+    state = loading.read_checkpoint(path)
     history = state.get("optimizer_history") or [{}]
     iterator = (state.get("extra_state") or {}).get("train_iterator") or {}
     updates, epoch = history[-1].get("num_updates"), iterator.get("epoch")
@@ -142,21 +132,11 @@ def checkpoint_position(path: str) -> Dict[str, Optional[int]]:
 def checkpoint_selection_metric(path: str) -> Tuple[str, bool]:
     """(--best-checkpoint-metric, --maximize-best-checkpoint-metric) a fairseq checkpoint was
     saved under, read from its own config."""
-    state = _checkpoint_state(path)
-    cfg = state.get("cfg")
-    checkpoint_cfg = cfg.get("checkpoint") if isinstance(cfg, dict) else None
-    if checkpoint_cfg is not None:
-        return (
-            str(checkpoint_cfg.get("best_checkpoint_metric", "loss")),
-            bool(checkpoint_cfg.get("maximize_best_checkpoint_metric", False)),
-        )
-    args = state.get("args")  # fairseq < 0.10
-    if args is not None:
-        return (
-            str(getattr(args, "best_checkpoint_metric", "loss")),
-            bool(getattr(args, "maximize_best_checkpoint_metric", False)),
-        )
-    raise FairseqAsamError(f"{path}: no fairseq config in the checkpoint")
+    settings = loading.saved_settings(loading.read_checkpoint(path), "checkpoint")
+    return (
+        str(settings.get("best_checkpoint_metric", "loss")),
+        bool(settings.get("maximize_best_checkpoint_metric", False)),
+    )
 
 
 def check_selection(path: str, choice: CheckpointChoice) -> Optional[str]:
@@ -204,7 +184,7 @@ def average_checkpoints(paths: Sequence[str]) -> dict:
     keys = None
     first_state = None
     for path in paths:
-        state = torch.load(path, map_location="cpu", weights_only=False)
+        state = loading.read_checkpoint(path)
         if first_state is None:
             first_state = state
         params = state["model"]
@@ -624,13 +604,9 @@ def missing_data_files(data_bin: str, splits: Sequence[str] = EVALUATED_SPLITS) 
     """What `data_bin` lacks of fairseq-preprocess output for `splits`: dictionaries, indexes."""
     if not os.path.isdir(data_bin):
         return [data_bin]
-    names = set(os.listdir(data_bin))
-    missing = [
-        f"dict.{lang}.txt" for lang in (SOURCE_LANG, TARGET_LANG) if f"dict.{lang}.txt" not in names
-    ]
-    return missing + [
-        s for s in splits if not any(n.startswith(f"{s}.") and n.endswith(".idx") for n in names)
-    ]
+    present = set(os.listdir(data_bin)) | set(loading.binarized_splits(data_bin))
+    wanted = [f"dict.{lang}.txt" for lang in (SOURCE_LANG, TARGET_LANG)] + list(splits)
+    return [name for name in wanted if name not in present]
 
 
 def check_data_bin(data_bin: str, splits: Sequence[str] = EVALUATED_SPLITS) -> None:
