@@ -70,18 +70,14 @@ def read_checkpoint(path: str) -> dict:
             raise FairseqAsamError(f"{path} is not a fairseq checkpoint: {error}") from None
     if not isinstance(state, dict) or "model" not in state:
         raise FairseqAsamError(f"{path} is not a fairseq checkpoint (no model weights)")
-    if state.get("cfg") is None and state.get("args") is None:
+    if state.get("cfg") is None:  # fairseq < 0.10 saved `args` instead
         raise FairseqAsamError(f"{path}: no fairseq config in the checkpoint")
     return state
 
 
 def saved_settings(state: dict, group: str) -> dict:
     """One group of the settings a checkpoint was trained with: cfg.task, cfg.checkpoint, ..."""
-    cfg = state.get("cfg")
-    if cfg is not None and cfg.get(group) is not None:
-        return dict(cfg[group])
-    args = state.get("args")  # fairseq < 0.10: one flat namespace
-    return {**vars(args), "_name": getattr(args, group, None)} if args is not None else {}
+    return dict(state["cfg"].get(group) or {})
 
 
 def check_fits(checkpoint: str, data_bin: str, split: str) -> None:
