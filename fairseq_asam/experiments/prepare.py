@@ -49,6 +49,7 @@ import logging
 import multiprocessing
 import os
 import re
+import shutil
 import subprocess
 import tarfile
 import time
@@ -121,9 +122,6 @@ SUBWORD_CHUNK_LINES = 5000
 
 PREP_NAME = "iwslt14.tokenized.de-en"
 STATE_FOLDER = ".prepare-iwslt14"
-# A download in progress: a fixed name (not files.atomic_output's random one), so that a re-run
-# resumes it with an HTTP Range request.
-DOWNLOAD_SUFFIX = ".download"
 
 
 # --------------------------------------------------------------------------------------------
@@ -410,12 +408,11 @@ def download_archive(
     allow_md5_mismatch: bool = False,
     attempts: int = DOWNLOAD_ATTEMPTS,
 ) -> str:
-    """Downloads `url` to `destination` through `destination.download`, resuming an interrupted
-    download with an HTTP Range request, retrying failures, and checking the size the server
-    announced and the MD5 (`md5`; None: no check).  The file appears under its name only when
-    whole and verified.  An archive already at `destination` is verified too.  A wrong MD5 is
-    an error (the downloaded file is removed, so that the next attempt starts afresh; one
-    already present is left alone) unless `allow_md5_mismatch`."""
+    """Downloads `url` to `destination`, each failed attempt starting again from the first
+    byte, and checks the size the server announced and the MD5 (`md5`; None: no check).  The
+    file appears under its name only when whole and verified.  An archive already at
+    `destination` (a local file put there) is verified and used.  A wrong MD5 is an error
+    unless `allow_md5_mismatch`."""
     md5 = check_md5_option(md5)
     if os.path.exists(destination):
         try:
@@ -426,85 +423,37 @@ def download_archive(
             ) from None
         logger.info("using %s (already downloaded, MD5 checked)", destination)
         return destination
-    os.makedirs(os.path.dirname(os.path.abspath(destination)), exist_ok=True)
-    partial = destination + DOWNLOAD_SUFFIX
-    failure: Optional[Exception] = None
     for attempt in range(1, attempts + 1):
         try:
-            _download_resuming(url, partial)
+            with atomic_output(destination) as temporary:
+                _download(url, temporary)
+                digest = verify_md5(temporary, md5, allow_md5_mismatch, f"downloaded from {url}:")
             break
+        except FairseqAsamError as error:  # the MD5: the file is removed
+            raise FairseqAsamError(
+                f"{error} (removed; pass --allow-md5-mismatch to use such a file, or "
+                "--download-md5 for another mirror's)"
+            ) from None
         except (urllib.error.URLError, http.client.HTTPException, OSError, ValueError) as exc:
-            failure = exc
             logger.warning(
                 "download of %s failed (attempt %d of %d): %s", url, attempt, attempts, exc
             )
-            if attempt < attempts:
-                time.sleep(DOWNLOAD_RETRY_SECONDS * attempt)
-    else:
-        raise FairseqAsamError(
-            f"{url}: download failed {attempts} times ({failure}); pass a local --archive"
-        )
-    try:
-        digest = verify_md5(partial, md5, allow_md5_mismatch, f"downloaded from {url}:")
-    except FairseqAsamError as error:
-        os.unlink(partial)
-        raise FairseqAsamError(
-            f"{error} (removed; pass --allow-md5-mismatch to use such a file, or --download-md5 "
-            "for another mirror's)"
-        ) from None
-    os.replace(partial, destination)
-    logger.info(
-        "downloaded %s to %s (%d bytes, MD5 %s)",
-        url,
-        destination,
-        os.path.getsize(destination),
-        digest,
-    )
+            if attempt == attempts:
+                raise FairseqAsamError(
+                    f"{url}: download failed {attempts} times ({exc}); pass a local --archive"
+                ) from None
+            time.sleep(DOWNLOAD_RETRY_SECONDS * attempt)
+    size = os.path.getsize(destination)
+    logger.info("downloaded %s to %s (%d bytes, MD5 %s)", url, destination, size, digest)
     return destination
 
 
-def _total_from_content_range(value: Optional[str]) -> Optional[int]:
-    """The complete size in `bytes a-b/TOTAL` or `bytes */TOTAL` (None if unknown)."""
-    if not value or "/" not in value:
-        return None
-    total = value.rsplit("/", 1)[1].strip()
-    return int(total) if total.isdigit() else None
-
-
-def _download_resuming(url: str, partial: str) -> None:
-    have = os.path.getsize(partial) if os.path.exists(partial) else 0
-    request = urllib.request.Request(url, headers={"Range": f"bytes={have}-"} if have else {})
-    try:
-        response = urllib.request.urlopen(request, timeout=DOWNLOAD_TIMEOUT_SECONDS)
-    except urllib.error.HTTPError as exc:
-        if exc.code == 416 and have:
-            # Nothing left to fetch, if the part file is as long as the file: the size the
-            # server announces must match (the MD5 check follows); otherwise start again.
-            total = _total_from_content_range(exc.headers.get("Content-Range"))
-            if total == have:
-                return
-            logger.warning(
-                "%s: the server has %s bytes, %s holds %d: downloading it again",
-                url,
-                "an unknown number of" if total is None else total,
-                partial,
-                have,
-            )
-            os.unlink(partial)
-            return _download_resuming(url, partial)
-        raise
-    with response:
-        if response.status == 206:
-            total = _total_from_content_range(response.headers.get("Content-Range"))
-            total = -1 if total is None else total
-            mode = "ab"
-        else:  # the server sent the whole file
-            total = int(response.headers.get("Content-Length", -1))
-            have, mode = 0, "wb"
-        with open(partial, mode) as out:
-            for block in iter(lambda: response.read(READ_BLOCK_BYTES), b""):
-                out.write(block)
-                have += len(block)
+def _download(url: str, path: str) -> None:
+    with urllib.request.urlopen(url, timeout=DOWNLOAD_TIMEOUT_SECONDS) as response:
+        total = int(response.headers.get("Content-Length", -1))
+        with open(path, "wb") as out:
+            shutil.copyfileobj(response, out, READ_BLOCK_BYTES)
+            have = out.tell()
     if total >= 0 and have != total:
         raise ValueError(f"got {have} of {total} bytes")
 
