@@ -42,7 +42,6 @@ setup(
         ],
         "experiments": [
             "sacrebleu>=2.0",
-            "sentencepiece",
             "subword-nmt",
             "sacremoses",
             "matplotlib",

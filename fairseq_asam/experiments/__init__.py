@@ -2,7 +2,7 @@
 
 It depends on the plugin (`fairseq_asam`), never the other way round: `--user-dir
 fairseq_asam` loads none of these modules and none of their dependencies (the `experiments`
-extra: sacrebleu, sentencepiece, subword-nmt, sacremoses, matplotlib, regex).
+extra: sacrebleu, subword-nmt, sacremoses, matplotlib, regex).
 
     prepare          IWSLT'14 de-en as fairseq's prepare-iwslt14.sh (fairseq-asam-prepare)
     synthetic_data   the generated corpora: the toy corpus and the IWSLT-layout sample archive

@@ -25,7 +25,7 @@ the metric recorded in the checkpoint's own config is checked: a checkpoint_best
 loss is never reported as `best-bleu`, nor the other way round.
 
 Every evaluation records its settings (`results.json` -> `evaluation`: protocol, beam, batch
-size, subword units, references, data, and the size and modification time of the checkpoint
+size, references, data, and the size and modification time of the checkpoint
 files it read) and their fingerprint; `write_results` replaces an evaluation made with other
 settings as a whole and merges the splits of one made with the same settings, so a
 results.json never mixes splits scored on different checkpoints.
@@ -57,8 +57,6 @@ DEFAULT_BEAM = 5
 DEFAULT_BATCH_SIZE = 128  # fairseq's IWSLT'14 example
 # The protocol of Table 4 as we read the paper (configs/README.md gives the evidence).
 DEFAULT_CHECKPOINT = "best-bleu"
-# fairseq-generate flags that remove each kind of subword unit (the preparation's `subword`).
-REMOVE_SUBWORD_FLAGS = {"bpe": ["--remove-bpe"], "sentencepiece": ["--remove-bpe", "sentencepiece"]}
 BEST_CHECKPOINT, LAST_CHECKPOINT = "checkpoint_best.pt", "checkpoint_last.pt"
 # --checkpoint value -> the file it evaluates
 NAMED_CHECKPOINTS = {
@@ -397,14 +395,9 @@ def generate_command(
     checkpoint: str,
     split: str,
     user_dir: str,
-    subword: str = "bpe",
     beam: int = DEFAULT_BEAM,
     batch_size: int = DEFAULT_BATCH_SIZE,
 ) -> List[str]:
-    if subword not in REMOVE_SUBWORD_FLAGS:
-        raise ConfigError(
-            f"--subword must be one of {sorted(REMOVE_SUBWORD_FLAGS)}, got {subword!r}"
-        )
     return [
         sys.executable,
         "-m",
@@ -424,7 +417,7 @@ def generate_command(
         # multiple of --required-batch-size-multiple (default 8): with 1 every sentence is scored.
         "--required-batch-size-multiple",
         "1",
-        *REMOVE_SUBWORD_FLAGS[subword],
+        "--remove-bpe",
     ]
 
 
@@ -484,9 +477,7 @@ def read_references(path: str, ids: Sequence[int]) -> List[str]:
     return [lines[i] for i in ids]
 
 
-def score_split(
-    output: GenerateOutput, subword: str, references_path: Optional[str] = None
-) -> Dict:
+def score_split(output: GenerateOutput, references_path: Optional[str] = None) -> Dict:
     """Both BLEU scores of one parsed fairseq-generate output."""
     bleu, bleu_details = tokenized_bleu(output.hypotheses, output.references)
     if output.printed_bleu is not None and abs(output.printed_bleu - bleu) > PRINTED_BLEU_TOLERANCE:
@@ -494,13 +485,11 @@ def score_split(
             f"recomputed BLEU {bleu:.4f} differs from fairseq-generate's "
             f"{output.printed_score_line!r}"
         )
-    # BPE output is Moses-tokenized text; SentencePiece output is already untokenized.
-    detokenize = moses_detokenize if subword == "bpe" else list
-    hypotheses = detokenize(output.hypotheses)
+    hypotheses = moses_detokenize(output.hypotheses)  # BPE removed: Moses-tokenized text
     if references_path is not None:
         references = read_references(references_path, output.ids)
     else:
-        references = detokenize(output.references)
+        references = moses_detokenize(output.references)
     sacre, signature = detokenized_sacrebleu(hypotheses, references)
     return {
         "bleu": round(bleu, 4),
@@ -523,7 +512,6 @@ def evaluation_settings(
     data_bin: str,
     save_dir: str,
     choice: CheckpointChoice,
-    subword: str = "bpe",
     beam: int = DEFAULT_BEAM,
     batch_size: int = DEFAULT_BATCH_SIZE,
     references: Optional[Dict[str, str]] = None,
@@ -534,7 +522,6 @@ def evaluation_settings(
         "protocol": str(choice),
         "beam": beam,
         "batch_size": batch_size,
-        "subword": subword,
         "references": references_identity(references),
         "data_bin": os.path.abspath(data_bin),
         "data_content": data_identity(data_bin),
@@ -549,7 +536,6 @@ def evaluate_checkpoint(
     user_dir: str,
     choice: CheckpointChoice = CheckpointChoice(DEFAULT_CHECKPOINT),
     splits: Sequence[str] = EVALUATED_SPLITS,
-    subword: str = "bpe",
     beam: int = DEFAULT_BEAM,
     batch_size: int = DEFAULT_BATCH_SIZE,
     references: Optional[Dict[str, str]] = None,
@@ -567,9 +553,7 @@ def evaluate_checkpoint(
     for split, path in (references or {}).items():
         if not os.path.isfile(path):
             raise FairseqAsamError(f"references file for {split} not found: {path}")
-    settings = evaluation_settings(
-        data_bin, save_dir, choice, subword, beam, batch_size, references
-    )
+    settings = evaluation_settings(data_bin, save_dir, choice, beam, batch_size, references)
     checkpoint, sources = resolve_checkpoint(save_dir, choice)
     output_dir = output_dir or os.path.dirname(os.path.abspath(save_dir))
     results = {
@@ -584,14 +568,13 @@ def evaluate_checkpoint(
             **checkpoint_position(sources[0]),
         },
         "beam": beam,
-        "subword": subword,
         "scored_splits": list(splits),
     }
     for split in splits:
-        command = generate_command(data_bin, checkpoint, split, user_dir, subword, beam, batch_size)
+        command = generate_command(data_bin, checkpoint, split, user_dir, beam, batch_size)
         output_path = os.path.join(output_dir, GENERATE_FILE.format(split=split))
         output = parse_generate_output(run_generate(command, output_path, env, call))
-        scores = score_split(output, subword, (references or {}).get(split))
+        scores = score_split(output, (references or {}).get(split))
         results[split] = {**scores, "command": shlex.join(command), "output": output_path}
         logger.info(
             f"{split}: BLEU {scores['bleu']:.2f} (tokenized, as Table 4), "
@@ -622,7 +605,7 @@ def check_data_bin(data_bin: str, splits: Sequence[str] = EVALUATED_SPLITS) -> N
 
 # Entries of results.json that belong to one evaluation (besides its splits); the sharpness of
 # the evaluated checkpoint goes with them.
-EVALUATION_KEYS = ("protocol", "evaluation", "checkpoint", "beam", "subword", "scored_splits")
+EVALUATION_KEYS = ("protocol", "evaluation", "checkpoint", "beam", "scored_splits")
 DEPENDENT_KEYS = ("sharpness", "sharpness_settings")
 
 

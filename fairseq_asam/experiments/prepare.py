@@ -23,12 +23,9 @@ The recipe, step by step (file names relative to `workdir`):
    The real archive gives 160,239 / 7,283 / 6,750 pairs, which is checked.
    The same pairs are also written untokenized (whitespace-normalized and lowercased, ’ still
    turned into ' in dev/test) as `{train,valid,test}.raw.*`: the references of detokenized BLEU.
-5. subword -> `iwslt14.tokenized.de-en/{train,valid,test}.{de,en}`
-   - `bpe` (the recipe): subword-nmt learn_bpe with `bpe_merges` merges (10,000) on train.de
-     followed by train.en, written to `code`, and apply_bpe on every split;
-   - `sentencepiece`: one SentencePiece model (`spm.model`, unigram, vocabulary size
-     `bpe_merges`) trained on the untokenized `train.raw.de` + `train.raw.en`, applied to the
-     `*.raw.*` text of every split; detokenized BLEU (sacrebleu) is then the natural metric.
+5. BPE -> `iwslt14.tokenized.de-en/{train,valid,test}.{de,en}`: subword-nmt learn_bpe with
+   `bpe_merges` merges (10,000) on train.de followed by train.en, written to `code`, and
+   apply_bpe on every split.
 6. binarize: fairseq-preprocess into `data-bin/iwslt14.tokenized.de-en` (separate dictionaries,
    or `--joined-dictionary`).
 
@@ -116,7 +113,6 @@ REAL_COUNTS = {"train": 160239, "valid": 7283, "test": 6750}
 REAL_CORPUS_MIN_PAIRS = 100_000
 
 DEFAULT_BPE_MERGES = 10000
-SUBWORD_METHODS = ("bpe", "sentencepiece")
 TOKENIZE_CHUNK_LINES = 2000
 SUBWORD_CHUNK_LINES = 5000
 
@@ -567,7 +563,6 @@ def prepare_iwslt14(
     archive: Optional[str],
     workdir: str,
     *,
-    subword: str = "bpe",
     bpe_merges: int = DEFAULT_BPE_MERGES,
     joined_dictionary: bool = False,
     workers: int = os.cpu_count() or 1,
@@ -580,15 +575,12 @@ def prepare_iwslt14(
 
     `archive`: a local `de-en.tgz`, or None to download `download_url` to `workdir/orig/`
     (checked against `download_md5` unless `allow_md5_mismatch`, see download_archive).
-    `subword`: "bpe" (the recipe) or "sentencepiece"; `bpe_merges`: the number of BPE merges,
-    or the SentencePiece vocabulary size. `joined_dictionary`: one fairseq dictionary for both
+    `bpe_merges`: the number of BPE merges. `joined_dictionary`: one fairseq dictionary for both
     languages. `workers`: processes for tokenization, apply_bpe and fairseq-preprocess.
     `expect_real_counts`: check the split sizes against the real corpus's 160,239 / 7,283 /
     6,750; None checks them when the cleaned training text has at least 100,000 pairs.
     Raises `FairseqAsamError` for an unusable archive or flag, before writing the step's files.
     """
-    if subword not in SUBWORD_METHODS:
-        raise ConfigError(f"--subword: {subword!r} is not one of {', '.join(SUBWORD_METHODS)}")
     if bpe_merges < 1:
         raise ConfigError(f"--bpe-merges: must be positive, not {bpe_merges}")
     workers = max(1, workers)
@@ -620,26 +612,14 @@ def prepare_iwslt14(
     )
     _clean_step(tmp, records, settings)
     _split_step(archive, tmp, records, settings, expect_real_counts)
-    settings = dict(settings, subword=subword, bpe_merges=bpe_merges)
-    if subword == "bpe":
-        _bpe_step(tmp, prep, records, settings, bpe_merges, workers)
-    else:
-        _sentencepiece_step(tmp, prep, records, settings, bpe_merges, workers)
+    settings = dict(settings, bpe_merges=bpe_merges)
+    _bpe_step(tmp, prep, records, settings, bpe_merges, workers)
     settings = dict(settings, joined_dictionary=joined_dictionary)
     _binarize_step(prep, data_bin, records, settings, joined_dictionary, workers)
     counts = {
         split: len(read_lines(os.path.join(prep, f"{split}.{SOURCE_LANG}"))) for split in SPLITS
     }
-    logger.info(
-        "IWSLT'14 de-en ready in %s: %s pairs (%s)", data_bin, _count_report(counts), subword
-    )
-    if subword == "sentencepiece":
-        logger.info(
-            "subword=sentencepiece: the text is not Moses-tokenized; score detokenized output with "
-            "sacrebleu against %s (SentencePiece model %s)",
-            os.path.join(tmp, f"test.raw.{TARGET_LANG}"),
-            os.path.join(prep, "spm.model"),
-        )
+    logger.info("IWSLT'14 de-en ready in %s: %s pairs (BPE)", data_bin, _count_report(counts))
     return data_bin
 
 
@@ -788,54 +768,6 @@ def _bpe_step(
         segmented[owner].extend(lines)
     for key, path in outputs.items():
         write_lines(path, segmented[key])
-    records.mark_done("subword", settings)
-
-
-def _sentencepiece_step(
-    tmp: str, prep: str, records: _StepRecords, settings: dict, vocab_size: int, workers: int
-) -> None:
-    import sentencepiece
-
-    model = os.path.join(prep, "spm.model")
-    outputs = {
-        (split, lang): os.path.join(prep, f"{split}.{lang}")
-        for split in SPLITS
-        for lang in LANGUAGES
-    }
-    if records.is_done("subword", settings, [model, *outputs.values()]):
-        logger.info("sentencepiece: done before, skipped")
-        return
-    vocab = os.path.join(prep, "spm.vocab")
-    logger.info(
-        "sentencepiece: training a joint model of %d pieces on train.raw.%s + train.raw.%s",
-        vocab_size,
-        SOURCE_LANG,
-        TARGET_LANG,
-    )
-    with atomic_output(model) as model_temporary, atomic_output(vocab) as vocab_temporary:
-        prefix = model_temporary + "-spm"  # SentencePiece writes <prefix>.model and <prefix>.vocab
-        try:
-            sentencepiece.SentencePieceTrainer.train(
-                input=[os.path.join(tmp, f"train.raw.{lang}") for lang in LANGUAGES],
-                model_prefix=prefix,
-                vocab_size=vocab_size,
-                character_coverage=1.0,
-                model_type="unigram",
-                hard_vocab_limit=False,  # a small corpus may not fill `vocab_size`
-                num_threads=workers,
-                minloglevel=2,
-            )
-            os.replace(prefix + ".model", model_temporary)
-            os.replace(prefix + ".vocab", vocab_temporary)
-        finally:
-            for leftover in (prefix + ".model", prefix + ".vocab"):
-                if os.path.exists(leftover):
-                    os.unlink(leftover)
-    processor = sentencepiece.SentencePieceProcessor(model_file=model)
-    for (split, lang), path in outputs.items():
-        lines = read_lines(os.path.join(tmp, f"{split}.raw.{lang}"))
-        pieces = processor.encode(lines, out_type=str, num_threads=workers)
-        write_lines(path, (" ".join(line_pieces) for line_pieces in pieces))
     records.mark_done("subword", settings)
 
 
