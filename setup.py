@@ -40,7 +40,6 @@ setup(
         "fairseq": ["fairseq-fixed==0.12.3.1"],
         "experiments": [
             "sacrebleu>=2.0",
-            "sentencepiece",
             "subword-nmt",
             "sacremoses",
             "matplotlib",

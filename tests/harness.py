@@ -40,13 +40,11 @@ TINY_TRANSFORMER = [
     "--activation-dropout",
     "0",
 ]
+LANGUAGE_PAIR = ["--source-lang", "de", "--target-lang", "en"]
 BASE_ARGS = TINY_TRANSFORMER + [
     "--task",
     "translation",
-    "--source-lang",
-    "de",
-    "--target-lang",
-    "en",
+    *LANGUAGE_PAIR,
     "--criterion",
     "label_smoothed_cross_entropy",
     "--label-smoothing",
@@ -84,15 +82,18 @@ def make_data_bin(root: str, train: int = 120, valid: int = 24) -> str:
     return synthetic_data.binarize(text, os.path.join(root, "data-bin"))
 
 
-def parse_cfg(data_bin: str, extra, device: str = "cpu"):
+def parse_cfg(data_bin: str, extra, device: str = "cpu", language_pair: bool = True):
+    """fairseq-train's cfg of the tiny model; without `language_pair`, no -s/-t (as fairseq's
+    IWSLT'14 example trains: the task infers the pair from the data folder)."""
     from fairseq import options
     from fairseq.dataclass.utils import convert_namespace_to_omegaconf
 
     parser = options.get_training_parser()
     device_args = ["--cpu"] if device == "cpu" else []
+    base = BASE_ARGS if language_pair else [a for a in BASE_ARGS if a not in LANGUAGE_PAIR]
     args = options.parse_args_and_arch(
         parser,
-        [data_bin, "--user-dir", fairseq_asam.USER_DIR] + BASE_ARGS + device_args + list(extra),
+        [data_bin, "--user-dir", fairseq_asam.USER_DIR] + base + device_args + list(extra),
     )
     return convert_namespace_to_omegaconf(args)
 
@@ -105,17 +106,19 @@ def build_trainer(
     device="cpu",
     make_criterion=None,
     wrap_criterion=None,
+    language_pair=True,
 ):
     """fairseq Trainer for the tiny model; `wrap_model(model)` installs a DDP wrapper.
 
     `bf16` sets common.bf16 alone, as fairseq-hydra-train does (fairseq-train's --bf16 is TPU).
     `device` "cuda" trains on the current GPU (scripts/gpu_check.sh).  `make_criterion(task)`
     replaces the configured criterion; `wrap_criterion(criterion)` installs its DDP wrapper.
+    `language_pair=False` trains without -s/-t (see parse_cfg).
     """
     from fairseq import tasks
     from fairseq.trainer import Trainer
 
-    cfg = parse_cfg(data_bin, extra, device)
+    cfg = parse_cfg(data_bin, extra, device, language_pair)
     cfg.common.bf16 = bf16
     task = tasks.setup_task(cfg.task)
     task.load_dataset("train")

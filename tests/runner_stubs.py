@@ -131,7 +131,6 @@ def fake_evaluate(data_bin, save_dir, user_dir, choice, *args, **kwargs):
             "num_updates": state["updates"],
         },
         "beam": 5,
-        "subword": "bpe",
         "scored_splits": ["valid", "test"],
         "valid": {
             "bleu": float(state["updates"]),

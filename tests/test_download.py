@@ -1,10 +1,9 @@
-"""The IWSLT'14 download against a local HTTP server serving a generated archive: resume with
-Range, 416 re-checked, MD5 enforced (unless --allow-md5-mismatch), an archive on disk verified."""
+"""The IWSLT'14 download against a local HTTP server serving a generated archive: a dropped
+download starts again, MD5 enforced (unless --allow-md5-mismatch), an archive on disk verified."""
 
 import hashlib
 import http.client
 import os
-import re
 import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
@@ -14,42 +13,23 @@ from fairseq_asam.errors import FairseqAsamError
 from fairseq_asam.experiments import prepare, synthetic_data
 from fairseq_asam.experiments.cli import prepare_main
 
-RANGE = re.compile(r"^bytes=(\d+)-$")
-
 
 class ArchiveHandler(BaseHTTPRequestHandler):
-    """Serves `server.payload` at any path, with `Range: bytes=N-` (206, or 416 with
-    `Content-Range: bytes */SIZE` past the end).  `server.cut_first` sends only that many bytes
-    of the first whole-file reply and closes the connection (a dropped download)."""
+    """Serves `server.payload` at any path.  `server.cut_first` sends only that many bytes of
+    the first reply and closes the connection (a dropped download)."""
 
     def do_GET(self):  # noqa: N802 (http.server's name)
         server = self.server
-        payload = server.payload
-        requested = self.headers.get("Range")
-        server.requests.append(requested)
-        start = 0
-        if requested:
-            match = RANGE.match(requested)
-            start = int(match.group(1))
-            if start >= len(payload):
-                self.send_response(416)
-                self.send_header("Content-Range", f"bytes */{len(payload)}")
-                self.send_header("Content-Length", "0")
-                self.end_headers()
-                return
-            self.send_response(206)
-            self.send_header("Content-Range", f"bytes {start}-{len(payload) - 1}/{len(payload)}")
-        else:
-            self.send_response(200)
-        body = payload[start:]
-        self.send_header("Content-Length", str(len(body)))
+        server.requests.append(self.path)
+        self.send_response(200)
+        self.send_header("Content-Length", str(len(server.payload)))
         self.end_headers()
-        if server.cut_first is not None and not requested:
-            self.wfile.write(body[: server.cut_first])
+        if server.cut_first is not None:
+            self.wfile.write(server.payload[: server.cut_first])
             server.cut_first = None
             self.close_connection = True
             return
-        self.wfile.write(body)
+        self.wfile.write(server.payload)
 
     def log_message(self, *args):
         pass
@@ -85,46 +65,13 @@ def test_the_default_mirror_is_https():
     assert prepare.DOWNLOAD_URL.startswith("https://dl.fbaipublicfiles.com/")
 
 
-def test_a_dropped_download_resumes_with_a_range_request(server, archive_bytes, tmp_path):
+def test_a_dropped_download_starts_again(server, archive_bytes, tmp_path):
     server.cut_first = len(archive_bytes) // 3
     destination = tmp_path / "orig" / "de-en.tgz"
     prepare.download_archive(server.url, str(destination), md5=md5(archive_bytes))
     assert destination.read_bytes() == archive_bytes
-    assert server.requests == [None, f"bytes={len(archive_bytes) // 3}-"]
-    assert not (tmp_path / "orig" / "de-en.tgz.download").exists()
-
-
-def test_a_416_reply_accepts_a_whole_part_file_after_checking_size_and_md5(
-    server, archive_bytes, tmp_path
-):
-    destination = tmp_path / "de-en.tgz"
-    (tmp_path / "de-en.tgz.download").write_bytes(archive_bytes)  # interrupted before the rename
-    prepare.download_archive(server.url, str(destination), md5=md5(archive_bytes))
-    assert destination.read_bytes() == archive_bytes
-    assert server.requests == [f"bytes={len(archive_bytes)}-"]  # 416: nothing left to fetch
-
-
-def test_a_416_reply_with_another_size_downloads_again(server, archive_bytes, tmp_path):
-    destination = tmp_path / "de-en.tgz"
-    # Longer than the file (e.g. a part file of another file): the server answers 416.
-    (tmp_path / "de-en.tgz.download").write_bytes(archive_bytes + b"junk")
-    prepare.download_archive(server.url, str(destination), md5=md5(archive_bytes))
-    assert destination.read_bytes() == archive_bytes
-    assert server.requests == [f"bytes={len(archive_bytes) + 4}-", None]
-
-
-def test_a_416_reply_with_a_corrupt_part_file_of_the_right_size_fails_the_md5(
-    server, archive_bytes, tmp_path
-):
-    destination = tmp_path / "de-en.tgz"
-    corrupt = bytes([archive_bytes[0] ^ 0xFF]) + archive_bytes[1:]
-    (tmp_path / "de-en.tgz.download").write_bytes(corrupt)
-    with pytest.raises(FairseqAsamError, match=f"MD5 {md5(corrupt)} differs from the expected"):
-        prepare.download_archive(server.url, str(destination), md5=md5(archive_bytes))
-    assert not destination.exists()
-    assert not (tmp_path / "de-en.tgz.download").exists()  # removed: the next try starts afresh
-    prepare.download_archive(server.url, str(destination), md5=md5(archive_bytes))
-    assert destination.read_bytes() == archive_bytes
+    assert len(server.requests) == 2  # the cut one, then the whole file
+    assert os.listdir(tmp_path / "orig") == ["de-en.tgz"]  # no partial file left
 
 
 def test_an_md5_mismatch_is_an_error_unless_allowed(server, archive_bytes, tmp_path, caplog):
@@ -135,7 +82,7 @@ def test_an_md5_mismatch_is_an_error_unless_allowed(server, archive_bytes, tmp_p
     message = str(error.value)
     assert f"downloaded from {server.url}:" in message and md5(archive_bytes) in message
     assert f"differs from the expected {expected}" in message and "--allow-md5-mismatch" in message
-    assert not destination.exists()
+    assert os.listdir(tmp_path) == []  # the downloaded file is removed
     prepare.download_archive(server.url, str(destination), md5=expected, allow_md5_mismatch=True)
     assert destination.read_bytes() == archive_bytes
     assert "--allow-md5-mismatch: used anyway" in caplog.text
@@ -181,11 +128,11 @@ def test_an_incomplete_read_is_retried(monkeypatch, tmp_path):
     """http.client's IncompleteRead (not an OSError) counts as a failed attempt too."""
     calls = []
 
-    def failing(url, partial):
+    def failing(url, path):
         calls.append(url)
         raise http.client.IncompleteRead(b"", 10)
 
-    monkeypatch.setattr(prepare, "_download_resuming", failing)
+    monkeypatch.setattr(prepare, "_download", failing)
     monkeypatch.setattr(prepare, "DOWNLOAD_RETRY_SECONDS", 0.0)
     with pytest.raises(FairseqAsamError, match="download failed 2 times"):
         prepare.download_archive("http://x/de-en.tgz", str(tmp_path / "a.tgz"), attempts=2)

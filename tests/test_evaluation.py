@@ -115,7 +115,7 @@ def test_tokenized_bleu_is_fairseq_generates_with_unknown_words(generated_with_u
         == TEST_SENTENCES // 2
     )
     assert output.printed_score_line.startswith("BLEU4 = ") and output.printed_bleu < 100
-    scores = evaluation.score_split(output, "bpe")  # raises if it differs from the printed BLEU
+    scores = evaluation.score_split(output)  # raises if it differs from the printed BLEU
     assert scores["bleu"] == pytest.approx(output.printed_bleu, abs=0.0051)  # printed: 2 decimals
     assert scores["bleu_details"] == output.printed_score_line
 
@@ -202,7 +202,7 @@ def test_score_split_checks_fairseq_generate_printed_bleu():
     output = evaluation.parse_generate_output(
         ONE_WORD_OFF_GENERATE.format(bleu=ONE_WORD_OFF_PRINTED)
     )
-    scores = evaluation.score_split(output, "bpe")
+    scores = evaluation.score_split(output)
     assert scores["bleu"] == pytest.approx(ONE_WORD_OFF[2], abs=5e-5)  # rounded to 4 decimals
     assert scores["fairseq_generate_bleu"] == ONE_WORD_OFF_PRINTED == scores["bleu_details"]
     assert scores["sentences"] == 1
@@ -210,7 +210,7 @@ def test_score_split_checks_fairseq_generate_printed_bleu():
     off = ONE_WORD_OFF_PRINTED.replace("75.98", "75.99")
     with pytest.raises(FairseqAsamError, match="differs from fairseq-generate's 'BLEU4 = 75.99"):
         evaluation.score_split(
-            evaluation.parse_generate_output(ONE_WORD_OFF_GENERATE.format(bleu=off)), "bpe"
+            evaluation.parse_generate_output(ONE_WORD_OFF_GENERATE.format(bleu=off))
         )
 
 
@@ -219,7 +219,7 @@ def test_score_split_uses_the_untokenized_references_file(tmp_path):
     raw.write_text("the cat sat on the red mat.\nit's a small world after all.\n\n")
     output = evaluation.parse_generate_output(generate_text("BLEU4 = 0.00, 0/0/0/0"))
     output.printed_bleu = None
-    scores = evaluation.score_split(output, "bpe", str(raw))
+    scores = evaluation.score_split(output, str(raw))
     expected = sacrebleu.corpus_bleu(
         ["the cat sat on the mat.", "it's a small world.", ""],
         [["the cat sat on the red mat.", "it's a small world after all.", ""]],
@@ -228,7 +228,7 @@ def test_score_split_uses_the_untokenized_references_file(tmp_path):
     assert scores["sacrebleu_references"] == str(raw)
     raw.write_text("only one line\n")
     with pytest.raises(FairseqAsamError, match="has 1 lines"):
-        evaluation.score_split(output, "bpe", str(raw))
+        evaluation.score_split(output, str(raw))
 
 
 def test_generate_command_is_the_iwslt_example():
@@ -238,12 +238,6 @@ def test_generate_command_is_the_iwslt_example():
     assert line.endswith(
         "--gen-subset test --beam 5 --batch-size 128 --required-batch-size-multiple 1 --remove-bpe"
     )
-    assert evaluation.generate_command("/d", "/c", "valid", "/u", subword="sentencepiece")[-2:] == [
-        "--remove-bpe",
-        "sentencepiece",
-    ]
-    with pytest.raises(ConfigError, match="--subword"):
-        evaluation.generate_command("/d", "/c", "valid", "/u", subword="wordpiece")
 
 
 # --------------------------------------------------------------------------------------------

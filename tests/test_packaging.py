@@ -34,7 +34,6 @@ PLUGIN_MODULES = {
 # The `experiments` extra of setup.py, as import names.
 KIT_DEPENDENCIES = {
     "sacrebleu",
-    "sentencepiece",
     "subword_nmt",
     "sacremoses",
     "matplotlib",

@@ -11,6 +11,7 @@ from torch import nn
 from fairseq_asam import perturbation
 from fairseq_asam.errors import ConfigError
 from fairseq_asam.experiments import precision as P
+from fairseq_asam.experiments import recipe
 
 FP16_ULP_AT_1 = 2.0**-10  # spacing of fp16 just above 1.0 (10 mantissa bits)
 FP16_ULP_BELOW_1 = 2.0**-11  # spacing just below 1.0
@@ -222,7 +223,7 @@ def test_autocast_cast_parameters():
 def test_bad_names_raise_naming_the_flag(tmp_path):
     with pytest.raises(ConfigError, match="--precisions"):
         P._dtype("fp8", P.WEIGHT_DTYPES, "--precisions")
-    with pytest.raises(ConfigError, match="--data-bin"):
+    with pytest.raises(ConfigError, match="data-bin folder not found: .*nope"):
         P.check_precision_inputs(str(tmp_path / "nope"), None, True, 1, 4096, 1, "train")
     with pytest.raises(ConfigError, match="--checkpoint"):
         P.check_precision_inputs(str(tmp_path), str(tmp_path / "c.pt"), False, 1, 4096, 1, "train")
@@ -236,16 +237,9 @@ def test_bad_names_raise_naming_the_flag(tmp_path):
 
 
 def test_measure_batch_on_a_tiny_transformer(data_bin):
-    from harness import TINY_TRANSFORMER
-
-    model_args = (
-        list(P.RECIPE_MODEL_ARGS[: P.RECIPE_MODEL_ARGS.index("--arch")])
-        + TINY_TRANSFORMER
-        + ["--criterion", "label_smoothed_cross_entropy", "--label-smoothing", "0.1"]
-    )
-    model, criterion, task, _ = P.init_model(data_bin, seed=2, model_args=model_args)
-    batch = P.fixed_batches(task, model, "train", 200, 1, seed=1)[0]
-    probe = P.LossProbe(model, criterion, batch)
+    loaded = P.init_model(data_bin, 2, (recipe.RECIPE_ARGS, recipe.TINY_OVERRIDES_ARGS))
+    batch = P.fixed_batches(loaded, "train", 100, 1, seed=1)[0]
+    probe = P.LossProbe(loaded.model, loaded.criterion, batch)
     before = probe.weights()
     result = P.measure_batch(
         probe, weight_precisions=("fp32", "bf16"), sr_seeds=2, autocast_modes=("amp-bf16",)

@@ -13,13 +13,14 @@ import os
 import subprocess
 import sys
 
+import fairseq.checkpoint_utils
 import numpy as np
 import pytest
 import torch
 
 from fairseq_asam import perturbation
 from fairseq_asam.errors import ConfigError
-from fairseq_asam.experiments import sharpness
+from fairseq_asam.experiments import evaluation, sharpness
 from fairseq_asam.experiments.cli import sharpness_main
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -123,17 +124,28 @@ def test_relu_network_figures_of_the_readme():
 # ---------------------------------------------------------------- a tiny fairseq Transformer
 
 
-@pytest.fixture(scope="module")
-def tiny_checkpoint(data_bin, tmp_path_factory):
+def train_tiny_checkpoint(data_bin, folder, language_pair=True):
     """A checkpoint of the tiny Transformer after a few Adam updates, saved by fairseq's Trainer."""
     from harness import batches, build_trainer
 
-    folder = tmp_path_factory.mktemp("sharpness-checkpoint")
-    trainer = build_trainer(data_bin, ["--optimizer", "adam", "--save-dir", str(folder)])
+    argv = ["--optimizer", "adam", "--save-dir", str(folder)]
+    trainer = build_trainer(data_bin, argv, language_pair=language_pair)
     for sample in batches(trainer, TRAIN_UPDATES):
         trainer.train_step([sample])
     trainer.consolidate_optimizer()
     return trainer.save_checkpoint(str(folder / "checkpoint_last.pt"), {})
+
+
+@pytest.fixture(scope="module")
+def tiny_checkpoint(data_bin, tmp_path_factory):
+    return train_tiny_checkpoint(data_bin, tmp_path_factory.mktemp("sharpness-checkpoint"))
+
+
+@pytest.fixture(scope="module")
+def unpaired_checkpoint(data_bin, tmp_path_factory):
+    """tiny_checkpoint trained without -s/-t, as fairseq's IWSLT'14 example trains."""
+    folder = tmp_path_factory.mktemp("unpaired-checkpoint")
+    return train_tiny_checkpoint(data_bin, folder, language_pair=False)
 
 
 @pytest.fixture(scope="module")
@@ -579,7 +591,7 @@ def test_checkpoint_and_data_that_do_not_fit_give_one_line(
     def no_work(*args, **kwargs):
         raise AssertionError("the checkpoint was loaded before the pairing was checked")
 
-    monkeypatch.setattr(sharpness, "load_subset", no_work)
+    monkeypatch.setattr(fairseq.checkpoint_utils, "load_model_ensemble_and_task", no_work)
     assert sharpness_main([tiny_checkpoint, folder, "--rho", "0.1"]) == 1
     captured = capsys.readouterr()
     assert captured.err.count("\n") == 1, captured.err
@@ -595,7 +607,7 @@ def test_what_the_pairing_check_cannot_see_is_one_line_too(
     def fails(*args, **kwargs):
         raise RuntimeError("Error(s) in loading state_dict for TransformerModel:\n size mismatch")
 
-    monkeypatch.setattr(sharpness, "load_subset", fails)
+    monkeypatch.setattr(fairseq.checkpoint_utils, "load_model_ensemble_and_task", fails)
     assert sharpness_main([tiny_checkpoint, data_bin, "--rho", "0.1"]) == 1
     err = capsys.readouterr().err
     assert (
@@ -603,4 +615,42 @@ def test_what_the_pairing_check_cannot_see_is_one_line_too(
         and tiny_checkpoint in err
         and data_bin in err
         and "size mismatch" in err
+    )
+
+
+# ---------------------------------------------------------------- a checkpoint without -s/-t
+
+
+def test_a_checkpoint_trained_without_a_language_pair_is_measured(
+    tiny_checkpoint, unpaired_checkpoint, data_bin, tmp_path
+):
+    """fairseq-train without -s/-t records no pair; fairseq's task infers de-en from the data
+    folder, and so does the tool: the same weights give the same report as tiny_checkpoint's."""
+    paired = torch.load(tiny_checkpoint, map_location="cpu", weights_only=False)
+    unpaired = torch.load(unpaired_checkpoint, map_location="cpu", weights_only=False)
+    assert (unpaired["cfg"]["task"]["source_lang"], unpaired["cfg"]["task"]["target_lang"]) == (
+        None,
+        None,
+    )
+    assert all(torch.equal(unpaired["model"][k], w) for k, w in paired["model"].items())
+    reports = []
+    for checkpoint in (tiny_checkpoint, unpaired_checkpoint):
+        path = tmp_path / f"report{len(reports)}.json"
+        argv = [checkpoint, data_bin, "--rho", "0.05", "--steps", "2", "--max-batches", "2"]
+        assert sharpness_main(argv + ["--device", "cpu", "--json", str(path)]) == 0
+        reports.append(json.loads(path.read_text())["estimates"])
+    assert reports[1] == reports[0] and reports[0][0]["sharpness"] > 0
+    # what the evaluation reads of it
+    assert evaluation.checkpoint_position(unpaired_checkpoint)["num_updates"] == TRAIN_UPDATES
+    assert evaluation.checkpoint_selection_metric(unpaired_checkpoint) == ("loss", False)
+
+
+def test_no_pair_in_the_checkpoint_nor_in_the_data_is_one_line(
+    unpaired_checkpoint, unfitting_data_bins, capsys
+):
+    folder, _ = unfitting_data_bins["no language pair"]
+    assert sharpness_main([unpaired_checkpoint, folder, "--rho", "0.1"]) == 1
+    assert capsys.readouterr().err == (
+        f"fairseq-asam-sharpness: error: checkpoint {unpaired_checkpoint} (translation, None-None) "
+        f"does not fit {folder}: neither names a language pair to translate\n"
     )

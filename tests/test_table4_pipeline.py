@@ -413,7 +413,7 @@ def test_summary_is_the_mean_and_sample_std_over_seeds_next_to_the_paper():
     assert report._updates(averaged) == "≤ 300 (3 averaged)"
     assert report._updates({"checkpoint": {"num_updates": 120, "sources": ["best"]}}) == "120"
     # A grid of 3 seeds where Adam finished one: the row says over how many the mean is.
-    grid = {"protocol": "best-bleu", "optimizers": ["adam", "asam"], "seeds": [1, 2, 3]}
+    grid = {"protocol": "best-bleu", "rows": ["adam", "asam"], "seeds": [1, 2, 3]}
     partial = report.markdown_table(results, [grid])
     assert "| Adam | 1 (n = 1 of 3) | best-bleu | 30.00 |" in partial
     assert "| Adam+ASAM | 1,2,3 | best-bleu | 36.00 ± 1.00 |" in partial

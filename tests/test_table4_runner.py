@@ -232,12 +232,11 @@ def test_write_results_merges_splits_of_one_evaluation_and_replaces_another(tmp_
     assert not evaluation.evaluation_done(merged, {"fingerprint": "b"})
 
 
-def test_a_run_of_an_older_version_is_refused_not_guessed(stubbed, tmp_path):
+def test_checkpoints_without_a_training_record_are_refused_not_guessed(stubbed, tmp_path):
     out = tmp_path / "out"
-    legacy = out / "runs" / "adam-seed1"
-    (legacy / "checkpoints").mkdir(parents=True)
-    (legacy / "checkpoints" / "checkpoint_last.pt").write_text("{}")
-    (legacy / "training.done").write_text("python -m fairseq_cli.train ...\n")
+    unknown = out / "runs" / "adam-seed1"
+    (unknown / "checkpoints").mkdir(parents=True)
+    (unknown / "checkpoints" / "checkpoint_last.pt").write_text("{}")
     with pytest.raises(ConfigError, match="adam-seed1 has checkpoints but no training.json"):
         runner.run_grid(grid(out, optimizers=("adam",)))
 
@@ -831,34 +830,8 @@ def test_a_seed_outside_the_grid_counts_but_never_hides_a_missing_grid_seed(stub
 
 
 # --------------------------------------------------------------------------------------------
-# Records of an older version; corrupt records seen by the runner and the cluster planner
+# Corrupt records seen by the runner and the cluster planner
 # --------------------------------------------------------------------------------------------
-
-
-def test_a_training_record_without_data_content_is_adopted_not_refused(stubbed, tmp_path):
-    out = tmp_path / "out"
-    runner.run_grid(grid(out, optimizers=("adam",)))
-    run = out / "runs" / "adam-seed1"
-    log = (run / "train.log").read_text()
-    record = read_json(run / "training.json")
-    content = record["settings"].pop(runner.DATA_CONTENT_SETTING)
-    assert content  # what this version records, and the older one did not
-    settings = record["settings"]
-    record["fingerprint"] = runner.evaluation.fingerprint(settings)
-    record["recipe_fingerprint"] = runner.recipe_fingerprint(settings)
-    (run / "training.json").write_text(json.dumps(record))
-    results = read_json(run / "results.json")  # which copies the training record's entries
-    results["training"] = {k: record[k] for k in ("settings", "fingerprint", "recipe_fingerprint")}
-    (run / "results.json").write_text(json.dumps(results))
-    # The older record's results are not the grid's: the report leaves them out ...
-    assert row(table(out), "Adam")[3] == "20.00"
-    report_main([str(out)])
-    assert row(table(out), "Adam")[3] == "–"
-    # ... until the runner adopts the data's content, without training again.
-    runner.run_grid(grid(out, optimizers=("adam",)))
-    assert (run / "train.log").read_text() == log
-    assert read_json(run / "training.json")["settings"][runner.DATA_CONTENT_SETTING] == content
-    assert row(table(out), "Adam")[3] == "20.00"
 
 
 def test_a_corrupt_training_record_fails_its_run_only(stubbed, tmp_path):

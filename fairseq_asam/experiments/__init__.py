@@ -2,7 +2,7 @@
 
 It depends on the plugin (`fairseq_asam`), never the other way round: `--user-dir
 fairseq_asam` loads none of these modules and none of their dependencies (the `experiments`
-extra: sacrebleu, sentencepiece, subword-nmt, sacremoses, matplotlib, regex).
+extra: sacrebleu, subword-nmt, sacremoses, matplotlib, regex).
 
     prepare          IWSLT'14 de-en as fairseq's prepare-iwslt14.sh (fairseq-asam-prepare)
     synthetic_data   the generated corpora: the toy corpus and the IWSLT-layout sample archive
@@ -13,5 +13,6 @@ extra: sacrebleu, sentencepiece, subword-nmt, sacremoses, matplotlib, regex).
     sharpness        sharpness and adaptive sharpness of a checkpoint (fairseq-asam-sharpness)
     trajectories     SGD/SAM/ASAM on a 2-parameter scale-symmetric loss (fairseq-asam-trajectories)
     benchmark        the cost of an update, Adam vs SAM vs ASAM (fairseq-asam-benchmark)
+    loading          a checkpoint, its task on a data folder, model, criterion and batches
     cli              the console commands above; files: the one atomic-write helper
 """

@@ -53,7 +53,7 @@ import torch
 from .. import USER_DIR, perturbation, two_pass
 from ..errors import ConfigError
 from ..optim import find_sharpness_aware
-from . import recipe
+from . import loading, recipe
 
 logger = logging.getLogger(__name__)
 
@@ -238,23 +238,19 @@ def synthetic_dictionary(size: int):
 
 def build_trainer(spec: BenchmarkSpec, row: Row):
     """fairseq's Trainer for `row`; its model is initialized from `spec.seed` as every row's."""
-    from fairseq import options
-    from fairseq.dataclass.utils import convert_namespace_to_omegaconf
     from fairseq.tasks.translation import TranslationTask
     from fairseq.trainer import Trainer
 
-    args = options.parse_args_and_arch(options.get_training_parser(), training_argv(spec, row))
-    cfg = convert_namespace_to_omegaconf(args)
-    # fairseq-train's --bf16 also means TPU; bf16 alone is common.bf16 (as fairseq-hydra-train).
-    cfg.common.bf16 = spec.precision == "bf16"
     source_size, target_size = BENCHMARK_PRESETS[spec.preset].dictionary_sizes
-    task = TranslationTask(
-        cfg.task, synthetic_dictionary(source_size), synthetic_dictionary(target_size)
+    built = loading.build_from_args(
+        training_argv(spec, row),
+        lambda cfg: TranslationTask(
+            cfg.task, synthetic_dictionary(source_size), synthetic_dictionary(target_size)
+        ),
     )
-    torch.manual_seed(cfg.common.seed)
-    model = task.build_model(cfg.model)
-    criterion = task.build_criterion(cfg.criterion)
-    return Trainer(cfg, task, model, criterion)
+    # fairseq-train's --bf16 also means TPU; bf16 alone is common.bf16 (as fairseq-hydra-train).
+    built.cfg.common.bf16 = spec.precision == "bf16"
+    return Trainer(built.cfg, built.task, built.model, built.criterion)
 
 
 def sentence_lengths(rng: np.random.Generator, count: int) -> Tuple[np.ndarray, np.ndarray]:
@@ -293,14 +289,15 @@ def synthetic_updates(trainer, spec: BenchmarkSpec) -> List[List[dict]]:
         left_pad_source=cfg.task.left_pad_source,
         left_pad_target=cfg.task.left_pad_target,
     )
-    itr = task.get_batch_iterator(
-        dataset=dataset,
+    batches = loading.first_batches(
+        task,
+        dataset,
+        batches_needed,
+        shuffle=True,
         max_tokens=cfg.dataset.max_tokens,
         max_sentences=cfg.dataset.batch_size,
         seed=spec.seed,
-        disable_iterator_cache=True,
-    ).next_epoch_itr(shuffle=True)
-    batches = [batch for _, batch in zip(range(batches_needed), itr)]
+    )
     if len(batches) < batches_needed:
         raise RuntimeError(
             f"generated {len(batches)} batches, {batches_needed} needed: raise SENTENCE_SLACK"

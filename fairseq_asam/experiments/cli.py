@@ -315,16 +315,10 @@ def prepare_parser() -> argparse.ArgumentParser:
         "--workdir", default=".", help="where the outputs go (default: the current folder)"
     )
     parser.add_argument(
-        "--subword",
-        choices=prepare.SUBWORD_METHODS,
-        default="bpe",
-        help="bpe: subword-nmt as the recipe; sentencepiece: a joint SentencePiece model",
-    )
-    parser.add_argument(
         "--bpe-merges",
         type=int,
         default=prepare.DEFAULT_BPE_MERGES,
-        help="BPE merges, or the SentencePiece vocabulary size (default: %(default)s)",
+        help="BPE merges (default: %(default)s)",
     )
     parser.add_argument(
         "--joined-dictionary", action="store_true", help="one dictionary for both languages"
@@ -375,7 +369,6 @@ def prepare_main(argv: Optional[List[str]] = None) -> int:
         data_bin = prepare.prepare_iwslt14(
             archive,
             args.workdir,
-            subword=args.subword,
             bpe_merges=args.bpe_merges,
             joined_dictionary=args.joined_dictionary,
             workers=args.workers,
@@ -424,12 +417,6 @@ def evaluate_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--beam", type=int, default=evaluation.DEFAULT_BEAM)
     parser.add_argument("--batch-size", type=int, default=evaluation.DEFAULT_BATCH_SIZE)
-    parser.add_argument(
-        "--subword",
-        choices=sorted(evaluation.REMOVE_SUBWORD_FLAGS),
-        default="bpe",
-        help="subword units of the data (fairseq-asam-prepare --subword)",
-    )
     return parser
 
 
@@ -456,7 +443,6 @@ def evaluate_main(argv: Optional[List[str]] = None) -> int:
             fairseq_asam.USER_DIR,
             choice,
             splits,
-            args.subword,
             args.beam,
             args.batch_size,
             references,

@@ -25,7 +25,7 @@ the metric recorded in the checkpoint's own config is checked: a checkpoint_best
 loss is never reported as `best-bleu`, nor the other way round.
 
 Every evaluation records its settings (`results.json` -> `evaluation`: protocol, beam, batch
-size, subword units, references, data, and the size and modification time of the checkpoint
+size, references, data, and the size and modification time of the checkpoint
 files it read) and their fingerprint; `write_results` replaces an evaluation made with other
 settings as a whole and merges the splits of one made with the same settings, so a
 results.json never mixes splits scored on different checkpoints.
@@ -46,6 +46,7 @@ from typing import Callable, Dict, List, Optional, Sequence, Tuple
 import torch
 
 from ..errors import ConfigError, FairseqAsamError
+from . import loading
 from .files import atomic_output, read_json_object, write_json
 from .prepare import SOURCE_LANG, TARGET_LANG
 
@@ -56,8 +57,6 @@ DEFAULT_BEAM = 5
 DEFAULT_BATCH_SIZE = 128  # fairseq's IWSLT'14 example
 # The protocol of Table 4 as we read the paper (configs/README.md gives the evidence).
 DEFAULT_CHECKPOINT = "best-bleu"
-# fairseq-generate flags that remove each kind of subword unit (the preparation's `subword`).
-REMOVE_SUBWORD_FLAGS = {"bpe": ["--remove-bpe"], "sentencepiece": ["--remove-bpe", "sentencepiece"]}
 BEST_CHECKPOINT, LAST_CHECKPOINT = "checkpoint_best.pt", "checkpoint_last.pt"
 # --checkpoint value -> the file it evaluates
 NAMED_CHECKPOINTS = {
@@ -116,20 +115,9 @@ def parse_checkpoint_choice(text: str) -> CheckpointChoice:
     raise ConfigError(f"--checkpoint must be {CHECKPOINT_CHOICES} with N >= 1, got {text!r}")
 
 
-def _checkpoint_state(path: str) -> dict:
-    """A fairseq checkpoint, memory-mapped (its tensors are not read)."""
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=False, mmap=True)
-    except Exception as error:  # a truncated or foreign file
-        raise FairseqAsamError(f"{path}: not a readable fairseq checkpoint ({error})") from error
-    if not isinstance(state, dict):
-        raise FairseqAsamError(f"{path}: not a fairseq checkpoint")
-    return state
-
-
 def checkpoint_position(path: str) -> Dict[str, Optional[int]]:
     """{"epoch", "num_updates"} a fairseq checkpoint was saved at (None where not recorded)."""
-    state = _checkpoint_state(path)
+    state = loading.read_checkpoint(path)
     history = state.get("optimizer_history") or [{}]
     iterator = (state.get("extra_state") or {}).get("train_iterator") or {}
     updates, epoch = history[-1].get("num_updates"), iterator.get("epoch")
@@ -142,21 +130,11 @@ def checkpoint_position(path: str) -> Dict[str, Optional[int]]:
 def checkpoint_selection_metric(path: str) -> Tuple[str, bool]:
     """(--best-checkpoint-metric, --maximize-best-checkpoint-metric) a fairseq checkpoint was
     saved under, read from its own config."""
-    state = _checkpoint_state(path)
-    cfg = state.get("cfg")
-    checkpoint_cfg = cfg.get("checkpoint") if isinstance(cfg, dict) else None
-    if checkpoint_cfg is not None:
-        return (
-            str(checkpoint_cfg.get("best_checkpoint_metric", "loss")),
-            bool(checkpoint_cfg.get("maximize_best_checkpoint_metric", False)),
-        )
-    args = state.get("args")  # fairseq < 0.10
-    if args is not None:
-        return (
-            str(getattr(args, "best_checkpoint_metric", "loss")),
-            bool(getattr(args, "maximize_best_checkpoint_metric", False)),
-        )
-    raise FairseqAsamError(f"{path}: no fairseq config in the checkpoint")
+    settings = loading.saved_settings(loading.read_checkpoint(path), "checkpoint")
+    return (
+        str(settings.get("best_checkpoint_metric", "loss")),
+        bool(settings.get("maximize_best_checkpoint_metric", False)),
+    )
 
 
 def check_selection(path: str, choice: CheckpointChoice) -> Optional[str]:
@@ -204,7 +182,7 @@ def average_checkpoints(paths: Sequence[str]) -> dict:
     keys = None
     first_state = None
     for path in paths:
-        state = torch.load(path, map_location="cpu", weights_only=False)
+        state = loading.read_checkpoint(path)
         if first_state is None:
             first_state = state
         params = state["model"]
@@ -417,14 +395,9 @@ def generate_command(
     checkpoint: str,
     split: str,
     user_dir: str,
-    subword: str = "bpe",
     beam: int = DEFAULT_BEAM,
     batch_size: int = DEFAULT_BATCH_SIZE,
 ) -> List[str]:
-    if subword not in REMOVE_SUBWORD_FLAGS:
-        raise ConfigError(
-            f"--subword must be one of {sorted(REMOVE_SUBWORD_FLAGS)}, got {subword!r}"
-        )
     return [
         sys.executable,
         "-m",
@@ -444,7 +417,7 @@ def generate_command(
         # multiple of --required-batch-size-multiple (default 8): with 1 every sentence is scored.
         "--required-batch-size-multiple",
         "1",
-        *REMOVE_SUBWORD_FLAGS[subword],
+        "--remove-bpe",
     ]
 
 
@@ -504,9 +477,7 @@ def read_references(path: str, ids: Sequence[int]) -> List[str]:
     return [lines[i] for i in ids]
 
 
-def score_split(
-    output: GenerateOutput, subword: str, references_path: Optional[str] = None
-) -> Dict:
+def score_split(output: GenerateOutput, references_path: Optional[str] = None) -> Dict:
     """Both BLEU scores of one parsed fairseq-generate output."""
     bleu, bleu_details = tokenized_bleu(output.hypotheses, output.references)
     if output.printed_bleu is not None and abs(output.printed_bleu - bleu) > PRINTED_BLEU_TOLERANCE:
@@ -514,13 +485,11 @@ def score_split(
             f"recomputed BLEU {bleu:.4f} differs from fairseq-generate's "
             f"{output.printed_score_line!r}"
         )
-    # BPE output is Moses-tokenized text; SentencePiece output is already untokenized.
-    detokenize = moses_detokenize if subword == "bpe" else list
-    hypotheses = detokenize(output.hypotheses)
+    hypotheses = moses_detokenize(output.hypotheses)  # BPE removed: Moses-tokenized text
     if references_path is not None:
         references = read_references(references_path, output.ids)
     else:
-        references = detokenize(output.references)
+        references = moses_detokenize(output.references)
     sacre, signature = detokenized_sacrebleu(hypotheses, references)
     return {
         "bleu": round(bleu, 4),
@@ -543,7 +512,6 @@ def evaluation_settings(
     data_bin: str,
     save_dir: str,
     choice: CheckpointChoice,
-    subword: str = "bpe",
     beam: int = DEFAULT_BEAM,
     batch_size: int = DEFAULT_BATCH_SIZE,
     references: Optional[Dict[str, str]] = None,
@@ -554,7 +522,6 @@ def evaluation_settings(
         "protocol": str(choice),
         "beam": beam,
         "batch_size": batch_size,
-        "subword": subword,
         "references": references_identity(references),
         "data_bin": os.path.abspath(data_bin),
         "data_content": data_identity(data_bin),
@@ -569,7 +536,6 @@ def evaluate_checkpoint(
     user_dir: str,
     choice: CheckpointChoice = CheckpointChoice(DEFAULT_CHECKPOINT),
     splits: Sequence[str] = EVALUATED_SPLITS,
-    subword: str = "bpe",
     beam: int = DEFAULT_BEAM,
     batch_size: int = DEFAULT_BATCH_SIZE,
     references: Optional[Dict[str, str]] = None,
@@ -587,9 +553,7 @@ def evaluate_checkpoint(
     for split, path in (references or {}).items():
         if not os.path.isfile(path):
             raise FairseqAsamError(f"references file for {split} not found: {path}")
-    settings = evaluation_settings(
-        data_bin, save_dir, choice, subword, beam, batch_size, references
-    )
+    settings = evaluation_settings(data_bin, save_dir, choice, beam, batch_size, references)
     checkpoint, sources = resolve_checkpoint(save_dir, choice)
     output_dir = output_dir or os.path.dirname(os.path.abspath(save_dir))
     results = {
@@ -604,14 +568,13 @@ def evaluate_checkpoint(
             **checkpoint_position(sources[0]),
         },
         "beam": beam,
-        "subword": subword,
         "scored_splits": list(splits),
     }
     for split in splits:
-        command = generate_command(data_bin, checkpoint, split, user_dir, subword, beam, batch_size)
+        command = generate_command(data_bin, checkpoint, split, user_dir, beam, batch_size)
         output_path = os.path.join(output_dir, GENERATE_FILE.format(split=split))
         output = parse_generate_output(run_generate(command, output_path, env, call))
-        scores = score_split(output, subword, (references or {}).get(split))
+        scores = score_split(output, (references or {}).get(split))
         results[split] = {**scores, "command": shlex.join(command), "output": output_path}
         logger.info(
             f"{split}: BLEU {scores['bleu']:.2f} (tokenized, as Table 4), "
@@ -624,13 +587,9 @@ def missing_data_files(data_bin: str, splits: Sequence[str] = EVALUATED_SPLITS) 
     """What `data_bin` lacks of fairseq-preprocess output for `splits`: dictionaries, indexes."""
     if not os.path.isdir(data_bin):
         return [data_bin]
-    names = set(os.listdir(data_bin))
-    missing = [
-        f"dict.{lang}.txt" for lang in (SOURCE_LANG, TARGET_LANG) if f"dict.{lang}.txt" not in names
-    ]
-    return missing + [
-        s for s in splits if not any(n.startswith(f"{s}.") and n.endswith(".idx") for n in names)
-    ]
+    present = set(os.listdir(data_bin)) | set(loading.binarized_splits(data_bin))
+    wanted = [f"dict.{lang}.txt" for lang in (SOURCE_LANG, TARGET_LANG)] + list(splits)
+    return [name for name in wanted if name not in present]
 
 
 def check_data_bin(data_bin: str, splits: Sequence[str] = EVALUATED_SPLITS) -> None:
@@ -646,7 +605,7 @@ def check_data_bin(data_bin: str, splits: Sequence[str] = EVALUATED_SPLITS) -> N
 
 # Entries of results.json that belong to one evaluation (besides its splits); the sharpness of
 # the evaluated checkpoint goes with them.
-EVALUATION_KEYS = ("protocol", "evaluation", "checkpoint", "beam", "subword", "scored_splits")
+EVALUATION_KEYS = ("protocol", "evaluation", "checkpoint", "beam", "scored_splits")
 DEPENDENT_KEYS = ("sharpness", "sharpness_settings")
 
 

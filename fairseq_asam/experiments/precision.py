@@ -49,6 +49,7 @@ from torch import Tensor, nn
 
 from ..errors import ConfigError
 from ..perturbation import is_adaptive, perturb
+from . import loading, recipe
 
 # ------------------------------------------------------------------ settings
 
@@ -83,25 +84,6 @@ DEFAULT_SR_SEEDS = 5
 # Stochastic-rounding seeds whose pass-2 gradient is also compared (a forward-backward each).
 DEFAULT_GRADIENT_SEEDS = 2
 DEFAULT_SUBSET = "train"  # ε is computed on training micro-batches
-# fairseq's IWSLT'14 recipe (configs/iwslt14_de_en/common.args), the parts that shape the model
-# and the loss; used for --init.
-RECIPE_MODEL_ARGS = (
-    "--task",
-    "translation",
-    "--source-lang",
-    "de",
-    "--target-lang",
-    "en",
-    "--arch",
-    "transformer_iwslt_de_en",
-    "--share-decoder-input-output-embed",
-    "--dropout",
-    "0.3",
-    "--criterion",
-    "label_smoothed_cross_entropy",
-    "--label-smoothing",
-    "0.1",
-)
 # Seed offsets, so that the stochastic variants of one seed draw independent numbers.
 _SEED_STRIDE = 1000
 _VARIANT_SEED_OFFSET = {STOCHASTIC: 1, SIGN_CONTROL: 2, SR_MASTER: 3, NOISE_FLOOR: 4}
@@ -399,57 +381,19 @@ def _device_of(model: nn.Module) -> torch.device:
     return next(model.parameters()).device
 
 
-def init_model(data_bin: str, seed: int, model_args: Sequence[str] = RECIPE_MODEL_ARGS):
-    """A freshly initialised model (torch.manual_seed(seed)), its task and criterion, from
-    fairseq's own option parser; returns (model, criterion, task, cfg)."""
-    from fairseq import options, tasks
-    from fairseq.dataclass.utils import convert_namespace_to_omegaconf
-
-    parser = options.get_training_parser()
-    args = options.parse_args_and_arch(
-        parser,
-        [data_bin] + list(model_args) + ["--seed", str(seed), "--cpu", "--optimizer", "adam"],
-    )
-    cfg = convert_namespace_to_omegaconf(args)
-    task = tasks.setup_task(cfg.task)
-    torch.manual_seed(seed)
-    model = task.build_model(cfg.model)
-    criterion = task.build_criterion(cfg.criterion)
-    return model.float().eval(), criterion.eval(), task, cfg
+def init_model(data_bin: str, seed: int, args_files: Sequence[str] = (recipe.RECIPE_ARGS,)):
+    """A model initialised by torch.manual_seed(seed) from the recipe's argument files."""
+    options = recipe.training_options(args_files, "adam")
+    argv = recipe.merge_options(options, [("--seed", str(seed)), ("--cpu", None)])
+    return loading.build_from_args([data_bin, *argv])
 
 
-def load_model(checkpoint: str, data_bin: str):
-    """A fairseq checkpoint's model (fp32, eval mode), criterion, task and cfg."""
-    from fairseq import checkpoint_utils
-
-    models, cfg, task = checkpoint_utils.load_model_ensemble_and_task(
-        [checkpoint], arg_overrides={"data": data_bin}
-    )
-    criterion = task.build_criterion(cfg.criterion)
-    return models[0].float().eval(), criterion.eval(), task, cfg
-
-
-def fixed_batches(
-    task, model: nn.Module, subset: str, max_tokens: int, count: int, seed: int
-) -> List[Any]:
+def fixed_batches(loaded: loading.Loaded, subset: str, max_tokens: int, count: int, seed: int):
     """The first `count` batches of `subset` in fairseq's shuffled batch order for `seed`
     (length-bucketed batches, as training draws them; the same for every call)."""
-    from fairseq import utils
-
-    task.load_dataset(subset, combine=False, epoch=1)
-    iterator = task.get_batch_iterator(
-        dataset=task.dataset(subset),
-        max_tokens=max_tokens,
-        max_positions=utils.resolve_max_positions(task.max_positions(), model.max_positions()),
-        ignore_invalid_inputs=True,
-        seed=seed,
-        disable_iterator_cache=True,
-    ).next_epoch_itr(shuffle=True)
-    batches = []
-    for batch in iterator:
-        batches.append(batch)
-        if len(batches) == count:
-            break
+    batches = loading.split_batches(
+        loaded, subset, count, True, max_tokens=max_tokens, seed=seed, ignore_invalid_inputs=True
+    )
     if len(batches) < count:
         raise ConfigError(f"--batches {count}: subset {subset!r} has only {len(batches)} batches")
     return batches
@@ -974,10 +918,7 @@ def check_precision_inputs(
         raise ConfigError("give exactly one of --checkpoint PATH and --init")
     if checkpoint is not None and not os.path.isfile(checkpoint):
         raise ConfigError(f"--checkpoint: file not found: {checkpoint}")
-    if not os.path.isdir(data_bin):
-        raise ConfigError(f"--data-bin: folder not found: {data_bin}")
-    if not any(f.startswith(subset + ".") and f.endswith(".idx") for f in os.listdir(data_bin)):
-        raise ConfigError(f"--subset {subset}: no binarized split {subset!r} in {data_bin}")
+    loading.check_split(data_bin, subset)
     for flag, value, minimum in (
         ("--batches", batches, 1),
         ("--max-tokens", max_tokens, 1),
@@ -1009,10 +950,11 @@ def run(
     for name in autocast_modes:
         _dtype(name, AUTOCAST_DTYPES, "--autocast")
     if init:
-        model, criterion, task, cfg = init_model(data_bin, seed)
+        loaded = init_model(data_bin, seed)
     else:
-        model, criterion, task, cfg = load_model(checkpoint, data_bin)
-    samples = fixed_batches(task, model, subset, max_tokens, batches, seed)
+        loaded = loading.load_checkpoint(checkpoint, data_bin, subset)
+    model, criterion, cfg = loaded.model, loaded.criterion, loaded.cfg
+    samples = fixed_batches(loaded, subset, max_tokens, batches, seed)
     results = []
     for index, sample in enumerate(samples):
         if log:

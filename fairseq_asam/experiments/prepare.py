@@ -23,12 +23,9 @@ The recipe, step by step (file names relative to `workdir`):
    The real archive gives 160,239 / 7,283 / 6,750 pairs, which is checked.
    The same pairs are also written untokenized (whitespace-normalized and lowercased, ’ still
    turned into ' in dev/test) as `{train,valid,test}.raw.*`: the references of detokenized BLEU.
-5. subword -> `iwslt14.tokenized.de-en/{train,valid,test}.{de,en}`
-   - `bpe` (the recipe): subword-nmt learn_bpe with `bpe_merges` merges (10,000) on train.de
-     followed by train.en, written to `code`, and apply_bpe on every split;
-   - `sentencepiece`: one SentencePiece model (`spm.model`, unigram, vocabulary size
-     `bpe_merges`) trained on the untokenized `train.raw.de` + `train.raw.en`, applied to the
-     `*.raw.*` text of every split; detokenized BLEU (sacrebleu) is then the natural metric.
+5. BPE -> `iwslt14.tokenized.de-en/{train,valid,test}.{de,en}`: subword-nmt learn_bpe with
+   `bpe_merges` merges (10,000) on train.de followed by train.en, written to `code`, and
+   apply_bpe on every split.
 6. binarize: fairseq-preprocess into `data-bin/iwslt14.tokenized.de-en` (separate dictionaries,
    or `--joined-dictionary`).
 
@@ -49,6 +46,7 @@ import logging
 import multiprocessing
 import os
 import re
+import shutil
 import subprocess
 import tarfile
 import time
@@ -115,15 +113,11 @@ REAL_COUNTS = {"train": 160239, "valid": 7283, "test": 6750}
 REAL_CORPUS_MIN_PAIRS = 100_000
 
 DEFAULT_BPE_MERGES = 10000
-SUBWORD_METHODS = ("bpe", "sentencepiece")
 TOKENIZE_CHUNK_LINES = 2000
 SUBWORD_CHUNK_LINES = 5000
 
 PREP_NAME = "iwslt14.tokenized.de-en"
 STATE_FOLDER = ".prepare-iwslt14"
-# A download in progress: a fixed name (not files.atomic_output's random one), so that a re-run
-# resumes it with an HTTP Range request.
-DOWNLOAD_SUFFIX = ".download"
 
 
 # --------------------------------------------------------------------------------------------
@@ -410,12 +404,11 @@ def download_archive(
     allow_md5_mismatch: bool = False,
     attempts: int = DOWNLOAD_ATTEMPTS,
 ) -> str:
-    """Downloads `url` to `destination` through `destination.download`, resuming an interrupted
-    download with an HTTP Range request, retrying failures, and checking the size the server
-    announced and the MD5 (`md5`; None: no check).  The file appears under its name only when
-    whole and verified.  An archive already at `destination` is verified too.  A wrong MD5 is
-    an error (the downloaded file is removed, so that the next attempt starts afresh; one
-    already present is left alone) unless `allow_md5_mismatch`."""
+    """Downloads `url` to `destination`, each failed attempt starting again from the first
+    byte, and checks the size the server announced and the MD5 (`md5`; None: no check).  The
+    file appears under its name only when whole and verified.  An archive already at
+    `destination` (a local file put there) is verified and used.  A wrong MD5 is an error
+    unless `allow_md5_mismatch`."""
     md5 = check_md5_option(md5)
     if os.path.exists(destination):
         try:
@@ -426,85 +419,37 @@ def download_archive(
             ) from None
         logger.info("using %s (already downloaded, MD5 checked)", destination)
         return destination
-    os.makedirs(os.path.dirname(os.path.abspath(destination)), exist_ok=True)
-    partial = destination + DOWNLOAD_SUFFIX
-    failure: Optional[Exception] = None
     for attempt in range(1, attempts + 1):
         try:
-            _download_resuming(url, partial)
+            with atomic_output(destination) as temporary:
+                _download(url, temporary)
+                digest = verify_md5(temporary, md5, allow_md5_mismatch, f"downloaded from {url}:")
             break
+        except FairseqAsamError as error:  # the MD5: the file is removed
+            raise FairseqAsamError(
+                f"{error} (removed; pass --allow-md5-mismatch to use such a file, or "
+                "--download-md5 for another mirror's)"
+            ) from None
         except (urllib.error.URLError, http.client.HTTPException, OSError, ValueError) as exc:
-            failure = exc
             logger.warning(
                 "download of %s failed (attempt %d of %d): %s", url, attempt, attempts, exc
             )
-            if attempt < attempts:
-                time.sleep(DOWNLOAD_RETRY_SECONDS * attempt)
-    else:
-        raise FairseqAsamError(
-            f"{url}: download failed {attempts} times ({failure}); pass a local --archive"
-        )
-    try:
-        digest = verify_md5(partial, md5, allow_md5_mismatch, f"downloaded from {url}:")
-    except FairseqAsamError as error:
-        os.unlink(partial)
-        raise FairseqAsamError(
-            f"{error} (removed; pass --allow-md5-mismatch to use such a file, or --download-md5 "
-            "for another mirror's)"
-        ) from None
-    os.replace(partial, destination)
-    logger.info(
-        "downloaded %s to %s (%d bytes, MD5 %s)",
-        url,
-        destination,
-        os.path.getsize(destination),
-        digest,
-    )
+            if attempt == attempts:
+                raise FairseqAsamError(
+                    f"{url}: download failed {attempts} times ({exc}); pass a local --archive"
+                ) from None
+            time.sleep(DOWNLOAD_RETRY_SECONDS * attempt)
+    size = os.path.getsize(destination)
+    logger.info("downloaded %s to %s (%d bytes, MD5 %s)", url, destination, size, digest)
     return destination
 
 
-def _total_from_content_range(value: Optional[str]) -> Optional[int]:
-    """The complete size in `bytes a-b/TOTAL` or `bytes */TOTAL` (None if unknown)."""
-    if not value or "/" not in value:
-        return None
-    total = value.rsplit("/", 1)[1].strip()
-    return int(total) if total.isdigit() else None
-
-
-def _download_resuming(url: str, partial: str) -> None:
-    have = os.path.getsize(partial) if os.path.exists(partial) else 0
-    request = urllib.request.Request(url, headers={"Range": f"bytes={have}-"} if have else {})
-    try:
-        response = urllib.request.urlopen(request, timeout=DOWNLOAD_TIMEOUT_SECONDS)
-    except urllib.error.HTTPError as exc:
-        if exc.code == 416 and have:
-            # Nothing left to fetch, if the part file is as long as the file: the size the
-            # server announces must match (the MD5 check follows); otherwise start again.
-            total = _total_from_content_range(exc.headers.get("Content-Range"))
-            if total == have:
-                return
-            logger.warning(
-                "%s: the server has %s bytes, %s holds %d: downloading it again",
-                url,
-                "an unknown number of" if total is None else total,
-                partial,
-                have,
-            )
-            os.unlink(partial)
-            return _download_resuming(url, partial)
-        raise
-    with response:
-        if response.status == 206:
-            total = _total_from_content_range(response.headers.get("Content-Range"))
-            total = -1 if total is None else total
-            mode = "ab"
-        else:  # the server sent the whole file
-            total = int(response.headers.get("Content-Length", -1))
-            have, mode = 0, "wb"
-        with open(partial, mode) as out:
-            for block in iter(lambda: response.read(READ_BLOCK_BYTES), b""):
-                out.write(block)
-                have += len(block)
+def _download(url: str, path: str) -> None:
+    with urllib.request.urlopen(url, timeout=DOWNLOAD_TIMEOUT_SECONDS) as response:
+        total = int(response.headers.get("Content-Length", -1))
+        with open(path, "wb") as out:
+            shutil.copyfileobj(response, out, READ_BLOCK_BYTES)
+            have = out.tell()
     if total >= 0 and have != total:
         raise ValueError(f"got {have} of {total} bytes")
 
@@ -618,7 +563,6 @@ def prepare_iwslt14(
     archive: Optional[str],
     workdir: str,
     *,
-    subword: str = "bpe",
     bpe_merges: int = DEFAULT_BPE_MERGES,
     joined_dictionary: bool = False,
     workers: int = os.cpu_count() or 1,
@@ -631,15 +575,12 @@ def prepare_iwslt14(
 
     `archive`: a local `de-en.tgz`, or None to download `download_url` to `workdir/orig/`
     (checked against `download_md5` unless `allow_md5_mismatch`, see download_archive).
-    `subword`: "bpe" (the recipe) or "sentencepiece"; `bpe_merges`: the number of BPE merges,
-    or the SentencePiece vocabulary size. `joined_dictionary`: one fairseq dictionary for both
+    `bpe_merges`: the number of BPE merges. `joined_dictionary`: one fairseq dictionary for both
     languages. `workers`: processes for tokenization, apply_bpe and fairseq-preprocess.
     `expect_real_counts`: check the split sizes against the real corpus's 160,239 / 7,283 /
     6,750; None checks them when the cleaned training text has at least 100,000 pairs.
     Raises `FairseqAsamError` for an unusable archive or flag, before writing the step's files.
     """
-    if subword not in SUBWORD_METHODS:
-        raise ConfigError(f"--subword: {subword!r} is not one of {', '.join(SUBWORD_METHODS)}")
     if bpe_merges < 1:
         raise ConfigError(f"--bpe-merges: must be positive, not {bpe_merges}")
     workers = max(1, workers)
@@ -671,26 +612,14 @@ def prepare_iwslt14(
     )
     _clean_step(tmp, records, settings)
     _split_step(archive, tmp, records, settings, expect_real_counts)
-    settings = dict(settings, subword=subword, bpe_merges=bpe_merges)
-    if subword == "bpe":
-        _bpe_step(tmp, prep, records, settings, bpe_merges, workers)
-    else:
-        _sentencepiece_step(tmp, prep, records, settings, bpe_merges, workers)
+    settings = dict(settings, bpe_merges=bpe_merges)
+    _bpe_step(tmp, prep, records, settings, bpe_merges, workers)
     settings = dict(settings, joined_dictionary=joined_dictionary)
     _binarize_step(prep, data_bin, records, settings, joined_dictionary, workers)
     counts = {
         split: len(read_lines(os.path.join(prep, f"{split}.{SOURCE_LANG}"))) for split in SPLITS
     }
-    logger.info(
-        "IWSLT'14 de-en ready in %s: %s pairs (%s)", data_bin, _count_report(counts), subword
-    )
-    if subword == "sentencepiece":
-        logger.info(
-            "subword=sentencepiece: the text is not Moses-tokenized; score detokenized output with "
-            "sacrebleu against %s (SentencePiece model %s)",
-            os.path.join(tmp, f"test.raw.{TARGET_LANG}"),
-            os.path.join(prep, "spm.model"),
-        )
+    logger.info("IWSLT'14 de-en ready in %s: %s pairs (BPE)", data_bin, _count_report(counts))
     return data_bin
 
 
@@ -839,54 +768,6 @@ def _bpe_step(
         segmented[owner].extend(lines)
     for key, path in outputs.items():
         write_lines(path, segmented[key])
-    records.mark_done("subword", settings)
-
-
-def _sentencepiece_step(
-    tmp: str, prep: str, records: _StepRecords, settings: dict, vocab_size: int, workers: int
-) -> None:
-    import sentencepiece
-
-    model = os.path.join(prep, "spm.model")
-    outputs = {
-        (split, lang): os.path.join(prep, f"{split}.{lang}")
-        for split in SPLITS
-        for lang in LANGUAGES
-    }
-    if records.is_done("subword", settings, [model, *outputs.values()]):
-        logger.info("sentencepiece: done before, skipped")
-        return
-    vocab = os.path.join(prep, "spm.vocab")
-    logger.info(
-        "sentencepiece: training a joint model of %d pieces on train.raw.%s + train.raw.%s",
-        vocab_size,
-        SOURCE_LANG,
-        TARGET_LANG,
-    )
-    with atomic_output(model) as model_temporary, atomic_output(vocab) as vocab_temporary:
-        prefix = model_temporary + "-spm"  # SentencePiece writes <prefix>.model and <prefix>.vocab
-        try:
-            sentencepiece.SentencePieceTrainer.train(
-                input=[os.path.join(tmp, f"train.raw.{lang}") for lang in LANGUAGES],
-                model_prefix=prefix,
-                vocab_size=vocab_size,
-                character_coverage=1.0,
-                model_type="unigram",
-                hard_vocab_limit=False,  # a small corpus may not fill `vocab_size`
-                num_threads=workers,
-                minloglevel=2,
-            )
-            os.replace(prefix + ".model", model_temporary)
-            os.replace(prefix + ".vocab", vocab_temporary)
-        finally:
-            for leftover in (prefix + ".model", prefix + ".vocab"):
-                if os.path.exists(leftover):
-                    os.unlink(leftover)
-    processor = sentencepiece.SentencePieceProcessor(model_file=model)
-    for (split, lang), path in outputs.items():
-        lines = read_lines(os.path.join(tmp, f"{split}.raw.{lang}"))
-        pieces = processor.encode(lines, out_type=str, num_threads=workers)
-        write_lines(path, (" ".join(line_pieces) for line_pieces in pieces))
     records.mark_done("subword", settings)
 
 

@@ -345,8 +345,8 @@ def expected_fingerprint(grid: dict, row: str) -> Optional[str]:
 
 
 def grid_rows(grid: dict) -> List[str]:
-    """The rows of a grid (older grid.json: its optimizers)."""
-    return list(grid.get("rows") or grid.get("optimizers", []))
+    """The rows of a grid."""
+    return list(grid.get("rows", []))
 
 
 def _status_of(run_dir: str, results: Optional[dict], why: Optional[str]) -> str:

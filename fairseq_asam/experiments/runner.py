@@ -83,8 +83,6 @@ TRAINING_RECORD = report.TRAINING_RECORD
 FAILURE_RECORD = report.FAILURE_RECORD
 GRID_RECORD = report.GRID_RECORD
 SHARPNESS_JSON, SHARPNESS_LOG = "sharpness.json", "sharpness.log"
-# Written by versions before training.json: a run that has one cannot tell its settings.
-LEGACY_TRAINING_DONE = "training.done"
 DATA_BIN_NAME = os.path.join("data-bin", prepare.PREP_NAME)
 # fairseq-train options that name where a run writes, not how it trains.
 RUN_LOCATION_FLAGS = ("--save-dir", "--user-dir")
@@ -459,20 +457,14 @@ def plan_training(config: GridConfig, run: Run) -> RunPlan:
     record = read_json_object(os.path.join(run_dir, TRAINING_RECORD))
     current = config.training_settings(run)
     recorded = dict(record.get("settings", {})) if record is not None else {}
-    if current.get(DATA_CONTENT_SETTING) is None or (
-        record is not None and DATA_CONTENT_SETTING not in recorded
-    ):
-        # Not prepared yet: compared once it is (run_grid checks again then).  Or recorded by
-        # a version before data_content: unknown, adopted under the run's lock (execute_run).
+    if current.get(DATA_CONTENT_SETTING) is None:
+        # Not prepared yet: compared once it is (run_grid checks again then).
         current.pop(DATA_CONTENT_SETTING, None)
         recorded.pop(DATA_CONTENT_SETTING, None)
     if record is None:
-        if _has_checkpoints(run_dir) or os.path.exists(os.path.join(run_dir, LEGACY_TRAINING_DONE)):
+        if _has_checkpoints(run_dir):
             return RunPlan(
-                run,
-                TRAIN,
-                conflict=f"has checkpoints but no {TRAINING_RECORD} (an older version made it), "
-                "so its settings are unknown",
+                run, TRAIN, conflict=f"has checkpoints but no {TRAINING_RECORD}: settings unknown"
             )
         return RunPlan(run, TRAIN, "training")
     changes = describe_changes(recorded, current)
@@ -964,31 +956,6 @@ def checkpoint_updates(path: str) -> Optional[int]:
         return None
 
 
-def adopt_data_content(config: GridConfig, run: Run) -> None:
-    """A training.json written before the settings held the data's content (data_content) gets
-    the content of the data folder as it is now, and its fingerprints again: the same trust in
-    the folder the older version placed, and the run's results count for the report again."""
-    path = os.path.join(config.run_dir(run), TRAINING_RECORD)
-    record = read_json_object(path)
-    if record is None or DATA_CONTENT_SETTING in record.get("settings", {}):
-        return
-    content = config.training_settings(run).get(DATA_CONTENT_SETTING)
-    if content is None:
-        return
-    settings = {**record.get("settings", {}), DATA_CONTENT_SETTING: content}
-    logger.info(f"{run.name}: {TRAINING_RECORD} predates data_content; recording the data's now")
-    write_json(
-        path,
-        {
-            **record,
-            "settings": settings,
-            "fingerprint": evaluation.fingerprint(settings),
-            "recipe_fingerprint": recipe_fingerprint(settings),
-            "data_content_adopted": _now(),
-        },
-    )
-
-
 def finished_at_budget(config: GridConfig, run: Run) -> bool:
     """For a run to resume: if its checkpoint_last.pt is at --max-update already (the launcher
     was killed after fairseq-train's last save), marks training.json finished and returns True.
@@ -1073,7 +1040,6 @@ def execute_run(
         plan = plan_run(config, run, references)
         if plan.conflict:
             raise FairseqAsamError(f"{run.name} {plan.conflict}")
-        adopt_data_content(config, run)
         if plan.action == DONE:
             logger.info(f"{run.name}: {plan.reason}")
             return os.path.join(run_dir, evaluation.RESULTS_NAME)

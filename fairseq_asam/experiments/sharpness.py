@@ -38,7 +38,6 @@ ReLU): T' = S T, so w' + T'δ = S (w + T δ) and the maximization over δ is the
 """
 
 import dataclasses
-import itertools
 import math
 import os
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
@@ -46,8 +45,9 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 import torch
 from torch import Tensor, nn
 
-from ..errors import ConfigError, FairseqAsamError
+from ..errors import ConfigError
 from ..perturbation import is_adaptive
+from . import loading
 
 MEASURES = ("adaptive", "plain")
 DEFAULT_SUBSET = "valid"
@@ -56,8 +56,6 @@ DEFAULT_ETA = 0.01  # the ASAM optimizer's default
 DEFAULT_STEPS = 10
 # Length of every ascent step in δ-space, in units of ρ: the first step reaches the sphere.
 ASCENT_STEP_IN_RHO = 1.0
-# Suffix of fairseq's binarized index files: `{split}.{src}-{tgt}.{lang}.idx` or `{split}.idx`.
-INDEX_SUFFIX = ".idx"
 
 # (model, batch) -> (loss summed over the batch, the batch's sample size)
 LossFn = Callable[[nn.Module, Any], Tuple[Tensor, float]]
@@ -224,16 +222,11 @@ def estimate_sharpness(
                 p.copy_(w)
         model.train(was_training)
 
-    if step_losses:
-        best = max(range(len(step_losses)), key=step_losses.__getitem__)
-        perturbed_loss, epsilon_norm, delta_norm, best_step = (
-            step_losses[best],
-            epsilon_norms[best],
-            delta_norms[best],
-            best + 1,
-        )
-    else:  # zero gradient at w: ε* = 0
-        perturbed_loss, epsilon_norm, delta_norm, best_step = loss, 0.0, 0.0, 0
+    # ε* is the iterate of highest loss (the first of equals); none if the gradient at w is 0
+    iterates = zip(step_losses, epsilon_norms, delta_norms, range(1, steps + 1))
+    perturbed_loss, epsilon_norm, delta_norm, best_step = max(
+        iterates, key=lambda iterate: iterate[0], default=(loss, 0.0, 0.0, 0)
+    )
     return SharpnessEstimate(
         measure=MEASURES[0] if adaptive else MEASURES[1],
         rho=float(rho),
@@ -253,76 +246,6 @@ def estimate_sharpness(
 
 
 # ---------------------------------------------------------------- fairseq checkpoints
-
-
-def binarized_splits(data_bin: str) -> List[str]:
-    """The splits with a binarized index in the (first) folder of a fairseq --data value."""
-    folder = data_bin.split(os.pathsep)[0]
-    names = (f for f in os.listdir(folder) if f.endswith(INDEX_SUFFIX))
-    return sorted({name.split(".")[0] for name in names})
-
-
-# Special symbols every fairseq Dictionary adds to the words of its dict.*.txt file.
-DICTIONARY_SPECIAL_SYMBOLS = 4
-TRANSLATION_EMBEDDINGS = {
-    "source": "encoder.embed_tokens.weight",
-    "target": "decoder.embed_tokens.weight",
-}
-
-
-def _saved_task_and_embeddings(checkpoint: str) -> Tuple[Dict[str, Any], Dict[str, int]]:
-    """The task settings a checkpoint was trained with and its embedding table sizes, read
-    memory-mapped (the weights themselves are not read)."""
-    try:
-        state = torch.load(checkpoint, map_location="cpu", mmap=True, weights_only=False)
-    except Exception as error:  # not a zip checkpoint (mmap needs one), or not a checkpoint
-        try:
-            state = torch.load(checkpoint, map_location="cpu", weights_only=False)
-        except Exception:
-            raise FairseqAsamError(f"{checkpoint} is not a fairseq checkpoint: {error}") from None
-    if not isinstance(state, dict) or "model" not in state:
-        raise FairseqAsamError(f"{checkpoint} is not a fairseq checkpoint (no model weights)")
-    cfg, args = state.get("cfg"), state.get("args")
-    task = (
-        dict(cfg["task"]) if cfg is not None and cfg.get("task") is not None else vars(args or {})
-    )
-    if "_name" not in task and args is not None:
-        task["_name"] = getattr(args, "task", None)
-    sizes = {
-        side: int(state["model"][key].shape[0])
-        for side, key in TRANSLATION_EMBEDDINGS.items()
-        if key in state["model"]
-    }
-    return task, sizes
-
-
-def check_pairing(checkpoint: str, data_bin: str, subset: str) -> None:
-    """Raises FairseqAsamError naming both when a translation checkpoint does not fit the data
-    folder: another language pair, no pair at all (e.g. a language-model data-bin), or
-    dictionaries whose sizes differ from the checkpoint's embedding tables."""
-    task, sizes = _saved_task_and_embeddings(checkpoint)
-    if not str(task.get("_name") or "").startswith("translation"):
-        return  # other tasks: load_subset reports what fairseq finds
-    folder = data_bin.split(os.pathsep)[0]
-    source, target = task.get("source_lang"), task.get("target_lang")
-    pair = f"{source}-{target}"
-    mismatch = f"checkpoint {checkpoint} ({task['_name']}, {pair}) does not fit {folder}"
-    indexed = [
-        f"{subset}.{a}-{b}.{source}{INDEX_SUFFIX}" for a, b in ((source, target), (target, source))
-    ]
-    if not any(os.path.isfile(os.path.join(folder, name)) for name in indexed):
-        raise FairseqAsamError(f"{mismatch}: it has no {subset} split for the pair {pair}")
-    for side, lang in (("source", source), ("target", target)):
-        path = os.path.join(folder, f"dict.{lang}.txt")
-        if not os.path.isfile(path):
-            raise FairseqAsamError(f"{mismatch}: {os.path.basename(path)} is missing")
-        with open(path, encoding="utf-8") as f:
-            words = sum(1 for line in f if line.strip())
-        if side in sizes and words + DICTIONARY_SPECIAL_SYMBOLS != sizes[side]:
-            raise FairseqAsamError(
-                f"{mismatch}: its {side} dictionary has {words + DICTIONARY_SPECIAL_SYMBOLS} "
-                f"symbols, the checkpoint's {side} embeddings {sizes[side]}"
-            )
 
 
 def check_measurement(
@@ -362,16 +285,7 @@ def check_measurement(
         raise ConfigError(f"--device {device}: this machine has {torch.cuda.device_count()} GPU(s)")
     if not os.path.isfile(checkpoint):
         raise ConfigError(f"checkpoint not found: {checkpoint}")
-    folder = data_bin.split(os.pathsep)[0]
-    if not os.path.isdir(folder):
-        raise ConfigError(f"data-bin folder not found: {folder}")
-    splits = binarized_splits(data_bin)
-    if subset not in splits:
-        raise ConfigError(
-            f"--subset {subset}: no such split in {folder} "
-            f"(it has: {', '.join(splits) or 'no binarized split'})"
-        )
-    check_pairing(checkpoint, data_bin, subset)
+    loading.check_split(data_bin, subset)
     return torch_device
 
 
@@ -390,24 +304,21 @@ def load_subset(
     Batches are sized by `max_tokens` / `batch_size`, by default the checkpoint's validation
     settings; they stay on the CPU and move to `device` one at a time.
     """
-    from fairseq import checkpoint_utils, utils
+    from fairseq import utils
 
-    models, cfg, task = checkpoint_utils.load_model_ensemble_and_task(
-        [checkpoint], arg_overrides={"data": data_bin}
+    loaded = loading.load_checkpoint(checkpoint, data_bin, subset)
+    cfg = loaded.cfg.dataset
+    batches = loading.split_batches(
+        loaded,
+        subset,
+        max_batches,
+        max_tokens=cfg.max_tokens_valid if max_tokens is None else max_tokens,
+        max_sentences=cfg.batch_size_valid if batch_size is None else batch_size,
+        seed=loaded.cfg.common.seed,
+        ignore_invalid_inputs=cfg.skip_invalid_size_inputs_valid_test,
+        required_batch_size_multiple=cfg.required_batch_size_multiple,
     )
-    model = models[0].to(device).eval()
-    criterion = task.build_criterion(cfg.criterion).to(device).eval()
-    task.load_dataset(subset, combine=False, epoch=1, task_cfg=cfg.task)
-    iterator = task.get_batch_iterator(
-        dataset=task.dataset(subset),
-        max_tokens=cfg.dataset.max_tokens_valid if max_tokens is None else max_tokens,
-        max_sentences=cfg.dataset.batch_size_valid if batch_size is None else batch_size,
-        max_positions=utils.resolve_max_positions(task.max_positions(), model.max_positions()),
-        ignore_invalid_inputs=cfg.dataset.skip_invalid_size_inputs_valid_test,
-        required_batch_size_multiple=cfg.dataset.required_batch_size_multiple,
-        seed=cfg.common.seed,
-    ).next_epoch_itr(shuffle=False)
-    batches = list(itertools.islice(iterator, max_batches))
+    model, criterion = loaded.model.to(device), loaded.criterion.to(device)
 
     def criterion_loss(model_: nn.Module, sample) -> Tuple[Tensor, float]:
         loss, sample_size, _ = criterion(
@@ -449,17 +360,9 @@ def measure_checkpoint(
         max_tokens,
         batch_size,
     )
-    try:
-        model, batches, loss_fn = load_subset(
-            checkpoint, data_bin, subset, max_batches, torch_device, max_tokens, batch_size
-        )
-    except FairseqAsamError:
-        raise
-    except Exception as error:  # what check_pairing cannot see (other tasks): fairseq's words
-        reason = " ".join(str(error).split()) or type(error).__name__
-        raise FairseqAsamError(
-            f"cannot load checkpoint {checkpoint} with the data in {data_bin}: {reason}"
-        ) from error
+    model, batches, loss_fn = load_subset(
+        checkpoint, data_bin, subset, max_batches, torch_device, max_tokens, batch_size
+    )
     estimates = [
         estimate_sharpness(
             model, batches, loss_fn, rho, measure == "adaptive", eta, normalize_biases, steps

@@ -1,0 +1,170 @@
+"""One loader for the experiment kit: a fairseq checkpoint, its task set up on a data folder, the
+model and criterion, and the batches of a split (evaluation, sharpness, precision, benchmark).
+
+A translation checkpoint trained without --source-lang/--target-lang (as fairseq's IWSLT'14
+example trains) records no language pair: fairseq's translation task infers it from the data
+folder's file names (`data_utils.infer_language_pair`), and so does `check_fits`.
+"""
+
+import itertools
+import os
+from dataclasses import dataclass
+from typing import Any, Callable, List, Optional, Sequence
+
+import torch
+from torch import nn
+
+from ..errors import ConfigError, FairseqAsamError
+
+# Suffix of fairseq's binarized index files: `{split}.{src}-{tgt}.{lang}.idx` or `{split}.idx`.
+INDEX_SUFFIX = ".idx"
+# Special symbols every fairseq Dictionary adds to the words of its dict.*.txt file.
+DICTIONARY_SPECIAL_SYMBOLS = 4
+TRANSLATION_EMBEDDINGS = {
+    "source": "encoder.embed_tokens.weight",
+    "target": "decoder.embed_tokens.weight",
+}
+
+
+@dataclass
+class Loaded:
+    model: nn.Module
+    criterion: nn.Module
+    task: Any
+    cfg: Any
+
+
+def data_folder(data_bin: str) -> str:
+    """The folder of a fairseq --data value that holds the dictionaries (its first one)."""
+    return data_bin.split(os.pathsep)[0]
+
+
+def binarized_splits(data_bin: str) -> List[str]:
+    """The splits with a binarized index in the (first) folder of a fairseq --data value."""
+    names = (f for f in os.listdir(data_folder(data_bin)) if f.endswith(INDEX_SUFFIX))
+    return sorted({name.split(".")[0] for name in names})
+
+
+def check_split(data_bin: str, split: str, flag: str = "--subset") -> None:
+    """Raises ConfigError naming the folder or `flag` unless `data_bin` has `split` binarized."""
+    folder = data_folder(data_bin)
+    if not os.path.isdir(folder):
+        raise ConfigError(f"data-bin folder not found: {folder}")
+    splits = binarized_splits(data_bin)
+    if split not in splits:
+        raise ConfigError(
+            f"{flag} {split}: no such split in {folder} "
+            f"(it has: {', '.join(splits) or 'no binarized split'})"
+        )
+
+
+def read_checkpoint(path: str) -> dict:
+    """A fairseq checkpoint's saved dict, memory-mapped where the file allows it (the tensors
+    are read when used)."""
+    try:
+        state = torch.load(path, map_location="cpu", mmap=True, weights_only=False)
+    except Exception as error:  # not a zip checkpoint (mmap needs one), or not a checkpoint
+        try:
+            state = torch.load(path, map_location="cpu", weights_only=False)
+        except Exception:
+            raise FairseqAsamError(f"{path} is not a fairseq checkpoint: {error}") from None
+    if not isinstance(state, dict) or "model" not in state:
+        raise FairseqAsamError(f"{path} is not a fairseq checkpoint (no model weights)")
+    if state.get("cfg") is None:  # fairseq < 0.10 saved `args` instead
+        raise FairseqAsamError(f"{path}: no fairseq config in the checkpoint")
+    return state
+
+
+def saved_settings(state: dict, group: str) -> dict:
+    """One group of the settings a checkpoint was trained with: cfg.task, cfg.checkpoint, ..."""
+    return dict(state["cfg"].get(group) or {})
+
+
+def check_fits(checkpoint: str, data_bin: str, split: str) -> None:
+    """Raises FairseqAsamError naming both when a translation checkpoint does not fit the data
+    folder: another language pair, no pair at all (e.g. a language-model data-bin), or
+    dictionaries whose sizes differ from the checkpoint's embedding tables."""
+    from fairseq.data.data_utils import infer_language_pair
+
+    state = read_checkpoint(checkpoint)
+    task = saved_settings(state, "task")
+    if not str(task.get("_name") or "").startswith("translation"):
+        return  # other tasks: load_checkpoint reports what fairseq finds
+    folder = data_folder(data_bin)
+    source, target = task.get("source_lang"), task.get("target_lang")
+    if source is None or target is None:  # trained without -s/-t: as fairseq's task infers it
+        source, target = infer_language_pair(folder)
+    mismatch = f"checkpoint {checkpoint} ({task['_name']}, {source}-{target}) does not fit {folder}"
+    if source is None:
+        raise FairseqAsamError(f"{mismatch}: neither names a language pair to translate")
+    indexed = (
+        f"{split}.{a}-{b}.{source}{INDEX_SUFFIX}" for a, b in ((source, target), (target, source))
+    )
+    if not any(os.path.isfile(os.path.join(folder, name)) for name in indexed):
+        raise FairseqAsamError(
+            f"{mismatch}: it has no {split} split for the pair {source}-{target}"
+        )
+    for side, lang in (("source", source), ("target", target)):
+        path = os.path.join(folder, f"dict.{lang}.txt")
+        if not os.path.isfile(path):
+            raise FairseqAsamError(f"{mismatch}: {os.path.basename(path)} is missing")
+        with open(path, encoding="utf-8") as f:
+            size = sum(1 for line in f if line.strip()) + DICTIONARY_SPECIAL_SYMBOLS
+        embeddings = state["model"].get(TRANSLATION_EMBEDDINGS[side])
+        if embeddings is not None and size != embeddings.shape[0]:
+            raise FairseqAsamError(
+                f"{mismatch}: its {side} dictionary has {size} symbols, "
+                f"the checkpoint's {side} embeddings {embeddings.shape[0]}"
+            )
+
+
+def load_checkpoint(checkpoint: str, data_bin: str, split: str) -> Loaded:
+    """The checkpoint's model and criterion (eval mode, CPU), its task set up on `data_bin`
+    and its cfg; `check_fits` first, and fairseq's own failure as one FairseqAsamError."""
+    from fairseq import checkpoint_utils
+
+    check_fits(checkpoint, data_bin, split)
+    try:
+        models, cfg, task = checkpoint_utils.load_model_ensemble_and_task(
+            [checkpoint], arg_overrides={"data": data_bin}
+        )
+        criterion = task.build_criterion(cfg.criterion)
+    except Exception as error:  # what check_fits cannot see (other tasks): fairseq's words
+        reason = " ".join(str(error).split()) or type(error).__name__
+        raise FairseqAsamError(
+            f"cannot load checkpoint {checkpoint} with the data in {data_bin}: {reason}"
+        ) from error
+    return Loaded(models[0].eval(), criterion.eval(), task, cfg)
+
+
+def build_from_args(argv: Sequence[str], make_task: Optional[Callable] = None) -> Loaded:
+    """A model initialised from fairseq-train's options (torch.manual_seed(--seed) before it is
+    built), its criterion, task (`make_task(cfg)`, default: set up on the data folder) and cfg."""
+    from fairseq import options, tasks
+    from fairseq.dataclass.utils import convert_namespace_to_omegaconf
+
+    args = options.parse_args_and_arch(options.get_training_parser(), list(argv))
+    cfg = convert_namespace_to_omegaconf(args)
+    task = tasks.setup_task(cfg.task) if make_task is None else make_task(cfg)
+    torch.manual_seed(cfg.common.seed)
+    return Loaded(task.build_model(cfg.model), task.build_criterion(cfg.criterion), task, cfg)
+
+
+def first_batches(task, dataset, count: int, shuffle: bool = False, **options) -> List[Any]:
+    """The first `count` batches of `dataset` (fewer if it has fewer) cut by fairseq's own batch
+    iterator (`options`: max_tokens, max_sentences, seed, ...): length-bucketed, in fairseq's
+    fixed order or shuffled by the seed as training draws them; the same on every call."""
+    iterator = task.get_batch_iterator(dataset=dataset, disable_iterator_cache=True, **options)
+    return list(itertools.islice(iterator.next_epoch_itr(shuffle=shuffle), count))
+
+
+def split_batches(loaded: Loaded, split: str, count: int, shuffle: bool = False, **options):
+    """`first_batches` of a split of the loaded task's data, within the model's positions."""
+    from fairseq import utils
+
+    task = loaded.task
+    task.load_dataset(split, combine=False, epoch=1)
+    positions = utils.resolve_max_positions(task.max_positions(), loaded.model.max_positions())
+    return first_batches(
+        task, task.dataset(split), count, shuffle, max_positions=positions, **options
+    )
