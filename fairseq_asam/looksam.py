@@ -11,18 +11,21 @@ and on the plain updates in between (`--sam-interval`), the gradient becomes
 instead of dropping the sharpness-aware direction altogether.  All vectors are flat fp32.
 """
 
+from typing import Sequence
+
 import torch
 from torch import Tensor
 
 
-def orthogonal_component(sharp: Tensor, plain: Tensor) -> Tensor:
-    """g_v: the part of `sharp` orthogonal to `plain` (both flat)."""
+def orthogonalize_(sharp: Tensor, plain: Tensor) -> Tensor:
+    """g_v, in place of `sharp`: its part orthogonal to `plain` (both flat)."""
     coefficient = torch.dot(sharp, plain) / torch.dot(plain, plain).clamp_min(
         torch.finfo(plain.dtype).tiny
     )
-    return sharp - coefficient * plain
+    return sharp.addcmul_(plain, coefficient, value=-1)  # a 0-dim factor: no host sync
 
 
-def reuse_term(plain: Tensor, g_v: Tensor, alpha: float) -> Tensor:
-    """α · ‖G‖/‖g_v‖ · g_v, to be added to the plain gradient G."""
-    return g_v * (alpha * plain.norm() / g_v.norm().clamp_min(torch.finfo(g_v.dtype).tiny))
+def reuse_scale(plain: Sequence[Tensor], g_v: Tensor, alpha: float) -> Tensor:
+    """α · ‖G‖/‖g_v‖ (0-dim), the reuse term's factor on g_v; G given as its parts."""
+    norms = torch.stack([torch.linalg.vector_norm(g, dtype=torch.float32) for g in plain])
+    return alpha * norms.norm() / g_v.norm().clamp_min(torch.finfo(g_v.dtype).tiny)

@@ -119,6 +119,8 @@ def _run_setting(cfg, section: str, key: str):
 
 logger = logging.getLogger(__name__)
 
+G_V_KEY = "fairseq_asam_looksam_g_v"  # LookSAM's g_v, in the optimizer's state dict
+
 # Share of the loss increase L(w + ε) − L(w) that survives when w + ε is stored in low precision,
 # measured on transformer_iwslt_de_en at initialisation and after 175 Adam updates
 # (`fairseq-asam-precision`; README, "Mixed precision").  --amp keeps fp32 weights: 99.9–100%.
@@ -177,6 +179,18 @@ class SharpnessAware:
         # --use-bmuf: every worker steps with its own gradient between block syncs, so LookSAM's
         # plain gradient G must stay this worker's own too (G_s is never all-reduced).
         self._gradients_are_local = bool(_run_setting(cfg, "optimization", "use_bmuf"))
+        # g_v goes with torch's optimizer state dict, which every fairseq wrapper (AMP directly)
+        # saves and loads.
+        self.optimizer.register_state_dict_post_hook(self._save_g_v)
+        self.optimizer.register_load_state_dict_pre_hook(self._load_g_v)
+
+    def _save_g_v(self, optimizer, state_dict) -> None:
+        if self._g_v is not None:
+            state_dict[G_V_KEY] = self._g_v
+
+    def _load_g_v(self, optimizer, state_dict) -> None:
+        if self.looksam_alpha and G_V_KEY in state_dict:  # fairseq loads to the CPU
+            self._g_v = state_dict[G_V_KEY].to(optimizer.param_groups[0]["params"][0].device)
 
     def perturbs_at(self, update_num: int) -> bool:
         """Whether update `update_num` (0-based) takes the sharpness-aware gradient."""
@@ -205,11 +219,10 @@ class SharpnessAware:
         """LookSAM: adds one micro-batch's pass-1 gradient (model parameter order) to G."""
         if not self.looksam_alpha:
             return
-        flat = _flat_gradient(params)
         if self._plain_sum is None:
-            self._plain_sum = flat
-        else:
-            self._plain_sum += flat
+            self._plain_sum = self._flat_zeros()
+        grads, parts = zip(*_with_grad(params, self._plain_sum))
+        torch._foreach_add_(parts, grads)  # no flat copy
 
     def step(self, closure=None, scale=1.0, groups=None):
         self.ensure_two_pass()
@@ -218,15 +231,19 @@ class SharpnessAware:
             self._looksam()
         super().step(closure, scale=scale, groups=groups)
 
-    def _looksam(self) -> None:
-        """Keeps g_v after a sharpness-aware update; adds the reuse term after a plain one."""
+    def _flat_zeros(self) -> Tensor:
+        """G's buffer, zeros (G itself after dummy batches only).  Optimizer parameters are the
+        model's (fp32/fp16 copies, maybe flattened) followed by the criterion's, which pass 1
+        does not see: G is 0 for those."""
         params = [p for group in self.optimizer.param_groups for p in group["params"]]
-        flat = _flat_gradient(params)
+        return torch.zeros(sum(p.numel() for p in params), device=params[0].device)
+
+    def _looksam(self) -> None:
+        """Keeps g_v after a sharpness-aware update; adds the reuse term after a plain one (its
+        one flat fp32 transient besides the buffers g_v and G)."""
+        params = [p for group in self.optimizer.param_groups for p in group["params"]]
         if self.sharpness_aware_update:
-            # Optimizer parameters are the model's (fp32/fp16 copies, maybe flattened) followed
-            # by the criterion's, which pass 1 does not see: pad G with zeros for those.
-            plain = flat.new_zeros(0) if self._plain_sum is None else self._plain_sum  # dummy-only
-            plain = torch.nn.functional.pad(plain, (0, flat.numel() - plain.numel()))
+            plain = self._flat_zeros() if self._plain_sum is None else self._plain_sum
             if (
                 not self._gradients_are_local
                 and dist.is_available()
@@ -234,28 +251,30 @@ class SharpnessAware:
                 and dist.get_world_size() > 1
             ):
                 dist.all_reduce(plain)  # G is global like G_s; its scale does not matter
-            self._g_v = looksam.orthogonal_component(flat, plain)
+            # G_s overwrites the last g_v, then becomes the new g_v in place.
+            self._g_v = looksam.orthogonalize_(_flat_gradient(params, out=self._g_v), plain)
             self._plain_sum = None
         elif self._g_v is not None:
-            term = looksam.reuse_term(flat, self._g_v, self.looksam_alpha)
-            with_grad = [
-                (p, v)
-                for p, v in zip(params, term.split([p.numel() for p in params]))
-                if p.grad is not None
-            ]
-            torch._foreach_add_(
-                [p.grad for p, _ in with_grad],
-                [v.view_as(p.grad).to(p.grad.dtype) for p, v in with_grad],
-            )
+            grads, parts = zip(*_with_grad(params, self._g_v))
+            scale = looksam.reuse_scale(grads, self._g_v, self.looksam_alpha)
+            torch._foreach_add_(grads, torch._foreach_mul(parts, scale))
 
 
-def _flat_gradient(params: List[Tensor]) -> Tensor:
-    """All gradients as one flat fp32 vector, zeros where a parameter has none."""
+def _with_grad(params: List[Tensor], flat: Tensor):
+    """(gradient, its part of `flat`) of each of `params` with a gradient, parts in order."""
+    sizes = [p.numel() for p in params]
+    parts = flat[: sum(sizes)].split(sizes)
+    return [(p.grad, v.view_as(p)) for p, v in zip(params, parts) if p.grad is not None]
+
+
+def _flat_gradient(params: List[Tensor], out: Optional[Tensor] = None) -> Tensor:
+    """All gradients as one flat fp32 vector (in `out` if given), zeros where there is none."""
     return torch.cat(
         [
             (p.grad.reshape(-1) if p.grad is not None else p.new_zeros(p.numel())).float()
             for p in params
-        ]
+        ],
+        out=out,
     )
 
 

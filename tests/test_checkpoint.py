@@ -1,5 +1,6 @@
-"""Checkpoints: numpy-1 pickles under numpy 2, and switching an Adam checkpoint to ASAM across
-precisions (fairseq records the mixed-precision wrapper's class name, not Adam's)."""
+"""Checkpoints: numpy-1 pickles under numpy 2, switching an Adam checkpoint to ASAM across
+precisions (fairseq records the mixed-precision wrapper's class name, not Adam's), and LookSAM's
+g_v saved and loaded through every wrapper."""
 
 import io
 import os
@@ -9,9 +10,10 @@ import sys
 import numpy as np
 import pytest
 import torch
-from harness import batches, build_trainer, emulate_flat_fp16_on_cpu
+from harness import StepRecorder, batches, build_trainer, emulate_flat_fp16_on_cpu
 
 import fairseq_asam  # noqa: F401  (safe globals for fairseq checkpoints)
+from fairseq_asam.optim import find_sharpness_aware
 from fairseq_asam.optimizer_switch import CheckpointError, switch_optimizer
 
 SWITCH_SCRIPT = os.path.join(os.path.dirname(__file__), "..", "scripts", "switch_optimizer.py")
@@ -182,3 +184,30 @@ def test_switch_under_bmuf_keeps_the_recorded_name(data_bin, tmp_path):
     assert "sharpness" in asam.train_step(batches(asam, 3)[-1:])
     with pytest.raises(CheckpointError, match="--use-bmuf"):
         switch_optimizer(str(tmp_path / "adam.pt"), str(tmp_path / "x.pt"), "asam", "amp")
+
+
+@pytest.mark.parametrize("precision", ["fp32", "fp16", "memory-efficient-fp16", "amp", "bmuf"])
+def test_looksam_g_v_is_saved_and_loaded_through_every_wrapper(data_bin, tmp_path, precision):
+    """fairseq saves the outermost optimizer's state_dict (AMPOptimizer's is torch's own, past
+    the plugin's class): g_v must be in it and come back on load, so the next plain update
+    reuses it exactly as the uninterrupted trainer does."""
+    flags = ["--optimizer", "asam", "--sam-interval", "2", "--looksam-alpha", "0.5"]
+    flags += ["--fp16-init-scale", "128", "--lr", "1e-3"]
+    bmuf = ["--use-bmuf", "--distributed-world-size", "1"]
+    flags += bmuf if precision == "bmuf" else PRECISION_FLAGS[precision]
+    with emulate_flat_fp16_on_cpu():
+        straight = build_trainer(data_bin, flags)
+        samples = batches(straight, 2)
+        straight.train_step(samples[:1])  # update 0, sharpness-aware: keeps g_v
+        path = str(tmp_path / "looksam.pt")
+        straight.consolidate_optimizer()
+        straight.save_checkpoint(path, {})
+        resumed = build_trainer(data_bin, flags)
+        resumed.load_checkpoint(path)
+        saved, loaded = (find_sharpness_aware(t.optimizer)._g_v for t in (straight, resumed))
+        assert saved is not None and loaded is not None and torch.equal(loaded, saved)
+        recorders = [StepRecorder(t) for t in (straight, resumed)]
+        for trainer in (straight, resumed):
+            trainer.train_step(samples[1:])  # update 1, plain: adds the reuse term
+    # Adam's input, not the weights: --fp16 rebuilds its fp32 master weights from the fp16 ones.
+    assert all(torch.equal(a, b) for a, b in zip(recorders[0].grads, recorders[1].grads))
