@@ -147,6 +147,19 @@ def test_in_training_bleu_only_where_fairseq_logged_it_for_that_checkpoint(
     assert row["in_training_valid_bleu_mean"] == ("" if shown == "–" else "3.7")
 
 
+def test_a_mean_of_in_training_bleu_over_fewer_runs_says_over_how_many(tmp_path):
+    out = tmp_path / "out"
+    out.mkdir()
+    grid = write_grid(out, seeds=(1, 2))
+    log = valid_line(1, 8, 2.5)
+    write_run(out, grid, "adam", 1, {"num_updates": 8}, (9.0, 8.5, 7.0, 6.5), log)
+    write_run(out, grid, "adam", 2, {"num_updates": 8}, (11.0, 10.5, 9.0, 8.5), "")  # no log
+    lines, (row,) = report([out], tmp_path / "report")
+    (adam,) = table(lines, "Optimizer")
+    assert adam[IN_TRAINING] == "2.50 (n = 1)" and adam["Valid BLEU"] == "10.00 ± 1.41"
+    assert row["in_training_valid_bleu_mean"] == "2.5" and row["n"] == "2"
+
+
 # --------------------------------------------------------------------------------------------
 # The budget, and the paper's numbers beside the paper preset only
 # --------------------------------------------------------------------------------------------

@@ -781,7 +781,9 @@ def markdown_table(
         if with_paper:
             cells += [_value(s.paper and s.paper.valid_bleu), _value(s.paper and s.paper.test_bleu)]
         cells += [_cell(s.stats[key]) for key in ("valid_sacrebleu", "test_sacrebleu")]
-        cells += [_cell(s.stats[IN_TRAINING_BLEU])]
+        logged = s.stats[IN_TRAINING_BLEU]  # a run may have logged none: say over how many
+        partial = logged is not None and logged.count < len(s.seeds)
+        cells += [_cell(logged) + (f" (n = {logged.count})" if partial else "")]
         cells += [_cell(s.stats["adaptive_sharpness"], 4)] if with_sharpness else []
         cells += [s.budget or "–"] + ([s.preset or "–", s.out_dir or "–"] if several else [])
         lines.append("| " + " | ".join(cells) + " |")
