@@ -128,6 +128,8 @@ def sweep_results(optimizer, row, seed, valid, test):
         "seed": seed,
         "run_dir": f"/runs/{row}-seed{seed}",
         "protocol": "best-bleu",
+        "preset": "paper",
+        "training": {"settings": {"--max-update": "50000"}},  # the paper preset's budget
         "checkpoint": {"choice": "best-bleu"},
         "valid": {"bleu": valid, "sacrebleu": valid, "sacrebleu_signature": "s"},
         "test": {"bleu": test, "sacrebleu": test, "sacrebleu_signature": "s"},

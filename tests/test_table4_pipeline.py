@@ -371,6 +371,8 @@ def fake_results(optimizer, seed, valid, test, **extra):
         "seed": seed,
         "run_dir": f"/runs/{optimizer}-seed{seed}",
         "protocol": "best-bleu",
+        "preset": "paper",
+        "training": {"settings": {"--max-update": "50000"}},  # the paper preset's budget
         "checkpoint": {"choice": "best-bleu"},
         "valid": {"bleu": valid, "sacrebleu": valid - 1, "sacrebleu_signature": "nrefs:1|tok:13a"},
         "test": {"bleu": test, "sacrebleu": test - 1, "sacrebleu_signature": "nrefs:1|tok:13a"},
@@ -399,10 +401,15 @@ def test_summary_is_the_mean_and_sample_std_over_seeds_next_to_the_paper():
     assert table.startswith("# Table 4: IWSLT'14 De→En, Transformer — --checkpoint best-bleu\n")
     assert (
         "| Adam+ASAM | 1,2,3 | best-bleu | 36.00 ± 1.00 | 35.00 ± 1.00 | 35.66 | 35.02 "
-        "| 35.00 ± 1.00 | 34.00 ± 1.00 | 0.2000 ± 0.1000 |" in table
+        "| 35.00 ± 1.00 | 34.00 ± 1.00 | – | 0.2000 ± 0.1000 | 50000 |" in table
     )
-    assert "| Adam | 1 | best-bleu | 30.00 | 29.00 | 35.34 | 34.86 | 29.00 | 28.00 | – |" in table
-    assert "| asam-seed3 | best-bleu | done | – | 37.00 | 36.00 | 36.00 | 35.00 | 0.3000 |" in table
+    assert (
+        "| Adam | 1 | best-bleu | 30.00 | 29.00 | 35.34 | 34.86 | 29.00 | 28.00 | – | – | 50000 |"
+        in table
+    )
+    assert "| asam-seed3 | best-bleu | done | – | 37.00 | 36.00 | 36.00 | 35.00 | – | 0.3000 |" in (
+        table
+    )
     assert (
         report.csv_table(results)
         .splitlines()[2]
@@ -414,9 +421,11 @@ def test_summary_is_the_mean_and_sample_std_over_seeds_next_to_the_paper():
     assert report._updates({"checkpoint": {"num_updates": 120, "sources": ["best"]}}) == "120"
     # A grid of 3 seeds where Adam finished one: the row says over how many the mean is.
     grid = {"protocol": "best-bleu", "rows": ["adam", "asam"], "seeds": [1, 2, 3]}
+    grid.update(preset="paper", max_update=50000)  # a grid.json without row settings
     partial = report.markdown_table(results, [grid])
     assert "| Adam | 1 (n = 1 of 3) | best-bleu | 30.00 |" in partial
     assert "| Adam+ASAM | 1,2,3 | best-bleu | 36.00 ± 1.00 |" in partial
+    assert partial.count("| 50000 |") == 2  # the budget of both rows
     assert (
         report.csv_table(results, [grid]).splitlines()[1].startswith("adam,Adam,best-bleu,1,1,3,")
     )
@@ -698,6 +707,7 @@ def test_tiny_preset_writes_every_run_file_and_the_report(tiny_out):
         "best-bleu",
         ["adam", "asam"],
     )
+    logged_bleu = {}  # of the evaluated checkpoint, as fairseq-train logged it
     for name in ("adam-seed1", "asam-seed1"):
         run = tiny_out / "runs" / name
         for file in (
@@ -738,6 +748,7 @@ def test_tiny_preset_writes_every_run_file_and_the_report(tiny_out):
         assert float(state["extra_state"]["best"]) == pytest.approx(top, abs=0.01)
         assert state["optimizer_history"][-1]["num_updates"] == chosen["valid_num_updates"]
         assert results["checkpoint"]["num_updates"] == chosen["valid_num_updates"]
+        logged_bleu[name] = chosen["valid_bleu"]
         for split in ("valid", "test"):
             scores = results[split]
             bleu, sacre, sentences = independent_scores(
@@ -779,7 +790,17 @@ def test_tiny_preset_writes_every_run_file_and_the_report(tiny_out):
         "# Table 4: IWSLT'14 De→En, Transformer — --checkpoint best-bleu (--preset tiny)"
     )
     assert "| Adam | 1 | best-bleu |" in table and "| Adam+ASAM | 1 | best-bleu |" in table
-    assert "35.66 | 35.02" in table and "Adam+SAM" not in table and "Adaptive sharpness" in table
+    assert "Adam+SAM" not in table and "Adaptive sharpness" in table
+    # The tiny preset is not the paper's: no paper numbers beside it, and a line says why.
+    assert "35.66" not in table and "Paper valid" not in table
+    assert "not beside `--preset tiny` (not the paper's settings)" in table
+
+    def cells(first):
+        line = next(x for x in table.splitlines() if x.startswith(f"| {first} |"))
+        return [c.strip() for c in line.split("|")]
+
+    for name, bleu in logged_bleu.items():
+        assert cells(name)[cells("Run").index("Valid BLEU (in-training)")] == f"{bleu:.2f}"
     adam_best = read_json(tiny_out / "runs" / "adam-seed1" / "results.json")["checkpoint"]
     assert f"| adam-seed1 | best-bleu | done | {adam_best['num_updates']} |" in table
     csv_lines = (tiny_out / "report" / "table4.csv").read_text().splitlines()

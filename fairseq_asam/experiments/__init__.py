@@ -8,7 +8,7 @@ extra: sacrebleu, subword-nmt, sacremoses, matplotlib, regex).
     synthetic_data   the generated corpora: the toy corpus and the IWSLT-layout sample archive
     recipe           the fairseq-train argument files of configs/ (shipped as package data)
     runner           the Table 4 grid: data, runs, evaluation, report (fairseq-asam-table4)
-    evaluation       BLEU of a run as Table 4 reports it, and sacreBLEU (fairseq-asam-evaluate)
+    evaluation       a run's tokenized BLEU (assumed Table 4's), sacreBLEU (fairseq-asam-evaluate)
     report           Table 4 and plots from the runs (fairseq-asam-report)
     sharpness        sharpness and adaptive sharpness of a checkpoint (fairseq-asam-sharpness)
     trajectories     SGD/SAM/ASAM on a 2-parameter scale-symmetric loss (fairseq-asam-trajectories)

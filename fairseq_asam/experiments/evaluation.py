@@ -1,4 +1,4 @@
-"""BLEU of a trained fairseq translation model, as Table 4 reports it and as sacreBLEU does.
+"""BLEU of a trained fairseq translation model, tokenized (assumed Table 4's) and sacreBLEU.
 
 For every split (valid, test) one `fairseq-generate` run (beam 5, subword units removed) writes
 `generate-<split>.txt` next to the checkpoints; from its `H-` (hypothesis) and `T-` (reference)
@@ -6,14 +6,19 @@ lines two scores are computed:
 
 * `bleu`: tokenized BLEU, exactly fairseq-generate's / fairseq-score's `--scoring bleu`: corpus
   BLEU-4 without smoothing on the whitespace tokens of the Moses-tokenized, lowercased text,
-  where an unknown reference word never matches.  This is the number of the paper's Table 4
-  (and of fairseq's IWSLT'14 example).  The "BLEU4 = ..." line fairseq-generate prints must
+  where an unknown reference word never matches.  We assume this is the metric of the paper's
+  Table 4 (the paper does not name its BLEU that we know of; it is what the evaluation command
+  of fairseq's IWSLT'14 example prints).  The "BLEU4 = ..." line fairseq-generate prints must
   agree with it, which is checked.
 * `sacrebleu`: detokenized, case-insensitive sacreBLEU (`BLEU(lowercase=True)`, 13a
   tokenization; its signature, `case:lc`, is recorded): hypotheses detokenized with sacremoses'
   MosesDetokenizer (for BPE output), scored against the untokenized references when a
   references file is given (`{split}.raw.en` of the IWSLT'14 preparation), else against the
   detokenized `T-` lines.  The IWSLT'14 preparation lowercases both sides.
+
+Neither is the validation BLEU fairseq-train logs with --eval-bleu (what `best-bleu` selects
+by): detokenized sacreBLEU of fairseq's own validation pass, with its batching, maximum length
+and detokenizer; the report shows it beside these as "Valid BLEU (in-training)".
 
 Checkpoint protocol (`--checkpoint`, see configs/README.md for the default and its evidence):
 `best-bleu` (fairseq's checkpoint_best.pt of a run trained with in-training validation BLEU and
@@ -577,7 +582,7 @@ def evaluate_checkpoint(
         scores = score_split(output, (references or {}).get(split))
         results[split] = {**scores, "command": shlex.join(command), "output": output_path}
         logger.info(
-            f"{split}: BLEU {scores['bleu']:.2f} (tokenized, as Table 4), "
+            f"{split}: BLEU {scores['bleu']:.2f} (tokenized, assumed Table 4's metric), "
             f"sacreBLEU {scores['sacrebleu']:.2f} ({scores['sacrebleu_signature']})"
         )
     return results

@@ -1,4 +1,5 @@
-"""Table 4 from the runs of experiments.runner: BLEU per optimizer next to the paper's, and plots.
+"""Table 4 from the runs of experiments.runner: BLEU per optimizer, the paper's beside the paper
+preset's, and plots.
 
 Reads, for one or more output folders of the runner, `<out>/grid.json` (what the grid is: preset,
 checkpoint protocol, optimizers, seeds, each row's training settings),
@@ -7,12 +8,16 @@ checkpoint protocol, optimizers, seeds, each row's training settings),
 `... | valid | {...}` lines or hydra's `[...][valid][INFO] - {...}` lines), and writes into the
 report folder:
 
-* `table4.md`, `table4.csv`: valid and test BLEU (tokenized, the paper's metric) mean ± sample
-  standard deviation over seeds per optimizer and protocol (`--checkpoint`, named in the title
-  and on every row), the paper's numbers, detokenized sacreBLEU, and the adaptive sharpness of
-  the evaluated checkpoints where a results.json has a `sharpness` entry.  A mean over fewer
-  seeds than the grid has says so (`n = 2 of 3`), and every run of the grid that has no result
-  is listed with why (failed, and where; running elsewhere; interrupted; not started);
+* `table4.md`, `table4.csv`: per optimizer and protocol (`--checkpoint`, named in the title
+  and on every row), mean ± sample standard deviation over seeds of: valid and test BLEU as
+  fairseq-generate prints it (tokenized; assumed to be the paper's metric), detokenized
+  sacreBLEU of the same output, the validation BLEU fairseq-train logged for the evaluated
+  checkpoint (--eval-bleu, "in-training"), and the adaptive sharpness of the evaluated
+  checkpoints where a results.json has a `sharpness` entry; each row's --max-update budget; the
+  paper's numbers beside rows of the paper preset at its budget only (a line says why not for
+  the others).  A mean over fewer seeds than the grid has says so (`n = 2 of 3`), and every run
+  of the grid that has no result is listed with why (failed, and where; running elsewhere;
+  interrupted; not started);
 * `valid_loss.png`, `valid_bleu.png` (runs trained with --eval-bleu or --checkpoint best-bleu),
   `sharpness.png` (the `sharpness` SAM/ASAM log on their train_inner lines, and
   `sharpness_eval` where logged): one line per run against updates; the sharpness plot names
@@ -45,6 +50,7 @@ from dataclasses import dataclass, field
 from typing import Callable, Dict, List, Optional, Sequence, Tuple, Union
 
 from ..errors import FairseqAsamError
+from . import recipe
 from .evaluation import EVALUATED_SPLITS, RESULTS_NAME, evaluation_out_of_date
 from .files import atomic_output, read_json_object, write_text
 from .locks import lock_holder
@@ -80,6 +86,10 @@ PAPER_TABLE4 = {
 # The paper's hyperparameters of those rows: a sweep row with these values is the paper's row.
 PAPER_HPARAMS = {"adam": {}, "sam": {"rho": 0.1}, "asam": {"rho": 0.2, "eta": 0.01}}
 SWEPT_NAMES = {"rho": "ρ", "eta": "η"}
+# The preset of the paper's settings (experiments.runner.TABLE4_PRESETS): the only one whose
+# rows are shown beside the paper's numbers, and only at the recipe's budget (paper_budget).
+PAPER_PRESET = "paper"
+BUDGET_FLAG = "--max-update"
 # A row's swept values in its name (experiments.runner.Run.row): asam-rho0.1-eta0.01.
 SWEPT_VALUE = re.compile(r"-(?P<name>rho|eta)(?P<value>\d[\d.]*(?:e[-+]?\d+)?)")
 ROW_NAME = re.compile(r"^(?P<base>.+?)(?P<swept>(?:-(?:rho|eta)\d[\d.]*(?:e[-+]?\d+)?)*)$")
@@ -105,6 +115,12 @@ def paper_row(row: str) -> Optional[PaperRow]:
     if all(name in wanted and float(value) == wanted[name] for name, value in swept.items()):
         return paper
     return None
+
+
+def paper_budget() -> Optional[str]:
+    """The paper preset's --max-update: the recipe's stopping rule (configs/README.md)."""
+    options = recipe.read_args_file(os.path.join(recipe.config_dir(), recipe.RECIPE_ARGS))
+    return dict(options).get(BUDGET_FLAG)
 
 
 def protocol_description(protocol: str) -> str:
@@ -212,8 +228,28 @@ def run_directories(out_dir: str) -> List[str]:
     return sorted(os.path.join(runs_dir, n) for n in os.listdir(runs_dir) if RUN_NAME.match(n))
 
 
+IN_TRAINING_BLEU = "in_training_valid_bleu"  # put on each loaded result (load_results)
+
+
+def logged_valid_bleu(results: dict, log: Dict[str, List[dict]]) -> Optional[float]:
+    """The validation BLEU fairseq-train logged (--eval-bleu) for the checkpoint `results`
+    evaluated: the `valid` record at the update count it was saved at.  Not by its `epoch`: a
+    checkpoint saved at an epoch's end records the epoch its iterator resumes with, the next
+    one.  None where the run logged none, and for an average of several checkpoints (no
+    validation scored it)."""
+    checkpoint = results.get("checkpoint") or {}
+    updates = checkpoint.get("num_updates")
+    if updates is None or len(checkpoint.get("sources") or ()) > 1:
+        return None
+    for record in log["valid"]:
+        if record.get("valid_num_updates") == updates:
+            bleu = record.get("valid_bleu")
+            return bleu if isinstance(bleu, float) else None
+    return None
+
+
 def load_results(out_dir: str) -> List[dict]:
-    """Every results.json under <out>/runs, each with its `run_dir`."""
+    """Every results.json under <out>/runs, each with its `run_dir` and IN_TRAINING_BLEU."""
     results = []
     for run_dir in run_directories(out_dir):
         loaded = _read_record(os.path.join(run_dir, RESULTS_NAME))
@@ -222,6 +258,9 @@ def load_results(out_dir: str) -> List[dict]:
             loaded.setdefault("optimizer", match.group("optimizer"))
             loaded.setdefault("row", loaded["optimizer"])
             loaded.setdefault("seed", int(match.group("seed")))
+            log_path = os.path.join(run_dir, TRAIN_LOG)
+            if UNREADABLE not in loaded and os.path.isfile(log_path):
+                loaded[IN_TRAINING_BLEU] = logged_valid_bleu(loaded, parse_train_log(log_path))
             results.append({**loaded, "run_dir": run_dir})
     return results
 
@@ -242,6 +281,15 @@ def run_settings(run_dir: str) -> Dict[str, Optional[str]]:
             following = words[index + 1] if index + 1 < len(words) else None
             settings[word] = None if following is None or following.startswith("--") else following
     return settings
+
+
+def run_budget(results: dict) -> Optional[str]:
+    """The --max-update a run trained with: its results.json's training settings, else its
+    training.json or command.txt (run_settings)."""
+    settings = (results.get("training") or {}).get("settings")
+    if not isinstance(settings, dict) and "run_dir" in results:
+        settings = run_settings(results["run_dir"])
+    return (settings or {}).get(BUDGET_FLAG)
 
 
 def adaptive_sharpness(results: dict) -> Optional[float]:
@@ -342,6 +390,14 @@ def expected_fingerprint(grid: dict, row: str) -> Optional[str]:
     if settings is None or not swept:
         return None
     return fingerprint({**settings, **{f"--{name}": value for name, value in swept.items()}})
+
+
+def grid_budget(grid: dict, row: str) -> Optional[str]:
+    """The --max-update the grid trains `row` with: its row's settings (an older grid.json:
+    the grid's --max-update, None unless given)."""
+    settings = grid.get("row_settings", {}).get(parse_row(row)[0]) or {}
+    budget = settings.get(BUDGET_FLAG, grid.get("max_update"))
+    return None if budget is None else str(budget)
 
 
 def grid_rows(grid: dict) -> List[str]:
@@ -459,6 +515,7 @@ METRICS: Dict[str, Callable[[dict], Optional[float]]] = {
     "test_bleu": lambda r: r.get("test", {}).get("bleu"),
     "valid_sacrebleu": lambda r: r.get("valid", {}).get("sacrebleu"),
     "test_sacrebleu": lambda r: r.get("test", {}).get("sacrebleu"),
+    IN_TRAINING_BLEU: lambda r: r.get(IN_TRAINING_BLEU),
     "adaptive_sharpness": adaptive_sharpness,
 }
 
@@ -472,6 +529,14 @@ class OptimizerSummary:
     grid_seeds: Optional[List[int]] = None  # the grid's --seeds for this row
     out_dir: Optional[str] = None  # the output folder (grid) of the row's runs
     preset: Optional[str] = None
+    budget: Optional[str] = None  # --max-update: the grid's, else its runs' ("200, 300")
+
+    @property
+    def paper(self) -> Optional[PaperRow]:
+        """The paper's numbers, for a row of the paper preset at the recipe's budget only."""
+        if self.preset != PAPER_PRESET or self.budget != paper_budget():
+            return None
+        return paper_row(self.optimizer)
 
     @property
     def label(self) -> str:
@@ -555,6 +620,13 @@ def summarize_runs(results: Sequence[dict], grids: Sequence[dict] = ()) -> List[
             return grid.get("preset")
         return next((r.get("preset") for r in runs if r.get("preset")), None)
 
+    def budget(folder: Optional[str], optimizer: str, runs: List[dict]) -> Optional[str]:
+        grid = _grid_of(grids, folder)
+        if grid is not None:
+            return grid_budget(grid, optimizer)
+        budgets = sorted({b for b in map(run_budget, runs) if b}, key=lambda b: (len(b), b))
+        return ", ".join(budgets) or None
+
     return [
         OptimizerSummary(
             optimizer,
@@ -564,6 +636,7 @@ def summarize_runs(results: Sequence[dict], grids: Sequence[dict] = ()) -> List[
             _grid_seeds(grids, protocol, optimizer, folder),
             folder,
             preset(folder, runs),
+            budget(folder, optimizer, runs),
         )
         for (folder, optimizer, protocol), runs in sorted(
             groups.items(),
@@ -604,6 +677,66 @@ def _updates(results: dict) -> str:
     return f"≤ {updates} ({len(sources)} averaged)" if len(sources) > 1 else str(updates)
 
 
+IN_TRAINING_COLUMN = "Valid BLEU (in-training)"
+BUDGET_COLUMN = "Budget (--max-update)"
+
+
+def score_captions() -> List[str]:
+    """What each BLEU column is: three scores of two evaluations, named apart."""
+    return [
+        "Valid BLEU, Test BLEU: tokenized BLEU-4 as fairseq-generate prints it (beam 5, subword "
+        "units removed, on the Moses-tokenized, lowercased text), assumed to be Table 4's metric "
+        "(the paper does not name its BLEU that we know of; configs/README.md). Mean ± sample "
+        "standard deviation over seeds; `n = k of m`: the mean is over the k seeds that finished "
+        "(see Runs for the others).",
+        "",
+        "Valid sacreBLEU, Test sacreBLEU: the same fairseq-generate output, detokenized by this "
+        "kit (sacremoses) and scored by case-insensitive sacreBLEU against the preparation's "
+        "untokenized references.",
+        "",
+        f"{IN_TRAINING_COLUMN}: the `valid_bleu` fairseq-train logged (--eval-bleu) at the update "
+        "the evaluated checkpoint was saved at, the score `--checkpoint best-bleu` selects by. "
+        "Detokenized sacreBLEU too, but of fairseq's own validation pass, not of "
+        "fairseq-generate's output: fairseq's batching, which leaves out N mod 8 of the N valid "
+        "sentences; its maximum length (--eval-bleu-args, 1.2 × source + 10 in the recipe); "
+        "fairseq's Moses detokenizer; and as references the tokenized targets detokenized "
+        "back, an unknown word never matching. – where the run logged none (trained without "
+        "--eval-bleu) or the checkpoint is an average of several.",
+        "",
+        f"{BUDGET_COLUMN}: the updates every run of the row trains for; Updates (Runs): where "
+        "the evaluated checkpoint was saved.",
+    ]
+
+
+def paper_caption(summaries: Sequence[OptimizerSummary]) -> List[str]:
+    """Where the paper's numbers stand, and why not beside the other rows the paper has."""
+    reasons = []
+    for s in summaries:
+        if s.paper is not None or paper_row(s.optimizer) is None:
+            continue
+        if s.preset is None:
+            reason = "rows with no preset recorded (a folder without grid.json)"
+        elif s.preset != PAPER_PRESET:
+            reason = f"`--preset {s.preset}` (not the paper's settings)"
+        else:
+            reason = f"`--preset {PAPER_PRESET}` trained for --max-update {s.budget or '?'}"
+        if reason not in reasons:
+            reasons.append(reason)
+    shown = any(s.paper for s in summaries)
+    if not reasons and not shown:
+        return []
+    text = "Paper valid, Paper test" if shown else "No paper columns"
+    text += (
+        ": the paper's numbers (Kwon et al., 2021, Table 4) stand only beside rows of "
+        f"`--preset {PAPER_PRESET}` at the recipe's --max-update {paper_budget()}"
+    )
+    if reasons:
+        text += (
+            f"; not beside {' nor '.join(reasons)}: their BLEU is not comparable with the paper's"
+        )
+    return ["", text + "."]
+
+
 def _protocols(results: Sequence[dict], grids: Sequence[dict]) -> List[str]:
     found = []
     for protocol in [g.get("protocol") for g in grids] + [results_protocol(r) for r in results]:
@@ -623,49 +756,36 @@ def markdown_table(
     protocols = _protocols(results, grids)
     presets = sorted({g.get("preset") for g in grids if g.get("preset")})
     with_sharpness = any(s.stats["adaptive_sharpness"] for s in summaries)
+    with_paper = any(s.paper for s in summaries)
     several = _several_folders(results, grids, statuses)
-    header = [
-        "Optimizer",
-        "Seeds",
-        "Checkpoint",
-        "Valid BLEU",
-        "Test BLEU",
-        "Paper valid",
-        "Paper test",
-        "Valid sacreBLEU",
-        "Test sacreBLEU",
-    ] + (["Adaptive sharpness"] if with_sharpness else [])
-    header += ["Preset", "Folder"] if several else []
+    header = ["Optimizer", "Seeds", "Checkpoint", "Valid BLEU", "Test BLEU"]
+    header += ["Paper valid", "Paper test"] if with_paper else []
+    header += ["Valid sacreBLEU", "Test sacreBLEU", IN_TRAINING_COLUMN]
+    header += ["Adaptive sharpness"] if with_sharpness else []
+    header += [BUDGET_COLUMN] + (["Preset", "Folder"] if several else [])
     title = "# Table 4: IWSLT'14 De→En, Transformer — --checkpoint " + ", ".join(protocols or ["–"])
     if presets:
         title += f" (--preset {', '.join(presets)})"
     lines = [title, ""]
     for protocol in protocols:
         lines.append(f"`--checkpoint {protocol}`: {protocol_description(protocol)}.")
+    lines += [""] + score_captions() + paper_caption(summaries)
     lines += [
-        "",
-        "BLEU: tokenized BLEU-4 of fairseq-generate (beam 5, subword units removed), the paper's "
-        "metric; mean ± sample standard deviation over seeds; `n = k of m`: the mean is over the "
-        "k seeds that finished (see Runs for the others). sacreBLEU: detokenized, "
-        "case-insensitive.",
         "",
         "| " + " | ".join(header) + " |",
         "|" + "---|" * len(header),
     ]
     for s in summaries:
-        paper = paper_row(s.optimizer)
-        cells = [
-            s.label,
-            s.seeds_cell,
-            s.protocol,
-            _cell(s.stats["valid_bleu"]),
-            _cell(s.stats["test_bleu"]),
-            _value(paper.valid_bleu if paper else None),
-            _value(paper.test_bleu if paper else None),
-            _cell(s.stats["valid_sacrebleu"]),
-            _cell(s.stats["test_sacrebleu"]),
-        ] + ([_cell(s.stats["adaptive_sharpness"], 4)] if with_sharpness else [])
-        cells += [s.preset or "–", s.out_dir or "–"] if several else []
+        cells = [s.label, s.seeds_cell, s.protocol]
+        cells += [_cell(s.stats["valid_bleu"]), _cell(s.stats["test_bleu"])]
+        if with_paper:
+            cells += [_value(s.paper and s.paper.valid_bleu), _value(s.paper and s.paper.test_bleu)]
+        cells += [_cell(s.stats[key]) for key in ("valid_sacrebleu", "test_sacrebleu")]
+        logged = s.stats[IN_TRAINING_BLEU]  # a run may have logged none: say over how many
+        partial = logged is not None and logged.count < len(s.seeds)
+        cells += [_cell(logged) + (f" (n = {logged.count})" if partial else "")]
+        cells += [_cell(s.stats["adaptive_sharpness"], 4)] if with_sharpness else []
+        cells += [s.budget or "–"] + ([s.preset or "–", s.out_dir or "–"] if several else [])
         lines.append("| " + " | ".join(cells) + " |")
     lines += rho_sweep_markdown(results)
 
@@ -678,6 +798,7 @@ def markdown_table(
         "Test BLEU",
         "Valid sacreBLEU",
         "Test sacreBLEU",
+        IN_TRAINING_COLUMN,
     ]
     run_header += ["Adaptive sharpness"] if with_sharpness else []
     run_header += ["Folder"] if several else []
@@ -717,6 +838,7 @@ def markdown_table(
                 _value(METRICS["test_bleu"](r)),
                 _value(METRICS["valid_sacrebleu"](r)),
                 _value(METRICS["test_sacrebleu"](r)),
+                _value(METRICS[IN_TRAINING_BLEU](r)),
             ]
             + ([_value(adaptive_sharpness(r), 4)] if with_sharpness else [])
             + ([r.get("out_dir") or "–"] if several else []),
@@ -761,10 +883,10 @@ def csv_table(results: Sequence[dict], grids: Sequence[dict] = ()) -> str:
         ["optimizer", "label", "checkpoint", "seeds", "n", "n_expected"]
         + ["paper_valid_bleu", "paper_test_bleu"]
         + [f"{key}_{part}" for key in METRICS for part in ("mean", "std")]
-        + ["preset", "folder"]
+        + ["max_update", "preset", "folder"]
     )
     for s in summarize_runs(results, grids):
-        paper = paper_row(s.optimizer)
+        paper = s.paper
         row = [
             s.optimizer,
             s.label,
@@ -782,7 +904,7 @@ def csv_table(results: Sequence[dict], grids: Sequence[dict] = ()) -> str:
                 if stat is None
                 else [round(stat.mean, 4), "" if stat.std is None else round(stat.std, 4)]
             )
-        writer.writerow(row + [s.preset or "", s.out_dir or ""])
+        writer.writerow(row + [s.budget or "", s.preset or "", s.out_dir or ""])
     return out.getvalue()
 
 
