@@ -433,3 +433,18 @@ def test_update_results_keeps_other_entries_and_writes_atomically(tmp_path):
     results = evaluation.update_results(path, {"valid": {"bleu": 2.0}})
     assert results == {"sharpness": {"estimates": []}, "valid": {"bleu": 2.0}}
     assert os.listdir(tmp_path) == ["results.json"]  # no temporary file left
+
+
+@pytest.mark.parametrize(
+    "iterator, epoch",
+    [({"epoch": 4, "iterations_in_epoch": 0}, 3), ({"epoch": 3, "iterations_in_epoch": 5}, 3)],
+    ids=["end-of-epoch", "mid-epoch"],
+)
+def test_checkpoint_position_is_the_epoch_the_checkpoint_was_saved_in(tmp_path, iterator, epoch):
+    """fairseq's EpochBatchIterator.state_dict records the epoch to resume with: epoch + 1 and
+    0 iterations when saved at an epoch's end (checkpoint_best.pt of epoch 3 records 4)."""
+    path = str(tmp_path / "checkpoint.pt")
+    extra_state = {"train_iterator": iterator}
+    state = {"model": {}, "cfg": {}, "optimizer_history": [{"num_updates": 12}]}
+    torch.save({**state, "extra_state": extra_state}, path)
+    assert evaluation.checkpoint_position(path) == {"epoch": epoch, "num_updates": 12}

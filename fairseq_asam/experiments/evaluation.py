@@ -126,6 +126,9 @@ def checkpoint_position(path: str) -> Dict[str, Optional[int]]:
     history = state.get("optimizer_history") or [{}]
     iterator = (state.get("extra_state") or {}).get("train_iterator") or {}
     updates, epoch = history[-1].get("num_updates"), iterator.get("epoch")
+    # fairseq records the epoch a resume starts: after an epoch's end, the next one.
+    if epoch is not None and epoch > 1 and iterator.get("iterations_in_epoch") == 0:
+        epoch -= 1
     return {
         "epoch": None if epoch is None else int(epoch),
         "num_updates": None if updates is None else int(updates),
