@@ -6,6 +6,7 @@ import ast
 import os
 import subprocess
 import sys
+import textwrap
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PACKAGE = "fairseq_asam.experiments"
@@ -81,10 +82,44 @@ def test_no_import_cycle_among_the_kits_modules():
     assert find_cycle(graph) is None, " -> ".join(find_cycle(graph))
 
 
-def test_the_commands_run_as_python_m_fairseq_asam_experiments(tmp_path):
-    """The entry point the runner starts fairseq-asam-sharpness through."""
+def test_table4_help_loads_neither_torch_nor_fairseq(tmp_path):
+    """As pip's console script runs it (a file named fairseq-asam-table4), in a new process."""
+    script = tmp_path / "fairseq-asam-table4"
+    script.write_text(
+        textwrap.dedent(
+            """
+            import sys
+            from fairseq_asam.experiments.cli import table4_main
+            try:
+                table4_main()
+            except SystemExit as done:
+                assert done.code == 0, done.code
+            print(sorted(m for m in ("torch", "fairseq") if m in sys.modules))
+            """
+        )
+    )
+    env = {**os.environ, "PYTHONPATH": REPO + os.pathsep + os.environ.get("PYTHONPATH", "")}
     done = subprocess.run(
-        [sys.executable, "-m", PACKAGE, "sharpness", "--help"],
+        [sys.executable, str(script), "--help"],
+        capture_output=True,
+        text=True,
+        cwd=str(tmp_path),
+        env=env,
+        timeout=300,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stdout.startswith("usage: fairseq-asam-table4")
+    assert "--launcher {local,slurm,submitit-local}" in done.stdout
+    assert done.stdout.splitlines()[-1] == "[]"
+
+
+def test_the_runner_starts_fairseq_asam_sharpness_through_python_m():
+    """`python -m fairseq_asam.experiments NAME`: the runner's command for the sharpness."""
+    from fairseq_asam.experiments import runner
+
+    assert runner.SHARPNESS_COMMAND == (sys.executable, "-m", PACKAGE, "sharpness")
+    done = subprocess.run(
+        [*runner.SHARPNESS_COMMAND, "--help"],
         capture_output=True,
         text=True,
         cwd=REPO,
