@@ -132,3 +132,35 @@ def test_the_runner_starts_fairseq_asam_sharpness_through_python_m():
     )
     assert unknown.returncode == 2
     assert "invalid choice: 'train'" in unknown.stderr
+
+
+def test_a_console_command_installs_the_plugin_before_its_work(tmp_path):
+    """Under a console script the plugin is not installed at import (the --help test); a
+    command's work runs with it installed, as `--user-dir` would have it."""
+    script = tmp_path / "fairseq-asam-report"
+    script.write_text(
+        textwrap.dedent(
+            """
+            import sys
+            from fairseq_asam.experiments import cli
+            assert "fairseq" not in sys.modules
+
+            def work():
+                from fairseq.optim import OPTIMIZER_REGISTRY
+                from fairseq.tasks import FairseqTask
+                from fairseq_asam import two_pass
+
+                installed = getattr(FairseqTask.train_step, two_pass._INSTALLED_MARK, False)
+                print(sorted(k for k in OPTIMIZER_REGISTRY if k in ("asam", "sam")), installed)
+                return 0
+
+            sys.exit(cli._run("fairseq-asam-report", work))
+            """
+        )
+    )
+    env = {**os.environ, "PYTHONPATH": REPO + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    done = subprocess.run(
+        [sys.executable, str(script)], capture_output=True, text=True, env=env, timeout=300
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stdout.splitlines()[-1] == "['asam', 'sam'] True"
