@@ -5,8 +5,8 @@
     <out>/data/                       the preparation's work folder (data-bin inside)
     <out>/runs/<row>-seed<k>/         one run: command.txt, training.json, train.log,
                                       checkpoints/, generate-{valid,test}.txt, results.json,
-                                      failure.json (if its last attempt failed), run.lock;
-                                      (the names: experiments.layout)
+                                      failure.json (if its last attempt failed), run.lock,
+                                      run.holder (these names: experiments.layout);
                                       <row> is the optimizer's row (adam, asam, asam_interval5...)
                                       and, in a sweep, its swept values: asam-rho0.1-eta0.01
     <out>/submitit/                   the jobs' files under --launcher slurm / submitit-local
