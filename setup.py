@@ -44,6 +44,7 @@ setup(
             "sacremoses",
             "matplotlib",
             "regex",
+            "filelock>=3.12",  # the run lock (experiments.layout)
             # --launcher slurm / submitit-local (experiments.cluster), and the hydra route
             # (fairseq-hydra-train --multirun hydra/launcher=submitit_slurm); the launcher's
             # 1.2 line needs hydra-core >= 1.1 (fairseq-fixed pins 1.3.2).

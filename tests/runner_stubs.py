@@ -15,7 +15,7 @@ the Table 4 runner's own logic (stage records, failures, locks, Ctrl-C) run in s
   stub checkpoint).
 * `fake_evaluate` replaces evaluation.evaluate_checkpoint: valid BLEU = the checkpoint's updates,
   test BLEU = updates + seed / 10, so that a test sees which checkpoint was scored.
-* `SHARPNESS_PROGRAM` replaces the runner's fairseq-asam-sharpness program: it writes its own
+* `SHARPNESS_COMMAND` replaces the runner's fairseq-asam-sharpness command: it writes its own
   command line and CUDA_VISIBLE_DEVICES into the --json file.
 * `python runner_stubs.py launch OUT MAX_UPDATE OPTIMIZERS` runs a grid with these stubs (the
   Ctrl-C and two-launcher tests start it as a separate process).
@@ -145,11 +145,13 @@ def fake_evaluate(data_bin, save_dir, user_dir, choice, *args, **kwargs):
     }
 
 
-SHARPNESS_PROGRAM = (
+SHARPNESS_COMMAND = (
+    sys.executable,
+    "-c",
     "import json, os, sys; argv = sys.argv[1:]; "
     "json.dump({'argv': argv, 'cuda_visible_devices': os.environ.get('CUDA_VISIBLE_DEVICES'), "
     "'checkpoint': argv[0], 'estimates': [{'measure': 'adaptive', 'sharpness': 0.25}]}, "
-    "open(argv[argv.index('--json') + 1], 'w'))"
+    "open(argv[argv.index('--json') + 1], 'w'))",
 )
 
 
@@ -162,7 +164,7 @@ def fake_data_bin(folder):
 
 
 def install(runner, set_attribute=setattr, train=True):
-    """Points `runner` at the stubs: its trainer (`train`), evaluation and sharpness program.
+    """Points `runner` at the stubs: its trainer (`train`), evaluation and sharpness command.
     `set_attribute`: a test's monkeypatch.setattr, which undoes it; the builtin setattr in a
     throw-away process."""
     original = runner.train_command
@@ -172,7 +174,7 @@ def install(runner, set_attribute=setattr, train=True):
 
     if train:
         set_attribute(runner, "train_command", stub_command)
-    set_attribute(runner, "SHARPNESS_PROGRAM", SHARPNESS_PROGRAM)
+    set_attribute(runner, "SHARPNESS_COMMAND", SHARPNESS_COMMAND)
     set_attribute(runner.evaluation, "evaluate_checkpoint", fake_evaluate)
     set_attribute(runner.evaluation, "checkpoint_position", fake_checkpoint_position)
 

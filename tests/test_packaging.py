@@ -38,6 +38,7 @@ KIT_DEPENDENCIES = {
     "sacremoses",
     "matplotlib",
     "regex",
+    "filelock",
     "submitit",
     "hydra_plugins",
 }

@@ -117,7 +117,9 @@ def test_every_kind_of_failure_is_recorded_and_the_grid_goes_on(stubbed, tmp_pat
 
 def test_a_failed_sharpness_measurement_is_recorded_too(stubbed, tmp_path, monkeypatch):
     out = tmp_path / "out"
-    monkeypatch.setattr(runner, "SHARPNESS_PROGRAM", "import sys; sys.exit(3)")
+    monkeypatch.setattr(
+        runner, "SHARPNESS_COMMAND", (sys.executable, "-c", "import sys; sys.exit(3)")
+    )
     with pytest.raises(
         runner.FairseqAsamError, match="asam-seed1: sharpness: fairseq-asam-sharpness"
     ):
@@ -247,10 +249,10 @@ def test_checkpoints_without_a_training_record_are_refused_not_guessed(stubbed, 
 
 
 def test_a_locked_run_is_skipped_and_said(stubbed, tmp_path, caplog):
-    from fairseq_asam.experiments.locks import RunLock
+    from fairseq_asam.experiments.layout import run_lock
 
     out = tmp_path / "out"
-    with RunLock(str(out / "runs" / "adam-seed1")):
+    with run_lock(str(out / "runs" / "adam-seed1")):
         runner.run_grid(grid(out))
         assert "adam-seed1: skipped, locked by pid" in caplog.text
         assert not (out / "runs" / "adam-seed1" / "training.json").exists()  # never touched
@@ -626,7 +628,9 @@ def test_a_sharpness_of_another_rho_is_never_reported_when_its_redo_fails(
     runner.run_grid(grid(out, optimizers=("asam",), sharpness_rho=0.05))
     path = out / "runs" / "asam-seed1" / "results.json"
     assert read_json(path)["sharpness_settings"]["rho"] == 0.05
-    monkeypatch.setattr(runner, "SHARPNESS_PROGRAM", "import sys; sys.exit(3)")
+    monkeypatch.setattr(
+        runner, "SHARPNESS_COMMAND", (sys.executable, "-c", "import sys; sys.exit(3)")
+    )
     with pytest.raises(runner.FairseqAsamError, match="asam-seed1: sharpness:"):
         runner.run_grid(grid(out, optimizers=("asam",), sharpness_rho=0.5))
     results = read_json(path)

@@ -12,29 +12,22 @@ import os
 import sys
 from typing import Callable, List, Optional
 
+from .. import install
 from ..errors import ConfigError, FairseqAsamError
+from .logs import log_to_stdout
 
-LOG_FORMAT = "%(asctime)s | %(levelname)s | %(name)s | %(message)s"  # fairseq's
-LOG_DATE_FORMAT = "%Y-%m-%d %H:%M:%S"
 ERROR_STATUS = 1
-
-
-def _log_to_stdout(level: int = logging.INFO) -> None:
-    """Progress to stdout, so that stderr holds only a failure; `force`: importing fairseq
-    already configured logging (its wav2vec2_classification module at DEBUG level)."""
-    logging.basicConfig(
-        format=LOG_FORMAT, datefmt=LOG_DATE_FORMAT, level=level, stream=sys.stdout, force=True
-    )
-
 
 INTERRUPTED_STATUS = 130  # the shell's status for a program ended by SIGINT
 
 
 def _run(program: str, work: Callable[[], int]) -> int:
-    """`work()`, with a user error reported as one line on stderr and status 1 (or the error's
-    own `exit_status`: 130 for an interrupted grid), and a Ctrl-C wherever it comes as one line
-    and status 130."""
+    """`work()`, with the plugin installed (a console script imports fairseq_asam without it),
+    a user error reported as one line on stderr and status 1 (or the error's own
+    `exit_status`: 130 for an interrupted grid), and a Ctrl-C wherever it comes as one line and
+    status 130."""
     try:
+        install()
         return work()
     except FairseqAsamError as error:
         print(f"{program}: error: " + " ".join(str(error).splitlines()), file=sys.stderr)
@@ -236,7 +229,7 @@ def cluster_launchers():
 
 def table4_main(argv: Optional[List[str]] = None) -> int:
     args = table4_parser().parse_args(_arguments(argv))
-    _log_to_stdout()
+    log_to_stdout()
 
     def work() -> int:
         from . import report, runner
@@ -356,7 +349,7 @@ def prepare_parser() -> argparse.ArgumentParser:
 
 def prepare_main(argv: Optional[List[str]] = None) -> int:
     args = prepare_parser().parse_args(_arguments(argv))
-    _log_to_stdout()
+    log_to_stdout()
 
     def work() -> int:
         from . import prepare, synthetic_data
@@ -422,7 +415,7 @@ def evaluate_parser() -> argparse.ArgumentParser:
 
 def evaluate_main(argv: Optional[List[str]] = None) -> int:
     args = evaluate_parser().parse_args(_arguments(argv))
-    _log_to_stdout()
+    log_to_stdout()
 
     def work() -> int:
         import fairseq_asam
@@ -489,7 +482,7 @@ def report_parser() -> argparse.ArgumentParser:
 
 def report_main(argv: Optional[List[str]] = None) -> int:
     args = report_parser().parse_args(_arguments(argv))
-    _log_to_stdout()
+    log_to_stdout()
 
     def work() -> int:
         from . import report
@@ -564,7 +557,7 @@ def sharpness_parser() -> argparse.ArgumentParser:
 
 def sharpness_main(argv: Optional[List[str]] = None) -> int:
     args = sharpness_parser().parse_args(_arguments(argv))
-    _log_to_stdout(logging.WARNING)
+    log_to_stdout(logging.WARNING)
 
     def work() -> int:
         import torch
@@ -657,7 +650,7 @@ def benchmark_parser() -> argparse.ArgumentParser:
 def benchmark_main(argv: Optional[List[str]] = None) -> int:
     argv = _arguments(argv)
     args = benchmark_parser().parse_args(argv)
-    _log_to_stdout(logging.WARNING)
+    log_to_stdout(logging.WARNING)
 
     def work() -> int:
         from . import benchmark
@@ -722,7 +715,7 @@ def trajectories_parser() -> argparse.ArgumentParser:
 
 def trajectories_main(argv: Optional[List[str]] = None) -> int:
     args = trajectories_parser().parse_args(_arguments(argv))
-    _log_to_stdout(logging.WARNING)
+    log_to_stdout(logging.WARNING)
 
     def work() -> int:
         from . import trajectories
@@ -766,7 +759,7 @@ def tokenizer_parity_main(argv: Optional[List[str]] = None) -> int:
     )
     source.add_argument("--sample", action="store_true", help="a generated sample archive")
     args = parser.parse_args(_arguments(argv))
-    _log_to_stdout(logging.WARNING)
+    log_to_stdout(logging.WARNING)
 
     def work() -> int:
         import tempfile
@@ -846,7 +839,7 @@ def precision_parser() -> argparse.ArgumentParser:
 def precision_main(argv: Optional[List[str]] = None) -> int:
     argv = _arguments(argv)
     args = precision_parser().parse_args(argv)
-    _log_to_stdout(logging.WARNING)
+    log_to_stdout(logging.WARNING)
 
     def work() -> int:
         import time
@@ -886,3 +879,33 @@ def precision_main(argv: Optional[List[str]] = None) -> int:
         return 0
 
     return _run(PRECISION, work)
+
+
+# --------------------------------------------------------------------------------------------
+# python -m fairseq_asam.experiments <command>
+# --------------------------------------------------------------------------------------------
+
+# The console scripts of setup.py, by the name after `fairseq-asam-`.
+COMMANDS = {
+    "table4": table4_main,
+    "prepare": prepare_main,
+    "evaluate": evaluate_main,
+    "report": report_main,
+    "sharpness": sharpness_main,
+    "benchmark": benchmark_main,
+    "trajectories": trajectories_main,
+    "precision": precision_main,
+}
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    """`python -m fairseq_asam.experiments <command> [flags]`: fairseq-asam-<command> without its
+    console script on PATH (the runner starts fairseq-asam-sharpness this way)."""
+    arguments = _arguments(argv)
+    parser = argparse.ArgumentParser(
+        prog="python -m fairseq_asam.experiments",
+        description="the kit's commands: python -m fairseq_asam.experiments COMMAND --help",
+    )
+    parser.add_argument("command", choices=list(COMMANDS))
+    command = parser.parse_args(arguments[:1]).command
+    return COMMANDS[command](arguments[1:])

@@ -3,8 +3,8 @@
 `fairseq-asam-table4 --launcher slurm` (or `submitit-local`) does on the machine it is started on
 what needs no GPU — the checks, grid.json, the data preparation, the planning of every run — and
 submits each run that is not done as one job (a Slurm job array, at most `--max-concurrent` at
-once).  A job runs the runner's own `execute_run` on its node: it takes the run's lock
-(`run.lock`, held by the trainer it starts), trains or resumes from `checkpoint_last.pt`,
+once).  A job runs the runner's own `execute_run` on its node: it holds the run's lock
+(`run.lock`, experiments.layout) while it works, trains or resumes from `checkpoint_last.pt`,
 evaluates and measures as the stage records say, and records a failure in the run's
 `failure.json`.  So a job never trains a run another launcher or job is training, and a
 requeued, preempted or resubmitted job continues the run where its checkpoints are.
@@ -22,9 +22,9 @@ requeued, preempted or resubmitted job continues the run where its checkpoints a
 
 submitit's own files (pickled jobs, each job's stdout/stderr) are in `<out>/submitit/`.
 
-The lock is a `flock` on the run folder's `run.lock`; on a shared file system between nodes it
-excludes two jobs only where the file system supports it across nodes (NFSv4, Lustre and
-GPFS with their flock options; NFSv3 with a lock manager) — README, "Running on a cluster".
+The lock is filelock's `flock` on the run folder's `run.lock`; on a shared file system between
+nodes it excludes two jobs only where the file system supports it across nodes (NFSv4, Lustre
+and GPFS with their flock options; NFSv3 with a lock manager) — README, "Running on a cluster".
 """
 
 import datetime
@@ -39,13 +39,13 @@ from typing import Dict, List, Optional, Sequence, Tuple
 from ..errors import ConfigError, FairseqAsamError
 from . import report, runner
 from .files import read_json_object, write_json
-from .locks import lock_holder
+from .layout import FAILURE_RECORD, GRID_RECORD, JOB_RECORD, lock_holder
+from .logs import log_to_stdout
 
 logger = logging.getLogger(__name__)
 
 LAUNCHERS = ("local", "slurm", "submitit-local")
 SUBMITIT_FOLDER = "submitit"
-JOB_RECORD = report.JOB_RECORD
 # The Slurm job states in which a job may still run the run (sacct's names).
 QUEUED_STATES = {
     "PENDING",
@@ -245,9 +245,7 @@ class RunJob:
 def _log_in_job() -> None:
     """Progress to the job's stdout (submitit's log file), in a submitit job only."""
     if os.environ.get("SUBMITIT_EXECUTOR"):
-        from .cli import _log_to_stdout
-
-        _log_to_stdout()
+        log_to_stdout()
 
 
 def write_report_job(out_dir: str) -> Dict[str, str]:
@@ -346,10 +344,10 @@ def submit_grid(
     check_options(launcher, options)
     runner.check_grid(config, jobs_have_gpus=options.gpus(launcher) > 0)
     os.makedirs(config.out_dir, exist_ok=True)
-    write_json(os.path.join(config.out_dir, runner.GRID_RECORD), runner.grid_record(config))
+    write_json(os.path.join(config.out_dir, GRID_RECORD), runner.grid_record(config))
     data_bin = runner.prepare_data(config)
     runner.refuse_conflicts(config)  # with what the data-bin holds now
-    write_json(os.path.join(config.out_dir, runner.GRID_RECORD), runner.grid_record(config))
+    write_json(os.path.join(config.out_dir, GRID_RECORD), runner.grid_record(config))
     references = runner.reference_files(data_bin)
     pending, skipped = plan_jobs(config, launcher, references)
     for name, why in skipped.items():
@@ -464,7 +462,7 @@ def _wait_for_jobs(config, launcher, pending, submit, limit) -> Dict[str, str]:
         raise runner.GridFailed(
             f"{len(failed)} run(s) failed: "
             + "; ".join(f"{n}: {m}" for n, m in failed.items())
-            + f" (report written with the others; see each run's {runner.FAILURE_RECORD})",
+            + f" (report written with the others; see each run's {FAILURE_RECORD})",
             outputs,
         )
     return outputs
@@ -484,7 +482,7 @@ def _job_outcome(config, run, job) -> Tuple[str, str]:
     status, message = result.get("status", "failed"), result.get("message", "")
     if status == "failed":
         try:
-            failure = read_json_object(os.path.join(config.run_dir(run), runner.FAILURE_RECORD))
+            failure = read_json_object(os.path.join(config.run_dir(run), FAILURE_RECORD))
         except FairseqAsamError as error:  # one broken record never stops the wait for the others
             failure = {"stage": "?", "error": str(error)}
         if failure:

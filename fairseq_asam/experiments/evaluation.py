@@ -48,8 +48,6 @@ import sys
 from dataclasses import dataclass
 from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
-import torch
-
 from ..errors import ConfigError, FairseqAsamError
 from . import loading
 from .files import atomic_output, read_json_object, write_json
@@ -184,6 +182,8 @@ def average_checkpoints(paths: Sequence[str]) -> dict:
     averaged in fp32; integer tensors (buffers) get the floor of the mean.  Checkpoints are
     fairseq's own (trusted), so they are unpickled in full.
     """
+    import torch
+
     if not paths:
         raise FairseqAsamError("no checkpoints to average")
     sums: "collections.OrderedDict[str, torch.Tensor]" = collections.OrderedDict()
@@ -296,6 +296,8 @@ def resolve_checkpoint(save_dir: str, choice: CheckpointChoice) -> Tuple[str, Li
         f"averaging {len(sources)} checkpoints into {path}: "
         f"{', '.join(map(os.path.basename, sources))}"
     )
+    import torch
+
     with atomic_output(path) as temporary:
         torch.save(average_checkpoints(sources), temporary)
     return path, sources

@@ -4,15 +4,15 @@ model and criterion, and the batches of a split (evaluation, sharpness, precisio
 A translation checkpoint trained without --source-lang/--target-lang (as fairseq's IWSLT'14
 example trains) records no language pair: fairseq's translation task infers it from the data
 folder's file names (`data_utils.infer_language_pair`), and so does `check_fits`.
+
+torch and fairseq are imported where they are used: the grid's planning and the console
+commands' --help import this module without loading them.
 """
 
 import itertools
 import os
 from dataclasses import dataclass
 from typing import Any, Callable, List, Optional, Sequence
-
-import torch
-from torch import nn
 
 from ..errors import ConfigError, FairseqAsamError
 
@@ -28,8 +28,8 @@ TRANSLATION_EMBEDDINGS = {
 
 @dataclass
 class Loaded:
-    model: nn.Module
-    criterion: nn.Module
+    model: Any  # torch.nn.Module
+    criterion: Any  # torch.nn.Module
     task: Any
     cfg: Any
 
@@ -61,6 +61,8 @@ def check_split(data_bin: str, split: str, flag: str = "--subset") -> None:
 def read_checkpoint(path: str) -> dict:
     """A fairseq checkpoint's saved dict, memory-mapped where the file allows it (the tensors
     are read when used)."""
+    import torch
+
     try:
         state = torch.load(path, map_location="cpu", mmap=True, weights_only=False)
     except Exception as error:  # not a zip checkpoint (mmap needs one), or not a checkpoint
@@ -140,6 +142,7 @@ def load_checkpoint(checkpoint: str, data_bin: str, split: str) -> Loaded:
 def build_from_args(argv: Sequence[str], make_task: Optional[Callable] = None) -> Loaded:
     """A model initialised from fairseq-train's options (torch.manual_seed(--seed) before it is
     built), its criterion, task (`make_task(cfg)`, default: set up on the data folder) and cfg."""
+    import torch
     from fairseq import options, tasks
     from fairseq.dataclass.utils import convert_namespace_to_omegaconf
 

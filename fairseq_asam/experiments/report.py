@@ -53,18 +53,21 @@ from ..errors import FairseqAsamError
 from . import recipe
 from .evaluation import EVALUATED_SPLITS, RESULTS_NAME, evaluation_out_of_date
 from .files import atomic_output, read_json_object, write_text
-from .locks import lock_holder
+from .layout import (
+    CHECKPOINTS_FOLDER,
+    COMMAND_FILE,
+    FAILURE_RECORD,
+    GRID_RECORD,
+    JOB_RECORD,
+    REPORT_FOLDER,
+    RUNS_FOLDER,
+    TRAIN_LOG,
+    TRAINING_RECORD,
+    lock_holder,
+)
 
 logger = logging.getLogger(__name__)
 
-RUNS_FOLDER, REPORT_FOLDER = "runs", "report"
-CHECKPOINTS_FOLDER = "checkpoints"  # in each run folder (experiments.runner)
-TRAIN_LOG = "train.log"
-COMMAND_FILE = "command.txt"
-TRAINING_RECORD = "training.json"
-FAILURE_RECORD = "failure.json"
-GRID_RECORD = "grid.json"
-JOB_RECORD = "job.json"  # the job last submitted for a run (experiments.cluster)
 RUN_NAME = re.compile(r"^(?P<optimizer>.+)-seed(?P<seed>\d+)$")
 TABLE_MARKDOWN, TABLE_CSV = "table4.md", "table4.csv"
 

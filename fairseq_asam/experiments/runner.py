@@ -5,7 +5,8 @@
     <out>/data/                       the preparation's work folder (data-bin inside)
     <out>/runs/<row>-seed<k>/         one run: command.txt, training.json, train.log,
                                       checkpoints/, generate-{valid,test}.txt, results.json,
-                                      failure.json (if its last attempt failed), run.lock;
+                                      failure.json (if its last attempt failed), run.lock,
+                                      run.holder (these names: experiments.layout);
                                       <row> is the optimizer's row (adam, asam, asam_interval5...)
                                       and, in a sweep, its swept values: asam-rho0.1-eta0.01
     <out>/submitit/                   the jobs' files under --launcher slurm / submitit-local
@@ -39,8 +40,8 @@ optimizer that takes it (SWEEPABLE), named after its values (`asam-rho0.1-eta0.0
 fairseq-train options of its runs, so in their settings and fingerprints.  The runs can also go
 to jobs, on Slurm or submitit's local executor: experiments.cluster.
 
-A run folder is locked (`locks.RunLock`) while a launcher works on it: a second launcher skips it
-and says so.  A failure of one run — any exception, a trainer killed by a signal — is written to
+A run folder is locked (`layout.run_lock`) while a launcher works on it: a second launcher skips
+it and says so.  A failure of one run — any exception, a trainer killed by a signal — is written to
 its `failure.json` and the grid goes on; the report is written with what finished.  Ctrl-C
 starts no new run or stage, stops the running children (SIGINT, then SIGKILL after a grace
 period), writes the report and leaves every run resumable.  On GPUs the runs go one per GPU in
@@ -69,7 +70,17 @@ from .. import USER_DIR
 from ..errors import ConfigError, FairseqAsamError
 from . import evaluation, prepare, recipe, report, synthetic_data
 from .files import read_json_object, write_json, write_text
-from .locks import RunLock, RunLocked
+from .layout import (
+    CHECKPOINTS_FOLDER,
+    COMMAND_FILE,
+    FAILURE_RECORD,
+    GRID_RECORD,
+    RUNS_FOLDER,
+    TRAIN_LOG,
+    TRAINING_RECORD,
+    RunLocked,
+    run_lock,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -77,11 +88,6 @@ OPTIMIZERS = ("adam", "sam", "asam")
 # Cheaper schedules beyond the paper (configs/iwslt14_de_en/<name>.args): rows on request only.
 SCHEDULE_ROWS = ("asam_interval5", "asam_looksam5", "asam_late")
 DATA_FOLDER = "data"
-CHECKPOINTS_FOLDER = report.CHECKPOINTS_FOLDER
-COMMAND_FILE = report.COMMAND_FILE
-TRAINING_RECORD = report.TRAINING_RECORD
-FAILURE_RECORD = report.FAILURE_RECORD
-GRID_RECORD = report.GRID_RECORD
 SHARPNESS_JSON, SHARPNESS_LOG = "sharpness.json", "sharpness.log"
 DATA_BIN_NAME = os.path.join("data-bin", prepare.PREP_NAME)
 # fairseq-train options that name where a run writes, not how it trains.
@@ -95,9 +101,7 @@ STOP_GRACE_SECONDS = 60.0
 POLL_SECONDS = 0.5
 INTERRUPTED_STATUS = 130  # the shell's status for a program ended by SIGINT
 # The adaptive sharpness runs as fairseq-asam-sharpness in its own process, on the run's GPU.
-SHARPNESS_PROGRAM = (
-    "from fairseq_asam.experiments.cli import sharpness_main; raise SystemExit(sharpness_main())"
-)
+SHARPNESS_COMMAND = (sys.executable, "-m", "fairseq_asam.experiments", "sharpness")
 
 
 @dataclass(frozen=True)
@@ -369,7 +373,7 @@ class GridConfig:
         )
 
     def run_dir(self, run: Run) -> str:
-        return os.path.join(self.out_dir, report.RUNS_FOLDER, run.name)
+        return os.path.join(self.out_dir, RUNS_FOLDER, run.name)
 
     def gpu_ids(self) -> List[str]:
         return self.gpus if self.gpus is not None else visible_gpus()
@@ -621,7 +625,7 @@ def refuse_conflicts(config: GridConfig) -> None:
     conflicts = training_conflicts(config)
     if conflicts:
         raise ConfigError(
-            f"{os.path.join(config.out_dir, report.RUNS_FOLDER)}: "
+            f"{os.path.join(config.out_dir, RUNS_FOLDER)}: "
             + "; ".join(conflicts)
             + ". Re-run with the settings they were trained with, delete those run folders, "
             "or give another --out"
@@ -709,7 +713,7 @@ def refuse_preparing_over_trained_data(config: GridConfig) -> None:
 
 def trained_on(config: GridConfig, data_bin: str) -> List[str]:
     """The run folders of this output folder whose training.json names `data_bin` as data."""
-    runs = os.path.join(config.out_dir, report.RUNS_FOLDER)
+    runs = os.path.join(config.out_dir, RUNS_FOLDER)
     names = []
     for name in sorted(os.listdir(runs)) if os.path.isdir(runs) else []:
         try:
@@ -811,17 +815,12 @@ class Supervisor:
         command: Sequence[str],
         stdout,
         env: Optional[Dict[str, str]] = None,
-        pass_fds: Sequence[int] = (),
     ) -> int:
         with self._lock:
             if self.stopping.is_set():
                 raise RunInterrupted("not started: the grid is stopping")
             child = subprocess.Popen(
-                list(command),
-                stdout=stdout,
-                stderr=subprocess.STDOUT,
-                env=env,
-                pass_fds=tuple(pass_fds),
+                list(command), stdout=stdout, stderr=subprocess.STDOUT, env=env
             )
             self._children.append(child)
         try:
@@ -910,7 +909,6 @@ def train(
     command_line: str,
     env: Dict[str, str],
     supervisor: Supervisor,
-    lock: RunLock,
 ) -> None:
     """fairseq-train, appending to train.log; resumes from checkpoint_last.pt if there is one.
 
@@ -933,9 +931,9 @@ def train(
         os.unlink(results_path)  # its checkpoints are about to change
     write_text(os.path.join(run_dir, COMMAND_FILE), command_line + "\n")
     write_json(os.path.join(run_dir, TRAINING_RECORD), record)
-    log_path = os.path.join(run_dir, report.TRAIN_LOG)
+    log_path = os.path.join(run_dir, TRAIN_LOG)
     with open(log_path, "a", encoding="utf-8") as log:
-        returncode = supervisor.call(command, stdout=log, env=env, pass_fds=(lock.fd,))
+        returncode = supervisor.call(command, stdout=log, env=env)
     if returncode != 0:
         how = "was killed by" if returncode < 0 else "failed with"
         raise FairseqAsamError(
@@ -986,16 +984,13 @@ def measure_sharpness(
     env: Dict[str, str],
     gpu: Optional[str],
     supervisor: Supervisor,
-    lock: RunLock,
 ) -> Dict:
     """fairseq-asam-sharpness on the evaluated checkpoint, in its own process on the run's GPU
     (CUDA_VISIBLE_DEVICES=<gpu>, device cuda:0 there); returns its JSON report."""
     run_dir = config.run_dir(run)
     json_path = os.path.join(run_dir, SHARPNESS_JSON)
     command = [
-        sys.executable,
-        "-c",
-        SHARPNESS_PROGRAM,
+        *SHARPNESS_COMMAND,
         checkpoint,
         data_bin,
         "--rho",
@@ -1011,7 +1006,7 @@ def measure_sharpness(
         os.unlink(json_path)
     log_path = os.path.join(run_dir, SHARPNESS_LOG)
     with open(log_path, "w", encoding="utf-8") as log:
-        returncode = supervisor.call(command, stdout=log, env=env, pass_fds=(lock.fd,))
+        returncode = supervisor.call(command, stdout=log, env=env)
     if returncode != 0 or not os.path.isfile(json_path):
         raise FairseqAsamError(
             f"fairseq-asam-sharpness failed with {evaluation.exit_description(returncode)}; "
@@ -1035,7 +1030,7 @@ def execute_run(
     progress = progress or Progress()
     run_dir = config.run_dir(run)
     os.makedirs(run_dir, exist_ok=True)
-    with RunLock(run_dir) as lock:
+    with run_lock(run_dir):
         # Planned again under the lock: another launcher may have finished it meanwhile.
         plan = plan_run(config, run, references)
         if plan.conflict:
@@ -1055,7 +1050,7 @@ def execute_run(
         if plan.action in (TRAIN, RESUME, EXTEND):
             progress.stage = "train"
             logger.info(f"{run.name}: {plan.reason} on {where}")
-            train(config, run, command, command_line, env, supervisor, lock)
+            train(config, run, command, command_line, env, supervisor)
         if supervisor.stopping.is_set():
             raise RunInterrupted("trained; not evaluated (the grid is stopping)")
         progress.stage = "evaluate"
@@ -1109,7 +1104,7 @@ def execute_run(
             evaluation.drop_results(results_path, evaluation.DEPENDENT_KEYS)  # of another ρ
             logger.info(f"{run.name}: measuring adaptive sharpness at rho={config.sharpness_rho}")
             measured = measure_sharpness(
-                config, run, results["checkpoint"]["path"], data_bin, env, gpu, supervisor, lock
+                config, run, results["checkpoint"]["path"], data_bin, env, gpu, supervisor
             )
             evaluation.update_results(
                 results_path, {"sharpness": measured, "sharpness_settings": wanted}
