@@ -1,30 +1,21 @@
 """fairseq-asam: ASAM and SAM for fairseq (`--user-dir fairseq_asam --optimizer asam`).
 
 Importing the package registers the optimizers `asam` and `sam`, installs the two-pass train
-step on FairseqTask and lets fairseq checkpoints load under torch >= 2.6 (`install()`); the
-experiment kit's console commands (`fairseq-asam-*`) call it once their flags are parsed, so
-that `--help` and a mistyped flag answer without loading torch and fairseq.
+step on FairseqTask and lets fairseq checkpoints load under torch >= 2.6.
 """
 
 import os
 import sys
 
-from . import errors
+from . import checkpoint, errors, optim, two_pass  # noqa: F401  (registers the optimizers)
 
 __version__ = "0.1.0"
 
 # fairseq's --user-dir takes a path: `--user-dir "$(python -m fairseq_asam)"` prints this one.
 USER_DIR = os.path.dirname(os.path.abspath(__file__))
-# The program name of the kit's console scripts (setup.py).
-KIT_COMMAND_PREFIX = "fairseq-asam-"
 
-
-def install() -> None:
-    """What `--user-dir fairseq_asam` needs done (idempotent)."""
-    from . import checkpoint, optim, two_pass  # noqa: F401  (optim registers the optimizers)
-
-    two_pass.install()
-    checkpoint.allow_fairseq_checkpoints()
+two_pass.install()
+checkpoint.allow_fairseq_checkpoints()
 
 
 def _one_line_for_user_errors(previous_hook):
@@ -42,5 +33,3 @@ def _one_line_for_user_errors(previous_hook):
 
 if not getattr(sys.excepthook, "wraps_fairseq_asam", False):
     sys.excepthook = _one_line_for_user_errors(sys.excepthook)
-if not os.path.basename(sys.argv[0] if sys.argv else "").startswith(KIT_COMMAND_PREFIX):
-    install()

@@ -6,7 +6,6 @@ import ast
 import os
 import subprocess
 import sys
-import textwrap
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PACKAGE = "fairseq_asam.experiments"
@@ -82,37 +81,6 @@ def test_no_import_cycle_among_the_kits_modules():
     assert find_cycle(graph) is None, " -> ".join(find_cycle(graph))
 
 
-def test_table4_help_loads_neither_torch_nor_fairseq(tmp_path):
-    """As pip's console script runs it (a file named fairseq-asam-table4), in a new process."""
-    script = tmp_path / "fairseq-asam-table4"
-    script.write_text(
-        textwrap.dedent(
-            """
-            import sys
-            from fairseq_asam.experiments.cli import table4_main
-            try:
-                table4_main()
-            except SystemExit as done:
-                assert done.code == 0, done.code
-            print(sorted(m for m in ("torch", "fairseq") if m in sys.modules))
-            """
-        )
-    )
-    env = {**os.environ, "PYTHONPATH": REPO + os.pathsep + os.environ.get("PYTHONPATH", "")}
-    done = subprocess.run(
-        [sys.executable, str(script), "--help"],
-        capture_output=True,
-        text=True,
-        cwd=str(tmp_path),
-        env=env,
-        timeout=300,
-    )
-    assert done.returncode == 0, done.stderr[-3000:]
-    assert done.stdout.startswith("usage: fairseq-asam-table4")
-    assert "--launcher {local,slurm,submitit-local}" in done.stdout
-    assert done.stdout.splitlines()[-1] == "[]"
-
-
 def test_the_runner_starts_fairseq_asam_sharpness_through_python_m():
     """`python -m fairseq_asam.experiments NAME`: the runner's command for the sharpness."""
     from fairseq_asam.experiments import runner
@@ -132,35 +100,3 @@ def test_the_runner_starts_fairseq_asam_sharpness_through_python_m():
     )
     assert unknown.returncode == 2
     assert "invalid choice: 'train'" in unknown.stderr
-
-
-def test_a_console_command_installs_the_plugin_before_its_work(tmp_path):
-    """Under a console script the plugin is not installed at import (the --help test); a
-    command's work runs with it installed, as `--user-dir` would have it."""
-    script = tmp_path / "fairseq-asam-report"
-    script.write_text(
-        textwrap.dedent(
-            """
-            import sys
-            from fairseq_asam.experiments import cli
-            assert "fairseq" not in sys.modules
-
-            def work():
-                from fairseq.optim import OPTIMIZER_REGISTRY
-                from fairseq.tasks import FairseqTask
-                from fairseq_asam import two_pass
-
-                installed = getattr(FairseqTask.train_step, two_pass._INSTALLED_MARK, False)
-                print(sorted(k for k in OPTIMIZER_REGISTRY if k in ("asam", "sam")), installed)
-                return 0
-
-            sys.exit(cli._run("fairseq-asam-report", work))
-            """
-        )
-    )
-    env = {**os.environ, "PYTHONPATH": REPO + os.pathsep + os.environ.get("PYTHONPATH", "")}
-    done = subprocess.run(
-        [sys.executable, str(script)], capture_output=True, text=True, env=env, timeout=300
-    )
-    assert done.returncode == 0, done.stderr[-3000:]
-    assert done.stdout.splitlines()[-1] == "['asam', 'sam'] True"

@@ -12,7 +12,6 @@ import os
 import sys
 from typing import Callable, List, Optional
 
-from .. import install
 from ..errors import ConfigError, FairseqAsamError
 from .logs import log_to_stdout
 
@@ -22,12 +21,10 @@ INTERRUPTED_STATUS = 130  # the shell's status for a program ended by SIGINT
 
 
 def _run(program: str, work: Callable[[], int]) -> int:
-    """`work()`, with the plugin installed (a console script imports fairseq_asam without it),
-    a user error reported as one line on stderr and status 1 (or the error's own
-    `exit_status`: 130 for an interrupted grid), and a Ctrl-C wherever it comes as one line and
-    status 130."""
+    """`work()`, with a user error reported as one line on stderr and status 1 (or the error's
+    own `exit_status`: 130 for an interrupted grid), and a Ctrl-C wherever it comes as one line
+    and status 130."""
     try:
-        install()
         return work()
     except FairseqAsamError as error:
         print(f"{program}: error: " + " ".join(str(error).splitlines()), file=sys.stderr)
