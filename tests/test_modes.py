@@ -8,6 +8,7 @@ import re
 import pytest
 import torch
 from harness import (
+    FailingCriterion,
     StepRecorder,
     batches,
     build_trainer,
@@ -126,22 +127,6 @@ def test_dummy_batch_takes_one_unperturbed_pass(data_bin):
     assert len(forwards.seen) == 1
     assert all(torch.equal(a, b) for a, b in zip(forwards.seen[0], w0))
     assert all(p.grad is None or not p.grad.any() for p in model.parameters())
-
-
-class FailingCriterion(torch.nn.Module):
-    """Wraps a criterion; scales call `scale_call` by `factor` or raises on call `raise_call`."""
-
-    def __init__(self, criterion, scale_call=None, factor=1.0, raise_call=None):
-        super().__init__()
-        self.criterion, self.calls = criterion, 0
-        self.scale_call, self.factor, self.raise_call = scale_call, factor, raise_call
-
-    def forward(self, model, sample, reduce=True):
-        self.calls += 1
-        if self.calls == self.raise_call:
-            raise RuntimeError("injected failure in pass 2")
-        loss, size, log = self.criterion(model, sample, reduce=reduce)
-        return (loss * self.factor if self.calls == self.scale_call else loss), size, log
 
 
 def test_exception_in_pass_two_restores_weights(data_bin):
