@@ -284,6 +284,43 @@ def one_step_reference(model, batches, loss_fn, rho, eta, adaptive):
     return loss_sum / size, perturbed
 
 
+def read_generate_output(path):
+    """{sentence id: (first hypothesis, reference)} of a fairseq-generate output, read here."""
+    hypotheses, references = {}, {}
+    with open(path, encoding="utf-8") as f:
+        for line in f:
+            fields = line.rstrip("\n").split("\t")
+            if fields[0].startswith("H-"):
+                hypotheses.setdefault(int(fields[0][2:]), fields[2])
+            elif fields[0].startswith("T-"):
+                references[int(fields[0][2:])] = fields[1]
+    assert set(hypotheses) == set(references)
+    return {i: (hypotheses[i], references[i]) for i in sorted(hypotheses)}
+
+
+def independent_scores(generate_file, raw_lines):
+    """(tokenized BLEU, detokenized sacreBLEU against `raw_lines`, sentences) by sacreBLEU alone:
+    corpus BLEU-4 without tokenization or smoothing is fairseq-generate's tokenized BLEU."""
+    import sacrebleu
+    from sacremoses import MosesDetokenizer
+
+    pairs = read_generate_output(generate_file)
+    hypotheses = [h for h, _ in pairs.values()]
+    bleu = sacrebleu.corpus_bleu(
+        hypotheses,
+        [[r for _, r in pairs.values()]],
+        tokenize="none",
+        smooth_method="none",
+        force=True,
+    ).score
+    sacre = None
+    if raw_lines is not None:
+        detokenizer = MosesDetokenizer(lang="en")
+        detokenized = [detokenizer.detokenize(h.split()) for h in hypotheses]
+        sacre = sacrebleu.corpus_bleu(detokenized, [[raw_lines[i] for i in pairs]]).score
+    return bleu, sacre, len(pairs)
+
+
 def relative_error(actual, expected) -> float:
     diff = torch.sqrt(sum(((a.double() - e.double()) ** 2).sum() for a, e in zip(actual, expected)))
     norm = torch.sqrt(sum((e.double() ** 2).sum() for e in expected))

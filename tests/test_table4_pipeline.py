@@ -10,11 +10,9 @@ import threading
 import time
 
 import pytest
-import sacrebleu
 import torch
-from harness import HYDRA_DIR, leaves, one_step_reference
+from harness import HYDRA_DIR, independent_scores, leaves, one_step_reference
 from omegaconf import OmegaConf
-from sacremoses import MosesDetokenizer
 
 import fairseq_asam
 from fairseq_asam.errors import ConfigError, FairseqAsamError
@@ -629,40 +627,6 @@ def tiny_out(tmp_path_factory):
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
     assert (out / "report" / "table4.md").read_text().strip() in proc.stdout  # printed
     return out
-
-
-def read_generate_output(path):
-    """{sentence id: (first hypothesis, reference)} of a fairseq-generate output, read here."""
-    hypotheses, references = {}, {}
-    with open(path, encoding="utf-8") as f:
-        for line in f:
-            fields = line.rstrip("\n").split("\t")
-            if fields[0].startswith("H-"):
-                hypotheses.setdefault(int(fields[0][2:]), fields[2])
-            elif fields[0].startswith("T-"):
-                references[int(fields[0][2:])] = fields[1]
-    assert set(hypotheses) == set(references)
-    return {i: (hypotheses[i], references[i]) for i in sorted(hypotheses)}
-
-
-def independent_scores(generate_file, raw_lines):
-    """(tokenized BLEU, detokenized sacreBLEU against `raw_lines`, sentences) by sacreBLEU alone:
-    corpus BLEU-4 without tokenization or smoothing is fairseq-generate's tokenized BLEU."""
-    pairs = read_generate_output(generate_file)
-    hypotheses = [h for h, _ in pairs.values()]
-    bleu = sacrebleu.corpus_bleu(
-        hypotheses,
-        [[r for _, r in pairs.values()]],
-        tokenize="none",
-        smooth_method="none",
-        force=True,
-    ).score
-    sacre = None
-    if raw_lines is not None:
-        detokenizer = MosesDetokenizer(lang="en")
-        detokenized = [detokenizer.detokenize(h.split()) for h in hypotheses]
-        sacre = sacrebleu.corpus_bleu(detokenized, [[raw_lines[i] for i in pairs]]).score
-    return bleu, sacre, len(pairs)
 
 
 def read_json(path):
