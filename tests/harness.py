@@ -1,6 +1,7 @@
 """Shared test helpers: a tiny Transformer on a generated corpus, built through fairseq's own
 option parser and Trainer, and the reference update written straight from the equations."""
 
+import argparse
 import contextlib
 import copy
 import datetime
@@ -12,7 +13,10 @@ import torch
 import torch.distributed as dist
 
 import fairseq_asam
-from fairseq_asam.experiments import synthetic_data
+from fairseq_asam.experiments import recipe, synthetic_data
+
+# The shipped hydra configs (fairseq-hydra-train --config-dir).
+HYDRA_DIR = os.path.join(recipe.config_dir(), recipe.HYDRA_CONFIG_DIR)
 
 TINY_TRANSFORMER = [
     "--arch",
@@ -176,14 +180,25 @@ class StepRecorder:
 
 
 def reference_update_gradient(
-    model, criterion, samples, rho, eta, adaptive, normalize_biases=False, world_samples=None
+    model,
+    criterion,
+    samples,
+    rho,
+    eta,
+    adaptive,
+    normalize_biases=False,
+    world_samples=None,
+    sample_size=None,
 ):
     """Σ_B ∇L_B(w + ε_B) / Σ_B sample_size, with ε_B = ρ T² g_B / ‖T g_B‖ — from the equations.
 
     `world_samples`: per-worker lists of micro-batches (DDP); defaults to one worker.
+    `sample_size`: the denominator when it is not Σ_B sample_size: fairseq zeroes the sample
+    size of a worker whose last micro-batch is a dummy batch, while the gradients of that
+    worker's real micro-batches are still all-reduced.
     The returned list follows model.named_parameters().
     """
-    total, sample_size = None, 0.0
+    total, summed_size = None, 0.0
     for worker in world_samples or [samples]:
         for sample in worker:
             step = reference_micro_batch(
@@ -194,8 +209,8 @@ def reference_update_gradient(
             with torch.no_grad():
                 for tot, gi in zip(total, step.perturbed_grad):
                     tot += gi
-            sample_size += step.sample_size
-    return [t / sample_size for t in total]
+            summed_size += step.sample_size
+    return [t / (summed_size if sample_size is None else sample_size) for t in total]
 
 
 class ReferenceStep:
@@ -246,6 +261,69 @@ def reference_logged_sharpness(model, criterion, samples, rho, eta, adaptive, tr
     return rise / sum(s.sample_size for s in steps) / math.log(2)
 
 
+def one_step_reference(model, batches, loss_fn, rho, eta, adaptive):
+    """(L(w), L(w + ε)) with ε = ρ T² g / ‖T g‖₂, g = ∇L(w) over `batches`, T = |w| + η on the
+    tensors named `weight` (T = 1 on the others; SAM: T = 1), written from the equations; L is
+    a sharpness LossFn's mean (Σ loss / Σ sample size), in eval mode."""
+    model = copy.deepcopy(model).eval()
+    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    params = [p for _, p in named]
+    grads = [torch.zeros_like(p) for p in params]
+    loss_sum, size = 0.0, 0.0
+    for batch in batches:
+        loss, batch_size = loss_fn(model, batch)
+        for total, g in zip(grads, torch.autograd.grad(loss, params, allow_unused=True)):
+            if g is not None:
+                total += g
+        loss_sum, size = loss_sum + float(loss.detach()), size + float(batch_size)
+    with torch.no_grad():
+        scales = [
+            p.abs() + eta if adaptive and "weight" in n else torch.ones_like(p) for n, p in named
+        ]
+        norm = torch.sqrt(sum(((t * g / size) ** 2).sum() for t, g in zip(scales, grads)))
+        for p, t, g in zip(params, scales, grads):
+            p += rho * t * t * (g / size) / norm
+        perturbed = sum(float(loss_fn(model, batch)[0]) for batch in batches) / size
+    return loss_sum / size, perturbed
+
+
+def read_generate_output(path):
+    """{sentence id: (first hypothesis, reference)} of a fairseq-generate output, read here."""
+    hypotheses, references = {}, {}
+    with open(path, encoding="utf-8") as f:
+        for line in f:
+            fields = line.rstrip("\n").split("\t")
+            if fields[0].startswith("H-"):
+                hypotheses.setdefault(int(fields[0][2:]), fields[2])
+            elif fields[0].startswith("T-"):
+                references[int(fields[0][2:])] = fields[1]
+    assert set(hypotheses) == set(references)
+    return {i: (hypotheses[i], references[i]) for i in sorted(hypotheses)}
+
+
+def independent_scores(generate_file, raw_lines):
+    """(tokenized BLEU, detokenized sacreBLEU against `raw_lines`, sentences) by sacreBLEU alone:
+    corpus BLEU-4 without tokenization or smoothing is fairseq-generate's tokenized BLEU."""
+    import sacrebleu
+    from sacremoses import MosesDetokenizer
+
+    pairs = read_generate_output(generate_file)
+    hypotheses = [h for h, _ in pairs.values()]
+    bleu = sacrebleu.corpus_bleu(
+        hypotheses,
+        [[r for _, r in pairs.values()]],
+        tokenize="none",
+        smooth_method="none",
+        force=True,
+    ).score
+    sacre = None
+    if raw_lines is not None:
+        detokenizer = MosesDetokenizer(lang="en")
+        detokenized = [detokenizer.detokenize(h.split()) for h in hypotheses]
+        sacre = sacrebleu.corpus_bleu(detokenized, [[raw_lines[i] for i in pairs]]).score
+    return bleu, sacre, len(pairs)
+
+
 def relative_error(actual, expected) -> float:
     diff = torch.sqrt(sum(((a.double() - e.double()) ** 2).sum() for a, e in zip(actual, expected)))
     norm = torch.sqrt(sum((e.double() ** 2).sum() for e in expected))
@@ -262,6 +340,58 @@ def sharpness_aware_args(
     if update_freq is not None:
         args += ["--update-freq", str(update_freq)]
     return args
+
+
+def leaves(node, prefix=""):
+    """(dotted key, value) of every leaf; a legacy argparse Namespace (fairseq's model): a dict."""
+    if isinstance(node, argparse.Namespace):
+        node = {("_name" if k == "arch" else k): v for k, v in vars(node).items()}
+    for key, value in node.items():
+        if isinstance(value, (dict, argparse.Namespace)):
+            yield from leaves(value, f"{prefix}{key}.")
+        else:
+            yield f"{prefix}{key}", value
+
+
+class FailingCriterion(torch.nn.Module):
+    """Wraps a criterion; scales call `scale_call` by `factor` or raises on call `raise_call`."""
+
+    def __init__(self, criterion, scale_call=None, factor=1.0, raise_call=None):
+        super().__init__()
+        self.criterion, self.calls = criterion, 0
+        self.scale_call, self.factor, self.raise_call = scale_call, factor, raise_call
+
+    def forward(self, model, sample, reduce=True):
+        self.calls += 1
+        if self.calls == self.raise_call:
+            raise RuntimeError("injected failure in pass 2")
+        loss, size, log = self.criterion(model, sample, reduce=reduce)
+        return (loss * self.factor if self.calls == self.scale_call else loss), size, log
+
+
+# DDP wrappers for ddp_wrapper: torch DDP, optionally with fairseq's --gradient-as-bucket-view
+# (.grad tensors are views into DDP's buckets), or fairseq's legacy DDP.
+BUCKET_VIEW_SUFFIX = "+gradient_as_bucket_view"
+
+
+def ddp_wrapper(backend):
+    """`wrap_model` for build_trainer: the model in a CPU DDP wrapper (`backend` "pytorch_ddp",
+    "pytorch_ddp" + BUCKET_VIEW_SUFFIX or "legacy_ddp") inside fairseq's ModuleProxyWrapper, as
+    fairseq wraps it (fairseq's own DDP wrapper needs CUDA)."""
+    from fairseq.distributed import LegacyDistributedDataParallel, ModuleProxyWrapper
+
+    def wrap(model):
+        if backend.startswith("pytorch_ddp"):
+            inner = torch.nn.parallel.DistributedDataParallel(
+                model, gradient_as_bucket_view=backend.endswith(BUCKET_VIEW_SUFFIX)
+            )
+        else:
+            inner = LegacyDistributedDataParallel(
+                model, process_group=dist.group.WORLD, buffer_size=2**20
+            )
+        return ModuleProxyWrapper(inner)
+
+    return wrap
 
 
 # A worker waits this long for the others (a hang, e.g. mismatched collectives, fails the

@@ -38,11 +38,14 @@ TRAIN_ARGS = TINY_TRANSFORMER + [
 
 
 def fairseq(tool: str, *argv, check=True):
+    """fairseq_cli.`tool` on one thread: the fastest for the tiny model, and the same reduction
+    order in every run, which the bit-exact resume test needs."""
     proc = subprocess.run(
         [sys.executable, "-m", f"fairseq_cli.{tool}", *argv],
         capture_output=True,
         text=True,
         timeout=300,
+        env=dict(os.environ, OMP_NUM_THREADS="1"),
     )
     if check and proc.returncode != 0:
         raise AssertionError(

@@ -13,8 +13,8 @@ import subprocess
 import sys
 
 import pytest
+from harness import HYDRA_DIR, leaves
 from omegaconf import OmegaConf
-from test_table4_pipeline import HYDRA_DIR, leaves
 
 import fairseq_asam
 from fairseq_asam.experiments import report

@@ -8,6 +8,7 @@ import re
 import pytest
 import torch
 from harness import (
+    FailingCriterion,
     StepRecorder,
     batches,
     build_trainer,
@@ -32,6 +33,8 @@ def run_update(data_bin, extra, update_freq=2):
     return trainer, samples, model0, recorder
 
 
+# fp16 rounds every operation of both passes to 2^-11 ≈ 5e-4 relative (measured 2.2e-3 on the
+# whole gradient), bf16 to 2^-8 ≈ 4e-3 (measured 1.2e-2); the control stays > 3 × the bound.
 @pytest.mark.parametrize(
     "flags,rtol",
     [
@@ -75,7 +78,7 @@ def test_amp_on_cpu_is_fp32(data_bin):
     assert type(trainer.optimizer).__name__ == "AMPOptimizer"
     assert not trainer.optimizer._grad_scaler.is_enabled()
     expected = reference_update_gradient(model0, trainer.criterion, samples, RHO, ETA, True)
-    assert relative_error(recorder.grads, expected) < 1e-6
+    assert relative_error(recorder.grads, expected) < 1e-6  # fp32 sums in another order
 
 
 def test_bf16_autocast_on_cpu(data_bin):
@@ -88,6 +91,7 @@ def test_bf16_autocast_on_cpu(data_bin):
         plain = reference_update_gradient(model0, trainer.criterion, samples, 1e-30, ETA, True)
     fp32 = reference_update_gradient(model0, trainer.criterion, samples, RHO, ETA, True)
     assert all(g.dtype == torch.float32 for g in recorder.grads)
+    # The same bf16 matmuls on both sides; what differs is fp32 (ε, accumulation): 1e-6.
     assert relative_error(recorder.grads, expected) < 1e-6
     assert relative_error(recorder.grads, plain) > 1e-2  # control: the perturbation is visible
     assert relative_error(recorder.grads, fp32) > 1e-3  # and autocast really ran in bf16
@@ -100,7 +104,8 @@ def test_clip_norm_applies_to_perturbed_gradient(data_bin, clip):
     total = torch.sqrt(sum((g**2).sum() for g in expected))
     assert total > clip  # the clip is active
     clipped = [g * (clip / (total + 1e-6)) for g in expected]
-    assert relative_error(recorder.grads, clipped) < 1e-5
+    # fp32 gradients, scaled by a coefficient from their fp32 norm: ~1e-7 each (1.3e-7 measured).
+    assert relative_error(recorder.grads, clipped) < 1e-6
 
 
 class CountingForward:
@@ -126,22 +131,6 @@ def test_dummy_batch_takes_one_unperturbed_pass(data_bin):
     assert len(forwards.seen) == 1
     assert all(torch.equal(a, b) for a, b in zip(forwards.seen[0], w0))
     assert all(p.grad is None or not p.grad.any() for p in model.parameters())
-
-
-class FailingCriterion(torch.nn.Module):
-    """Wraps a criterion; scales call `scale_call` by `factor` or raises on call `raise_call`."""
-
-    def __init__(self, criterion, scale_call=None, factor=1.0, raise_call=None):
-        super().__init__()
-        self.criterion, self.calls = criterion, 0
-        self.scale_call, self.factor, self.raise_call = scale_call, factor, raise_call
-
-    def forward(self, model, sample, reduce=True):
-        self.calls += 1
-        if self.calls == self.raise_call:
-            raise RuntimeError("injected failure in pass 2")
-        loss, size, log = self.criterion(model, sample, reduce=reduce)
-        return (loss * self.factor if self.calls == self.scale_call else loss), size, log
 
 
 def test_exception_in_pass_two_restores_weights(data_bin):

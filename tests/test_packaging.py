@@ -1,12 +1,13 @@
 """The two layers as installed: `--user-dir` loads the plugin alone; a wheel runs the kit.
 
-The wheel test builds a wheel of this checkout, installs it (not editable) into a new venv
-outside the checkout and runs `fairseq-asam-table4 --preset tiny --optimizers adam` from another
-folder.  To stay within minutes, that venv gets torch, fairseq and the kit's dependencies from the
-environment running the tests: a `.pth` line adds its site-packages folder(s) at the end of the
-new venv's sys.path.  Python does not run the `.pth` files of a folder added that way, so an
-editable fairseq_asam of the running environment stays invisible, and fairseq_asam can only
-come from the wheel (which the test checks).
+A wheel of this checkout is built in seconds (setuptools' backend, no network): its file list
+must hold every module and every config.  The slow wheel test installs it (not editable) into a
+new venv outside the checkout and runs `fairseq-asam-table4 --preset tiny --optimizers adam`
+from another folder.  To stay within minutes, that venv gets torch, fairseq and the kit's
+dependencies from the environment running the tests: a `.pth` line adds its site-packages
+folder(s) at the end of the new venv's sys.path.  Python does not run the `.pth` files of a
+folder added that way, so an editable fairseq_asam of the running environment stays invisible,
+and fairseq_asam can only come from the wheel (which the test checks).
 """
 
 import glob
@@ -18,6 +19,7 @@ import subprocess
 import sys
 import sysconfig
 import textwrap
+import zipfile
 
 import pytest
 
@@ -144,28 +146,82 @@ def test_configs_ship_as_package_data():
 
 
 @pytest.fixture(scope="module")
-def wheel_venv(tmp_path_factory):
-    """A venv outside the checkout with this checkout's wheel installed (not editable)."""
+def wheel(tmp_path_factory):
+    """A wheel of this checkout, built from a copy of it (a build leaves build/ and *.egg-info
+    in its source folder, and an old build/ would end up in the wheel).  setuptools' PEP 517
+    backend, called directly as pip calls it for a project without pyproject.toml: no network,
+    a few seconds (pip wheel takes 3 times as long)."""
     root = tmp_path_factory.mktemp("wheel")
     source = root / "source"
     shutil.copytree(REPO, source, ignore=NOT_SOURCE)
-    subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "pip",
-            "wheel",
-            "--no-deps",
-            "--no-build-isolation",
-            "--quiet",
-            "-w",
-            str(root / "dist"),
-            str(source),
-        ],
-        check=True,
+    build = (
+        "import sys; from setuptools.build_meta import __legacy__ as backend; "
+        "backend.build_wheel(sys.argv[1])"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", build, str(root / "dist")],
+        cwd=source,
+        capture_output=True,
+        text=True,
         timeout=600,
     )
-    (wheel,) = glob.glob(str(root / "dist" / "fairseq_asam-*.whl"))
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    (built,) = glob.glob(str(root / "dist" / "fairseq_asam-*.whl"))
+    return built
+
+
+def files_to_ship():
+    """What a wheel must hold, by its path in the wheel, from the checkout: every module of the
+    fairseq_asam packages, and every file of configs/ (the package
+    fairseq_asam.experiments.configs: args files, hydra yaml, README.md)."""
+    expected = set()
+    for folder, package, only_modules in (
+        ("fairseq_asam", "fairseq_asam", True),
+        ("configs", "fairseq_asam/experiments/configs", False),
+    ):
+        top = os.path.join(REPO, folder)
+        for path, subfolders, names in os.walk(top):
+            subfolders[:] = [d for d in subfolders if d != "__pycache__"]
+            inside = os.path.relpath(path, top).replace(os.sep, "/")
+            for name in names:
+                if name.startswith(".") or name.endswith(".pyc"):
+                    continue
+                if only_modules and not name.endswith(".py"):
+                    continue
+                expected.add("/".join(p for p in (package, inside, name) if p != "."))
+    return expected
+
+
+def test_wheel_ships_every_module_and_config(wheel):
+    from fairseq_asam.experiments import recipe
+
+    with zipfile.ZipFile(wheel) as archive:
+        shipped = set(archive.namelist())
+    expected = files_to_ship()
+    configs = "fairseq_asam/experiments/configs/"
+    hydra = recipe.HYDRA_CONFIG_DIR.replace(os.sep, "/")
+    # The walk found what the recipe reads (so a wrong folder cannot make this test vacuous).
+    for name in (
+        "README.md",
+        recipe.RECIPE_ARGS,
+        recipe.TINY_OVERRIDES_ARGS,
+        f"{hydra}/asam.yaml",
+        f"{hydra}/row/asam.yaml",
+    ):
+        assert configs + name in expected, name
+    assert {"fairseq_asam/two_pass.py", "fairseq_asam/experiments/runner.py"} <= expected
+    assert sorted(expected - shipped) == []
+    # Nothing else: the packages and the wheel's metadata (no tests/, scripts/ or build/).
+    assert all(
+        name.startswith("fairseq_asam/") or name.split("/")[0].endswith(".dist-info")
+        for name in shipped
+    ), sorted(shipped)
+
+
+@pytest.fixture(scope="module")
+def wheel_venv(wheel, tmp_path_factory):
+    """A venv outside the checkout with this checkout's wheel installed (not editable)."""
+    root = tmp_path_factory.mktemp("venv")
     venv = root / "venv"
     subprocess.run(
         [sys.executable, "-m", "venv", "--without-pip", str(venv)], check=True, timeout=120
