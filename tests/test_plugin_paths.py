@@ -19,6 +19,7 @@ from harness import (
     GLOO_TIMEOUT,
     batches,
     build_trainer,
+    ddp_wrapper,
     join_gloo,
     reference_logged_sharpness,
     reference_micro_batch,
@@ -197,8 +198,6 @@ class OutOfMemoryOnCall(LabelSmoothedCrossEntropyCriterion):
 def test_legacy_ddp_syncs_again_after_a_recovered_oom(data_bin, tmp_path, optimizer, monkeypatch):
     """The OOM strikes pass 1 of the update's last micro-batch (asam) or its only pass (adam):
     the forward numbered 3 either way.  fairseq recovers; the wrapper must sync again."""
-    from fairseq.distributed import LegacyDistributedDataParallel, ModuleProxyWrapper
-
     monkeypatch.setattr(OutOfMemoryOnCall, "fail", 3 if optimizer == "asam" else 2)
     monkeypatch.setattr(OutOfMemoryOnCall, "calls", 0)
     flags = (["--optimizer", "adam"] if optimizer == "adam" else ASAM) + ["--update-freq", "2"]
@@ -207,9 +206,7 @@ def test_legacy_ddp_syncs_again_after_a_recovered_oom(data_bin, tmp_path, optimi
         trainer = build_trainer(
             data_bin,
             flags,
-            wrap_model=lambda model: ModuleProxyWrapper(
-                LegacyDistributedDataParallel(model, dist.group.WORLD, buffer_size=2**20)
-            ),
+            wrap_model=ddp_wrapper("legacy_ddp"),
             make_criterion=_criterion(OutOfMemoryOnCall),
         )
         assert trainer.train_step(batches(trainer, 2)) is None  # recovered: update skipped
@@ -240,7 +237,6 @@ ALL_GATHER_LIST_SIZE = 16384  # fairseq's default --all-gather-list-size
 
 
 def _gathering_worker(rank, init_file, data_bin, out_dir):
-    from fairseq.distributed import ModuleProxyWrapper
     from fairseq.distributed import utils as distributed_utils
 
     join_gloo(rank, WORLD_SIZE, init_file, GLOO_TIMEOUT)
@@ -260,7 +256,7 @@ def _gathering_worker(rank, init_file, data_bin, out_dir):
     trainer = build_trainer(
         data_bin,
         flags,
-        wrap_model=lambda m: ModuleProxyWrapper(torch.nn.parallel.DistributedDataParallel(m)),
+        wrap_model=ddp_wrapper("pytorch_ddp"),
         make_criterion=_criterion(FloatStatistics),
     )
     pool = batches(trainer, 2)
