@@ -102,7 +102,7 @@ def test_relu_network_adaptive_sharpness_is_scale_invariant(bias, steps):
 
 
 def test_relu_network_figures_of_the_readme():
-    """README "Measuring sharpness": ρ = 0.1, η = 0, bias-free, one step."""
+    """docs/tools.md, "Measuring sharpness": ρ = 0.1, η = 0, bias-free, one step."""
     batches = mlp_batches()
     plain = [
         sharpness.estimate_sharpness(
@@ -189,7 +189,8 @@ def test_transformer_adaptive_sharpness_is_scale_invariant(loaded, steps):
 
 
 def test_transformer_figures_of_the_readme(loaded):
-    """README "Measuring sharpness": the tiny Transformer's FFN rescaled, ρ = 0.05, η = 0, K = 1."""
+    """docs/tools.md, "Measuring sharpness": the tiny Transformer's FFN rescaled, ρ = 0.05, η = 0,
+    K = 1."""
     model, batches, loss_fn = loaded
     rescaled = [rescale_relu_ffn(model, a) for a in SCALES]
 

@@ -24,7 +24,7 @@ submitit's own files (pickled jobs, each job's stdout/stderr) are in `<out>/subm
 
 The lock is a `flock` on the run folder's `run.lock`; on a shared file system between nodes it
 excludes two jobs only where the file system supports it across nodes (NFSv4, Lustre and
-GPFS with their flock options; NFSv3 with a lock manager) — README, "Running on a cluster".
+GPFS with their flock options; NFSv3 with a lock manager) — docs/clusters-and-sweeps.md.
 """
 
 import datetime
