@@ -123,7 +123,7 @@ G_V_KEY = "fairseq_asam_looksam_g_v"  # LookSAM's g_v, in the optimizer's state 
 
 # Share of the loss increase L(w + ε) − L(w) that survives when w + ε is stored in low precision,
 # measured on transformer_iwslt_de_en at initialisation and after 175 Adam updates
-# (`fairseq-asam-precision`; README, "Mixed precision").  --amp keeps fp32 weights: 99.9–100%.
+# (`fairseq-asam-precision`; docs/mixed-precision.md).  --amp keeps fp32 weights: 99.9–100%.
 LOSS_INCREASE_KEPT = {
     ("asam", "fp16"): "86–94%",
     ("asam", "bf16"): "72–80%",
@@ -163,8 +163,8 @@ class SharpnessAware:
                 f"--optimizer {self.optimizer_name} with {precision} weights: w + ε is rounded to "
                 f"{precision}, which drops most entries of ε; on transformer_iwslt_de_en this kept "
                 f"{LOSS_INCREASE_KEPT[(self.optimizer_name, precision)]} of the loss increase ε "
-                "should cause. --amp keeps the weights, and ε, in fp32 (100%): see the README, "
-                "'Mixed precision'"
+                "should cause. --amp keeps the weights, and ε, in fp32 (100%): see "
+                "docs/mixed-precision.md"
             )
         self.rho = float(cfg.rho)
         self.eta = float(cfg.eta) if self.adaptive else 0.0

@@ -1,26 +1,30 @@
-"""The READMEs' shell commands, run as a user would run them (tests/test_readme_commands.py).
+"""The documentation's shell commands, run as a user would run them (tests/test_readme_commands.py).
 
-A fenced ```bash (or ```sh / ```shell) block of any README.md in the checkout is a list of
-commands a reader is told to run. Each one runs from the root of a fresh copy of the checkout
-(the files git tracks, plus untracked ones it does not ignore), in a checkout where the README's
-set-up has been done: `.venv/bin` there links to the venv these tests run in, which is also first
-on PATH (as after `. .venv/bin/activate`), so `python`, `fairseq-train` and `fairseq-asam-*`
-are the installed ones, and `make tiny` finds `.venv` up to date and never rebuilds it.
+A fenced ```bash (or ```sh / ```shell) block of any README.md in the checkout, or of a page of
+docs/ (docs/*.md), is a list of commands a reader is told to run. Each one runs from the root of
+a fresh copy of the checkout (the files git tracks, plus untracked ones it does not ignore), in
+a checkout where the README's set-up has been done: `.venv/bin` there links to the venv these
+tests run in, which is also first on PATH (as after `. .venv/bin/activate`), so `python`,
+`fairseq-train` and `fairseq-asam-*` are the installed ones, and `make tiny` finds `.venv` up
+to date and never rebuilds it.
 
 A block that must not run here says so on its FIRST line, which GitHub shows to the reader:
 
     # not run by the tests: <why>
 
 The block runs under `bash` with `set -eo pipefail`: the first failing command stops it, and
-the failure names the README, the block's line, its first line, the failing command and the
+the failure names the file, the block's line, its first line, the failing command and the
 tail of its output (stdout and stderr together).
 
 FAIRSEQ_ASAM_README_MAX_UPDATE=N (unset by default) rewrites every `--max-update M` of a block to
 min(M, N) before it runs, for a quicker local check; by default the commands run exactly as
-written, so the README's commands are themselves small enough to run on a CPU.
+written, so the documented commands are themselves small enough to run on a CPU.
 
-`python tests/readme_commands.py [README.md ...]` runs the blocks of the given READMEs (all of
-the checkout's by default) the same way and prints one line per block.
+`python tests/readme_commands.py [FILE.md ...]` runs the blocks of the given Markdown files (by
+default every README.md and docs/*.md of the checkout) the same way and prints one line per block.
+
+relative_links() and broken_links() check that every relative link of those files (a file, a
+folder, a picture, a heading's anchor) points at something that exists.
 """
 
 import os
@@ -39,7 +43,8 @@ MAX_UPDATE_VARIABLE = "FAIRSEQ_ASAM_README_MAX_UPDATE"
 BLOCK_TIMEOUT = 1200  # seconds for one block
 OUTPUT_TAIL_LINES = 40
 LINE_CUT = 300  # characters of one output line in a failure message (fairseq logs whole configs)
-FAILED_AT = "README command failed at "  # what the ERR trap prints before the failing command
+FAILED_AT = "documented command failed at "  # what the ERR trap prints before the failing command
+DOCS_FOLDER = "docs"  # its *.md pages are documentation too, not only README.md files
 # Folders never searched for READMEs when the checkout is not a git repository.
 NOT_SOURCE = {".git", ".venv", "runs", "build", "dist", "data-bin", "outputs", "__pycache__"}
 # Variables of the environment that would make a block run unlike a user's shell: an outer
@@ -52,7 +57,7 @@ _MAX_UPDATE = re.compile(r"(--max-update(?:\s+|=))(\d+)")
 
 @dataclass(frozen=True)
 class Block:
-    source: str  # the README's path, relative to the checkout's root
+    source: str  # the Markdown file's path, relative to the checkout's root
     line: int  # line number (1-based) of the opening fence; the block's first line is line + 1
     language: str
     text: str  # the block's content, the fence's indentation removed
@@ -117,6 +122,69 @@ def extract_blocks(path: str, root: str = ROOT) -> List[Block]:
     return blocks
 
 
+# [text](target) and ![alt](target), with an optional "title"; inline code is removed first.
+_LINK = re.compile(r"!?\[[^\]]*\]\(\s*<?([^)\s>]+)>?(?:\s+\"[^\"]*\")?\s*\)")
+_INLINE_CODE = re.compile(r"(`+)[^`].*?\1")
+_HEADING = re.compile(r"^ {0,3}#{1,6}\s+(.*?)(?:\s+#+)?\s*$")
+
+
+def _prose_lines(path: str) -> List[tuple]:
+    """(line number, text) of the Markdown file's lines outside fenced code blocks."""
+    with open(path, encoding="utf-8") as f:
+        lines = f.read().splitlines()
+    prose, fence = [], None
+    for number, line in enumerate(lines, start=1):
+        opening = _FENCE.match(line)
+        if fence is None and opening:
+            fence = opening.group("fence")
+        elif fence is not None and opening and opening.group("fence")[0] == fence[0]:
+            if len(opening.group("fence")) >= len(fence) and not opening.group("info"):
+                fence = None
+        elif fence is None:
+            prose.append((number, line))
+    return prose
+
+
+def heading_anchors(path: str) -> set:
+    """The anchors GitHub gives the Markdown file's headings: lowercased, punctuation (anything
+    but letters, digits, '_', '-' and spaces) removed, spaces turned into '-'; a repeated anchor
+    gets -1, -2, ..."""
+    anchors, seen = set(), {}
+    for _, line in _prose_lines(path):
+        heading = _HEADING.match(line)
+        if heading:
+            slug = re.sub(r"[^\w\- ]", "", heading.group(1).strip().lower()).replace(" ", "-")
+            anchors.add(slug if slug not in seen else f"{slug}-{seen[slug]}")
+            seen[slug] = seen.get(slug, 0) + 1
+    return anchors
+
+
+def relative_links(path: str) -> List[tuple]:
+    """(line number, target) of every link and picture of the Markdown file that points inside
+    the checkout: neither a URL (scheme:...) nor inside code."""
+    links = []
+    for number, line in _prose_lines(path):
+        for target in _LINK.findall(_INLINE_CODE.sub("", line)):
+            if not re.match(r"^[a-zA-Z][a-zA-Z0-9+.-]*:", target):
+                links.append((number, target))
+    return links
+
+
+def broken_links(path: str, root: str = ROOT) -> List[str]:
+    """'file:line: target (why)' for each relative link of `path` whose file or folder does not
+    exist, or whose #anchor is no heading of the Markdown file it points at."""
+    source = os.path.relpath(path, root)
+    broken = []
+    for number, target in relative_links(path):
+        name, _, anchor = target.partition("#")
+        linked = os.path.normpath(os.path.join(os.path.dirname(path), name)) if name else path
+        if not os.path.exists(linked):
+            broken.append(f"{source}:{number}: {target} (no such file)")
+        elif anchor and linked.endswith(".md") and anchor not in heading_anchors(linked):
+            broken.append(f"{source}:{number}: {target} (no heading with that anchor)")
+    return broken
+
+
 def checkout_files(root: str = ROOT) -> List[str]:
     """The checkout's files, relative to `root`: git's tracked and untracked-but-not-ignored
     files, or (not a git checkout) every file outside NOT_SOURCE and hidden folders."""
@@ -140,15 +208,21 @@ def checkout_files(root: str = ROOT) -> List[str]:
         return found
 
 
-def readme_files(root: str = ROOT) -> List[str]:
-    """Every README.md of the checkout (absolute paths), the top-level one first."""
-    names = [n for n in checkout_files(root) if os.path.basename(n) == "README.md"]
+def documentation_files(root: str = ROOT) -> List[str]:
+    """Every README.md of the checkout and every docs/*.md page (absolute paths), the top-level
+    README.md first."""
+    names = [
+        n
+        for n in checkout_files(root)
+        if os.path.basename(n) == "README.md"
+        or (os.path.dirname(n) == DOCS_FOLDER and n.endswith(".md"))
+    ]
     names.sort(key=lambda n: (n.count("/"), n))
     return [os.path.join(root, n) for n in names]
 
 
 def all_blocks(root: str = ROOT) -> List[Block]:
-    return [block for path in readme_files(root) for block in extract_blocks(path, root)]
+    return [block for path in documentation_files(root) for block in extract_blocks(path, root)]
 
 
 def copy_checkout(root: str, dest: str, venv_bin: str) -> str:
@@ -209,7 +283,7 @@ def failure_message(block: Block, what: str, output: str) -> str:
         for line in output.rstrip().splitlines()[-OUTPUT_TAIL_LINES:]
     )
     return (
-        f"{block.source}:{block.line + 1}: the README command block starting here {what}\n"
+        f"{block.source}:{block.line + 1}: the command block starting here {what}\n"
         f"  first line: {block.first_line}\n{at}"
         f"--- last {OUTPUT_TAIL_LINES} lines of its output (stdout and stderr) ---\n{tail}"
     )
@@ -224,7 +298,7 @@ def run_block(
 ) -> str:
     """Runs `block` with bash in `workdir`; returns its output or raises BlockFailed."""
     # Line 1 of the script is this prelude, so the block's line k is the script's line k + 1 and
-    # the README's line block.line + k: the ERR trap names the README line of the failing command.
+    # the file's line block.line + k: the ERR trap names the file's line of the failing command.
     offset = block.line - 1
     prelude = (
         f"set -eo pipefail; trap 'echo \"{FAILED_AT}"
@@ -265,7 +339,7 @@ def run_in_fresh_checkout(
 
 
 def main(argv: Optional[List[str]] = None) -> int:
-    paths = (argv if argv is not None else sys.argv[1:]) or readme_files(ROOT)
+    paths = (argv if argv is not None else sys.argv[1:]) or documentation_files(ROOT)
     failed = 0
     for path in paths:
         for block in extract_blocks(os.path.abspath(path), ROOT):

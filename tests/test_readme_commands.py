@@ -1,12 +1,14 @@
-"""Every ```bash block of every README.md runs, as a user would run it (tests/readme_commands.py
-says how: a fresh copy of the checkout per block, the set-up done, bash with `set -eo pipefail`).
+"""Every ```bash block of every README.md and docs/*.md page runs, as a user would run it
+(tests/readme_commands.py says how: a fresh copy of the checkout per block, the set-up done, bash
+with `set -eo pipefail`).
 
 A block whose first line is `# not run by the tests: <why>` is not run; the others run in the
 full suite (`slow`): today the README's `make tiny` (the tiny preset of the Table 4 pipeline) and
 its Quick start (a fairseq-train run and fairseq-generate). Two marked blocks are checked in a
 cheaper way here: the set-up block must be the Makefile's venv recipe (which CI runs from a fresh
-clone), and every `make <target>` a README shows must exist (`make -n`). The runner itself is
-tested on a README with a broken block, in the fast subset.
+clone), and every `make <target>` a block shows must exist (`make -n`). The runner itself is
+tested on a README with a broken block, and every relative link of those files must point at an
+existing file (and heading), both in the fast subset.
 """
 
 import os
@@ -21,9 +23,11 @@ from readme_commands import (
     BlockFailed,
     all_blocks,
     block_environment,
+    broken_links,
+    documentation_files,
     extract_blocks,
+    heading_anchors,
     max_update_from_environment,
-    readme_files,
     run_block,
     run_in_fresh_checkout,
     shorten_max_update,
@@ -38,7 +42,7 @@ QUOTED_BLEU_TOLERANCE = 1.0  # BLEU points: room for another CPU's rounding, not
 
 
 def text_after(block, lines: int = 12) -> str:
-    """The README's `lines` lines after `block`'s closing fence: what it says the block prints."""
+    """The file's `lines` lines after `block`'s closing fence: what it says the block prints."""
     with open(os.path.join(ROOT, block.source), encoding="utf-8") as f:
         readme = f.read().splitlines()
     end = block.line + len(block.text.splitlines())  # index of the line after the closing fence
@@ -105,10 +109,14 @@ EXPECTED = {
 }
 
 
-def test_readmes_and_their_blocks_are_found():
+def test_readmes_docs_and_their_blocks_are_found():
     sources = {block.source for block in BLOCKS}
     assert {"README.md", os.path.join("configs", "README.md")} <= sources
-    assert os.path.join(ROOT, "README.md") == readme_files()[0]
+    docs = os.path.join(ROOT, "docs")
+    pages = {os.path.join(docs, name) for name in os.listdir(docs) if name.endswith(".md")}
+    assert pages and pages <= set(documentation_files())
+    assert os.path.join("docs", "cost.md") in sources  # a docs page's blocks are read too
+    assert os.path.join(ROOT, "README.md") == documentation_files()[0]
     # The blocks that must run here do: a README edit that marks them fails this test.
     for key in EXPECTED:
         assert [block for block in RUN if key in block.text], f"no runnable block shows {key!r}"
@@ -162,7 +170,7 @@ def test_make_targets_shown_in_the_readmes_exist():
             capture_output=True,
             text=True,
         )
-        assert dry.returncode == 0, f"`make {target}` (a README block): {dry.stderr.strip()}"
+        assert dry.returncode == 0, f"`make {target}` (a documented block): {dry.stderr.strip()}"
     assert {"tiny", "test", "test-fast"} <= set(targets)
 
 
@@ -215,13 +223,56 @@ def test_a_broken_block_fails_with_its_place_and_its_error(tmp_path):
         run_block(broken, str(workdir), VENV_BIN)
     message = str(failure.value)
     print(message)  # shown with -s: what a broken README block reports
-    assert message.startswith("README.md:13: the README command block starting here failed")
+    assert message.startswith("README.md:13: the command block starting here failed")
     assert '  first line: echo "the first command works"\n' in message
     failed = "  failed command: README.md:14: fairseq-asam-report --no-such-flag runs/x\n"
     assert failed in message
     assert "fairseq-asam-report: error: unrecognized arguments: --no-such-flag" in message
-    assert "README command failed at README.md:14: fairseq-asam-report --no-such-flag" in message
+    assert "command failed at README.md:14: fairseq-asam-report --no-such-flag" in message
     assert "never printed" not in message
+
+
+def test_every_relative_link_of_the_documentation_resolves():
+    broken = [entry for path in documentation_files() for entry in broken_links(path)]
+    assert broken == [], "\n".join(broken)
+
+
+LINKS_PAGE = """\
+# A page
+
+## Mixed precision and ε
+
+## Reproducing Table 4 (IWSLT'14 De→En)
+
+[here](#mixed-precision-and-ε), [there](other.md#reproducing-table-4-iwslt14-deen),
+![a picture](pic.png), [a folder](sub), [the web](https://example.org/x.md),
+`[in code](nowhere.md)` and [gone](missing.md), [no heading](other.md#setup),
+[no heading here](#mixed-precision), [twice](other.md#twice-1), [thrice](other.md#twice-2)
+
+```bash
+cat [a block](nowhere.md)
+```
+"""
+
+OTHER_PAGE = "## Reproducing Table 4 (IWSLT'14 De→En)\n\n## Twice\n\n## Twice\n"
+
+
+def test_broken_links_names_each_missing_file_and_anchor(tmp_path):
+    (tmp_path / "page.md").write_text(LINKS_PAGE, encoding="utf-8")
+    (tmp_path / "other.md").write_text(OTHER_PAGE, encoding="utf-8")
+    (tmp_path / "pic.png").write_bytes(b"")
+    (tmp_path / "sub").mkdir()
+    assert heading_anchors(str(tmp_path / "other.md")) == {
+        "reproducing-table-4-iwslt14-deen",
+        "twice",
+        "twice-1",
+    }
+    assert broken_links(str(tmp_path / "page.md"), str(tmp_path)) == [
+        "page.md:9: missing.md (no such file)",
+        "page.md:9: other.md#setup (no heading with that anchor)",
+        "page.md:10: #mixed-precision (no heading with that anchor)",
+        "page.md:10: other.md#twice-2 (no heading with that anchor)",
+    ]
 
 
 @pytest.mark.slow

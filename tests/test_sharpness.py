@@ -26,7 +26,7 @@ from fairseq_asam.experiments.cli import sharpness_main
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CLI = os.path.join(REPO_ROOT, "scripts", "sharpness.py")
-README = os.path.join(REPO_ROOT, "README.md")
+TOOLS_DOC = os.path.join(REPO_ROOT, "docs", "tools.md")  # its "Measuring sharpness" figures
 SCALES = (0.1, 1.0, 10.0)
 INVARIANCE_TOLERANCE = 0.01  # adaptive sharpness equal within 1% across SCALES
 PLAIN_SPREAD = 2.0  # plain sharpness changes by more than this factor across SCALES
@@ -105,11 +105,11 @@ def test_relu_network_adaptive_sharpness_is_scale_invariant(bias, steps):
 
 def readme_figures(pattern):
     """The figures that `pattern` (a regular expression, one group per figure) finds in the
-    README's "Measuring sharpness" section, as printed; the section's whitespace is collapsed."""
-    with open(README, encoding="utf-8") as f:
+    docs' "Measuring sharpness" section, as printed; the section's whitespace is collapsed."""
+    with open(TOOLS_DOC, encoding="utf-8") as f:
         section = f.read().split("## Measuring sharpness", 1)[1].split("\n## ", 1)[0]
     found = re.search(pattern, " ".join(section.split()))
-    assert found, f"README's 'Measuring sharpness' no longer says {pattern!r}"
+    assert found, f"docs/tools.md's 'Measuring sharpness' no longer says {pattern!r}"
     return found.groups()
 
 
@@ -121,7 +121,7 @@ def printed_as(value, printed, rounding):
 
 
 def test_relu_network_figures_of_the_readme():
-    """README "Measuring sharpness": ρ = 0.1, η = 0, bias-free, one step."""
+    """docs/tools.md, "Measuring sharpness": ρ = 0.1, η = 0, bias-free, one step."""
     *quoted_plain, quoted_factor, quoted_adaptive = readme_figures(
         r"plain sharpness is (\S+) / (\S+) / (\S+) \(it changes (\d+)×\), "
         r"adaptive sharpness (\S+) for all three"
@@ -214,7 +214,8 @@ def test_transformer_adaptive_sharpness_is_scale_invariant(loaded, steps):
 
 
 def test_transformer_figures_of_the_readme(loaded):
-    """README "Measuring sharpness": the tiny Transformer's FFN rescaled, ρ = 0.05, η = 0, K = 1."""
+    """docs/tools.md, "Measuring sharpness": the tiny Transformer's FFN rescaled, ρ = 0.05, η = 0,
+    K = 1."""
     quoted = readme_figures(
         r"plain (\S+) / (\S+) / (\S+), adaptive with biases normalized (\S+) / (\S+) / (\S+)\. "
         r".*the invariance \((\S+) / (\S+) / (\S+)\)"

@@ -92,7 +92,7 @@ def table4_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="mixed precision with fp32 weights (fairseq's --amp: fp16 autocast, loss scaling; "
         "GPUs). fp16 weights (--fp16) would round away part of SAM/ASAM's perturbation: see the "
-        "README, 'Mixed precision and ε'",
+        "docs/mixed-precision.md",
     )
     parser.add_argument("--fp16", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument(
@@ -234,7 +234,7 @@ def table4_main(argv: Optional[List[str]] = None) -> int:
         if args.fp16:
             raise ConfigError(
                 "--fp16 keeps the weights in fp16, which rounds away part of SAM/ASAM's "
-                "perturbation (README, 'Mixed precision and ε'): use --amp (fp32 weights)"
+                "perturbation (docs/mixed-precision.md): use --amp (fp32 weights)"
             )
         preset = runner.TABLE4_PRESETS[args.preset]
         config = runner.GridConfig(

@@ -321,7 +321,7 @@ class GridConfig:
     archive: Optional[str] = None
     data_bin: Optional[str] = None
     max_update: Optional[int] = None
-    amp: bool = False  # fairseq's --amp: fp32 weights (SAM/ASAM's ε survives, README)
+    amp: bool = False  # fairseq's --amp: fp32 weights (ε survives: docs/mixed-precision.md)
     eval_bleu: bool = False
     checkpoint: Optional[str] = None  # the protocol; None: the preset's
     sharpness_rho: Optional[float] = None  # also measure the adaptive sharpness at this ρ
