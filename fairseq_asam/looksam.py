@@ -28,4 +28,6 @@ def orthogonalize_(sharp: Tensor, plain: Tensor) -> Tensor:
 def reuse_scale(plain: Sequence[Tensor], g_v: Tensor, alpha: float) -> Tensor:
     """α · ‖G‖/‖g_v‖ (0-dim), the reuse term's factor on g_v; G given as its parts."""
     norms = torch.stack([torch.linalg.vector_norm(g, dtype=torch.float32) for g in plain])
-    return alpha * norms.norm() / g_v.norm().clamp_min(torch.finfo(g_v.dtype).tiny)
+    g_v_norm = g_v.norm()
+    # g_v = 0 (a sharpness-aware gradient of zero): no direction to reuse, and no 0 · ∞.
+    return torch.where(g_v_norm > 0, alpha * norms.norm() / g_v_norm, 0.0)

@@ -54,6 +54,11 @@ EVAL_SHARPNESS_KEY = "sharpness_eval"
 # only (not over dummy batches, nor over the plain updates of --sam-interval).
 LOGGING_PREFIX = "fairseq_asam_"
 WEIGHT_SUFFIX = "_sample_size"
+# Built once: pickle (criteria whose statistics are gathered) then stores each name only once.
+PRIVATE_KEYS = {
+    m: (LOGGING_PREFIX + m, LOGGING_PREFIX + m + WEIGHT_SUFFIX)
+    for m in (SHARPNESS_KEY, EVAL_SHARPNESS_KEY)
+}
 # Σ sample_size of all micro-batches, measured or not (see _reduce_like_loss).
 TOTAL_WEIGHT_KEY = LOGGING_PREFIX + "sample_size"
 _INSTALLED_MARK = "_fairseq_asam_wrapped"
@@ -87,19 +92,19 @@ def _with_metrics(logging_output, sample_size, metric_names, measured):
     worker — perturbed, plain (--sam-interval) or dummy — logs the same keys, as values of the
     same kind.  fairseq all-reduces the statistics as one packed buffer keyed by each worker's
     first logging output, so a key present on one worker and missing on another would misalign
-    the buffer (or hang it).  Values take the kind of the criterion's logged `loss`, weights
-    that of its sample_size: a float where the criterion logs floats (its statistics may be
-    gathered by pickling, which tensors would bloat), else a 0-dim tensor made on the device
-    without a host sync.
+    the buffer (or hang it).  Where the criterion logs a float `loss` (its statistics may be
+    gathered by pickling, which tensors would bloat), all are floats; otherwise values are 0-dim
+    tensors made on the device without a host sync, and weights take the kind of sample_size.
     """
     logging_output = dict(logging_output)
     loss_kind = logging_output.get("loss", 0.0)
+    weight_kind = sample_size if torch.is_tensor(loss_kind) else 0.0
     for metric in metric_names:
         value, weight = measured.get(metric, (0.0, 0.0))
-        key = LOGGING_PREFIX + metric
+        key, weight_key = PRIVATE_KEYS[metric]
         logging_output[key] = _of_kind(value, loss_kind)
-        logging_output[key + WEIGHT_SUFFIX] = _of_kind(weight, sample_size)
-    logging_output[TOTAL_WEIGHT_KEY] = _of_kind(sample_size, sample_size)
+        logging_output[weight_key] = _of_kind(weight, weight_kind)
+    logging_output[TOTAL_WEIGHT_KEY] = _of_kind(sample_size, weight_kind)
     return logging_output
 
 
@@ -293,9 +298,8 @@ def log_sharpness(logging_outputs, criterion, logged_by_criterion) -> None:
     the metrics the criterion logged itself this update, never ours to fill or to remove."""
     if not logging_outputs:
         return
-    for metric in (SHARPNESS_KEY, EVAL_SHARPNESS_KEY):
-        key = LOGGING_PREFIX + metric
-        sharpness_aware = any(key + WEIGHT_SUFFIX in log for log in logging_outputs)
+    for metric, (key, weight_key) in PRIVATE_KEYS.items():
+        sharpness_aware = any(weight_key in log for log in logging_outputs)
         if metric in logged_by_criterion:
             if sharpness_aware and metric not in _SHADOWED:
                 _SHADOWED.add(metric)
@@ -304,9 +308,9 @@ def log_sharpness(logging_outputs, criterion, logged_by_criterion) -> None:
                 )
             continue
         if sharpness_aware:
-            # A float, except after a DDP all-reduce (a tensor: one host sync per update, as
-            # the criterion's own reduce_metrics makes).
-            weight = float(sum(log[key + WEIGHT_SUFFIX] for log in logging_outputs))
+            # A float, except after a DDP all-reduce: then a host sync per update (and the
+            # replay repeats any of the criterion's reduce_metrics), not per micro-batch.
+            weight = float(sum(log[weight_key] for log in logging_outputs))
             value = _reduce_like_loss(logging_outputs, key, weight, criterion) if weight else None
             if value is not None:
                 metrics.log_scalar(metric, value, weight, round=4)
@@ -327,6 +331,9 @@ def _reduce_like_loss(logging_outputs, key, weight, criterion):
     with metrics.aggregate(new_root=True) as replayed:
         criterion.__class__.reduce_metrics(replay)
     if "loss" not in replayed:  # a criterion without a `loss`: no unit to follow
+        if "loss" not in _SHADOWED:
+            _SHADOWED.add("loss")
+            logger.warning("the criterion logs no 'loss': fairseq-asam logs no sharpness")
         return None
     total = sum(log[TOTAL_WEIGHT_KEY] for log in logging_outputs)
     return replayed["loss"].avg * (total / weight)

@@ -56,7 +56,8 @@ class NatsPerSample(LabelSmoothedCrossEntropyCriterion):
 
 
 class MeanOfMicroBatches(LabelSmoothedCrossEntropyCriterion):
-    """Logs each micro-batch's mean loss and averages them (as tacotron2, fastspeech2)."""
+    """Logs each micro-batch's mean loss and averages them over micro-batches (tacotron2 and
+    fastspeech2 log means too, weighted by sample_size)."""
 
     def forward(self, model, sample, reduce=True):
         loss, sample_size, log = super().forward(model, sample, reduce=reduce)
@@ -111,6 +112,28 @@ def test_a_criterions_own_sharpness_metric_from_reduce_metrics_is_kept(data_bin,
     trainer = build_trainer(data_bin, flags, make_criterion=_criterion(OwnSharpnessMetric))
     agg = _one_update(trainer, batches(trainer, 1))
     assert float(agg["sharpness"].avg) == 123.0  # neither removed (adam) nor averaged (asam)
+
+
+def test_sharpness_is_the_mean_over_measured_micro_batches_around_a_dummy_one(data_bin):
+    """A dummy micro-batch between two real ones (fairseq keeps its statistics: it is not the
+    last) is not measured: the mean is over the real two, whatever the criterion's normalizer."""
+    trainer = build_trainer(data_bin, ASAM + ["--update-freq", "3"])
+    real = batches(trainer, 3)
+    trainer.reset_dummy_batch(real[2])
+    model0 = copy.deepcopy(trainer.get_model())
+    logged = float(_one_update(trainer, [real[0], {}, real[1]])["sharpness"].avg)
+    expected = reference_logged_sharpness(model0, trainer.criterion, real[:2], RHO, ETA, True)
+    assert logged == pytest.approx(expected, rel=1e-4)
+
+
+def test_looksam_reuses_nothing_after_a_zero_sharpness_aware_gradient():
+    """g_v = 0 (e.g. a BMUF worker whose update was all dummy batches): the reuse term is 0,
+    not 0 · ∞ = NaN in the weights."""
+    from fairseq_asam import looksam
+
+    scale = looksam.reuse_scale([torch.full((3,), 0.5)], torch.zeros(3), alpha=0.5)
+    assert float(scale) == 0.0
+    assert float(looksam.reuse_scale([torch.ones(4)], torch.full((4,), 2.0), 0.5)) == 0.5 / 2
 
 
 # --- numpy's generator -------------------------------------------------------------------------
@@ -194,13 +217,14 @@ class OutOfMemoryOnCall(LabelSmoothedCrossEntropyCriterion):
         return super().forward(model, sample, reduce=reduce)
 
 
-@pytest.mark.parametrize("optimizer", ["adam", "asam"])
-def test_legacy_ddp_syncs_again_after_a_recovered_oom(data_bin, tmp_path, optimizer, monkeypatch):
-    """The OOM strikes pass 1 of the update's last micro-batch (asam) or its only pass (adam):
-    the forward numbered 3 either way.  fairseq recovers; the wrapper must sync again."""
-    monkeypatch.setattr(OutOfMemoryOnCall, "fail", 3 if optimizer == "asam" else 2)
+def test_legacy_ddp_syncs_again_after_a_recovered_oom(data_bin, tmp_path, monkeypatch):
+    """The OOM strikes pass 1 of the update's last micro-batch (forward 3), which the plugin
+    runs under no_sync() where stock fairseq runs no no_sync() at all.  fairseq recovers; the
+    wrapper must sync again.  (An OOM in an earlier micro-batch, inside fairseq's own
+    no_sync(), leaves the flag set under Adam too: fairseq's, not tested here.)"""
+    monkeypatch.setattr(OutOfMemoryOnCall, "fail", 3)
     monkeypatch.setattr(OutOfMemoryOnCall, "calls", 0)
-    flags = (["--optimizer", "adam"] if optimizer == "adam" else ASAM) + ["--update-freq", "2"]
+    flags = ASAM + ["--update-freq", "2"]
     dist.init_process_group("gloo", init_method=f"file://{tmp_path}/init", rank=0, world_size=1)
     try:
         trainer = build_trainer(

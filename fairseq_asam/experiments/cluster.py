@@ -22,9 +22,9 @@ requeued, preempted or resubmitted job continues the run where its checkpoints a
 
 submitit's own files (pickled jobs, each job's stdout/stderr) are in `<out>/submitit/`.
 
-The lock is filelock's `flock` on the run folder's `run.lock`; on a shared file system between nodes it
-excludes two jobs only where the file system supports it across nodes (NFSv4, Lustre and
-GPFS with their flock options; NFSv3 with a lock manager) — docs/clusters-and-sweeps.md.
+The lock is filelock's `flock` on the run folder's `run.lock`; on a shared file system between
+nodes it excludes two jobs only where the file system supports it across nodes (NFSv4, Lustre
+and GPFS with their flock options; NFSv3 with a lock manager) — docs/clusters-and-sweeps.md.
 """
 
 import datetime
