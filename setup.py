@@ -1,11 +1,11 @@
 from setuptools import setup
 
 # The plugin (what `--user-dir` loads) needs torch and fairseq; the experiment kit
-# (fairseq_asam.experiments: data preparation, Table 4 runner, evaluation, report, sharpness,
+# (fairseq_asam_experiments: data preparation, Table 4 runner, evaluation, report, sharpness,
 # trajectories, benchmark) needs the `experiments` extra too.
-CONFIGS_PACKAGE = "fairseq_asam.experiments.configs"
+CONFIGS_PACKAGE = "fairseq_asam_experiments.configs"
 CONSOLE_SCRIPTS = [
-    f"fairseq-asam-{name} = fairseq_asam.experiments.cli:{name}_main"
+    f"fairseq-asam-{name} = fairseq_asam_experiments.cli:{name}_main"
     for name in (
         "table4",
         "prepare",
@@ -27,7 +27,7 @@ setup(
     description="ASAM and SAM (sharpness-aware minimization) optimizers for fairseq",
     long_description=long_description,
     long_description_content_type="text/markdown",
-    packages=["fairseq_asam", "fairseq_asam.experiments", CONFIGS_PACKAGE],
+    packages=["fairseq_asam", "fairseq_asam_experiments", CONFIGS_PACKAGE],
     # The checkout's top-level configs/ ships inside the package, found with importlib.resources.
     package_dir={CONFIGS_PACKAGE: "configs"},
     package_data={CONFIGS_PACKAGE: ["*.md", "*/*.args", "hydra/*/*.yaml", "hydra/*/*/*.yaml"]},

@@ -4,7 +4,7 @@ sharpness-aware update runs), on fp32 parameters of 25 M entries (one flat fp32 
 
     PYTHONPATH=. python benchmarks/looksam_memory.py [--parameters 25000000]
 
-Measured as fairseq-asam-benchmark measures memory (fairseq_asam/experiments/benchmark.py): each
+Measured as fairseq-asam-benchmark measures memory (fairseq_asam_experiments/benchmark.py): each
 row in a fresh process, freed blocks returned to the system at once, peak resident set (VmHWM)
 during the call minus the resident set just before it.  Rows:
   record      record_plain_gradient on a second micro-batch (G already holds the first);
@@ -19,14 +19,14 @@ from multiprocessing import get_context
 import torch
 from omegaconf import OmegaConf
 
-from fairseq_asam.experiments.benchmark import (
+from fairseq_asam.optim import FairseqASAM, FairseqASAMConfig
+from fairseq_asam_experiments.benchmark import (
     BYTES_PER_MIB,
     FP32_BYTES,
     release_freed_memory_at_once,
     reset_peak_rss,
     resident_kib,
 )
-from fairseq_asam.optim import FairseqASAM, FairseqASAMConfig
 
 ROWS = ("record", "sa-step", "plain-step")
 TENSOR_SIZE = 500 * 500  # entries per parameter tensor (about a Transformer matrix's)

@@ -6,13 +6,13 @@
 For SAM (ρ 0.1) and ASAM (ρ 0.2, η 0.01) × weights fp32/fp16/bf16 × rounding (nearest,
 stochastic and its controls) and × autocast fp16/bf16: the fraction of ε's non-zero entries
 lost, cosine and relative L2 error against ε, and the loss increase obtained.  Every definition
-is in fairseq_asam/experiments/precision.py.  The console command `fairseq-asam-precision`
+is in fairseq_asam_experiments/precision.py.  The console command `fairseq-asam-precision`
 does the same.
 """
 
 import sys
 
-from fairseq_asam.experiments.cli import precision_main
+from fairseq_asam_experiments.cli import precision_main
 
 if __name__ == "__main__":
     sys.exit(precision_main())

@@ -7,7 +7,7 @@ The console command `fairseq-asam-trajectories` does the same;
 
 import sys
 
-from fairseq_asam.experiments.cli import trajectories_main
+from fairseq_asam_experiments.cli import trajectories_main
 
 if __name__ == "__main__":
     sys.exit(trajectories_main())

@@ -7,7 +7,7 @@ The console command `fairseq-asam-report` does the same;
 
 import sys
 
-from fairseq_asam.experiments.cli import report_main
+from fairseq_asam_experiments.cli import report_main
 
 if __name__ == "__main__":
     sys.exit(report_main())

@@ -7,7 +7,7 @@ The console command `fairseq-asam-table4` does the same;
 
 import sys
 
-from fairseq_asam.experiments.cli import table4_main
+from fairseq_asam_experiments.cli import table4_main
 
 if __name__ == "__main__":
     sys.exit(table4_main())

@@ -7,7 +7,7 @@ tokenizer.perl.  Needs perl and a Moses checkout:
 
 import sys
 
-from fairseq_asam.experiments.cli import tokenizer_parity_main
+from fairseq_asam_experiments.cli import tokenizer_parity_main
 
 if __name__ == "__main__":
     sys.exit(tokenizer_parity_main())

@@ -31,7 +31,7 @@ def stubbed(monkeypatch):
     fairseq run), on no GPU; undone after the test."""
     import runner_stubs
 
-    from fairseq_asam.experiments import runner
+    from fairseq_asam_experiments import runner
 
     runner_stubs.install(runner, monkeypatch.setattr)
     monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)

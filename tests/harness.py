@@ -13,7 +13,7 @@ import torch
 import torch.distributed as dist
 
 import fairseq_asam
-from fairseq_asam.experiments import recipe, synthetic_data
+from fairseq_asam_experiments import recipe, synthetic_data
 
 # The shipped hydra configs (fairseq-hydra-train --config-dir).
 HYDRA_DIR = os.path.join(recipe.config_dir(), recipe.HYDRA_CONFIG_DIR)

@@ -107,7 +107,7 @@ def fake_checkpoint_position(path):
 
 def fake_evaluate(data_bin, save_dir, user_dir, choice, *args, **kwargs):
     """evaluation.evaluate_checkpoint without fairseq-generate (same result shape)."""
-    from fairseq_asam.experiments import evaluation
+    from fairseq_asam_experiments import evaluation
 
     if hasattr(evaluation, "evaluation_settings"):
         settings = evaluation.evaluation_settings(
@@ -195,7 +195,7 @@ def tiny_grid(runner, out, max_update=20, optimizers=("adam", "asam"), seeds=(1,
 def _stub_config_class():
     import dataclasses
 
-    from fairseq_asam.experiments import runner
+    from fairseq_asam_experiments import runner
 
     @dataclasses.dataclass
     class StubGridConfig(runner.GridConfig):
@@ -225,7 +225,7 @@ def __getattr__(name):
 
 def stub_grid(out, max_update=20, optimizers=("adam", "asam"), seeds=(1,), **kwargs):
     """tiny_grid as a StubGridConfig (its runs use the stubs in a submitit job too)."""
-    from fairseq_asam.experiments import runner
+    from fairseq_asam_experiments import runner
 
     cls = __getattr__("StubGridConfig")
     return cls(
@@ -244,7 +244,7 @@ def launch_main(argv):
     """A launcher with the stubs: OUT MAX_UPDATE OPTIMIZERS; exit status as the console command."""
     import logging
 
-    from fairseq_asam.experiments import runner
+    from fairseq_asam_experiments import runner
 
     logging.basicConfig(level=logging.INFO, stream=sys.stdout, force=True)
     out, max_update, optimizers = argv[0], int(argv[1]), argv[2].split(",")
@@ -252,7 +252,7 @@ def launch_main(argv):
     config = tiny_grid(runner, out, max_update, optimizers)
     try:
         runner.run_grid(config)
-    except runner.FairseqAsamError as error:
+    except runner.ExperimentError as error:
         print(f"launcher: error: {error}", file=sys.stderr, flush=True)
         return getattr(error, "exit_status", 1)
     return 0
@@ -263,7 +263,7 @@ def launch_jobs_main(argv):
     console command.  Its jobs import this module: the caller puts this folder on PYTHONPATH."""
     import logging
 
-    from fairseq_asam.experiments import cluster, runner
+    from fairseq_asam_experiments import cluster, runner
 
     logging.basicConfig(level=logging.INFO, stream=sys.stdout, force=True)
     out, optimizers = argv[0], argv[1].split(",")
@@ -272,7 +272,7 @@ def launch_jobs_main(argv):
         cluster.submit_grid(
             config, "submitit-local", cluster.JobOptions(time_min=10, max_concurrent=1)
         )
-    except runner.FairseqAsamError as error:
+    except runner.ExperimentError as error:
         print(f"launcher: error: {error}", file=sys.stderr, flush=True)
         return getattr(error, "exit_status", 1)
     return 0

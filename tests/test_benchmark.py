@@ -9,8 +9,8 @@ import sys
 import pytest
 import torch
 
-from fairseq_asam.experiments import benchmark
-from fairseq_asam.experiments.cli import benchmark_main
+from fairseq_asam_experiments import benchmark
+from fairseq_asam_experiments.cli import benchmark_main
 
 STEP_COST = os.path.join(
     os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks", "step_cost.py"

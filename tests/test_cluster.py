@@ -19,10 +19,10 @@ import pytest
 import runner_stubs
 from harness import independent_scores
 
-from fairseq_asam.errors import ConfigError
-from fairseq_asam.experiments import cluster, evaluation, runner, synthetic_data
-from fairseq_asam.experiments.cli import table4_main
-from fairseq_asam.experiments.layout import lock_holder, run_lock
+from fairseq_asam_experiments import cluster, evaluation, runner, synthetic_data
+from fairseq_asam_experiments.cli import table4_main
+from fairseq_asam_experiments.errors import SettingError
+from fairseq_asam_experiments.layout import lock_holder, run_lock
 
 TESTS = os.path.dirname(os.path.abspath(__file__))
 TRAIN_COMMAND, EVALUATE = runner.train_command, evaluation.evaluate_checkpoint
@@ -110,7 +110,7 @@ SLURM_OPTIONS = cluster.JobOptions(
 
 def test_sbatch_options_parse_and_bad_job_flags_fail_in_one_line(tmp_path, capsys):
     assert cluster.parse_sbatch(["account=nlp", "--qos=high"]) == {"account": "nlp", "qos": "high"}
-    with pytest.raises(ConfigError, match="--sbatch takes KEY=VALUE"):
+    with pytest.raises(SettingError, match="--sbatch takes KEY=VALUE"):
         cluster.parse_sbatch(["account"])
     out = tmp_path / "out"
     for argv, message in (

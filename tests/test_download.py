@@ -9,9 +9,9 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 
-from fairseq_asam.errors import FairseqAsamError
-from fairseq_asam.experiments import prepare, synthetic_data
-from fairseq_asam.experiments.cli import prepare_main
+from fairseq_asam_experiments import prepare, synthetic_data
+from fairseq_asam_experiments.cli import prepare_main
+from fairseq_asam_experiments.errors import ExperimentError
 
 
 class ArchiveHandler(BaseHTTPRequestHandler):
@@ -77,7 +77,7 @@ def test_a_dropped_download_starts_again(server, archive_bytes, tmp_path):
 def test_an_md5_mismatch_is_an_error_unless_allowed(server, archive_bytes, tmp_path, caplog):
     destination = tmp_path / "de-en.tgz"
     expected = "0" * 32
-    with pytest.raises(FairseqAsamError) as error:
+    with pytest.raises(ExperimentError) as error:
         prepare.download_archive(server.url, str(destination), md5=expected)
     message = str(error.value)
     assert f"downloaded from {server.url}:" in message and md5(archive_bytes) in message
@@ -95,7 +95,7 @@ def test_an_archive_already_present_is_verified(server, archive_bytes, tmp_path)
     assert server.requests == []  # verified, not downloaded again
     destination.write_bytes(archive_bytes[:-10])  # truncated on disk
     with pytest.raises(
-        FairseqAsamError, match=f"archive already present: {destination}: MD5 .* delete it"
+        ExperimentError, match=f"archive already present: {destination}: MD5 .* delete it"
     ):
         prepare.download_archive(server.url, str(destination), md5=md5(archive_bytes))
     assert destination.read_bytes() == archive_bytes[:-10]  # the user's file is left alone
@@ -103,7 +103,7 @@ def test_an_archive_already_present_is_verified(server, archive_bytes, tmp_path)
 
 
 def test_the_mirrors_md5_is_the_default(server, tmp_path):
-    with pytest.raises(FairseqAsamError, match=f"differs from the expected {prepare.ARCHIVE_MD5}"):
+    with pytest.raises(ExperimentError, match=f"differs from the expected {prepare.ARCHIVE_MD5}"):
         prepare.download_archive(server.url, str(tmp_path / "de-en.tgz"))
 
 
@@ -134,6 +134,6 @@ def test_an_incomplete_read_is_retried(monkeypatch, tmp_path):
 
     monkeypatch.setattr(prepare, "_download", failing)
     monkeypatch.setattr(prepare, "DOWNLOAD_RETRY_SECONDS", 0.0)
-    with pytest.raises(FairseqAsamError, match="download failed 2 times"):
+    with pytest.raises(ExperimentError, match="download failed 2 times"):
         prepare.download_archive("http://x/de-en.tgz", str(tmp_path / "a.tgz"), attempts=2)
     assert len(calls) == 2

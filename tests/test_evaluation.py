@@ -8,8 +8,8 @@ import sacrebleu
 import torch
 
 import fairseq_asam
-from fairseq_asam.errors import ConfigError, FairseqAsamError
-from fairseq_asam.experiments import evaluation, synthetic_data
+from fairseq_asam_experiments import evaluation, synthetic_data
+from fairseq_asam_experiments.errors import ExperimentError, SettingError
 
 # A small tokenized, lowercased corpus: every n-gram order has matches, the system is short
 # (brevity penalty < 1), one reference word is unknown to the model.
@@ -121,7 +121,7 @@ def test_tokenized_bleu_is_fairseq_generates_with_unknown_words(generated_with_u
 
 
 def test_tokenized_bleu_rejects_mismatched_lengths():
-    with pytest.raises(FairseqAsamError, match="2 hypotheses for 1 references"):
+    with pytest.raises(ExperimentError, match="2 hypotheses for 1 references"):
         evaluation.tokenized_bleu(["a", "b"], ["a"])
 
 
@@ -208,7 +208,7 @@ def test_score_split_checks_fairseq_generate_printed_bleu():
     assert scores["sentences"] == 1
     # A printed BLEU 0.01 away (more than its rounding) is a disagreement.
     off = ONE_WORD_OFF_PRINTED.replace("75.98", "75.99")
-    with pytest.raises(FairseqAsamError, match="differs from fairseq-generate's 'BLEU4 = 75.99"):
+    with pytest.raises(ExperimentError, match="differs from fairseq-generate's 'BLEU4 = 75.99"):
         evaluation.score_split(
             evaluation.parse_generate_output(ONE_WORD_OFF_GENERATE.format(bleu=off))
         )
@@ -227,7 +227,7 @@ def test_score_split_uses_the_untokenized_references_file(tmp_path):
     assert scores["sacrebleu"] == pytest.approx(round(expected.score, 4))
     assert scores["sacrebleu_references"] == str(raw)
     raw.write_text("only one line\n")
-    with pytest.raises(FairseqAsamError, match="has 1 lines"):
+    with pytest.raises(ExperimentError, match="has 1 lines"):
         evaluation.score_split(output, str(raw))
 
 
@@ -282,7 +282,7 @@ def test_average_checkpoints_is_the_mean_of_the_parameters(tmp_path):
 def test_average_checkpoints_refuses_different_parameters(tmp_path):
     fake_checkpoint(tmp_path / "a.pt", 1)
     fake_checkpoint(tmp_path / "b.pt", 2, keys=("encoder.weight",))
-    with pytest.raises(FairseqAsamError, match="other parameters"):
+    with pytest.raises(ExperimentError, match="other parameters"):
         evaluation.average_checkpoints([str(tmp_path / "a.pt"), str(tmp_path / "b.pt")])
 
 
@@ -303,7 +303,7 @@ def test_last_epoch_checkpoints_by_epoch_number(tmp_path):
         "checkpoint10.pt",
         "checkpoint9.pt",
     ]
-    with pytest.raises(FairseqAsamError, match="average:5 needs 5 epoch checkpoints .* found 4"):
+    with pytest.raises(ExperimentError, match="average:5 needs 5 epoch checkpoints .* found 4"):
         evaluation.last_epoch_checkpoints(str(tmp_path), 5)
 
 
@@ -320,12 +320,12 @@ def test_resolve_checkpoint(tmp_path):
         torch.load(path, weights_only=False)["model"]["encoder.weight"], expected
     )
     with pytest.raises(
-        FairseqAsamError, match="--checkpoint best-loss: .*checkpoint_best.pt not found"
+        ExperimentError, match="--checkpoint best-loss: .*checkpoint_best.pt not found"
     ):
         evaluation.resolve_checkpoint(
             str(tmp_path), evaluation.parse_checkpoint_choice("best-loss")
         )
-    with pytest.raises(FairseqAsamError, match="checkpoint folder not found"):
+    with pytest.raises(ExperimentError, match="checkpoint folder not found"):
         evaluation.resolve_checkpoint(
             str(tmp_path / "missing"), evaluation.parse_checkpoint_choice("last")
         )
@@ -349,13 +349,13 @@ def test_parse_checkpoint_choice(text, metric):
 @pytest.mark.parametrize("text", ["", "first", "average", "average:0", "average:x", "avg5"])
 def test_parse_checkpoint_choice_rejects(text):
     with pytest.raises(
-        ConfigError, match="--checkpoint must be best-loss, best-bleu, last or average:N"
+        SettingError, match="--checkpoint must be best-loss, best-bleu, last or average:N"
     ):
         evaluation.parse_checkpoint_choice(text)
 
 
 def test_best_alone_names_no_protocol():
-    with pytest.raises(ConfigError, match="--checkpoint best names no protocol: use best-loss"):
+    with pytest.raises(SettingError, match="--checkpoint best names no protocol: use best-loss"):
         evaluation.parse_checkpoint_choice("best")
 
 
@@ -392,7 +392,7 @@ def test_best_protocols_check_what_checkpoint_best_was_selected_by(
             path, _ = evaluation.resolve_checkpoint(str(tmp_path), choice)
             assert path == str(tmp_path / "checkpoint_best.pt")
         else:
-            with pytest.raises(FairseqAsamError, match=f"--checkpoint {protocol}: .*{message}"):
+            with pytest.raises(ExperimentError, match=f"--checkpoint {protocol}: .*{message}"):
                 evaluation.resolve_checkpoint(str(tmp_path), choice)
     assert evaluation.checkpoint_selection_metric(str(tmp_path / "checkpoint_best.pt")) == (
         metric,
@@ -419,11 +419,11 @@ def test_evaluation_settings_change_with_the_checkpoint_files(tmp_path):
 
 
 def test_check_data_bin(tmp_path):
-    with pytest.raises(FairseqAsamError, match="--data-bin: folder not found"):
+    with pytest.raises(ExperimentError, match="--data-bin: folder not found"):
         evaluation.check_data_bin(str(tmp_path / "missing"))
     (tmp_path / "dict.de.txt").write_text("")
     (tmp_path / "valid.de-en.de.idx").write_bytes(b"")
-    with pytest.raises(FairseqAsamError, match="missing dict.en.txt, test"):
+    with pytest.raises(ExperimentError, match="missing dict.en.txt, test"):
         evaluation.check_data_bin(str(tmp_path))
 
 

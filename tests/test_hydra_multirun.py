@@ -17,7 +17,7 @@ from harness import HYDRA_DIR, leaves
 from omegaconf import OmegaConf
 
 import fairseq_asam
-from fairseq_asam.experiments import report
+from fairseq_asam_experiments import report
 
 TINY_MODEL = [
     f"+model.{k}={v}"

@@ -14,8 +14,8 @@ import time
 import filelock
 import pytest
 
-from fairseq_asam.experiments import layout
-from fairseq_asam.experiments.layout import RunLocked, lock_holder, run_lock
+from fairseq_asam_experiments import layout
+from fairseq_asam_experiments.layout import RunLocked, lock_holder, run_lock
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -29,7 +29,7 @@ def start_holder(run_dir):
             textwrap.dedent(
                 f"""
                 import sys, time
-                from fairseq_asam.experiments.layout import run_lock
+                from fairseq_asam_experiments.layout import run_lock
                 with run_lock({str(run_dir)!r}):
                     print("held", flush=True)
                     time.sleep(60)

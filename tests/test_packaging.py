@@ -93,7 +93,7 @@ def test_user_dir_loads_the_plugin_and_nothing_of_the_kit(tmp_path):
     new = set(modules["after"]) - set(modules["before"])
     assert {m for m in modules["after"] if m.startswith("fairseq_asam")} == PLUGIN_MODULES
     assert not {m.split(".")[0] for m in new} & KIT_DEPENDENCIES, sorted(new)
-    assert "fairseq_asam.experiments" not in modules["after"]
+    assert "fairseq_asam_experiments" not in modules["after"]
 
 
 def test_plugin_source_imports_nothing_of_the_kit():
@@ -132,7 +132,7 @@ def test_plugin_stays_small():
 
 
 def test_configs_ship_as_package_data():
-    from fairseq_asam.experiments import recipe
+    from fairseq_asam_experiments import recipe
 
     folder = recipe.config_dir()
     for name in (
@@ -173,11 +173,11 @@ def wheel(tmp_path_factory):
 def files_to_ship():
     """What a wheel must hold, by its path in the wheel, from the checkout: every module of the
     fairseq_asam packages, and every file of configs/ (the package
-    fairseq_asam.experiments.configs: args files, hydra yaml, README.md)."""
+    fairseq_asam_experiments.configs: args files, hydra yaml, README.md)."""
     expected = set()
     for folder, package, only_modules in (
         ("fairseq_asam", "fairseq_asam", True),
-        ("configs", "fairseq_asam/experiments/configs", False),
+        ("configs", "fairseq_asam_experiments/configs", False),
     ):
         top = os.path.join(REPO, folder)
         for path, subfolders, names in os.walk(top):
@@ -193,12 +193,12 @@ def files_to_ship():
 
 
 def test_wheel_ships_every_module_and_config(wheel):
-    from fairseq_asam.experiments import recipe
+    from fairseq_asam_experiments import recipe
 
     with zipfile.ZipFile(wheel) as archive:
         shipped = set(archive.namelist())
     expected = files_to_ship()
-    configs = "fairseq_asam/experiments/configs/"
+    configs = "fairseq_asam_experiments/configs/"
     hydra = recipe.HYDRA_CONFIG_DIR.replace(os.sep, "/")
     # The walk found what the recipe reads (so a wrong folder cannot make this test vacuous).
     for name in (
@@ -209,7 +209,7 @@ def test_wheel_ships_every_module_and_config(wheel):
         f"{hydra}/row/asam.yaml",
     ):
         assert configs + name in expected, name
-    assert {"fairseq_asam/two_pass.py", "fairseq_asam/experiments/runner.py"} <= expected
+    assert {"fairseq_asam/two_pass.py", "fairseq_asam_experiments/runner.py"} <= expected
     assert sorted(expected - shipped) == []
     # Nothing else: the packages and the wheel's metadata (no tests/, scripts/ or build/).
     assert all(
@@ -274,7 +274,7 @@ def test_wheel_runs_the_tiny_preset_outside_the_checkout(wheel_venv, tmp_path):
         [
             str(venv / "bin" / "python"),
             "-c",
-            "import fairseq_asam; from fairseq_asam.experiments import recipe; "
+            "import fairseq_asam; from fairseq_asam_experiments import recipe; "
             "print(fairseq_asam.__file__); print(recipe.config_dir())",
         ],
         capture_output=True,

@@ -1,4 +1,4 @@
-"""fairseq_asam.experiments.precision: effective ε under fp16/bf16 rounding, its comparison with
+"""fairseq_asam_experiments.precision: effective ε under fp16/bf16 rounding, its comparison with
 ε, unbiased stochastic rounding, the autocast cast set, and one small end-to-end measurement."""
 
 import math
@@ -9,9 +9,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from fairseq_asam import perturbation
-from fairseq_asam.errors import ConfigError
-from fairseq_asam.experiments import precision as P
-from fairseq_asam.experiments import recipe
+from fairseq_asam_experiments import precision as P
+from fairseq_asam_experiments import recipe
+from fairseq_asam_experiments.errors import SettingError
 
 FP16_ULP_AT_1 = 2.0**-10  # spacing of fp16 just above 1.0 (10 mantissa bits)
 FP16_ULP_BELOW_1 = 2.0**-11  # spacing just below 1.0
@@ -221,15 +221,15 @@ def test_autocast_cast_parameters():
 
 
 def test_bad_names_raise_naming_the_flag(tmp_path):
-    with pytest.raises(ConfigError, match="--precisions"):
+    with pytest.raises(SettingError, match="--precisions"):
         P._dtype("fp8", P.WEIGHT_DTYPES, "--precisions")
-    with pytest.raises(ConfigError, match="data-bin folder not found: .*nope"):
+    with pytest.raises(SettingError, match="data-bin folder not found: .*nope"):
         P.check_precision_inputs(str(tmp_path / "nope"), None, True, 1, 4096, 1, "train")
-    with pytest.raises(ConfigError, match="--checkpoint"):
+    with pytest.raises(SettingError, match="--checkpoint"):
         P.check_precision_inputs(str(tmp_path), str(tmp_path / "c.pt"), False, 1, 4096, 1, "train")
-    with pytest.raises(ConfigError, match="exactly one"):
+    with pytest.raises(SettingError, match="exactly one"):
         P.check_precision_inputs(str(tmp_path), None, False, 1, 4096, 1, "train")
-    with pytest.raises(ConfigError, match="--subset train"):
+    with pytest.raises(SettingError, match="--subset train"):
         P.check_precision_inputs(str(tmp_path), None, True, 1, 4096, 1, "train")
 
 

@@ -12,9 +12,9 @@ import tarfile
 
 import pytest
 
-from fairseq_asam.errors import ConfigError, FairseqAsamError
-from fairseq_asam.experiments import files, prepare, synthetic_data
-from fairseq_asam.experiments.prepare import (
+from fairseq_asam_experiments import files, prepare, synthetic_data
+from fairseq_asam_experiments.errors import ExperimentError, SettingError
+from fairseq_asam_experiments.prepare import (
     TEST_STEMS,
     TRAIN_STEM,
     MosesPerlTokenizer,
@@ -25,7 +25,7 @@ from fairseq_asam.experiments.prepare import (
     segment_text,
     training_text,
 )
-from fairseq_asam.experiments.synthetic_data import SAMPLE_MAX_PAIR, build_sample_archive
+from fairseq_asam_experiments.synthetic_data import SAMPLE_MAX_PAIR, build_sample_archive
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CLI = os.path.join(REPO, "scripts", "prepare_iwslt14.py")
@@ -365,7 +365,7 @@ BAD_ARCHIVES = [
 def test_unusable_archive_fails_before_writing(sample_archive, tmp_path, kind, make, message):
     bad = make(sample_archive, tmp_path / f"{kind}.tgz")
     workdir = tmp_path / "work"
-    with pytest.raises(FairseqAsamError) as failure:
+    with pytest.raises(ExperimentError) as failure:
         prepare_iwslt14(bad, str(workdir), bpe_merges=MERGES, workers=1)
     text = str(failure.value)
     assert message in text and bad in text and "\n" not in text
@@ -373,12 +373,12 @@ def test_unusable_archive_fails_before_writing(sample_archive, tmp_path, kind, m
 
 
 def test_missing_archive_fails(tmp_path):
-    with pytest.raises(FairseqAsamError, match="nowhere.tgz: archive not found"):
+    with pytest.raises(ExperimentError, match="nowhere.tgz: archive not found"):
         prepare_iwslt14(str(tmp_path / "nowhere.tgz"), str(tmp_path), workers=1)
 
 
 def test_real_counts_are_checked_before_the_splits_are_written(sample_archive, tmp_path):
-    with pytest.raises(FairseqAsamError, match="160,239.*--no-expect-real-counts"):
+    with pytest.raises(ExperimentError, match="160,239.*--no-expect-real-counts"):
         prepare_iwslt14(
             sample_archive, str(tmp_path), bpe_merges=MERGES, workers=1, expect_real_counts=True
         )
@@ -426,7 +426,7 @@ def test_cli_prepares_a_sample(tmp_path):
 
 
 def test_bad_flags_name_the_flag_before_any_work(sample_archive, tmp_path):
-    with pytest.raises(ConfigError, match="--bpe-merges: must be positive, not 0"):
+    with pytest.raises(SettingError, match="--bpe-merges: must be positive, not 0"):
         prepare_iwslt14(sample_archive, str(tmp_path), bpe_merges=0, workers=1)
     assert not any(tmp_path.iterdir())
 

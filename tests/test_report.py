@@ -17,8 +17,8 @@ import json
 import pytest
 import runner_stubs
 
-from fairseq_asam.experiments import runner
-from fairseq_asam.experiments.cli import report_main
+from fairseq_asam_experiments import runner
+from fairseq_asam_experiments.cli import report_main
 
 SIGNATURE = "nrefs:1|case:lc|eff:no|tok:13a|smooth:exp|version:2.6.0"
 IN_TRAINING = "Valid BLEU (in-training)"

@@ -20,9 +20,9 @@ import pytest
 import torch
 
 from fairseq_asam import perturbation
-from fairseq_asam.errors import ConfigError
-from fairseq_asam.experiments import evaluation, sharpness
-from fairseq_asam.experiments.cli import sharpness_main
+from fairseq_asam_experiments import evaluation, sharpness
+from fairseq_asam_experiments.cli import sharpness_main
+from fairseq_asam_experiments.errors import SettingError
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CLI = os.path.join(REPO_ROOT, "scripts", "sharpness.py")
@@ -427,14 +427,14 @@ def test_non_finite_loss_or_gradient_raises():
 def bad_inputs(checkpoint, data_bin):
     """(keyword overrides, exception type, words the message must contain)."""
     return [
-        (dict(checkpoint=os.path.join(data_bin, "missing.pt")), ConfigError, "missing.pt"),
-        (dict(rho=0.0), ConfigError, "--rho"),
-        (dict(rho=-1.0), ConfigError, "--rho"),
-        (dict(subset="test"), ConfigError, "--subset test"),
-        (dict(max_batches=0), ConfigError, "--max-batches"),
-        (dict(steps=0), ConfigError, "--steps"),
-        (dict(eta=-0.1), ConfigError, "--eta"),
-        (dict(data_bin=os.path.join(data_bin, "nowhere")), ConfigError, "nowhere"),
+        (dict(checkpoint=os.path.join(data_bin, "missing.pt")), SettingError, "missing.pt"),
+        (dict(rho=0.0), SettingError, "--rho"),
+        (dict(rho=-1.0), SettingError, "--rho"),
+        (dict(subset="test"), SettingError, "--subset test"),
+        (dict(max_batches=0), SettingError, "--max-batches"),
+        (dict(steps=0), SettingError, "--steps"),
+        (dict(eta=-0.1), SettingError, "--eta"),
+        (dict(data_bin=os.path.join(data_bin, "nowhere")), SettingError, "nowhere"),
     ]
 
 
@@ -563,7 +563,7 @@ def _preprocess(argv):
 @pytest.fixture(scope="module")
 def unfitting_data_bins(tmp_path_factory):
     """Data folders the tiny translation checkpoint (de-en) does not fit, by what is wrong."""
-    from fairseq_asam.experiments import synthetic_data
+    from fairseq_asam_experiments import synthetic_data
 
     root = tmp_path_factory.mktemp("unfitting")
     text = synthetic_data.write_corpus(str(root / "text"), {"train": 120, "valid": 24})

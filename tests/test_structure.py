@@ -8,7 +8,7 @@ import subprocess
 import sys
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-PACKAGE = "fairseq_asam.experiments"
+PACKAGE = "fairseq_asam_experiments"
 KIT = os.path.join(REPO, *PACKAGE.split("."))
 
 
@@ -64,7 +64,7 @@ def test_the_cycle_finder_sees_a_cycle_through_a_function_level_import():
     graph = {
         "a": kit_imports("from . import b\n", modules),
         "b": kit_imports("def f():\n    from .c import x\n", modules),
-        "c": kit_imports("def g():\n    import fairseq_asam.experiments.a\n", modules),
+        "c": kit_imports("def g():\n    import fairseq_asam_experiments.a\n", modules),
     }
     assert graph == {"a": {"b"}, "b": {"c"}, "c": {"a"}}
     assert find_cycle(graph) == ["a", "b", "c", "a"]
@@ -82,8 +82,8 @@ def test_no_import_cycle_among_the_kits_modules():
 
 
 def test_the_runner_starts_fairseq_asam_sharpness_through_python_m():
-    """`python -m fairseq_asam.experiments NAME`: the runner's command for the sharpness."""
-    from fairseq_asam.experiments import runner
+    """`python -m fairseq_asam_experiments NAME`: the runner's command for the sharpness."""
+    from fairseq_asam_experiments import runner
 
     assert runner.SHARPNESS_COMMAND == (sys.executable, "-m", PACKAGE, "sharpness")
     done = subprocess.run(

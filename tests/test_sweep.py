@@ -12,9 +12,9 @@ import sys
 import pytest
 import runner_stubs
 
-from fairseq_asam.errors import ConfigError
-from fairseq_asam.experiments import report, runner, synthetic_data
-from fairseq_asam.experiments.cli import table4_main
+from fairseq_asam_experiments import report, runner, synthetic_data
+from fairseq_asam_experiments.cli import table4_main
+from fairseq_asam_experiments.errors import SettingError
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -35,7 +35,7 @@ def test_sweep_values_parse_to_one_spelling():
         ("eta", "-0.01", "--eta: every value must be a finite number >= 0, got '-0.01'"),
         ("rho", "0.1,0.10,1e-1", "--rho: '0.1,0.10,1e-1' names 0.1 twice"),
     ):
-        with pytest.raises(ConfigError) as error:
+        with pytest.raises(SettingError) as error:
             runner.parse_sweep(name, text)
         assert message in str(error.value)
 
@@ -102,7 +102,7 @@ def test_rows_of_two_values_never_reuse_each_other(stubbed, tmp_path):
     record = read_json(first / "training.json")
     record["settings"]["--rho"] = "0.3"
     (first / "training.json").write_text(json.dumps(record))
-    with pytest.raises(ConfigError, match=r"asam-rho0.1-seed1 trained with other settings: --rho"):
+    with pytest.raises(SettingError, match=r"asam-rho0.1-seed1 trained with other settings: --rho"):
         runner.run_grid(grid(runner, out, optimizers=("asam",), sweep={"rho": ("0.1",)}))
 
 

@@ -15,8 +15,7 @@ from harness import HYDRA_DIR, independent_scores, leaves, one_step_reference
 from omegaconf import OmegaConf
 
 import fairseq_asam
-from fairseq_asam.errors import ConfigError, FairseqAsamError
-from fairseq_asam.experiments import (
+from fairseq_asam_experiments import (
     evaluation,
     prepare,
     recipe,
@@ -25,7 +24,8 @@ from fairseq_asam.experiments import (
     sharpness,
     synthetic_data,
 )
-from fairseq_asam.experiments.cli import table4_main
+from fairseq_asam_experiments.cli import table4_main
+from fairseq_asam_experiments.errors import ExperimentError, SettingError
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # Set by the launcher (or on the fairseq-hydra-train command line), not by the configs.
@@ -74,9 +74,9 @@ def test_argument_files_merge_later_options_in_place(tmp_path):
 def test_argument_file_errors_name_the_file_and_line(tmp_path):
     bad = tmp_path / "bad.args"
     bad.write_text("--lr 1\nlr 2\n")
-    with pytest.raises(ConfigError, match=r"bad.args:2: expected '--flag \[value\]'"):
+    with pytest.raises(SettingError, match=r"bad.args:2: expected '--flag \[value\]'"):
         recipe.read_args_file(str(bad))
-    with pytest.raises(ConfigError, match="argument file not found: .*missing.args"):
+    with pytest.raises(SettingError, match="argument file not found: .*missing.args"):
         recipe.read_args_file(str(tmp_path / "missing.args"))
 
 
@@ -573,7 +573,7 @@ def test_runs_spread_over_the_gpus_one_at_a_time_and_failures_are_reported(tmp_p
         with lock:
             busy.discard(gpu)
         if run.name == "sam-seed2":
-            raise FairseqAsamError("fairseq-train failed with exit code 1; see sam-seed2/train.log")
+            raise ExperimentError("fairseq-train failed with exit code 1; see sam-seed2/train.log")
         return "results.json"
 
     monkeypatch.setattr(runner, "prepare_data", lambda config: str(tmp_path / "data-bin"))
@@ -588,7 +588,7 @@ def test_runs_spread_over_the_gpus_one_at_a_time_and_failures_are_reported(tmp_p
     )
     monkeypatch.setattr(runner.evaluation, "check_data_bin", lambda path: None)
     with pytest.raises(
-        FairseqAsamError, match=r"1 run\(s\) failed: sam-seed2: plan: fairseq-train failed"
+        ExperimentError, match=r"1 run\(s\) failed: sam-seed2: plan: fairseq-train failed"
     ):
         runner.run_grid(config)
     assert sorted(name for name, _ in started) == sorted(
@@ -791,7 +791,7 @@ def test_best_loss_and_best_bleu_side_by_side(tiny_out, tmp_path):
         r["valid_loss"] for r in by_bleu["valid"]
     ]
     both = tmp_path / "both"
-    from fairseq_asam.experiments.cli import report_main
+    from fairseq_asam_experiments.cli import report_main
 
     assert report_main([str(by_loss), str(tiny_out), "--report-dir", str(both)]) == 0
     text = (both / "table4.md").read_text()

@@ -16,9 +16,9 @@ import time
 import pytest
 import runner_stubs
 
-from fairseq_asam.errors import ConfigError
-from fairseq_asam.experiments import evaluation, report, runner
-from fairseq_asam.experiments.cli import report_main
+from fairseq_asam_experiments import evaluation, report, runner
+from fairseq_asam_experiments.cli import report_main
+from fairseq_asam_experiments.errors import SettingError
 
 
 def grid(out, **kwargs):
@@ -62,13 +62,13 @@ def test_every_kind_of_failure_is_recorded_and_the_grid_goes_on(stubbed, tmp_pat
     evaluate = evaluation.evaluate_checkpoint
 
     def exploding_evaluate(data_bin, save_dir, *args, **kwargs):
-        if "adam-seed3" in save_dir:  # not a FairseqAsamError: e.g. torch.load's own error
+        if "adam-seed3" in save_dir:  # not a ExperimentError: e.g. torch.load's own error
             raise RuntimeError("PytorchStreamReader failed reading zip archive")
         return evaluate(data_bin, save_dir, *args, **kwargs)
 
     monkeypatch.setattr(evaluation, "evaluate_checkpoint", exploding_evaluate)
     config = grid(out, optimizers=("adam", "sam"), seeds=(1, 2, 3))
-    with pytest.raises(runner.FairseqAsamError, match=r"3 run\(s\) failed") as failed:
+    with pytest.raises(runner.ExperimentError, match=r"3 run\(s\) failed") as failed:
         runner.run_grid(config)
     message = str(failed.value)
     assert "sam-seed1: train: fairseq-train failed with exit code 1" in message
@@ -121,7 +121,7 @@ def test_a_failed_sharpness_measurement_is_recorded_too(stubbed, tmp_path, monke
         runner, "SHARPNESS_COMMAND", (sys.executable, "-c", "import sys; sys.exit(3)")
     )
     with pytest.raises(
-        runner.FairseqAsamError, match="asam-seed1: sharpness: fairseq-asam-sharpness"
+        runner.ExperimentError, match="asam-seed1: sharpness: fairseq-asam-sharpness"
     ):
         runner.run_grid(grid(out, optimizers=("asam",), sharpness_rho=0.05))
     failure = read_json(out / "runs" / "asam-seed1" / "failure.json")
@@ -174,12 +174,12 @@ def test_other_training_settings_are_refused_in_one_line_before_any_work(stubbed
     results = out / "runs" / "adam-seed1" / "results.json"
     before = results.stat().st_mtime_ns
 
-    with pytest.raises(ConfigError) as refused:
+    with pytest.raises(SettingError) as refused:
         runner.run_grid(grid(out, max_update=20))
     assert "adam-seed1, asam-seed1 trained with other settings: --max-update 30 → 20" in str(
         refused.value
     )
-    with pytest.raises(ConfigError) as refused:
+    with pytest.raises(SettingError) as refused:
         runner.run_grid(grid(out, max_update=30, checkpoint="best-loss"))
     assert "--best-checkpoint-metric bleu → loss" in str(refused.value)
     assert "--eval-bleu (switch) removed" in str(refused.value)
@@ -239,7 +239,7 @@ def test_checkpoints_without_a_training_record_are_refused_not_guessed(stubbed, 
     unknown = out / "runs" / "adam-seed1"
     (unknown / "checkpoints").mkdir(parents=True)
     (unknown / "checkpoints" / "checkpoint_last.pt").write_text("{}")
-    with pytest.raises(ConfigError, match="adam-seed1 has checkpoints but no training.json"):
+    with pytest.raises(SettingError, match="adam-seed1 has checkpoints but no training.json"):
         runner.run_grid(grid(out, optimizers=("adam",)))
 
 
@@ -249,7 +249,7 @@ def test_checkpoints_without_a_training_record_are_refused_not_guessed(stubbed, 
 
 
 def test_a_locked_run_is_skipped_and_said(stubbed, tmp_path, caplog):
-    from fairseq_asam.experiments.layout import run_lock
+    from fairseq_asam_experiments.layout import run_lock
 
     out = tmp_path / "out"
     with run_lock(str(out / "runs" / "adam-seed1")):
@@ -390,7 +390,7 @@ def test_report_of_two_protocols_side_by_side(stubbed, tmp_path, capsys):
 def test_evaluate_cli_writes_whole_evaluations(tmp_path, monkeypatch, capsys):
     """fairseq-asam-evaluate --splits valid, then --splits test: one evaluation of both splits;
     then --checkpoint last: the best-loss splits are gone, not mixed with last's."""
-    from fairseq_asam.experiments.cli import evaluate_main
+    from fairseq_asam_experiments.cli import evaluate_main
 
     run = tmp_path / "adam-seed1"
     (run / "checkpoints").mkdir(parents=True)
@@ -438,7 +438,7 @@ def test_other_data_in_the_same_data_bin_is_refused_not_reused(stubbed, tmp_path
     # The same folder, binarized again from other text: another dictionary.
     with open(os.path.join(config.data_bin, "dict.en.txt"), "w") as f:
         f.write("hello 3\n")
-    with pytest.raises(ConfigError) as refused:
+    with pytest.raises(SettingError) as refused:
         runner.run_grid(again)
     assert "adam-seed1 trained with other settings: data_content " in str(refused.value)
     assert results.stat().st_mtime_ns == before
@@ -447,7 +447,7 @@ def test_other_data_in_the_same_data_bin_is_refused_not_reused(stubbed, tmp_path
 def fake_preparation(calls):
     """prepare.prepare_iwslt14 without the work: a data-bin whose dictionary is the archive's
     text and the number of merges, and the untokenized references beside it."""
-    from fairseq_asam.experiments import prepare
+    from fairseq_asam_experiments import prepare
 
     def fake(archive, workdir, bpe_merges=prepare.DEFAULT_BPE_MERGES, **kwargs):
         calls.append((archive, bpe_merges))
@@ -517,7 +517,7 @@ def test_a_new_archive_is_prepared_and_the_runs_of_the_old_data_are_refused(
     grid_json = (out / "grid.json").read_bytes()
     prepared = len(calls)
     dictionary = (out / "data" / "data-bin" / "iwslt14.tokenized.de-en" / "dict.en.txt").read_text()
-    with pytest.raises(ConfigError) as refused:
+    with pytest.raises(SettingError) as refused:
         runner.run_grid(archive_grid(out, second))
     assert len(calls) == prepared  # not prepared
     assert (out / "grid.json").read_bytes() == grid_json
@@ -532,7 +532,7 @@ def test_a_new_archive_is_prepared_and_the_runs_of_the_old_data_are_refused(
     import shutil
 
     shutil.rmtree(out / "data" / "data-bin")
-    with pytest.raises(ConfigError, match="adam-seed1 trained with other settings: data_content"):
+    with pytest.raises(SettingError, match="adam-seed1 trained with other settings: data_content"):
         runner.run_grid(archive_grid(out, second))
 
 
@@ -575,7 +575,7 @@ def test_a_data_bin_of_another_presets_merges_is_prepared_again(stubbed, tmp_pat
     config = archive_grid(out, archive)
     config.archive, config.preset = None, other
     # Runs were trained on the data-bin: refused before it is prepared again ...
-    with pytest.raises(ConfigError, match="adam-seed1 trained on it"):
+    with pytest.raises(SettingError, match="adam-seed1 trained on it"):
         runner.run_grid(config)
     assert calls[-1] == (str(archive), tiny.bpe_merges)
     # ... and prepared again (with the preset's merges) once no run depends on it.
@@ -631,7 +631,7 @@ def test_a_sharpness_of_another_rho_is_never_reported_when_its_redo_fails(
     monkeypatch.setattr(
         runner, "SHARPNESS_COMMAND", (sys.executable, "-c", "import sys; sys.exit(3)")
     )
-    with pytest.raises(runner.FairseqAsamError, match="asam-seed1: sharpness:"):
+    with pytest.raises(runner.ExperimentError, match="asam-seed1: sharpness:"):
         runner.run_grid(grid(out, optimizers=("asam",), sharpness_rho=0.5))
     results = read_json(path)
     assert "sharpness" not in results and "sharpness_settings" not in results
@@ -660,10 +660,10 @@ def test_an_evaluation_found_stale_is_not_reported_when_its_redo_fails(
     best.write_text(json.dumps({"updates": 17, "seed": 1, "resumed_from": 0}))  # another file
 
     def failing(*args, **kwargs):
-        raise runner.FairseqAsamError("fairseq-generate failed with exit code 1")
+        raise runner.ExperimentError("fairseq-generate failed with exit code 1")
 
     monkeypatch.setattr(evaluation, "evaluate_checkpoint", failing)
-    with pytest.raises(runner.FairseqAsamError, match="adam-seed1: evaluate:"):
+    with pytest.raises(runner.ExperimentError, match="adam-seed1: evaluate:"):
         runner.run_grid(grid(out, optimizers=("adam",)))
     text = table(out)
     assert row(text, "Adam")[3] == "–" and "20.00" not in text
@@ -732,7 +732,7 @@ def test_an_average_of_more_epochs_than_the_recipe_keeps_is_refused_before_any_w
     stubbed, tmp_path
 ):
     out = tmp_path / "out"
-    with pytest.raises(ConfigError) as refused:
+    with pytest.raises(SettingError) as refused:
         runner.run_grid(grid(out, checkpoint="average:10"))
     message = str(refused.value)
     assert "--checkpoint average:10" in message and "--keep-last-epochs 5" in message
@@ -749,7 +749,7 @@ def test_an_average_of_more_epochs_than_the_recipe_keeps_is_refused_before_any_w
 def test_ctrl_c_during_the_data_preparation_of_a_fresh_out_is_one_line_and_130(
     stubbed, tmp_path, monkeypatch, capsys
 ):
-    from fairseq_asam.experiments.cli import table4_main
+    from fairseq_asam_experiments.cli import table4_main
 
     def interrupted(config):
         raise KeyboardInterrupt

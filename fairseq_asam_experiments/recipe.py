@@ -1,6 +1,6 @@
 """The fairseq-train argument files of `configs/`: where they are, how they read and combine.
 
-The folder ships as package data, `fairseq_asam.experiments.configs` (setup.py maps it onto the
+The folder ships as package data, `fairseq_asam_experiments.configs` (setup.py maps it onto the
 checkout's `configs/`), and is found with importlib.resources: a wheel install, an editable
 install and a checkout on PYTHONPATH all find theirs.
 
@@ -13,9 +13,9 @@ import importlib.resources
 import os
 from typing import Dict, List, Optional, Sequence, Tuple
 
-from ..errors import ConfigError
+from .errors import SettingError
 
-CONFIG_PACKAGE = "fairseq_asam.experiments.configs"
+CONFIG_PACKAGE = "fairseq_asam_experiments.configs"
 # A checkout used without installing it (PYTHONPATH): configs/ two folders above this package.
 CHECKOUT_CONFIG_DIR = os.path.join(
     os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))), "configs"
@@ -45,7 +45,7 @@ def config_dir() -> str:
 def read_args_file(path: str) -> List[Option]:
     """The options of one argument file, in order."""
     if not os.path.isfile(path):
-        raise ConfigError(f"argument file not found: {path}")
+        raise SettingError(f"argument file not found: {path}")
     options = []
     with open(path, encoding="utf-8") as f:
         for number, line in enumerate(f, 1):
@@ -54,7 +54,7 @@ def read_args_file(path: str) -> List[Option]:
                 continue
             flag, _, value = line.partition(" ")
             if not flag.startswith("--"):
-                raise ConfigError(f"{path}:{number}: expected '--flag [value]', got {line!r}")
+                raise SettingError(f"{path}:{number}: expected '--flag [value]', got {line!r}")
             options.append((flag, value.strip() or None))
     return options
 
@@ -96,7 +96,7 @@ def training_files(
     files = list(args_files) + [OPTIMIZER_ARGS.format(optimizer=optimizer)]
     if selection_metric is not None:
         if selection_metric not in SELECTION_ARGS:
-            raise ConfigError(
+            raise SettingError(
                 f"no checkpoint protocol selects by {selection_metric!r}; "
                 f"choose from {', '.join(SELECTION_ARGS)}"
             )

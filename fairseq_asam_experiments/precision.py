@@ -47,9 +47,10 @@ from typing import Any, Dict, Iterable, List, Optional, Sequence, Set, Tuple
 import torch
 from torch import Tensor, nn
 
-from ..errors import ConfigError
-from ..perturbation import is_adaptive, perturb
+from fairseq_asam.perturbation import is_adaptive, perturb
+
 from . import loading, recipe
+from .errors import SettingError
 
 # ------------------------------------------------------------------ settings
 
@@ -92,7 +93,7 @@ _SIGN_SEED_OFFSET = 5
 
 def _dtype(name: str, table: Dict[str, torch.dtype], flag: str) -> torch.dtype:
     if name not in table:
-        raise ConfigError(f"{flag} must be one of {', '.join(table)}, got {name!r}")
+        raise SettingError(f"{flag} must be one of {', '.join(table)}, got {name!r}")
     return table[name]
 
 
@@ -146,7 +147,7 @@ def round_to(
         return round_nearest(x, dtype)
     if rounding == STOCHASTIC:
         return stochastic_round(x, dtype, generator)
-    raise ConfigError(f"rounding must be {NEAREST!r} or {STOCHASTIC!r}, got {rounding!r}")
+    raise SettingError(f"rounding must be {NEAREST!r} or {STOCHASTIC!r}, got {rounding!r}")
 
 
 def effective_epsilon(
@@ -395,7 +396,7 @@ def fixed_batches(loaded: loading.Loaded, subset: str, max_tokens: int, count: i
         loaded, subset, count, True, max_tokens=max_tokens, seed=seed, ignore_invalid_inputs=True
     )
     if len(batches) < count:
-        raise ConfigError(f"--batches {count}: subset {subset!r} has only {len(batches)} batches")
+        raise SettingError(f"--batches {count}: subset {subset!r} has only {len(batches)} batches")
     return batches
 
 
@@ -913,11 +914,11 @@ def check_precision_inputs(
     sr_seeds: int,
     subset: str,
 ) -> None:
-    """Raises ConfigError naming the flag or the file."""
+    """Raises SettingError naming the flag or the file."""
     if init == (checkpoint is not None):
-        raise ConfigError("give exactly one of --checkpoint PATH and --init")
+        raise SettingError("give exactly one of --checkpoint PATH and --init")
     if checkpoint is not None and not os.path.isfile(checkpoint):
-        raise ConfigError(f"--checkpoint: file not found: {checkpoint}")
+        raise SettingError(f"--checkpoint: file not found: {checkpoint}")
     loading.check_split(data_bin, subset)
     for flag, value, minimum in (
         ("--batches", batches, 1),
@@ -925,7 +926,7 @@ def check_precision_inputs(
         ("--sr-seeds", sr_seeds, 0),
     ):
         if value < minimum:
-            raise ConfigError(f"{flag} must be >= {minimum}, got {value}")
+            raise SettingError(f"{flag} must be >= {minimum}, got {value}")
 
 
 def run(

@@ -1,7 +1,7 @@
 """The kit's console commands, in fairseq's style (`fairseq-asam-<name>`, see setup.py).
 
 Each `*_main(argv=None) -> int` parses its flags, logs progress to stdout (fairseq's format) and
-returns the exit status.  A `FairseqAsamError` (a bad flag or file, a failed run) ends it with
+returns the exit status.  A `ExperimentError` (a bad flag or file, a failed run) ends it with
 status 1 and one line on stderr, `fairseq-asam-<name>: error: <message>`, before any work
 where the input can be checked first.  The scripts in scripts/ and benchmarks/ call these.
 """
@@ -12,7 +12,8 @@ import os
 import sys
 from typing import Callable, List, Optional
 
-from ..errors import ConfigError, FairseqAsamError
+from .errors import ExperimentError, SettingError
+from .layout import plugin_dir
 from .logs import log_to_stdout
 
 ERROR_STATUS = 1
@@ -20,18 +21,28 @@ ERROR_STATUS = 1
 INTERRUPTED_STATUS = 130  # the shell's status for a program ended by SIGINT
 
 
-def _run(program: str, work: Callable[[], int]) -> int:
+def run_command(program: str, work: Callable[[], int]) -> int:
     """`work()`, with a user error reported as one line on stderr and status 1 (or the error's
     own `exit_status`: 130 for an interrupted grid), and a Ctrl-C wherever it comes as one line
     and status 130."""
     try:
         return work()
-    except FairseqAsamError as error:
+    except Exception as error:
+        if not _is_user_error(error):
+            raise
         print(f"{program}: error: " + " ".join(str(error).splitlines()), file=sys.stderr)
         return getattr(error, "exit_status", ERROR_STATUS)
     except KeyboardInterrupt:
         print(f"{program}: interrupted (Ctrl-C)", file=sys.stderr)
         return INTERRUPTED_STATUS
+
+
+def _is_user_error(error: Exception) -> bool:
+    # The plugin's errors (from the tools that load it) are user errors too; its module is
+    # looked up, not imported, so that commands without torch stay without it.
+    plugin_errors = sys.modules.get("fairseq_asam.errors")
+    kinds = (ExperimentError,) + ((plugin_errors.FairseqAsamError,) if plugin_errors else ())
+    return isinstance(error, kinds)
 
 
 def _arguments(argv: Optional[List[str]]) -> List[str]:
@@ -192,7 +203,7 @@ def check_job_flags(args) -> None:
     for name, launchers in JOB_FLAGS.items():
         value = getattr(args, name)
         if value not in (None, False, []) and args.launcher not in launchers:
-            raise ConfigError(
+            raise SettingError(
                 f"--{name.replace('_', '-')} is a job option: it needs --launcher "
                 + " or ".join(launchers)
             )
@@ -232,7 +243,7 @@ def table4_main(argv: Optional[List[str]] = None) -> int:
         from . import report, runner
 
         if args.fp16:
-            raise ConfigError(
+            raise SettingError(
                 "--fp16 keeps the weights in fp16, which rounds away part of SAM/ASAM's "
                 "perturbation (docs/mixed-precision.md): use --amp (fp32 weights)"
             )
@@ -273,7 +284,7 @@ def table4_main(argv: Optional[List[str]] = None) -> int:
             _print_file(outputs[report.TABLE_MARKDOWN])
         return 0
 
-    return _run(TABLE4, work)
+    return run_command(TABLE4, work)
 
 
 # --------------------------------------------------------------------------------------------
@@ -370,7 +381,7 @@ def prepare_main(argv: Optional[List[str]] = None) -> int:
         print(data_bin)
         return 0
 
-    return _run(PREPARE, work)
+    return run_command(PREPARE, work)
 
 
 # --------------------------------------------------------------------------------------------
@@ -415,8 +426,6 @@ def evaluate_main(argv: Optional[List[str]] = None) -> int:
     log_to_stdout()
 
     def work() -> int:
-        import fairseq_asam
-
         from . import evaluation, prepare
 
         splits = [s.strip() for s in args.splits.split(",") if s.strip()]
@@ -430,7 +439,7 @@ def evaluate_main(argv: Optional[List[str]] = None) -> int:
         scores = evaluation.evaluate_checkpoint(
             args.data_bin,
             os.path.join(args.run_dir, RUN_CHECKPOINTS),
-            fairseq_asam.USER_DIR,
+            plugin_dir(),
             choice,
             splits,
             args.beam,
@@ -448,7 +457,7 @@ def evaluate_main(argv: Optional[List[str]] = None) -> int:
         print(f"wrote {path}")
         return 0
 
-    return _run(EVALUATE, work)
+    return run_command(EVALUATE, work)
 
 
 # --------------------------------------------------------------------------------------------
@@ -489,7 +498,7 @@ def report_main(argv: Optional[List[str]] = None) -> int:
             _print_file(outputs[report.TABLE_MARKDOWN])
         return 0
 
-    return _run(REPORT, work)
+    return run_command(REPORT, work)
 
 
 # --------------------------------------------------------------------------------------------
@@ -563,7 +572,7 @@ def sharpness_main(argv: Optional[List[str]] = None) -> int:
         from .sharpness import format_sharpness, measure_checkpoint
 
         if args.json and not os.path.isdir(os.path.dirname(os.path.abspath(args.json))):
-            raise FairseqAsamError(f"--json {args.json}: its folder does not exist")
+            raise ExperimentError(f"--json {args.json}: its folder does not exist")
         device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
         report = measure_checkpoint(
             args.checkpoint,
@@ -584,7 +593,7 @@ def sharpness_main(argv: Optional[List[str]] = None) -> int:
             write_json(args.json, report)
         return 0
 
-    return _run(SHARPNESS, work)
+    return run_command(SHARPNESS, work)
 
 
 # --------------------------------------------------------------------------------------------
@@ -675,7 +684,7 @@ def benchmark_main(argv: Optional[List[str]] = None) -> int:
             write_json(args.json, result)
         return 0
 
-    return _run(BENCHMARK, work)
+    return run_command(BENCHMARK, work)
 
 
 # --------------------------------------------------------------------------------------------
@@ -718,7 +727,7 @@ def trajectories_main(argv: Optional[List[str]] = None) -> int:
         from . import trajectories
 
         if not os.path.isdir(os.path.dirname(os.path.abspath(args.output))):
-            raise FairseqAsamError(f"--output {args.output}: its folder does not exist")
+            raise ExperimentError(f"--output {args.output}: its folder does not exist")
         settings = trajectories.Settings(args.lr, args.steps, args.sam_rho, args.asam_rho, args.eta)
         paths = trajectories.plot(args.output, trajectories.DEFAULT_STARTS, settings)
         print(f"{'start':>14} {'method':>6} {'end':>18} {'loss':>9}")
@@ -732,7 +741,7 @@ def trajectories_main(argv: Optional[List[str]] = None) -> int:
         print(f"wrote {args.output}")
         return 0
 
-    return _run(TRAJECTORIES, work)
+    return run_command(TRAJECTORIES, work)
 
 
 # --------------------------------------------------------------------------------------------
@@ -771,7 +780,7 @@ def tokenizer_parity_main(argv: Optional[List[str]] = None) -> int:
         print(prepare.format_parity(results))
         return 0
 
-    return _run(PARITY, work)
+    return run_command(PARITY, work)
 
 
 # --------------------------------------------------------------------------------------------
@@ -789,7 +798,7 @@ def precision_parser() -> argparse.ArgumentParser:
         description="How much of the SAM/ASAM perturbation ε survives fp16/bf16 weights and "
         "autocast: fraction of ε lost, cosine and L2 error against ε, the loss increase obtained, "
         "pass 2's gradient, and stochastic rounding with its controls (definitions in "
-        "fairseq_asam/experiments/precision.py).",
+        "fairseq_asam_experiments/precision.py).",
     )
     source = parser.add_mutually_exclusive_group(required=True)
     source.add_argument("--checkpoint", metavar="PATH", help="a fairseq translation checkpoint")
@@ -875,11 +884,11 @@ def precision_main(argv: Optional[List[str]] = None) -> int:
             write_json(args.json, result)
         return 0
 
-    return _run(PRECISION, work)
+    return run_command(PRECISION, work)
 
 
 # --------------------------------------------------------------------------------------------
-# python -m fairseq_asam.experiments <command>
+# python -m fairseq_asam_experiments <command>
 # --------------------------------------------------------------------------------------------
 
 # The console scripts of setup.py, by the name after `fairseq-asam-`.
@@ -896,12 +905,12 @@ COMMANDS = {
 
 
 def main(argv: Optional[List[str]] = None) -> int:
-    """`python -m fairseq_asam.experiments <command> [flags]`: fairseq-asam-<command> without its
+    """`python -m fairseq_asam_experiments <command> [flags]`: fairseq-asam-<command> without its
     console script on PATH (the runner starts fairseq-asam-sharpness this way)."""
     arguments = _arguments(argv)
     parser = argparse.ArgumentParser(
-        prog="python -m fairseq_asam.experiments",
-        description="the kit's commands: python -m fairseq_asam.experiments COMMAND --help",
+        prog="python -m fairseq_asam_experiments",
+        description="the kit's commands: python -m fairseq_asam_experiments COMMAND --help",
     )
     parser.add_argument("command", choices=list(COMMANDS))
     command = parser.parse_args(arguments[:1]).command

@@ -50,10 +50,11 @@ from typing import Callable, Dict, Iterator, List, Optional, Sequence, Tuple
 import numpy as np
 import torch
 
-from .. import USER_DIR, perturbation, two_pass
-from ..errors import ConfigError
-from ..optim import find_sharpness_aware
+from fairseq_asam import USER_DIR, perturbation, two_pass
+from fairseq_asam.optim import find_sharpness_aware
+
 from . import loading, recipe
+from .errors import SettingError
 
 logger = logging.getLogger(__name__)
 
@@ -186,21 +187,21 @@ def rows_for(spec: BenchmarkSpec) -> List[Row]:
 
 def check_spec(spec: BenchmarkSpec) -> None:
     if spec.preset not in BENCHMARK_PRESETS:
-        raise ConfigError(
+        raise SettingError(
             f"--preset must be one of {sorted(BENCHMARK_PRESETS)}, got {spec.preset!r}"
         )
     if spec.device not in DEVICES:
-        raise ConfigError(f"--device must be one of {DEVICES}, got {spec.device!r}")
+        raise SettingError(f"--device must be one of {DEVICES}, got {spec.device!r}")
     if spec.precision not in PRECISIONS:
-        raise ConfigError(f"precision must be one of {PRECISIONS}, got {spec.precision!r}")
+        raise SettingError(f"precision must be one of {PRECISIONS}, got {spec.precision!r}")
     if spec.precision != "fp32" and spec.device != "cuda":
-        raise ConfigError(f"--{spec.precision} needs --device cuda")
+        raise SettingError(f"--{spec.precision} needs --device cuda")
     if spec.device == "cuda" and not torch.cuda.is_available():
-        raise ConfigError("--device cuda: no GPU is visible")
+        raise SettingError("--device cuda: no GPU is visible")
     if spec.update_freq < 1 or spec.warmup_updates < 0 or spec.sam_interval < 1:
-        raise ConfigError("--update-freq and --sam-interval must be >= 1, --warmup >= 0")
+        raise SettingError("--update-freq and --sam-interval must be >= 1, --warmup >= 0")
     if spec.timed_updates < spec.sam_interval:
-        raise ConfigError(
+        raise SettingError(
             f"--timed ({spec.timed_updates}) must be >= --sam-interval ({spec.sam_interval}): "
             "the interval row needs a sharpness-aware and a plain update among the timed ones"
         )
@@ -442,7 +443,7 @@ def amortized(values: Sequence[float], perturbed: Sequence[bool], fraction: floa
         group = [v for v, p in zip(values, perturbed) if p == is_perturbed]
         if weight > 0:
             if not group:
-                raise ConfigError("no timed update of a kind the row needs: raise --timed")
+                raise SettingError("no timed update of a kind the row needs: raise --timed")
             total += weight * statistics.median(group)
     return total
 

@@ -59,7 +59,7 @@ import regex
 from sacremoses import MosesTokenizer
 from sacremoses.corpus import NonbreakingPrefixes
 
-from ..errors import ConfigError, FairseqAsamError
+from .errors import ExperimentError, SettingError
 from .files import atomic_output, write_lines
 
 logger = logging.getLogger(__name__)
@@ -301,7 +301,7 @@ def split_lines(text: str) -> List[str]:
 
 def read_archive(archive: str) -> Dict[str, List[str]]:
     """The lines of every member of `archive_members()`, reading the whole archive so that a
-    truncated or corrupt one fails here, with an `FairseqAsamError` naming the archive."""
+    truncated or corrupt one fails here, with an `ExperimentError` naming the archive."""
     wanted = set(archive_members())
     contents: Dict[str, bytes] = {}
     try:
@@ -314,18 +314,18 @@ def read_archive(archive: str) -> Dict[str, List[str]]:
             while unzipped.read(READ_BLOCK_BYTES):  # to the end: checks the gzip CRC
                 pass
     except FileNotFoundError:
-        raise FairseqAsamError(f"{archive}: archive not found") from None
+        raise ExperimentError(f"{archive}: archive not found") from None
     except (tarfile.TarError, EOFError, OSError, zlib.error) as exc:
-        raise FairseqAsamError(f"{archive}: corrupt or truncated archive ({exc})") from None
+        raise ExperimentError(f"{archive}: corrupt or truncated archive ({exc})") from None
     missing = [name for name in archive_members() if name not in contents]
     if missing:
-        raise FairseqAsamError(f"{archive}: missing member {missing[0]}")
+        raise ExperimentError(f"{archive}: missing member {missing[0]}")
     lines = {}
     for name, data in contents.items():
         try:
             lines[name] = split_lines(data.decode("utf-8"))
         except UnicodeDecodeError as exc:
-            raise FairseqAsamError(
+            raise ExperimentError(
                 f"{archive}: member {name} is not UTF-8 (byte {exc.start})"
             ) from None
     return lines
@@ -365,7 +365,7 @@ def extract_texts(archive: str) -> Dict[Tuple[str, str], List[str]]:
         counts = {lang: len(texts[stem, lang]) for lang in LANGUAGES}
         if counts[SOURCE_LANG] != counts[TARGET_LANG]:
             suffix = "" if stem == TRAIN_STEM else ".xml"
-            raise FairseqAsamError(
+            raise ExperimentError(
                 f"{archive}: {ARCHIVE_FOLDER}/{stem}.{SOURCE_LANG}{suffix} has "
                 f"{counts[SOURCE_LANG]} text lines but "
                 f"{ARCHIVE_FOLDER}/{stem}.{TARGET_LANG}{suffix} has {counts[TARGET_LANG]}"
@@ -378,7 +378,7 @@ def check_md5_option(md5: Optional[str]) -> Optional[str]:
     if md5 is None:
         return None
     if not MD5_PATTERN.match(md5.lower()):
-        raise ConfigError(f"--download-md5 must be 32 hexadecimal digits, got {md5!r}")
+        raise SettingError(f"--download-md5 must be 32 hexadecimal digits, got {md5!r}")
     return md5.lower()
 
 
@@ -393,7 +393,7 @@ def verify_md5(
     if allow_mismatch:
         logger.warning("%s (--allow-md5-mismatch: used anyway)", message)
         return digest
-    raise FairseqAsamError(message)
+    raise ExperimentError(message)
 
 
 def download_archive(
@@ -413,8 +413,8 @@ def download_archive(
     if os.path.exists(destination):
         try:
             verify_md5(destination, md5, allow_md5_mismatch, "archive already present:")
-        except FairseqAsamError as error:
-            raise FairseqAsamError(
+        except ExperimentError as error:
+            raise ExperimentError(
                 f"{error}; delete it to download it again, or pass --allow-md5-mismatch"
             ) from None
         logger.info("using %s (already downloaded, MD5 checked)", destination)
@@ -425,8 +425,8 @@ def download_archive(
                 _download(url, temporary)
                 digest = verify_md5(temporary, md5, allow_md5_mismatch, f"downloaded from {url}:")
             break
-        except FairseqAsamError as error:  # the MD5: the file is removed
-            raise FairseqAsamError(
+        except ExperimentError as error:  # the MD5: the file is removed
+            raise ExperimentError(
                 f"{error} (removed; pass --allow-md5-mismatch to use such a file, or "
                 "--download-md5 for another mirror's)"
             ) from None
@@ -435,7 +435,7 @@ def download_archive(
                 "download of %s failed (attempt %d of %d): %s", url, attempt, attempts, exc
             )
             if attempt == attempts:
-                raise FairseqAsamError(
+                raise ExperimentError(
                     f"{url}: download failed {attempts} times ({exc}); pass a local --archive"
                 ) from None
             time.sleep(DOWNLOAD_RETRY_SECONDS * attempt)
@@ -579,10 +579,10 @@ def prepare_iwslt14(
     languages. `workers`: processes for tokenization, apply_bpe and fairseq-preprocess.
     `expect_real_counts`: check the split sizes against the real corpus's 160,239 / 7,283 /
     6,750; None checks them when the cleaned training text has at least 100,000 pairs.
-    Raises `FairseqAsamError` for an unusable archive or flag, before writing the step's files.
+    Raises `ExperimentError` for an unusable archive or flag, before writing the step's files.
     """
     if bpe_merges < 1:
-        raise ConfigError(f"--bpe-merges: must be positive, not {bpe_merges}")
+        raise SettingError(f"--bpe-merges: must be positive, not {bpe_merges}")
     workers = max(1, workers)
     download_md5 = check_md5_option(download_md5)
     if archive is None:
@@ -594,7 +594,7 @@ def prepare_iwslt14(
         )
     archive = os.path.abspath(archive)
     if not os.path.isfile(archive):
-        raise FairseqAsamError(f"{archive}: archive not found")
+        raise ExperimentError(f"{archive}: archive not found")
 
     prep = os.path.join(workdir, PREP_NAME)
     tmp = os.path.join(prep, "tmp")
@@ -724,7 +724,7 @@ def _split_step(
     if is_real is None:
         is_real = counts["train"] + counts["valid"] >= REAL_CORPUS_MIN_PAIRS
     if is_real and counts != REAL_COUNTS:
-        raise FairseqAsamError(
+        raise ExperimentError(
             f"{archive}: split sizes {_count_report(counts)} differ from the real IWSLT'14 "
             f"{_count_report(REAL_COUNTS)} "
             "(expect_real_counts=False / --no-expect-real-counts for another corpus)"
@@ -844,7 +844,7 @@ def tokenizer_perl(moses_dir: str, lang: str, lines: Sequence[str]) -> List[str]
     prepare-iwslt14.sh runs it (one process; the output does not depend on -threads)."""
     script = os.path.join(moses_dir, TOKENIZER_PERL)
     if not os.path.isfile(script):
-        raise ConfigError(f"--moses-dir {moses_dir}: no {TOKENIZER_PERL} in it")
+        raise SettingError(f"--moses-dir {moses_dir}: no {TOKENIZER_PERL} in it")
     completed = subprocess.run(
         ["perl", script, "-l", lang, "-threads", "1"],
         input="".join(line + "\n" for line in lines).encode("utf-8"),
@@ -853,12 +853,12 @@ def tokenizer_perl(moses_dir: str, lang: str, lines: Sequence[str]) -> List[str]
         check=False,
     )
     if completed.returncode != 0:
-        raise FairseqAsamError(
+        raise ExperimentError(
             f"{script} failed: {completed.stderr.decode('utf-8', 'replace')[-500:]}"
         )
     output = split_lines(completed.stdout.decode("utf-8"))
     if len(output) != len(lines):
-        raise FairseqAsamError(f"{script} printed {len(output)} lines for {len(lines)}")
+        raise ExperimentError(f"{script} printed {len(output)} lines for {len(lines)}")
     return output
 
 

@@ -15,7 +15,7 @@ extra: sacrebleu, subword-nmt, sacremoses, matplotlib, regex).
     benchmark        the cost of an update, Adam vs SAM vs ASAM (fairseq-asam-benchmark)
     loading          a checkpoint, its task on a data folder, model, criterion and batches
     layout           the names of a grid's files, and the run lock
-    cli              the console commands above (also `python -m fairseq_asam.experiments NAME`)
+    cli              the console commands above (also `python -m fairseq_asam_experiments NAME`)
     files, logs      the one atomic-write helper; progress to stdout in fairseq's format
 
 A module imports only modules below it (test_structure checks there is no cycle).

@@ -14,7 +14,7 @@ import os
 from dataclasses import dataclass
 from typing import Any, Callable, List, Optional, Sequence
 
-from ..errors import ConfigError, FairseqAsamError
+from .errors import ExperimentError, SettingError
 
 # Suffix of fairseq's binarized index files: `{split}.{src}-{tgt}.{lang}.idx` or `{split}.idx`.
 INDEX_SUFFIX = ".idx"
@@ -46,13 +46,13 @@ def binarized_splits(data_bin: str) -> List[str]:
 
 
 def check_split(data_bin: str, split: str, flag: str = "--subset") -> None:
-    """Raises ConfigError naming the folder or `flag` unless `data_bin` has `split` binarized."""
+    """Raises SettingError naming the folder or `flag` unless `data_bin` has `split` binarized."""
     folder = data_folder(data_bin)
     if not os.path.isdir(folder):
-        raise ConfigError(f"data-bin folder not found: {folder}")
+        raise SettingError(f"data-bin folder not found: {folder}")
     splits = binarized_splits(data_bin)
     if split not in splits:
-        raise ConfigError(
+        raise SettingError(
             f"{flag} {split}: no such split in {folder} "
             f"(it has: {', '.join(splits) or 'no binarized split'})"
         )
@@ -69,11 +69,11 @@ def read_checkpoint(path: str) -> dict:
         try:
             state = torch.load(path, map_location="cpu", weights_only=False)
         except Exception:
-            raise FairseqAsamError(f"{path} is not a fairseq checkpoint: {error}") from None
+            raise ExperimentError(f"{path} is not a fairseq checkpoint: {error}") from None
     if not isinstance(state, dict) or "model" not in state:
-        raise FairseqAsamError(f"{path} is not a fairseq checkpoint (no model weights)")
+        raise ExperimentError(f"{path} is not a fairseq checkpoint (no model weights)")
     if state.get("cfg") is None:  # fairseq < 0.10 saved `args` instead
-        raise FairseqAsamError(f"{path}: no fairseq config in the checkpoint")
+        raise ExperimentError(f"{path}: no fairseq config in the checkpoint")
     return state
 
 
@@ -83,7 +83,7 @@ def saved_settings(state: dict, group: str) -> dict:
 
 
 def check_fits(checkpoint: str, data_bin: str, split: str) -> None:
-    """Raises FairseqAsamError naming both when a translation checkpoint does not fit the data
+    """Raises ExperimentError naming both when a translation checkpoint does not fit the data
     folder: another language pair, no pair at all (e.g. a language-model data-bin), or
     dictionaries whose sizes differ from the checkpoint's embedding tables."""
     from fairseq.data.data_utils import infer_language_pair
@@ -98,23 +98,21 @@ def check_fits(checkpoint: str, data_bin: str, split: str) -> None:
         source, target = infer_language_pair(folder)
     mismatch = f"checkpoint {checkpoint} ({task['_name']}, {source}-{target}) does not fit {folder}"
     if source is None:
-        raise FairseqAsamError(f"{mismatch}: neither names a language pair to translate")
+        raise ExperimentError(f"{mismatch}: neither names a language pair to translate")
     indexed = (
         f"{split}.{a}-{b}.{source}{INDEX_SUFFIX}" for a, b in ((source, target), (target, source))
     )
     if not any(os.path.isfile(os.path.join(folder, name)) for name in indexed):
-        raise FairseqAsamError(
-            f"{mismatch}: it has no {split} split for the pair {source}-{target}"
-        )
+        raise ExperimentError(f"{mismatch}: it has no {split} split for the pair {source}-{target}")
     for side, lang in (("source", source), ("target", target)):
         path = os.path.join(folder, f"dict.{lang}.txt")
         if not os.path.isfile(path):
-            raise FairseqAsamError(f"{mismatch}: {os.path.basename(path)} is missing")
+            raise ExperimentError(f"{mismatch}: {os.path.basename(path)} is missing")
         with open(path, encoding="utf-8") as f:
             size = sum(1 for line in f if line.strip()) + DICTIONARY_SPECIAL_SYMBOLS
         embeddings = state["model"].get(TRANSLATION_EMBEDDINGS[side])
         if embeddings is not None and size != embeddings.shape[0]:
-            raise FairseqAsamError(
+            raise ExperimentError(
                 f"{mismatch}: its {side} dictionary has {size} symbols, "
                 f"the checkpoint's {side} embeddings {embeddings.shape[0]}"
             )
@@ -122,7 +120,7 @@ def check_fits(checkpoint: str, data_bin: str, split: str) -> None:
 
 def load_checkpoint(checkpoint: str, data_bin: str, split: str) -> Loaded:
     """The checkpoint's model and criterion (eval mode, CPU), its task set up on `data_bin`
-    and its cfg; `check_fits` first, and fairseq's own failure as one FairseqAsamError."""
+    and its cfg; `check_fits` first, and fairseq's own failure as one ExperimentError."""
     from fairseq import checkpoint_utils
 
     check_fits(checkpoint, data_bin, split)
@@ -133,7 +131,7 @@ def load_checkpoint(checkpoint: str, data_bin: str, split: str) -> Loaded:
         criterion = task.build_criterion(cfg.criterion)
     except Exception as error:  # what check_fits cannot see (other tasks): fairseq's words
         reason = " ".join(str(error).split()) or type(error).__name__
-        raise FairseqAsamError(
+        raise ExperimentError(
             f"cannot load checkpoint {checkpoint} with the data in {data_bin}: {reason}"
         ) from error
     return Loaded(models[0].eval(), criterion.eval(), task, cfg)

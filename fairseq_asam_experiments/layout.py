@@ -13,6 +13,7 @@ run.holder names the holder (pid, host, since when) for the one refused and for 
 
 import contextlib
 import datetime
+import importlib.util
 import os
 import socket
 from typing import Iterator, Optional
@@ -22,6 +23,13 @@ import filelock
 from .files import write_text
 
 RUNS_FOLDER, REPORT_FOLDER = "runs", "report"
+
+
+def plugin_dir() -> str:
+    """The plugin's folder for fairseq's `--user-dir`, found without importing it (torch)."""
+    return importlib.util.find_spec("fairseq_asam").submodule_search_locations[0]
+
+
 GRID_RECORD = "grid.json"
 CHECKPOINTS_FOLDER = "checkpoints"
 TRAIN_LOG = "train.log"

@@ -48,8 +48,8 @@ import sys
 from dataclasses import dataclass
 from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
-from ..errors import ConfigError, FairseqAsamError
 from . import loading
+from .errors import ExperimentError, SettingError
 from .files import atomic_output, read_json_object, write_json
 from .prepare import SOURCE_LANG, TARGET_LANG
 
@@ -111,11 +111,11 @@ def parse_checkpoint_choice(text: str) -> CheckpointChoice:
         if count.isdigit() and int(count) >= 1:
             return CheckpointChoice("average", int(count))
     if text == "best":
-        raise ConfigError(
+        raise SettingError(
             "--checkpoint best names no protocol: use best-loss (checkpoint_best.pt selected by "
             "validation loss) or best-bleu (selected by validation BLEU)"
         )
-    raise ConfigError(f"--checkpoint must be {CHECKPOINT_CHOICES} with N >= 1, got {text!r}")
+    raise SettingError(f"--checkpoint must be {CHECKPOINT_CHOICES} with N >= 1, got {text!r}")
 
 
 def checkpoint_position(path: str) -> Dict[str, Optional[int]]:
@@ -153,7 +153,7 @@ def check_selection(path: str, choice: CheckpointChoice) -> Optional[str]:
     if metric != wanted or maximize != (wanted == "bleu"):
         direction = "highest" if maximize else "lowest"
         wanted_text = "highest validation BLEU" if wanted == "bleu" else "lowest validation loss"
-        raise FairseqAsamError(
+        raise ExperimentError(
             f"--checkpoint {choice}: {path} was selected by the {direction} validation {metric} "
             f"(--best-checkpoint-metric {metric}), not by the {wanted_text}"
         )
@@ -168,7 +168,7 @@ def last_epoch_checkpoints(save_dir: str, count: int) -> List[str]:
         if match:
             epochs.append((int(match.group(1)), os.path.join(save_dir, name)))
     if len(epochs) < count:
-        raise FairseqAsamError(
+        raise ExperimentError(
             f"--checkpoint average:{count} needs {count} epoch checkpoints in {save_dir}, found "
             f"{len(epochs)} (train with --keep-last-epochs >= {count})"
         )
@@ -185,7 +185,7 @@ def average_checkpoints(paths: Sequence[str]) -> dict:
     import torch
 
     if not paths:
-        raise FairseqAsamError("no checkpoints to average")
+        raise ExperimentError("no checkpoints to average")
     sums: "collections.OrderedDict[str, torch.Tensor]" = collections.OrderedDict()
     keys = None
     first_state = None
@@ -197,7 +197,7 @@ def average_checkpoints(paths: Sequence[str]) -> dict:
         if keys is None:
             keys = list(params)
         elif list(params) != keys:
-            raise FairseqAsamError(
+            raise ExperimentError(
                 f"{path} has other parameters than {paths[0]}; cannot average them"
             )
         for name, tensor in params.items():
@@ -220,11 +220,11 @@ def checkpoint_inputs(save_dir: str, choice: CheckpointChoice) -> List[str]:
     """The checkpoint files `choice` reads (nothing is written): checkpoint_best.pt,
     checkpoint_last.pt, or the last N epoch checkpoints."""
     if not os.path.isdir(save_dir):
-        raise FairseqAsamError(f"checkpoint folder not found: {save_dir}")
+        raise ExperimentError(f"checkpoint folder not found: {save_dir}")
     if choice.kind in NAMED_CHECKPOINTS:
         path = os.path.join(save_dir, NAMED_CHECKPOINTS[choice.kind])
         if not os.path.isfile(path):
-            raise FairseqAsamError(f"--checkpoint {choice}: {path} not found")
+            raise ExperimentError(f"--checkpoint {choice}: {path} not found")
         return [path]
     return last_epoch_checkpoints(save_dir, choice.num_epochs)
 
@@ -319,9 +319,9 @@ def tokenized_bleu(hypotheses: Sequence[str], references: Sequence[str]) -> Tupl
     from fairseq.scoring import bleu
 
     if len(hypotheses) != len(references):
-        raise FairseqAsamError(f"{len(hypotheses)} hypotheses for {len(references)} references")
+        raise ExperimentError(f"{len(hypotheses)} hypotheses for {len(references)} references")
     if not hypotheses:
-        raise FairseqAsamError("no sentences to score")
+        raise ExperimentError("no sentences to score")
     vocabulary = Dictionary()
     scorer = bleu.Scorer(
         bleu.BleuConfig(pad=vocabulary.pad(), eos=vocabulary.eos(), unk=vocabulary.unk())
@@ -350,7 +350,7 @@ def detokenized_sacrebleu(
     import sacrebleu
 
     if len(hypotheses) != len(references):
-        raise FairseqAsamError(f"{len(hypotheses)} hypotheses for {len(references)} references")
+        raise ExperimentError(f"{len(hypotheses)} hypotheses for {len(references)} references")
     # Both sides of IWSLT'14 are lowercased; lowercase=True makes the signature say so (case:lc).
     metric = sacrebleu.BLEU(lowercase=True)
     score = metric.corpus_score(list(hypotheses), [list(references)])
@@ -390,7 +390,7 @@ def parse_generate_output(text: str) -> GenerateOutput:
             if match:
                 printed_line, printed_bleu = match.group(3), float(match.group(4))
     if set(hypotheses) != set(references):
-        raise FairseqAsamError(
+        raise ExperimentError(
             f"fairseq-generate output has {len(hypotheses)} hypotheses "
             f"for {len(references)} references"
         )
@@ -469,7 +469,7 @@ def run_generate(
             failed = output_path + ".failed"
             os.replace(temporary, failed)
             how = "was stopped by" if returncode < 0 else "failed with"
-            raise FairseqAsamError(
+            raise ExperimentError(
                 f"fairseq-generate {how} {exit_description(returncode)}; see {failed}"
             )
     with open(output_path, encoding="utf-8") as f:
@@ -481,7 +481,7 @@ def read_references(path: str, ids: Sequence[int]) -> List[str]:
     with open(path, encoding="utf-8") as f:
         lines = [line.rstrip("\n") for line in f]
     if ids and max(ids) >= len(lines):
-        raise FairseqAsamError(
+        raise ExperimentError(
             f"references file {path} has {len(lines)} lines, sentence id {max(ids)} needs more"
         )
     return [lines[i] for i in ids]
@@ -491,7 +491,7 @@ def score_split(output: GenerateOutput, references_path: Optional[str] = None) -
     """Both BLEU scores of one parsed fairseq-generate output."""
     bleu, bleu_details = tokenized_bleu(output.hypotheses, output.references)
     if output.printed_bleu is not None and abs(output.printed_bleu - bleu) > PRINTED_BLEU_TOLERANCE:
-        raise FairseqAsamError(
+        raise ExperimentError(
             f"recomputed BLEU {bleu:.4f} differs from fairseq-generate's "
             f"{output.printed_score_line!r}"
         )
@@ -562,7 +562,7 @@ def evaluate_checkpoint(
     check_data_bin(data_bin, splits)
     for split, path in (references or {}).items():
         if not os.path.isfile(path):
-            raise FairseqAsamError(f"references file for {split} not found: {path}")
+            raise ExperimentError(f"references file for {split} not found: {path}")
     settings = evaluation_settings(data_bin, save_dir, choice, beam, batch_size, references)
     checkpoint, sources = resolve_checkpoint(save_dir, choice)
     output_dir = output_dir or os.path.dirname(os.path.abspath(save_dir))
@@ -605,10 +605,10 @@ def missing_data_files(data_bin: str, splits: Sequence[str] = EVALUATED_SPLITS) 
 def check_data_bin(data_bin: str, splits: Sequence[str] = EVALUATED_SPLITS) -> None:
     """Raises unless `data_bin` holds fairseq-preprocess output for `splits`."""
     if not os.path.isdir(data_bin):
-        raise FairseqAsamError(f"--data-bin: folder not found: {data_bin}")
+        raise ExperimentError(f"--data-bin: folder not found: {data_bin}")
     missing = missing_data_files(data_bin, splits)
     if missing:
-        raise FairseqAsamError(
+        raise ExperimentError(
             f"--data-bin {data_bin} is not binarized data: missing {', '.join(missing)}"
         )
 
@@ -623,8 +623,8 @@ def read_results(path: str) -> Dict:
     """results.json as a dict ({} when it does not exist)."""
     try:
         return read_json_object(path) or {}
-    except FairseqAsamError as error:
-        raise FairseqAsamError(f"{error} (delete it to evaluate the run again)") from error
+    except ExperimentError as error:
+        raise ExperimentError(f"{error} (delete it to evaluate the run again)") from error
 
 
 def write_results(path: str, evaluated: Dict) -> Dict:

@@ -45,9 +45,10 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 import torch
 from torch import Tensor, nn
 
-from ..errors import ConfigError
-from ..perturbation import is_adaptive
+from fairseq_asam.perturbation import is_adaptive
+
 from . import loading
+from .errors import SettingError
 
 MEASURES = ("adaptive", "plain")
 DEFAULT_SUBSET = "valid"
@@ -82,13 +83,13 @@ class SharpnessEstimate:
 
 
 def check_settings(rho: float, eta: float, steps: int) -> None:
-    """Raises ConfigError, naming the flag, for a radius, η or step count out of range."""
+    """Raises SettingError, naming the flag, for a radius, η or step count out of range."""
     if not (math.isfinite(rho) and rho > 0):
-        raise ConfigError(f"--rho must be a finite number > 0, got {rho}")
+        raise SettingError(f"--rho must be a finite number > 0, got {rho}")
     if not (math.isfinite(eta) and eta >= 0):
-        raise ConfigError(f"--eta must be a finite number >= 0, got {eta}")
+        raise SettingError(f"--eta must be a finite number >= 0, got {eta}")
     if steps < 1:
-        raise ConfigError(f"--steps must be >= 1, got {steps}")
+        raise SettingError(f"--steps must be >= 1, got {steps}")
 
 
 def _global_norm(tensors: Sequence[Tensor]) -> Tensor:
@@ -184,7 +185,7 @@ def estimate_sharpness(
     check_settings(float(rho), float(eta), int(steps))
     batches = list(batches)
     if not batches:
-        raise ConfigError("no batches to measure the loss on (check --subset and --max-batches)")
+        raise SettingError("no batches to measure the loss on (check --subset and --max-batches)")
     named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
     params = [p for _, p in named]
     was_training = model.training
@@ -261,7 +262,7 @@ def check_measurement(
     max_tokens: Optional[int] = None,
     batch_size: Optional[int] = None,
 ) -> torch.device:
-    """Raises ConfigError naming the flag or file; returns the device."""
+    """Raises SettingError naming the flag or file; returns the device."""
     check_settings(float(rho), float(eta), int(steps))
     for flag, value in (
         ("--max-batches", max_batches),
@@ -269,22 +270,24 @@ def check_measurement(
         ("--batch-size", batch_size),
     ):
         if value is not None and value < 1:
-            raise ConfigError(f"{flag} must be >= 1, got {value}")
+            raise SettingError(f"{flag} must be >= 1, got {value}")
     unknown = [m for m in measures if m not in MEASURES]
     if unknown or not measures:
-        raise ConfigError(
+        raise SettingError(
             f"--measures must be some of {', '.join(MEASURES)}, got {', '.join(measures) or 'none'}"
         )
     try:
         torch_device = torch.device(device)
     except RuntimeError as error:
-        raise ConfigError(f"--device {device!r} is not a device: {error}") from None
+        raise SettingError(f"--device {device!r} is not a device: {error}") from None
     if torch_device.type == "cuda" and not torch.cuda.is_available():
-        raise ConfigError(f"--device {device}: CUDA is not available on this machine")
+        raise SettingError(f"--device {device}: CUDA is not available on this machine")
     if torch_device.type == "cuda" and (torch_device.index or 0) >= torch.cuda.device_count():
-        raise ConfigError(f"--device {device}: this machine has {torch.cuda.device_count()} GPU(s)")
+        raise SettingError(
+            f"--device {device}: this machine has {torch.cuda.device_count()} GPU(s)"
+        )
     if not os.path.isfile(checkpoint):
-        raise ConfigError(f"checkpoint not found: {checkpoint}")
+        raise SettingError(f"checkpoint not found: {checkpoint}")
     loading.check_split(data_bin, subset)
     return torch_device
 

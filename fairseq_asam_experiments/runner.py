@@ -66,9 +66,8 @@ from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass
 from typing import Dict, List, Optional, Sequence, Tuple
 
-from .. import USER_DIR
-from ..errors import ConfigError, FairseqAsamError
 from . import evaluation, prepare, recipe, report, synthetic_data
+from .errors import ExperimentError, SettingError
 from .files import read_json_object, write_json, write_text
 from .layout import (
     CHECKPOINTS_FOLDER,
@@ -79,6 +78,7 @@ from .layout import (
     TRAIN_LOG,
     TRAINING_RECORD,
     RunLocked,
+    plugin_dir,
     run_lock,
 )
 
@@ -101,7 +101,7 @@ STOP_GRACE_SECONDS = 60.0
 POLL_SECONDS = 0.5
 INTERRUPTED_STATUS = 130  # the shell's status for a program ended by SIGINT
 # The adaptive sharpness runs as fairseq-asam-sharpness in its own process, on the run's GPU.
-SHARPNESS_COMMAND = (sys.executable, "-m", "fairseq_asam.experiments", "sharpness")
+SHARPNESS_COMMAND = (sys.executable, "-m", "fairseq_asam_experiments", "sharpness")
 
 
 @dataclass(frozen=True)
@@ -182,15 +182,15 @@ class Run:
 def parse_optimizers(text: str) -> Tuple[str, ...]:
     choices = ",".join(OPTIMIZERS + SCHEDULE_ROWS)
     if not text.strip():
-        raise ConfigError(f"--optimizers: empty list; choose from {choices}")
+        raise SettingError(f"--optimizers: empty list; choose from {choices}")
     names = tuple(name.strip() for name in text.split(","))
     unknown = [name for name in names if name not in OPTIMIZERS + SCHEDULE_ROWS]
     if unknown:
-        raise ConfigError(
+        raise SettingError(
             f"--optimizers: unknown {', '.join(map(repr, unknown))}; choose from {choices}"
         )
     if len(set(names)) != len(names):
-        raise ConfigError(f"--optimizers: {text!r} names an optimizer twice")
+        raise SettingError(f"--optimizers: {text!r} names an optimizer twice")
     return names
 
 
@@ -210,27 +210,27 @@ def parse_sweep(name: str, text: str) -> Tuple[str, ...]:
         try:
             number = float(part)
         except ValueError:
-            raise ConfigError(
+            raise SettingError(
                 f"{flag} must be a comma-separated list of numbers, got {text!r}"
             ) from None
         lowest_ok = number > 0 if name == "rho" else number >= 0
         if not (math.isfinite(number) and lowest_ok):
             bound = "> 0" if name == "rho" else ">= 0"
-            raise ConfigError(f"{flag}: every value must be a finite number {bound}, got {part!r}")
+            raise SettingError(f"{flag}: every value must be a finite number {bound}, got {part!r}")
         values.append(sweep_value(number))
     twice = sorted({v for v in values if values.count(v) > 1})
     if twice:
-        raise ConfigError(f"{flag}: {text!r} names {', '.join(twice)} twice")
+        raise SettingError(f"{flag}: {text!r} names {', '.join(twice)} twice")
     return tuple(values)
 
 
 def parse_seeds(text: str) -> Tuple[int, ...]:
     parts = [part.strip() for part in text.split(",")]
     if not all(part.isdigit() and int(part) >= 1 for part in parts):
-        raise ConfigError(f"--seeds must be a comma-separated list of integers >= 1, got {text!r}")
+        raise SettingError(f"--seeds must be a comma-separated list of integers >= 1, got {text!r}")
     seeds = tuple(int(part) for part in parts)
     if len(set(seeds)) != len(seeds):
-        raise ConfigError(f"--seeds: {text!r} names a seed twice")
+        raise SettingError(f"--seeds: {text!r} names a seed twice")
     return seeds
 
 
@@ -249,7 +249,7 @@ def train_command(
     own = [
         ("--save-dir", os.path.join(run_dir, CHECKPOINTS_FOLDER)),
         (SEED_FLAG, str(run.seed)),
-        ("--user-dir", USER_DIR),
+        ("--user-dir", plugin_dir()),
     ]
     return [sys.executable, "-m", "fairseq_cli.train", data_bin] + recipe.merge_options(
         options, overrides, own
@@ -510,7 +510,7 @@ def plan_run(config: GridConfig, run: Run, references: Dict[str, str]) -> RunPla
             config.protocol,
             references=references,
         )
-    except FairseqAsamError as error:  # e.g. a checkpoint missing: the evaluation will say
+    except ExperimentError as error:  # e.g. a checkpoint missing: the evaluation will say
         return RunPlan(run, EVALUATE, f"to evaluate ({error})")
     if not evaluation.evaluation_done(results, settings):
         return RunPlan(run, EVALUATE, "to evaluate")
@@ -531,7 +531,7 @@ def training_conflicts(config: GridConfig) -> List[str]:
     for run in config.runs:
         try:
             plan = plan_training(config, run)
-        except FairseqAsamError:  # an unreadable training.json: that run's failure, not the grid's
+        except ExperimentError:  # an unreadable training.json: that run's failure, not the grid's
             continue
         if plan.conflict:
             grouped.setdefault(plan.conflict, []).append(run.name)
@@ -547,19 +547,19 @@ def check_grid(config: GridConfig, jobs_have_gpus: Optional[bool] = None) -> Non
     `jobs_have_gpus`: the runs go to jobs (experiments.cluster) that have GPUs or not; None:
     they run here, on this machine's GPUs."""
     if config.max_update is not None and config.max_update < 1:
-        raise ConfigError(f"--max-update must be >= 1, got {config.max_update}")
+        raise SettingError(f"--max-update must be >= 1, got {config.max_update}")
     evaluation.parse_checkpoint_choice(config.checkpoint or config.preset.checkpoint)
     for optimizer in config.optimizers:
         config.training_options(optimizer)
         check_epochs_kept(config, optimizer)
     for name, values in (config.sweep or {}).items():
         if name not in SWEEPABLE:
-            raise ConfigError(
+            raise SettingError(
                 f"--{name}: not a hyperparameter the grid sweeps ({', '.join(SWEEPABLE)})"
             )
         takers = [o for o in config.optimizers if config.base_optimizer(o) in SWEEPABLE[name]]
         if values and not takers:
-            raise ConfigError(
+            raise SettingError(
                 f"--{name}: no row of --optimizers ({','.join(config.optimizers)}) takes it; "
                 f"it applies to --optimizer {' and '.join(SWEEPABLE[name])} and the rows built "
                 "on them"
@@ -568,22 +568,22 @@ def check_grid(config: GridConfig, jobs_have_gpus: Optional[bool] = None) -> Non
         evaluation.check_data_bin(config.data_bin)
     elif config.archive is not None:
         if not os.path.isfile(config.archive):
-            raise ConfigError(f"--archive: file not found: {config.archive}")
+            raise SettingError(f"--archive: file not found: {config.archive}")
     elif config.preset.sample_archive is None and not os.path.isdir(config.default_data_bin):
-        raise ConfigError(
+        raise SettingError(
             f"--archive is required for --preset {config.preset.name} (the IWSLT'14 de-en.tgz), "
             f"unless {config.default_data_bin} exists or --data-bin is given"
         )
     if config.sharpness_rho is not None and not (
         math.isfinite(config.sharpness_rho) and config.sharpness_rho > 0
     ):
-        raise ConfigError(
+        raise SettingError(
             f"--sharpness-rho must be a finite number > 0, got {config.sharpness_rho}"
         )
     if config.amp and jobs_have_gpus is None and not config.gpu_ids():
-        raise ConfigError("--amp needs a GPU, and none is visible")
+        raise SettingError("--amp needs a GPU, and none is visible")
     if config.amp and jobs_have_gpus is False:
-        raise ConfigError("--amp needs a GPU, and the jobs get none (--gpus-per-job 0)")
+        raise SettingError("--amp needs a GPU, and the jobs get none (--gpus-per-job 0)")
     refuse_preparing_over_trained_data(config)
     refuse_conflicts(config)
 
@@ -604,7 +604,7 @@ def check_epochs_kept(config: GridConfig, optimizer: str) -> None:
     folder = config.config_dir or recipe.config_dir()
     if NO_EPOCH_CHECKPOINTS_FLAG in options:
         source = recipe.option_source(files, NO_EPOCH_CHECKPOINTS_FLAG, folder)
-        raise ConfigError(
+        raise SettingError(
             f"--checkpoint {protocol} averages epoch checkpoints, and {source} sets "
             f"{NO_EPOCH_CHECKPOINTS_FLAG} (row {optimizer})"
         )
@@ -613,7 +613,7 @@ def check_epochs_kept(config: GridConfig, optimizer: str) -> None:
         return  # fairseq's default -1: every epoch checkpoint is kept
     if int(kept) < protocol.num_epochs:
         source = recipe.option_source(files, KEEP_EPOCHS_FLAG, folder)
-        raise ConfigError(
+        raise SettingError(
             f"--checkpoint {protocol} needs the last {protocol.num_epochs} epoch checkpoints, "
             f"and {source} sets {KEEP_EPOCHS_FLAG} {kept} (row {optimizer}): use --checkpoint "
             f"average:{kept} or less, or raise {KEEP_EPOCHS_FLAG} there"
@@ -621,10 +621,10 @@ def check_epochs_kept(config: GridConfig, optimizer: str) -> None:
 
 
 def refuse_conflicts(config: GridConfig) -> None:
-    """Raises ConfigError, in one line, if a run of the grid was trained with other settings."""
+    """Raises SettingError, in one line, if a run of the grid was trained with other settings."""
     conflicts = training_conflicts(config)
     if conflicts:
-        raise ConfigError(
+        raise SettingError(
             f"{os.path.join(config.out_dir, RUNS_FOLDER)}: "
             + "; ".join(conflicts)
             + ". Re-run with the settings they were trained with, delete those run folders, "
@@ -663,7 +663,7 @@ def grid_record(config: GridConfig) -> Dict:
 
 
 def refuse_preparing_over_trained_data(config: GridConfig) -> None:
-    """Raises ConfigError, before any work, if the preparation this grid would run replaces a
+    """Raises SettingError, before any work, if the preparation this grid would run replaces a
     data-bin in <out>/data that runs of this folder were trained on with other data (another
     --archive, or a preset with other BPE merges): their data would change under them, and under
     a launcher using it right now.
@@ -704,7 +704,7 @@ def refuse_preparing_over_trained_data(config: GridConfig) -> None:
             f"{config.preset.bpe_merges} BPE merges"
         )
         fix = "Give another --out, or the preset it was prepared for"
-    raise ConfigError(
+    raise SettingError(
         f"{data_bin} was prepared from {prepared.get('archive')} "
         f"({prepared.get('bpe_merges')} BPE merges) and {', '.join(trained)} trained on it; "
         f"{change} would change their data. {fix}"
@@ -718,7 +718,7 @@ def trained_on(config: GridConfig, data_bin: str) -> List[str]:
     for name in sorted(os.listdir(runs)) if os.path.isdir(runs) else []:
         try:
             record = read_json_object(os.path.join(runs, name, TRAINING_RECORD))
-        except FairseqAsamError:
+        except ExperimentError:
             record = None  # unreadable: its own run's failure; it says nothing of the data
         data = ((record or {}).get("settings") or {}).get(DATA_SETTING)
         if data and os.path.realpath(data) == os.path.realpath(data_bin):
@@ -754,7 +754,7 @@ def prepare_data(config: GridConfig) -> str:
         if recorded and os.path.isfile(recorded):
             archive = recorded
         elif config.preset.sample_archive is None:
-            raise ConfigError(
+            raise SettingError(
                 f"--archive: {data_bin} was prepared with {merges} BPE merges, --preset "
                 f"{config.preset.name} needs {config.preset.bpe_merges}, and its archive "
                 f"{recorded} is gone: give --archive"
@@ -883,7 +883,7 @@ class Progress:
 def record_failure(run_dir: str, run: Run, stage: str, error: BaseException) -> str:
     """failure.json in the run folder; returns the one-line message."""
     message = " ".join(str(error).splitlines()) or type(error).__name__
-    if not isinstance(error, FairseqAsamError):
+    if not isinstance(error, ExperimentError):
         message = f"{type(error).__name__}: {message}"
     os.makedirs(run_dir, exist_ok=True)
     write_json(
@@ -936,7 +936,7 @@ def train(
         returncode = supervisor.call(command, stdout=log, env=env)
     if returncode != 0:
         how = "was killed by" if returncode < 0 else "failed with"
-        raise FairseqAsamError(
+        raise ExperimentError(
             f"fairseq-train {how} {evaluation.exit_description(returncode)}; see {log_path}"
         )
     write_json(
@@ -950,7 +950,7 @@ def checkpoint_updates(path: str) -> Optional[int]:
         return None
     try:
         return evaluation.checkpoint_position(path)["num_updates"]
-    except (FairseqAsamError, OSError, KeyError, TypeError, ValueError):
+    except (ExperimentError, OSError, KeyError, TypeError, ValueError):
         return None
 
 
@@ -1008,7 +1008,7 @@ def measure_sharpness(
     with open(log_path, "w", encoding="utf-8") as log:
         returncode = supervisor.call(command, stdout=log, env=env)
     if returncode != 0 or not os.path.isfile(json_path):
-        raise FairseqAsamError(
+        raise ExperimentError(
             f"fairseq-asam-sharpness failed with {evaluation.exit_description(returncode)}; "
             f"see {log_path}"
         )
@@ -1034,7 +1034,7 @@ def execute_run(
         # Planned again under the lock: another launcher may have finished it meanwhile.
         plan = plan_run(config, run, references)
         if plan.conflict:
-            raise FairseqAsamError(f"{run.name} {plan.conflict}")
+            raise ExperimentError(f"{run.name} {plan.conflict}")
         if plan.action == DONE:
             logger.info(f"{run.name}: {plan.reason}")
             return os.path.join(run_dir, evaluation.RESULTS_NAME)
@@ -1066,7 +1066,7 @@ def execute_run(
             scores = evaluation.evaluate_checkpoint(
                 data_bin,
                 save_dir,
-                USER_DIR,
+                plugin_dir(),
                 config.protocol,
                 references=references,
                 output_dir=run_dir,
@@ -1128,7 +1128,7 @@ class RunOutcome:
     message: str = ""
 
 
-class GridFailed(FairseqAsamError):
+class GridFailed(ExperimentError):
     """Some runs failed; the report (`outputs`) was written with the others."""
 
     def __init__(self, message: str, outputs: Dict[str, str]):
@@ -1193,7 +1193,7 @@ def run_grid(config: GridConfig, supervisor: Optional[Supervisor] = None) -> Dic
         for run in config.runs:
             try:
                 plan = plan_run(config, run, references)
-            except FairseqAsamError:  # e.g. a corrupt results.json: that run's failure, below
+            except ExperimentError:  # e.g. a corrupt results.json: that run's failure, below
                 pending.append(run)
                 continue
             if plan.action == DONE:

@@ -49,8 +49,8 @@ import textwrap
 from dataclasses import dataclass, field
 from typing import Callable, Dict, List, Optional, Sequence, Tuple, Union
 
-from ..errors import FairseqAsamError
 from . import recipe
+from .errors import ExperimentError
 from .evaluation import EVALUATED_SPLITS, RESULTS_NAME, evaluation_out_of_date
 from .files import atomic_output, read_json_object, write_text
 from .layout import (
@@ -213,7 +213,7 @@ def _read_record(path: str) -> Optional[dict]:
     an unreadable one as {"unreadable": why}, so that one broken file never stops a report."""
     try:
         return read_json_object(path)
-    except FairseqAsamError as error:
+    except ExperimentError as error:
         return {UNREADABLE: str(error)}
 
 
@@ -224,7 +224,7 @@ def run_directories(out_dir: str) -> List[str]:
     """The run folders under <out>/runs (none yet, e.g. interrupted in the data preparation:
     an empty list); an output folder that does not exist is an error."""
     if not os.path.isdir(out_dir):
-        raise FairseqAsamError(f"output folder not found: {out_dir}")
+        raise ExperimentError(f"output folder not found: {out_dir}")
     runs_dir = os.path.join(out_dir, RUNS_FOLDER)
     if not os.path.isdir(runs_dir):
         return []
@@ -1338,7 +1338,7 @@ def write_report(
     out_dirs = list(by_path.values())
     if report_dir is None:
         if len(out_dirs) > 1:
-            raise FairseqAsamError("--report-dir is required with more than one output folder")
+            raise ExperimentError("--report-dir is required with more than one output folder")
         report_dir = os.path.join(out_dirs[0], REPORT_FOLDER)
     selection = combine([select_results(out_dir) for out_dir in out_dirs])
     runs = plotted_runs(selection)

@@ -16,7 +16,7 @@ import random
 import tarfile
 from typing import Dict, List, Sequence, Tuple
 
-from ..errors import ConfigError
+from .errors import SettingError
 from .files import atomic_output, write_lines
 from .prepare import (
     ARCHIVE_FOLDER,
@@ -220,7 +220,7 @@ def build_sample_archive(path: str, n_train: int = 300, n_dev: int = 40, seed: i
     dev2010 one is `SAMPLE_QUOTE_PAIR`), generated from a small lexicon with `seed`. The same
     arguments give the same bytes. Returns `path`."""
     if n_train < len(SAMPLE_RULE_PAIRS) or n_dev < 1:
-        raise ConfigError(
+        raise SettingError(
             f"build_sample_archive: n_train must be >= {len(SAMPLE_RULE_PAIRS)} and n_dev >= 1"
         )
     rng = random.Random(seed)

@@ -14,7 +14,7 @@ import shutil
 import uuid
 from typing import Any, Iterable, Iterator, Optional
 
-from ..errors import FairseqAsamError
+from .errors import ExperimentError
 
 TEMPORARY_MARK = ".tmp-"
 
@@ -75,7 +75,7 @@ def write_json(path: str, obj: Any) -> None:
 
 
 def read_json_object(path: str) -> Optional[dict]:
-    """The JSON object in `path`, None if there is no such file; FairseqAsamError naming the file
+    """The JSON object in `path`, None if there is no such file; ExperimentError naming the file
     if it is not readable JSON or not an object (a truncated or foreign file)."""
     if not os.path.isfile(path):
         return None
@@ -83,7 +83,7 @@ def read_json_object(path: str) -> Optional[dict]:
         with open(path, encoding="utf-8") as f:
             loaded = json.load(f)
     except (json.JSONDecodeError, UnicodeDecodeError) as error:
-        raise FairseqAsamError(f"{path} is not valid JSON: {error}") from error
+        raise ExperimentError(f"{path} is not valid JSON: {error}") from error
     if not isinstance(loaded, dict):
-        raise FairseqAsamError(f"{path} does not hold a JSON object")
+        raise ExperimentError(f"{path} does not hold a JSON object")
     return loaded

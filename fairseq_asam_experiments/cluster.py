@@ -36,8 +36,8 @@ import time
 from dataclasses import dataclass, field
 from typing import Dict, List, Optional, Sequence, Tuple
 
-from ..errors import ConfigError, FairseqAsamError
 from . import report, runner
+from .errors import ExperimentError, SettingError
 from .files import read_json_object, write_json
 from .layout import FAILURE_RECORD, GRID_RECORD, JOB_RECORD, lock_holder
 from .logs import log_to_stdout
@@ -98,14 +98,14 @@ def parse_sbatch(items: Sequence[str]) -> Dict[str, str]:
         key, sep, value = item.partition("=")
         key = key.strip().lstrip("-")
         if not sep or not key or not value.strip():
-            raise ConfigError(f"--sbatch takes KEY=VALUE (an sbatch option), got {item!r}")
+            raise SettingError(f"--sbatch takes KEY=VALUE (an sbatch option), got {item!r}")
         parsed[key] = value.strip()
     return parsed
 
 
 def check_options(launcher: str, options: JobOptions) -> None:
     if launcher not in LAUNCHERS:
-        raise ConfigError(f"--launcher must be one of {', '.join(LAUNCHERS)}, got {launcher!r}")
+        raise SettingError(f"--launcher must be one of {', '.join(LAUNCHERS)}, got {launcher!r}")
     for flag, value, least in (
         ("--time-min", options.time_min, 1),
         ("--gpus-per-job", options.gpus(launcher), 0),
@@ -115,16 +115,16 @@ def check_options(launcher: str, options: JobOptions) -> None:
         ("--mem-gb", options.mem_gb, 1),
     ):
         if value is not None and value < least:
-            raise ConfigError(f"{flag} must be >= {least}, got {value}")
+            raise SettingError(f"{flag} must be >= {least}, got {value}")
     if launcher == "submitit-local" and options.gpus(launcher) > 0:
-        raise ConfigError(
+        raise SettingError(
             "--gpus-per-job: submitit-local gives its jobs no GPU of their own; use "
             "--launcher local (one run per GPU) on a GPU machine"
         )
     try:
         import submitit  # noqa: F401
     except ImportError:
-        raise ConfigError(
+        raise SettingError(
             f"--launcher {launcher} needs submitit: pip install 'fairseq-asam[experiments]'"
         ) from None
 
@@ -283,7 +283,7 @@ def still_queued(run_dir: str) -> Optional[str]:
     """`Slurm job 123_4 (PENDING)` if the job last submitted for the run may still run it."""
     try:
         record = recorded_job(run_dir)
-    except FairseqAsamError as error:  # unreadable: the new job's record replaces it
+    except ExperimentError as error:  # unreadable: the new job's record replaces it
         logger.warning(f"{error}: taken as no queued job")
         return None
     if not record or record.get("launcher") != "slurm":
@@ -303,7 +303,7 @@ def plan_jobs(
         run_dir = config.run_dir(run)
         try:
             plan = runner.plan_run(config, run, references)
-        except FairseqAsamError:  # e.g. a corrupt results.json: the job records the failure
+        except ExperimentError:  # e.g. a corrupt results.json: the job records the failure
             plan = runner.RunPlan(run, runner.EVALUATE, "to plan")
         if plan.action == runner.DONE:
             skipped[run.name] = plan.reason
@@ -475,7 +475,7 @@ def _job_outcome(config, run, job) -> Tuple[str, str]:
         result = job.result()
     except Exception as error:
         message = runner.record_failure(
-            config.run_dir(run), run, "job", FairseqAsamError(f"job {job.job_id}: {error}")
+            config.run_dir(run), run, "job", ExperimentError(f"job {job.job_id}: {error}")
         )
         logger.error(f"{run.name}: job {job.job_id} failed: {message}")
         return "failed", f"job: {message}"
@@ -483,7 +483,7 @@ def _job_outcome(config, run, job) -> Tuple[str, str]:
     if status == "failed":
         try:
             failure = read_json_object(os.path.join(config.run_dir(run), FAILURE_RECORD))
-        except FairseqAsamError as error:  # one broken record never stops the wait for the others
+        except ExperimentError as error:  # one broken record never stops the wait for the others
             failure = {"stage": "?", "error": str(error)}
         if failure:
             message = f"{failure.get('stage')}: {failure.get('error')}"
