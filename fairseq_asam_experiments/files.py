@@ -87,3 +87,39 @@ def read_json_object(path: str) -> Optional[dict]:
     if not isinstance(loaded, dict):
         raise ExperimentError(f"{path} does not hold a JSON object")
     return loaded
+
+
+# A stage stamp: `<folder>/<stage>.done.json`, the inputs a stage finished with.  The stage is
+# done when its stamp holds the current inputs; the caller decides what a change means (redo
+# the stage, or refuse in one line naming the changed setting: `changed_inputs`).
+STAMP_SUFFIX = ".done.json"
+
+
+def stamp_path(folder: str, stage: str) -> str:
+    return os.path.join(folder, stage + STAMP_SUFFIX)
+
+
+def read_stamp(folder: str, stage: str) -> Optional[dict]:
+    """The inputs `stage` last finished with, None if it never finished."""
+    return read_json_object(stamp_path(folder, stage))
+
+
+def write_stamp(folder: str, stage: str, inputs: dict) -> None:
+    """Marks `stage` done with `inputs` (JSON-able), atomically."""
+    write_json(stamp_path(folder, stage), inputs)
+
+
+def clear_stamp(folder: str, stage: str) -> None:
+    """Marks `stage` not done (before it is redone, so that a failed redo leaves no stale mark)."""
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(stamp_path(folder, stage))
+
+
+def changed_inputs(old: dict, new: dict) -> list:
+    """One `key old → new` per input that differs (added or removed ones included), sorted."""
+    unset = "(unset)"  # not None: a switch (`--amp`) is stored as None and must count
+    return [
+        f"{key} {old.get(key, unset)} → {new.get(key, unset)}"
+        for key in sorted(set(old) | set(new))
+        if old.get(key, unset) != new.get(key, unset)
+    ]

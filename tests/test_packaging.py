@@ -172,11 +172,12 @@ def wheel(tmp_path_factory):
 
 def files_to_ship():
     """What a wheel must hold, by its path in the wheel, from the checkout: every module of the
-    fairseq_asam packages, and every file of configs/ (the package
+    fairseq_asam and fairseq_asam_experiments packages, and every file of configs/ (the package
     fairseq_asam_experiments.configs: args files, hydra yaml, README.md)."""
     expected = set()
     for folder, package, only_modules in (
         ("fairseq_asam", "fairseq_asam", True),
+        ("fairseq_asam_experiments", "fairseq_asam_experiments", True),
         ("configs", "fairseq_asam_experiments/configs", False),
     ):
         top = os.path.join(REPO, folder)
@@ -209,11 +210,12 @@ def test_wheel_ships_every_module_and_config(wheel):
         f"{hydra}/row/asam.yaml",
     ):
         assert configs + name in expected, name
-    assert {"fairseq_asam/two_pass.py", "fairseq_asam_experiments/runner.py"} <= expected
+    assert {"fairseq_asam/two_pass.py", "fairseq_asam_experiments/cli.py"} <= expected
     assert sorted(expected - shipped) == []
     # Nothing else: the packages and the wheel's metadata (no tests/, scripts/ or build/).
     assert all(
-        name.startswith("fairseq_asam/") or name.split("/")[0].endswith(".dist-info")
+        name.split("/")[0] in ("fairseq_asam", "fairseq_asam_experiments")
+        or name.split("/")[0].endswith(".dist-info")
         for name in shipped
     ), sorted(shipped)
 
