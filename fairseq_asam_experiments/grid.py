@@ -1,0 +1,340 @@
+"""A grid of fairseq-train runs: a preset's recipe × rows × sweeps × seeds, and each run's command.
+
+    <out>/grid.json          this grid (`Grid.record`), written before any run: the report's key
+    <out>/runs/<run>/        one run (experiments.launch fills it)
+
+A run's options are the argument files of configs/ applied in order (experiments.recipe): the
+preset's files, the row's file (`iwslt14_de_en/<row>.args`: adam, sam, asam, asam_interval5...),
+the checkpoint protocol's file, the --eval-bleu file; then the grid's overrides (--max-update,
+--amp), then the run's swept values, then what only the run sets (--save-dir, --seed,
+--user-dir).  A sweep is any fairseq-train option with a list of values (`--sweep lr=5e-4,1e-3`);
+every combination of the sweeps is a row of each optimizer row, so the runs are the product
+rows × sweep values × seeds.  ρ and η are swept only on the rows whose optimizer takes them
+(`SWEEP_TAKERS`).  A run is named after its row, swept values and seed:
+`asam-lr0.001-rho0.1-seed1` (numbers in positional notation, so a name never holds an exponent).
+"""
+
+import decimal
+import itertools
+import os
+import re
+import sys
+from dataclasses import dataclass, field
+from typing import Dict, List, Optional, Sequence, Tuple
+
+from . import evaluation, recipe
+from .errors import SettingError
+from .layout import plugin_dir
+
+OPTIMIZERS = ("adam", "sam", "asam")
+SCHEDULE_ROWS = ("asam_interval5", "asam_looksam5", "asam_late")  # beyond the paper
+RUNS_FOLDER, GRID_RECORD, CHECKPOINTS_FOLDER = "runs", "grid.json", "checkpoints"
+BUDGET_FLAG, SEED_FLAG = "--max-update", "--seed"
+RUN_LOCATION_FLAGS = ("--save-dir", "--user-dir")  # where a run writes, not what it is
+# Options a sweep may not take: the grid sets them by its own flags.
+NOT_SWEPT = {"max-update": "--max-update", "seed": "--seeds", "save-dir": "--out"}
+# The optimizers (the `--optimizer` of a row's file) that take an option; others: every row.
+SWEEP_TAKERS = {"rho": ("sam", "asam"), "eta": ("asam",)}
+WORD_VALUE = re.compile(r"^[A-Za-z0-9_.]+$")  # a non-numeric swept value (it names folders)
+
+Option = recipe.Option
+
+
+@dataclass(frozen=True)
+class Preset:
+    name: str
+    args_files: Tuple[str, ...]  # relative to the config folder, applied in order
+    seeds: Tuple[int, ...]
+    bpe_merges: int
+    checkpoint: str  # the default protocol (evaluation.parse_checkpoint_choice)
+    description: str
+    sample_archive: Optional[Tuple[int, int]] = None  # (train, dev) pairs generated if no data
+    # OMP_NUM_THREADS for runs on a CPU (unless set): a tiny model is many times faster on one
+    # thread than on threads that compete with each other or with other processes.
+    cpu_threads: Optional[int] = None
+
+
+PRESETS = {
+    "paper": Preset(
+        "paper",
+        (recipe.RECIPE_ARGS,),
+        seeds=(1, 2, 3),
+        bpe_merges=10000,
+        checkpoint="best-bleu",
+        description="Table 4 as published: needs --archive (the IWSLT'14 de-en.tgz) and GPUs",
+    ),
+    "tiny": Preset(
+        "tiny",
+        (recipe.RECIPE_ARGS, recipe.TINY_OVERRIDES_ARGS),
+        seeds=(1,),
+        bpe_merges=500,
+        checkpoint="best-bleu",
+        sample_archive=(2000, 40),
+        cpu_threads=1,
+        description="the same pipeline on a generated sample archive, a tiny Transformer, a CPU",
+    ),
+}
+PAPER_PRESET, PAPER_BUDGET = "paper", 50000  # the budget the paper's numbers are for
+
+
+def sweep_value(text: str, option: str) -> str:
+    """A swept value as it goes on the command line and in the run's name: a number in
+    positional notation (5e-4 -> 0.0005, 1024.0 -> 1024), or a word of [A-Za-z0-9_.]."""
+    try:
+        number = decimal.Decimal(text)
+    except decimal.InvalidOperation:
+        if WORD_VALUE.match(text):
+            return text
+        raise SettingError(
+            f"--sweep {option}: {text!r} is neither a number nor a word of letters, digits, "
+            "'_' and '.'"
+        ) from None
+    if not number.is_finite():
+        raise SettingError(f"--sweep {option}: {text!r} is not a finite number")
+    return format(number.normalize(), "f")
+
+
+@dataclass(frozen=True)
+class Sweep:
+    option: str  # a fairseq-train option without its dashes: lr, dropout, rho...
+    values: Tuple[str, ...]
+
+    @property
+    def takers(self) -> Optional[Tuple[str, ...]]:
+        return SWEEP_TAKERS.get(self.option)
+
+
+def parse_sweep(text: str) -> Sweep:
+    """`lr=5e-4,1e-3` (also `--lr=...`) -> Sweep("lr", ("0.0005", "0.001"))."""
+    option, equals, values = text.partition("=")
+    option = option.strip().lstrip("-")
+    if not equals or not option or not values.strip():
+        raise SettingError(f"--sweep takes OPTION=V1,V2,... (e.g. lr=5e-4,1e-3), got {text!r}")
+    if option in NOT_SWEPT:
+        raise SettingError(f"--sweep {option}: set it with {NOT_SWEPT[option]}")
+    parsed = tuple(sweep_value(v.strip(), option) for v in values.split(","))
+    twice = sorted({v for v in parsed if parsed.count(v) > 1})
+    if twice:
+        raise SettingError(f"--sweep {option}: {values!r} names {', '.join(twice)} twice")
+    if option == "rho" and any(decimal.Decimal(v) <= 0 for v in parsed):
+        raise SettingError(f"--sweep rho: every value must be > 0, got {values!r}")
+    return Sweep(option, parsed)
+
+
+def parse_seeds(text: str) -> Tuple[int, ...]:
+    parts = [part.strip() for part in text.split(",")]
+    if not all(part.isdigit() and int(part) >= 1 for part in parts):
+        raise SettingError(f"--seeds must be a comma-separated list of integers >= 1, got {text!r}")
+    if len(set(parts)) != len(parts):
+        raise SettingError(f"--seeds: {text!r} names a seed twice")
+    return tuple(int(part) for part in parts)
+
+
+def parse_rows(text: str) -> Tuple[str, ...]:
+    """`--optimizers adam,asam`: rows of the grid, each an argument file of configs/."""
+    names = tuple(name.strip() for name in text.split(",") if name.strip())
+    known = OPTIMIZERS + SCHEDULE_ROWS
+    unknown = [name for name in names if name not in known]
+    if not names or unknown:
+        raise SettingError(f"--optimizers: got {text!r}; choose from {','.join(known)}")
+    if len(set(names)) != len(names):
+        raise SettingError(f"--optimizers: {text!r} names an optimizer twice")
+    return names
+
+
+@dataclass(frozen=True)
+class Run:
+    row: str  # the row's argument file: adam, sam, asam, asam_interval5...
+    seed: int
+    swept: Tuple[Tuple[str, str], ...] = ()  # (option, value) in the grid's sweep order
+
+    @property
+    def label(self) -> str:
+        """The row with its swept values, `asam-lr0.001-rho0.1`: one line of the report."""
+        return self.row + "".join(f"-{o.replace('-', '_')}{v}" for o, v in self.swept)
+
+    @property
+    def name(self) -> str:
+        return f"{self.label}-seed{self.seed}"
+
+
+@dataclass
+class Grid:
+    out_dir: str
+    preset: Preset
+    rows: Tuple[str, ...] = OPTIMIZERS
+    seeds: Optional[Tuple[int, ...]] = None  # None: the preset's
+    sweeps: Tuple[Sweep, ...] = ()
+    max_update: Optional[int] = None
+    amp: bool = False  # fairseq's --amp: fp32 weights (ε survives: docs/mixed-precision.md)
+    eval_bleu: bool = False
+    checkpoint: Optional[str] = None  # the protocol; None: the preset's
+    sharpness_rho: Optional[float] = None  # also measure the adaptive sharpness at this ρ
+    config_dir: Optional[str] = None  # None: the installed configs (recipe.config_dir())
+    _options: Dict[str, List[Option]] = field(default_factory=dict, repr=False)
+
+    @property
+    def protocol(self) -> "evaluation.CheckpointChoice":
+        return evaluation.parse_checkpoint_choice(self.checkpoint or self.preset.checkpoint)
+
+    @property
+    def seed_list(self) -> Tuple[int, ...]:
+        return self.seeds or self.preset.seeds
+
+    def row_options(self, row: str) -> List[Option]:
+        """The options of a row's argument files (read once), before overrides and sweeps."""
+        if row not in self._options:
+            self._options[row] = recipe.training_options(
+                self.preset.args_files,
+                row,
+                self.eval_bleu,
+                self.config_dir,
+                selection_metric=self.protocol.selection_metric,
+            )
+        return self._options[row]
+
+    def optimizer_of(self, row: str) -> Optional[str]:
+        """The `--optimizer` of a row (asam for asam_interval5)."""
+        return dict(self.row_options(row)).get("--optimizer")
+
+    def row_sweeps(self, row: str) -> List[Tuple[Tuple[str, str], ...]]:
+        """Every combination of the swept values that apply to `row`: [()] without sweeps."""
+        applying = [s for s in self.sweeps if _sweeps(self, row, s)]
+        return [
+            tuple(zip([s.option for s in applying], values))
+            for values in itertools.product(*[s.values for s in applying])
+        ]
+
+    def runs(self) -> List[Run]:
+        return [
+            Run(row, seed, swept)
+            for row in self.rows
+            for swept in self.row_sweeps(row)
+            for seed in self.seed_list
+        ]
+
+    def run_dir(self, run: Run) -> str:
+        return os.path.join(self.out_dir, RUNS_FOLDER, run.name)
+
+    def overrides(self) -> List[Option]:
+        options = [] if self.max_update is None else [(BUDGET_FLAG, str(self.max_update))]
+        return options + ([("--amp", None)] if self.amp else [])
+
+    def options(self, run: Run) -> List[Option]:
+        """Every fairseq-train option of `run` but its data folder and where it writes."""
+        swept = [(f"--{option}", value) for option, value in run.swept]
+        merged = recipe.merge_options(self.row_options(run.row), self.overrides(), swept)
+        return _pairs(merged) + [(SEED_FLAG, str(run.seed))]
+
+    def settings(self, run: Run, data_bin: str) -> Dict[str, Optional[str]]:
+        """What the run is, for its training stamp: {flag: value or None for a switch}."""
+        return {"data": os.path.abspath(data_bin), **dict(self.options(run))}
+
+    def command(self, run: Run, data_bin: str) -> List[str]:
+        own = [
+            ("--save-dir", os.path.join(self.run_dir(run), CHECKPOINTS_FOLDER)),
+            ("--user-dir", plugin_dir()),
+        ]
+        argv = recipe.merge_options(self.options(run), own)
+        return [sys.executable, "-m", "fairseq_cli.train", os.path.abspath(data_bin)] + argv
+
+    def budget(self) -> Optional[int]:
+        """The --max-update every run trains to (the rows share the recipe's)."""
+        values = {dict(self.row_options(row)).get(BUDGET_FLAG) for row in self.rows}
+        if self.max_update is not None:
+            return self.max_update
+        return int(values.pop()) if len(values) == 1 and None not in values else None
+
+    def record(self) -> dict:
+        """grid.json: what the report of this grid reads."""
+        return {
+            "preset": self.preset.name,
+            "protocol": str(self.protocol),
+            "rows": list(self.rows),
+            "seeds": list(self.seed_list),
+            "sweeps": [
+                {"option": s.option, "values": list(s.values), "optimizers": s.takers}
+                for s in self.sweeps
+            ],
+            "max_update": self.budget(),
+            "sharpness_rho": self.sharpness_rho,
+            "runs": [run.name for run in self.runs()],
+        }
+
+    def check(self) -> None:
+        """The checks that need no work: a bad flag fails before anything starts."""
+        if self.max_update is not None and self.max_update < 1:
+            raise SettingError(f"--max-update must be >= 1, got {self.max_update}")
+        if self.sharpness_rho is not None and not self.sharpness_rho > 0:
+            raise SettingError(f"--sharpness-rho must be a number > 0, got {self.sharpness_rho}")
+        options = [s.option for s in self.sweeps]
+        if len(set(options)) != len(options):
+            raise SettingError(f"--sweep: an option is swept twice ({', '.join(options)})")
+        for sweep in self.sweeps:
+            if not any(_sweeps(self, row, sweep) for row in self.rows):
+                raise SettingError(
+                    f"--sweep {sweep.option}: no row of --optimizers ({','.join(self.rows)}) "
+                    f"takes it; it applies to --optimizer {' and '.join(sweep.takers or ())}"
+                )
+        for row in self.rows:
+            check_epochs_kept(self, row)
+
+
+def _sweeps(grid: Grid, row: str, sweep: Sweep) -> bool:
+    return sweep.takers is None or grid.optimizer_of(row) in sweep.takers
+
+
+def _pairs(argv: Sequence[str]) -> List[Option]:
+    """[flag, value, switch, ...] -> [(flag, value), (switch, None), ...]."""
+    pairs: List[Option] = []
+    for item in argv:
+        if item.startswith("--"):
+            pairs.append((item, None))
+        else:
+            pairs[-1] = (pairs[-1][0], item)
+    return pairs
+
+
+KEEP_EPOCHS_FLAG, NO_EPOCH_CHECKPOINTS_FLAG = "--keep-last-epochs", "--no-epoch-checkpoints"
+
+
+def check_epochs_kept(grid: Grid, row: str) -> None:
+    """`--checkpoint average:N` averages the last N epoch checkpoints: the row's training must
+    keep that many (--keep-last-epochs >= N or unset, epoch checkpoints on)."""
+    protocol = grid.protocol
+    if protocol.kind != "average":
+        return
+    options = dict(grid.row_options(row))
+    if NO_EPOCH_CHECKPOINTS_FLAG in options:
+        raise SettingError(
+            f"--checkpoint {protocol} averages epoch checkpoints, and row {row}'s argument files "
+            f"set {NO_EPOCH_CHECKPOINTS_FLAG}"
+        )
+    kept = options.get(KEEP_EPOCHS_FLAG)
+    if kept is not None and kept.isdigit() and int(kept) < protocol.num_epochs:
+        raise SettingError(
+            f"--checkpoint {protocol} needs the last {protocol.num_epochs} epoch checkpoints, and "
+            f"row {row}'s argument files set {KEEP_EPOCHS_FLAG} {kept}: use --checkpoint "
+            f"average:{kept} or less, or raise {KEEP_EPOCHS_FLAG} there"
+        )
+
+
+def check_options_known(grid: Grid, data_bin: str) -> None:
+    """Parses each row's command with fairseq-train's own parser (imports fairseq), so that a
+    misspelt swept option fails in one line before any run starts."""
+    from fairseq import options as fairseq_options
+
+    import fairseq_asam  # noqa: F401  (registers --optimizer asam/sam and their options)
+
+    for run in {run.label: run for run in grid.runs()}.values():
+        parser = fairseq_options.get_training_parser()
+        argv = grid.command(run, data_bin)[3:]
+        try:
+            _, unknown = fairseq_options.parse_args_and_arch(parser, argv, parse_known=True)
+        except SystemExit:  # argparse printed why
+            raise SettingError(f"fairseq-train refuses the options of {run.label}") from None
+        if unknown:
+            raise SettingError(
+                f"fairseq-train does not know {' '.join(unknown)} (row {run.label}); "
+                "check the --sweep option's name"
+            )
