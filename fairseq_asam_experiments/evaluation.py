@@ -1,21 +1,14 @@
 """BLEU of a trained fairseq translation model, and the `fairseq-asam-evaluate` command.
 
-For each split (valid, test) one `fairseq-generate` run (beam 5, BPE removed) writes
-`generate-<split>.txt`; from its `H-` and `T-` lines two scores are computed:
-
-* `bleu`: tokenized BLEU exactly as fairseq-generate / fairseq-score compute it (corpus BLEU-4,
-  no smoothing, on the Moses-tokenized lowercased tokens; an unknown reference word never
-  matches), checked against the "BLEU4 = ..." line fairseq-generate prints.  It is *assumed*
-  to be Table 4's metric: the paper does not name its BLEU; fairseq's IWSLT'14 example prints it.
-* `sacrebleu`: case-insensitive sacreBLEU (13a) of the Moses-detokenized hypotheses against the
-  raw references (`<split>.raw.en` of the preparation) or, without them, the detokenized T- lines.
-
-Neither is fairseq-train's in-training validation BLEU (--eval-bleu, what `best-bleu` selects
-by: its own batching, length limit and detokenizer).  `--checkpoint` (configs/README.md):
-`best-bleu`/`best-loss` read checkpoint_best.pt and check the metric it was selected by,
-`last` reads checkpoint_last.pt, `average:N` averages the parameters of the last N epoch
-checkpoints as fairseq's scripts/average_checkpoints.py --num-epoch-checkpoints N does.
-torch and fairseq are imported inside functions: the grid imports this module without them.
+One `fairseq-generate` run per split (beam 5, BPE removed) writes `generate-<split>.txt`; from
+its H- and T- lines: `bleu`, tokenized BLEU exactly as fairseq-generate prints it (checked), an
+unknown reference word never matching, *assumed* to be Table 4's metric (the paper does not name
+its BLEU); `sacrebleu`, case-insensitive sacreBLEU of the Moses-detokenized hypotheses against
+the raw references (or the detokenized T- lines).  Neither is fairseq-train's --eval-bleu value
+(what `best-bleu` selects by).  `--checkpoint` (configs/README.md): `best-loss`/`best-bleu` read
+checkpoint_best.pt, checked to be selected by that metric; `last`; `average:N`, the last N epoch
+checkpoints averaged as fairseq's average_checkpoints.py does.  torch and fairseq are imported
+inside functions: the grid imports this module.
 """
 
 import argparse
@@ -41,14 +34,13 @@ DEFAULT_BATCH_SIZE = 128  # fairseq's IWSLT'14 example
 DEFAULT_CHECKPOINT = "best-bleu"  # Table 4's protocol as we read the paper (configs/README.md)
 TARGET_LANG = "en"
 BEST_CHECKPOINT, LAST_CHECKPOINT = "checkpoint_best.pt", "checkpoint_last.pt"
-NAMED_CHECKPOINTS = {
-    "best-loss": BEST_CHECKPOINT,
-    "best-bleu": BEST_CHECKPOINT,
-    "last": LAST_CHECKPOINT,
-}
+NAMED_CHECKPOINTS = dict(
+    zip(("best-loss", "best-bleu", "last"), (BEST_CHECKPOINT,) * 2 + (LAST_CHECKPOINT,))
+)
 # The `best-*` protocols -> fairseq's --best-checkpoint-metric the run must have selected by.
 SELECTION_METRICS = {"best-loss": "loss", "best-bleu": "bleu"}
 AVERAGE_PREFIX = "average:"
+CHOICES = "best-loss, best-bleu, last or average:N"
 EPOCH_CHECKPOINT = re.compile(r"^checkpoint(\d+)\.pt$")
 GENERATE_FILE = "generate-{split}.txt"
 RESULTS_NAME = "results.json"
@@ -85,9 +77,7 @@ def parse_checkpoint_choice(text: str) -> CheckpointChoice:
             "--checkpoint best names no protocol: use best-loss (checkpoint_best.pt selected by "
             "validation loss) or best-bleu (selected by validation BLEU)"
         )
-    raise SettingError(
-        f"--checkpoint must be best-loss, best-bleu, last or average:N with N >= 1, got {text!r}"
-    )
+    raise SettingError(f"--checkpoint must be {CHOICES} with N >= 1, got {text!r}")
 
 
 # ------------------------------------------------------------------------------- checkpoints
@@ -102,19 +92,18 @@ def checkpoint_position(path: str) -> Dict[str, Optional[int]]:
     # fairseq records the epoch a resume starts: after an epoch's end, the next one.
     if epoch is not None and epoch > 1 and iterator.get("iterations_in_epoch") == 0:
         epoch -= 1
-    return {
-        "epoch": None if epoch is None else int(epoch),
-        "num_updates": None if updates is None else int(updates),
-    }
+    as_int = lambda value: None if value is None else int(value)  # noqa: E731
+    return {"epoch": as_int(epoch), "num_updates": as_int(updates)}
 
 
 def checkpoint_selection_metric(path: str) -> Tuple[str, bool]:
     """(--best-checkpoint-metric, --maximize-best-checkpoint-metric) of a checkpoint's config."""
-    settings = loading.saved_settings(loading.read_checkpoint(path), "checkpoint")
-    return (
-        str(settings.get("best_checkpoint_metric", "loss")),
-        bool(settings.get("maximize_best_checkpoint_metric", False)),
+    saved = loading.saved_settings(loading.read_checkpoint(path), "checkpoint")
+    metric, maximize = (
+        saved.get("best_checkpoint_metric"),
+        saved.get("maximize_best_checkpoint_metric"),
     )
+    return str(metric or "loss"), bool(maximize)
 
 
 def check_selection(path: str, choice: CheckpointChoice) -> None:
@@ -164,19 +153,15 @@ def average_checkpoints(paths: Sequence[str]) -> dict:
     import torch
 
     states = [loading.read_checkpoint(path) for path in paths]
-    if not states:
-        raise ExperimentError("no checkpoints to average")
     for path, state in zip(paths[1:], states[1:]):
         if list(state["model"]) != list(states[0]["model"]):
-            raise ExperimentError(
-                f"{path} has other parameters than {paths[0]}; cannot average them"
-            )
+            raise ExperimentError(f"{path} has other parameters than {paths[0]}: not averaged")
     averaged = {}
-    for name in states[0]["model"]:
-        tensors = [s["model"][name] for s in states]
-        if tensors[0].dtype in (torch.float16, torch.bfloat16):
-            tensors = [t.float() for t in tensors]
-        total = torch.stack(tensors).sum(dim=0)
+    for name, first in states[0]["model"].items():
+        half = first.dtype in (torch.float16, torch.bfloat16)
+        total = torch.stack(
+            [s["model"][name].float() if half else s["model"][name] for s in states]
+        ).sum(0)
         averaged[name] = total / len(paths) if total.is_floating_point() else total // len(paths)
     return {**states[0], "model": averaged}
 
@@ -407,28 +392,22 @@ def evaluate_checkpoint(
 EVALUATION_KEYS = ("protocol", "checkpoint", "evaluation", "sharpness") + EVALUATED_SPLITS
 
 
+ARGUMENTS = {  # name -> argparse keywords
+    "run_dir": dict(help="a run folder holding checkpoints/"),
+    "--data-bin": dict(required=True, help="the binarized data the run trained on"),
+    "--checkpoint": dict(default=DEFAULT_CHECKPOINT, help=f"{CHOICES} (default: %(default)s)"),
+    "--splits": dict(default=",".join(EVALUATED_SPLITS), help="comma-separated splits"),
+    "--references-dir": dict(help=f"folder of raw references <split>.raw.{TARGET_LANG}"),
+    "--beam": dict(type=int, default=DEFAULT_BEAM),
+    "--batch-size": dict(type=int, default=DEFAULT_BATCH_SIZE),
+}
+
+
 def parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
-        prog=PROGRAM,
-        description="BLEU of a trained run: fairseq-generate into RUN_DIR/generate-<split>.txt, "
-        "the scores into RUN_DIR/results.json (its other entries kept).",
-    )
-    p.add_argument("run_dir", help="a run folder holding checkpoints/")
-    p.add_argument("--data-bin", required=True, help="the binarized data the run trained on")
-    p.add_argument(
-        "--checkpoint",
-        default=DEFAULT_CHECKPOINT,
-        help="the protocol: best-loss, best-bleu (checkpoint_best.pt, checked to be selected by "
-        "that metric), last or average:N (default: %(default)s)",
-    )
-    p.add_argument("--splits", default=",".join(EVALUATED_SPLITS), help="comma-separated splits")
-    p.add_argument(
-        "--references-dir",
-        help=f"folder of the raw references <split>.raw.{TARGET_LANG} for sacreBLEU (default: "
-        "the detokenized T- lines)",
-    )
-    p.add_argument("--beam", type=int, default=DEFAULT_BEAM)
-    p.add_argument("--batch-size", type=int, default=DEFAULT_BATCH_SIZE)
+    description = "BLEU of a trained run into RUN_DIR/results.json (its other entries kept)."
+    p = argparse.ArgumentParser(prog=PROGRAM, description=description)
+    for name, keywords in ARGUMENTS.items():
+        p.add_argument(name, **keywords)
     return p
 
 
@@ -448,21 +427,21 @@ def work(args: argparse.Namespace) -> int:
 
     splits = [s.strip() for s in args.splits.split(",") if s.strip()]
     choice = parse_checkpoint_choice(args.checkpoint)
-    references = None
-    if args.references_dir is not None:
-        folder = args.references_dir
-        references = {s: os.path.join(folder, f"{s}.raw.{TARGET_LANG}") for s in splits}
+    folder, every = args.references_dir, sorted(set(splits) | set(EVALUATED_SPLITS))
+    references = (
+        {s: os.path.join(folder, f"{s}.raw.{TARGET_LANG}") for s in every} if folder else {}
+    )
     save_dir = os.path.join(args.run_dir, "checkpoints")
     inputs = evaluation_inputs(args.data_bin, save_dir, choice, references, args.beam)
     scores = evaluate_checkpoint(
         args.data_bin, save_dir, plugin_dir(), choice, splits, args.beam, args.batch_size,
-        references, output_dir=args.run_dir,
+        {s: references[s] for s in splits if s in references}, output_dir=args.run_dir,
     )  # fmt: skip
     path = os.path.join(args.run_dir, RESULTS_NAME)
     write_evaluation(path, scores, {**inputs, "batch_size": args.batch_size})
     for split in splits:
-        bleu, sacre = scores[split]["bleu"], scores[split]["sacrebleu"]
-        print(f"{split}: BLEU {bleu:.2f} ({TOKENIZED_BLEU_NOTE})  sacreBLEU {sacre:.2f}")
+        print(f"{split}: BLEU {scores[split]['bleu']:.2f} ({TOKENIZED_BLEU_NOTE})  "
+              f"sacreBLEU {scores[split]['sacrebleu']:.2f}")  # fmt: skip
     print(f"wrote {path}")
     return 0
 

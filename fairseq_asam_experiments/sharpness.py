@@ -324,45 +324,31 @@ def format_sharpness(report: Dict[str, Any]) -> str:
 # ---------------------------------------------------------------------- fairseq-asam-sharpness
 
 
+# The command's arguments: name -> argparse keywords.
+ARGUMENTS = {
+    "checkpoint": dict(help="fairseq checkpoint (.pt)"),
+    "data": dict(help="the checkpoint's data-bin folder"),
+    "--rho": dict(type=float, required=True, help="radius of the ball |T^-1 eps| <= rho"),
+    "--subset": dict(default=DEFAULT_SUBSET, help="split to measure on"),
+    "--max-batches": dict(
+        type=int, default=DEFAULT_MAX_BATCHES, help="the subset's first M batches"
+    ),
+    "--measures": dict(nargs="+", default=list(MEASURES), help="adaptive (T = |w| + eta), plain"),
+    "--eta": dict(type=float, default=DEFAULT_ETA, help="eta in T = |w| + eta"),
+    "--normalize-biases": dict(action="store_true", help="T = |w| + eta on biases too"),
+    "--steps": dict(type=int, default=DEFAULT_STEPS, help="K ascent steps (1: SAM/ASAM's one)"),
+    "--device": dict(help="cpu, cuda or cuda:N (default: cuda if there is one, else cpu)"),
+    "--max-tokens": dict(type=int, help="batch size in tokens (default: the checkpoint's)"),
+    "--batch-size": dict(type=int, help="batch size in sentences (default: the checkpoint's)"),
+    "--json": dict(help="also write the report to this JSON file (atomically)"),
+}
+
+
 def parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
-        prog=PROGRAM,
-        description="Sharpness and adaptive sharpness of a fairseq checkpoint on its data: a "
-        "table, and with --json the report (written atomically).",
-    )
-    p.add_argument("checkpoint", help="fairseq checkpoint (.pt)")
-    p.add_argument("data", help="the checkpoint's data-bin folder")
-    p.add_argument("--rho", type=float, required=True, help="radius of the ball |T^-1 eps| <= rho")
-    p.add_argument("--subset", default=DEFAULT_SUBSET, help="split to measure on")
-    p.add_argument(
-        "--max-batches",
-        type=int,
-        default=DEFAULT_MAX_BATCHES,
-        help="M: the first M batches of the subset, in fairseq's fixed order",
-    )
-    p.add_argument(
-        "--measures",
-        nargs="+",
-        default=list(MEASURES),
-        help="adaptive (T = |w| + eta) and/or plain (T = I)",
-    )
-    p.add_argument("--eta", type=float, default=DEFAULT_ETA, help="eta in T = |w| + eta")
-    p.add_argument(
-        "--normalize-biases",
-        action="store_true",
-        help="T = |w| + eta on biases too, not only weights",
-    )
-    p.add_argument(
-        "--steps", type=int, default=DEFAULT_STEPS, help="K ascent steps (1: SAM/ASAM's one step)"
-    )
-    p.add_argument("--device", help="cpu, cuda or cuda:N (default: cuda if there is one, else cpu)")
-    p.add_argument(
-        "--max-tokens", type=int, help="batch size in tokens (default: the checkpoint's)"
-    )
-    p.add_argument(
-        "--batch-size", type=int, help="batch size in sentences (default: the checkpoint's)"
-    )
-    p.add_argument("--json", help="also write the report to this JSON file")
+    description = "Sharpness and adaptive sharpness of a fairseq checkpoint on its data."
+    p = argparse.ArgumentParser(prog=PROGRAM, description=description)
+    for name, keywords in ARGUMENTS.items():
+        p.add_argument(name, **keywords)
     return p
 
 
