@@ -7,9 +7,8 @@ Definitions (Foret et al., ICLR 2021; Kwon et al., ICML 2021, Definition 3):
               `perturbation.is_adaptive`), on every tensor with `normalize_biases`; else T = 1
     plain:    T = I (SAM's ball ‖ε‖₂ <= ρ)
 
-T is fixed at the measured w.  L = Σ_B loss_B / Σ_B sample_size_B over a fixed list of batches
-(fairseq: the criterion's summed loss and sample_size, nats per target token; fairseq's logs
-show L / ln 2), gradients accumulated batch by batch (memory does not grow with the batches).
+T is fixed at the measured w.  L = Σ_B loss_B / Σ_B sample_size_B over fixed batches (fairseq:
+the criterion's summed loss and sample_size, nats per target token; its logs show L / ln 2).
 
 Estimator: projected gradient ascent over the ball ‖δ‖₂ <= ρ of δ = T⁻¹ε, where the gradient of
 δ ↦ L(w + Tδ) is T ∇L(w + Tδ):
@@ -214,21 +213,15 @@ def estimate_sharpness(
 # ------------------------------------------------------------------------- fairseq checkpoints
 
 
-def check_device(device: str) -> torch.device:
-    """The torch device `device` names; SettingError naming --device if there is none such."""
+def check_measurement(checkpoint, data_bin, options: Dict[str, Any]) -> torch.device:
+    """The device to measure on; SettingError naming the flag or file before anything is loaded."""
     try:
-        torch_device = torch.device(device)
+        device = torch.device(options["device"])
     except RuntimeError as error:
-        raise SettingError(f"--device {device!r} is not a device: {error}") from None
-    if torch_device.type == "cuda" and (torch_device.index or 0) >= torch.cuda.device_count():
-        raise SettingError(
-            f"--device {device}: this machine has {torch.cuda.device_count()} GPU(s)"
-        )
-    return torch_device
-
-
-def check_measurement(checkpoint, data_bin, options: Dict[str, Any]) -> None:
-    """Raises SettingError naming the flag or file, before anything is loaded."""
+        raise SettingError(f"--device {options['device']!r} is not a device: {error}") from None
+    if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
+        gpus = torch.cuda.device_count()
+        raise SettingError(f"--device {options['device']}: this machine has {gpus} GPU(s)")
     check_settings(float(options["rho"]), float(options["eta"]), int(options["steps"]))
     for name in ("max_batches", "max_tokens", "batch_size"):
         if options[name] is not None and options[name] < 1:
@@ -240,6 +233,7 @@ def check_measurement(checkpoint, data_bin, options: Dict[str, Any]) -> None:
     if not os.path.isfile(checkpoint):
         raise SettingError(f"checkpoint not found: {checkpoint}")
     loading.check_split(data_bin, options["subset"])
+    return device
 
 
 def load_subset(
@@ -279,8 +273,7 @@ def measure_checkpoint(
 ) -> Dict[str, Any]:  # fmt: skip
     """Adaptive and/or plain sharpness of a fairseq checkpoint on its data: a JSON-ready dict.
     Every argument is checked before the checkpoint is loaded."""
-    check_measurement(checkpoint, data_bin, dict(locals()))
-    torch_device = check_device(device)
+    torch_device = check_measurement(checkpoint, data_bin, dict(locals()))
     model, batches, loss_fn = load_subset(
         checkpoint, data_bin, subset, max_batches, torch_device, max_tokens, batch_size
     )
