@@ -122,28 +122,24 @@ def check_selection(path: str, choice: CheckpointChoice) -> None:
         )
 
 
-def last_epoch_checkpoints(save_dir: str, count: int) -> List[str]:
-    """The `count` newest `checkpoint<epoch>.pt` of `save_dir`, newest first (by epoch number)."""
-    matches = (EPOCH_CHECKPOINT.match(name) for name in os.listdir(save_dir))
-    epochs = sorted(((int(m.group(1)), m.group(0)) for m in matches if m), reverse=True)
-    if len(epochs) < count:
-        raise ExperimentError(
-            f"--checkpoint average:{count} needs {count} epoch checkpoints in {save_dir}, found "
-            f"{len(epochs)} (train with --keep-last-epochs >= {count})"
-        )
-    return [os.path.join(save_dir, name) for _, name in epochs[:count]]
-
-
 def checkpoint_inputs(save_dir: str, choice: CheckpointChoice) -> List[str]:
-    """The checkpoint files `choice` reads: checkpoint_best.pt, _last.pt or the last N epochs'."""
+    """The checkpoint files `choice` reads: checkpoint_best.pt or _last.pt, or for `average:N`
+    the N newest `checkpoint<epoch>.pt`, newest first (by epoch number)."""
     if not os.path.isdir(save_dir):
         raise ExperimentError(f"checkpoint folder not found: {save_dir}")
-    if choice.kind not in NAMED_CHECKPOINTS:
-        return last_epoch_checkpoints(save_dir, choice.num_epochs)
-    path = os.path.join(save_dir, NAMED_CHECKPOINTS[choice.kind])
-    if not os.path.isfile(path):
-        raise ExperimentError(f"--checkpoint {choice}: {path} not found")
-    return [path]
+    if choice.kind in NAMED_CHECKPOINTS:
+        path = os.path.join(save_dir, NAMED_CHECKPOINTS[choice.kind])
+        if not os.path.isfile(path):
+            raise ExperimentError(f"--checkpoint {choice}: {path} not found")
+        return [path]
+    matches = (EPOCH_CHECKPOINT.match(name) for name in os.listdir(save_dir))
+    epochs = sorted(((int(m.group(1)), m.group(0)) for m in matches if m), reverse=True)
+    if len(epochs) < choice.num_epochs:
+        raise ExperimentError(
+            f"--checkpoint {choice} needs {choice.num_epochs} epoch checkpoints in {save_dir}, "
+            f"found {len(epochs)} (train with --keep-last-epochs >= {choice.num_epochs})"
+        )
+    return [os.path.join(save_dir, name) for _, name in epochs[: choice.num_epochs]]
 
 
 def average_checkpoints(paths: Sequence[str]) -> dict:
@@ -284,15 +280,12 @@ def score_split(output: GenerateOutput, references_path: Optional[str] = None) -
         references = [lines[i] for i in output.ids]
     sacre, signature = detokenized_sacrebleu(moses_detokenize(output.hypotheses), references)
     return {
-        "bleu": round(bleu, 4),
-        "bleu_metric": TOKENIZED_BLEU_NOTE,
-        "bleu_details": details,
+        "bleu": round(bleu, 4), "bleu_metric": TOKENIZED_BLEU_NOTE, "bleu_details": details,
         "fairseq_generate_bleu": output.printed_score_line,
-        "sacrebleu": round(sacre, 4),
-        "sacrebleu_signature": signature,
+        "sacrebleu": round(sacre, 4), "sacrebleu_signature": signature,
         "sacrebleu_references": references_path or "detokenized T- lines of fairseq-generate",
         "sentences": len(output.ids),
-    }
+    }  # fmt: skip
 
 
 # ---------------------------------------------------------------------------- fairseq-generate
@@ -339,13 +332,10 @@ def evaluation_inputs(data_bin, save_dir, choice, references=None, beam=DEFAULT_
     except ExperimentError as error:
         files = str(error)
     return {
-        "protocol": str(choice),
-        "beam": beam,
-        "batch_size": DEFAULT_BATCH_SIZE,
+        "protocol": str(choice), "beam": beam, "batch_size": DEFAULT_BATCH_SIZE,
         "references": {s: os.path.abspath(p) for s, p in sorted((references or {}).items())},
-        "data_bin": os.path.abspath(data_bin),
-        "checkpoint_files": files,
-    }
+        "data_bin": os.path.abspath(data_bin), "checkpoint_files": files,
+    }  # fmt: skip
 
 
 def evaluate_checkpoint(
@@ -366,13 +356,11 @@ def evaluate_checkpoint(
     results = {
         "protocol": str(choice),
         "checkpoint": {
-            "choice": str(choice),
-            "path": checkpoint,
-            "sources": sources,
+            "choice": str(choice), "path": checkpoint, "sources": sources,
             "selected_by": SELECTION_METRICS.get(choice.kind),
             **checkpoint_position(sources[0]),  # an average: where its newest source was saved
         },
-    }
+    }  # fmt: skip
     for split in splits:
         command = generate_command(data_bin, checkpoint, split, user_dir, beam, batch_size)
         output_path = os.path.join(output_dir, GENERATE_FILE.format(split=split))

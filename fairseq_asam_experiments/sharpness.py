@@ -193,21 +193,13 @@ def estimate_sharpness(
         iterates, key=lambda iterate: iterate[0], default=(loss, 0.0, 0.0, 0)
     )
     return SharpnessEstimate(
-        measure=MEASURES[0] if adaptive else MEASURES[1],
-        rho=float(rho),
-        eta=float(eta) if adaptive else None,
-        normalize_biases=bool(normalize_biases) if adaptive else False,
-        steps=int(steps),
-        loss=loss,
-        perturbed_loss=perturbed_loss,
-        sharpness=perturbed_loss - loss,
-        epsilon_norm=epsilon_norm,
-        scaled_epsilon_norm=delta_norm,
-        best_step=best_step,
-        step_losses=[iterate[0] for iterate in iterates],
-        sample_size=sample_size,
+        measure=MEASURES[0] if adaptive else MEASURES[1], rho=float(rho),
+        eta=float(eta) if adaptive else None, normalize_biases=bool(normalize_biases and adaptive),
+        steps=int(steps), loss=loss, perturbed_loss=perturbed_loss, sharpness=perturbed_loss - loss,
+        epsilon_norm=epsilon_norm, scaled_epsilon_norm=delta_norm, best_step=best_step,
+        step_losses=[iterate[0] for iterate in iterates], sample_size=sample_size,
         num_batches=len(batches),
-    )
+    )  # fmt: skip
 
 
 # ------------------------------------------------------------------------- fairseq checkpoints
@@ -277,19 +269,15 @@ def measure_checkpoint(
     model, batches, loss_fn = load_subset(
         checkpoint, data_bin, subset, max_batches, torch_device, max_tokens, batch_size
     )
+    settings = (eta, normalize_biases, steps)
     estimates = [
-        estimate_sharpness(
-            model, batches, loss_fn, rho, measure == "adaptive", eta, normalize_biases, steps
-        )
-        for measure in measures
+        estimate_sharpness(model, batches, loss_fn, rho, m == "adaptive", *settings)
+        for m in measures
     ]
     return {
-        "checkpoint": checkpoint,
-        "data": data_bin,
-        "subset": subset,
-        "device": str(torch_device),
+        "checkpoint": checkpoint, "data": data_bin, "subset": subset, "device": str(torch_device),
         "estimates": [dataclasses.asdict(e) for e in estimates],
-    }
+    }  # fmt: skip
 
 
 def format_sharpness(report: Dict[str, Any]) -> str:

@@ -336,14 +336,16 @@ def test_last_epoch_checkpoints_by_epoch_number(tmp_path):
         "checkpoint_3_500.pt",
     ]:
         (tmp_path / name).write_bytes(b"")
-    newest = evaluation.last_epoch_checkpoints(str(tmp_path), 3)
+    newest = evaluation.checkpoint_inputs(
+        str(tmp_path), evaluation.parse_checkpoint_choice("average:3")
+    )
     assert [os.path.basename(p) for p in newest] == [
         "checkpoint11.pt",
         "checkpoint10.pt",
         "checkpoint9.pt",
     ]
     with pytest.raises(ExperimentError, match="average:5 needs 5 epoch checkpoints .* found 4"):
-        evaluation.last_epoch_checkpoints(str(tmp_path), 5)
+        evaluation.checkpoint_inputs(str(tmp_path), evaluation.parse_checkpoint_choice("average:5"))
 
 
 def test_resolve_checkpoint(tmp_path):
