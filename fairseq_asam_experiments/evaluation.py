@@ -80,9 +80,6 @@ def parse_checkpoint_choice(text: str) -> CheckpointChoice:
     raise SettingError(f"--checkpoint must be {CHOICES} with N >= 1, got {text!r}")
 
 
-# ------------------------------------------------------------------------------- checkpoints
-
-
 def checkpoint_position(path: str) -> Dict[str, Optional[int]]:
     """{"epoch", "num_updates"} a fairseq checkpoint was saved at (None where not recorded)."""
     state = loading.read_checkpoint(path)
@@ -178,9 +175,6 @@ def resolve_checkpoint(save_dir: str, choice: CheckpointChoice) -> Tuple[str, Li
     return path, sources
 
 
-# ------------------------------------------------------------------------------------ scores
-
-
 def tokenized_bleu(hypotheses: Sequence[str], references: Sequence[str]) -> Tuple[float, str]:
     """BLEU-4 as fairseq-generate / fairseq-score compute it: (score, result string).  Tokens are
     mapped to ids by a fairseq Dictionary, fairseq's C scorer counts the n-grams."""
@@ -217,8 +211,6 @@ def detokenized_sacrebleu(
     """Case-insensitive sacreBLEU (13a) of detokenized text: (score, signature with case:lc)."""
     import sacrebleu
 
-    if len(hypotheses) != len(references):
-        raise ExperimentError(f"{len(hypotheses)} hypotheses for {len(references)} references")
     metric = sacrebleu.BLEU(lowercase=True)  # IWSLT'14 is lowercased on both sides
     score = metric.corpus_score(list(hypotheses), [list(references)])
     return score.score, str(metric.get_signature())
@@ -286,9 +278,6 @@ def score_split(output: GenerateOutput, references_path: Optional[str] = None) -
         "sacrebleu_references": references_path or "detokenized T- lines of fairseq-generate",
         "sentences": len(output.ids),
     }  # fmt: skip
-
-
-# ---------------------------------------------------------------------------- fairseq-generate
 
 
 def generate_command(

@@ -202,9 +202,6 @@ def estimate_sharpness(
     )  # fmt: skip
 
 
-# ------------------------------------------------------------------------- fairseq checkpoints
-
-
 def check_measurement(checkpoint, data_bin, options: Dict[str, Any]) -> torch.device:
     """The device to measure on; SettingError naming the flag or file before anything is loaded."""
     try:
