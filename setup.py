@@ -6,16 +6,10 @@ from setuptools import setup
 CONFIGS_PACKAGE = "fairseq_asam_experiments.configs"
 CONSOLE_SCRIPTS = [
     f"fairseq-asam-{name} = fairseq_asam_experiments.cli:{name}_main"
-    for name in (
-        "table4",
-        "prepare",
-        "evaluate",
-        "report",
-        "sharpness",
-        "benchmark",
-        "trajectories",
-        "precision",
-    )
+    for name in ("table4", "prepare", "report", "benchmark", "trajectories", "precision")
+] + [
+    f"fairseq-asam-{name} = fairseq_asam_experiments.{module}:main"
+    for name, module in (("evaluate", "evaluation"), ("sharpness", "sharpness"))
 ]
 
 with open("README.md", encoding="utf-8") as readme:

@@ -13,7 +13,6 @@ import sys
 from typing import Callable, List, Optional
 
 from .errors import ExperimentError, SettingError
-from .layout import plugin_dir
 from .logs import log_to_stdout
 
 ERROR_STATUS = 1
@@ -385,82 +384,6 @@ def prepare_main(argv: Optional[List[str]] = None) -> int:
 
 
 # --------------------------------------------------------------------------------------------
-# fairseq-asam-evaluate
-# --------------------------------------------------------------------------------------------
-
-EVALUATE = "fairseq-asam-evaluate"
-RUN_CHECKPOINTS = "checkpoints"
-
-
-def evaluate_parser() -> argparse.ArgumentParser:
-    from . import evaluation
-
-    parser = argparse.ArgumentParser(
-        prog=EVALUATE,
-        description="BLEU of a trained run on IWSLT'14 valid and test: fairseq-generate into "
-        "RUN_DIR/generate-<split>.txt, the scores into RUN_DIR/results.json (other entries kept).",
-    )
-    parser.add_argument("run_dir", help="a run folder holding checkpoints/")
-    parser.add_argument("--data-bin", required=True, help="the binarized data the run trained on")
-    parser.add_argument(
-        "--checkpoint",
-        default=evaluation.DEFAULT_CHECKPOINT,
-        help="the protocol: best-loss, best-bleu (checkpoint_best.pt, checked to be selected by "
-        "that metric), last or average:N (default: %(default)s)",
-    )
-    parser.add_argument(
-        "--splits", default=",".join(evaluation.EVALUATED_SPLITS), help="comma-separated splits"
-    )
-    parser.add_argument(
-        "--references-dir",
-        help="folder of untokenized references <split>.raw.en for sacreBLEU (the preparation's "
-        "iwslt14.tokenized.de-en/tmp); default: the detokenized T- lines",
-    )
-    parser.add_argument("--beam", type=int, default=evaluation.DEFAULT_BEAM)
-    parser.add_argument("--batch-size", type=int, default=evaluation.DEFAULT_BATCH_SIZE)
-    return parser
-
-
-def evaluate_main(argv: Optional[List[str]] = None) -> int:
-    args = evaluate_parser().parse_args(_arguments(argv))
-    log_to_stdout()
-
-    def work() -> int:
-        from . import evaluation, prepare
-
-        splits = [s.strip() for s in args.splits.split(",") if s.strip()]
-        choice = evaluation.parse_checkpoint_choice(args.checkpoint)
-        references = None
-        if args.references_dir is not None:
-            references = {
-                s: os.path.join(args.references_dir, f"{s}.raw.{prepare.TARGET_LANG}")
-                for s in splits
-            }
-        scores = evaluation.evaluate_checkpoint(
-            args.data_bin,
-            os.path.join(args.run_dir, RUN_CHECKPOINTS),
-            plugin_dir(),
-            choice,
-            splits,
-            args.beam,
-            args.batch_size,
-            references,
-            output_dir=args.run_dir,
-        )
-        path = os.path.join(args.run_dir, evaluation.RESULTS_NAME)
-        evaluation.write_results(path, scores)
-        for split in splits:
-            print(
-                f"{split}: BLEU {scores[split]['bleu']:.2f}  "
-                f"sacreBLEU {scores[split]['sacrebleu']:.2f}"
-            )
-        print(f"wrote {path}")
-        return 0
-
-    return run_command(EVALUATE, work)
-
-
-# --------------------------------------------------------------------------------------------
 # fairseq-asam-report
 # --------------------------------------------------------------------------------------------
 
@@ -499,101 +422,6 @@ def report_main(argv: Optional[List[str]] = None) -> int:
         return 0
 
     return run_command(REPORT, work)
-
-
-# --------------------------------------------------------------------------------------------
-# fairseq-asam-sharpness
-# --------------------------------------------------------------------------------------------
-
-SHARPNESS = "fairseq-asam-sharpness"
-
-
-def sharpness_parser() -> argparse.ArgumentParser:
-    from . import sharpness
-
-    parser = argparse.ArgumentParser(
-        prog=SHARPNESS,
-        description="Sharpness and adaptive sharpness of a fairseq checkpoint on its data: a "
-        "table, and with --json the report (written atomically).",
-    )
-    parser.add_argument("checkpoint", help="fairseq checkpoint (.pt)")
-    parser.add_argument("data", help="the checkpoint's data-bin folder")
-    parser.add_argument(
-        "--rho", type=float, required=True, help="radius rho of the ball |T^-1 eps|_2 <= rho"
-    )
-    parser.add_argument("--subset", default=sharpness.DEFAULT_SUBSET, help="split to measure on")
-    parser.add_argument(
-        "--max-batches",
-        type=int,
-        default=sharpness.DEFAULT_MAX_BATCHES,
-        help="M: the first M batches of the subset, in fairseq's fixed order",
-    )
-    parser.add_argument(
-        "--measures",
-        nargs="+",
-        default=list(sharpness.MEASURES),
-        help="adaptive (T = |w| + eta) and/or plain (T = I)",
-    )
-    parser.add_argument(
-        "--eta", type=float, default=sharpness.DEFAULT_ETA, help="eta in T = |w| + eta"
-    )
-    parser.add_argument(
-        "--normalize-biases",
-        action="store_true",
-        help="T = |w| + eta on every tensor, not only on weights",
-    )
-    parser.add_argument(
-        "--steps",
-        type=int,
-        default=sharpness.DEFAULT_STEPS,
-        help="K ascent steps (1: the SAM/ASAM one-step estimate)",
-    )
-    parser.add_argument(
-        "--device", help="cpu, cuda or cuda:N (default: cuda if there is one, else cpu)"
-    )
-    parser.add_argument(
-        "--max-tokens", type=int, help="batch size in tokens (default: the checkpoint's)"
-    )
-    parser.add_argument(
-        "--batch-size", type=int, help="batch size in sentences (default: the checkpoint's)"
-    )
-    parser.add_argument("--json", help="also write the report to this JSON file")
-    return parser
-
-
-def sharpness_main(argv: Optional[List[str]] = None) -> int:
-    args = sharpness_parser().parse_args(_arguments(argv))
-    log_to_stdout(logging.WARNING)
-
-    def work() -> int:
-        import torch
-
-        from .files import write_json
-        from .sharpness import format_sharpness, measure_checkpoint
-
-        if args.json and not os.path.isdir(os.path.dirname(os.path.abspath(args.json))):
-            raise ExperimentError(f"--json {args.json}: its folder does not exist")
-        device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-        report = measure_checkpoint(
-            args.checkpoint,
-            args.data,
-            args.rho,
-            subset=args.subset,
-            max_batches=args.max_batches,
-            measures=args.measures,
-            eta=args.eta,
-            normalize_biases=args.normalize_biases,
-            steps=args.steps,
-            device=device,
-            max_tokens=args.max_tokens,
-            batch_size=args.batch_size,
-        )
-        print(format_sharpness(report))
-        if args.json:
-            write_json(args.json, report)
-        return 0
-
-    return run_command(SHARPNESS, work)
 
 
 # --------------------------------------------------------------------------------------------
@@ -891,13 +719,21 @@ def precision_main(argv: Optional[List[str]] = None) -> int:
 # python -m fairseq_asam_experiments <command>
 # --------------------------------------------------------------------------------------------
 
+
+def _module_main(module: str, argv: List[str]) -> int:
+    """The command that lives in its own module (`<module>.main`)."""
+    import importlib
+
+    return importlib.import_module(f"{__package__}.{module}").main(argv)
+
+
 # The console scripts of setup.py, by the name after `fairseq-asam-`.
 COMMANDS = {
     "table4": table4_main,
     "prepare": prepare_main,
-    "evaluate": evaluate_main,
+    "evaluate": lambda argv: _module_main("evaluation", argv),
     "report": report_main,
-    "sharpness": sharpness_main,
+    "sharpness": lambda argv: _module_main("sharpness", argv),
     "benchmark": benchmark_main,
     "trajectories": trajectories_main,
     "precision": precision_main,

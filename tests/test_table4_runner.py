@@ -387,42 +387,6 @@ def test_report_of_two_protocols_side_by_side(stubbed, tmp_path, capsys):
     assert "--report-dir is required" in capsys.readouterr().err
 
 
-def test_evaluate_cli_writes_whole_evaluations(tmp_path, monkeypatch, capsys):
-    """fairseq-asam-evaluate --splits valid, then --splits test: one evaluation of both splits;
-    then --checkpoint last: the best-loss splits are gone, not mixed with last's."""
-    from fairseq_asam_experiments.cli import evaluate_main
-
-    run = tmp_path / "adam-seed1"
-    (run / "checkpoints").mkdir(parents=True)
-    for name, updates in (("checkpoint_best.pt", 7), ("checkpoint_last.pt", 9)):
-        (run / "checkpoints" / name).write_text(json.dumps({"updates": updates, "seed": 1}))
-    data_bin = runner_stubs.fake_data_bin(str(tmp_path / "data-bin"))
-
-    def fake(data_bin, save_dir, user_dir, choice, splits, *args, **kwargs):
-        evaluated = runner_stubs.fake_evaluate(data_bin, save_dir, user_dir, choice)
-        for split in ("valid", "test"):
-            if split not in splits:
-                del evaluated[split]
-        return {**evaluated, "scored_splits": list(splits)}
-
-    monkeypatch.setattr(evaluation, "evaluate_checkpoint", fake)
-    argv = [str(run), "--data-bin", data_bin, "--checkpoint", "best-loss"]
-    assert evaluate_main(argv + ["--splits", "valid"]) == 0
-    path = run / "results.json"
-    assert not evaluation.evaluation_done(read_json(path), read_json(path)["evaluation"])
-    assert evaluate_main(argv + ["--splits", "test"]) == 0
-    results = read_json(path)
-    assert (results["valid"]["bleu"], results["test"]["bleu"]) == (7.0, 7.1)
-    assert evaluation.evaluation_done(results, results["evaluation"])
-    assert evaluate_main(argv[:-1] + ["last", "--splits", "valid"]) == 0
-    results = read_json(path)
-    assert results["protocol"] == "last" and results["valid"]["bleu"] == 9.0
-    assert "test" not in results  # not best-loss's test beside last's valid
-    capsys.readouterr()
-    assert evaluate_main(argv[:-1] + ["best"]) == 1
-    assert "--checkpoint best names no protocol" in capsys.readouterr().err
-
-
 # --------------------------------------------------------------------------------------------
 # Data: a run and its scores belong to the data they were made from
 # --------------------------------------------------------------------------------------------
