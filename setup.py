@@ -10,13 +10,12 @@ CONSOLE_SCRIPTS = [
         "table4",
         "prepare",
         "evaluate",
-        "report",
         "sharpness",
         "benchmark",
         "trajectories",
         "precision",
     )
-]
+] + ["fairseq-asam-report = fairseq_asam_experiments.report:main"]
 
 with open("README.md", encoding="utf-8") as readme:
     long_description = readme.read()
@@ -43,6 +42,7 @@ setup(
             "subword-nmt",
             "sacremoses",
             "matplotlib",
+            "pandas",  # the report's aggregation
             "regex",
             "filelock>=3.12",  # the run lock (experiments.layout)
             # --launcher slurm / submitit-local (experiments.cluster), and the hydra route

@@ -461,47 +461,6 @@ def evaluate_main(argv: Optional[List[str]] = None) -> int:
 
 
 # --------------------------------------------------------------------------------------------
-# fairseq-asam-report
-# --------------------------------------------------------------------------------------------
-
-REPORT = "fairseq-asam-report"
-
-
-def report_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog=REPORT,
-        description="Table 4 (Markdown, CSV) and plots from OUT_DIR/runs/*/results.json and "
-        "train.log (the runs of fairseq-asam-table4), into OUT_DIR/report/.  Only the results "
-        "of OUT_DIR's grid (grid.json: preset, --checkpoint, training settings) are taken.  "
-        "Several OUT_DIRs (e.g. one per --checkpoint protocol) give one table with a row per "
-        "folder, optimizer and protocol, side by side (each row names its preset and folder).",
-    )
-    parser.add_argument(
-        "out_dirs", nargs="+", metavar="OUT_DIR", help="output folder(s) of fairseq-asam-table4"
-    )
-    parser.add_argument(
-        "--report-dir",
-        help="where to write (default: OUT_DIR/report; required with several OUT_DIRs)",
-    )
-    return parser
-
-
-def report_main(argv: Optional[List[str]] = None) -> int:
-    args = report_parser().parse_args(_arguments(argv))
-    log_to_stdout()
-
-    def work() -> int:
-        from . import report
-
-        outputs = report.write_report(args.out_dirs, args.report_dir)
-        if report.TABLE_MARKDOWN in outputs:
-            _print_file(outputs[report.TABLE_MARKDOWN])
-        return 0
-
-    return run_command(REPORT, work)
-
-
-# --------------------------------------------------------------------------------------------
 # fairseq-asam-sharpness
 # --------------------------------------------------------------------------------------------
 
@@ -896,12 +855,18 @@ COMMANDS = {
     "table4": table4_main,
     "prepare": prepare_main,
     "evaluate": evaluate_main,
-    "report": report_main,
+    "report": lambda argv: _report_main(argv),
     "sharpness": sharpness_main,
     "benchmark": benchmark_main,
     "trajectories": trajectories_main,
     "precision": precision_main,
 }
+
+
+def _report_main(argv: Optional[List[str]]) -> int:
+    from .report import main as report_main  # moved there; __main__ will dispatch to it
+
+    return report_main(argv)
 
 
 def main(argv: Optional[List[str]] = None) -> int:
