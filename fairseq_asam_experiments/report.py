@@ -1,13 +1,10 @@
 """Table 4 and its plots from the runs of fairseq-asam-table4 (`fairseq-asam-report`).
 
-Reads each output folder's `grid.json` (its runs and --max-update), `runs/*/results.json` (a
-run's scores and what makes its row: row, seed, preset, protocol, max_update, swept values),
-`failure.json` and `train.log` (fairseq-train's json log, or hydra's form of its lines); never a
-folder's name.  Writes table4.md and table4.csv (a row per row name, swept values, preset,
---checkpoint and --max-update: the mean ± sample std over seeds, seeds of several folders
-pooled when these agree; every run with its status), valid_loss.png, valid_bleu.png and
-sharpness.png (logged values against updates, a line per run), and for each option swept over
-two or more values, BLEU against its value (a section of table4.md, bleu_vs_<option>.png/.csv).
+Reads each folder's grid.json, runs/*/results.json (scores, and what makes a run's row: row,
+swept values, preset, protocol, max_update), failure.json and train.log (fairseq's json log);
+never a folder's name.  A table row is the mean ± sample std over the seeds of one row, pooled
+over folders whose settings agree; every run is listed with its status.  Plots: what the runs
+logged against updates, and BLEU against each swept option's value.
 """
 
 import argparse
@@ -43,36 +40,28 @@ PAPER = {
 }
 SYMBOLS = {"rho": "ρ", "eta": "η"}
 IN_TRAINING = "Valid BLEU (in-training)"
-METRICS = {  # column: header, in the tables' order
-    "valid_bleu": "Valid BLEU",
-    "test_bleu": "Test BLEU",
-    "valid_sacrebleu": "Valid sacreBLEU",
-    "test_sacrebleu": "Test sacreBLEU",
-    "in_training_bleu": IN_TRAINING,
-    "sharpness": "Adaptive sharpness",
-}
+# column: header, in the tables' order (valid_bleu: Valid BLEU, ..., test_sacrebleu: ...)
+SCORES = (("bleu", "BLEU"), ("sacrebleu", "sacreBLEU"))
+METRICS = {f"{s}_{m}": f"{s.title()} {n}" for m, n in SCORES for s in ("valid", "test")}
+METRICS.update(in_training_bleu=IN_TRAINING, sharpness="Adaptive sharpness")
 SETTINGS = ["preset", "protocol", "max_update"]  # with the row and its swept values: a table row
 RUN_COLUMNS = ["folder", "run", "status", "row", "seed", *SETTINGS, "updates", *METRICS]
 PROTOCOLS = {
-    "best-bleu": "checkpoint_best.pt of the highest validation BLEU fairseq-train logged "
-    "(--eval-bleu), so the valid columns score a checkpoint chosen on valid itself",
-    "best-loss": "checkpoint_best.pt of the lowest validation loss (fairseq's default)",
+    "best-bleu": "the epoch of the highest in-training BLEU, so valid scores are optimistic",
+    "best-loss": "the epoch of the lowest validation loss (fairseq's default)",
     "last": "checkpoint_last.pt, the end of training",
     "average": "the parameter average of the last N epoch checkpoints",
 }
 CAPTIONS = [
     "Valid BLEU, Test BLEU: tokenized BLEU-4 as fairseq-generate prints it (beam 5, BPE removed, "
     "on the Moses-tokenized, lowercased text), assumed to be Table 4's metric: the paper does "
-    "not name its BLEU (configs/README.md). Mean ± sample standard deviation over seeds; "
-    "(n = k): over the k runs that have the value.",
+    "not name its BLEU (configs/README.md). Mean ± sample std over seeds; (n = k): of k runs.",
     "Valid sacreBLEU, Test sacreBLEU: the same fairseq-generate output, detokenized by the kit "
     "and scored by case-insensitive sacreBLEU against the untokenized references.",
     f"{IN_TRAINING}: the `valid_bleu` fairseq-train logged (--eval-bleu) at the epoch of the "
-    "evaluated checkpoint, the score --checkpoint best-bleu selects by: detokenized sacreBLEU "
-    "of fairseq's own validation pass, not of fairseq-generate's output (fairseq's batching, "
-    "its --eval-bleu-args maximum length, its Moses detokenizer, and the tokenized targets "
-    "detokenized back as references). – where the run logged none (trained without "
-    "--eval-bleu) or the checkpoint is an average of several.",
+    "evaluated checkpoint, which best-bleu selects by: sacreBLEU of fairseq's own validation "
+    "pass, not of fairseq-generate's output (fairseq's batching, --eval-bleu-args max length, "
+    "Moses detokenizer, tokenized targets detokenized back as references); – if not logged.",
 ]
 SHARPNESS_CAPTION = (
     "Adaptive sharpness: max L(w+ε) − L(w) over the ball ‖T⁻¹ε‖₂ ≤ ρ (T = |w| + η) around the "
@@ -99,9 +88,8 @@ UPDATE_KEYS = ["num_updates", "valid_num_updates", "train_num_updates"]  # by ta
 
 
 def read_train_log(path: str) -> pd.DataFrame:
-    """A row per json record of a fairseq-train log: `tag` (train_inner, valid, train),
-    `updates`, and every logged value as a number.  A resumed run logs some updates again: of
-    one tag and update count, the last record counts."""
+    """A row per json record of a fairseq-train log: its `tag`, `updates` and logged numbers;
+    of one tag and update count (logged again after a resume) the last record."""
     records = []
     with open(path, encoding="utf-8", errors="replace") as f:
         for match in filter(None, map(LOG_LINE.search, f)):
@@ -110,33 +98,24 @@ def read_train_log(path: str) -> pd.DataFrame:
             except json.JSONDecodeError:
                 continue  # a line cut by a crash
             records.append({**record, "tag": match["tag"] or match["hydra"]})
-    log = pd.DataFrame(records, columns=None if records else ["tag"])
-    for column in log.columns.drop("tag"):
-        log[column] = pd.to_numeric(log[column], errors="coerce")
+    log = pd.DataFrame(records or {"tag": []})
+    log = log.apply(lambda c: c if c.name == "tag" else pd.to_numeric(c, errors="coerce"))
     log["updates"] = log.reindex(columns=UPDATE_KEYS).bfill(axis=1).iloc[:, 0]
     log = log.drop_duplicates(["tag", "updates"], keep="last")
     return log.sort_values("updates", kind="stable").reset_index(drop=True)
 
 
 def in_training_bleu(log: pd.DataFrame, checkpoint: dict) -> Optional[float]:
-    """fairseq's logged valid BLEU at the checkpoint's epoch (results.json's checkpoint.epoch)
-    and, where recorded, its update count (of a mid-epoch checkpoint); None for an average of
-    several checkpoints, which no validation scored."""
+    """fairseq's logged valid BLEU at the checkpoint's epoch and, where recorded, update count
+    (a mid-epoch checkpoint); None for an average of checkpoints, which no validation scored."""
     epoch, updates = checkpoint.get("epoch"), checkpoint.get("num_updates")
     if epoch is None or len(checkpoint.get("sources") or ()) > 1 or "valid_bleu" not in log:
         return None
-    valid = log[(log.tag == "valid") & (log.epoch == epoch)]
-    bleu = valid[valid.updates == updates] if updates is not None else valid
-    bleu = bleu.valid_bleu.dropna()
+    at = (
+        (log.tag == "valid") & (log.epoch == epoch) & ((log.updates == updates) | (updates is None))
+    )
+    bleu = log[at].valid_bleu.dropna()
     return float(bleu.iloc[-1]) if len(bleu) else None
-
-
-def adaptive_sharpness(results: dict) -> Tuple[Optional[float], Optional[float]]:
-    """(sharpness, ρ) of the adaptive estimate in results.json's fairseq-asam-sharpness report."""
-    for estimate in (results.get("sharpness") or {}).get("estimates", []):
-        if estimate.get("measure") == "adaptive":
-            return estimate.get("sharpness"), estimate.get("rho")
-    return None, None
 
 
 def run_status(run_dir: str) -> str:
@@ -151,15 +130,13 @@ def run_status(run_dir: str) -> str:
     if failure is not None:
         error = " ".join(str(failure.get("error", "?")).split()).replace("|", "/")
         return f"failed in {failure.get('stage', '?')}: {error}"
-    for name, status in ((RESULTS, "done"), (TRAIN_STAMP, "trained, not evaluated")):
-        if os.path.isfile(os.path.join(run_dir, name)):
-            return status
-    if os.path.isfile(os.path.join(run_dir, TRAIN_LOG)):
-        return "not finished (resumable)"
-    return "not started"
+    files = ((RESULTS, "done"), (TRAIN_STAMP, "trained, not evaluated"))
+    files += ((TRAIN_LOG, "not finished (resumable)"),)
+    found = [status for name, status in files if os.path.isfile(os.path.join(run_dir, name))]
+    return (found + ["not started"])[0]
 
 
-def read_run(folder: str, run_dir: str, grid: dict) -> dict:
+def read_run(folder: str, run_dir: str) -> dict:
     """A run's status and, once evaluated, its scores and the settings results.json records."""
     run = {"folder": folder, "run": os.path.basename(run_dir), "status": run_status(run_dir)}
     try:
@@ -169,20 +146,17 @@ def read_run(folder: str, run_dir: str, grid: dict) -> dict:
     if results is None:
         return run
     checkpoint = results.get("checkpoint") or {}
-    settings = {
-        "row": results.get("row") or results.get("optimizer") or run["run"],
-        "preset": results.get("preset"),
-        "protocol": results.get("protocol") or checkpoint.get("choice"),
-        "max_update": results.get("max_update", grid.get("max_update")),
-        **{SWEEP + k: v for k, v in (results.get("sweep") or {}).items()},
-    }  # as text, so that 200 and "200" agree
-    run.update({k: NONE if v is None else str(v) for k, v in settings.items()})
+    settings = {SWEEP + k: v for k, v in (results.get("sweep") or {}).items()}
+    settings.update(preset=results.get("preset"), max_update=results.get("max_update"))
+    settings["row"] = results.get("row") or results.get("optimizer") or run["run"]
+    settings["protocol"] = results.get("protocol") or checkpoint.get("choice")
+    run.update({k: NONE if v is None else str(v) for k, v in settings.items()})  # 200 = "200"
     run.update(seed=results.get("seed"), updates=checkpoint.get("num_updates"))
     run["signatures"] = {results[s].get("sacrebleu_signature") for s in ("valid", "test")}
-    run["sharpness"], run["sharpness_rho"] = adaptive_sharpness(results)
-    for split in ("valid", "test"):
-        run[f"{split}_bleu"] = results[split].get("bleu")
-        run[f"{split}_sacrebleu"] = results[split].get("sacrebleu")
+    estimates = (results.get("sharpness") or {}).get("estimates", [])  # fairseq-asam-sharpness's
+    adaptive = [e for e in estimates if e.get("measure") == "adaptive"] + [{}]
+    run["sharpness"], run["sharpness_rho"] = adaptive[0].get("sharpness"), adaptive[0].get("rho")
+    run.update({f"{s}_{m}": results[s].get(m) for m, _ in SCORES for s in ("valid", "test")})
     log_path = os.path.join(run_dir, TRAIN_LOG)
     if os.path.isfile(log_path):
         run["in_training_bleu"] = in_training_bleu(read_train_log(log_path), checkpoint)
@@ -190,8 +164,7 @@ def read_run(folder: str, run_dir: str, grid: dict) -> dict:
 
 
 def read_folder(folder: str) -> Tuple[Optional[dict], List[dict]]:
-    """grid.json (None without one) and a record per run: the grid's runs, then the folder's
-    others (a result of an earlier grid into the same folder counts too)."""
+    """grid.json (or None) and a record per run: the grid's, then the folder's others."""
     if not os.path.isdir(folder):
         raise ExperimentError(f"output folder not found: {folder}")
     grid = read_json_object(os.path.join(folder, GRID_RECORD))
@@ -202,7 +175,7 @@ def read_folder(folder: str) -> Tuple[Optional[dict], List[dict]]:
     if os.path.isdir(runs_dir):
         found = sorted(n for n in os.listdir(runs_dir) if os.path.isdir(os.path.join(runs_dir, n)))
         names += [n for n in found if not n.startswith(".") and n not in names]
-    return grid, [read_run(folder, os.path.join(runs_dir, n), grid or {}) for n in names]
+    return grid, [read_run(folder, os.path.join(runs_dir, n)) for n in names]
 
 
 def _order(column: pd.Series) -> pd.Series:
@@ -225,14 +198,16 @@ def summarize(done: pd.DataFrame, keys: List[str]) -> pd.DataFrame:
     return summary.sort_values(keys, key=_order, kind="stable").reset_index(drop=True)
 
 
-def cell(row, metric: str, digits: int = 2) -> str:
+def number(value: float, metric: str) -> str:
+    return NONE if pd.isna(value) else f"{value:.{4 if metric == 'sharpness' else 2}f}"
+
+
+def cell(row, metric: str) -> str:
     """`mean ± std` (a mean alone of one value; `(n = k)` when fewer runs than the row's)."""
     count = row[f"{metric}_count"]
-    if not count:
-        return NONE
-    text = f"{row[metric + '_mean']:.{digits}f}"
-    text += f" ± {row[metric + '_std']:.{digits}f}" if count > 1 else ""
-    return text + (f" (n = {count})" if count < row["n"] else "")
+    text = number(row[f"{metric}_mean"], metric)
+    text += f" ± {number(row[f'{metric}_std'], metric)}" if count > 1 else ""
+    return text + (f" (n = {count})" if 0 < count < row["n"] else "")
 
 
 def swept(row, skip: str = "") -> Dict[str, str]:
@@ -249,8 +224,7 @@ def label(row, skip: str = "") -> str:
 
 
 def paper_numbers(row) -> Optional[Tuple[float, float]]:
-    """The paper's (valid, test) for a row of the paper preset at its budget with the paper's
-    hyperparameters; None for any other."""
+    """The paper's (valid, test) beside its row at the paper preset's budget, else None."""
     paper = PAPER.get(row["row"])
     if paper is None or (row["preset"], row["max_update"]) != (PAPER_PRESET, PAPER_MAX_UPDATE):
         return None
@@ -258,16 +232,17 @@ def paper_numbers(row) -> Optional[Tuple[float, float]]:
     return None if any(float(v) != paper[3].get(k) for k, v in values) else paper[1:3]
 
 
+def why_not_paper(row) -> str:
+    if row.preset != PAPER_PRESET:
+        return f"`--preset {row.preset}`" if row.preset != NONE else "no preset"
+    if row.max_update != PAPER_MAX_UPDATE:
+        return f"`--preset paper` at `--max-update {row.max_update}`"
+    return "rows other than the paper's"
+
+
 def paper_line(summary: pd.DataFrame) -> str:
     """Where the paper's numbers stand, and why not beside the other rows."""
-    reasons = []
-    for _, row in summary[[paper_numbers(r) is None for _, r in summary.iterrows()]].iterrows():
-        if row.preset != PAPER_PRESET:
-            reasons.append(f"`--preset {row.preset}`" if row.preset != NONE else "no preset")
-        elif row.max_update != PAPER_MAX_UPDATE:
-            reasons.append(f"`--preset paper` at `--max-update {row.max_update}`")
-        else:
-            reasons.append("rows other than the paper's")
+    reasons = [why_not_paper(r) for _, r in summary.iterrows() if paper_numbers(r) is None]
     text = (
         "The paper's numbers (Kwon et al., 2021, Table 4) stand only beside its rows (adam, sam, "
         f"asam) of `--preset {PAPER_PRESET}` at its `--max-update {PAPER_MAX_UPDATE}`"
@@ -293,7 +268,7 @@ def summary_table(summary: pd.DataFrame, several: bool) -> List[str]:
         numbers = paper_numbers(r)
         cells = [label(r), r.seeds or NONE, r.protocol, r.preset, r.max_update]
         cells += [f"{x:.2f}" for x in numbers] if numbers else [NONE, NONE] if paper else []
-        cells += [cell(r, m, 4 if m == "sharpness" else 2) for m in metrics]
+        cells += [cell(r, m) for m in metrics]
         rows.append(cells + ([r.folders] if several else []))
     return markdown_table(header, rows)
 
@@ -304,8 +279,7 @@ def runs_table(runs: pd.DataFrame, several: bool) -> List[str]:
     rows = []
     for _, r in runs.iterrows():
         cells = [r.run, r.status, NONE if pd.isna(r.updates) else int(r.updates)]
-        digits = [4 if m == "sharpness" else 2 for m in metrics]
-        cells += [NONE if pd.isna(r[m]) else f"{r[m]:.{d}f}" for m, d in zip(metrics, digits)]
+        cells += [number(r[m], m) for m in metrics]
         rows.append(cells + ([r.folder] if several else []))
     return markdown_table(header + (["Folder"] if several else []), rows)
 
@@ -319,32 +293,28 @@ def sweep_section(summary: pd.DataFrame, option: str, report_dir: str) -> List[s
     points["curve"] = [
         label(r, column) + "".join(f" [{r[k]}]" for k in context) for _, r in points.iterrows()
     ]
-    points["picked"] = False
-    for _, curve in points.groupby("curve", sort=False):
-        if curve.valid_bleu_mean.notna().any():
-            points.loc[curve.valid_bleu_mean.idxmax(), "picked"] = True
+    scored = points.dropna(subset=["valid_bleu_mean"]).groupby("curve", sort=False)
+    points["picked"] = points.index.isin(scored.valid_bleu_mean.idxmax())
     stats = [f"{m}_{s}" for m in ("valid_bleu", "test_bleu") for s in ("mean", "std")]
     table = points[["curve", column, "seeds", "n", *stats, "picked"]]
-    csv = table.rename(columns={column: option}).round(4).to_csv(index=False)
-    write_text(os.path.join(report_dir, f"bleu_vs_{option}.csv"), csv)
-    others = summary[summary[column] == NONE]  # e.g. Adam in a ρ sweep: a horizontal line
-    plot_sweep(points, others, column, os.path.join(report_dir, f"bleu_vs_{option}.png"))
-    rows = [
-        [r.curve, r[column], r.seeds, cell(r, "valid_bleu"), cell(r, "test_bleu"), "✓" * r.picked]
-        for _, r in points.iterrows()
-    ]
-    header = ["Row", name, "Seeds", "Valid BLEU", "Test BLEU", "Picked by valid BLEU"]
+    path = os.path.join(report_dir, f"bleu_vs_{option}")
+    write_text(path + ".csv", table.rename(columns={column: option}).round(4).to_csv(index=False))
+    plot_sweep(points, column, name, path + ".png")
+    bleu = ["valid_bleu", "test_bleu"]
+    scores = [[cell(r, m) for m in bleu] + ["✓" * r.picked] for _, r in points.iterrows()]
+    rows = [[r.curve, r[column], r.seeds, *x] for (_, r), x in zip(points.iterrows(), scores)]
     text = (
         f"Each value of `--{option}`; ✓: the highest mean validation BLEU, the choice a grid "
         f"search makes; test BLEU estimates that choice. Plot: bleu_vs_{option}.png."
     )
+    header = ["Row", name, "Seeds", "Valid BLEU", "Test BLEU", "Picked by valid BLEU"]
     return ["", f"## BLEU against {name}", "", text, "", *markdown_table(header, rows)]
 
 
 def _pyplot():
     import matplotlib
 
-    matplotlib.use("Agg")
+    matplotlib.use("Agg")  # files, no display
     import matplotlib.pyplot as plt
 
     return plt
@@ -362,26 +332,25 @@ def _save(figure, axes, path: str, xlabel: str, ylabel: str) -> None:
         _pyplot().close(figure)
 
 
-def plot_sweep(points: pd.DataFrame, others: pd.DataFrame, column: str, path: str) -> None:
-    """Valid (solid) and test (dashed) BLEU against the value, ± one sample std, ★ on the pick;
-    the mean valid BLEU of the rows without the option as dotted lines."""
+def plot_sweep(points: pd.DataFrame, column: str, name: str, path: str) -> None:
+    """Valid (solid), test (dashed) BLEU against the value ± sample std, ★ on the pick."""
     figure, axes = _pyplot().subplots(figsize=(7, 4.5))
+    numbers = pd.to_numeric(points[column], errors="coerce")
+    x = numbers if numbers.notna().all() else points[column]  # words: a category axis
     for index, (curve, group) in enumerate(points.groupby("curve", sort=False)):
-        x, style = pd.to_numeric(group[column]), dict(color=f"C{index}", marker="o", capsize=3)
+        style = dict(color=f"C{index}", marker="o", capsize=3)
         for split, line in (("valid", "-"), ("test", "--")):
             y, error = group[f"{split}_bleu_mean"], group[f"{split}_bleu_std"].fillna(0)
-            axes.errorbar(x, y, yerr=error, linestyle=line, label=f"{curve} — {split}", **style)
-        pick = group[group.picked]
-        axes.plot(pd.to_numeric(pick[column]), pick.valid_bleu_mean, "*", ms=14, color=f"C{index}")
-    for _, row in others[others.valid_bleu_count > 0].iterrows():
-        axes.axhline(
-            row.valid_bleu_mean, color="grey", linestyle=":", label=f"{label(row)} — valid"
-        )
-    values = sorted(set(pd.to_numeric(points[column])))
-    axes.set_xscale("log" if values[0] > 0 else "linear")
-    axes.set_xticks(values, [f"{v:g}" for v in values], minor=False)
-    axes.minorticks_off()
-    _save(figure, axes, path, SYMBOLS.get(column[len(SWEEP) :], column[len(SWEEP) :]), "BLEU")
+            axes.errorbar(
+                x[group.index], y, error, linestyle=line, label=f"{curve} — {split}", **style
+            )
+        pick = group.index[group.picked]
+        axes.plot(x[pick], points.valid_bleu_mean[pick], "*", ms=14, color=f"C{index}")
+    if x is numbers and (numbers > 0).all():
+        axes.set_xscale("log")
+        axes.set_xticks(sorted(set(numbers)), [f"{v:g}" for v in sorted(set(numbers))])
+        axes.minorticks_off()
+    _save(figure, axes, path, name, "BLEU")
 
 
 def plot_logs(logs: Dict[str, pd.DataFrame], plot: tuple, path: str) -> bool:
@@ -391,10 +360,9 @@ def plot_logs(logs: Dict[str, pd.DataFrame], plot: tuple, path: str) -> bool:
     for index, (name, log) in enumerate(logs.items()):
         for value, line in zip(values, ("-", "--")):
             points = log[log.tag == tag].reindex(columns=["updates", value]).dropna()
-            marker = "." if len(points) < 30 else None
-            style = dict(color=f"C{index % 10}", marker=marker, label=f"{name} — {value}")
+            style = dict(color=f"C{index % 10}", marker="." if len(points) < 30 else None)
             if len(points):
-                axes.plot(points.updates, points[value], line, **style)
+                axes.plot(points.updates, points[value], line, label=f"{name} — {value}", **style)
     if not axes.lines:
         _pyplot().close(figure)
         return False
@@ -404,7 +372,8 @@ def plot_logs(logs: Dict[str, pd.DataFrame], plot: tuple, path: str) -> bool:
 
 def preamble(grids: List[dict], done: pd.DataFrame, summary: pd.DataFrame) -> List[str]:
     """The title, then a paragraph each: protocols, budget, what each column is, the paper."""
-    protocols, presets = (list(dict.fromkeys(done[k])) for k in ("protocol", "preset"))
+    found = {k: [*done[k], *(g[k] for g in grids if g.get(k))] for k in ("protocol", "preset")}
+    protocols, presets = (list(dict.fromkeys(v)) for v in found.values())
     title = f"# Table 4: IWSLT'14 De→En, Transformer — --checkpoint {', '.join(protocols)}"
     paragraphs = [title + f" (--preset {', '.join(presets)})" * bool(presets)]
     paragraphs += [f"`--checkpoint {p}`: {PROTOCOLS.get(p.split(':')[0], p)}." for p in protocols]
@@ -437,14 +406,12 @@ def csv_table(summary: pd.DataFrame) -> str:
     table = summary.drop(columns=[c for c in summary if c.endswith("_count")])
     table.insert(1, "label", [label(r) for _, r in summary.iterrows()])
     papers = [paper_numbers(r) or (None, None) for _, r in summary.iterrows()]
-    table["paper_valid_bleu"] = [valid for valid, _ in papers]
-    table["paper_test_bleu"] = [test for _, test in papers]
-    return table.round(4).to_csv(index=False)
+    paper = pd.DataFrame(papers, table.index, columns=["paper_valid_bleu", "paper_test_bleu"])
+    return table.join(paper).round(4).to_csv(index=False)
 
 
 def write_report(out_dirs: Sequence[str], report_dir: str) -> str:
-    """Writes table4.md, table4.csv and the plots of the runs of `out_dirs` (a folder named
-    twice counts once) into `report_dir`; returns the path of table4.md."""
+    """Writes the report of the runs of `out_dirs` into `report_dir`; returns table4.md's path."""
     out_dirs = list({os.path.realpath(d): d for d in out_dirs}.values())
     grids, records = [], []
     for folder in out_dirs:
@@ -464,8 +431,8 @@ def write_report(out_dirs: Sequence[str], report_dir: str) -> str:
         if summary[SWEEP + option].replace(NONE, pd.NA).nunique() > 1:
             lines += sweep_section(summary, option, report_dir)
     lines += ["", "## Runs", "", *runs_table(runs, several)]
-    signatures = sorted({s for r in done.signatures for s in r if s})
-    lines += ["", "sacreBLEU signature: " + "; ".join(f"`{s}`" for s in signatures)]
+    signatures = "; ".join(sorted({f"`{s}`" for r in done.signatures for s in r if s}))
+    lines += ["", f"sacreBLEU signature: {signatures}"] if signatures else []
     lines += figures(runs, several, report_dir)
     write_text(os.path.join(report_dir, TABLE_CSV), csv_table(summary))
     path = os.path.join(report_dir, TABLE_MARKDOWN)
@@ -475,12 +442,8 @@ def write_report(out_dirs: Sequence[str], report_dir: str) -> str:
 
 
 def parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog=PROGRAM,
-        description="Table 4 (table4.md, table4.csv) and plots from the runs of "
-        "fairseq-asam-table4 in FOLDER(s): their grid.json, runs/*/results.json, failure.json "
-        "and train.log.  Rows of several folders with the same settings are pooled.",
-    )
+    about = "Table 4 (table4.md, .csv) and plots from the runs of fairseq-asam-table4."
+    parser = argparse.ArgumentParser(prog=PROGRAM, description=about)
     parser.add_argument("folders", nargs="+", metavar="FOLDER", help="fairseq-asam-table4 --out")
     parser.add_argument("--out", help="where to write (default FOLDER/report; needed with two)")
     return parser

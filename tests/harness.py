@@ -479,3 +479,17 @@ def write_run_folder(
     with open(os.path.join(folder, "results.json"), "w", encoding="utf-8") as f:
         json.dump(results, f)
     return results
+
+
+def markdown_rows(text: str, first_header: str) -> list:
+    """The Markdown table of `text` whose header starts with `first_header`: a {header: cell}
+    per row."""
+    lines = text.splitlines()
+    start = next(i for i, line in enumerate(lines) if line.startswith(f"| {first_header} |"))
+    header = [c.strip() for c in lines[start].strip().strip("|").split("|")]
+    rows = []
+    for line in lines[start + 2 :]:
+        if not line.startswith("|"):
+            break
+        rows.append(dict(zip(header, [c.strip() for c in line.strip().strip("|").split("|")])))
+    return rows
