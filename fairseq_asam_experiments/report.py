@@ -1,15 +1,12 @@
 """Table 4 and its plots from the runs of fairseq-asam-table4 (`fairseq-asam-report`).
 
-Reads each folder's grid.json, runs/*/results.json (scores, and what makes a run's row: row,
-swept values, preset, protocol, max_update), failure.json and train.log (fairseq's json log);
-never a folder's name.  A table row is the mean ± sample std over the seeds of one row, pooled
-over folders whose settings agree; every run is listed with its status.  Plots: what the runs
-logged against updates, and BLEU against each swept option's value.
+Reads each folder's grid.json, runs/*/results.json (scores; row, swept values, preset, protocol,
+max_update), failure.json and train.log (fairseq's json log); never a folder's name.  A table
+row: the mean ± sample std over its seeds, pooled over folders whose settings agree.
 """
 
 import argparse
 import json
-import logging
 import os
 import re
 from typing import Dict, List, Optional, Sequence, Tuple
@@ -21,8 +18,6 @@ from .errors import ExperimentError, SettingError
 from .files import atomic_output, read_json_object, write_text
 from .layout import FAILURE_RECORD, GRID_RECORD, RUNS_FOLDER, TRAIN_LOG, lock_holder
 from .logs import log_to_stdout
-
-logger = logging.getLogger(__name__)
 
 PROGRAM = "fairseq-asam-report"
 TABLE_MARKDOWN, TABLE_CSV = "table4.md", "table4.csv"
@@ -69,10 +64,8 @@ SHARPNESS_CAPTION = (
 )
 # (file, train.log tag, logged values: solid then dashed, y label, caption)
 LOG_PLOTS = [
-    ("valid_loss.png", "valid", ["valid_loss"], "validation loss (base 2)", "the validation "
-     "loss fairseq-train logged."),
-    ("valid_bleu.png", "valid", ["valid_bleu"], "validation BLEU (in-training)", "the "
-     "validation BLEU fairseq-train logged (--eval-bleu)."),
+    ("valid_loss.png", "valid", ["valid_loss"], "validation loss (base 2)", "as logged."),
+    ("valid_bleu.png", "valid", ["valid_bleu"], "valid BLEU (in-training)", "--eval-bleu's."),
     ("sharpness.png", "train_inner", ["sharpness", "sharpness_eval"], "L(w+ε) − L(w) (base 2)",
      "`sharpness` (solid) as the plugin logs it: L(w+ε) − L(w) on each update's own batches, "
      "under dropout; `sharpness_eval` (dashed, --sharpness-eval-interval) with dropout off. "
@@ -169,12 +162,13 @@ def read_folder(folder: str) -> Tuple[Optional[dict], List[dict]]:
         raise ExperimentError(f"output folder not found: {folder}")
     grid = read_json_object(os.path.join(folder, GRID_RECORD))
     runs_dir = os.path.join(folder, RUNS_FOLDER)
-    if grid is None and not os.path.isdir(runs_dir):
-        raise ExperimentError(f"{folder} holds neither {GRID_RECORD} nor {RUNS_FOLDER}/")
+    found = sorted(os.listdir(runs_dir)) if os.path.isdir(runs_dir) else []
+    if grid is None and not found:
+        raise ExperimentError(f"{folder} holds neither {GRID_RECORD} nor {RUNS_FOLDER}/*")
     names = list((grid or {}).get("runs", []))
-    if os.path.isdir(runs_dir):
-        found = sorted(n for n in os.listdir(runs_dir) if os.path.isdir(os.path.join(runs_dir, n)))
-        names += [n for n in found if not n.startswith(".") and n not in names]
+    names += [
+        n for n in found if n[0] != "." and n not in names and os.path.isdir(runs_dir + "/" + n)
+    ]
     return grid, [read_run(folder, os.path.join(runs_dir, n)) for n in names]
 
 
@@ -194,8 +188,8 @@ def summarize(done: pd.DataFrame, keys: List[str]) -> pd.DataFrame:
     summary["seeds"] = groups.seed.agg(lambda s: ",".join(str(int(x)) for x in sorted(s.dropna())))
     summary["n"] = groups.size()
     summary["folders"] = groups.folder.agg(lambda s: " ".join(dict.fromkeys(s)))
-    summary = summary.reset_index()
-    return summary.sort_values(keys, key=_order, kind="stable").reset_index(drop=True)
+    summary = summary.reset_index().sort_values(keys, key=_order, kind="stable")
+    return summary.reset_index(drop=True)
 
 
 def number(value: float, metric: str) -> str:
@@ -210,16 +204,15 @@ def cell(row, metric: str) -> str:
     return text + (f" (n = {count})" if 0 < count < row["n"] else "")
 
 
-def swept(row, skip: str = "") -> Dict[str, str]:
-    """The row's swept option values (but `skip`'s)."""
-    items = row.items()
-    return {k[len(SWEEP) :]: v for k, v in items if k.startswith(SWEEP) and NONE != v and k != skip}
+def swept(row) -> Dict[str, str]:
+    """The row's swept option values."""
+    return {k[len(SWEEP) :]: v for k, v in row.items() if k.startswith(SWEEP) and v != NONE}
 
 
-def label(row, skip: str = "") -> str:
-    """`Adam+ASAM (ρ = 0.1, lr = 0.001)`: the row's name and its swept values (but `skip`)."""
+def label(row) -> str:
+    """`Adam+ASAM (ρ = 0.1, lr = 0.001)`: the row's name and its swept values."""
     name = PAPER[row["row"]][0] if row["row"] in PAPER else row["row"]
-    values = ", ".join(f"{SYMBOLS.get(k, k)} = {v}" for k, v in swept(row, skip).items())
+    values = ", ".join(f"{SYMBOLS.get(k, k)} = {v}" for k, v in swept(row).items())
     return f"{name} ({values})" if values else name
 
 
@@ -265,9 +258,8 @@ def summary_table(summary: pd.DataFrame, several: bool) -> List[str]:
     header += [METRICS[m] for m in metrics] + (["Folders"] if several else [])
     rows = []
     for _, r in summary.iterrows():
-        numbers = paper_numbers(r)
         cells = [label(r), r.seeds or NONE, r.protocol, r.preset, r.max_update]
-        cells += [f"{x:.2f}" for x in numbers] if numbers else [NONE, NONE] if paper else []
+        cells += [number(x, "") for x in paper_numbers(r) or (None, None)] if paper else []
         cells += [cell(r, m) for m in metrics]
         rows.append(cells + ([r.folders] if several else []))
     return markdown_table(header, rows)
@@ -291,7 +283,7 @@ def sweep_section(summary: pd.DataFrame, option: str, report_dir: str) -> List[s
     points = summary[summary[column] != NONE].copy()
     context = [k for k in SETTINGS if points[k].nunique() > 1]  # named where they differ
     points["curve"] = [
-        label(r, column) + "".join(f" [{r[k]}]" for k in context) for _, r in points.iterrows()
+        label(r.drop(column)) + "".join(f" [{r[k]}]" for k in context) for _, r in points.iterrows()
     ]
     scored = points.dropna(subset=["valid_bleu_mean"]).groupby("curve", sort=False)
     points["picked"] = points.index.isin(scored.valid_bleu_mean.idxmax())
@@ -325,11 +317,9 @@ def _save(figure, axes, path: str, xlabel: str, ylabel: str) -> None:
     axes.grid(alpha=0.3)
     axes.legend(fontsize=7)
     figure.tight_layout()
-    try:
-        with atomic_output(path) as temporary:
-            figure.savefig(temporary, format="png", dpi=120)
-    finally:
-        _pyplot().close(figure)
+    with atomic_output(path) as temporary:
+        figure.savefig(temporary, format="png", dpi=120)
+    _pyplot().close(figure)
 
 
 def plot_sweep(points: pd.DataFrame, column: str, name: str, path: str) -> None:
@@ -380,10 +370,7 @@ def preamble(grids: List[dict], done: pd.DataFrame, summary: pd.DataFrame) -> Li
     budgets = [f"{g['max_update']} (grid.json of {g['folder']})" for g in grids]
     gridless = done[~done.folder.isin([g["folder"] for g in grids])]
     budgets += [f"{b} (results.json)" for b in dict.fromkeys(gridless.max_update)]
-    paragraphs.append(
-        f"Budget: --max-update {', '.join(budgets) or NONE}; each row's in its Budget column, the "
-        "updates of each run's evaluated checkpoint under Runs."
-    )
+    paragraphs.append(f"Budget: --max-update {', '.join(budgets) or NONE}; per row in Budget.")
     paragraphs += [*CAPTIONS, paper_line(summary)]
     rhos = sorted(set(done.sharpness_rho.dropna()))
     paragraphs += [SHARPNESS_CAPTION.format(", ".join(map(str, rhos)))] if rhos else []
@@ -437,7 +424,6 @@ def write_report(out_dirs: Sequence[str], report_dir: str) -> str:
     write_text(os.path.join(report_dir, TABLE_CSV), csv_table(summary))
     path = os.path.join(report_dir, TABLE_MARKDOWN)
     write_text(path, "\n".join(lines) + "\n")
-    logger.info(f"report: {report_dir}")
     return path
 
 
