@@ -84,6 +84,7 @@ def read_train_log(path: str) -> pd.DataFrame:
     """A row per json record of a fairseq-train log: its `tag`, `updates` and logged numbers;
     of one tag and update count (logged again after a resume) the last record."""
     records = []
+    path = path if os.path.isfile(path) else os.devnull  # no log (yet): no record
     with open(path, encoding="utf-8", errors="replace") as f:
         for match in filter(None, map(LOG_LINE.search, f)):
             try:
@@ -150,10 +151,8 @@ def read_run(folder: str, run_dir: str) -> dict:
     adaptive = [e for e in estimates if e.get("measure") == "adaptive"] + [{}]
     run["sharpness"], run["sharpness_rho"] = adaptive[0].get("sharpness"), adaptive[0].get("rho")
     run.update({f"{s}_{m}": results[s].get(m) for m, _ in SCORES for s in ("valid", "test")})
-    log_path = os.path.join(run_dir, TRAIN_LOG)
-    if os.path.isfile(log_path):
-        run["in_training_bleu"] = in_training_bleu(read_train_log(log_path), checkpoint)
-    return run
+    log = read_train_log(os.path.join(run_dir, TRAIN_LOG))
+    return {**run, "in_training_bleu": in_training_bleu(log, checkpoint)}
 
 
 def read_folder(folder: str) -> Tuple[Optional[dict], List[dict]]:
@@ -379,11 +378,10 @@ def preamble(grids: List[dict], done: pd.DataFrame, summary: pd.DataFrame) -> Li
 
 def figures(runs: pd.DataFrame, several: bool, report_dir: str) -> List[str]:
     """The plots of what the runs logged, and their captions."""
-    logs = {}
-    for _, r in runs.iterrows():
-        path = os.path.join(r.folder, RUNS_FOLDER, r.run, TRAIN_LOG)
-        if os.path.isfile(path):
-            logs[f"{r.run} [{r.folder}]" if several else r.run] = read_train_log(path)
+    paths = {r.run + f" [{r.folder}]" * several: (r.folder, r.run) for _, r in runs.iterrows()}
+    logs = {
+        k: read_train_log(os.path.join(f, RUNS_FOLDER, r, TRAIN_LOG)) for k, (f, r) in paths.items()
+    }
     plotted = [p for p in LOG_PLOTS if plot_logs(logs, p, os.path.join(report_dir, p[0]))]
     return ["", "## Figures", ""] + [f"- {p[0]}: {p[4]}" for p in plotted] if plotted else []
 
@@ -414,6 +412,8 @@ def write_report(out_dirs: Sequence[str], report_dir: str) -> str:
     several = len(out_dirs) > 1
     os.makedirs(report_dir, exist_ok=True)
     lines = preamble(grids, done, summary) + summary_table(summary, several)
+    missing = ", ".join(runs.run[runs.row.isna()])  # failed, running, not started...: see Runs
+    lines += ["", f"No result for {missing}: see their status under Runs."] if missing else []
     for option in (k[len(SWEEP) :] for k in sweeps):
         if summary[SWEEP + option].replace(NONE, pd.NA).nunique() > 1:
             lines += sweep_section(summary, option, report_dir)

@@ -244,6 +244,8 @@ def test_every_run_of_the_grid_is_listed_with_its_status(tmp_path):
         "adam-seed6": status["adam-seed6"],
     }
     assert status["adam-seed6"].startswith(f"running (pid {os.getpid()} on ")
+    (missing,) = [line for line in text.splitlines() if line.startswith("No result for ")]
+    assert missing.startswith("No result for adam-seed2, adam-seed3, adam-seed4, adam-seed6: ")
     assert (row["seeds"], row["valid_bleu_mean"]) == ("1,5", "10.0")
     (out / "runs" / "adam-seed6" / "train.log").unlink(missing_ok=True)
     text, _ = run_report(tmp_path, out)
