@@ -42,8 +42,8 @@ METRICS.update(in_training_bleu=IN_TRAINING, sharpness="Adaptive sharpness")
 SETTINGS = ["preset", "protocol", "max_update"]  # with the row and its swept values: a table row
 RUN_COLUMNS = ["folder", "run", "status", "row", "seed", *SETTINGS, "updates", *METRICS]
 PROTOCOLS = {
-    "best-bleu": "the epoch of the highest in-training BLEU, so valid scores are optimistic",
-    "best-loss": "the epoch of the lowest validation loss (fairseq's default)",
+    "best-bleu": "checkpoint_best.pt by the in-training BLEU, so valid scores are optimistic",
+    "best-loss": "checkpoint_best.pt by the validation loss (fairseq's default)",
     "last": "checkpoint_last.pt, the end of training",
     "average": "the parameter average of the last N epoch checkpoints",
 }
@@ -176,7 +176,7 @@ def _order(column: pd.Series) -> pd.Series:
     if column.name == "row":
         return column.map(lambda r: f"{list(PAPER).index(r)}" if r in PAPER else f"9{r}")
     numbers = pd.to_numeric(column, errors="coerce")
-    return numbers if numbers.notna().all() else column
+    return numbers if numbers[column != NONE].notna().all() else column  # NaN: last
 
 
 def summarize(done: pd.DataFrame, keys: List[str]) -> pd.DataFrame:
@@ -220,8 +220,8 @@ def paper_numbers(row) -> Optional[Tuple[float, float]]:
     paper = PAPER.get(row["row"])
     if paper is None or (row["preset"], row["max_update"]) != (PAPER_PRESET, PAPER_MAX_UPDATE):
         return None
-    values = swept(row).items()
-    return None if any(float(v) != paper[3].get(k) for k, v in values) else paper[1:3]
+    other = any(k not in paper[3] or float(v) != paper[3][k] for k, v in swept(row).items())
+    return None if other else paper[1:3]
 
 
 def why_not_paper(row) -> str:
