@@ -16,12 +16,12 @@ import pandas as pd
 from .cli import run_command
 from .errors import ExperimentError, SettingError
 from .files import atomic_output, read_json_object, write_text
-from .layout import FAILURE_RECORD, GRID_RECORD, RUNS_FOLDER, TRAIN_LOG, lock_holder
+from .layout import FAILURE_RECORD, GRID_RECORD, REPORT_FOLDER, RUNS_FOLDER, TRAIN_LOG, lock_holder
 from .logs import log_to_stdout
 
 PROGRAM = "fairseq-asam-report"
 TABLE_MARKDOWN, TABLE_CSV = "table4.md", "table4.csv"
-RESULTS, TRAIN_STAMP, REPORT_FOLDER = "results.json", "train.done.json", "report"
+RESULTS, TRAIN_STAMP = "results.json", "train.done.json"  # launch.run_one writes them
 NONE = "–"  # an empty cell; also the key of a setting a run does not record
 SWEEP = "sweep:"  # the prefix of a swept option's column
 # The paper preset's budget: configs/iwslt14_de_en/common.args' --max-update (tested).
