@@ -64,8 +64,8 @@ SHARPNESS_CAPTION = (
 )
 # (file, train.log tag, logged values: solid then dashed, y label, caption)
 LOG_PLOTS = [
-    ("valid_loss.png", "valid", ["valid_loss"], "validation loss (base 2)", "as logged."),
-    ("valid_bleu.png", "valid", ["valid_bleu"], "valid BLEU (in-training)", "--eval-bleu's."),
+    ("valid_loss.png", "valid", ["valid_loss"], "validation loss (base 2)", "each run's, logged."),
+    ("valid_bleu.png", "valid", ["valid_bleu"], "valid BLEU (in-training)", "each run's, logged."),
     ("sharpness.png", "train_inner", ["sharpness", "sharpness_eval"], "L(w+ε) − L(w) (base 2)",
      "`sharpness` (solid) as the plugin logs it: L(w+ε) − L(w) on each update's own batches, "
      "under dropout; `sharpness_eval` (dashed, --sharpness-eval-interval) with dropout off. "
