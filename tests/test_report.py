@@ -328,6 +328,24 @@ def test_bleu_against_a_swept_options_value_with_the_value_valid_bleu_picks(
     assert markdown_rows(text, "Row")[2]["Row"] == f"Adam+ASAM ({name} = 0.2)"
 
 
+def test_a_sweep_of_words_is_a_table_and_a_category_plot_and_not_the_papers(tmp_path, rendered):
+    out = tmp_path / "out"
+    write_grid_record(out, preset="paper", max_update=50000, rows=["asam"])
+    for value, valid in (("cosine", 31.0), ("inverse_sqrt", 30.0)):
+        scores = (valid, 29.0, 28.0, 27.0)
+        sweep = {"lr_scheduler": value}
+        settings = dict(row="asam", preset="paper", max_update=50000, sweep=sweep)
+        write_run_folder(out, f"asam-{value}-seed1", scores, **settings)
+    text, rows = run_report(tmp_path, out)
+    picked = {
+        r["lr_scheduler"]: r["Picked by valid BLEU"]
+        for r in markdown_rows(text, "Row | lr_scheduler")
+    }
+    assert picked == {"cosine": "✓", "inverse_sqrt": ""}
+    assert (tmp_path / "report" / "bleu_vs_lr_scheduler.png").read_bytes().startswith(b"\x89PNG")
+    assert [r["paper_valid_bleu"] for r in rows] == ["", ""]  # not the paper's scheduler
+
+
 def test_one_swept_value_makes_no_sweep_section(tmp_path):
     out = tmp_path / "out"
     write_grid_record(out, rows=["asam"], runs=["asam-rho0.2-seed1"])
