@@ -4,12 +4,21 @@ from setuptools import setup
 # (fairseq_asam_experiments: data preparation, Table 4 runner, evaluation, report, sharpness,
 # trajectories, benchmark) needs the `experiments` extra too.
 CONFIGS_PACKAGE = "fairseq_asam_experiments.configs"
+# fairseq-asam-<command> -> the module whose `main` it is (also `python -m fairseq_asam_experiments`).
+COMMANDS = {
+    "table4": "table4",
+    "prepare": "prepare",
+    "evaluate": "evaluation",
+    "report": "report",
+    "sharpness": "sharpness",
+    "benchmark": "benchmark",
+    "trajectories": "trajectories",
+    "precision": "precision",
+    "correlation": "correlation",
+}
 CONSOLE_SCRIPTS = [
-    f"fairseq-asam-{name} = fairseq_asam_experiments.cli:{name}_main"
-    for name in ("table4", "prepare", "report", "benchmark", "trajectories", "precision")
-] + [
     f"fairseq-asam-{name} = fairseq_asam_experiments.{module}:main"
-    for name, module in (("evaluate", "evaluation"), ("sharpness", "sharpness"))
+    for name, module in COMMANDS.items()
 ]
 
 with open("README.md", encoding="utf-8") as readme:
@@ -37,6 +46,7 @@ setup(
             "subword-nmt",
             "sacremoses",
             "matplotlib",
+            "pandas",  # the report's aggregation
             "regex",
             "filelock>=3.12",  # the run lock (experiments.layout)
             # --launcher slurm / submitit-local (experiments.cluster), and the hydra route
