@@ -1,12 +1,12 @@
 """The generated corpora of the kit: no download, the same bytes for the same arguments.
 
-* The toy corpus (`write_corpus`, `binarize`): a random "German" word sequence and its word-by-
-  word "English" translation in reverse order, plain text per split and its fairseq binarization;
-  the tests' tiny Transformer and the README's quick start train on it in seconds.
+* The toy corpus (`write_corpus`, `binarize`): random "German" word sequences, each translated
+  word by word into "English" and reversed; the tests' tiny Transformer and the README's quick
+  start train on it in seconds.
 * The sample archive (`build_sample_archive`): a `de-en.tgz` in the real IWSLT'14 layout
-  (training files with their tag lines, the five dev/test XML files) holding German sentences
-  from a small lexicon and their English word-by-word translations, plus pairs that exercise the
-  preparation's rules.  The `tiny` preset of the Table 4 runner prepares it like the real archive.
+  (training files with their tag lines, the five dev/test XML files) of German sentences from a
+  small lexicon and their word-by-word English, plus pairs that exercise the preparation's
+  rules; the `tiny` preset prepares it as the real archive.
 """
 
 import gzip
@@ -18,32 +18,19 @@ from typing import Dict, List, Sequence, Tuple
 
 from .errors import SettingError
 from .files import atomic_output, write_lines
-from .prepare import (
-    ARCHIVE_FOLDER,
-    SOURCE_LANG,
-    TARGET_LANG,
-    TEST_STEMS,
-    TRAIN_STEM,
-    fairseq_preprocess,
-)
+from .prepare import ARCHIVE_FOLDER, LANGUAGES, TEST_STEMS, TRAIN_STEM, fairseq_preprocess
 
-# --------------------------------------------------------------------------------------------
-# The toy corpus
-# --------------------------------------------------------------------------------------------
-
-TOY_SOURCE_WORDS = [f"de{i}" for i in range(40)]
-TOY_TARGET_WORDS = [f"en{i}" for i in range(40)]
+SOURCE_LANG, TARGET_LANG = LANGUAGES
 TOY_SPLITS = ("train", "valid", "test")
+TOY_LEXICON = {f"de{i}": f"en{i}" for i in range(40)}
 
 
 def toy_pairs(count: int, seed: int, min_len: int = 3, max_len: int = 12) -> List[Tuple[str, str]]:
     """`count` (source, target) pairs: target = source translated word by word, reversed."""
-    rng = random.Random(seed)
-    lexicon = dict(zip(TOY_SOURCE_WORDS, TOY_TARGET_WORDS))
-    pairs = []
+    rng, words, pairs = random.Random(seed), list(TOY_LEXICON), []
     for _ in range(count):
-        words = [rng.choice(TOY_SOURCE_WORDS) for _ in range(rng.randint(min_len, max_len))]
-        pairs.append((" ".join(words), " ".join(lexicon[w] for w in reversed(words))))
+        source = [rng.choice(words) for _ in range(rng.randint(min_len, max_len))]
+        pairs.append((" ".join(source), " ".join(TOY_LEXICON[w] for w in reversed(source))))
     return pairs
 
 
@@ -54,7 +41,7 @@ def write_corpus(
     src: str = SOURCE_LANG,
     tgt: str = TARGET_LANG,
 ) -> str:
-    """Writes the toy corpus `{split}.{src}` / `{split}.{tgt}` for every split in `sizes`
+    """The toy corpus `{split}.{src}` / `{split}.{tgt}` in `folder` for every split of `sizes`
     (pairs per split); returns `folder`."""
     os.makedirs(folder, exist_ok=True)
     for offset, (split, count) in enumerate(sorted(sizes.items())):
@@ -76,60 +63,29 @@ def binarize(
     return fairseq_preprocess(prefixes, dest, src=src, tgt=tgt, workers=workers)
 
 
-# --------------------------------------------------------------------------------------------
-# The sample archive, in the real IWSLT'14 layout
-# --------------------------------------------------------------------------------------------
+def _lexicon(pairs: str) -> Dict[str, str]:
+    return dict(pair.split(":") for pair in pairs.split())
 
-# German -> English, word by word and in the same order, so a tiny Transformer learns it fast.
-SAMPLE_DETERMINERS = {"der": "the", "die": "the", "das": "the", "ein": "a", "eine": "a"}
-SAMPLE_ADJECTIVES = {
-    "große": "big",
-    "kleine": "small",
-    "alte": "old",
-    "neue": "new",
-    "schöne": "beautiful",
-    "grüne": "green",
-    "rote": "red",
-    "schnelle": "fast",
-}
-SAMPLE_NOUNS = {
-    "Hund": "dog",
-    "Katze": "cat",
-    "Mädchen": "girl",
-    "Junge": "boy",
-    "Haus": "house",
-    "Baum": "tree",
-    "Buch": "book",
-    "Stadt": "city",
-    "Straße": "street",
-    "Vogel": "bird",
-    "Lehrer": "teacher",
-    "Fisch": "fish",
-    "Garten": "garden",
-    "Tür": "door",
-    "Brücke": "bridge",
-    "Apfel": "apple",
-}
-SAMPLE_VERBS = {
-    "sieht": "sees",
-    "liebt": "loves",
-    "findet": "finds",
-    "baut": "builds",
-    "kennt": "knows",
-    "hört": "hears",
-    "malt": "paints",
-    "sucht": "seeks",
-    "trägt": "carries",
-    "öffnet": "opens",
-}
-SAMPLE_ADVERBS = {"heute": "today", "oft": "often", "auch": "also", "wieder": "again"}
+
+# German -> English, word by word and in the same order, so that a tiny Transformer learns it.
+SAMPLE_DETERMINERS = _lexicon("der:the die:the das:the ein:a eine:a")
+SAMPLE_ADJECTIVES = _lexicon(
+    "große:big kleine:small alte:old neue:new schöne:beautiful grüne:green rote:red schnelle:fast"
+)
+SAMPLE_NOUNS = _lexicon(
+    "Hund:dog Katze:cat Mädchen:girl Junge:boy Haus:house Baum:tree Buch:book Stadt:city "
+    "Straße:street Vogel:bird Lehrer:teacher Fisch:fish Garten:garden Tür:door Brücke:bridge "
+    "Apfel:apple"
+)
+SAMPLE_VERBS = _lexicon(
+    "sieht:sees liebt:loves findet:finds baut:builds kennt:knows hört:hears malt:paints "
+    "sucht:seeks trägt:carries öffnet:opens"
+)
+SAMPLE_ADVERBS = _lexicon("heute:today oft:often auch:also wieder:again")
 SAMPLE_END_MARKS = (".", ".", ".", "!", "?")
-SAMPLE_LINES_PER_TALK = 20
-SAMPLE_SEGMENTS_PER_DOC = 10
-SAMPLE_REPEATED_PHRASE = ("der Hund sieht die Katze", "the dog sees the cat")  # 5 tokens
-SAMPLE_MAX_PAIR = (
-    " ".join([SAMPLE_REPEATED_PHRASE[0]] * 35),
-    " ".join([SAMPLE_REPEATED_PHRASE[1]] * 35),
+SAMPLE_LINES_PER_TALK, SAMPLE_SEGMENTS_PER_DOC = 20, 10
+SAMPLE_MAX_PAIR = tuple(
+    " ".join([p] * 35) for p in ("der Hund sieht die Katze", "the dog sees the cat")
 )
 # Training pairs that exercise the rules; they open the first talk of `train.tags.de-en.*`.
 SAMPLE_RULE_PAIRS = (
@@ -147,23 +103,17 @@ SAMPLE_RULE_PAIRS = (
     ("Die Katze schläft .", "The small cat sleeps today ."),  # 4 : 6 tokens, ratio 1.5: kept
     ("", ""),  # empty: dropped
 )
-# Dev/test segments with ’, which becomes ' there (and stays ’ in the training text).
+# A dev/test segment with ’, which becomes ' there (and stays ’ in the training text).
 SAMPLE_QUOTE_PAIR = ("Wie geht\u2019s dem Hund?", "How\u2019s the dog?")
 
 
 def sample_sentence_pair(rng: random.Random) -> Tuple[str, str]:
     """A random German sentence and its word-by-word English translation, capitalized."""
-    words: List[Tuple[str, str]] = []
-
-    def noun_phrase() -> None:
-        words.append(rng.choice(list(SAMPLE_DETERMINERS.items())))
-        if rng.random() < 0.5:
+    words = []  # determiner, [adjective], noun, verb, determiner, [adjective], noun, [adverb]
+    for part in (SAMPLE_DETERMINERS, SAMPLE_NOUNS, SAMPLE_VERBS, SAMPLE_DETERMINERS, SAMPLE_NOUNS):
+        if part is SAMPLE_NOUNS and rng.random() < 0.5:
             words.append(rng.choice(list(SAMPLE_ADJECTIVES.items())))
-        words.append(rng.choice(list(SAMPLE_NOUNS.items())))
-
-    noun_phrase()
-    words.append(rng.choice(list(SAMPLE_VERBS.items())))
-    noun_phrase()
+        words.append(rng.choice(list(part.items())))
     if rng.random() < 0.3:
         words.append(rng.choice(list(SAMPLE_ADVERBS.items())))
     mark = rng.choice(SAMPLE_END_MARKS)
