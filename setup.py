@@ -8,7 +8,6 @@ CONSOLE_SCRIPTS = [
     f"fairseq-asam-{name} = fairseq_asam_experiments.cli:{name}_main"
     for name in (
         "table4",
-        "prepare",
         "evaluate",
         "report",
         "sharpness",
@@ -17,6 +16,7 @@ CONSOLE_SCRIPTS = [
         "precision",
     )
 ]
+CONSOLE_SCRIPTS.append("fairseq-asam-prepare = fairseq_asam_experiments.prepare:main")
 
 with open("README.md", encoding="utf-8") as readme:
     long_description = readme.read()

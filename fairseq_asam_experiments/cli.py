@@ -288,103 +288,6 @@ def table4_main(argv: Optional[List[str]] = None) -> int:
 
 
 # --------------------------------------------------------------------------------------------
-# fairseq-asam-prepare
-# --------------------------------------------------------------------------------------------
-
-PREPARE = "fairseq-asam-prepare"
-SAMPLE_ARCHIVE_PATH = os.path.join("orig", "sample-de-en.tgz")
-
-
-def prepare_parser() -> argparse.ArgumentParser:
-    from . import prepare
-
-    parser = argparse.ArgumentParser(
-        prog=PREPARE,
-        description="IWSLT'14 German-English for fairseq, as examples/translation/"
-        "prepare-iwslt14.sh: into WORKDIR/data-bin/iwslt14.tokenized.de-en (printed at the end).",
-    )
-    source = parser.add_mutually_exclusive_group()
-    source.add_argument(
-        "--archive", help="a local de-en.tgz (default: download it to WORKDIR/orig/)"
-    )
-    source.add_argument(
-        "--sample",
-        action="store_true",
-        help=f"generate an archive in the real layout at WORKDIR/{SAMPLE_ARCHIVE_PATH}, use it",
-    )
-    parser.add_argument(
-        "--workdir", default=".", help="where the outputs go (default: the current folder)"
-    )
-    parser.add_argument(
-        "--bpe-merges",
-        type=int,
-        default=prepare.DEFAULT_BPE_MERGES,
-        help="BPE merges (default: %(default)s)",
-    )
-    parser.add_argument(
-        "--joined-dictionary", action="store_true", help="one dictionary for both languages"
-    )
-    parser.add_argument(
-        "--workers",
-        type=int,
-        default=os.cpu_count() or 1,
-        help="processes (default: %(default)s)",
-    )
-    parser.add_argument(
-        "--expect-real-counts",
-        action=argparse.BooleanOptionalAction,
-        default=None,
-        help="check the real corpus's 160,239 / 7,283 / 6,750 pairs (default: for corpora "
-        f"of at least {prepare.REAL_CORPUS_MIN_PAIRS:,} cleaned training pairs)",
-    )
-    parser.add_argument(
-        "--download-url", default=prepare.DOWNLOAD_URL, help="where to download de-en.tgz from"
-    )
-    parser.add_argument(
-        "--download-md5",
-        default=prepare.ARCHIVE_MD5,
-        help="MD5 the downloaded (or already downloaded) archive must have "
-        "(default: that of fairseq's mirror, %(default)s)",
-    )
-    parser.add_argument(
-        "--allow-md5-mismatch",
-        action="store_true",
-        help="use an archive whose MD5 differs from --download-md5 (a warning instead of an "
-        "error; the line counts still check the real corpus)",
-    )
-    return parser
-
-
-def prepare_main(argv: Optional[List[str]] = None) -> int:
-    args = prepare_parser().parse_args(_arguments(argv))
-    log_to_stdout()
-
-    def work() -> int:
-        from . import prepare, synthetic_data
-
-        archive = args.archive
-        if args.sample:
-            archive = synthetic_data.build_sample_archive(
-                os.path.join(args.workdir, SAMPLE_ARCHIVE_PATH)
-            )
-        data_bin = prepare.prepare_iwslt14(
-            archive,
-            args.workdir,
-            bpe_merges=args.bpe_merges,
-            joined_dictionary=args.joined_dictionary,
-            workers=args.workers,
-            expect_real_counts=args.expect_real_counts,
-            download_url=args.download_url,
-            download_md5=args.download_md5,
-            allow_md5_mismatch=args.allow_md5_mismatch,
-        )
-        print(data_bin)
-        return 0
-
-    return run_command(PREPARE, work)
-
-
-# --------------------------------------------------------------------------------------------
 # fairseq-asam-evaluate
 # --------------------------------------------------------------------------------------------
 
@@ -426,14 +329,14 @@ def evaluate_main(argv: Optional[List[str]] = None) -> int:
     log_to_stdout()
 
     def work() -> int:
-        from . import evaluation, prepare
+        from . import evaluation
 
         splits = [s.strip() for s in args.splits.split(",") if s.strip()]
         choice = evaluation.parse_checkpoint_choice(args.checkpoint)
         references = None
         if args.references_dir is not None:
             references = {
-                s: os.path.join(args.references_dir, f"{s}.raw.{prepare.TARGET_LANG}")
+                s: os.path.join(args.references_dir, f"{s}.raw.{evaluation.TARGET_LANG}")
                 for s in splits
             }
         scores = evaluation.evaluate_checkpoint(
@@ -745,45 +648,6 @@ def trajectories_main(argv: Optional[List[str]] = None) -> int:
 
 
 # --------------------------------------------------------------------------------------------
-# scripts/tokenizer_parity.py (no console command: it needs a Moses checkout)
-# --------------------------------------------------------------------------------------------
-
-PARITY = "tokenizer_parity"
-
-
-def tokenizer_parity_main(argv: Optional[List[str]] = None) -> int:
-    parser = argparse.ArgumentParser(
-        prog=PARITY,
-        description="Tokenizes the text the IWSLT'14 recipe tokenizes (training text and dev/test "
-        "segments of the archive) with Moses tokenizer.perl, with the recipe's MosesPerlTokenizer "
-        "and with plain sacremoses, and prints how many lines differ from perl's.",
-    )
-    parser.add_argument("--moses-dir", required=True, help="a Moses checkout (scripts/tokenizer/)")
-    source = parser.add_mutually_exclusive_group(required=True)
-    source.add_argument(
-        "--archive", help="an IWSLT'14 de-en.tgz (the real one for the README figure)"
-    )
-    source.add_argument("--sample", action="store_true", help="a generated sample archive")
-    args = parser.parse_args(_arguments(argv))
-    log_to_stdout(logging.WARNING)
-
-    def work() -> int:
-        import tempfile
-
-        from . import prepare, synthetic_data
-
-        with tempfile.TemporaryDirectory() as folder:
-            archive = args.archive or synthetic_data.build_sample_archive(
-                os.path.join(folder, prepare.ARCHIVE_NAME)
-            )
-            results = prepare.tokenizer_parity(args.moses_dir, prepare.extract_texts(archive))
-        print(prepare.format_parity(results))
-        return 0
-
-    return run_command(PARITY, work)
-
-
-# --------------------------------------------------------------------------------------------
 # fairseq-asam-precision
 # --------------------------------------------------------------------------------------------
 
@@ -894,7 +758,6 @@ def precision_main(argv: Optional[List[str]] = None) -> int:
 # The console scripts of setup.py, by the name after `fairseq-asam-`.
 COMMANDS = {
     "table4": table4_main,
-    "prepare": prepare_main,
     "evaluate": evaluate_main,
     "report": report_main,
     "sharpness": sharpness_main,

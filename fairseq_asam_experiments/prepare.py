@@ -38,8 +38,10 @@ import regex
 from sacremoses import MosesTokenizer
 from sacremoses.corpus import NonbreakingPrefixes
 
+from .cli import run_command
 from .errors import ExperimentError, SettingError
 from .files import atomic_output, temporary_name, write_lines
+from .logs import log_to_stdout
 
 logger = logging.getLogger(__name__)
 
@@ -572,9 +574,6 @@ def parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Optional[List[str]] = None) -> int:
-    from .cli import run_command
-    from .logs import log_to_stdout
-
     args = parser().parse_args(argv)
     log_to_stdout()
     return run_command(PROGRAM, lambda: _work(args))

@@ -409,3 +409,18 @@ def join_gloo(
         "gloo", init_method=f"file://{init_file}", rank=rank, world_size=world_size, **kwargs
     )
     torch.set_num_threads(1)
+
+
+# The sample archive of `prepared_sample` (conftest): small enough to prepare in about a second.
+SAMPLE_N_TRAIN, SAMPLE_N_DEV, SAMPLE_BPE_MERGES = 300, 12, 200
+
+
+def prepare_sample(
+    root: str, n_train=SAMPLE_N_TRAIN, n_dev=SAMPLE_N_DEV, bpe_merges=SAMPLE_BPE_MERGES, **kwargs
+) -> str:
+    """The sample archive `<root>/de-en.tgz` prepared into `<root>/data/<name>/`; that folder."""
+    from fairseq_asam_experiments import prepare
+
+    path = os.path.join(root, "de-en.tgz")
+    archive = synthetic_data.build_sample_archive(path, n_train=n_train, n_dev=n_dev)
+    return prepare.prepare_iwslt14(archive, os.path.join(root, "data"), bpe_merges, **kwargs)
