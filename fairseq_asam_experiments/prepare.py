@@ -29,7 +29,6 @@ import re
 import shutil
 import tarfile
 import time
-import urllib.error
 import urllib.request
 import zlib
 from typing import Dict, List, Optional, Sequence, Tuple
@@ -46,8 +45,7 @@ from .logs import log_to_stdout
 logger = logging.getLogger(__name__)
 
 PROGRAM = "fairseq-asam-prepare"
-SOURCE_LANG, TARGET_LANG = "de", "en"
-LANGUAGES = (SOURCE_LANG, TARGET_LANG)
+SOURCE_LANG, TARGET_LANG = LANGUAGES = ("de", "en")
 SPLITS = ("train", "valid", "test")
 DATA_BIN = "data-bin"
 DEFAULT_BPE_MERGES = 10000
@@ -59,13 +57,13 @@ DOWNLOAD_ATTEMPTS, DOWNLOAD_RETRY_SECONDS, DOWNLOAD_TIMEOUT_SECONDS = 5, 5.0, 60
 READ_BLOCK_BYTES = 1 << 20
 
 ARCHIVE_FOLDER, TRAIN_STEM = "de-en", "train.tags.de-en"
-TEST_STEMS = (  # in the order they are concatenated into the test split
-    "IWSLT14.TED.dev2010.de-en",
-    "IWSLT14.TEDX.dev2012.de-en",
-    "IWSLT14.TED.tst2010.de-en",
-    "IWSLT14.TED.tst2011.de-en",
-    "IWSLT14.TED.tst2012.de-en",
+TEST_STEMS = tuple(  # in the order they are concatenated into the test split
+    f"IWSLT14.{name}.de-en"
+    for name in ("TED.dev2010", "TEDX.dev2012", "TED.tst2010", "TED.tst2011", "TED.tst2012")
 )
+ARCHIVE_MEMBERS = [f"{ARCHIVE_FOLDER}/{TRAIN_STEM}.{lang}" for lang in LANGUAGES] + [
+    f"{ARCHIVE_FOLDER}/{stem}.{lang}.xml" for stem in TEST_STEMS for lang in LANGUAGES
+]
 TRAIN_DROPPED_TAGS = ("<url>", "<talkid>", "<keywords>")
 TRAIN_DELETED_TAGS = ("<title>", "</title>", "<description>", "</description>")
 # sed 's/<seg id="[0-9]*">\s*//g' and 's/\s*<\/seg>\s*//g', with GNU sed's \s in a UTF-8 locale
@@ -199,30 +197,23 @@ def _run_tool(job: Tuple[str, str, List[str]]) -> List[str]:
 
 def _run_on_texts(tool: str, texts: Dict, argument, workers: int) -> Dict:
     """{key: `_run_tool` on texts[key] with `argument(key)`}, in chunks on `workers` processes."""
-    jobs, owners = [], []
-    for key, lines in texts.items():
-        for start in range(0, len(lines), CHUNK_LINES):
-            jobs.append((tool, argument(key), list(lines[start : start + CHUNK_LINES])))
-            owners.append(key)
+    jobs = [
+        (key, (tool, argument(key), lines[start : start + CHUNK_LINES]))
+        for key, lines in texts.items()
+        for start in range(0, len(lines), CHUNK_LINES)
+    ]
     if workers <= 1 or len(jobs) <= 1:
-        results = [_run_tool(job) for job in jobs]
+        results = [_run_tool(job) for _, job in jobs]
     else:
         with multiprocessing.Pool(min(workers, len(jobs))) as pool:
-            results = pool.map(_run_tool, jobs, chunksize=1)
+            results = pool.map(_run_tool, [job for _, job in jobs], chunksize=1)
     joined: Dict = {key: [] for key in texts}
-    for owner, lines in zip(owners, results):
-        joined[owner].extend(lines)
+    for (key, _), lines in zip(jobs, results):
+        joined[key].extend(lines)
     return joined
 
 
 # --- The archive --------------------------------------------------------------------------------
-
-
-def archive_members() -> List[str]:
-    """The member files the recipe reads, as paths inside the archive."""
-    names = [f"{TRAIN_STEM}.{lang}" for lang in LANGUAGES]
-    names += [f"{stem}.{lang}.xml" for stem in TEST_STEMS for lang in LANGUAGES]
-    return [f"{ARCHIVE_FOLDER}/{name}" for name in names]
 
 
 def split_lines(text: str) -> List[str]:
@@ -237,30 +228,27 @@ def read_lines(path: str) -> List[str]:
 
 
 def read_archive(archive: str) -> Dict[str, List[str]]:
-    """The lines of every member of `archive_members()`, reading the whole archive so that a
+    """The lines of every member of ARCHIVE_MEMBERS, reading the whole archive so that a
     truncated or corrupt one fails here, with an `ExperimentError` naming the archive."""
-    wanted, contents = set(archive_members()), {}
+    contents = {}
     try:
         with open(archive, "rb") as raw, gzip.GzipFile(fileobj=raw) as unzipped:
             with tarfile.open(fileobj=unzipped, mode="r|") as tar:
                 for member in tar:
-                    if os.path.normpath(member.name) in wanted and member.isfile():
+                    if os.path.normpath(member.name) in ARCHIVE_MEMBERS and member.isfile():
                         contents[os.path.normpath(member.name)] = tar.extractfile(member).read()
             while unzipped.read(READ_BLOCK_BYTES):  # to the end: checks the gzip CRC
                 pass
-    except FileNotFoundError:
-        raise ExperimentError(f"{archive}: archive not found") from None
     except (tarfile.TarError, EOFError, OSError, zlib.error) as exc:
         raise ExperimentError(f"{archive}: corrupt or truncated archive ({exc})") from None
-    lines = {}
-    for name in archive_members():
+    for name in ARCHIVE_MEMBERS:
         if name not in contents:
             raise ExperimentError(f"{archive}: missing member {name}")
         try:
-            lines[name] = split_lines(contents[name].decode("utf-8"))
+            contents[name] = split_lines(contents[name].decode("utf-8"))
         except UnicodeDecodeError as exc:
             raise ExperimentError(f"{archive}: member {name} is not UTF-8 ({exc})") from None
-    return lines
+    return contents
 
 
 def training_text(lines: Sequence[str]) -> List[str]:
@@ -273,11 +261,8 @@ def training_text(lines: Sequence[str]) -> List[str]:
 
 def segment_text(lines: Sequence[str]) -> List[str]:
     """grep '<seg id' | sed (seg tags removed) | sed "s/’/'/g"."""
-    return [
-        SEG_CLOSE.sub("", SEG_OPEN.sub("", line)).replace("\u2019", "'")
-        for line in lines
-        if "<seg id" in line
-    ]
+    segments = [line for line in lines if "<seg id" in line]
+    return [SEG_CLOSE.sub("", SEG_OPEN.sub("", x)).replace("\u2019", "'") for x in segments]
 
 
 def extract_texts(archive: str) -> Dict[Tuple[str, str], List[str]]:
@@ -287,12 +272,10 @@ def extract_texts(archive: str) -> Dict[Tuple[str, str], List[str]]:
     for stem in (TRAIN_STEM,) + TEST_STEMS:
         suffix, extract = (".xml", segment_text) if stem in TEST_STEMS else ("", training_text)
         files = [f"{ARCHIVE_FOLDER}/{stem}.{lang}{suffix}" for lang in LANGUAGES]
-        for lang, name in zip(LANGUAGES, files):
-            texts[stem, lang] = extract(members[name])
-        de, en = (len(texts[stem, lang]) for lang in LANGUAGES)
-        if de != en:
+        de, en = texts[stem, "de"], texts[stem, "en"] = [extract(members[f]) for f in files]
+        if len(de) != len(en):
             raise ExperimentError(
-                f"{archive}: {files[0]} has {de} text lines but {files[1]} has {en}"
+                f"{archive}: {files[0]} has {len(de)} text lines but {files[1]} has {len(en)}"
             )
     return texts
 
@@ -312,47 +295,35 @@ def check_md5_option(md5: Optional[str]) -> Optional[str]:
     return md5 and md5.lower()
 
 
-def _verify_md5(path: str, expected: Optional[str], allow_mismatch: bool, what: str) -> None:
+def _check_md5(path: str, expected: Optional[str], allow_mismatch: bool, what: str, fix: str):
     digest = file_md5(path)
     if expected is not None and digest != expected:
-        message = f"{what} {path}: MD5 {digest} differs from the expected {expected}"
+        message = f"{what}: MD5 {digest} differs from the expected {expected}"
         if not allow_mismatch:
-            raise ExperimentError(message)
+            raise ExperimentError(f"{message}; {fix}, or pass --allow-md5-mismatch")
         logger.warning("%s (--allow-md5-mismatch: used anyway)", message)
 
 
 def download_archive(
-    url: str,
-    destination: str,
-    *,
-    md5: Optional[str] = ARCHIVE_MD5,
-    allow_md5_mismatch: bool = False,
-    attempts: int = DOWNLOAD_ATTEMPTS,
+    url: str, destination: str, *, md5=ARCHIVE_MD5, allow_md5_mismatch=False, attempts=5
 ) -> str:
-    """Downloads `url` to `destination`, a failed attempt starting again from the first byte,
-    and checks the size the server announced and the MD5 (`md5`; None: no check); the file
-    appears only when whole and verified. An archive already at `destination` is verified and
-    used. A wrong MD5 is an error unless `allow_md5_mismatch`."""
+    """Downloads `url` to `destination` (which appears only when whole and verified), a failed
+    attempt starting again from the first byte, and checks the size the server announced and
+    the MD5 (`md5`; None: no check). An archive already at `destination` is verified and used.
+    A wrong MD5 is an error unless `allow_md5_mismatch`."""
     md5 = check_md5_option(md5)
     if os.path.exists(destination):
-        try:
-            _verify_md5(destination, md5, allow_md5_mismatch, "archive already present:")
-        except ExperimentError as error:
-            raise ExperimentError(f"{error}; delete it to download it again") from None
+        what, fix = f"archive already present: {destination}", "delete it to download it again"
+        _check_md5(destination, md5, allow_md5_mismatch, what, fix)
         return destination
     for attempt in range(1, attempts + 1):
         try:
             with atomic_output(destination) as temporary:
                 _download(url, temporary)
-                _verify_md5(temporary, md5, allow_md5_mismatch, f"downloaded from {url}:")
-            logger.info("downloaded %s to %s", url, destination)
+                fix = "removed; --download-md5 for another mirror's"
+                _check_md5(temporary, md5, allow_md5_mismatch, f"downloaded from {url}", fix)
             return destination
-        except ExperimentError as error:  # the MD5: atomic_output removed the file
-            raise ExperimentError(
-                f"{error} (removed; pass --allow-md5-mismatch to use such a file, or "
-                "--download-md5 for another mirror's)"
-            ) from None
-        except (urllib.error.URLError, http.client.HTTPException, OSError, ValueError) as exc:
+        except (OSError, ValueError, http.client.HTTPException) as exc:  # URLError is an OSError
             logger.warning(
                 "download of %s failed (attempt %d of %d): %s", url, attempt, attempts, exc
             )
@@ -395,24 +366,20 @@ def clean_corpus(src_lines: Sequence[str], tgt_lines: Sequence[str]) -> List[Tup
     return kept
 
 
-def _count_report(counts: Dict[str, int]) -> str:
-    return ", ".join(f"{split} {counts[split]:,}" for split in SPLITS)
-
-
 def split_corpus(texts: Dict, workers: int) -> Dict[Tuple[str, str, str], List[str]]:
     """Steps 2-4 on `extract_texts`' output: {(split, "tok" or "raw", lang): lines}."""
     tokenized = _run_on_texts("moses", texts, lambda key: key[1], workers)
     kept = clean_corpus(tokenized[TRAIN_STEM, SOURCE_LANG], tokenized[TRAIN_STEM, TARGET_LANG])
     logger.info("clean: kept %d of %d training pairs", len(kept), len(tokenized[TRAIN_STEM, "de"]))
-    splits = {}
+    splits, untokenized = {}, lambda line: perl_lowercase(perl_normalize_space(line))
     for side, lang in ((1, SOURCE_LANG), (2, TARGET_LANG)):
         train = {
             "tok": [perl_lowercase(pair[side]) for pair in kept],
-            "raw": [_untokenized(texts[TRAIN_STEM, lang][pair[0]]) for pair in kept],
+            "raw": [untokenized(texts[TRAIN_STEM, lang][pair[0]]) for pair in kept],
         }
         test = {
             "tok": [perl_lowercase(x) for stem in TEST_STEMS for x in tokenized[stem, lang]],
-            "raw": [_untokenized(x) for stem in TEST_STEMS for x in texts[stem, lang]],
+            "raw": [untokenized(x) for stem in TEST_STEMS for x in texts[stem, lang]],
         }
         for kind, lines in train.items():  # awk 'NR%23 == 0' goes to valid
             splits["train", kind, lang] = [x for n, x in enumerate(lines, 1) if n % VALID_EVERY]
@@ -421,23 +388,17 @@ def split_corpus(texts: Dict, workers: int) -> Dict[Tuple[str, str, str], List[s
     return splits
 
 
-def _untokenized(line: str) -> str:
-    return perl_lowercase(perl_normalize_space(line))
-
-
 def learn_and_apply_bpe(folder: str, merges: int, workers: int) -> None:
     """Step 5: `folder/code` learned on train.tok.de + train.tok.en, `{split}.bpe.{lang}`."""
     from subword_nmt.learn_bpe import learn_bpe
 
     pairs = [(split, lang) for split in SPLITS for lang in LANGUAGES]
     texts = {key: read_lines(os.path.join(folder, "{}.tok.{}".format(*key))) for key in pairs}
-    learned = io.StringIO()
+    learned, codes = io.StringIO(), os.path.join(folder, "code")
     train = "".join(line + "\n" for lang in LANGUAGES for line in texts["train", lang])
     learn_bpe(io.StringIO(train), learned, merges)
-    codes = os.path.join(folder, "code")
     write_lines(codes, split_lines(learned.getvalue()))
-    segmented = _run_on_texts("bpe", texts, lambda key: codes, workers)
-    for (split, lang), lines in segmented.items():
+    for (split, lang), lines in _run_on_texts("bpe", texts, lambda _: codes, workers).items():
         write_lines(os.path.join(folder, f"{split}.bpe.{lang}"), lines)
 
 
@@ -445,22 +406,21 @@ def fairseq_preprocess(
     prefixes: Dict[str, str],
     dest: str,
     *,
-    src: str = SOURCE_LANG,
-    tgt: str = TARGET_LANG,
-    joined_dictionary: bool = False,
-    workers: int = 1,
+    src=SOURCE_LANG,
+    tgt=TARGET_LANG,
+    joined=False,
+    workers=1,
 ) -> str:
     """fairseq-preprocess of the text files `{prefix}.{src}` / `{prefix}.{tgt}` of each split
-    (`prefixes`: split -> prefix, train first for the dictionaries) into the folder `dest`,
-    which appears only when complete; returns `dest`."""
+    (`prefixes`: split -> prefix, train first for the dictionaries; `joined`: one dictionary)
+    into the folder `dest`, which appears only when complete; returns `dest`."""
     from fairseq import options
     from fairseq_cli import preprocess
 
     with atomic_output(dest) as temporary:
-        argv = ["--source-lang", src, "--target-lang", tgt, "--destdir", temporary]
-        argv += ["--workers", str(workers)] + ["--joined-dictionary"] * joined_dictionary
-        for split, prefix in prefixes.items():
-            argv += [f"--{split}pref", prefix]
+        argv = ["-s", src, "-t", tgt, "--destdir", temporary, "--workers", str(workers)]
+        argv += ["--joined-dictionary"] * joined
+        argv += [x for split, prefix in prefixes.items() for x in (f"--{split}pref", prefix)]
         logger.info("binarize: fairseq-preprocess %s", " ".join(argv))
         preprocess_logger = logging.getLogger(preprocess.__name__)
         handlers_before = list(preprocess_logger.handlers)
@@ -486,6 +446,10 @@ def data_folder_name(archive: str, bpe_merges: int, joined_dictionary: bool = Fa
 def reference_files(data_dir: str) -> Dict[str, str]:
     """{"valid": path, "test": path}: the untokenized target sides, sacreBLEU's references."""
     return {split: os.path.join(data_dir, f"{split}.raw.{TARGET_LANG}") for split in SPLITS[1:]}
+
+
+def _count_report(counts: Dict[str, int]) -> str:
+    return ", ".join(f"{split} {counts[split]:,}" for split in SPLITS)
 
 
 def prepare_iwslt14(
@@ -527,7 +491,7 @@ def prepare_iwslt14(
         learn_and_apply_bpe(building, bpe_merges, max(1, workers))
         prefixes = {split: os.path.join(building, f"{split}.bpe") for split in SPLITS}
         dest = os.path.join(building, DATA_BIN)
-        fairseq_preprocess(prefixes, dest, joined_dictionary=joined_dictionary, workers=workers)
+        fairseq_preprocess(prefixes, dest, joined=joined_dictionary, workers=max(1, workers))
         try:
             os.rename(building, folder)
         except OSError:  # another process finished the same folder first: theirs is as good
@@ -562,9 +526,7 @@ def parser() -> argparse.ArgumentParser:
         f"of at least {REAL_CORPUS_MIN_PAIRS:,} cleaned training pairs)",
     )
     p.add_argument("--download-url", default=DOWNLOAD_URL, help="(%(default)s)")
-    p.add_argument(
-        "--download-md5", default=ARCHIVE_MD5, help="of DATA_ROOT/de-en.tgz (%(default)s)"
-    )
+    p.add_argument("--download-md5", default=ARCHIVE_MD5, help="of DATA_ROOT/de-en.tgz")
     p.add_argument(
         "--allow-md5-mismatch",
         action="store_true",
@@ -587,11 +549,9 @@ def _work(args: argparse.Namespace) -> int:
     if args.sample:
         archive = build_sample_archive(os.path.join(args.data_root, SAMPLE_ARCHIVE_NAME))
     elif archive is None:
+        destination, allow = os.path.join(args.data_root, ARCHIVE_NAME), args.allow_md5_mismatch
         archive = download_archive(
-            args.download_url,
-            os.path.join(args.data_root, ARCHIVE_NAME),
-            md5=md5,
-            allow_md5_mismatch=args.allow_md5_mismatch,
+            args.download_url, destination, md5=md5, allow_md5_mismatch=allow
         )
     folder = prepare_iwslt14(
         archive,

@@ -160,7 +160,9 @@ def expected_cleaned(archive):
 def test_sample_archive_has_the_real_layout_and_stable_bytes(sample_archive, tmp_path):
     with tarfile.open(sample_archive, "r:gz") as tar:
         names = set(tar.getnames())
-    assert set(prepare.archive_members()) | {"de-en"} == names
+    sets = ["TED.dev2010", "TEDX.dev2012", "TED.tst2010", "TED.tst2011", "TED.tst2012"]
+    expected = {f"de-en/IWSLT14.{s}.de-en.{lang}.xml" for s in sets for lang in ("de", "en")}
+    assert names == expected | {"de-en", "de-en/train.tags.de-en.de", "de-en/train.tags.de-en.en"}
     train_de = archive_text(sample_archive, "train.tags.de-en.de")
     for tag in ("<url>", "<talkid>", "<keywords>", "<title>", "<description>"):
         assert tag in train_de
