@@ -18,6 +18,7 @@ folder of that name is a finished preparation of that archive with those setting
 """
 
 import argparse
+import contextlib
 import gzip
 import hashlib
 import http.client
@@ -31,7 +32,7 @@ import tarfile
 import time
 import urllib.request
 import zlib
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import regex
 from sacremoses import MosesTokenizer
@@ -41,11 +42,19 @@ from .cli import run_command
 from .errors import ExperimentError, SettingError
 from .files import atomic_output, temporary_name, write_lines
 from .logs import log_to_stdout
+from .synthetic_data import (
+    ARCHIVE_FOLDER,
+    LANGUAGES,
+    TEST_STEMS,
+    TRAIN_STEM,
+    build_sample_archive,
+    fairseq_preprocess,
+)
 
 logger = logging.getLogger(__name__)
 
 PROGRAM = "fairseq-asam-prepare"
-SOURCE_LANG, TARGET_LANG = LANGUAGES = ("de", "en")
+SOURCE_LANG, TARGET_LANG = LANGUAGES
 SPLITS = ("train", "valid", "test")
 DATA_BIN = "data-bin"
 DEFAULT_BPE_MERGES = 10000
@@ -56,11 +65,6 @@ ARCHIVE_NAME, SAMPLE_ARCHIVE_NAME = "de-en.tgz", "sample-de-en.tgz"
 DOWNLOAD_ATTEMPTS, DOWNLOAD_RETRY_SECONDS, DOWNLOAD_TIMEOUT_SECONDS = 5, 5.0, 60
 READ_BLOCK_BYTES = 1 << 20
 
-ARCHIVE_FOLDER, TRAIN_STEM = "de-en", "train.tags.de-en"
-TEST_STEMS = tuple(  # in the order they are concatenated into the test split
-    f"IWSLT14.{name}.de-en"
-    for name in ("TED.dev2010", "TEDX.dev2012", "TED.tst2010", "TED.tst2011", "TED.tst2012")
-)
 ARCHIVE_MEMBERS = [f"{ARCHIVE_FOLDER}/{TRAIN_STEM}.{lang}" for lang in LANGUAGES] + [
     f"{ARCHIVE_FOLDER}/{stem}.{lang}.xml" for stem in TEST_STEMS for lang in LANGUAGES
 ]
@@ -76,7 +80,7 @@ CLEAN_MAX_TOKEN_CHARS = 1000  # clean-corpus-n.perl's default -max-word-length
 VALID_EVERY = 23
 REAL_COUNTS = {"train": 160239, "valid": 7283, "test": 6750}
 REAL_CORPUS_MIN_PAIRS = 100_000  # the samples are tiny: a corpus this large is the real one
-CHUNK_LINES = 2000  # lines per job of the tokenizer and apply_bpe processes
+CHUNK_LINES = 2000  # lines a tokenizer or BPE process takes at a time
 
 # --- Moses tokenizer.perl, token for token -----------------------------------------------------
 
@@ -178,39 +182,29 @@ def perl_normalize_space(line: str) -> str:
     return PERL_SPACE_RUN.sub(" ", line).strip(" ")
 
 
-_TOOLS: Dict[Tuple[str, str], object] = {}  # per process: the tokenizers and BPE codes used
+_TOOLS: Dict[Tuple[str, str], Callable[[str], str]] = {}  # per process: tokenizers, BPE codes
 
 
-def _run_tool(job: Tuple[str, str, List[str]]) -> List[str]:
-    """Pool worker: ("moses", lang, lines) tokenizes, ("bpe", codes file, lines) applies BPE."""
+def _apply_tool(job: Tuple[str, str, str]) -> str:
+    """Pool worker: ("moses", lang, line) tokenizes a line, ("bpe", codes file, line) splits it."""
     from subword_nmt.apply_bpe import BPE
 
-    tool, argument, lines = job
+    tool, argument, line = job
     if (tool, argument) not in _TOOLS:
         if tool == "moses":
             _TOOLS[tool, argument] = MosesPerlTokenizer(argument).tokenize_line
         else:
             with open(argument, encoding="utf-8") as codes:
                 _TOOLS[tool, argument] = BPE(codes).process_line
-    return [_TOOLS[tool, argument](line) for line in lines]
+    return _TOOLS[tool, argument](line)
 
 
-def _run_on_texts(tool: str, texts: Dict, argument, workers: int) -> Dict:
-    """{key: `_run_tool` on texts[key] with `argument(key)`}, in chunks on `workers` processes."""
-    jobs = [
-        (key, (tool, argument(key), lines[start : start + CHUNK_LINES]))
-        for key, lines in texts.items()
-        for start in range(0, len(lines), CHUNK_LINES)
-    ]
-    if workers <= 1 or len(jobs) <= 1:
-        results = [_run_tool(job) for _, job in jobs]
-    else:
-        with multiprocessing.Pool(min(workers, len(jobs))) as pool:
-            results = pool.map(_run_tool, [job for _, job in jobs], chunksize=1)
-    joined: Dict = {key: [] for key in texts}
-    for (key, _), lines in zip(jobs, results):
-        joined[key].extend(lines)
-    return joined
+def _apply_to_texts(tool: str, texts: Dict, argument: Callable, workers: int) -> Dict:
+    """{key: `_apply_tool` on each line of texts[key] with `argument(key)`}, on `workers`."""
+    jobs = [(tool, argument(key), line) for key, lines in texts.items() for line in lines]
+    with multiprocessing.Pool(workers) if workers > 1 else contextlib.nullcontext() as pool:
+        results = iter(pool.map(_apply_tool, jobs, CHUNK_LINES) if pool else map(_apply_tool, jobs))
+        return {key: [next(results) for _ in lines] for key, lines in texts.items()}
 
 
 # --- The archive --------------------------------------------------------------------------------
@@ -281,11 +275,8 @@ def extract_texts(archive: str) -> Dict[Tuple[str, str], List[str]]:
 
 
 def file_md5(path: str) -> str:
-    digest = hashlib.md5()
     with open(path, "rb") as data:
-        for block in iter(lambda: data.read(READ_BLOCK_BYTES), b""):
-            digest.update(block)
-    return digest.hexdigest()
+        return hashlib.file_digest(data, "md5").hexdigest()
 
 
 def check_md5_option(md5: Optional[str]) -> Optional[str]:
@@ -305,7 +296,12 @@ def _check_md5(path: str, expected: Optional[str], allow_mismatch: bool, what: s
 
 
 def download_archive(
-    url: str, destination: str, *, md5=ARCHIVE_MD5, allow_md5_mismatch=False, attempts=5
+    url: str,
+    destination: str,
+    *,
+    md5=ARCHIVE_MD5,
+    allow_md5_mismatch=False,
+    attempts=DOWNLOAD_ATTEMPTS,
 ) -> str:
     """Downloads `url` to `destination` (which appears only when whole and verified), a failed
     attempt starting again from the first byte, and checks the size the server announced and
@@ -368,7 +364,7 @@ def clean_corpus(src_lines: Sequence[str], tgt_lines: Sequence[str]) -> List[Tup
 
 def split_corpus(texts: Dict, workers: int) -> Dict[Tuple[str, str, str], List[str]]:
     """Steps 2-4 on `extract_texts`' output: {(split, "tok" or "raw", lang): lines}."""
-    tokenized = _run_on_texts("moses", texts, lambda key: key[1], workers)
+    tokenized = _apply_to_texts("moses", texts, lambda key: key[1], workers)
     kept = clean_corpus(tokenized[TRAIN_STEM, SOURCE_LANG], tokenized[TRAIN_STEM, TARGET_LANG])
     logger.info("clean: kept %d of %d training pairs", len(kept), len(tokenized[TRAIN_STEM, "de"]))
     splits, untokenized = {}, lambda line: perl_lowercase(perl_normalize_space(line))
@@ -398,39 +394,8 @@ def learn_and_apply_bpe(folder: str, merges: int, workers: int) -> None:
     train = "".join(line + "\n" for lang in LANGUAGES for line in texts["train", lang])
     learn_bpe(io.StringIO(train), learned, merges)
     write_lines(codes, split_lines(learned.getvalue()))
-    for (split, lang), lines in _run_on_texts("bpe", texts, lambda _: codes, workers).items():
+    for (split, lang), lines in _apply_to_texts("bpe", texts, lambda _: codes, workers).items():
         write_lines(os.path.join(folder, f"{split}.bpe.{lang}"), lines)
-
-
-def fairseq_preprocess(
-    prefixes: Dict[str, str],
-    dest: str,
-    *,
-    src=SOURCE_LANG,
-    tgt=TARGET_LANG,
-    joined=False,
-    workers=1,
-) -> str:
-    """fairseq-preprocess of the text files `{prefix}.{src}` / `{prefix}.{tgt}` of each split
-    (`prefixes`: split -> prefix, train first for the dictionaries; `joined`: one dictionary)
-    into the folder `dest`, which appears only when complete; returns `dest`."""
-    from fairseq import options
-    from fairseq_cli import preprocess
-
-    with atomic_output(dest) as temporary:
-        argv = ["-s", src, "-t", tgt, "--destdir", temporary, "--workers", str(workers)]
-        argv += ["--joined-dictionary"] * joined
-        argv += [x for split, prefix in prefixes.items() for x in (f"--{split}pref", prefix)]
-        logger.info("binarize: fairseq-preprocess %s", " ".join(argv))
-        preprocess_logger = logging.getLogger(preprocess.__name__)
-        handlers_before = list(preprocess_logger.handlers)
-        try:
-            preprocess.main(options.get_preprocessing_parser().parse_args(argv))
-        finally:  # preprocess adds a log-file handler on every call; it must not outlive the call
-            for handler in preprocess_logger.handlers[len(handlers_before) :]:
-                preprocess_logger.removeHandler(handler)
-                handler.close()
-    return dest
 
 
 # --- The data folder ----------------------------------------------------------------------------
@@ -542,8 +507,6 @@ def main(argv: Optional[List[str]] = None) -> int:
 
 
 def _work(args: argparse.Namespace) -> int:
-    from .synthetic_data import build_sample_archive
-
     md5 = check_md5_option(args.download_md5)  # a bad flag fails before any work
     archive = args.archive
     if args.sample:
@@ -553,13 +516,7 @@ def _work(args: argparse.Namespace) -> int:
         archive = download_archive(
             args.download_url, destination, md5=md5, allow_md5_mismatch=allow
         )
-    folder = prepare_iwslt14(
-        archive,
-        args.data_root,
-        args.bpe_merges,
-        args.workers,
-        args.expect_real_counts,
-        args.joined_dictionary,
-    )
+    settings = (args.bpe_merges, args.workers, args.expect_real_counts, args.joined_dictionary)
+    folder = prepare_iwslt14(archive, args.data_root, *settings)
     print(os.path.join(folder, DATA_BIN))
     return 0
