@@ -20,7 +20,6 @@ from harness import SAMPLE_N_TRAIN as N_TRAIN
 from fairseq_asam_experiments import prepare
 from fairseq_asam_experiments.errors import ExperimentError, SettingError
 from fairseq_asam_experiments.prepare import (
-    TEST_STEMS,
     TRAIN_STEM,
     MosesPerlTokenizer,
     clean_corpus,
@@ -134,6 +133,16 @@ def sample_archive(prepared_sample):
     return os.path.join(os.path.dirname(os.path.dirname(prepared_sample)), "de-en.tgz")
 
 
+# prepare-iwslt14.sh's order of the test split (written out here, not taken from the code)
+TEST_SETS_IN_ORDER = [
+    "IWSLT14.TED.dev2010.de-en",
+    "IWSLT14.TEDX.dev2012.de-en",
+    "IWSLT14.TED.tst2010.de-en",
+    "IWSLT14.TED.tst2011.de-en",
+    "IWSLT14.TED.tst2012.de-en",
+]
+
+
 def text(folder, split, kind, lang):
     return read_lines(os.path.join(folder, f"{split}.{kind}.{lang}"))
 
@@ -160,8 +169,7 @@ def expected_cleaned(archive):
 def test_sample_archive_has_the_real_layout_and_stable_bytes(sample_archive, tmp_path):
     with tarfile.open(sample_archive, "r:gz") as tar:
         names = set(tar.getnames())
-    sets = ["TED.dev2010", "TEDX.dev2012", "TED.tst2010", "TED.tst2011", "TED.tst2012"]
-    expected = {f"de-en/IWSLT14.{s}.de-en.{lang}.xml" for s in sets for lang in ("de", "en")}
+    expected = {f"de-en/{stem}.{lang}.xml" for stem in TEST_SETS_IN_ORDER for lang in ("de", "en")}
     assert names == expected | {"de-en", "de-en/train.tags.de-en.de", "de-en/train.tags.de-en.en"}
     train_de = archive_text(sample_archive, "train.tags.de-en.de")
     for tag in ("<url>", "<talkid>", "<keywords>", "<title>", "<description>"):
@@ -234,7 +242,7 @@ def test_test_is_the_five_sets_in_order(prepared_sample, sample_archive):
     for lang in ("de", "en"):
         tokenizer = MosesPerlTokenizer(lang)
         expected, expected_raw = [], []
-        for stem in TEST_STEMS:
+        for stem in TEST_SETS_IN_ORDER:
             segments = segment_text(archive_text(sample_archive, f"{stem}.{lang}.xml").splitlines())
             assert len(segments) == N_DEV
             expected += [perl_lowercase(tokenizer.tokenize_line(x)) for x in segments]
