@@ -62,7 +62,7 @@ DEFAULT_BPE_MERGES = 10000
 DOWNLOAD_URL = "https://dl.fbaipublicfiles.com/fairseq/data/iwslt14/de-en.tgz"
 ARCHIVE_MD5 = "10936dfdf616504ddbd844e91b94ef4a"
 ARCHIVE_NAME, SAMPLE_ARCHIVE_NAME = "de-en.tgz", "sample-de-en.tgz"
-DOWNLOAD_ATTEMPTS, DOWNLOAD_RETRY_SECONDS, DOWNLOAD_TIMEOUT_SECONDS = 5, 5.0, 60
+DOWNLOAD_RETRY_SECONDS, DOWNLOAD_TIMEOUT_SECONDS = 5.0, 60
 READ_BLOCK_BYTES = 1 << 20
 
 ARCHIVE_MEMBERS = [f"{ARCHIVE_FOLDER}/{TRAIN_STEM}.{lang}" for lang in LANGUAGES] + [
@@ -296,12 +296,7 @@ def _check_md5(path: str, expected: Optional[str], allow_mismatch: bool, what: s
 
 
 def download_archive(
-    url: str,
-    destination: str,
-    *,
-    md5=ARCHIVE_MD5,
-    allow_md5_mismatch=False,
-    attempts=DOWNLOAD_ATTEMPTS,
+    url: str, destination: str, *, md5=ARCHIVE_MD5, allow_md5_mismatch=False, attempts=5
 ) -> str:
     """Downloads `url` to `destination` (which appears only when whole and verified), a failed
     attempt starting again from the first byte, and checks the size the server announced and

@@ -44,11 +44,7 @@ def toy_pairs(count: int, seed: int, min_len: int = 3, max_len: int = 12) -> Lis
 
 
 def write_corpus(
-    folder: str,
-    sizes: Dict[str, int],
-    seed: int = 1,
-    src: str = SOURCE_LANG,
-    tgt: str = TARGET_LANG,
+    folder: str, sizes: Dict[str, int], seed=1, src=SOURCE_LANG, tgt=TARGET_LANG
 ) -> str:
     """The toy corpus `{split}.{src}` / `{split}.{tgt}` in `folder` for every split of `sizes`
     (pairs per split); returns `folder`."""
@@ -73,13 +69,7 @@ def binarize(
 
 
 def fairseq_preprocess(
-    prefixes: Dict[str, str],
-    dest: str,
-    *,
-    src=SOURCE_LANG,
-    tgt=TARGET_LANG,
-    joined=False,
-    workers=1,
+    prefixes: dict, dest: str, *, src=SOURCE_LANG, tgt=TARGET_LANG, joined=False, workers=1
 ) -> str:
     """fairseq-preprocess of the text files `{prefix}.{src}` / `{prefix}.{tgt}` of each split
     (`prefixes`: split -> prefix, train first for the dictionaries; `joined`: one dictionary)
