@@ -38,18 +38,12 @@ import regex
 from sacremoses import MosesTokenizer
 from sacremoses.corpus import NonbreakingPrefixes
 
+from . import synthetic_data
 from .cli import run_command
 from .errors import ExperimentError, SettingError
 from .files import atomic_output, temporary_name, write_lines
 from .logs import log_to_stdout
-from .synthetic_data import (
-    ARCHIVE_FOLDER,
-    LANGUAGES,
-    TEST_STEMS,
-    TRAIN_STEM,
-    build_sample_archive,
-    fairseq_preprocess,
-)
+from .synthetic_data import ARCHIVE_FOLDER, LANGUAGES, TEST_STEMS, TRAIN_STEM  # the layout
 
 logger = logging.getLogger(__name__)
 
@@ -429,11 +423,12 @@ def prepare_iwslt14(
     if not os.path.isfile(archive):
         raise ExperimentError(f"{archive}: archive not found")
     folder = os.path.join(data_root, data_folder_name(archive, bpe_merges, joined_dictionary))
+    workers = max(1, workers)
     if os.path.isdir(folder):
         logger.info("data: %s is prepared already", folder)
         return folder
     logger.info("data: preparing %s into %s on %d processes", archive, folder, workers)
-    splits = split_corpus(extract_texts(archive), max(1, workers))
+    splits = split_corpus(extract_texts(archive), workers)
     counts = {split: len(splits[split, "tok", SOURCE_LANG]) for split in SPLITS}
     logger.info("split: %s pairs", _count_report(counts))
     if expect_real_counts is None:
@@ -448,10 +443,10 @@ def prepare_iwslt14(
     try:
         for (split, kind, lang), lines in splits.items():
             write_lines(os.path.join(building, f"{split}.{kind}.{lang}"), lines)
-        learn_and_apply_bpe(building, bpe_merges, max(1, workers))
+        learn_and_apply_bpe(building, bpe_merges, workers)
         prefixes = {split: os.path.join(building, f"{split}.bpe") for split in SPLITS}
         dest = os.path.join(building, DATA_BIN)
-        fairseq_preprocess(prefixes, dest, joined=joined_dictionary, workers=max(1, workers))
+        synthetic_data.fairseq_preprocess(prefixes, dest, joined=joined_dictionary, workers=workers)
         try:
             os.rename(building, folder)
         except OSError:  # another process finished the same folder first: theirs is as good
@@ -505,7 +500,9 @@ def _work(args: argparse.Namespace) -> int:
     md5 = check_md5_option(args.download_md5)  # a bad flag fails before any work
     archive = args.archive
     if args.sample:
-        archive = build_sample_archive(os.path.join(args.data_root, SAMPLE_ARCHIVE_NAME))
+        archive = synthetic_data.build_sample_archive(
+            os.path.join(args.data_root, SAMPLE_ARCHIVE_NAME)
+        )
     elif archive is None:
         destination, allow = os.path.join(args.data_root, ARCHIVE_NAME), args.allow_md5_mismatch
         archive = download_archive(

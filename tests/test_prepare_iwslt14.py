@@ -17,7 +17,7 @@ from harness import SAMPLE_BPE_MERGES as MERGES
 from harness import SAMPLE_N_DEV as N_DEV
 from harness import SAMPLE_N_TRAIN as N_TRAIN
 
-from fairseq_asam_experiments import prepare
+from fairseq_asam_experiments import prepare, synthetic_data
 from fairseq_asam_experiments.errors import ExperimentError, SettingError
 from fairseq_asam_experiments.prepare import (
     TRAIN_STEM,
@@ -335,7 +335,7 @@ def test_a_failed_preparation_leaves_nothing(sample_archive, tmp_path, monkeypat
     def failing(*args, **kwargs):
         raise ExperimentError("fairseq-preprocess failed")
 
-    monkeypatch.setattr(prepare, "fairseq_preprocess", failing)
+    monkeypatch.setattr(synthetic_data, "fairseq_preprocess", failing)
     with pytest.raises(ExperimentError, match="fairseq-preprocess failed"):
         prepare_iwslt14(sample_archive, str(tmp_path), MERGES)
     assert list(tmp_path.iterdir()) == []
@@ -348,14 +348,14 @@ def test_a_folder_finished_meanwhile_by_another_process_is_kept(
     import shutil
 
     name = prepare.data_folder_name(sample_archive, MERGES)
-    original = prepare.fairseq_preprocess
+    original = synthetic_data.fairseq_preprocess
 
     def racing(prefixes, dest, **kwargs):
         shutil.copytree(prepared_sample, tmp_path / name)  # the other process finishes first
         (tmp_path / name / "theirs").write_text("")
         return original(prefixes, dest, **kwargs)
 
-    monkeypatch.setattr(prepare, "fairseq_preprocess", racing)
+    monkeypatch.setattr(synthetic_data, "fairseq_preprocess", racing)
     assert prepare_iwslt14(sample_archive, str(tmp_path), MERGES) == str(tmp_path / name)
     assert [p.name for p in tmp_path.iterdir()] == [name]  # no temporary folder left
     assert (tmp_path / name / "theirs").exists()
