@@ -493,3 +493,18 @@ def markdown_rows(text: str, first_header: str) -> list:
             break
         rows.append(dict(zip(header, [c.strip() for c in line.strip().strip("|").split("|")])))
     return rows
+
+
+# The sample archive of `prepared_sample` (conftest): small enough to prepare in about a second.
+SAMPLE_N_TRAIN, SAMPLE_N_DEV, SAMPLE_BPE_MERGES = 300, 12, 200
+
+
+def prepare_sample(
+    root: str, n_train=SAMPLE_N_TRAIN, n_dev=SAMPLE_N_DEV, bpe_merges=SAMPLE_BPE_MERGES, **kwargs
+) -> str:
+    """The sample archive `<root>/de-en.tgz` prepared into `<root>/data/<name>/`; that folder."""
+    from fairseq_asam_experiments import prepare
+
+    path = os.path.join(root, "de-en.tgz")
+    archive = synthetic_data.build_sample_archive(path, n_train=n_train, n_dev=n_dev)
+    return prepare.prepare_iwslt14(archive, os.path.join(root, "data"), bpe_merges, **kwargs)
