@@ -4,10 +4,9 @@ from setuptools import setup
 # (fairseq_asam_experiments: data preparation, Table 4 runner, evaluation, report, sharpness,
 # trajectories, benchmark) needs the `experiments` extra too.
 CONFIGS_PACKAGE = "fairseq_asam_experiments.configs"
-CONSOLE_SCRIPTS = [
+CONSOLE_SCRIPTS = ["fairseq-asam-table4 = fairseq_asam_experiments.table4:main"] + [
     f"fairseq-asam-{name} = fairseq_asam_experiments.cli:{name}_main"
     for name in (
-        "table4",
         "prepare",
         "evaluate",
         "report",

@@ -15,6 +15,7 @@ rows × sweep values × seeds.  ρ and η are swept only on the rows whose optim
 """
 
 import decimal
+import importlib.util
 import itertools
 import os
 import re
@@ -24,7 +25,6 @@ from typing import Dict, List, Optional, Sequence, Tuple
 
 from . import evaluation, recipe
 from .errors import SettingError
-from .layout import plugin_dir
 
 OPTIMIZERS = ("adam", "sam", "asam")
 SCHEDULE_ROWS = ("asam_interval5", "asam_looksam5", "asam_late")  # beyond the paper
@@ -38,6 +38,11 @@ SWEEP_TAKERS = {"rho": ("sam", "asam"), "eta": ("asam",)}
 WORD_VALUE = re.compile(r"^[A-Za-z0-9_.]+$")  # a non-numeric swept value (it names folders)
 
 Option = recipe.Option
+
+
+def plugin_dir() -> str:
+    """The plugin's folder for fairseq's `--user-dir`, found without importing it (torch)."""
+    return importlib.util.find_spec("fairseq_asam").submodule_search_locations[0]
 
 
 @dataclass(frozen=True)
@@ -282,6 +287,12 @@ class Grid:
 
 def _sweeps(grid: Grid, row: str, sweep: Sweep) -> bool:
     return sweep.takers is None or grid.optimizer_of(row) in sweep.takers
+
+
+def settings_of_command(command: Sequence[str]) -> Dict[str, Optional[str]]:
+    """`Grid.settings` of a command `Grid.command` built: [python, -m, module, data, options]."""
+    pairs = [(f, v) for f, v in _pairs(command[4:]) if f not in RUN_LOCATION_FLAGS]
+    return {"data": command[3], **dict(pairs)}
 
 
 def _pairs(argv: Sequence[str]) -> List[Option]:

@@ -1,0 +1,558 @@
+"""One run of a grid (`run_one`), and the launchers that run a grid's runs: here, one run per GPU
+or one after the other on a CPU (`launch_local`), or as submitit jobs on Slurm or submitit's
+local executor (`launch_jobs`), each job calling the same `run_one`.
+
+`run_one` holds the run's lock (filelock on `run.lock`, for the run's lifetime: a second launcher
+skips the run and says so) and does the run's stages in its folder, each done when its stamp
+(files.read_stamp) holds the current inputs:
+
+    train      fairseq-train, stdout to train.log, the command in command.txt; the `train` stamp
+               holds grid.settings() once it finished.  Same settings and finished: skipped; an
+               interrupted run (command.txt, no stamp): resumed (fairseq-train loads
+               checkpoint_last.pt from the same --save-dir by itself); only --max-update raised:
+               continued the same way; anything else changed: refused in one line naming the
+               setting (`check_runs` does that for every run before any starts).
+    evaluate   evaluation.evaluate_checkpoint: redone when evaluation_inputs change
+    sharpness  fairseq-asam-sharpness --measures adaptive at --sharpness-rho, in its own process
+    results.json  what the report reads (design.md's schema)
+
+A failure (any exception, a trainer killed by a signal) is written to failure.json and the grid
+goes on; success removes it.  Ctrl-C: no new run or stage starts, the running children get
+SIGINT, then SIGKILL after STOP_GRACE_SECONDS, and every run stays resumable.
+"""
+
+import datetime
+import json
+import logging
+import os
+import queue
+import shlex
+import signal
+import subprocess
+import sys
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor, wait
+from dataclasses import dataclass, field
+from typing import Callable, Dict, List, Optional, Tuple
+
+import filelock
+import submitit
+
+from . import evaluation, files
+from .errors import ExperimentError
+from .grid import BUDGET_FLAG, CHECKPOINTS_FOLDER, Grid, Run, plugin_dir, settings_of_command
+
+logger = logging.getLogger(__name__)
+
+TRAIN, EVALUATE, SHARPNESS = "train", "evaluate", "sharpness"  # the stages, and their stamps
+COMMAND_FILE, TRAIN_LOG, FAILURE_RECORD, JOB_RECORD = (
+    "command.txt",
+    "train.log",
+    "failure.json",
+    "job.json",
+)
+LOCK_FILE, RESULTS = "run.lock", "results.json"
+SHARPNESS_JSON, SHARPNESS_LOG = "sharpness.json", "sharpness.log"
+SHARPNESS_COMMAND = (sys.executable, "-m", "fairseq_asam_experiments", "sharpness")
+STOP_GRACE_SECONDS = 60.0  # Ctrl-C: how long children get after SIGINT before SIGKILL
+INTERRUPTED_STATUS = 130  # the shell's status for a program ended by SIGINT
+Outcome = Tuple[str, str]  # (done | failed | locked | interrupted | cancelled | queued, message)
+
+
+class RunLocked(ExperimentError):
+    """Another launcher (or job) holds the run's lock."""
+
+
+class Interrupted(ExperimentError):
+    """Ctrl-C or a job's timeout: the run stopped where it was, resumable."""
+
+    exit_status = INTERRUPTED_STATUS
+
+
+def _now() -> str:
+    return datetime.datetime.now().isoformat(timespec="seconds")
+
+
+def one_line(error: BaseException) -> str:
+    text = " ".join(str(error).split()) or type(error).__name__
+    return text if isinstance(error, ExperimentError) else f"{type(error).__name__}: {text}"
+
+
+class Children:
+    """The child processes of a launcher, so that one stop() ends them all: no child starts
+    after it; the running ones get SIGINT (a terminal's Ctrl-C), then SIGKILL after `grace`."""
+
+    def __init__(self):
+        self._lock = threading.Lock()
+        self._running: List[subprocess.Popen] = []
+        self.stopping = threading.Event()
+
+    def call(self, command, stdout, env=None) -> int:
+        with self._lock:
+            if self.stopping.is_set():
+                raise Interrupted("not started: stopping")
+            child = subprocess.Popen(
+                list(command), stdout=stdout, stderr=subprocess.STDOUT, env=env
+            )
+            self._running.append(child)
+        try:
+            return child.wait()
+        finally:
+            with self._lock:
+                self._running.remove(child)
+
+    def stop(self, grace: float = STOP_GRACE_SECONDS) -> None:
+        with self._lock:
+            self.stopping.set()
+            children = list(self._running)
+        for child in children:
+            child.send_signal(signal.SIGINT)
+        deadline = time.monotonic() + grace
+        try:
+            for child in children:
+                with_timeout = max(0.0, deadline - time.monotonic())
+                try:
+                    child.wait(timeout=with_timeout)
+                except subprocess.TimeoutExpired:
+                    logger.warning(f"child {child.pid} did not stop within {grace:.0f} s: killed")
+        except KeyboardInterrupt:  # a second Ctrl-C: no more waiting
+            pass
+        for child in children:
+            if child.poll() is None:
+                child.kill()
+
+
+CHILDREN = Children()  # a submitit job's (one run per process)
+
+
+# --------------------------------------------------------------------------------------------
+# One run
+# --------------------------------------------------------------------------------------------
+
+
+def lock_holder(run_dir: str) -> Optional[str]:
+    """'a launcher' if one holds the run's lock now, else None; creates nothing."""
+    path = os.path.join(run_dir, LOCK_FILE)
+    if not os.path.isfile(path):
+        return None
+    lock = filelock.FileLock(path)
+    try:
+        lock.acquire(timeout=0)
+    except filelock.Timeout:
+        return "a launcher"
+    lock.release()
+    return None
+
+
+def started_settings(run_dir: str) -> Optional[dict]:
+    """The settings of the training command.txt records (started, maybe not finished)."""
+    path = os.path.join(run_dir, COMMAND_FILE)
+    if not os.path.isfile(path):
+        return None
+    with open(path, encoding="utf-8") as f:
+        argv = shlex.split(f.read())
+    while argv and "=" in argv[0]:  # the environment it ran with: OMP_NUM_THREADS=1 ...
+        argv.pop(0)
+    return settings_of_command(argv)
+
+
+def train_plan(grid: Grid, run: Run, data_bin: str) -> Optional[str]:
+    """What the run's training needs (a sentence), None if it is done; SettingError if the run
+    was trained (or started) with other settings than a raised --max-update."""
+    run_dir = grid.run_dir(run)
+    settings = grid.settings(run, data_bin)
+    finished = files.read_stamp(run_dir, TRAIN)
+    old = finished if finished is not None else started_settings(run_dir)
+    if old is None:
+        return "training"
+    changes = files.changed_inputs(old, settings)
+    if not changes:
+        return None if finished is not None else "resuming from checkpoint_last.pt"
+    before, after = old.get(BUDGET_FLAG) or "0", settings.get(BUDGET_FLAG) or "0"
+    raised = before.isdigit() and after.isdigit() and int(after) > int(before)
+    if raised and all(change.startswith(BUDGET_FLAG + " ") for change in changes):
+        return f"{BUDGET_FLAG} {before} → {after}: continuing from checkpoint_last.pt"
+    raise ExperimentError(
+        f"{run.name} was trained with other settings ({'; '.join(changes)}): run with those, "
+        f"delete {run_dir}, or give another --out"
+    )
+
+
+def check_runs(grid: Grid, data_bin: str) -> None:
+    """Every run's train_plan before any run starts: the refusals, all in one line."""
+    refused = []
+    for run in grid.runs():
+        try:
+            train_plan(grid, run, data_bin)
+        except ExperimentError as error:
+            refused.append(str(error))
+    if refused:
+        raise ExperimentError("; ".join(refused))
+
+
+def run_environment(grid: Grid, gpu: Optional[str]) -> Dict[str, str]:
+    """The variables a run's children get: its GPU, or on a CPU the preset's thread count."""
+    if gpu is not None:
+        return {"CUDA_VISIBLE_DEVICES": gpu}
+    if grid.preset.cpu_threads is not None and "OMP_NUM_THREADS" not in os.environ:
+        return {"OMP_NUM_THREADS": str(grid.preset.cpu_threads)}
+    return {}
+
+
+def train(grid: Grid, run: Run, data_bin: str, env: Dict[str, str], children: Children) -> str:
+    """The train stage; returns the command line it trains with (written to command.txt)."""
+    run_dir = grid.run_dir(run)
+    command = grid.command(run, data_bin)
+    line = " ".join([f"{k}={shlex.quote(v)}" for k, v in env.items()] + [shlex.join(command)])
+    plan = train_plan(grid, run, data_bin)
+    if plan is None:
+        logger.info(f"{run.name}: trained")
+        return line
+    logger.info(f"{run.name}: {plan}")
+    for stage in (TRAIN, EVALUATE, SHARPNESS):  # a failed redo leaves no stale mark
+        files.clear_stamp(run_dir, stage)
+    if os.path.exists(os.path.join(run_dir, RESULTS)):
+        os.unlink(os.path.join(run_dir, RESULTS))  # its checkpoints are about to change
+    files.write_text(os.path.join(run_dir, COMMAND_FILE), line + "\n")
+    log_path = os.path.join(run_dir, TRAIN_LOG)
+    with open(log_path, "a", encoding="utf-8") as log:
+        returncode = children.call(command, stdout=log, env={**os.environ, **env})
+    if returncode != 0:
+        how = "was killed by" if returncode < 0 else "failed with"
+        raise ExperimentError(
+            f"fairseq-train {how} {evaluation.exit_description(returncode)}; see {log_path}"
+        )
+    files.write_stamp(run_dir, TRAIN, grid.settings(run, data_bin))
+    return line
+
+
+def _same(stamp: Optional[dict], inputs: dict) -> bool:
+    return stamp is not None and stamp == json.loads(json.dumps(inputs))
+
+
+def describe(grid: Grid, run: Run, command_line: str) -> dict:
+    """What results.json says the run is (design.md): the report's keys."""
+    return {
+        "run": run.name,
+        "row": run.row,
+        "optimizer": grid.optimizer_of(run.row),
+        "seed": run.seed,
+        "sweep": dict(run.swept),
+        "preset": grid.preset.name,
+        "max_update": int(dict(grid.options(run)).get(BUDGET_FLAG) or 0) or None,
+        "train_command": command_line,
+        "protocol": str(grid.protocol),
+    }
+
+
+def evaluate(grid, run, data_bin, references, env, children) -> dict:
+    """The evaluate stage: results.json's scores, redone when the evaluation's inputs change."""
+    run_dir = grid.run_dir(run)
+    save_dir = os.path.join(run_dir, CHECKPOINTS_FOLDER)
+    inputs = evaluation.evaluation_inputs(data_bin, save_dir, grid.protocol, references)
+    results = files.read_json_object(os.path.join(run_dir, RESULTS))
+    if results is not None and _same(files.read_stamp(run_dir, EVALUATE), inputs):
+        return results
+    for stage in (EVALUATE, SHARPNESS):
+        files.clear_stamp(run_dir, stage)
+    logger.info(f"{run.name}: evaluating --checkpoint {grid.protocol}")
+    scores = evaluation.evaluate_checkpoint(
+        data_bin,
+        save_dir,
+        plugin_dir(),
+        grid.protocol,
+        references=references,
+        output_dir=run_dir,
+        env={**os.environ, **env},
+        call=children.call,
+    )
+    files.write_stamp(run_dir, EVALUATE, inputs)
+    return scores
+
+
+def measure_sharpness(grid, run, data_bin, results, env, gpu, children) -> Optional[dict]:
+    """The sharpness stage: fairseq-asam-sharpness's JSON report on the evaluated checkpoint,
+    on the run's GPU; redone when ρ or the evaluation changes."""
+    run_dir = grid.run_dir(run)
+    checkpoint = results["checkpoint"]["path"]
+    inputs = {"rho": grid.sharpness_rho, "checkpoint": checkpoint}
+    inputs["evaluation"] = files.read_stamp(run_dir, EVALUATE)
+    if "sharpness" in results and _same(files.read_stamp(run_dir, SHARPNESS), inputs):
+        return results["sharpness"]
+    files.clear_stamp(run_dir, SHARPNESS)
+    json_path = os.path.join(run_dir, SHARPNESS_JSON)
+    if os.path.exists(json_path):
+        os.unlink(json_path)
+    device = "cpu" if gpu is None else "cuda:0"
+    command = [*SHARPNESS_COMMAND, checkpoint, data_bin, "--rho", repr(grid.sharpness_rho)]
+    command += ["--measures", "adaptive", "--device", device, "--json", json_path]
+    logger.info(f"{run.name}: measuring the adaptive sharpness at rho={grid.sharpness_rho}")
+    log_path = os.path.join(run_dir, SHARPNESS_LOG)
+    with open(log_path, "w", encoding="utf-8") as log:
+        returncode = children.call(command, stdout=log, env={**os.environ, **env})
+    if returncode != 0 or not os.path.isfile(json_path):
+        raise ExperimentError(
+            f"fairseq-asam-sharpness failed with {evaluation.exit_description(returncode)}; "
+            f"see {log_path}"
+        )
+    files.write_stamp(run_dir, SHARPNESS, inputs)
+    return files.read_json_object(json_path)
+
+
+def run_one(
+    grid: Grid,
+    run: Run,
+    data_bin: str,
+    references: Dict[str, str],
+    gpu: Optional[str] = None,
+    children: Optional[Children] = None,
+) -> str:
+    """Trains, evaluates and measures one run under its lock; returns its results.json.
+
+    RunLocked if another launcher holds the run; Interrupted once `children` is stopping; any
+    other failure is written to failure.json first."""
+    children = children or CHILDREN
+    run_dir = grid.run_dir(run)
+    os.makedirs(run_dir, exist_ok=True)
+    lock = filelock.FileLock(os.path.join(run_dir, LOCK_FILE))
+    try:
+        lock.acquire(timeout=0)
+    except filelock.Timeout:
+        raise RunLocked(f"{run.name}: skipped, another launcher holds {lock.lock_file}") from None
+    stage = TRAIN
+    try:
+        env = run_environment(grid, gpu)
+        where = f"GPU {gpu}" if gpu is not None else "CPU"
+        logger.info(f"{run.name}: on {where}")
+        line = train(grid, run, data_bin, env, children)
+        for stage in (EVALUATE, SHARPNESS):
+            if children.stopping.is_set():
+                raise Interrupted(f"{stage} not started")
+            if stage == EVALUATE:
+                results = {**evaluate(grid, run, data_bin, references, env, children)}
+            elif grid.sharpness_rho is not None:
+                results["sharpness"] = measure_sharpness(
+                    grid, run, data_bin, results, env, gpu, children
+                )
+            path = os.path.join(run_dir, RESULTS)
+            files.write_json(path, {**describe(grid, run, line), **results})
+        if os.path.exists(os.path.join(run_dir, FAILURE_RECORD)):
+            os.unlink(os.path.join(run_dir, FAILURE_RECORD))
+        logger.info(f"{run.name}: done, {path}")
+        return path
+    except BaseException as error:
+        if isinstance(error, (Interrupted, KeyboardInterrupt)) or children.stopping.is_set():
+            raise Interrupted(f"{run.name}: interrupted in {stage}, resumable") from error
+        record = {"run": run.name, "stage": stage, "error": one_line(error), "time": _now()}
+        files.write_json(os.path.join(run_dir, FAILURE_RECORD), record)
+        raise
+    finally:
+        lock.release()
+
+
+def guarded(function: Callable[[], str], in_job: bool = False):
+    """The outcome of `function()` (a run_one), what goes wrong kept to that run; in a job, a
+    failure is returned as the exception (for the job to raise: a FAILED job)."""
+    try:
+        function()
+        return "done", ""
+    except (RunLocked, Interrupted) as error:
+        logger.warning(str(error))
+        return ("locked" if isinstance(error, RunLocked) else "interrupted"), str(error)
+    except Exception as error:
+        logger.error(f"failed: {one_line(error)}")
+        return error if in_job else ("failed", one_line(error))
+
+
+# --------------------------------------------------------------------------------------------
+# Here: one run per GPU, or one after the other
+# --------------------------------------------------------------------------------------------
+
+
+def visible_gpus() -> List[str]:
+    """CUDA_VISIBLE_DEVICES entries of the GPUs torch sees (indices if the variable is unset)."""
+    import torch
+
+    count = torch.cuda.device_count()
+    listed = os.environ.get("CUDA_VISIBLE_DEVICES")
+    if listed is not None:
+        return [d.strip() for d in listed.split(",") if d.strip()][:count]
+    return [str(i) for i in range(count)]
+
+
+def launch_local(grid, runs, data_bin, references, gpus, children=None) -> Dict[str, Outcome]:
+    """The runs here, one per GPU at a time (one after the other without GPUs); {run: outcome}.
+    Ctrl-C: no new run or stage starts, the children are stopped (Children.stop)."""
+    children = children or Children()
+    devices: "queue.Queue[Optional[str]]" = queue.Queue()
+    for device in gpus or [None]:
+        devices.put(device)
+
+    def work(run: Run) -> Outcome:
+        gpu = devices.get()
+        try:
+            return guarded(lambda: run_one(grid, run, data_bin, references, gpu, children))
+        finally:
+            devices.put(gpu)
+
+    pool = ThreadPoolExecutor(max_workers=max(1, len(gpus)))
+    futures = {run.name: pool.submit(work, run) for run in runs}
+    try:
+        pending = set(futures.values())
+        while pending:
+            _, pending = wait(pending, timeout=0.5)
+    except KeyboardInterrupt:
+        logger.warning(
+            "Ctrl-C: starting no new run; stopping the running ones (SIGINT, then SIGKILL after "
+            f"{STOP_GRACE_SECONDS:.0f} s); they resume when the grid runs again"
+        )
+        for future in futures.values():
+            future.cancel()
+        children.stop()
+    pool.shutdown(wait=True)
+    cancelled = ("cancelled", "not started (Ctrl-C)")
+    return {n: cancelled if f.cancelled() else f.result() for n, f in futures.items()}
+
+
+# --------------------------------------------------------------------------------------------
+# submitit jobs: Slurm, or submitit's local executor
+# --------------------------------------------------------------------------------------------
+
+SUBMITIT_FOLDER = "submitit"
+# submitit's parameter for each job flag of fairseq-asam-table4 (slurm_*: ignored locally).
+JOB_PARAMETERS = {
+    "time_min": "timeout_min",
+    "gpus_per_job": "gpus_per_node",
+    "cpus_per_job": "cpus_per_task",
+    "mem_gb": "mem_gb",
+    "partition": "slurm_partition",
+    "max_concurrent": "slurm_array_parallelism",
+    "job_setup": "slurm_setup",
+}
+# A recorded Slurm job in one of these states may still run its run: not submitted again.
+ACTIVE_STATES = {"PENDING", "RUNNING", "REQUEUED", "CONFIGURING", "COMPLETING", "SUSPENDED"}
+CHECKPOINT_GRACE_SECONDS = 30.0  # inside submitit's signal delay (90 s before the time limit)
+REPORT_JOB_MINUTES = 30
+
+
+def make_executor(out_dir: str, jobs, name: str, **parameters) -> submitit.AutoExecutor:
+    """An executor for `jobs`, table4's job flags (argparse.Namespace)."""
+    cluster = "slurm" if jobs.launcher == "slurm" else "local"
+    folder = os.path.join(out_dir, SUBMITIT_FOLDER)
+    timeouts = {f"{cluster}_max_num_timeout": jobs.max_requeue}
+    executor = submitit.AutoExecutor(folder=folder, cluster=cluster, **timeouts)
+    given = {submitit_name: getattr(jobs, flag) for flag, submitit_name in JOB_PARAMETERS.items()}
+    given["slurm_additional_parameters"] = dict(jobs.sbatch or []) or None
+    if given["gpus_per_node"] is None:
+        given["gpus_per_node"] = int(cluster == "slurm")
+    executor.update_parameters(name=name, **{**given, **parameters})
+    return executor
+
+
+class RunJob(submitit.helpers.Checkpointable):
+    """A job: run_one for one run.  On a timeout or a preemption submitit calls checkpoint(),
+    which stops the trainer and requeues the job: it resumes from checkpoint_last.pt.  The run
+    goes on in a thread, so that submitit's signal handler (main thread) can stop its children."""
+
+    def __init__(self, grid: Grid, run: Run, data_bin: str, references: Dict[str, str]):
+        self.arguments = (grid, run, data_bin, references)
+
+    def __call__(self) -> Outcome:
+        from .logs import log_to_stdout
+
+        log_to_stdout()
+        gpu = os.environ.get("CUDA_VISIBLE_DEVICES") or None  # Slurm's, on a GPU job
+        call = lambda: run_one(*self.arguments, gpu=gpu)  # noqa: E731
+        outcome: List = []
+        thread = threading.Thread(target=lambda: outcome.append(guarded(call, True)), daemon=True)
+        thread.start()
+        try:
+            while thread.is_alive():
+                thread.join(timeout=1.0)
+        except KeyboardInterrupt:  # cancelled (submitit-local sends SIGINT)
+            CHILDREN.stop()
+            thread.join()
+        if isinstance(outcome[0], BaseException):
+            raise outcome[0]  # a failed run: a FAILED job
+        return outcome[0]
+
+    def checkpoint(self, *args, **kwargs) -> submitit.helpers.DelayedSubmission:
+        logger.warning(f"{self.arguments[1].name}: timeout or preemption: stopping, requeueing")
+        CHILDREN.stop(grace=CHECKPOINT_GRACE_SECONDS)
+        return submitit.helpers.DelayedSubmission(RunJob(*self.arguments))
+
+
+def queued_job(run_dir: str) -> Optional[str]:
+    """`job 123_4 (PENDING)` if the Slurm job recorded for the run may still run it."""
+    record = files.read_json_object(os.path.join(run_dir, JOB_RECORD))
+    if not record or record.get("launcher") != "slurm":
+        return None
+    state = submitit.SlurmJob(record["folder"], record["job_id"]).state
+    return f"job {record['job_id']} ({state})" if state.upper() in ACTIVE_STATES else None
+
+
+def launch_jobs(grid, runs, data_bin, references, jobs, final=None) -> Optional[Dict]:
+    """A job per run not queued already; waits for them under submitit-local or --wait
+    ({run: outcome}); else submits `final` (function, arguments: the report) as a job that
+    starts once every run job has ended (afterany), and returns None."""
+    outcomes: Dict[str, Outcome] = {}
+    for run in runs:
+        queued = queued_job(grid.run_dir(run)) if jobs.launcher == "slurm" else None
+        if queued:
+            logger.info(f"{run.name}: not submitted, already queued as {queued}")
+            outcomes[run.name] = ("queued", queued)
+    name = f"table4-{os.path.basename(grid.out_dir)}"
+    executor = make_executor(grid.out_dir, jobs, name)
+    with executor.batch():
+        todo = [run for run in runs if run.name not in outcomes]
+        submitted = [
+            (run, executor.submit(RunJob(grid, run, data_bin, references))) for run in todo
+        ]
+    for run, job in submitted:
+        record = {"run": run.name, "launcher": jobs.launcher, "job_id": str(job.job_id)}
+        record.update(folder=os.path.join(grid.out_dir, SUBMITIT_FOLDER), submitted=_now())
+        files.write_json(os.path.join(grid.run_dir(run), JOB_RECORD), record)
+        logger.info(f"{run.name}: submitted as job {job.job_id}")
+    if jobs.wait or jobs.launcher == "submitit-local":
+        return {**outcomes, **wait_for_jobs(grid, submitted)}
+    if final is not None and jobs.launcher == "slurm" and not jobs.no_report_job and submitted:
+        after = "afterany:" + ":".join(sorted({str(j.job_id).split("_")[0] for _, j in submitted}))
+        last = make_executor(
+            grid.out_dir,
+            jobs,
+            f"{name}-report",
+            slurm_dependency=after,
+            timeout_min=REPORT_JOB_MINUTES,
+            gpus_per_node=0,
+            cpus_per_task=1,
+        )
+        logger.info(f"report: job {last.submit(*final).job_id}, once the run jobs have ended")
+    return None
+
+
+def wait_for_jobs(grid, submitted) -> Dict[str, Outcome]:
+    """Each job's outcome once it ended; a job that died without one (killed, out of memory)
+    is recorded in its run's failure.json here.  Ctrl-C cancels the jobs (resumable runs)."""
+    outcomes = {}
+    try:
+        for run, job in submitted:
+            try:
+                outcomes[run.name] = tuple(job.result())
+            except Exception as error:
+                path = os.path.join(grid.run_dir(run), FAILURE_RECORD)
+                failure = files.read_json_object(path)
+                if failure is None:
+                    failure = {"run": run.name, "stage": "job", "error": one_line(error)}
+                    files.write_json(path, {**failure, "time": _now()})
+                outcomes[run.name] = ("failed", f"{failure['stage']}: {failure['error']}")
+    except KeyboardInterrupt:
+        logger.warning("Ctrl-C: cancelling the jobs; their runs resume when the grid runs again")
+        for run, job in submitted:
+            if run.name not in outcomes:
+                job.cancel(check=False)
+                outcomes[run.name] = ("interrupted", f"job {job.job_id} cancelled (Ctrl-C)")
+        deadline = time.monotonic() + STOP_GRACE_SECONDS + 30
+        while any(not j.done() for _, j in submitted) and time.monotonic() < deadline:
+            time.sleep(0.5)
+    return outcomes
