@@ -1,24 +1,15 @@
-"""One run of a grid (`run_one`), and the launchers that run a grid's runs: here, one run per GPU
-or one after the other on a CPU (`launch_local`), or as submitit jobs on Slurm or submitit's
+"""One run of a grid (`run_one`), and the launchers of a grid's runs: here, one run per GPU or
+one after the other on a CPU (`launch_local`), or a submitit job per run on Slurm or submitit's
 local executor (`launch_jobs`), each job calling the same `run_one`.
 
-`run_one` holds the run's lock (filelock on `run.lock`, for the run's lifetime: a second launcher
-skips the run and says so) and does the run's stages in its folder, each done when its stamp
-(files.read_stamp) holds the current inputs:
-
-    train      fairseq-train, stdout to train.log, the command in command.txt; the `train` stamp
-               holds grid.settings() once it finished.  Same settings and finished: skipped; an
-               interrupted run (command.txt, no stamp): resumed (fairseq-train loads
-               checkpoint_last.pt from the same --save-dir by itself); only --max-update raised:
-               continued the same way; anything else changed: refused in one line naming the
-               setting (`check_runs` does that for every run before any starts).
-    evaluate   evaluation.evaluate_checkpoint: redone when evaluation_inputs change
-    sharpness  fairseq-asam-sharpness --measures adaptive at --sharpness-rho, in its own process
-    results.json  what the report reads (design.md's schema)
-
-A failure (any exception, a trainer killed by a signal) is written to failure.json and the grid
-goes on; success removes it.  Ctrl-C: no new run or stage starts, the running children get
-SIGINT, then SIGKILL after STOP_GRACE_SECONDS, and every run stays resumable.
+`run_one` holds the run's lock (filelock on run.lock, for the run's lifetime: a second launcher
+skips the run and says so) and does its stages, each done when its stamp holds its inputs:
+train (fairseq-train; finished: skipped; interrupted: resumed, fairseq-train loading
+checkpoint_last.pt from the same --save-dir by itself; only --max-update raised: continued the
+same way; anything else changed: refused, naming the setting), evaluate (redone when
+evaluation_inputs change), sharpness (--sharpness-rho); then results.json.  A failure is written
+to failure.json and the grid goes on.  Ctrl-C: no new run or stage starts, the running children
+get SIGINT, then SIGKILL after STOP_GRACE_SECONDS; every run stays resumable.
 """
 
 import datetime
@@ -32,8 +23,6 @@ import subprocess
 import sys
 import threading
 import time
-from concurrent.futures import ThreadPoolExecutor, wait
-from dataclasses import dataclass, field
 from typing import Callable, Dict, List, Optional, Tuple
 
 import filelock
@@ -46,13 +35,8 @@ from .grid import BUDGET_FLAG, CHECKPOINTS_FOLDER, Grid, Run, plugin_dir, settin
 logger = logging.getLogger(__name__)
 
 TRAIN, EVALUATE, SHARPNESS = "train", "evaluate", "sharpness"  # the stages, and their stamps
-COMMAND_FILE, TRAIN_LOG, FAILURE_RECORD, JOB_RECORD = (
-    "command.txt",
-    "train.log",
-    "failure.json",
-    "job.json",
-)
-LOCK_FILE, RESULTS = "run.lock", "results.json"
+COMMAND_FILE, TRAIN_LOG, FAILURE_RECORD = "command.txt", "train.log", "failure.json"
+JOB_RECORD, LOCK_FILE, RESULTS = "job.json", "run.lock", "results.json"
 SHARPNESS_JSON, SHARPNESS_LOG = "sharpness.json", "sharpness.log"
 SHARPNESS_COMMAND = (sys.executable, "-m", "fairseq_asam_experiments", "sharpness")
 STOP_GRACE_SECONDS = 60.0  # Ctrl-C: how long children get after SIGINT before SIGKILL
@@ -92,9 +76,7 @@ class Children:
         with self._lock:
             if self.stopping.is_set():
                 raise Interrupted("not started: stopping")
-            child = subprocess.Popen(
-                list(command), stdout=stdout, stderr=subprocess.STDOUT, env=env
-            )
+            child = subprocess.Popen(command, stdout=stdout, stderr=subprocess.STDOUT, env=env)
             self._running.append(child)
         try:
             return child.wait()
@@ -110,17 +92,12 @@ class Children:
             child.send_signal(signal.SIGINT)
         deadline = time.monotonic() + grace
         try:
-            for child in children:
-                with_timeout = max(0.0, deadline - time.monotonic())
-                try:
-                    child.wait(timeout=with_timeout)
-                except subprocess.TimeoutExpired:
-                    logger.warning(f"child {child.pid} did not stop within {grace:.0f} s: killed")
+            while any(c.poll() is None for c in children) and time.monotonic() < deadline:
+                time.sleep(0.1)
         except KeyboardInterrupt:  # a second Ctrl-C: no more waiting
             pass
-        for child in children:
-            if child.poll() is None:
-                child.kill()
+        for child in [c for c in children if c.poll() is None]:
+            child.kill()
 
 
 CHILDREN = Children()  # a submitit job's (one run per process)
@@ -233,17 +210,11 @@ def _same(stamp: Optional[dict], inputs: dict) -> bool:
 
 def describe(grid: Grid, run: Run, command_line: str) -> dict:
     """What results.json says the run is (design.md): the report's keys."""
-    return {
-        "run": run.name,
-        "row": run.row,
-        "optimizer": grid.optimizer_of(run.row),
-        "seed": run.seed,
-        "sweep": dict(run.swept),
-        "preset": grid.preset.name,
-        "max_update": int(dict(grid.options(run)).get(BUDGET_FLAG) or 0) or None,
-        "train_command": command_line,
-        "protocol": str(grid.protocol),
-    }
+    budget = dict(grid.options(run)).get(BUDGET_FLAG)
+    described = dict(run=run.name, row=run.row, optimizer=grid.optimizer_of(run.row))
+    described.update(seed=run.seed, sweep=dict(run.swept), preset=grid.preset.name)
+    described.update(max_update=int(budget) if budget else None, train_command=command_line)
+    return {**described, "protocol": str(grid.protocol)}
 
 
 def evaluate(grid, run, data_bin, references, env, children) -> dict:
@@ -257,21 +228,15 @@ def evaluate(grid, run, data_bin, references, env, children) -> dict:
     for stage in (EVALUATE, SHARPNESS):
         files.clear_stamp(run_dir, stage)
     logger.info(f"{run.name}: evaluating --checkpoint {grid.protocol}")
+    options = dict(references=references, output_dir=run_dir, call=children.call)
     scores = evaluation.evaluate_checkpoint(
-        data_bin,
-        save_dir,
-        plugin_dir(),
-        grid.protocol,
-        references=references,
-        output_dir=run_dir,
-        env={**os.environ, **env},
-        call=children.call,
+        data_bin, save_dir, plugin_dir(), grid.protocol, env={**os.environ, **env}, **options
     )
     files.write_stamp(run_dir, EVALUATE, inputs)
     return scores
 
 
-def measure_sharpness(grid, run, data_bin, results, env, gpu, children) -> Optional[dict]:
+def sharpness(grid, run, data_bin, results, env, gpu, children) -> Optional[dict]:
     """The sharpness stage: fairseq-asam-sharpness's JSON report on the evaluated checkpoint,
     on the run's GPU; redone when ρ or the evaluation changes."""
     run_dir = grid.run_dir(run)
@@ -282,8 +247,6 @@ def measure_sharpness(grid, run, data_bin, results, env, gpu, children) -> Optio
         return results["sharpness"]
     files.clear_stamp(run_dir, SHARPNESS)
     json_path = os.path.join(run_dir, SHARPNESS_JSON)
-    if os.path.exists(json_path):
-        os.unlink(json_path)
     device = "cpu" if gpu is None else "cuda:0"
     command = [*SHARPNESS_COMMAND, checkpoint, data_bin, "--rho", repr(grid.sharpness_rho)]
     command += ["--measures", "adaptive", "--device", device, "--json", json_path]
@@ -291,23 +254,15 @@ def measure_sharpness(grid, run, data_bin, results, env, gpu, children) -> Optio
     log_path = os.path.join(run_dir, SHARPNESS_LOG)
     with open(log_path, "w", encoding="utf-8") as log:
         returncode = children.call(command, stdout=log, env={**os.environ, **env})
-    if returncode != 0 or not os.path.isfile(json_path):
+    if returncode != 0:
         raise ExperimentError(
-            f"fairseq-asam-sharpness failed with {evaluation.exit_description(returncode)}; "
-            f"see {log_path}"
+            f"fairseq-asam-sharpness failed with exit code {returncode}; see {log_path}"
         )
     files.write_stamp(run_dir, SHARPNESS, inputs)
     return files.read_json_object(json_path)
 
 
-def run_one(
-    grid: Grid,
-    run: Run,
-    data_bin: str,
-    references: Dict[str, str],
-    gpu: Optional[str] = None,
-    children: Optional[Children] = None,
-) -> str:
+def run_one(grid: Grid, run: Run, data_bin: str, references: Dict, gpu=None, children=None) -> str:
     """Trains, evaluates and measures one run under its lock; returns its results.json.
 
     RunLocked if another launcher holds the run; Interrupted once `children` is stopping; any
@@ -323,8 +278,7 @@ def run_one(
     stage = TRAIN
     try:
         env = run_environment(grid, gpu)
-        where = f"GPU {gpu}" if gpu is not None else "CPU"
-        logger.info(f"{run.name}: on {where}")
+        logger.info(f"{run.name}: on {'CPU' if gpu is None else 'GPU ' + gpu}")
         line = train(grid, run, data_bin, env, children)
         for stage in (EVALUATE, SHARPNESS):
             if children.stopping.is_set():
@@ -332,9 +286,7 @@ def run_one(
             if stage == EVALUATE:
                 results = {**evaluate(grid, run, data_bin, references, env, children)}
             elif grid.sharpness_rho is not None:
-                results["sharpness"] = measure_sharpness(
-                    grid, run, data_bin, results, env, gpu, children
-                )
+                results["sharpness"] = sharpness(grid, run, data_bin, results, env, gpu, children)
             path = os.path.join(run_dir, RESULTS)
             files.write_json(path, {**describe(grid, run, line), **results})
         if os.path.exists(os.path.join(run_dir, FAILURE_RECORD)):
@@ -384,35 +336,30 @@ def visible_gpus() -> List[str]:
 def launch_local(grid, runs, data_bin, references, gpus, children=None) -> Dict[str, Outcome]:
     """The runs here, one per GPU at a time (one after the other without GPUs); {run: outcome}.
     Ctrl-C: no new run or stage starts, the children are stopped (Children.stop)."""
-    children = children or Children()
-    devices: "queue.Queue[Optional[str]]" = queue.Queue()
-    for device in gpus or [None]:
-        devices.put(device)
+    children, todo, outcomes = children or Children(), queue.SimpleQueue(), {}
+    for run in runs:
+        todo.put(run)
 
-    def work(run: Run) -> Outcome:
-        gpu = devices.get()
-        try:
-            return guarded(lambda: run_one(grid, run, data_bin, references, gpu, children))
-        finally:
-            devices.put(gpu)
+    def worker(gpu: Optional[str]) -> None:
+        while not children.stopping.is_set() and not todo.empty():
+            run = todo.get()
+            call = lambda: run_one(grid, run, data_bin, references, gpu, children)  # noqa: E731
+            outcomes[run.name] = guarded(call)
 
-    pool = ThreadPoolExecutor(max_workers=max(1, len(gpus)))
-    futures = {run.name: pool.submit(work, run) for run in runs}
+    threads = [threading.Thread(target=worker, args=(gpu,)) for gpu in gpus or [None]]
+    for thread in threads:
+        thread.start()
     try:
-        pending = set(futures.values())
-        while pending:
-            _, pending = wait(pending, timeout=0.5)
+        for thread in threads:
+            while thread.is_alive():
+                thread.join(timeout=0.5)
     except KeyboardInterrupt:
-        logger.warning(
-            "Ctrl-C: starting no new run; stopping the running ones (SIGINT, then SIGKILL after "
-            f"{STOP_GRACE_SECONDS:.0f} s); they resume when the grid runs again"
-        )
-        for future in futures.values():
-            future.cancel()
+        logger.warning("Ctrl-C: starting no new run; stopping the running ones (resumable)")
         children.stop()
-    pool.shutdown(wait=True)
+    for thread in threads:
+        thread.join()
     cancelled = ("cancelled", "not started (Ctrl-C)")
-    return {n: cancelled if f.cancelled() else f.result() for n, f in futures.items()}
+    return {run.name: outcomes.get(run.name, cancelled) for run in runs}
 
 
 # --------------------------------------------------------------------------------------------

@@ -5,7 +5,7 @@ command.
     <out>/data/<iwslt14-de-en-<md5>-bpe<merges>>/   the prepared data, named by its content
     <out>/grid.json                                 the grid (grid.py), written before any run
     <out>/runs/<run>/                               one run (launch.py)
-    <out>/submitit/                                 the jobs' files (--launcher slurm, submitit-local)
+    <out>/submitit/                                 the jobs' files (--launcher slurm...)
     <out>/report/                                   table4.md, table4.csv, plots (report.py)
 
 Every check that needs no work comes first — the flags, the argument files, fairseq-train's own
@@ -28,26 +28,61 @@ logger = logging.getLogger(__name__)
 
 PROGRAM = "fairseq-asam-table4"
 DATA_FOLDER, REPORT_FOLDER, SAMPLE_ARCHIVE = "data", "report", "sample-de-en.tgz"
-LAUNCHERS = ("local", "slurm", "submitit-local")  # launch.LAUNCHERS, without importing it
-JOBS = ("slurm", "submitit-local")
-# The job flags: (flag, type, help, the launchers that take it).
-JOB_FLAGS = [
-    ("--partition", str, "Slurm partition", ("slurm",)),
-    ("--time-min", int, "time limit of one job in minutes (default: 1440)", JOBS),
-    ("--gpus-per-job", int, "GPUs per job (default: 1 on Slurm, 0 locally)", JOBS),
-    ("--cpus-per-job", int, "CPUs per job (default: 8)", JOBS),
-    ("--mem-gb", int, "memory per job in GB (default: Slurm's)", JOBS),
-    ("--max-concurrent", int, "at most this many jobs at once (a Slurm array's %%N)", JOBS),
-    ("--max-requeue", int, "timeouts a job is requeued after (default: 3)", JOBS),
+LAUNCHERS = ("local", "slurm", "submitit-local")
+SLURM, JOBS = ("slurm",), ("slurm", "submitit-local")  # the launchers a job flag is for
+ROWS = ",".join(grids.OPTIMIZERS + grids.SCHEDULE_ROWS)
+
+
+def at_least(least: int):
+    def parse(text: str) -> int:
+        if not text.lstrip("-").isdigit() or int(text) < least:
+            raise argparse.ArgumentTypeError(f"must be an integer >= {least}, got {text!r}")
+        return int(text)
+
+    return parse
+
+
+def key_value(text: str) -> Tuple[str, str]:
+    key, equals, value = text.partition("=")
+    if not equals or not key.strip("- ") or not value.strip():
+        raise argparse.ArgumentTypeError(f"takes KEY=VALUE (an sbatch option), got {text!r}")
+    return key.strip("- "), value.strip()
+
+
+# (flag, argparse options, help); the job flags also name the launchers that take them.
+FLAGS = [
+    ("--out", {}, "output folder (default: runs/<preset>)"),
+    ("--archive", {}, "the IWSLT'14 de-en.tgz (tiny: a generated sample when omitted)"),
+    ("--data-bin", {}, "already binarized IWSLT'14 de-en data (no preparation)"),
+    ("--optimizers", {"default": ",".join(grids.OPTIMIZERS)}, f"rows: a subset of {ROWS}"),
+    ("--seeds", {}, "comma-separated seeds (default: the preset's; paper: 1,2,3)"),
+    ("--max-update", {"type": int}, "the updates each run trains to (default: the preset's)"),
+    ("--checkpoint", {}, "best-bleu (default), best-loss, last or average:N (configs/README.md)"),
+    ("--amp", {"action": "store_true"}, "fairseq's --amp: fp32 weights (docs/mixed-precision.md)"),
+    ("--eval-bleu", {"action": "store_true"}, "log validation BLEU every epoch"),
+    ("--sharpness-rho", {"type": float}, "also measure each run's adaptive sharpness at this ρ"),
+    ("--config-dir", {}, "folder of the argument files (default: the installed configs/)"),
     (
-        "--sbatch",
-        "append",
-        "an extra sbatch option KEY=VALUE, e.g. account=nlp (repeatable)",
-        ("slurm",),
+        "--sweep",
+        {"action": "append", "default": []},
+        "OPTION=V1,V2: a fairseq-train option's values",
     ),
-    ("--job-setup", "append", "a shell line each job runs first (repeatable)", JOBS),
-    ("--wait", "store_true", "wait here for the jobs, then write the report", ("slurm",)),
-    ("--no-report-job", "store_true", "no final job writing the report (afterany)", ("slurm",)),
+    ("--rho", {}, "--sweep rho=V1,V2: ρ of every SAM/ASAM row"),
+    ("--eta", {}, "--sweep eta=V1,V2: η of every ASAM row"),
+    ("--launcher", {"choices": LAUNCHERS, "default": "local"}, "local: here, one run per GPU"),
+]
+JOB_FLAGS = [  # and the launchers that take each
+    ("--partition", {}, "Slurm partition", SLURM),
+    ("--time-min", {"type": at_least(1), "default": 1440}, "minutes a job may run", JOBS),
+    ("--gpus-per-job", {"type": at_least(0)}, "default: 1 on Slurm, 0 locally", JOBS),
+    ("--cpus-per-job", {"type": at_least(1), "default": 8}, "CPUs per job", JOBS),
+    ("--mem-gb", {"type": at_least(1)}, "memory per job (default: Slurm's)", JOBS),
+    ("--max-concurrent", {"type": at_least(1)}, "jobs at once (a Slurm array's %%N)", SLURM),
+    ("--max-requeue", {"type": at_least(0), "default": 3}, "timeouts requeued after", JOBS),
+    ("--sbatch", {"action": "append", "type": key_value}, "KEY=VALUE: an sbatch option", SLURM),
+    ("--job-setup", {"action": "append"}, "a shell line each job runs first", SLURM),
+    ("--wait", {"action": "store_true"}, "wait here for the jobs, then write the report", SLURM),
+    ("--no-report-job", {"action": "store_true"}, "no final job writing the report", SLURM),
 ]
 
 
@@ -57,121 +92,31 @@ def parser() -> argparse.ArgumentParser:
         description="Table 4 of the ASAM paper (IWSLT'14 De->En BLEU: Adam, Adam+SAM, Adam+ASAM): "
         "data preparation, training (resumable), evaluation and report (<out>/report/table4.md).",
     )
-    add = parser.add_argument
-    presets = grids.PRESETS.values()
-    add(
-        "--preset",
-        choices=sorted(grids.PRESETS),
-        default=grids.PAPER_PRESET,
-        help="; ".join(f"{p.name}: {p.description}" for p in presets),
+    presets = "; ".join(f"{p.name}: {p.description}" for p in grids.PRESETS.values())
+    parser.add_argument("--preset", choices=sorted(grids.PRESETS), default="paper", help=presets)
+    for flag, options, text in FLAGS:
+        parser.add_argument(flag, help=text, **options)
+    jobs = parser.add_argument_group(
+        "jobs",
+        "slurm: a job per run, the report a final job; "
+        "submitit-local: the same jobs here, waited for",
     )
-    add("--out", help="output folder (default: runs/<preset>)")
-    add("--archive", help="the IWSLT'14 de-en.tgz (tiny: a generated sample when omitted)")
-    add("--data-bin", help="already binarized IWSLT'14 de-en data (no preparation)")
-    add(
-        "--optimizers",
-        default=",".join(grids.OPTIMIZERS),
-        help=f"rows, a comma-separated subset of {','.join(grids.OPTIMIZERS + grids.SCHEDULE_ROWS)}",
-    )
-    add("--seeds", help="comma-separated seeds (default: the preset's; paper: 1,2,3)")
-    add("--max-update", type=int, help="the updates every run trains to (default: the preset's)")
-    add(
-        "--checkpoint",
-        help="the protocol: best-bleu, best-loss, last or average:N (default: "
-        "the preset's, best-bleu; configs/README.md gives the evidence)",
-    )
-    add(
-        "--amp",
-        action="store_true",
-        help="mixed precision with fp32 weights (fairseq's --amp; "
-        "GPUs); fp16 weights would round away part of the perturbation: docs/mixed-precision.md",
-    )
-    add("--fp16", action="store_true", help=argparse.SUPPRESS)
-    add("--eval-bleu", action="store_true", help="log validation BLEU every epoch")
-    add(
-        "--sharpness-rho",
-        type=float,
-        help="also measure each run's adaptive sharpness "
-        "(fairseq-asam-sharpness) at this rho, shown next to its BLEU",
-    )
-    add("--config-dir", help="folder of the argument files (default: the installed configs/)")
-    sweeps = parser.add_argument_group("sweeps", "each combination of values is a row (x seeds)")
-    sweeps.add_argument(
-        "--sweep",
-        action="append",
-        default=[],
-        metavar="OPTION=V1,V2",
-        help="any fairseq-train option over values, e.g. lr=5e-4,1e-3 (repeatable)",
-    )
-    sweeps.add_argument("--rho", help="--sweep rho=...: ρ of every SAM/ASAM row, e.g. 0.05,0.1")
-    sweeps.add_argument("--eta", help="--sweep eta=...: η of every ASAM row")
-    jobs = parser.add_argument_group("jobs", "each run a submitit job (Slurm, or local)")
-    jobs.add_argument(
-        "--launcher",
-        choices=LAUNCHERS,
-        default="local",
-        help="local: here, one run per GPU; slurm: a job per run (an array), the report by a "
-        "final dependent job; submitit-local: the same jobs through submitit's local executor",
-    )
-    for flag, kind, text, _ in JOB_FLAGS:
-        if kind in ("append", "store_true"):
-            jobs.add_argument(flag, action=kind, help=text)
-        else:
-            jobs.add_argument(flag, type=kind, help=text)
+    for flag, options, text, launchers in JOB_FLAGS:
+        jobs.add_argument(flag, help=text, **options)
     return parser
 
 
-def job_options(args):
-    """launch.JobOptions of the job flags; a job flag of another launcher is refused."""
-    from .launch import JobOptions
-
+def check_job_flags(args) -> None:
+    defaults = parser().parse_args([])
     for flag, _, _, launchers in JOB_FLAGS:
-        if (
-            getattr(args, flag[2:].replace("-", "_")) not in (None, False)
-            and args.launcher not in launchers
-        ):
+        name = flag[2:].replace("-", "_")
+        if getattr(args, name) != getattr(defaults, name) and args.launcher not in launchers:
             raise SettingError(
                 f"{flag} is a job option: it needs --launcher {' or '.join(launchers)}"
             )
-    sbatch = {}
-    for item in args.sbatch or []:
-        key, equals, value = item.partition("=")
-        if not equals or not key.strip("- ") or not value.strip():
-            raise SettingError(f"--sbatch takes KEY=VALUE (an sbatch option), got {item!r}")
-        sbatch[key.strip("- ")] = value.strip()
-    given = {k: getattr(args, k) for k in ("time_min", "cpus_per_job", "max_requeue")}
-    options = JobOptions(
-        partition=args.partition,
-        gpus_per_job=args.gpus_per_job,
-        mem_gb=args.mem_gb,
-        max_concurrent=args.max_concurrent,
-        sbatch=sbatch,
-        setup=list(args.job_setup or []),
-        wait=args.wait,
-        report_job=not args.no_report_job,
-        **{k: v for k, v in given.items() if v is not None},
-    )
-    for name in (
-        "time_min",
-        "cpus_per_job",
-        "mem_gb",
-        "max_concurrent",
-        "max_requeue",
-        "gpus_per_job",
-    ):
-        least = 0 if name in ("max_requeue", "gpus_per_job") else 1
-        value = getattr(options, name)
-        if value is not None and value < least:
-            raise SettingError(f"--{name.replace('_', '-')} must be >= {least}, got {value}")
-    return options
 
 
 def make_grid(args) -> grids.Grid:
-    if args.fp16:
-        raise SettingError(
-            "--fp16 keeps the weights in fp16, which rounds away part of "
-            "SAM/ASAM's perturbation (docs/mixed-precision.md): use --amp"
-        )
     preset = grids.PRESETS[args.preset]
     shorthands = [f"{name}={text}" for name, text in (("rho", args.rho), ("eta", args.eta)) if text]
     return grids.Grid(
@@ -238,15 +183,13 @@ def write_report(out_dir: str) -> str:
     return report.write_report([out_dir], os.path.join(out_dir, REPORT_FOLDER))
 
 
-def devices(args, grid: grids.Grid, options) -> List[str]:
+def devices(args, grid: grids.Grid) -> List[str]:
     """The GPUs of a local launcher; --amp refused without one."""
     from . import launch
 
     gpus = launch.visible_gpus() if args.launcher == "local" else []
     if grid.amp and args.launcher == "local" and not gpus:
         raise SettingError("--amp needs a GPU, and none is visible")
-    if grid.amp and args.launcher != "local" and options.gpus(args.launcher) == 0:
-        raise SettingError("--amp needs a GPU, and the jobs get none (--gpus-per-job 0)")
     return gpus
 
 
@@ -276,11 +219,11 @@ def work(args) -> int:
     from . import launch
 
     grid = make_grid(args)
-    options = job_options(args)
+    check_job_flags(args)
     grid.check()
+    gpus = devices(args, grid)
+    grids.check_options_known(grid, args.data_bin or DATA_FOLDER)
     archive, data_bin = locate_data(args, grid)
-    grids.check_options_known(grid, data_bin)
-    gpus = devices(args, grid, options)
     launch.check_runs(grid, data_bin)
     references = prepare_data(grid, archive, data_bin)
     files.write_json(os.path.join(grid.out_dir, grids.GRID_RECORD), grid.record())
@@ -290,9 +233,7 @@ def work(args) -> int:
         outcomes = launch.launch_local(grid, runs, data_bin, references, gpus)
     else:
         final = (write_report, grid.out_dir)
-        outcomes = launch.launch_jobs(
-            grid, runs, data_bin, references, args.launcher, options, final
-        )
+        outcomes = launch.launch_jobs(grid, runs, data_bin, references, args, final)
         if outcomes is None:
             logger.info("jobs submitted: the report comes once they have ended (or run again)")
             return 0

@@ -5,8 +5,10 @@ import argparse
 import contextlib
 import copy
 import datetime
+import json
 import math
 import os
+import time
 from typing import Optional
 
 import torch
@@ -409,3 +411,19 @@ def join_gloo(
         "gloo", init_method=f"file://{init_file}", rank=rank, world_size=world_size, **kwargs
     )
     torch.set_num_threads(1)
+
+
+def read_json(path):
+    with open(path, encoding="utf-8") as f:
+        return json.load(f)
+
+
+def wait_for_file(path, timeout: float = 60.0) -> str:
+    """The text of `path` once it exists and is not empty (a child process writes it)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if os.path.isfile(path) and os.path.getsize(path):
+            with open(path, encoding="utf-8") as f:
+                return f.read()
+        time.sleep(0.05)
+    raise AssertionError(f"{path} did not appear within {timeout} s")
