@@ -12,7 +12,7 @@ import os
 import sys
 from typing import Callable, List, Optional
 
-from .errors import ExperimentError, SettingError
+from .errors import ExperimentError
 from .grid import plugin_dir
 from .logs import log_to_stdout
 

@@ -232,8 +232,18 @@ class Grid:
         return _pairs(merged) + [(SEED_FLAG, str(run.seed))]
 
     def settings(self, run: Run, data_bin: str) -> Dict[str, Optional[str]]:
-        """What the run is, for its training stamp: {flag: value or None for a switch}."""
-        return {"data": os.path.abspath(data_bin), **dict(self.options(run))}
+        """What the run is, for its training stamp: {flag: value or None for a switch}; the
+        data relative to the output folder when inside it (a moved folder keeps its runs)."""
+        return {"data": self._data(data_bin), **dict(self.options(run))}
+
+    def settings_of_command(self, command: Sequence[str]) -> Dict[str, Optional[str]]:
+        """The settings of a command `command` built: [python, -m, module, data, options]."""
+        options = [(f, v) for f, v in _pairs(command[4:]) if f not in RUN_LOCATION_FLAGS]
+        return {"data": self._data(command[3]), **dict(options)}
+
+    def _data(self, data_bin: str) -> str:
+        data, out = os.path.abspath(data_bin), os.path.abspath(self.out_dir)
+        return os.path.relpath(data, out) if data.startswith(out + os.sep) else data
 
     def command(self, run: Run, data_bin: str) -> List[str]:
         own = [
@@ -287,12 +297,6 @@ class Grid:
 
 def _sweeps(grid: Grid, row: str, sweep: Sweep) -> bool:
     return sweep.takers is None or grid.optimizer_of(row) in sweep.takers
-
-
-def settings_of_command(command: Sequence[str]) -> Dict[str, Optional[str]]:
-    """`Grid.settings` of a command `Grid.command` built: [python, -m, module, data, options]."""
-    pairs = [(f, v) for f, v in _pairs(command[4:]) if f not in RUN_LOCATION_FLAGS]
-    return {"data": command[3], **dict(pairs)}
 
 
 def _pairs(argv: Sequence[str]) -> List[Option]:

@@ -30,7 +30,7 @@ import submitit
 
 from . import evaluation, files
 from .errors import ExperimentError
-from .grid import BUDGET_FLAG, CHECKPOINTS_FOLDER, Grid, Run, plugin_dir, settings_of_command
+from .grid import BUDGET_FLAG, CHECKPOINTS_FOLDER, Grid, Run, plugin_dir
 
 logger = logging.getLogger(__name__)
 
@@ -122,7 +122,7 @@ def lock_holder(run_dir: str) -> Optional[str]:
     return None
 
 
-def started_settings(run_dir: str) -> Optional[dict]:
+def started_settings(grid: Grid, run_dir: str) -> Optional[dict]:
     """The settings of the training command.txt records (started, maybe not finished)."""
     path = os.path.join(run_dir, COMMAND_FILE)
     if not os.path.isfile(path):
@@ -131,7 +131,7 @@ def started_settings(run_dir: str) -> Optional[dict]:
         argv = shlex.split(f.read())
     while argv and "=" in argv[0]:  # the environment it ran with: OMP_NUM_THREADS=1 ...
         argv.pop(0)
-    return settings_of_command(argv)
+    return grid.settings_of_command(argv)
 
 
 def train_plan(grid: Grid, run: Run, data_bin: str) -> Optional[str]:
@@ -140,7 +140,7 @@ def train_plan(grid: Grid, run: Run, data_bin: str) -> Optional[str]:
     run_dir = grid.run_dir(run)
     settings = grid.settings(run, data_bin)
     finished = files.read_stamp(run_dir, TRAIN)
-    old = finished if finished is not None else started_settings(run_dir)
+    old = finished if finished is not None else started_settings(grid, run_dir)
     if old is None:
         return "training"
     changes = files.changed_inputs(old, settings)

@@ -47,8 +47,12 @@ def lines(path, prefix="stub: "):
 def test_the_settings_of_a_command_are_the_grids_settings_of_its_run(tmp_path):
     tiny = grid.Grid(str(tmp_path), grid.PRESETS["tiny"], sweeps=(grid.parse_sweep("lr=1e-3"),))
     for one in tiny.runs():
-        settings = grid.settings_of_command(tiny.command(one, "data"))
-        assert settings == tiny.settings(one, "data")
+        settings = tiny.settings_of_command(tiny.command(one, "data"))
+        assert settings == tiny.settings(one, "data") and settings["data"] == os.path.abspath(
+            "data"
+        )
+        inside = tiny.settings(one, str(tmp_path / "data" / "bin"))["data"]
+        assert inside == os.path.join("data", "bin")  # relative: a moved folder keeps its runs
         assert settings["--lr"] == "0.001" and "--save-dir" not in settings  # where, not what
 
 
