@@ -30,6 +30,7 @@ PROGRAM = "fairseq-asam-table4"
 DATA_FOLDER, REPORT_FOLDER, SAMPLE_ARCHIVE = "data", "report", "sample-de-en.tgz"
 LAUNCHERS = ("local", "slurm", "submitit-local")
 SLURM, JOBS = ("slurm",), ("slurm", "submitit-local")  # the launchers a job flag is for
+SWEEP = "OPTION=V1,V2"  # any fairseq-train option, repeatable: a row per combination of values
 ROWS = ",".join(grids.OPTIMIZERS + grids.SCHEDULE_ROWS)
 
 
@@ -62,11 +63,7 @@ FLAGS = [
     ("--eval-bleu", {"action": "store_true"}, "log validation BLEU every epoch"),
     ("--sharpness-rho", {"type": float}, "also measure each run's adaptive sharpness at this ρ"),
     ("--config-dir", {}, "folder of the argument files (default: the installed configs/)"),
-    (
-        "--sweep",
-        {"action": "append", "default": []},
-        "OPTION=V1,V2: a fairseq-train option's values",
-    ),
+    ("--sweep", {"action": "append", "default": [], "metavar": SWEEP}, "e.g. lr=5e-4,1e-3"),
     ("--rho", {}, "--sweep rho=V1,V2: ρ of every SAM/ASAM row"),
     ("--eta", {}, "--sweep eta=V1,V2: η of every ASAM row"),
     ("--launcher", {"choices": LAUNCHERS, "default": "local"}, "local: here, one run per GPU"),
