@@ -1,7 +1,7 @@
 from setuptools import setup
 
 # The plugin (what `--user-dir` loads) needs torch and fairseq; the experiment kit
-# (fairseq_asam_experiments: data preparation, Table 4 runner, evaluation, report, sharpness,
+# (fairseq_asam_experiments: data preparation, Table 4 grid and launcher, evaluation, report, sharpness,
 # trajectories, benchmark) needs the `experiments` extra too.
 CONFIGS_PACKAGE = "fairseq_asam_experiments.configs"
 CONSOLE_SCRIPTS = ["fairseq-asam-table4 = fairseq_asam_experiments.table4:main"] + [
@@ -43,8 +43,8 @@ setup(
             "sacremoses",
             "matplotlib",
             "regex",
-            "filelock>=3.12",  # the run lock (experiments.layout)
-            # --launcher slurm / submitit-local (experiments.cluster), and the hydra route
+            "filelock>=3.12",  # the run lock (fairseq_asam_experiments.launch)
+            # --launcher slurm / submitit-local (fairseq_asam_experiments.launch), and the hydra route
             # (fairseq-hydra-train --multirun hydra/launcher=submitit_slurm); the launcher's
             # 1.2 line needs hydra-core >= 1.1 (fairseq-fixed pins 1.3.2).
             "submitit>=1.5,<2",

@@ -1,7 +1,5 @@
-"""A grid of fairseq-train runs: a preset's recipe × rows × sweeps × seeds, and each run's command.
-
-    <out>/grid.json          this grid (`Grid.record`), written before any run: the report's key
-    <out>/runs/<run>/        one run (experiments.launch fills it)
+"""A grid of fairseq-train runs: a preset's recipe × rows × sweeps × seeds, each run's command,
+and grid.json (`Grid.record`, written before any run); `<out>/runs/<run>/` is one run (launch).
 
 A run's options are the argument files of configs/ applied in order (experiments.recipe): the
 preset's files, the row's file (`iwslt14_de_en/<row>.args`: adam, sam, asam, asam_interval5...),
@@ -59,24 +57,19 @@ class Preset:
     cpu_threads: Optional[int] = None
 
 
+PAPER = "Table 4 as published: needs --archive (the IWSLT'14 de-en.tgz) and GPUs"
+TINY = "the same pipeline on a generated sample archive, a tiny Transformer, a CPU"
 PRESETS = {
-    "paper": Preset(
-        "paper",
-        (recipe.RECIPE_ARGS,),
-        seeds=(1, 2, 3),
-        bpe_merges=10000,
-        checkpoint="best-bleu",
-        description="Table 4 as published: needs --archive (the IWSLT'14 de-en.tgz) and GPUs",
-    ),
+    "paper": Preset("paper", (recipe.RECIPE_ARGS,), (1, 2, 3), 10000, "best-bleu", PAPER),
     "tiny": Preset(
         "tiny",
         (recipe.RECIPE_ARGS, recipe.TINY_OVERRIDES_ARGS),
-        seeds=(1,),
-        bpe_merges=500,
-        checkpoint="best-bleu",
+        (1,),
+        500,
+        "best-bleu",
+        TINY,
         sample_archive=(2000, 40),
         cpu_threads=1,
-        description="the same pipeline on a generated sample archive, a tiny Transformer, a CPU",
     ),
 }
 PAPER_PRESET, PAPER_BUDGET = "paper", 50000  # the budget the paper's numbers are for
@@ -189,13 +182,9 @@ class Grid:
     def row_options(self, row: str) -> List[Option]:
         """The options of a row's argument files (read once), before overrides and sweeps."""
         if row not in self._options:
-            self._options[row] = recipe.training_options(
-                self.preset.args_files,
-                row,
-                self.eval_bleu,
-                self.config_dir,
-                selection_metric=self.protocol.selection_metric,
-            )
+            metric = self.protocol.selection_metric
+            files = self.preset.args_files, row, self.eval_bleu, self.config_dir, metric
+            self._options[row] = recipe.training_options(*files)
         return self._options[row]
 
     def optimizer_of(self, row: str) -> Optional[str]:
@@ -246,10 +235,8 @@ class Grid:
         return os.path.relpath(data, out) if data.startswith(out + os.sep) else data
 
     def command(self, run: Run, data_bin: str) -> List[str]:
-        own = [
-            ("--save-dir", os.path.join(self.run_dir(run), CHECKPOINTS_FOLDER)),
-            ("--user-dir", plugin_dir()),
-        ]
+        save_dir = os.path.join(self.run_dir(run), CHECKPOINTS_FOLDER)
+        own = [("--save-dir", save_dir), ("--user-dir", plugin_dir())]
         argv = recipe.merge_options(self.options(run), own)
         return [sys.executable, "-m", "fairseq_cli.train", os.path.abspath(data_bin)] + argv
 
@@ -268,7 +255,7 @@ class Grid:
             "rows": list(self.rows),
             "seeds": list(self.seed_list),
             "sweeps": [
-                {"option": s.option, "values": list(s.values), "optimizers": s.takers}
+                dict(option=s.option, values=list(s.values), optimizers=s.takers)
                 for s in self.sweeps
             ],
             "max_update": self.budget(),

@@ -4,12 +4,12 @@ local executor (`launch_jobs`), each job calling the same `run_one`.
 
 `run_one` holds the run's lock (filelock on run.lock, for the run's lifetime: a second launcher
 skips the run and says so) and does its stages, each done when its stamp holds its inputs:
-train (fairseq-train; finished: skipped; interrupted: resumed, fairseq-train loading
-checkpoint_last.pt from the same --save-dir by itself; only --max-update raised: continued the
-same way; anything else changed: refused, naming the setting), evaluate (redone when
-evaluation_inputs change), sharpness (--sharpness-rho); then results.json.  A failure is written
-to failure.json and the grid goes on.  Ctrl-C: no new run or stage starts, the running children
-get SIGINT, then SIGKILL after STOP_GRACE_SECONDS; every run stays resumable.
+train (finished: skipped; interrupted: resumed, fairseq-train loading checkpoint_last.pt from
+the same --save-dir by itself; only --max-update raised: continued the same way; any other
+change: refused, naming the setting), evaluate (redone when evaluation_inputs change), sharpness
+(--sharpness-rho); then results.json.  A failure is written to failure.json and the grid goes
+on.  Ctrl-C: no new run or stage starts, the children get SIGINT, then SIGKILL after
+STOP_GRACE_SECONDS; every run stays resumable.
 """
 
 import datetime
@@ -23,7 +23,7 @@ import subprocess
 import sys
 import threading
 import time
-from typing import Callable, Dict, List, Optional, Tuple
+from typing import Dict, List, Optional, Tuple
 
 import filelock
 import submitit
@@ -34,7 +34,11 @@ from .grid import BUDGET_FLAG, CHECKPOINTS_FOLDER, Grid, Run, plugin_dir
 
 logger = logging.getLogger(__name__)
 
-TRAIN, EVALUATE, SHARPNESS = "train", "evaluate", "sharpness"  # the stages, and their stamps
+TRAIN, EVALUATE, SHARPNESS = (
+    "train",
+    "evaluate",
+    "sharpness",
+)  # the stages, and their stamps
 COMMAND_FILE, TRAIN_LOG, FAILURE_RECORD = "command.txt", "train.log", "failure.json"
 JOB_RECORD, LOCK_FILE, RESULTS = "job.json", "run.lock", "results.json"
 SHARPNESS_JSON, SHARPNESS_LOG = "sharpness.json", "sharpness.log"
@@ -64,13 +68,15 @@ def one_line(error: BaseException) -> str:
 
 
 class Children:
-    """The child processes of a launcher, so that one stop() ends them all: no child starts
-    after it; the running ones get SIGINT (a terminal's Ctrl-C), then SIGKILL after `grace`."""
+    """A launcher's child processes, so that one stop() ends them all: no child starts after
+    it; the running ones get SIGINT (a terminal's Ctrl-C), then SIGKILL after `grace`."""
 
     def __init__(self):
-        self._lock = threading.Lock()
-        self._running: List[subprocess.Popen] = []
-        self.stopping = threading.Event()
+        self._lock, self._running, self.stopping = (
+            threading.Lock(),
+            [],
+            threading.Event(),
+        )
 
     def call(self, command, stdout, env=None) -> int:
         with self._lock:
@@ -103,11 +109,6 @@ class Children:
 CHILDREN = Children()  # a submitit job's (one run per process)
 
 
-# --------------------------------------------------------------------------------------------
-# One run
-# --------------------------------------------------------------------------------------------
-
-
 def lock_holder(run_dir: str) -> Optional[str]:
     """'a launcher' if one holds the run's lock now, else None; creates nothing."""
     path = os.path.join(run_dir, LOCK_FILE)
@@ -122,33 +123,24 @@ def lock_holder(run_dir: str) -> Optional[str]:
     return None
 
 
-def started_settings(grid: Grid, run_dir: str) -> Optional[dict]:
-    """The settings of the training command.txt records (started, maybe not finished)."""
-    path = os.path.join(run_dir, COMMAND_FILE)
-    if not os.path.isfile(path):
-        return None
-    with open(path, encoding="utf-8") as f:
-        argv = shlex.split(f.read())
-    while argv and "=" in argv[0]:  # the environment it ran with: OMP_NUM_THREADS=1 ...
-        argv.pop(0)
-    return grid.settings_of_command(argv)
-
-
 def train_plan(grid: Grid, run: Run, data_bin: str) -> Optional[str]:
-    """What the run's training needs (a sentence), None if it is done; SettingError if the run
-    was trained (or started) with other settings than a raised --max-update."""
-    run_dir = grid.run_dir(run)
-    settings = grid.settings(run, data_bin)
-    finished = files.read_stamp(run_dir, TRAIN)
-    old = finished if finished is not None else started_settings(grid, run_dir)
+    """What the run's training needs (a sentence), None if it is done; ExperimentError if it
+    was trained (or started: command.txt) with other settings than a raised --max-update."""
+    run_dir, settings = grid.run_dir(run), grid.settings(run, data_bin)
+    old = finished = files.read_stamp(run_dir, TRAIN)
+    if finished is None and os.path.isfile(os.path.join(run_dir, COMMAND_FILE)):
+        with open(os.path.join(run_dir, COMMAND_FILE), encoding="utf-8") as f:
+            argv = shlex.split(f.read())
+        while argv and "=" in argv[0]:  # the environment it ran with: OMP_NUM_THREADS=1 ...
+            argv.pop(0)
+        old = grid.settings_of_command(argv)
     if old is None:
         return "training"
     changes = files.changed_inputs(old, settings)
     if not changes:
         return None if finished is not None else "resuming from checkpoint_last.pt"
     before, after = old.get(BUDGET_FLAG) or "0", settings.get(BUDGET_FLAG) or "0"
-    raised = before.isdigit() and after.isdigit() and int(after) > int(before)
-    if raised and all(change.startswith(BUDGET_FLAG + " ") for change in changes):
+    if all(c.startswith(BUDGET_FLAG + " ") for c in changes) and int(after) > int(before):
         return f"{BUDGET_FLAG} {before} → {after}: continuing from checkpoint_last.pt"
     raise ExperimentError(
         f"{run.name} was trained with other settings ({'; '.join(changes)}): run with those, "
@@ -168,44 +160,86 @@ def check_runs(grid: Grid, data_bin: str) -> None:
         raise ExperimentError("; ".join(refused))
 
 
-def run_environment(grid: Grid, gpu: Optional[str]) -> Dict[str, str]:
-    """The variables a run's children get: its GPU, or on a CPU the preset's thread count."""
-    if gpu is not None:
-        return {"CUDA_VISIBLE_DEVICES": gpu}
-    if grid.preset.cpu_threads is not None and "OMP_NUM_THREADS" not in os.environ:
-        return {"OMP_NUM_THREADS": str(grid.preset.cpu_threads)}
-    return {}
+def call(children: Children, what: str, command: List[str], log: str, env: Dict, mode="a"):
+    """`command` with its output to `log`; ExperimentError if it fails or a signal kills it."""
+    with open(log, mode, encoding="utf-8") as out:
+        returncode = children.call(command, stdout=out, env={**os.environ, **env})
+    if returncode != 0:
+        how = "was killed by" if returncode < 0 else "failed with"
+        raise ExperimentError(f"{what} {how} {evaluation.exit_description(returncode)}; see {log}")
 
 
 def train(grid: Grid, run: Run, data_bin: str, env: Dict[str, str], children: Children) -> str:
     """The train stage; returns the command line it trains with (written to command.txt)."""
-    run_dir = grid.run_dir(run)
-    command = grid.command(run, data_bin)
+    run_dir, command = grid.run_dir(run), grid.command(run, data_bin)
     line = " ".join([f"{k}={shlex.quote(v)}" for k, v in env.items()] + [shlex.join(command)])
     plan = train_plan(grid, run, data_bin)
-    if plan is None:
-        logger.info(f"{run.name}: trained")
-        return line
-    logger.info(f"{run.name}: {plan}")
-    for stage in (TRAIN, EVALUATE, SHARPNESS):  # a failed redo leaves no stale mark
-        files.clear_stamp(run_dir, stage)
-    if os.path.exists(os.path.join(run_dir, RESULTS)):
-        os.unlink(os.path.join(run_dir, RESULTS))  # its checkpoints are about to change
-    files.write_text(os.path.join(run_dir, COMMAND_FILE), line + "\n")
-    log_path = os.path.join(run_dir, TRAIN_LOG)
-    with open(log_path, "a", encoding="utf-8") as log:
-        returncode = children.call(command, stdout=log, env={**os.environ, **env})
-    if returncode != 0:
-        how = "was killed by" if returncode < 0 else "failed with"
-        raise ExperimentError(
-            f"fairseq-train {how} {evaluation.exit_description(returncode)}; see {log_path}"
-        )
-    files.write_stamp(run_dir, TRAIN, grid.settings(run, data_bin))
+    logger.info(f"{run.name}: {plan or 'trained'}")
+    if plan is not None:
+        for stage in (TRAIN, EVALUATE, SHARPNESS):  # a failed redo leaves no stale mark
+            files.clear_stamp(run_dir, stage)
+        if os.path.exists(os.path.join(run_dir, RESULTS)):
+            os.unlink(os.path.join(run_dir, RESULTS))  # its checkpoints are about to change
+        files.write_text(os.path.join(run_dir, COMMAND_FILE), line + "\n")
+        call(children, "fairseq-train", command, os.path.join(run_dir, TRAIN_LOG), env)
+        files.write_stamp(run_dir, TRAIN, grid.settings(run, data_bin))
     return line
 
 
-def _same(stamp: Optional[dict], inputs: dict) -> bool:
-    return stamp is not None and stamp == json.loads(json.dumps(inputs))
+def stage_done(run_dir: str, stage: str, inputs: dict) -> bool:
+    """Whether `stage` finished with `inputs`; if not, its stamp is cleared for the redo."""
+    if files.read_stamp(run_dir, stage) == json.loads(json.dumps(inputs)):
+        return True
+    files.clear_stamp(run_dir, stage)
+    return False
+
+
+def evaluate(grid, run, data_bin, references, env, children) -> dict:
+    """The evaluate stage: results.json's scores, redone when the evaluation's inputs change."""
+    run_dir = grid.run_dir(run)
+    save_dir = os.path.join(run_dir, CHECKPOINTS_FOLDER)
+    inputs = evaluation.evaluation_inputs(data_bin, save_dir, grid.protocol, references)
+    results = files.read_json_object(os.path.join(run_dir, RESULTS))
+    if stage_done(run_dir, EVALUATE, inputs) and results is not None:
+        return results
+    logger.info(f"{run.name}: evaluating --checkpoint {grid.protocol}")
+    options = dict(references=references, output_dir=run_dir, call=children.call)
+    scores = evaluation.evaluate_checkpoint(
+        data_bin,
+        save_dir,
+        plugin_dir(),
+        grid.protocol,
+        env={**os.environ, **env},
+        **options,
+    )
+    files.write_stamp(run_dir, EVALUATE, inputs)
+    return scores
+
+
+def sharpness(grid, run, data_bin, results, env, gpu, children) -> dict:
+    """The sharpness stage: fairseq-asam-sharpness's JSON report on the evaluated checkpoint,
+    on the run's GPU; redone when ρ or the evaluation changes."""
+    run_dir, checkpoint = grid.run_dir(run), results["checkpoint"]["path"]
+    inputs = dict(rho=grid.sharpness_rho, evaluation=files.read_stamp(run_dir, EVALUATE))
+    if stage_done(run_dir, SHARPNESS, inputs) and "sharpness" in results:
+        return results["sharpness"]
+    logger.info(f"{run.name}: measuring the adaptive sharpness at rho={grid.sharpness_rho}")
+    json_path, device = (
+        os.path.join(run_dir, SHARPNESS_JSON),
+        "cpu" if gpu is None else "cuda:0",
+    )
+    command = [
+        *SHARPNESS_COMMAND,
+        checkpoint,
+        data_bin,
+        "--rho",
+        repr(grid.sharpness_rho),
+    ]
+    command += ["--measures", "adaptive", "--device", device, "--json", json_path]
+    log = os.path.join(run_dir, SHARPNESS_LOG)
+    call(children, "fairseq-asam-sharpness", command, log, env, mode="w")
+    files.write_stamp(run_dir, SHARPNESS, inputs)
+    return files.read_json_object(json_path)
 
 
 def describe(grid: Grid, run: Run, command_line: str) -> dict:
@@ -217,78 +251,36 @@ def describe(grid: Grid, run: Run, command_line: str) -> dict:
     return {**described, "protocol": str(grid.protocol)}
 
 
-def evaluate(grid, run, data_bin, references, env, children) -> dict:
-    """The evaluate stage: results.json's scores, redone when the evaluation's inputs change."""
-    run_dir = grid.run_dir(run)
-    save_dir = os.path.join(run_dir, CHECKPOINTS_FOLDER)
-    inputs = evaluation.evaluation_inputs(data_bin, save_dir, grid.protocol, references)
-    results = files.read_json_object(os.path.join(run_dir, RESULTS))
-    if results is not None and _same(files.read_stamp(run_dir, EVALUATE), inputs):
-        return results
-    for stage in (EVALUATE, SHARPNESS):
-        files.clear_stamp(run_dir, stage)
-    logger.info(f"{run.name}: evaluating --checkpoint {grid.protocol}")
-    options = dict(references=references, output_dir=run_dir, call=children.call)
-    scores = evaluation.evaluate_checkpoint(
-        data_bin, save_dir, plugin_dir(), grid.protocol, env={**os.environ, **env}, **options
-    )
-    files.write_stamp(run_dir, EVALUATE, inputs)
-    return scores
-
-
-def sharpness(grid, run, data_bin, results, env, gpu, children) -> Optional[dict]:
-    """The sharpness stage: fairseq-asam-sharpness's JSON report on the evaluated checkpoint,
-    on the run's GPU; redone when ρ or the evaluation changes."""
-    run_dir = grid.run_dir(run)
-    checkpoint = results["checkpoint"]["path"]
-    inputs = {"rho": grid.sharpness_rho, "checkpoint": checkpoint}
-    inputs["evaluation"] = files.read_stamp(run_dir, EVALUATE)
-    if "sharpness" in results and _same(files.read_stamp(run_dir, SHARPNESS), inputs):
-        return results["sharpness"]
-    files.clear_stamp(run_dir, SHARPNESS)
-    json_path = os.path.join(run_dir, SHARPNESS_JSON)
-    device = "cpu" if gpu is None else "cuda:0"
-    command = [*SHARPNESS_COMMAND, checkpoint, data_bin, "--rho", repr(grid.sharpness_rho)]
-    command += ["--measures", "adaptive", "--device", device, "--json", json_path]
-    logger.info(f"{run.name}: measuring the adaptive sharpness at rho={grid.sharpness_rho}")
-    log_path = os.path.join(run_dir, SHARPNESS_LOG)
-    with open(log_path, "w", encoding="utf-8") as log:
-        returncode = children.call(command, stdout=log, env={**os.environ, **env})
-    if returncode != 0:
-        raise ExperimentError(
-            f"fairseq-asam-sharpness failed with exit code {returncode}; see {log_path}"
-        )
-    files.write_stamp(run_dir, SHARPNESS, inputs)
-    return files.read_json_object(json_path)
-
-
 def run_one(grid: Grid, run: Run, data_bin: str, references: Dict, gpu=None, children=None) -> str:
     """Trains, evaluates and measures one run under its lock; returns its results.json.
 
     RunLocked if another launcher holds the run; Interrupted once `children` is stopping; any
-    other failure is written to failure.json first."""
-    children = children or CHILDREN
-    run_dir = grid.run_dir(run)
+    other failure is written to failure.json first.  `gpu`: CUDA_VISIBLE_DEVICES of the run's
+    children; on a CPU they get the preset's OMP_NUM_THREADS unless it is set."""
+    children, run_dir = children or CHILDREN, grid.run_dir(run)
     os.makedirs(run_dir, exist_ok=True)
     lock = filelock.FileLock(os.path.join(run_dir, LOCK_FILE))
     try:
         lock.acquire(timeout=0)
     except filelock.Timeout:
         raise RunLocked(f"{run.name}: skipped, another launcher holds {lock.lock_file}") from None
-    stage = TRAIN
+    env = {"CUDA_VISIBLE_DEVICES": gpu} if gpu is not None else {}
+    if gpu is None and grid.preset.cpu_threads and "OMP_NUM_THREADS" not in os.environ:
+        env = {"OMP_NUM_THREADS": str(grid.preset.cpu_threads)}
+    stage, path = TRAIN, os.path.join(run_dir, RESULTS)
     try:
-        env = run_environment(grid, gpu)
         logger.info(f"{run.name}: on {'CPU' if gpu is None else 'GPU ' + gpu}")
         line = train(grid, run, data_bin, env, children)
         for stage in (EVALUATE, SHARPNESS):
             if children.stopping.is_set():
                 raise Interrupted(f"{stage} not started")
             if stage == EVALUATE:
-                results = {**evaluate(grid, run, data_bin, references, env, children)}
+                results = evaluate(grid, run, data_bin, references, env, children)
             elif grid.sharpness_rho is not None:
                 results["sharpness"] = sharpness(grid, run, data_bin, results, env, gpu, children)
-            path = os.path.join(run_dir, RESULTS)
-            files.write_json(path, {**describe(grid, run, line), **results})
+            described = {**describe(grid, run, line), **results}
+            if described != files.read_json_object(path):  # a skipped run's file stays as is
+                files.write_json(path, described)
         if os.path.exists(os.path.join(run_dir, FAILURE_RECORD)):
             os.unlink(os.path.join(run_dir, FAILURE_RECORD))
         logger.info(f"{run.name}: done, {path}")
@@ -296,14 +288,19 @@ def run_one(grid: Grid, run: Run, data_bin: str, references: Dict, gpu=None, chi
     except BaseException as error:
         if isinstance(error, (Interrupted, KeyboardInterrupt)) or children.stopping.is_set():
             raise Interrupted(f"{run.name}: interrupted in {stage}, resumable") from error
-        record = {"run": run.name, "stage": stage, "error": one_line(error), "time": _now()}
+        record = {
+            "run": run.name,
+            "stage": stage,
+            "error": one_line(error),
+            "time": _now(),
+        }
         files.write_json(os.path.join(run_dir, FAILURE_RECORD), record)
         raise
     finally:
         lock.release()
 
 
-def guarded(function: Callable[[], str], in_job: bool = False):
+def guarded(function, in_job: bool = False):
     """The outcome of `function()` (a run_one), what goes wrong kept to that run; in a job, a
     failure is returned as the exception (for the job to raise: a FAILED job)."""
     try:
@@ -317,17 +314,11 @@ def guarded(function: Callable[[], str], in_job: bool = False):
         return error if in_job else ("failed", one_line(error))
 
 
-# --------------------------------------------------------------------------------------------
-# Here: one run per GPU, or one after the other
-# --------------------------------------------------------------------------------------------
-
-
 def visible_gpus() -> List[str]:
     """CUDA_VISIBLE_DEVICES entries of the GPUs torch sees (indices if the variable is unset)."""
     import torch
 
-    count = torch.cuda.device_count()
-    listed = os.environ.get("CUDA_VISIBLE_DEVICES")
+    count, listed = torch.cuda.device_count(), os.environ.get("CUDA_VISIBLE_DEVICES")
     if listed is not None:
         return [d.strip() for d in listed.split(",") if d.strip()][:count]
     return [str(i) for i in range(count)]
@@ -362,25 +353,21 @@ def launch_local(grid, runs, data_bin, references, gpus, children=None) -> Dict[
     return {run.name: outcomes.get(run.name, cancelled) for run in runs}
 
 
-# --------------------------------------------------------------------------------------------
-# submitit jobs: Slurm, or submitit's local executor
-# --------------------------------------------------------------------------------------------
-
-SUBMITIT_FOLDER = "submitit"
+SUBMITIT_FOLDER, REPORT_JOB_MINUTES = "submitit", 30
 # submitit's parameter for each job flag of fairseq-asam-table4 (slurm_*: ignored locally).
-JOB_PARAMETERS = {
-    "time_min": "timeout_min",
-    "gpus_per_job": "gpus_per_node",
-    "cpus_per_job": "cpus_per_task",
-    "mem_gb": "mem_gb",
-    "partition": "slurm_partition",
-    "max_concurrent": "slurm_array_parallelism",
-    "job_setup": "slurm_setup",
-}
+JOB_PARAMETERS = dict(time_min="timeout_min", gpus_per_job="gpus_per_node", mem_gb="mem_gb")
+JOB_PARAMETERS.update(cpus_per_job="cpus_per_task", partition="slurm_partition")
+JOB_PARAMETERS.update(max_concurrent="slurm_array_parallelism", job_setup="slurm_setup")
 # A recorded Slurm job in one of these states may still run its run: not submitted again.
-ACTIVE_STATES = {"PENDING", "RUNNING", "REQUEUED", "CONFIGURING", "COMPLETING", "SUSPENDED"}
+ACTIVE_STATES = {
+    "PENDING",
+    "RUNNING",
+    "REQUEUED",
+    "CONFIGURING",
+    "COMPLETING",
+    "SUSPENDED",
+}
 CHECKPOINT_GRACE_SECONDS = 30.0  # inside submitit's signal delay (90 s before the time limit)
-REPORT_JOB_MINUTES = 30
 
 
 def make_executor(out_dir: str, jobs, name: str, **parameters) -> submitit.AutoExecutor:
@@ -410,8 +397,8 @@ class RunJob(submitit.helpers.Checkpointable):
 
         log_to_stdout()
         gpu = os.environ.get("CUDA_VISIBLE_DEVICES") or None  # Slurm's, on a GPU job
-        call = lambda: run_one(*self.arguments, gpu=gpu)  # noqa: E731
         outcome: List = []
+        call = lambda: run_one(*self.arguments, gpu)  # noqa: E731
         thread = threading.Thread(target=lambda: outcome.append(guarded(call, True)), daemon=True)
         thread.start()
         try:
@@ -443,19 +430,15 @@ def launch_jobs(grid, runs, data_bin, references, jobs, final=None) -> Optional[
     """A job per run not queued already; waits for them under submitit-local or --wait
     ({run: outcome}); else submits `final` (function, arguments: the report) as a job that
     starts once every run job has ended (afterany), and returns None."""
-    outcomes: Dict[str, Outcome] = {}
-    for run in runs:
-        queued = queued_job(grid.run_dir(run)) if jobs.launcher == "slurm" else None
-        if queued:
-            logger.info(f"{run.name}: not submitted, already queued as {queued}")
-            outcomes[run.name] = ("queued", queued)
+    queued = {r.name: queued_job(grid.run_dir(r)) for r in runs if jobs.launcher == "slurm"}
+    outcomes = {name: ("queued", job) for name, job in queued.items() if job}
+    for name, job in outcomes.items():
+        logger.info(f"{name}: not submitted, already queued as {job[1]}")
     name = f"table4-{os.path.basename(grid.out_dir)}"
     executor = make_executor(grid.out_dir, jobs, name)
     with executor.batch():
         todo = [run for run in runs if run.name not in outcomes]
-        submitted = [
-            (run, executor.submit(RunJob(grid, run, data_bin, references))) for run in todo
-        ]
+        submitted = [(r, executor.submit(RunJob(grid, r, data_bin, references))) for r in todo]
     for run, job in submitted:
         record = {"run": run.name, "launcher": jobs.launcher, "job_id": str(job.job_id)}
         record.update(folder=os.path.join(grid.out_dir, SUBMITIT_FOLDER), submitted=_now())
@@ -465,15 +448,8 @@ def launch_jobs(grid, runs, data_bin, references, jobs, final=None) -> Optional[
         return {**outcomes, **wait_for_jobs(grid, submitted)}
     if final is not None and jobs.launcher == "slurm" and not jobs.no_report_job and submitted:
         after = "afterany:" + ":".join(sorted({str(j.job_id).split("_")[0] for _, j in submitted}))
-        last = make_executor(
-            grid.out_dir,
-            jobs,
-            f"{name}-report",
-            slurm_dependency=after,
-            timeout_min=REPORT_JOB_MINUTES,
-            gpus_per_node=0,
-            cpus_per_task=1,
-        )
+        report = dict(timeout_min=REPORT_JOB_MINUTES, gpus_per_node=0, cpus_per_task=1)
+        last = make_executor(grid.out_dir, jobs, f"{name}-report", slurm_dependency=after, **report)
         logger.info(f"report: job {last.submit(*final).job_id}, once the run jobs have ended")
     return None
 
@@ -490,15 +466,25 @@ def wait_for_jobs(grid, submitted) -> Dict[str, Outcome]:
                 path = os.path.join(grid.run_dir(run), FAILURE_RECORD)
                 failure = files.read_json_object(path)
                 if failure is None:
-                    failure = {"run": run.name, "stage": "job", "error": one_line(error)}
+                    failure = {
+                        "run": run.name,
+                        "stage": "job",
+                        "error": one_line(error),
+                    }
                     files.write_json(path, {**failure, "time": _now()})
-                outcomes[run.name] = ("failed", f"{failure['stage']}: {failure['error']}")
+                outcomes[run.name] = (
+                    "failed",
+                    f"{failure['stage']}: {failure['error']}",
+                )
     except KeyboardInterrupt:
         logger.warning("Ctrl-C: cancelling the jobs; their runs resume when the grid runs again")
         for run, job in submitted:
             if run.name not in outcomes:
                 job.cancel(check=False)
-                outcomes[run.name] = ("interrupted", f"job {job.job_id} cancelled (Ctrl-C)")
+                outcomes[run.name] = (
+                    "interrupted",
+                    f"job {job.job_id} cancelled (Ctrl-C)",
+                )
         deadline = time.monotonic() + STOP_GRACE_SECONDS + 30
         while any(not j.done() for _, j in submitted) and time.monotonic() < deadline:
             time.sleep(0.5)

@@ -1,15 +1,10 @@
 """fairseq-asam-table4: Table 4 of the ASAM paper (IWSLT'14 De→En BLEU of Adam, Adam+SAM,
-Adam+ASAM), from the raw archive (or a prepared --data-bin) to the report, in one resumable
-command.
+Adam+ASAM) from the raw archive (or a prepared --data-bin) to the report, resumable:
+<out>/data/<iwslt14-de-en-<md5>-bpe<merges>>/ (the data, named by its content), grid.json,
+runs/<run>/ (launch.py), submitit/ (the jobs), report/ (report.py).
 
-    <out>/data/<iwslt14-de-en-<md5>-bpe<merges>>/   the prepared data, named by its content
-    <out>/grid.json                                 the grid (grid.py), written before any run
-    <out>/runs/<run>/                               one run (launch.py)
-    <out>/submitit/                                 the jobs' files (--launcher slurm...)
-    <out>/report/                                   table4.md, table4.csv, plots (report.py)
-
-Every check that needs no work comes first — the flags, the argument files, fairseq-train's own
-parser on every row, every run's training stamp — so that a bad flag or a changed setting fails
+Every check that needs no work comes first (the flags, the argument files, fairseq-train's own
+parser on every row, every run's training stamp), so that a bad flag or a changed setting fails
 in one line before anything starts; then the data, grid.json, the runs, the report.
 """
 
@@ -30,6 +25,7 @@ PROGRAM = "fairseq-asam-table4"
 DATA_FOLDER, REPORT_FOLDER, SAMPLE_ARCHIVE = "data", "report", "sample-de-en.tgz"
 LAUNCHERS = ("local", "slurm", "submitit-local")
 SLURM, JOBS = ("slurm",), ("slurm", "submitit-local")  # the launchers a job flag is for
+STOPPED = ("interrupted", "cancelled")  # launch's outcomes of a run Ctrl-C stopped
 SWEEP = "OPTION=V1,V2"  # any fairseq-train option, repeatable: a row per combination of values
 ROWS = ",".join(grids.OPTIMIZERS + grids.SCHEDULE_ROWS)
 
@@ -192,22 +188,19 @@ def devices(args, grid: grids.Grid) -> List[str]:
 
 def ending(outcomes: Dict[str, Tuple[str, str]]) -> int:
     """Status 0, or the error that says which runs failed or that Ctrl-C stopped the grid."""
-    from .launch import FAILURE_RECORD, Interrupted
+    from .launch import Interrupted
 
-    stopped = [
-        name for name, (status, _) in outcomes.items() if status in ("interrupted", "cancelled")
-    ]
+    stopped = [name for name, (status, _) in outcomes.items() if status in STOPPED]
+    failed = [f"{name}: {why}" for name, (status, why) in outcomes.items() if status == "failed"]
     if stopped:
         raise Interrupted(
             f"interrupted (Ctrl-C): {', '.join(stopped)} stopped; every run is "
             "resumable: run the same command again to continue"
         )
-    failed = {name: message for name, (status, message) in outcomes.items() if status == "failed"}
     if failed:
         raise ExperimentError(
-            f"{len(failed)} run(s) failed: "
-            + "; ".join(f"{name}: {message}" for name, message in failed.items())
-            + f" (the report shows the others; see each run's {FAILURE_RECORD})"
+            f"{len(failed)} run(s) failed: {'; '.join(failed)} (the report "
+            "shows the others; see each run's failure.json)"
         )
     return 0
 

@@ -86,10 +86,10 @@ def test_the_same_command_again_skips_every_finished_run(tiny_out, capsys):
 def test_a_changed_setting_is_refused_in_one_line_naming_it(tiny_out, tmp_path, capsys):
     out = copy_of(tiny_out, tmp_path)
     log = (out / "runs" / RUNS[0] / "train.log").read_text()
-    assert table4.main(ARGV + ["--out", str(out), "--eval-bleu"]) == 1
+    assert table4.main(ARGV + ["--out", str(out), "--checkpoint", "best-loss"]) == 1
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and f"{RUNS[0]} was trained with other settings (" in err
-    assert "--eval-bleu (unset) → None" in err  # the setting named
+    assert "--best-checkpoint-metric bleu → loss" in err  # the setting named
     assert (out / "runs" / RUNS[0] / "train.log").read_text() == log  # nothing ran
 
 
