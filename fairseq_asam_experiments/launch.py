@@ -34,11 +34,7 @@ from .grid import BUDGET_FLAG, CHECKPOINTS_FOLDER, Grid, Run, plugin_dir
 
 logger = logging.getLogger(__name__)
 
-TRAIN, EVALUATE, SHARPNESS = (
-    "train",
-    "evaluate",
-    "sharpness",
-)  # the stages, and their stamps
+TRAIN, EVALUATE, SHARPNESS = ("train", "evaluate", "sharpness")  # the stages, and their stamps
 COMMAND_FILE, TRAIN_LOG, FAILURE_RECORD = "command.txt", "train.log", "failure.json"
 JOB_RECORD, LOCK_FILE, RESULTS = "job.json", "run.lock", "results.json"
 SHARPNESS_JSON, SHARPNESS_LOG = "sharpness.json", "sharpness.log"
@@ -72,11 +68,7 @@ class Children:
     it; the running ones get SIGINT (a terminal's Ctrl-C), then SIGKILL after `grace`."""
 
     def __init__(self):
-        self._lock, self._running, self.stopping = (
-            threading.Lock(),
-            [],
-            threading.Event(),
-        )
+        self._lock, self._running, self.stopping = (threading.Lock(), [], threading.Event())
 
     def call(self, command, stdout, env=None) -> int:
         with self._lock:
@@ -205,12 +197,7 @@ def evaluate(grid, run, data_bin, references, env, children) -> dict:
     logger.info(f"{run.name}: evaluating --checkpoint {grid.protocol}")
     options = dict(references=references, output_dir=run_dir, call=children.call)
     scores = evaluation.evaluate_checkpoint(
-        data_bin,
-        save_dir,
-        plugin_dir(),
-        grid.protocol,
-        env={**os.environ, **env},
-        **options,
+        data_bin, save_dir, plugin_dir(), grid.protocol, env={**os.environ, **env}, **options
     )
     files.write_stamp(run_dir, EVALUATE, inputs)
     return scores
@@ -224,17 +211,8 @@ def sharpness(grid, run, data_bin, results, env, gpu, children) -> dict:
     if stage_done(run_dir, SHARPNESS, inputs) and "sharpness" in results:
         return results["sharpness"]
     logger.info(f"{run.name}: measuring the adaptive sharpness at rho={grid.sharpness_rho}")
-    json_path, device = (
-        os.path.join(run_dir, SHARPNESS_JSON),
-        "cpu" if gpu is None else "cuda:0",
-    )
-    command = [
-        *SHARPNESS_COMMAND,
-        checkpoint,
-        data_bin,
-        "--rho",
-        repr(grid.sharpness_rho),
-    ]
+    json_path, device = (os.path.join(run_dir, SHARPNESS_JSON), "cpu" if gpu is None else "cuda:0")
+    command = [*SHARPNESS_COMMAND, checkpoint, data_bin, "--rho", repr(grid.sharpness_rho)]
     command += ["--measures", "adaptive", "--device", device, "--json", json_path]
     log = os.path.join(run_dir, SHARPNESS_LOG)
     call(children, "fairseq-asam-sharpness", command, log, env, mode="w")
@@ -288,12 +266,7 @@ def run_one(grid: Grid, run: Run, data_bin: str, references: Dict, gpu=None, chi
     except BaseException as error:
         if isinstance(error, (Interrupted, KeyboardInterrupt)) or children.stopping.is_set():
             raise Interrupted(f"{run.name}: interrupted in {stage}, resumable") from error
-        record = {
-            "run": run.name,
-            "stage": stage,
-            "error": one_line(error),
-            "time": _now(),
-        }
+        record = {"run": run.name, "stage": stage, "error": one_line(error), "time": _now()}
         files.write_json(os.path.join(run_dir, FAILURE_RECORD), record)
         raise
     finally:
@@ -359,14 +332,7 @@ JOB_PARAMETERS = dict(time_min="timeout_min", gpus_per_job="gpus_per_node", mem_
 JOB_PARAMETERS.update(cpus_per_job="cpus_per_task", partition="slurm_partition")
 JOB_PARAMETERS.update(max_concurrent="slurm_array_parallelism", job_setup="slurm_setup")
 # A recorded Slurm job in one of these states may still run its run: not submitted again.
-ACTIVE_STATES = {
-    "PENDING",
-    "RUNNING",
-    "REQUEUED",
-    "CONFIGURING",
-    "COMPLETING",
-    "SUSPENDED",
-}
+ACTIVE_STATES = {"PENDING", "RUNNING", "REQUEUED", "CONFIGURING", "COMPLETING", "SUSPENDED"}
 CHECKPOINT_GRACE_SECONDS = 30.0  # inside submitit's signal delay (90 s before the time limit)
 
 
@@ -466,25 +432,15 @@ def wait_for_jobs(grid, submitted) -> Dict[str, Outcome]:
                 path = os.path.join(grid.run_dir(run), FAILURE_RECORD)
                 failure = files.read_json_object(path)
                 if failure is None:
-                    failure = {
-                        "run": run.name,
-                        "stage": "job",
-                        "error": one_line(error),
-                    }
+                    failure = {"run": run.name, "stage": "job", "error": one_line(error)}
                     files.write_json(path, {**failure, "time": _now()})
-                outcomes[run.name] = (
-                    "failed",
-                    f"{failure['stage']}: {failure['error']}",
-                )
+                outcomes[run.name] = ("failed", f"{failure['stage']}: {failure['error']}")
     except KeyboardInterrupt:
         logger.warning("Ctrl-C: cancelling the jobs; their runs resume when the grid runs again")
         for run, job in submitted:
             if run.name not in outcomes:
                 job.cancel(check=False)
-                outcomes[run.name] = (
-                    "interrupted",
-                    f"job {job.job_id} cancelled (Ctrl-C)",
-                )
+                outcomes[run.name] = ("interrupted", f"job {job.job_id} cancelled (Ctrl-C)")
         deadline = time.monotonic() + STOP_GRACE_SECONDS + 30
         while any(not j.done() for _, j in submitted) and time.monotonic() < deadline:
             time.sleep(0.5)
