@@ -402,8 +402,8 @@ def launch_jobs(grid, runs, data_bin, references, jobs, final=None) -> Optional[
         logger.info(f"{name}: not submitted, already queued as {job[1]}")
     name = f"table4-{os.path.basename(grid.out_dir)}"
     executor = make_executor(grid.out_dir, jobs, name)
+    todo = [run for run in runs if run.name not in outcomes]
     with executor.batch():
-        todo = [run for run in runs if run.name not in outcomes]
         submitted = [(r, executor.submit(RunJob(grid, r, data_bin, references))) for r in todo]
     for run, job in submitted:
         record = {"run": run.name, "launcher": jobs.launcher, "job_id": str(job.job_id)}

@@ -11,6 +11,7 @@ in one line before anything starts; then the data, grid.json, the runs, the repo
 import argparse
 import logging
 import os
+import shutil
 from typing import Dict, List, Optional, Tuple
 
 from . import files
@@ -177,12 +178,14 @@ def write_report(out_dir: str) -> str:
 
 
 def devices(args, grid: grids.Grid) -> List[str]:
-    """The GPUs of a local launcher; --amp refused without one."""
+    """The GPUs of a local launcher; --amp refused without one, slurm without sbatch."""
     from . import launch
 
     gpus = launch.visible_gpus() if args.launcher == "local" else []
     if grid.amp and args.launcher == "local" and not gpus:
         raise SettingError("--amp needs a GPU, and none is visible")
+    if args.launcher == "slurm" and not (shutil.which("sbatch") and shutil.which("srun")):
+        raise SettingError("--launcher slurm needs Slurm's sbatch and srun on PATH")
     return gpus
 
 

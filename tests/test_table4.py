@@ -145,6 +145,7 @@ def test_ctrl_c_during_the_preparation_is_one_line_and_130(tmp_path, monkeypatch
         (["--sweep", "lrr=0.1"], "fairseq-train does not know --lrr 0.1"),
         (["--amp"], "--amp needs a GPU, and none is visible"),
         (["--partition", "gpu"], "--partition is a job option: it needs --launcher slurm"),
+        (["--launcher", "slurm"], "--launcher slurm needs Slurm's sbatch and srun on PATH"),
         (["--archive", "{tmp}/missing.tgz"], "--archive: file not found: {tmp}/missing.tgz"),
         (["--data-bin", "{tmp}/missing"], "--data-bin: folder not found: {tmp}/missing"),
         (["--preset", "paper"], "--preset paper needs --archive (the IWSLT'14 de-en.tgz)"),
