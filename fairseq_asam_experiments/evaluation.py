@@ -292,13 +292,17 @@ def generate_command(
     )
 
 
-def run_generate(command: Sequence[str], output_path: str, env: Optional[Dict] = None) -> str:
+def _call_merged(command, stdout, env=None) -> int:
+    return subprocess.call(command, stdout=stdout, stderr=subprocess.STDOUT, env=env)
+
+
+def run_generate(command: Sequence[str], output_path: str, env=None, call=None) -> str:
     """Runs fairseq-generate into `output_path` (written atomically: complete or absent); a failed
     run's output is kept as `<output_path>.failed`, named in the error."""
     logger.info(f"generating {output_path}: {shlex.join(command)}")
     with atomic_output(output_path) as temporary:
         with open(temporary, "w", encoding="utf-8") as out:
-            status = subprocess.call(list(command), stdout=out, stderr=subprocess.STDOUT, env=env)
+            status = (call or _call_merged)(list(command), stdout=out, env=env)
         if status != 0:
             os.replace(temporary, output_path + ".failed")
             raise ExperimentError(
@@ -330,7 +334,7 @@ def evaluation_inputs(data_bin, save_dir, choice, references=None, beam=DEFAULT_
 def evaluate_checkpoint(
     data_bin, save_dir, user_dir, choice=CheckpointChoice(DEFAULT_CHECKPOINT),
     splits=EVALUATED_SPLITS, beam=DEFAULT_BEAM, batch_size=DEFAULT_BATCH_SIZE, references=None,
-    output_dir=None, env=None,
+    output_dir=None, env=None, call=None,
 ) -> Dict:  # fmt: skip
     """Generates and scores every split: {"protocol", "checkpoint", <split>: scores} (results.json's
     keys).  `references`: split -> raw reference file for sacreBLEU; generate outputs go to
@@ -353,7 +357,7 @@ def evaluate_checkpoint(
     for split in splits:
         command = generate_command(data_bin, checkpoint, split, user_dir, beam, batch_size)
         output_path = os.path.join(output_dir, GENERATE_FILE.format(split=split))
-        output = parse_generate_output(run_generate(command, output_path, env))
+        output = parse_generate_output(run_generate(command, output_path, env, call))
         scores = score_split(output, (references or {}).get(split))
         results[split] = {**scores, "command": shlex.join(command), "output": output_path}
         logger.info(
@@ -400,7 +404,7 @@ def write_evaluation(path: str, evaluated: Dict, inputs: Dict) -> Dict:
 
 
 def work(args: argparse.Namespace) -> int:
-    from .layout import plugin_dir
+    from .recipe import plugin_dir
 
     splits = [s.strip() for s in args.splits.split(",") if s.strip()]
     choice = parse_checkpoint_choice(args.checkpoint)

@@ -1,7 +1,5 @@
-"""A grid of fairseq-train runs: a preset's recipe × rows × sweeps × seeds, and each run's command.
-
-    <out>/grid.json          this grid (`Grid.record`), written before any run: the report's key
-    <out>/runs/<run>/        one run (experiments.launch fills it)
+"""A grid of fairseq-train runs: a preset's recipe × rows × sweeps × seeds, each run's command,
+and grid.json (`Grid.record`, written before any run); `<out>/runs/<run>/` is one run (launch).
 
 A run's options are the argument files of configs/ applied in order (experiments.recipe): the
 preset's files, the row's file (`iwslt14_de_en/<row>.args`: adam, sam, asam, asam_interval5...),
@@ -24,7 +22,6 @@ from typing import Dict, List, Optional, Sequence, Tuple
 
 from . import evaluation, recipe
 from .errors import SettingError
-from .layout import plugin_dir
 
 OPTIMIZERS = ("adam", "sam", "asam")
 SCHEDULE_ROWS = ("asam_interval5", "asam_looksam5", "asam_late")  # beyond the paper
@@ -54,24 +51,19 @@ class Preset:
     cpu_threads: Optional[int] = None
 
 
+PAPER = "Table 4 as published: needs --archive (the IWSLT'14 de-en.tgz) and GPUs"
+TINY = "the same pipeline on a generated sample archive, a tiny Transformer, a CPU"
 PRESETS = {
-    "paper": Preset(
-        "paper",
-        (recipe.RECIPE_ARGS,),
-        seeds=(1, 2, 3),
-        bpe_merges=10000,
-        checkpoint="best-bleu",
-        description="Table 4 as published: needs --archive (the IWSLT'14 de-en.tgz) and GPUs",
-    ),
+    "paper": Preset("paper", (recipe.RECIPE_ARGS,), (1, 2, 3), 10000, "best-bleu", PAPER),
     "tiny": Preset(
         "tiny",
         (recipe.RECIPE_ARGS, recipe.TINY_OVERRIDES_ARGS),
-        seeds=(1,),
-        bpe_merges=500,
-        checkpoint="best-bleu",
+        (1,),
+        500,
+        "best-bleu",
+        TINY,
         sample_archive=(2000, 40),
         cpu_threads=1,
-        description="the same pipeline on a generated sample archive, a tiny Transformer, a CPU",
     ),
 }
 PAPER_PRESET, PAPER_BUDGET = "paper", 50000  # the budget the paper's numbers are for
@@ -184,13 +176,9 @@ class Grid:
     def row_options(self, row: str) -> List[Option]:
         """The options of a row's argument files (read once), before overrides and sweeps."""
         if row not in self._options:
-            self._options[row] = recipe.training_options(
-                self.preset.args_files,
-                row,
-                self.eval_bleu,
-                self.config_dir,
-                selection_metric=self.protocol.selection_metric,
-            )
+            metric = self.protocol.selection_metric
+            files = self.preset.args_files, row, self.eval_bleu, self.config_dir, metric
+            self._options[row] = recipe.training_options(*files)
         return self._options[row]
 
     def optimizer_of(self, row: str) -> Optional[str]:
@@ -227,14 +215,22 @@ class Grid:
         return _pairs(merged) + [(SEED_FLAG, str(run.seed))]
 
     def settings(self, run: Run, data_bin: str) -> Dict[str, Optional[str]]:
-        """What the run is, for its training stamp: {flag: value or None for a switch}."""
-        return {"data": os.path.abspath(data_bin), **dict(self.options(run))}
+        """What the run is, for its training stamp: {flag: value or None for a switch}; the
+        data relative to the output folder when inside it (a moved folder keeps its runs)."""
+        return {"data": self._data(data_bin), **dict(self.options(run))}
+
+    def settings_of_command(self, command: Sequence[str]) -> Dict[str, Optional[str]]:
+        """The settings of a command `command` built: [python, -m, module, data, options]."""
+        options = [(f, v) for f, v in _pairs(command[4:]) if f not in RUN_LOCATION_FLAGS]
+        return {"data": self._data(command[3]), **dict(options)}
+
+    def _data(self, data_bin: str) -> str:
+        data, out = os.path.abspath(data_bin), os.path.abspath(self.out_dir)
+        return os.path.relpath(data, out) if data.startswith(out + os.sep) else data
 
     def command(self, run: Run, data_bin: str) -> List[str]:
-        own = [
-            ("--save-dir", os.path.join(self.run_dir(run), CHECKPOINTS_FOLDER)),
-            ("--user-dir", plugin_dir()),
-        ]
+        save_dir = os.path.join(self.run_dir(run), CHECKPOINTS_FOLDER)
+        own = [("--save-dir", save_dir), ("--user-dir", recipe.plugin_dir())]
         argv = recipe.merge_options(self.options(run), own)
         return [sys.executable, "-m", "fairseq_cli.train", os.path.abspath(data_bin)] + argv
 
@@ -253,7 +249,7 @@ class Grid:
             "rows": list(self.rows),
             "seeds": list(self.seed_list),
             "sweeps": [
-                {"option": s.option, "values": list(s.values), "optimizers": s.takers}
+                dict(option=s.option, values=list(s.values), optimizers=s.takers)
                 for s in self.sweeps
             ],
             "max_update": self.budget(),

@@ -10,6 +10,7 @@ applied in order, a later file's flag replacing an earlier one's in place.
 """
 
 import importlib.resources
+import importlib.util
 import os
 from typing import Dict, List, Optional, Sequence, Tuple
 
@@ -32,6 +33,11 @@ TINY_OVERRIDES_ARGS = "tiny/overrides.args"
 HYDRA_CONFIG_DIR = os.path.join("hydra", "iwslt14_de_en")
 
 Option = Tuple[str, Optional[str]]  # (flag, value or None for a switch)
+
+
+def plugin_dir() -> str:
+    """The plugin's folder for fairseq's `--user-dir`, found without importing it (torch)."""
+    return importlib.util.find_spec("fairseq_asam").submodule_search_locations[0]
 
 
 def config_dir() -> str:
@@ -81,18 +87,6 @@ def training_options(
     """The options of `args_files`, then the optimizer's file, the checkpoint protocol's file
     for `selection_metric` ("bleu" or "loss", see SELECTION_ARGS) and the --eval-bleu file,
     read from `folder` (default: `config_dir()`); without data, --save-dir, --seed, --user-dir."""
-    folder = config_dir() if folder is None else folder
-    files = training_files(args_files, optimizer, eval_bleu, selection_metric)
-    return [option for name in files for option in read_args_file(os.path.join(folder, name))]
-
-
-def training_files(
-    args_files: Sequence[str],
-    optimizer: str,
-    eval_bleu: bool = False,
-    selection_metric: Optional[str] = None,
-) -> List[str]:
-    """The argument files `training_options` reads, in order (relative to the config folder)."""
     files = list(args_files) + [OPTIMIZER_ARGS.format(optimizer=optimizer)]
     if selection_metric is not None:
         if selection_metric not in SELECTION_ARGS:
@@ -101,18 +95,6 @@ def training_files(
                 f"choose from {', '.join(SELECTION_ARGS)}"
             )
         files.append(SELECTION_ARGS[selection_metric])
-    if eval_bleu:
-        files.append(EVAL_BLEU_ARGS)
-    return files
-
-
-def option_source(files: Sequence[str], flag: str, folder: Optional[str] = None) -> Optional[str]:
-    """The path of the last of `files` (relative to `folder`) that sets `flag`, the one whose
-    value counts; None if none does."""
+    files += [EVAL_BLEU_ARGS] if eval_bleu else []
     folder = config_dir() if folder is None else folder
-    found = None
-    for name in files:
-        path = os.path.join(folder, name)
-        if any(option_flag == flag for option_flag, _ in read_args_file(path)):
-            found = path
-    return found
+    return [option for name in files for option in read_args_file(os.path.join(folder, name))]

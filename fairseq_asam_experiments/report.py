@@ -16,7 +16,10 @@ import pandas as pd
 from .cli import run_command
 from .errors import ExperimentError, SettingError
 from .files import atomic_output, read_json_object, write_text
-from .layout import FAILURE_RECORD, GRID_RECORD, REPORT_FOLDER, RUNS_FOLDER, TRAIN_LOG, lock_holder
+from .grid import GRID_RECORD, RUNS_FOLDER
+from .launch import FAILURE_RECORD, TRAIN_LOG, lock_holder
+
+REPORT_FOLDER = "report"
 from .logs import log_to_stdout
 
 PROGRAM = "fairseq-asam-report"

@@ -38,16 +38,3 @@ def _root_logging_restored():
     handlers, level = list(root.handlers), root.level
     yield
     root.handlers[:], root.level = handlers, level
-
-
-@pytest.fixture
-def stubbed(monkeypatch):
-    """The Table 4 runner on runner_stubs' trainer, evaluation and sharpness program (no
-    fairseq run), on no GPU; undone after the test."""
-    import runner_stubs
-
-    from fairseq_asam_experiments import runner
-
-    runner_stubs.install(runner, monkeypatch.setattr)
-    monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
-    return runner

@@ -8,6 +8,7 @@ import datetime
 import json
 import math
 import os
+import time
 from typing import Optional
 
 import torch
@@ -508,3 +509,19 @@ def prepare_sample(
     path = os.path.join(root, "de-en.tgz")
     archive = synthetic_data.build_sample_archive(path, n_train=n_train, n_dev=n_dev)
     return prepare.prepare_iwslt14(archive, os.path.join(root, "data"), bpe_merges, **kwargs)
+
+
+def read_json(path):
+    with open(path, encoding="utf-8") as f:
+        return json.load(f)
+
+
+def wait_for_file(path, timeout: float = 60.0) -> str:
+    """The text of `path` once it exists and is not empty (a child process writes it)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if os.path.isfile(path) and os.path.getsize(path):
+            with open(path, encoding="utf-8") as f:
+                return f.read()
+        time.sleep(0.05)
+    raise AssertionError(f"{path} did not appear within {timeout} s")

@@ -2,7 +2,7 @@
 over the `row` group (optimizer) x seed (x ρ), through hydra-submitit-launcher.
 
 The fast test composes table4.yaml for each row and compares it with the row's own YAML (itself
-checked against the argument files in test_table4_pipeline.py).  The slow one runs a real
+checked against the argument files in test_recipe.py).  The slow one runs a real
 2-job multirun with `hydra/launcher=submitit_local` on a tiny model, then the same multirun with
 a higher --max-update: each job continues from its checkpoint_last.pt, as a requeued Slurm job
 does (the fixed hydra.sweep.dir is what makes that work).
@@ -62,7 +62,7 @@ def test_table4_yaml_with_a_row_is_that_rows_yaml(row, folder):
     table4, subdir = compose("table4", [f"row={row}", "common.seed=2"])
     own, _ = compose(row, ["common.seed=2"])
     assert table4 == own  # every setting, the optimizer's and the recipe's
-    assert subdir == folder  # the runner's run folder names
+    assert subdir == folder  # the run folder names of fairseq-asam-table4 (grid.Run.name)
 
 
 def multirun(sweep_dir, data_bin, max_update, cwd):

@@ -77,17 +77,17 @@ def test_no_import_cycle_among_the_kits_modules():
     for module in modules:
         with open(os.path.join(KIT, module + ".py"), encoding="utf-8") as f:
             graph[module] = kit_imports(f.read(), modules) - {module}
-    assert "runner" in graph["cli"] and "cluster" in graph["cli"]  # the graph sees them
+    assert {"grid", "launch", "cli"} <= graph["table4"]  # the graph sees them
     assert find_cycle(graph) is None, " -> ".join(find_cycle(graph))
 
 
-def test_the_runner_starts_fairseq_asam_sharpness_through_python_m():
-    """`python -m fairseq_asam_experiments NAME`: the runner's command for the sharpness."""
-    from fairseq_asam_experiments import runner
+def test_the_launcher_starts_fairseq_asam_sharpness_through_python_m():
+    """`python -m fairseq_asam_experiments NAME`: the launcher's command for the sharpness."""
+    from fairseq_asam_experiments import launch
 
-    assert runner.SHARPNESS_COMMAND == (sys.executable, "-m", PACKAGE, "sharpness")
+    assert launch.SHARPNESS_COMMAND == (sys.executable, "-m", PACKAGE, "sharpness")
     done = subprocess.run(
-        [*runner.SHARPNESS_COMMAND, "--help"],
+        [*launch.SHARPNESS_COMMAND, "--help"],
         capture_output=True,
         text=True,
         cwd=REPO,

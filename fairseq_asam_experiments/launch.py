@@ -1,0 +1,448 @@
+"""One run of a grid (`run_one`), and the launchers of a grid's runs: here, one run per GPU or
+one after the other on a CPU (`launch_local`), or a submitit job per run on Slurm or submitit's
+local executor (`launch_jobs`), each job calling the same `run_one`.
+
+`run_one` holds the run's lock (filelock on run.lock, for the run's lifetime: a second launcher
+skips the run and says so) and does its stages, each done when its stamp holds its inputs:
+train (finished: skipped; interrupted: resumed, fairseq-train loading checkpoint_last.pt from
+the same --save-dir by itself; only --max-update raised: continued the same way; any other
+change: refused, naming the setting), evaluate (redone when evaluation_inputs change), sharpness
+(--sharpness-rho); then results.json.  A failure is written to failure.json and the grid goes
+on.  Ctrl-C: no new run or stage starts, the children get SIGINT, then SIGKILL after
+STOP_GRACE_SECONDS; every run stays resumable.
+"""
+
+import datetime
+import json
+import logging
+import os
+import queue
+import shlex
+import signal
+import subprocess
+import sys
+import threading
+import time
+from typing import Dict, List, Optional, Tuple
+
+import filelock
+import submitit
+
+from . import evaluation, files
+from .errors import ExperimentError
+from .grid import BUDGET_FLAG, CHECKPOINTS_FOLDER, Grid, Run
+from .recipe import plugin_dir
+
+logger = logging.getLogger(__name__)
+
+TRAIN, EVALUATE, SHARPNESS = ("train", "evaluate", "sharpness")  # the stages, and their stamps
+COMMAND_FILE, TRAIN_LOG, FAILURE_RECORD = "command.txt", "train.log", "failure.json"
+JOB_RECORD, LOCK_FILE, RESULTS = "job.json", "run.lock", "results.json"
+SHARPNESS_JSON, SHARPNESS_LOG = "sharpness.json", "sharpness.log"
+SHARPNESS_COMMAND = (sys.executable, "-m", "fairseq_asam_experiments", "sharpness")
+STOP_GRACE_SECONDS = 60.0  # Ctrl-C: how long children get after SIGINT before SIGKILL
+INTERRUPTED_STATUS = 130  # the shell's status for a program ended by SIGINT
+Outcome = Tuple[str, str]  # (done | failed | locked | interrupted | cancelled | queued, message)
+
+
+class RunLocked(ExperimentError):
+    """Another launcher (or job) holds the run's lock."""
+
+
+class Interrupted(ExperimentError):
+    """Ctrl-C or a job's timeout: the run stopped where it was, resumable."""
+
+    exit_status = INTERRUPTED_STATUS
+
+
+def _now() -> str:
+    return datetime.datetime.now().isoformat(timespec="seconds")
+
+
+def one_line(error: BaseException) -> str:
+    text = " ".join(str(error).split()) or type(error).__name__
+    return text if isinstance(error, ExperimentError) else f"{type(error).__name__}: {text}"
+
+
+class Children:
+    """A launcher's child processes, so that one stop() ends them all: no child starts after
+    it; the running ones get SIGINT (a terminal's Ctrl-C), then SIGKILL after `grace`."""
+
+    def __init__(self):
+        self._lock, self._running, self.stopping = (threading.Lock(), [], threading.Event())
+
+    def call(self, command, stdout, env=None) -> int:
+        with self._lock:
+            if self.stopping.is_set():
+                raise Interrupted("not started: stopping")
+            child = subprocess.Popen(command, stdout=stdout, stderr=subprocess.STDOUT, env=env)
+            self._running.append(child)
+        try:
+            return child.wait()
+        finally:
+            with self._lock:
+                self._running.remove(child)
+
+    def stop(self, grace: float = STOP_GRACE_SECONDS) -> None:
+        with self._lock:
+            self.stopping.set()
+            children = list(self._running)
+        for child in children:
+            child.send_signal(signal.SIGINT)
+        deadline = time.monotonic() + grace
+        try:
+            while any(c.poll() is None for c in children) and time.monotonic() < deadline:
+                time.sleep(0.1)
+        except KeyboardInterrupt:  # a second Ctrl-C: no more waiting
+            pass
+        for child in [c for c in children if c.poll() is None]:
+            child.kill()
+
+
+CHILDREN = Children()  # a submitit job's (one run per process)
+
+
+def lock_holder(run_dir: str) -> Optional[str]:
+    """'a launcher' if one holds the run's lock now, else None; creates nothing."""
+    path = os.path.join(run_dir, LOCK_FILE)
+    if not os.path.isfile(path):
+        return None
+    lock = filelock.FileLock(path)
+    try:
+        lock.acquire(timeout=0)
+    except filelock.Timeout:
+        return "a launcher"
+    lock.release()
+    return None
+
+
+def train_plan(grid: Grid, run: Run, data_bin: str) -> Optional[str]:
+    """What the run's training needs (a sentence), None if it is done; ExperimentError if it
+    was trained (or started: command.txt) with other settings than a raised --max-update."""
+    run_dir, settings = grid.run_dir(run), grid.settings(run, data_bin)
+    old = finished = files.read_stamp(run_dir, TRAIN)
+    if finished is None and os.path.isfile(os.path.join(run_dir, COMMAND_FILE)):
+        with open(os.path.join(run_dir, COMMAND_FILE), encoding="utf-8") as f:
+            argv = shlex.split(f.read())
+        while argv and "=" in argv[0]:  # the environment it ran with: OMP_NUM_THREADS=1 ...
+            argv.pop(0)
+        old = grid.settings_of_command(argv)
+    if old is None:
+        return "training"
+    changes = files.changed_inputs(old, settings)
+    if not changes:
+        return None if finished is not None else "resuming from checkpoint_last.pt"
+    before, after = old.get(BUDGET_FLAG) or "0", settings.get(BUDGET_FLAG) or "0"
+    if all(c.startswith(BUDGET_FLAG + " ") for c in changes) and int(after) > int(before):
+        return f"{BUDGET_FLAG} {before} → {after}: continuing from checkpoint_last.pt"
+    raise ExperimentError(
+        f"{run.name} was trained with other settings ({'; '.join(changes)}): run with those, "
+        f"delete {run_dir}, or give another --out"
+    )
+
+
+def check_runs(grid: Grid, data_bin: str) -> None:
+    """Every run's train_plan before any run starts: the refusals, all in one line."""
+    refused = []
+    for run in grid.runs():
+        try:
+            train_plan(grid, run, data_bin)
+        except ExperimentError as error:
+            refused.append(str(error))
+    if refused:
+        raise ExperimentError("; ".join(refused))
+
+
+def call(children: Children, what: str, command: List[str], log: str, env: Dict, mode="a"):
+    """`command` with its output to `log`; ExperimentError if it fails or a signal kills it."""
+    with open(log, mode, encoding="utf-8") as out:
+        returncode = children.call(command, stdout=out, env={**os.environ, **env})
+    if returncode != 0:
+        how = "was killed by" if returncode < 0 else "failed with"
+        raise ExperimentError(f"{what} {how} {evaluation.exit_description(returncode)}; see {log}")
+
+
+def train(grid: Grid, run: Run, data_bin: str, env: Dict[str, str], children: Children) -> str:
+    """The train stage; returns the command line it trains with (written to command.txt)."""
+    run_dir, command = grid.run_dir(run), grid.command(run, data_bin)
+    line = " ".join([f"{k}={shlex.quote(v)}" for k, v in env.items()] + [shlex.join(command)])
+    plan = train_plan(grid, run, data_bin)
+    logger.info(f"{run.name}: {plan or 'trained'}")
+    if plan is not None:
+        for stage in (TRAIN, EVALUATE, SHARPNESS):  # a failed redo leaves no stale mark
+            files.clear_stamp(run_dir, stage)
+        if os.path.exists(os.path.join(run_dir, RESULTS)):
+            os.unlink(os.path.join(run_dir, RESULTS))  # its checkpoints are about to change
+        files.write_text(os.path.join(run_dir, COMMAND_FILE), line + "\n")
+        call(children, "fairseq-train", command, os.path.join(run_dir, TRAIN_LOG), env)
+        files.write_stamp(run_dir, TRAIN, grid.settings(run, data_bin))
+    return line
+
+
+def stage_done(run_dir: str, stage: str, inputs: dict) -> bool:
+    """Whether `stage` finished with `inputs`; if not, its stamp is cleared for the redo."""
+    if files.read_stamp(run_dir, stage) == json.loads(json.dumps(inputs)):
+        return True
+    files.clear_stamp(run_dir, stage)
+    return False
+
+
+def evaluate(grid, run, data_bin, references, env, children) -> dict:
+    """The evaluate stage: results.json's scores, redone when the evaluation's inputs change."""
+    run_dir = grid.run_dir(run)
+    save_dir = os.path.join(run_dir, CHECKPOINTS_FOLDER)
+    inputs = evaluation.evaluation_inputs(data_bin, save_dir, grid.protocol, references)
+    results = files.read_json_object(os.path.join(run_dir, RESULTS))
+    if stage_done(run_dir, EVALUATE, inputs) and results is not None:
+        return results
+    logger.info(f"{run.name}: evaluating --checkpoint {grid.protocol}")
+    options = dict(references=references, output_dir=run_dir, call=children.call)
+    scores = evaluation.evaluate_checkpoint(
+        data_bin, save_dir, plugin_dir(), grid.protocol, env={**os.environ, **env}, **options
+    )
+    files.write_stamp(run_dir, EVALUATE, inputs)
+    return scores
+
+
+def sharpness(grid, run, data_bin, results, env, gpu, children) -> dict:
+    """The sharpness stage: fairseq-asam-sharpness's JSON report on the evaluated checkpoint,
+    on the run's GPU; redone when ρ or the evaluation changes."""
+    run_dir, checkpoint = grid.run_dir(run), results["checkpoint"]["path"]
+    inputs = dict(rho=grid.sharpness_rho, evaluation=files.read_stamp(run_dir, EVALUATE))
+    if stage_done(run_dir, SHARPNESS, inputs) and "sharpness" in results:
+        return results["sharpness"]
+    logger.info(f"{run.name}: measuring the adaptive sharpness at rho={grid.sharpness_rho}")
+    json_path, device = (os.path.join(run_dir, SHARPNESS_JSON), "cpu" if gpu is None else "cuda:0")
+    command = [*SHARPNESS_COMMAND, checkpoint, data_bin, "--rho", repr(grid.sharpness_rho)]
+    command += ["--measures", "adaptive", "--device", device, "--json", json_path]
+    log = os.path.join(run_dir, SHARPNESS_LOG)
+    call(children, "fairseq-asam-sharpness", command, log, env, mode="w")
+    files.write_stamp(run_dir, SHARPNESS, inputs)
+    return files.read_json_object(json_path)
+
+
+def describe(grid: Grid, run: Run, command_line: str) -> dict:
+    """What results.json says the run is (design.md): the report's keys."""
+    budget = dict(grid.options(run)).get(BUDGET_FLAG)
+    described = dict(run=run.name, row=run.row, optimizer=grid.optimizer_of(run.row))
+    described.update(seed=run.seed, sweep=dict(run.swept), preset=grid.preset.name)
+    described.update(max_update=int(budget) if budget else None, train_command=command_line)
+    return {**described, "protocol": str(grid.protocol)}
+
+
+def run_one(grid: Grid, run: Run, data_bin: str, references: Dict, gpu=None, children=None) -> str:
+    """Trains, evaluates and measures one run under its lock; returns its results.json.
+
+    RunLocked if another launcher holds the run; Interrupted once `children` is stopping; any
+    other failure is written to failure.json first.  `gpu`: CUDA_VISIBLE_DEVICES of the run's
+    children; on a CPU they get the preset's OMP_NUM_THREADS unless it is set."""
+    children, run_dir = children or CHILDREN, grid.run_dir(run)
+    os.makedirs(run_dir, exist_ok=True)
+    lock = filelock.FileLock(os.path.join(run_dir, LOCK_FILE))
+    try:
+        lock.acquire(timeout=0)
+    except filelock.Timeout:
+        raise RunLocked(f"{run.name}: skipped, another launcher holds {lock.lock_file}") from None
+    env = {"CUDA_VISIBLE_DEVICES": gpu} if gpu is not None else {}
+    if gpu is None and grid.preset.cpu_threads and "OMP_NUM_THREADS" not in os.environ:
+        env = {"OMP_NUM_THREADS": str(grid.preset.cpu_threads)}
+    stage, path = TRAIN, os.path.join(run_dir, RESULTS)
+    try:
+        logger.info(f"{run.name}: on {'CPU' if gpu is None else 'GPU ' + gpu}")
+        line = train(grid, run, data_bin, env, children)
+        for stage in (EVALUATE, SHARPNESS):
+            if children.stopping.is_set():
+                raise Interrupted(f"{stage} not started")
+            if stage == EVALUATE:
+                results = evaluate(grid, run, data_bin, references, env, children)
+            elif grid.sharpness_rho is not None:
+                results["sharpness"] = sharpness(grid, run, data_bin, results, env, gpu, children)
+            described = {**describe(grid, run, line), **results}
+            if described != files.read_json_object(path):  # a skipped run's file stays as is
+                files.write_json(path, described)
+        if os.path.exists(os.path.join(run_dir, FAILURE_RECORD)):
+            os.unlink(os.path.join(run_dir, FAILURE_RECORD))
+        logger.info(f"{run.name}: done, {path}")
+        return path
+    except BaseException as error:
+        if isinstance(error, (Interrupted, KeyboardInterrupt)) or children.stopping.is_set():
+            raise Interrupted(f"{run.name}: interrupted in {stage}, resumable") from error
+        record = {"run": run.name, "stage": stage, "error": one_line(error), "time": _now()}
+        files.write_json(os.path.join(run_dir, FAILURE_RECORD), record)
+        raise
+    finally:
+        lock.release()
+
+
+def guarded(function, in_job: bool = False):
+    """The outcome of `function()` (a run_one), what goes wrong kept to that run; in a job, a
+    failure is returned as the exception (for the job to raise: a FAILED job)."""
+    try:
+        function()
+        return "done", ""
+    except (RunLocked, Interrupted) as error:
+        logger.warning(str(error))
+        return ("locked" if isinstance(error, RunLocked) else "interrupted"), str(error)
+    except Exception as error:
+        logger.error(f"failed: {one_line(error)}")
+        return error if in_job else ("failed", one_line(error))
+
+
+def visible_gpus() -> List[str]:
+    """CUDA_VISIBLE_DEVICES entries of the GPUs torch sees (indices if the variable is unset)."""
+    import torch
+
+    count, listed = torch.cuda.device_count(), os.environ.get("CUDA_VISIBLE_DEVICES")
+    if listed is not None:
+        return [d.strip() for d in listed.split(",") if d.strip()][:count]
+    return [str(i) for i in range(count)]
+
+
+def launch_local(grid, runs, data_bin, references, gpus, children=None) -> Dict[str, Outcome]:
+    """The runs here, one per GPU at a time (one after the other without GPUs); {run: outcome}.
+    Ctrl-C: no new run or stage starts, the children are stopped (Children.stop)."""
+    children, todo, outcomes = children or Children(), queue.SimpleQueue(), {}
+    for run in runs:
+        todo.put(run)
+
+    def worker(gpu: Optional[str]) -> None:
+        while not children.stopping.is_set() and not todo.empty():
+            run = todo.get()
+            call = lambda: run_one(grid, run, data_bin, references, gpu, children)  # noqa: E731
+            outcomes[run.name] = guarded(call)
+
+    threads = [threading.Thread(target=worker, args=(gpu,)) for gpu in gpus or [None]]
+    for thread in threads:
+        thread.start()
+    try:
+        for thread in threads:
+            while thread.is_alive():
+                thread.join(timeout=0.5)
+    except KeyboardInterrupt:
+        logger.warning("Ctrl-C: starting no new run; stopping the running ones (resumable)")
+        children.stop()
+    for thread in threads:
+        thread.join()
+    cancelled = ("cancelled", "not started (Ctrl-C)")
+    return {run.name: outcomes.get(run.name, cancelled) for run in runs}
+
+
+SUBMITIT_FOLDER, REPORT_JOB_MINUTES = "submitit", 30
+# submitit's parameter for each job flag of fairseq-asam-table4 (slurm_*: ignored locally).
+JOB_PARAMETERS = dict(time_min="timeout_min", gpus_per_job="gpus_per_node", mem_gb="mem_gb")
+JOB_PARAMETERS.update(cpus_per_job="cpus_per_task", partition="slurm_partition")
+JOB_PARAMETERS.update(max_concurrent="slurm_array_parallelism", job_setup="slurm_setup")
+# A recorded Slurm job in one of these states may still run its run: not submitted again.
+ACTIVE_STATES = {"PENDING", "RUNNING", "REQUEUED", "CONFIGURING", "COMPLETING", "SUSPENDED"}
+CHECKPOINT_GRACE_SECONDS = 30.0  # inside submitit's signal delay (90 s before the time limit)
+
+
+def make_executor(out_dir: str, jobs, name: str, **parameters) -> submitit.AutoExecutor:
+    """An executor for `jobs`, table4's job flags (argparse.Namespace)."""
+    cluster = "slurm" if jobs.launcher == "slurm" else "local"
+    folder = os.path.join(out_dir, SUBMITIT_FOLDER)
+    timeouts = {f"{cluster}_max_num_timeout": jobs.max_requeue}
+    executor = submitit.AutoExecutor(folder=folder, cluster=cluster, **timeouts)
+    given = {submitit_name: getattr(jobs, flag) for flag, submitit_name in JOB_PARAMETERS.items()}
+    given["slurm_additional_parameters"] = dict(jobs.sbatch or []) or None
+    if given["gpus_per_node"] is None:
+        given["gpus_per_node"] = int(cluster == "slurm")
+    executor.update_parameters(name=name, **{**given, **parameters})
+    return executor
+
+
+class RunJob(submitit.helpers.Checkpointable):
+    """A job: run_one for one run.  On a timeout or a preemption submitit calls checkpoint(),
+    which stops the trainer and requeues the job: it resumes from checkpoint_last.pt.  The run
+    goes on in a thread, so that submitit's signal handler (main thread) can stop its children."""
+
+    def __init__(self, grid: Grid, run: Run, data_bin: str, references: Dict[str, str]):
+        self.arguments = (grid, run, data_bin, references)
+
+    def __call__(self) -> Outcome:
+        from .logs import log_to_stdout
+
+        log_to_stdout()
+        gpu = os.environ.get("CUDA_VISIBLE_DEVICES") or None  # Slurm's, on a GPU job
+        outcome: List = []
+        call = lambda: run_one(*self.arguments, gpu)  # noqa: E731
+        thread = threading.Thread(target=lambda: outcome.append(guarded(call, True)), daemon=True)
+        thread.start()
+        try:
+            while thread.is_alive():
+                thread.join(timeout=1.0)
+        except KeyboardInterrupt:  # cancelled (submitit-local sends SIGINT)
+            CHILDREN.stop()
+            thread.join()
+        if isinstance(outcome[0], BaseException):
+            raise outcome[0]  # a failed run: a FAILED job
+        return outcome[0]
+
+    def checkpoint(self, *args, **kwargs) -> submitit.helpers.DelayedSubmission:
+        logger.warning(f"{self.arguments[1].name}: timeout or preemption: stopping, requeueing")
+        CHILDREN.stop(grace=CHECKPOINT_GRACE_SECONDS)
+        return submitit.helpers.DelayedSubmission(RunJob(*self.arguments))
+
+
+def queued_job(run_dir: str) -> Optional[str]:
+    """`job 123_4 (PENDING)` if the Slurm job recorded for the run may still run it."""
+    record = files.read_json_object(os.path.join(run_dir, JOB_RECORD))
+    if not record or record.get("launcher") != "slurm":
+        return None
+    state = submitit.SlurmJob(record["folder"], record["job_id"]).state
+    return f"job {record['job_id']} ({state})" if state.upper() in ACTIVE_STATES else None
+
+
+def launch_jobs(grid, runs, data_bin, references, jobs, final=None) -> Optional[Dict]:
+    """A job per run not queued already; waits for them under submitit-local or --wait
+    ({run: outcome}); else submits `final` (function, arguments: the report) as a job that
+    starts once every run job has ended (afterany), and returns None."""
+    queued = {r.name: queued_job(grid.run_dir(r)) for r in runs if jobs.launcher == "slurm"}
+    outcomes = {name: ("queued", job) for name, job in queued.items() if job}
+    for name, job in outcomes.items():
+        logger.info(f"{name}: not submitted, already queued as {job[1]}")
+    name = f"table4-{os.path.basename(grid.out_dir)}"
+    executor = make_executor(grid.out_dir, jobs, name)
+    todo = [run for run in runs if run.name not in outcomes]
+    with executor.batch():
+        submitted = [(r, executor.submit(RunJob(grid, r, data_bin, references))) for r in todo]
+    for run, job in submitted:
+        record = {"run": run.name, "launcher": jobs.launcher, "job_id": str(job.job_id)}
+        record.update(folder=os.path.join(grid.out_dir, SUBMITIT_FOLDER), submitted=_now())
+        files.write_json(os.path.join(grid.run_dir(run), JOB_RECORD), record)
+        logger.info(f"{run.name}: submitted as job {job.job_id}")
+    if jobs.wait or jobs.launcher == "submitit-local":
+        return {**outcomes, **wait_for_jobs(grid, submitted)}
+    if final is not None and jobs.launcher == "slurm" and not jobs.no_report_job and submitted:
+        after = "afterany:" + ":".join(sorted({str(j.job_id).split("_")[0] for _, j in submitted}))
+        report = dict(timeout_min=REPORT_JOB_MINUTES, gpus_per_node=0, cpus_per_task=1)
+        last = make_executor(grid.out_dir, jobs, f"{name}-report", slurm_dependency=after, **report)
+        logger.info(f"report: job {last.submit(*final).job_id}, once the run jobs have ended")
+    return None
+
+
+def wait_for_jobs(grid, submitted) -> Dict[str, Outcome]:
+    """Each job's outcome once it ended; a job that died without one (killed, out of memory)
+    is recorded in its run's failure.json here.  Ctrl-C cancels the jobs (resumable runs)."""
+    outcomes = {}
+    try:
+        for run, job in submitted:
+            try:
+                outcomes[run.name] = tuple(job.result())
+            except Exception as error:
+                path = os.path.join(grid.run_dir(run), FAILURE_RECORD)
+                failure = files.read_json_object(path)
+                if failure is None:
+                    failure = {"run": run.name, "stage": "job", "error": one_line(error)}
+                    files.write_json(path, {**failure, "time": _now()})
+                outcomes[run.name] = ("failed", f"{failure['stage']}: {failure['error']}")
+    except KeyboardInterrupt:
+        logger.warning("Ctrl-C: cancelling the jobs; their runs resume when the grid runs again")
+        for run, job in submitted:
+            if run.name not in outcomes:
+                job.cancel(check=False)
+                outcomes[run.name] = ("interrupted", f"job {job.job_id} cancelled (Ctrl-C)")
+        deadline = time.monotonic() + STOP_GRACE_SECONDS + 30
+        while any(not j.done() for _, j in submitted) and time.monotonic() < deadline:
+            time.sleep(0.5)
+    return outcomes

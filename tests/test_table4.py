@@ -1,0 +1,173 @@
+"""fairseq-asam-table4 on fairseq itself: ONE tiny-preset grid per session (generated archive,
+preparation, adam and asam over two learning rates, a few updates, --sharpness-rho, the report)
+that the tests read; the tests that change outputs work on a copy.  Then bad flags (one line,
+before any work), --help without torch, and submitit-local end to end."""
+
+import os
+import shutil
+import subprocess
+import sys
+
+import pytest
+from harness import read_json
+
+from fairseq_asam_experiments import table4
+
+UPDATES, WARMUP = 6, 50  # WARMUP: the tiny preset's --warmup-updates
+LEARNING_RATES = ("0.004", "0.005")
+RUNS = [f"{row}-lr{lr}-seed1" for row in ("adam", "asam") for lr in LEARNING_RATES]
+ARGV = [
+    "--preset", "tiny", "--optimizers", "adam,asam", "--max-update", str(UPDATES),
+    "--sweep", "lr=4e-3,0.005", "--sharpness-rho", "0.05",
+]  # fmt: skip
+
+
+@pytest.fixture(scope="session")
+def tiny_out(tmp_path_factory):
+    out = tmp_path_factory.mktemp("tiny") / "out"
+    assert table4.main(ARGV + ["--out", str(out)]) == 0
+    return out
+
+
+def copy_of(out, tmp_path):
+    shutil.copytree(out, tmp_path / "out", symlinks=True)
+    return tmp_path / "out"
+
+
+def train_lines(path):
+    """fairseq-train's end-of-epoch `train` records (json log format)."""
+    import json
+
+    text = path.read_text().splitlines()
+    return [json.loads(line.split(" | ", 3)[3]) for line in text if " | INFO | train | " in line]
+
+
+@pytest.mark.slow
+def test_a_sweep_of_the_learning_rate_trains_each_run_with_its_own(tiny_out):
+    """The issue's test: a grid sweeping a fairseq-train option other than ρ/η."""
+    grid = read_json(tiny_out / "grid.json")
+    assert grid["runs"] == RUNS and grid["max_update"] == UPDATES
+    assert grid["sweeps"] == [{"option": "lr", "values": list(LEARNING_RATES), "optimizers": None}]
+    for name in RUNS:
+        row, lr = name.split("-")[0], name.split("-")[1][2:]
+        run = tiny_out / "runs" / name
+        assert f" --lr {lr} " in (run / "command.txt").read_text()
+        (last,) = train_lines(run / "train.log")
+        # inverse_sqrt warms up linearly from 0: after k updates, lr × k / warmup.
+        assert float(last["train_lr"]) == pytest.approx(float(lr) * UPDATES / WARMUP, rel=1e-9)
+        assert last["train_num_updates"] == str(UPDATES)
+        results = read_json(run / "results.json")
+        assert results["sweep"] == {"lr": lr} and (results["row"], results["seed"]) == (row, 1)
+        assert results["optimizer"] == row and results["max_update"] == UPDATES
+        assert results["preset"] == "tiny" and results["protocol"] == "best-bleu"
+        assert f"--lr {lr}" in results["train_command"]
+        assert results["checkpoint"]["num_updates"] <= UPDATES
+        assert os.path.isfile(results["checkpoint"]["path"])
+        assert results["valid"]["sentences"] > 0 and results["test"]["sentences"] > 0
+        (estimate,) = results["sharpness"]["estimates"]
+        assert estimate["measure"] == "adaptive" and estimate["rho"] == 0.05
+        assert not (run / "failure.json").exists()
+    table = (tiny_out / "report" / "table4.md").read_text()
+    assert all(name in table for name in RUNS)
+    assert (tiny_out / "report" / "table4.csv").is_file()
+
+
+@pytest.mark.slow
+def test_the_same_command_again_skips_every_finished_run(tiny_out, capsys):
+    run = tiny_out / "runs" / RUNS[0]
+    before = {p: p.stat().st_mtime_ns for p in run.iterdir() if p.is_file() and p.suffix != ".lock"}
+    assert table4.main(ARGV + ["--out", str(tiny_out)]) == 0
+    after = {p: p.stat().st_mtime_ns for p in before}
+    assert after == before  # not trained, evaluated nor measured again
+    assert f"{RUNS[0]}: trained" in capsys.readouterr().out
+
+
+@pytest.mark.slow
+def test_a_changed_setting_is_refused_in_one_line_naming_it(tiny_out, tmp_path, capsys):
+    out = copy_of(tiny_out, tmp_path)
+    log = (out / "runs" / RUNS[0] / "train.log").read_text()
+    assert table4.main(ARGV + ["--out", str(out), "--checkpoint", "best-loss"]) == 1
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and f"{RUNS[0]} was trained with other settings (" in err
+    assert "--best-checkpoint-metric bleu → loss" in err  # the setting named
+    assert (out / "runs" / RUNS[0] / "train.log").read_text() == log  # nothing ran
+
+
+@pytest.mark.slow
+def test_a_raised_max_update_continues_from_checkpoint_last(tiny_out, tmp_path):
+    out = copy_of(tiny_out, tmp_path)
+    argv = ["--preset", "tiny", "--optimizers", "adam", "--sweep", "lr=0.004", "--out", str(out)]
+    assert table4.main(argv + ["--max-update", str(UPDATES + 2)]) == 0
+    run = out / "runs" / RUNS[0]
+    text = (run / "train.log").read_text()
+    assert f"(epoch 1 @ {UPDATES} updates)" in text  # fairseq loaded checkpoint_last.pt
+    first, second = train_lines(run / "train.log")
+    assert (first["train_num_updates"], second["train_num_updates"]) == ("6", "8")
+    assert read_json(run / "results.json")["max_update"] == UPDATES + 2
+    assert (out / "runs" / RUNS[1] / "train.log").read_text() == (
+        tiny_out / "runs" / RUNS[1] / "train.log"
+    ).read_text()  # the grid's other runs untouched
+
+
+@pytest.mark.slow
+def test_submitit_local_trains_and_evaluates_a_run_as_a_job(tiny_out, tmp_path):
+    (data_bin,) = (tiny_out / "data").glob("*/data-bin*/**/dict.de.txt")
+    argv = ["--preset", "tiny", "--optimizers", "adam", "--max-update", "2", "--out", str(tmp_path)]
+    argv += ["--data-bin", str(data_bin.parent), "--launcher", "submitit-local", "--time-min", "10"]
+    assert table4.main(argv) == 0
+    run = tmp_path / "runs" / "adam-seed1"
+    assert read_json(run / "results.json")["checkpoint"]["num_updates"] <= 2
+    assert read_json(run / "job.json")["launcher"] == "submitit-local"
+    assert list((tmp_path / "submitit").glob("*_log.out"))  # the job's own log
+
+
+def test_ctrl_c_during_the_preparation_is_one_line_and_130(tmp_path, monkeypatch, capsys):
+    def interrupted(*args):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(table4, "prepare_data", interrupted)
+    assert table4.main(["--preset", "tiny", "--out", str(tmp_path / "out")]) == 130
+    err = capsys.readouterr().err
+    assert err == "fairseq-asam-table4: interrupted (Ctrl-C)\n"
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["--optimizers", "adam,adamw"], "--optimizers: got 'adam,adamw'; choose from adam,sam"),
+        (["--seeds", "2,2"], "--seeds: '2,2' names a seed twice"),
+        (["--max-update", "0"], "--max-update must be >= 1, got 0"),
+        (["--checkpoint", "newest"], "--checkpoint"),
+        (["--sweep", "lr"], "--sweep takes OPTION=V1,V2,... (e.g. lr=5e-4,1e-3), got 'lr'"),
+        (["--sweep", "seed=1,2"], "--sweep seed: set it with --seeds"),
+        (["--sweep", "lr=1e-3", "--sweep", "lr=2e-3"], "--sweep: an option is swept twice"),
+        (["--rho", "0.1", "--optimizers", "adam"], "--sweep rho: no row of --optimizers (adam)"),
+        (["--sweep", "lrr=0.1"], "fairseq-train does not know --lrr 0.1"),
+        (["--amp"], "--amp needs a GPU, and none is visible"),
+        (["--partition", "gpu"], "--partition is a job option: it needs --launcher slurm"),
+        (["--launcher", "slurm"], "--launcher slurm needs Slurm's sbatch and srun on PATH"),
+        (["--archive", "{tmp}/missing.tgz"], "--archive: file not found: {tmp}/missing.tgz"),
+        (["--data-bin", "{tmp}/missing"], "--data-bin: folder not found: {tmp}/missing"),
+        (["--preset", "paper"], "--preset paper needs --archive (the IWSLT'14 de-en.tgz)"),
+    ],
+)
+def test_a_bad_flag_fails_in_one_line_before_any_work(tmp_path, capsys, argv, message):
+    out = tmp_path / "out"
+    argv = [a.format(tmp=tmp_path) for a in argv]
+    preset = [] if "--preset" in argv else ["--preset", "tiny"]
+    assert table4.main(preset + argv + ["--out", str(out)]) == 1
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("fairseq-asam-table4: error: ")
+    assert message.format(tmp=tmp_path) in err
+    assert not out.exists()
+
+
+def test_help_imports_no_torch():
+    code = (
+        "import sys\nfrom fairseq_asam_experiments import table4\ntry:\n"
+        "    table4.main(['--help'])\nexcept SystemExit:\n    pass\n"
+        "assert 'torch' not in sys.modules, 'torch imported'\n"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    assert "--sweep OPTION=V1,V2" in done.stdout and "--launcher" in done.stdout
