@@ -4,7 +4,7 @@ from setuptools import setup
 # (fairseq_asam_experiments: data preparation, Table 4 runner, evaluation, report, sharpness,
 # trajectories, benchmark) needs the `experiments` extra too.
 CONFIGS_PACKAGE = "fairseq_asam_experiments.configs"
-# fairseq-asam-<command> -> the module whose `main` it is (also `python -m fairseq_asam_experiments`).
+# fairseq-asam-<command> -> its module's `main` (also `python -m fairseq_asam_experiments CMD`).
 COMMANDS = {
     "table4": "table4",
     "prepare": "prepare",

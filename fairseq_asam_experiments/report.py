@@ -18,9 +18,9 @@ from .errors import ExperimentError, SettingError
 from .files import atomic_output, read_json_object, write_text
 from .grid import GRID_RECORD, RUNS_FOLDER
 from .launch import FAILURE_RECORD, TRAIN_LOG, lock_holder
+from .logs import log_to_stdout
 
 REPORT_FOLDER = "report"
-from .logs import log_to_stdout
 
 PROGRAM = "fairseq-asam-report"
 TABLE_MARKDOWN, TABLE_CSV = "table4.md", "table4.csv"
