@@ -6,16 +6,10 @@ from setuptools import setup
 CONFIGS_PACKAGE = "fairseq_asam_experiments.configs"
 CONSOLE_SCRIPTS = [
     f"fairseq-asam-{name} = fairseq_asam_experiments.cli:{name}_main"
-    for name in (
-        "table4",
-        "prepare",
-        "evaluate",
-        "report",
-        "sharpness",
-        "benchmark",
-        "trajectories",
-        "precision",
-    )
+    for name in ("table4", "prepare", "evaluate", "report", "sharpness")
+] + [
+    f"fairseq-asam-{name} = fairseq_asam_experiments.{name}:main"
+    for name in ("benchmark", "trajectories", "precision")
 ]
 
 with open("README.md", encoding="utf-8") as readme:
