@@ -1,21 +1,14 @@
 """fairseq-asam-benchmark: the time and memory of an Adam, SAM and ASAM update (docs/cost.md).
 
-Every row builds fairseq's own Trainer from the recipe's argument files plus its optimizer options
-and runs `Trainer.train_step` on the same synthetic batches; the rows' updates are interleaved
-(update i of every row, each round starting one row later) so that load hits them alike.  Timed
-per update: the update, the criterion's forward, `optimizer.backward`, `optimizer.step`, and
-`perturbation.perturb` + `restore`:
-
-    outside   = update − forward − backward − optimizer step
-    overhead  = outside(row) − outside(Adam)      (the perturbation overhead)
-
-Ratios and overheads are taken round by round (a row's update i against Adam's update i), then
-their median.  A row with `--sam-interval K` is amortized: (median sharpness-aware update +
-(K − 1) × median plain update) / K, and the same for each part.  Peak memory: each row in a fresh
-process, the peak resident set (VmHWM; glibc made to return every freed block of 64 KiB or more
-at once, so that it follows the live tensors) or `torch.cuda.max_memory_allocated`, over the
-memory before the first update.  SAM/ASAM may add one fp32 copy of the parameters and, with
---update-freq > 1, the gradient set aside during pass 1.
+Each row is fairseq's own Trainer (the recipe's argument files + the row's optimizer options) on
+the same synthetic batches; updates are interleaved (update i of every row, each round starting
+one row later) so that load hits the rows alike.  Per update: the update, the criterion's forward,
+`optimizer.backward`, `optimizer.step`, `perturbation.perturb` + `restore`; outside = update −
+forward − backward − optimizer step; overhead = outside(row) − outside(Adam).  Ratios and overheads
+are taken round by round, then their median; a row perturbing 1/K of its updates is amortized:
+(median perturbing update + (K − 1) × median plain update) / K.  Peak memory: each row in a fresh
+process, peak RSS (glibc made to unmap freed blocks from 64 KiB at once, so that it follows the
+live tensors) or torch.cuda.max_memory_allocated, over the memory before the first update.
 """
 
 import argparse
@@ -49,41 +42,20 @@ from .logs import log_to_stdout
 PROGRAM = "fairseq-asam-benchmark"
 logger = logging.getLogger(__name__)
 Preset = collections.namedtuple("Preset", "args_files dictionary_sizes warmup timed description")
-PRESETS = {
-    # fairseq's IWSLT'14 dictionaries (10k joint BPE): 8,848 German, 6,632 English types.
-    "iwslt": Preset(
-        (recipe.RECIPE_ARGS,),
-        (8848, 6632),
-        3,
-        5,
-        "transformer_iwslt_de_en, fairseq's IWSLT'14 recipe, 4,096 tokens per batch",
-    ),
-    "small": Preset(
-        (recipe.RECIPE_ARGS, recipe.TINY_OVERRIDES_ARGS),
-        (512, 512),
-        3,
-        10,
-        "the tiny preset's 1-layer, 32-dimensional Transformer, 1,024 tokens per batch",
-    ),
+IWSLT = "transformer_iwslt_de_en, fairseq's IWSLT'14 recipe, 4,096 tokens per batch"
+SMALL = "the tiny preset's 1-layer, 32-dimensional Transformer, 1,024 tokens per batch"
+PRESETS = {  # fairseq's IWSLT'14 dictionaries (10k joint BPE): 8,848 German, 6,632 English types
+    "iwslt": Preset((recipe.RECIPE_ARGS,), (8848, 6632), 3, 5, IWSLT),
+    "small": Preset((recipe.RECIPE_ARGS, recipe.TINY_OVERRIDES_ARGS), (512, 512), 3, 10, SMALL),
 }
-# Synthetic sentence lengths (with </s>): log-normal, median 22 (mean ≈ 25, IWSLT'14's ≈ 144
-# sentences per 4,096 tokens), clipped to [2, 128]; targets ×U(0.8, 1.2); 1.5× the sentences needed.
-MEDIAN_TOKENS, LENGTH_SIGMA, LENGTH_RANGE, TARGET_RATIO, SLACK = 22, 0.5, (2, 128), (0.8, 1.2), 1.5
-LOOKSAM_ALPHA = 0.7
-FORWARD, BACKWARD, OPTIMIZER, PERTURB, RESTORE = (
-    "forward",
-    "backward",
-    "optimizer",
-    "perturb",
-    "restore",
-)
-# Targets on transformer_iwslt_de_en; the measured extra memory may pass one fp32 copy by 2%
-# (page rounding of its ~250 buffers, small temporaries).
+# Sentence lengths (</s> included): log-normal of median 22 (mean ≈ 25, IWSLT'14's ≈ 144
+# sentences per 4,096 tokens) clipped to [2, 128], targets ×U(0.8, 1.2); 1.5× the sentences needed.
+MEDIAN, SIGMA, CLIP, RATIO, SLACK = 22, 0.5, (2, 128), (0.8, 1.2), 1.5
+PARTS = ("forward", "backward", "optimizer", "perturb", "restore")
+# Targets on transformer_iwslt_de_en; extra memory may pass one fp32 copy by 2% (page rounding of
+# its ~250 buffers, small temporaries).
 MAX_ASAM_RATIO, MAX_OVERHEAD, MAX_INTERVAL_RATIO, MEMORY_TOLERANCE = 2.05, 0.02, 1.3, 0.02
-MIB, FP32_BYTES = 2**20, 4
-BYTES_PER_MIB = MIB  # benchmarks/looksam_memory.py's name
-# glibc mallopt: blocks from 64 KiB get their own mapping, unmapped when freed; no heap slack.
-M_TRIM_THRESHOLD, M_MMAP_THRESHOLD, MMAP_THRESHOLD_BYTES = -1, -3, 64 * 1024
+MIB, FP32_BYTES, LOOKSAM_ALPHA = 2**20, 4, 0.7
 
 
 @dataclasses.dataclass(frozen=True)
@@ -103,17 +75,13 @@ class Spec:
 
 
 def rows_for(spec: Spec) -> Dict[str, tuple]:
-    """name -> (optimizer argument file, its extra options).  `asam-not-started` never perturbs
-    (plain Adam through the plugin); `asam-eval-sharpness-1` also measures sharpness_eval."""
+    """name -> (optimizer argument file, extra options).  `asam-not-started` never perturbs;
+    `asam-eval-sharpness-1` also measures sharpness_eval on every update."""
     k = str(spec.sam_interval)
-    rows = {
-        "adam": ("adam", []),
-        "sam": ("sam", []),
-        "asam": ("asam", []),
-        f"asam-interval-{k}": ("asam", [("--sam-interval", k)]),
-        "asam-not-started": ("asam", [("--sam-start-update", str(spec.total))]),
-        "asam-eval-sharpness-1": ("asam", [("--sharpness-eval-interval", "1")]),
-    }
+    rows = {"adam": ("adam", []), "sam": ("sam", []), "asam": ("asam", [])}
+    rows[f"asam-interval-{k}"] = ("asam", [("--sam-interval", k)])
+    rows["asam-not-started"] = ("asam", [("--sam-start-update", str(spec.total))])
+    rows["asam-eval-sharpness-1"] = ("asam", [("--sharpness-eval-interval", "1")])
     if spec.sam_interval >= 2:
         looksam = [("--sam-interval", k), ("--looksam-alpha", str(LOOKSAM_ALPHA))]
         rows[f"asam-looksam-{k}"] = ("asam", looksam)
@@ -140,16 +108,12 @@ def build_trainer(spec: Spec, row: tuple):
     from fairseq.tasks.translation import TranslationTask
     from fairseq.trainer import Trainer
 
-    optimizer, extra = row
-    own = [
-        ("--seed", str(spec.seed)),
-        ("--num-workers", "0"),
-        ("--user-dir", USER_DIR),
-        ("--update-freq", str(spec.update_freq)),
-    ] + [("--cpu", None)] * (spec.device == "cpu")
+    flags = f"--seed {spec.seed} --num-workers 0 --update-freq {spec.update_freq}".split()
+    own = list(zip(flags[::2], flags[1::2])) + [("--user-dir", USER_DIR)]
+    own += [("--cpu", None)] * (spec.device == "cpu")
     own += [("--fp16", None)] * (spec.precision == "fp16")
-    options = recipe.training_options(PRESETS[spec.preset].args_files, optimizer)
-    argv = ["<synthetic>"] + recipe.merge_options(options, own, extra)  # the folder is never read
+    options = recipe.training_options(PRESETS[spec.preset].args_files, row[0])
+    argv = ["<synthetic>"] + recipe.merge_options(options, own, row[1])  # no data folder read
 
     def dictionary(size: int):
         d = Dictionary()
@@ -159,7 +123,7 @@ def build_trainer(spec: Spec, row: tuple):
 
     sizes = PRESETS[spec.preset].dictionary_sizes
     built = loading.build_from_args(
-        argv, lambda cfg: TranslationTask(cfg.task, *map(dictionary, sizes))
+        argv, lambda c: TranslationTask(c.task, *map(dictionary, sizes))
     )
     built.cfg.common.bf16 = spec.precision == "bf16"  # fairseq-train's --bf16 also means TPU
     return Trainer(built.cfg, built.task, built.model, built.criterion)
@@ -170,104 +134,76 @@ def synthetic_updates(trainer, spec: Spec) -> List[List[dict]]:
     iterator at the recipe's --max-tokens (the same for every row)."""
     from fairseq.data import LanguagePairDataset
 
-    task, cfg, rng = trainer.task, trainer.cfg, np.random.default_rng(spec.seed)
+    task, data, rng = trainer.task, trainer.cfg.dataset, np.random.default_rng(spec.seed)
     needed = spec.total * spec.update_freq
-    mean_length = MEDIAN_TOKENS * math.exp(LENGTH_SIGMA**2 / 2)
-    count = math.ceil(needed * cfg.dataset.max_tokens / mean_length * SLACK)
-    source = rng.lognormal(math.log(MEDIAN_TOKENS), LENGTH_SIGMA, count)
-    target = source * rng.uniform(*TARGET_RATIO, count)
-    sizes = [np.clip(np.rint(x), *LENGTH_RANGE).astype(np.int64) for x in (source, target)]
-
-    def sentences(lengths, d):
-        return [
-            torch.from_numpy(np.append(rng.integers(d.nspecial, len(d), n - 1), d.eos()))
-            for n in lengths
-        ]
-
-    dataset = LanguagePairDataset(
-        sentences(sizes[0], task.src_dict),
-        sizes[0],
-        task.src_dict,
-        sentences(sizes[1], task.tgt_dict),
-        sizes[1],
-        task.tgt_dict,
-        left_pad_source=cfg.task.left_pad_source,
-        left_pad_target=cfg.task.left_pad_target,
-    )
-    batches = loading.first_batches(
-        task,
-        dataset,
-        needed,
-        shuffle=True,
-        seed=spec.seed,
-        max_tokens=cfg.dataset.max_tokens,
-        max_sentences=cfg.dataset.batch_size,
-    )
+    count = math.ceil(needed * data.max_tokens / (MEDIAN * math.exp(SIGMA**2 / 2)) * SLACK)
+    source = rng.lognormal(math.log(MEDIAN), SIGMA, count)
+    target = source * rng.uniform(*RATIO, count)
+    sides = []  # the dataset's arguments: sentences, lengths, dictionary of each side
+    for x, d in ((source, task.src_dict), (target, task.tgt_dict)):
+        n = np.clip(np.rint(x), *CLIP).astype(np.int64)
+        words = [np.append(rng.integers(d.nspecial, len(d), k - 1), d.eos()) for k in n]
+        sides += [[torch.from_numpy(w) for w in words], n, d]
+    pad = {k: trainer.cfg.task[k] for k in ("left_pad_source", "left_pad_target")}
+    dataset = LanguagePairDataset(*sides, **pad)
+    options = dict(max_tokens=data.max_tokens, max_sentences=data.batch_size, seed=spec.seed)
+    batches = loading.first_batches(task, dataset, needed, shuffle=True, **options)
     if len(batches) < needed:
         raise RuntimeError(f"generated {len(batches)} batches, {needed} needed: raise SLACK")
     return [batches[i : i + spec.update_freq] for i in range(0, needed, spec.update_freq)]
 
 
-class PartTimer:
-    """Seconds of each timed part within the update running now."""
+def timed(seconds: Dict[str, float], part: str, fn, synchronize=lambda: None):
+    """`fn` adding its wall time to seconds[part] (CUDA synchronized around it)."""
 
-    def __init__(self, device: str):
-        self.synchronize = torch.cuda.synchronize if device == "cuda" else (lambda: None)
-        self.seconds: Dict[str, float] = {}
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        synchronize()
+        start = time.perf_counter()
+        try:
+            return fn(*args, **kwargs)
+        finally:
+            synchronize()
+            seconds[part] += time.perf_counter() - start
 
-    def timed(self, part: str, fn):
-        @functools.wraps(fn)
-        def wrapper(*args, **kwargs):
-            self.synchronize()
-            start = time.perf_counter()
-            try:
-                return fn(*args, **kwargs)
-            finally:
-                self.synchronize()
-                self.seconds[part] = self.seconds.get(part, 0.0) + time.perf_counter() - start
-
-        return wrapper
-
-    def update(self, trainer, samples) -> Dict[str, object]:
-        """One Trainer.train_step: its seconds, parts, target tokens, and whether it perturbed."""
-        sam = find_sharpness_aware(trainer.optimizer)
-        perturbed = sam is not None and sam.perturbs_at(trainer.get_num_updates())
-        self.seconds = dict.fromkeys((FORWARD, BACKWARD, OPTIMIZER, PERTURB, RESTORE), 0.0)
-        self.timed("update", trainer.train_step)(samples)
-        seconds = self.seconds.pop("update")
-        ntokens = sum(int(s["ntokens"]) for s in samples)
-        return dict(seconds=seconds, parts=self.seconds, ntokens=ntokens, perturbed=perturbed)
+    return wrapper
 
 
 def time_rows(spec: Spec, rows: Dict[str, tuple]):
-    """Interleaved updates of every row on one set of batches: (the timed updates' records per
-    row, each row's long-run share of sharpness-aware updates, the model's parameter count)."""
-    timer = PartTimer(spec.device)
-    trainers = {name: build_trainer(spec, row) for name, row in rows.items()}
+    """Interleaved updates of every row on one set of batches: (each row's timed updates, each
+    row's long-run share of sharpness-aware updates, the number of parameters)."""
+    sync = torch.cuda.synchronize if spec.device == "cuda" else (lambda: None)
+    trainers, parts = {name: build_trainer(spec, row) for name, row in rows.items()}, {}
     for t in trainers.values():
-        t.criterion.forward = timer.timed(FORWARD, t.criterion.forward)
-        t.optimizer.backward = timer.timed(BACKWARD, t.optimizer.backward)
-        t.optimizer.step = timer.timed(OPTIMIZER, t.optimizer.step)
+        t.criterion.forward = timed(parts, "forward", t.criterion.forward, sync)
+        t.optimizer.backward = timed(parts, "backward", t.optimizer.backward, sync)
+        t.optimizer.step = timed(parts, "optimizer", t.optimizer.step, sync)
     names, records = list(rows), {name: [] for name in rows}
-    updates = synthetic_updates(trainers["adam"], spec)
     with mock.patch.object(
-        perturbation, PERTURB, timer.timed(PERTURB, perturbation.perturb)
-    ), mock.patch.object(perturbation, RESTORE, timer.timed(RESTORE, perturbation.restore)):
-        for index, samples in enumerate(updates):
+        perturbation, "perturb", timed(parts, "perturb", perturbation.perturb, sync)
+    ), mock.patch.object(
+        perturbation, "restore", timed(parts, "restore", perturbation.restore, sync)
+    ):
+        for index, samples in enumerate(synthetic_updates(trainers["adam"], spec)):
             for name in names[index % len(names) :] + names[: index % len(names)]:
-                record = timer.update(trainers[name], samples)
-                logger.info(
-                    "update %d of %d, %s: %.1f s", index + 1, spec.total, name, record["seconds"]
-                )
+                sam = find_sharpness_aware(trainers[name].optimizer)
+                perturbed = sam is not None and sam.perturbs_at(trainers[name].get_num_updates())
+                parts.update(dict.fromkeys(PARTS + ("update",), 0.0))
+                timed(parts, "update", trainers[name].train_step, sync)(samples)
+                seconds, ntokens = parts.pop("update"), sum(int(s["ntokens"]) for s in samples)
+                logger.info("update %d of %d, %s: %.1f s", index + 1, spec.total, name, seconds)
                 if index >= spec.warmup:
-                    records[name].append(record)
+                    records[name].append(
+                        dict(
+                            seconds=seconds, parts=dict(parts), ntokens=ntokens, perturbed=perturbed
+                        )
+                    )
     fractions = {}
     for name, trainer in trainers.items():
         sam = find_sharpness_aware(trainer.optimizer)
         started = sam is not None and sam.sam_start_update < spec.total
         fractions[name] = 1.0 / sam.sam_interval if started else 0.0
-    parameters = sum(p.numel() for p in trainers["adam"].model.parameters() if p.requires_grad)
-    return records, fractions, parameters
+    return records, fractions, sum(p.numel() for p in trainers["adam"].model.parameters())
 
 
 def amortized(values, perturbed, fraction: float) -> float:
@@ -281,29 +217,24 @@ def amortized(values, perturbed, fraction: float) -> float:
     return total
 
 
-def summarize_row(records, adam, fraction: float) -> Dict[str, float]:
-    """Amortized ms per update of the update and each part, tokens/s, and the comparisons with
-    Adam taken round by round (records[i] and adam[i] ran seconds apart)."""
+def summarize_row(records, adam, fraction: float) -> Dict[str, object]:
+    """Amortized ms of the update and each part, tokens/s, and the comparisons with Adam taken
+    round by round (records[i] and adam[i] ran seconds apart)."""
     perturbed = [r["perturbed"] for r in records]
 
     def ms(values):
-        return 1e3 * amortized(values, perturbed, fraction)
+        return 1e3 * amortized(list(values), perturbed, fraction)
 
     def outside(r):
-        return r["seconds"] - sum(r["parts"][p] for p in (FORWARD, BACKWARD, OPTIMIZER))
+        return r["seconds"] - sum(r["parts"][p] for p in PARTS[:3])
 
-    out = {
-        f"{part}_ms": ms([r["parts"][part] for r in records])
-        for part in (FORWARD, BACKWARD, OPTIMIZER)
-    }
-    out.update(
-        update_ms=ms([r["seconds"] for r in records]), outside_ms=ms(list(map(outside, records)))
-    )
+    out = {f"{part}_ms": ms(r["parts"][part] for r in records) for part in PARTS[:3]}
+    out.update(update_ms=ms(r["seconds"] for r in records), outside_ms=ms(map(outside, records)))
     ratios = [r["seconds"] / a["seconds"] for r, a in zip(records, adam)]
     out["ratio_to_adam"] = amortized(ratios, perturbed, fraction)
-    out["overhead_ms"] = ms([outside(r) - outside(a) for r, a in zip(records, adam)])
+    out["overhead_ms"] = ms(outside(r) - outside(a) for r, a in zip(records, adam))
     out["overhead_fraction"] = out["overhead_ms"] / out["update_ms"]
-    out["perturb_restore_ms"] = ms([r["parts"][PERTURB] + r["parts"][RESTORE] for r in records])
+    out["perturb_restore_ms"] = ms(r["parts"]["perturb"] + r["parts"]["restore"] for r in records)
     out["tokens_per_s"] = statistics.mean(r["ntokens"] for r in records) / out["update_ms"] * 1e3
     return dict(out, sharpness_aware_fraction=fraction, updates=records)
 
@@ -315,14 +246,13 @@ def resident_kib(field_name: str) -> int:
 
 
 def release_freed_memory_at_once() -> bool:
-    """glibc unmaps freed blocks >= 64 KiB and trims the heap at every free; False elsewhere."""
+    """glibc mallopt: blocks from 64 KiB get their own mapping, unmapped when freed
+    (M_MMAP_THRESHOLD = -3), and the heap is trimmed at every free (M_TRIM_THRESHOLD = -1)."""
     try:
         mallopt = ctypes.CDLL("libc.so.6").mallopt
-    except (OSError, AttributeError):
+    except (OSError, AttributeError):  # not glibc
         return False
-    return bool(mallopt(M_MMAP_THRESHOLD, MMAP_THRESHOLD_BYTES)) and bool(
-        mallopt(M_TRIM_THRESHOLD, 0)
-    )
+    return bool(mallopt(-3, 64 * 1024)) and bool(mallopt(-1, 0))
 
 
 def reset_peak_rss() -> None:
@@ -333,35 +263,27 @@ def reset_peak_rss() -> None:
 
 def measure_peak_memory(spec: Spec, row: tuple) -> Dict[str, object]:
     """In this fresh process: the peak over updates 0 to K (K = --sam-interval: Adam's state exists
-    after update 0, every perturbing row perturbs again by K) minus the memory before them."""
-    tight = spec.device == "cpu" and release_freed_memory_at_once()
+    after update 0, each perturbing row perturbs again by K) minus the memory before them."""
+    cuda, tight = spec.device == "cuda", spec.device == "cpu" and release_freed_memory_at_once()
     trainer = build_trainer(spec, row)
     updates = synthetic_updates(trainer, spec)[: min(spec.total, spec.sam_interval + 1)]
-    if spec.device == "cuda":
+    if cuda:
         trainer.cuda_env = None  # fairseq would reset the peak statistics after every update
         torch.cuda.synchronize()
-        before = torch.cuda.memory_allocated()
         torch.cuda.reset_peak_memory_stats()
-    else:
-        before = resident_kib("VmRSS") * 1024
-        reset_peak_rss()
+    before = torch.cuda.memory_allocated() if cuda else resident_kib("VmRSS") * 1024
+    reset_peak_rss() if not cuda else None
     for samples in updates:
         trainer.train_step(samples)
-    if spec.device == "cuda":
-        peak, kind = torch.cuda.max_memory_allocated(), "torch.cuda.max_memory_allocated"
-    else:
-        peak = resident_kib("VmHWM") * 1024
-        kind = "peak RSS (VmHWM)" + (", freed blocks unmapped at once" if tight else "")
-    return {
-        "peak_increase_bytes": peak - before,
-        "memory_measure": kind,
-        "memory_updates": len(updates),
-    }
+    peak = torch.cuda.max_memory_allocated() if cuda else resident_kib("VmHWM") * 1024
+    kind = "torch.cuda.max_memory_allocated" if cuda else "peak RSS (VmHWM)"
+    kind += ", freed blocks unmapped at once" * tight
+    return dict(peak_increase_bytes=peak - before, memory_measure=kind, memory_updates=len(updates))
 
 
 def measure_rows_memory(spec: Spec, rows: Dict[str, tuple]) -> Dict[str, dict]:
     """Each row in its own new process: forked from a server that only imported this module
-    (CPU), spawned (CUDA: its context does not survive a fork)."""
+    (CPU), or spawned (a CUDA context does not survive a fork)."""
     context = get_context("spawn" if spec.device == "cuda" else "forkserver")
     if spec.device == "cpu":
         context.set_forkserver_preload([__name__])
@@ -381,11 +303,11 @@ def check_targets(rows: Dict[str, dict], spec: Spec, sizes: Dict[str, int]) -> L
         (f"--sam-interval {spec.sam_interval} / Adam update time", interval, MAX_INTERVAL_RATIO),
     ]
     if "extra_memory_bytes" in rows["asam"]:
-        stash = spec.update_freq > 1
+        stash = spec.update_freq > 1  # the gradient set aside during pass 1
         budget = sizes["fp32_copy"] + sizes["gradient_stash"] * stash
         for name in ("sam", "asam"):
-            copies = "one fp32 copy" + " + the gradient stash" * stash
-            label = f"{name.upper()} extra peak memory over Adam / ({copies})"
+            label = f"{name.upper()} extra peak memory over Adam / (one fp32 copy"
+            label += " + the gradient stash)" if stash else ")"
             targets.append((label, rows[name]["extra_memory_bytes"] / budget, 1 + MEMORY_TOLERANCE))
     return [dict(target=t, measured=m, limit=lim, met=m <= lim) for t, m, lim in targets]
 
@@ -393,59 +315,47 @@ def check_targets(rows: Dict[str, dict], spec: Spec, sizes: Dict[str, int]) -> L
 def run_benchmark(spec: Spec, measure_memory: bool = True) -> Dict[str, object]:
     """Times every row (interleaved, in this process), then each row's peak memory."""
     check_spec(spec)
-    rows, load_before = rows_for(spec), os.getloadavg()
+    rows, load = rows_for(spec), [os.getloadavg()]
     records, fractions, parameters = time_rows(spec, rows)
-    load = [load_before, os.getloadavg()]
+    load.append(os.getloadavg())
     summary = {
         name: summarize_row(records[name], records["adam"], fractions[name]) for name in rows
     }
-    if measure_memory:
-        for name, memory in measure_rows_memory(spec, rows).items():
-            summary[name].update(memory)
-        for row in summary.values():
-            row["extra_memory_bytes"] = (
-                row["peak_increase_bytes"] - summary["adam"]["peak_increase_bytes"]
-            )
-    # what SAM/ASAM may keep beyond Adam: one fp32 copy, and the gradient set aside in pass 1
-    element = FP32_BYTES if spec.precision == "fp32" else 2
-    sizes = dict(
-        parameters=parameters,
-        fp32_copy=parameters * FP32_BYTES,
-        gradient_stash=parameters * element,
-    )
-    machine = dict(
-        platform=platform.platform(),
-        processor=platform.processor() or platform.machine(),
-        cpu_count=os.cpu_count(),
-        torch=torch.__version__,
-        torch_threads=torch.get_num_threads(),
-    )
+    for name, memory in (measure_rows_memory(spec, rows) if measure_memory else {}).items():
+        summary[name].update(memory)
+    for row in summary.values() if measure_memory else ():
+        row["extra_memory_bytes"] = (
+            row["peak_increase_bytes"] - summary["adam"]["peak_increase_bytes"]
+        )
+    element = FP32_BYTES if spec.precision == "fp32" else 2  # of the gradient set aside
+    sizes = dict(parameters=parameters, fp32_copy=parameters * FP32_BYTES)
+    sizes["gradient_stash"] = parameters * element
+    cpu = platform.processor() or platform.machine()
+    machine = f"{os.cpu_count()} CPUs ({cpu}), torch {torch.__version__}, "
+    machine += f"{torch.get_num_threads()} torch threads"
+    table = [
+        dict(name=name, optimizer=opt, options=extra, **summary[name])
+        for name, (opt, extra) in rows.items()
+    ]
+    targets = check_targets(summary, spec, sizes)
+    preset = PRESETS[spec.preset].description
     return dict(
         spec=dataclasses.asdict(spec),
-        preset=PRESETS[spec.preset].description,
+        preset=preset,
         machine=machine,
         load_average=load,
         parameter_bytes=sizes,
-        rows=[
-            dict(
-                name=name,
-                optimizer=rows[name][0],
-                options=[" ".join(o) for o in rows[name][1]],
-                **summary[name],
-            )
-            for name in rows
-        ],
-        targets=check_targets(summary, spec, sizes),
+        rows=table,
+        targets=targets,
     )
 
 
 def markdown_table(header: List[str], rows: List[list]) -> str:
-    lines = [header, ["---"] * len(header)] + [[str(cell) for cell in row] for row in rows]
+    lines = [header, ["---"] * len(header)] + rows
     return "\n".join("| " + " | ".join(map(str, line)) + " |" for line in lines)
 
 
-# The table's columns: (header, row key, format, scale).
-COLUMNS = (
+COLUMNS = (  # (header, row key, format, scale)
     ("update ms", "update_ms", ".1f", 1),
     ("×Adam", "ratio_to_adam", ".3f", 1),
     ("fwd ms", "forward_ms", ".1f", 1),
@@ -462,44 +372,30 @@ COLUMNS = (
 
 
 def format_benchmark(result: Dict[str, object]) -> str:
-    spec, sizes, rows, m = (
-        result["spec"],
-        result["parameter_bytes"],
-        result["rows"],
-        result["machine"],
+    spec, sizes, rows = result["spec"], result["parameter_bytes"], result["rows"]
+    cells = [[f"{r[k] * x:{f}}" if k in r else "-" for _, k, f, x in COLUMNS] for r in rows]
+    table = [[r["name"]] + c for r, c in zip(rows, cells)]
+    lines = [markdown_table(["row"] + [c[0] for c in COLUMNS], table), ""]
+    lines.append(
+        f"{result['preset']}; {spec['device']} {spec['precision']}, --update-freq "
+        f"{spec['update_freq']}, {spec['warmup']} warm-up + {spec['timed']} timed updates per "
+        f"row, interleaved; {sizes['parameters']:,} parameters (one fp32 copy = "
+        f"{sizes['fp32_copy'] / MIB:.0f} MiB)."
     )
-    cells = [
-        [f"{row[k] * scale:{fmt}}" if k in row else "-" for _, k, fmt, scale in COLUMNS]
-        for row in rows
-    ]
-    table = markdown_table(
-        ["row"] + [c[0] for c in COLUMNS], [[r["name"]] + c for r, c in zip(rows, cells)]
-    )
-    lines = [
-        table,
-        "",
-        f"{result['preset']}; {spec['device']} {spec['precision']}, "
-        f"--update-freq {spec['update_freq']}, {spec['warmup']} warm-up + {spec['timed']} "
-        f"timed updates per row, interleaved; {sizes['parameters']:,} parameters "
-        f"(one fp32 copy = {sizes['fp32_copy'] / MIB:.0f} MiB).",
-    ]
     if "memory_measure" in rows[0]:
         lines.append(
             f"peak memory: {rows[0]['memory_measure']}, over the first "
             f"{rows[0]['memory_updates']} updates, in a fresh process per row."
         )
     before, after = ([round(x, 2) for x in load] for load in result["load_average"])
-    lines.append(
-        f"load average (1, 5, 15 min) before {before}, after {after}; {m['cpu_count']} "
-        f"CPUs ({m['processor']}), {m['torch_threads']} torch threads.\n"
-    )
+    lines.append(f"load average before {before}, after {after}; {result['machine']}.\n")
     for t in result["targets"]:
         met = "met" if t["met"] else "NOT met"
         lines.append(f"- {t['target']}: {t['measured']:.4g} (target <= {t['limit']:.4g}): {met}")
     return "\n".join(lines)
 
 
-def profile_update(spec: Spec) -> Dict[str, object]:
+def profile_update(spec: Spec) -> Dict[str, dict]:
     """torch.profiler over one ASAM update after the warm-up: ms per range (fairseq's
     record_function ranges, plus perturb and restore) and the operators inside perturb/restore."""
     from torch.profiler import ProfilerActivity, profile, record_function
@@ -509,43 +405,29 @@ def profile_update(spec: Spec) -> Dict[str, object]:
     for samples in updates[: spec.warmup]:
         trainer.train_step(samples)
 
-    def ranged(name, fn):
-        @functools.wraps(fn)
-        def wrapper(*args, **kwargs):
-            with record_function(name):
-                return fn(*args, **kwargs)
+    def ranged(name):
+        fn = getattr(perturbation, name)
+        return functools.wraps(fn)(lambda *a, **k: _within(record_function(name), fn, a, k))
 
-        return wrapper
-
-    activities = [ProfilerActivity.CPU] + [ProfilerActivity.CUDA] * (spec.device == "cuda")
-    with mock.patch.object(
-        perturbation, PERTURB, ranged(PERTURB, perturbation.perturb)
-    ), mock.patch.object(perturbation, RESTORE, ranged(RESTORE, perturbation.restore)), profile(
-        activities=activities
-    ) as prof:
-        trainer.train_step(updates[spec.warmup])
-    ranges, operators = (
-        collections.Counter(),
-        {PERTURB: collections.Counter(), RESTORE: collections.Counter()},
-    )
+    cuda = [ProfilerActivity.CUDA] * (spec.device == "cuda")
+    with mock.patch.multiple(perturbation, perturb=ranged("perturb"), restore=ranged("restore")):
+        with profile(activities=[ProfilerActivity.CPU] + cuda) as prof:
+            trainer.train_step(updates[spec.warmup])
+    ranges = collections.Counter()
+    inside = {"perturb": collections.Counter(), "restore": collections.Counter()}
     for event in prof.events():
-        if event.name in (
-            FORWARD,
-            BACKWARD,
-            OPTIMIZER,
-            PERTURB,
-            RESTORE,
-            "reduce-grads",
-            "multiply-grads",
-            "clip-grads",
-        ):
+        if event.name in PARTS + ("reduce-grads", "multiply-grads", "clip-grads"):
             ranges[event.name] += event.cpu_time_total / 1e3
-        for child in event.cpu_children if event.name in operators else ():
-            operators[event.name][child.name] += child.cpu_time_total / 1e3
-    return {
-        "ranges_ms": dict(ranges),
-        "operators_ms": {k: dict(v.most_common()) for k, v in operators.items()},
-    }
+        for child in event.cpu_children if event.name in inside else ():
+            inside[event.name][child.name] += child.cpu_time_total / 1e3
+    return dict(
+        ranges_ms=dict(ranges), operators_ms={k: dict(v.most_common()) for k, v in inside.items()}
+    )
+
+
+def _within(context, fn, args, kwargs):
+    with context:
+        return fn(*args, **kwargs)
 
 
 def format_profile(profile: Dict[str, dict]) -> str:
@@ -558,18 +440,14 @@ def format_profile(profile: Dict[str, dict]) -> str:
 
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog=PROGRAM, description=__doc__.split("\n\n")[0])
-    help_ = "; ".join(f"{name}: {preset.description}" for name, preset in PRESETS.items())
-    p.add_argument("--preset", choices=sorted(PRESETS), default="iwslt", help=help_)
+    presets = "; ".join(f"{name}: {preset.description}" for name, preset in PRESETS.items())
+    p.add_argument("--preset", choices=sorted(PRESETS), default="iwslt", help=presets)
     p.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
     low = p.add_mutually_exclusive_group()
     for name in ("fp16", "bf16"):
+        help_ = "weights in that precision (needs --device cuda)"
         low.add_argument(
-            f"--{name}",
-            dest="precision",
-            action="store_const",
-            const=name,
-            default="fp32",
-            help="weights in that precision (needs --device cuda)",
+            f"--{name}", dest="precision", action="store_const", const=name, help=help_
         )
     p.add_argument("--update-freq", type=int, default=1, help="micro-batches per update")
     p.add_argument("--warmup", type=int, help="untimed updates first (default: the preset's)")
@@ -591,14 +469,15 @@ def main(argv=None) -> int:
 def work(args) -> int:
     preset = PRESETS[args.preset]
     warmup = preset.warmup if args.warmup is None else args.warmup
-    timed = preset.timed if args.timed is None else args.timed
+    timed_updates = preset.timed if args.timed is None else args.timed
+    precision = args.precision or "fp32"
     spec = Spec(
         args.preset,
         args.device,
-        args.precision,
+        precision,
         args.update_freq,
         warmup,
-        timed,
+        timed_updates,
         args.sam_interval,
         args.seed,
     )

@@ -12,7 +12,7 @@ from fairseq_asam_experiments import benchmark as B
 
 STEP_COST = os.path.join(os.path.dirname(os.path.dirname(__file__)), "benchmarks", "step_cost.py")
 SMALL = B.Spec(preset="small", warmup=0, timed=2, sam_interval=2)
-PARTS = (B.FORWARD, B.BACKWARD, B.OPTIMIZER, B.PERTURB, B.RESTORE)
+PARTS = B.PARTS
 
 
 def _record(seconds, forward, backward, optimizer, perturb=0.0, perturbed=False, ntokens=1000):
