@@ -355,20 +355,18 @@ def markdown_table(header: List[str], rows: List[list]) -> str:
     return "\n".join("| " + " | ".join(map(str, line)) + " |" for line in lines)
 
 
-COLUMNS = (  # (header, row key, format, scale)
-    ("update ms", "update_ms", ".1f", 1),
-    ("×Adam", "ratio_to_adam", ".3f", 1),
-    ("fwd ms", "forward_ms", ".1f", 1),
-    ("bwd ms", "backward_ms", ".1f", 1),
-    ("opt ms", "optimizer_ms", ".1f", 1),
-    ("outside ms", "outside_ms", ".1f", 1),
-    ("overhead ms", "overhead_ms", ".1f", 1),
-    ("overhead %", "overhead_fraction", ".2f", 100),
-    ("perturb+restore ms", "perturb_restore_ms", ".1f", 1),
-    ("tokens/s", "tokens_per_s", ".0f", 1),
-    ("peak Δ MiB", "peak_increase_bytes", ".0f", 1 / MIB),
-    ("extra MiB", "extra_memory_bytes", ".0f", 1 / MIB),
-)
+# The table's columns: (header, row key, format, scale).
+# fmt: off
+COLUMNS = (("update ms", "update_ms", ".1f", 1), ("×Adam", "ratio_to_adam", ".3f", 1),
+           ("fwd ms", "forward_ms", ".1f", 1), ("bwd ms", "backward_ms", ".1f", 1),
+           ("opt ms", "optimizer_ms", ".1f", 1), ("outside ms", "outside_ms", ".1f", 1),
+           ("overhead ms", "overhead_ms", ".1f", 1),
+           ("overhead %", "overhead_fraction", ".2f", 100),
+           ("perturb+restore ms", "perturb_restore_ms", ".1f", 1),
+           ("tokens/s", "tokens_per_s", ".0f", 1),
+           ("peak Δ MiB", "peak_increase_bytes", ".0f", 1 / MIB),
+           ("extra MiB", "extra_memory_bytes", ".0f", 1 / MIB))
+# fmt: on
 
 
 def format_benchmark(result: Dict[str, object]) -> str:

@@ -203,10 +203,13 @@ class LossProbe:
     def weights(self) -> List[Tensor]:
         return [p.detach().float().clone() for p in self.params]
 
-    def _loss(self, values) -> Tuple[Tensor, float]:
+    def set(self, values) -> None:
         with torch.no_grad():
             for p, v in zip(self.params, values):
                 p.copy_(v)
+
+    def _loss(self, values) -> Tuple[Tensor, float]:
+        self.set(values)
         loss, sample_size, _ = self.criterion(self.model, self.batch)
         value = float(loss.detach().double()) / float(sample_size)
         if not math.isfinite(value):
@@ -344,23 +347,18 @@ def measure_batch(probe: LossProbe, study: Study = Study()) -> Dict[str, Any]:
             result["autocast"][mode], rows = autocast_rows(probe, master, mode, study)
             result["rows"] += rows
     finally:
-        probe.loss(master)
+        probe.set(master)
     return result
 
 
 KEY = ("optimizer", "mode", "precision", "rounding")
 # Summary columns: (row key, header, format).
-COLUMNS = (
-    ("lost", "lost", ".4f"),
-    ("cosine", "cosine", ".4f"),
-    ("l2_error", "L2 err", ".3f"),
-    ("target", "ΔL target", ".3e"),
-    ("increase", "ΔL", "+.3e"),
-    ("kept", "kept", ".4f"),
-    ("grad_change_cosine", "Δg cosine", ".4f"),
-    ("grad_change_error", "Δg err", ".3f"),
-    ("grad_error", "g' err", ".2e"),
-)
+# fmt: off
+COLUMNS = (("lost", "lost", ".4f"), ("cosine", "cosine", ".4f"), ("l2_error", "L2 err", ".3f"),
+           ("target", "ΔL target", ".3e"), ("increase", "ΔL", "+.3e"), ("kept", "kept", ".4f"),
+           ("grad_change_cosine", "Δg cosine", ".4f"), ("grad_change_error", "Δg err", ".3f"),
+           ("grad_error", "g' err", ".2e"))
+# fmt: on
 
 
 def summary_table(rows) -> str:
@@ -403,10 +401,8 @@ def format_result(result: Dict[str, Any]) -> str:
         f"{tokens} target tokens from {result['subset']}; L(w) = {first['loss_fp32']:.5f}"
     ]
     for mode, status in first["autocast"].items():
-        cast = (
-            f", {status['cast']} of {status['parameters']} tensors cast" if "cast" in status else ""
-        )
-        lines.append(f"{mode}: {status['reason']}{cast}")
+        cast = f", {status.get('cast')} of {status.get('parameters')} tensors cast"
+        lines.append(f"{mode}: {status['reason']}" + cast * status["supported"])
     rows = result["rows"]
     return "\n".join(lines + ["", summary_table(rows), "", group_table(rows)])
 
@@ -449,17 +445,10 @@ def run(args) -> Dict[str, Any]:
         measured = measure_batch(LossProbe(loaded.model, loaded.criterion, sample), study)
         rows += measured.pop("rows")
         batches.append(dict(measured, batch=index, ntokens=int(sample["ntokens"])))
-    source = "init" if args.init else args.checkpoint
-    parameters = sum(p.numel() for p in loaded.model.parameters())
-    arch = getattr(loaded.cfg.model, "arch", None)
+    result = dict(source="init" if args.init else args.checkpoint, subset=args.subset)
+    result.update(arch=loaded.cfg.model.arch, study=dataclasses.asdict(study), rows=rows)
     return dict(
-        source=source,
-        arch=arch,
-        parameters=parameters,
-        subset=args.subset,
-        study=dataclasses.asdict(study),
-        batches=batches,
-        rows=rows,
+        result, parameters=sum(p.numel() for p in loaded.model.parameters()), batches=batches
     )
 
 
@@ -483,12 +472,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--batches", type=int, default=1, help="fixed batches, each with its own ε")
     p.add_argument("--max-tokens", type=int, default=4096, help="(the recipe's)")
     p.add_argument("--sr-seeds", type=int, default=Study.sr_seeds, help="stochastic draws")
-    p.add_argument(
-        "--gradient-seeds",
-        type=int,
-        default=Study.gradient_seeds,
-        help="draws whose pass-2 gradient is compared (nearest: always; -1: never)",
-    )
+    gradients = "draws whose pass-2 gradient is compared (nearest: always; -1: never)"
+    p.add_argument("--gradient-seeds", type=int, default=Study.gradient_seeds, help=gradients)
     p.add_argument("--seed", type=int, default=1, help="model init (--init) and batch order")
     p.add_argument("--precisions", type=_names(WEIGHT_DTYPES), default=list(WEIGHT_DTYPES))
     p.add_argument("--autocast", type=_names(AUTOCAST_DTYPES), default=list(AUTOCAST_DTYPES))
