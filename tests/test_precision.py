@@ -370,6 +370,8 @@ def test_command_on_a_tiny_transformer(data_bin, tiny_init, tmp_path, capsys):
         stochastic = rows[(opt, "bf16", "stochastic", 1)]["grad_change_cosine"]
         control = rows[(opt, "bf16", "sign-control", 1)]["grad_change_cosine"]
         assert stochastic > 0.9 > control, (stochastic, control)
+        # each draw keeps a sub-ulp entry with probability |ε|/ulp: fewer entries lost than nearest
+        assert rows[(opt, "bf16", "stochastic", 0)]["lost"] < bf16["lost"]
         assert (opt, "amp-bf16", "nearest", None) in rows
     printed = capsys.readouterr().out
     assert "| asam | weights | bf16 | stochastic | 2 |" in printed  # two seeds summarised
