@@ -272,7 +272,8 @@ def measure_peak_memory(spec: Spec, row: tuple) -> Dict[str, object]:
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
     before = torch.cuda.memory_allocated() if cuda else resident_kib("VmRSS") * 1024
-    reset_peak_rss() if not cuda else None
+    if not cuda:
+        reset_peak_rss()
     for samples in updates:
         trainer.train_step(samples)
     peak = torch.cuda.max_memory_allocated() if cuda else resident_kib("VmHWM") * 1024

@@ -12,6 +12,7 @@ parallel to g, so ASAM walks SGD's path; SAM's ε has length ρ wherever w is.
 
 import argparse
 import dataclasses
+import functools
 import os
 
 import numpy as np
@@ -75,10 +76,11 @@ def trajectories(starts=DEFAULT_STARTS, settings: Settings = Settings()) -> dict
     paths = {m: np.empty((len(starts), settings.steps + 1, 2)) for m in METHODS}
     for method, path in paths.items():
         path[:, 0] = starts
-        for i, step in np.ndindex(len(starts), settings.steps):
-            path[i, step + 1] = update(
-                method, path[i, step], settings.lr, settings.rho(method), settings.eta
-            )  # noqa: E501
+        step = functools.partial(
+            update, method, lr=settings.lr, rho=settings.rho(method), eta=settings.eta
+        )
+        for i, t in np.ndindex(len(starts), settings.steps):
+            path[i, t + 1] = step(path[i, t])
     return paths
 
 
@@ -93,31 +95,21 @@ def plot(output: str, starts=DEFAULT_STARTS, settings: Settings = Settings()) ->
     surface = loss(np.stack(np.meshgrid(axis, axis), axis=-1))
     figure, ax = pyplot.subplots(figsize=(6.0, 5.4), dpi=100)
     try:
-        ax.contourf(
-            axis,
-            axis,
-            surface,
-            levels=LEVELS,
-            norm=colors.LogNorm(),
-            cmap="Greens_r",
-            extend="both",
-            alpha=0.55,
-        )  # noqa: E501
+        shade = dict(cmap="Greens_r", extend="both", alpha=0.55)
+        ax.contourf(axis, axis, surface, levels=LEVELS, norm=colors.LogNorm(), **shade)
         ax.contour(axis, axis, surface, levels=LEVELS, colors="0.6", linewidths=0.4)
         valley = np.linspace(1.0 / LIMITS[1], LIMITS[1], 200)
         ax.plot(valley, 1.0 / valley, "k:", linewidth=0.8, label="minima $w_1w_2=1$")
         for method, style in STYLES.items():
             for index, path in enumerate(paths[method]):
-                ax.plot(
-                    path[:, 0], path[:, 1], **dict(style, label=None if index else style["label"])
-                )  # noqa: E501
+                label = None if index else style["label"]  # one legend entry per method
+                ax.plot(path[:, 0], path[:, 1], **dict(style, label=label))
                 ax.plot(*path[-1], marker="o", markersize=4, color=style["color"])
         ax.plot(*np.asarray(starts, dtype=float).T, "k^", markersize=5, label="start")
         ax.set(xlim=LIMITS, ylim=LIMITS, xlabel="$w_1$", ylabel="$w_2$", aspect="equal")
         s = settings
-        title = (
-            f"{s.steps} steps, lr {s.lr:g}, SAM $\\rho$={s.sam_rho:g}, ASAM $\\rho$={s.asam_rho:g}"
-        )
+        title = f"{s.steps} steps, lr {s.lr:g}, SAM $\\rho$={s.sam_rho:g}, "
+        title += f"ASAM $\\rho$={s.asam_rho:g}"
         ax.set_title(f"$L=\\frac{{1}}{{2}}(1-w_1w_2)^2$: {title}, $\\eta$={s.eta:g}", fontsize=9)
         ax.legend(loc="upper right", fontsize=8)
         figure.tight_layout()
