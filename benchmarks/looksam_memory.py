@@ -21,8 +21,8 @@ from omegaconf import OmegaConf
 
 from fairseq_asam.optim import FairseqASAM, FairseqASAMConfig
 from fairseq_asam_experiments.benchmark import (
-    MIB,
     FP32_BYTES,
+    MIB,
     release_freed_memory_at_once,
     reset_peak_rss,
     resident_kib,
