@@ -21,8 +21,8 @@ from omegaconf import OmegaConf
 
 from fairseq_asam.optim import FairseqASAM, FairseqASAMConfig
 from fairseq_asam_experiments.benchmark import (
-    BYTES_PER_MIB,
     FP32_BYTES,
+    MIB,
     release_freed_memory_at_once,
     reset_peak_rss,
     resident_kib,
@@ -65,12 +65,12 @@ def main() -> None:
     copy = args.parameters // TENSOR_SIZE * TENSOR_SIZE * FP32_BYTES
     print(
         f"{args.parameters // TENSOR_SIZE * TENSOR_SIZE} fp32 parameters; one flat copy: "
-        f"{copy / BYTES_PER_MIB:.1f} MiB; peak over the memory before, fresh process per row"
+        f"{copy / MIB:.1f} MiB; peak over the memory before, fresh process per row"
     )
     for row in ROWS:
         with ProcessPoolExecutor(max_workers=1, mp_context=get_context("spawn")) as pool:
             extra = pool.submit(measure, row, args.parameters).result()
-        print(f"{row:>10}: {extra / BYTES_PER_MIB:+6.1f} MiB = {extra / copy:+.2f} flat copies")
+        print(f"{row:>10}: {extra / MIB:+6.1f} MiB = {extra / copy:+.2f} flat copies")
 
 
 if __name__ == "__main__":

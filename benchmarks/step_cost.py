@@ -1,14 +1,13 @@
 #!/usr/bin/env python
-"""What an update of SAM/ASAM costs next to Adam's, through fairseq's own Trainer (the console
-command `fairseq-asam-benchmark`; fairseq_asam_experiments/benchmark.py defines every column).
+"""`fairseq-asam-benchmark` without the console script: what an update of SAM/ASAM costs next to
+Adam's (docs/cost.md).
 
-    python benchmarks/step_cost.py --preset iwslt --json benchmarks/results.json
-    python benchmarks/step_cost.py --preset iwslt --device cuda --fp16 --update-freq 2
+    python benchmarks/step_cost.py --preset iwslt --json results.json
 """
 
 import sys
 
-from fairseq_asam_experiments.cli import benchmark_main
+from fairseq_asam_experiments.benchmark import main
 
 if __name__ == "__main__":
-    sys.exit(benchmark_main())
+    sys.exit(main())

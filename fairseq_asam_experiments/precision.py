@@ -1,373 +1,188 @@
-"""How much of the SAM/ASAM perturbation ε survives low-precision weights and autocast.
+"""fairseq-asam-precision: how much of the SAM/ASAM perturbation ε survives fp16/bf16 weights and
+autocast (docs/mixed-precision.md quotes it).  For one model and batch in eval mode, w the fp32
+weights and w_p = round_p(w) the weights a low-precision model holds:
 
-The optimizer (fairseq_asam.perturbation) adds ε = ρ·T²g/‖Tg‖₂ to the model's own parameters.
-With fairseq `--fp16` (or bf16) those parameters are fp16 (bf16) tensors, so what pass 2 sees
-is not w + ε but round_p(w_p + ε), with w_p the weights as the low-precision model holds them.
-This module measures, for one model and fixed batches:
+    ε      the plugin's ε (perturbation.perturb) from the fp32 gradient at w_p
+    ε_eff  round_p(w_p + ε) − w_p in fp32: nearest rounding (what `p.add_(ε)` does), unbiased
+           stochastic rounding, or its sign control (stochastic rounding of w_p + s⊙ε, s random
+           ±1: the same noise without ε's direction)
+    lost   share of ε's non-zero entries with ε_eff = 0; cosine, L2 error ‖ε_eff − ε‖/‖ε‖
+    kept   [L(w_p + ε_eff) − L(w_p)] / [L(w_p + ε) − L(w_p)], fp32 arithmetic
+    Δg     ∇L(w_p + ε_eff) − ∇L(w_p) against ∇L(w_p + ε) − ∇L(w_p) (cosine, L2 error); g' err
+           ‖∇L(w_p + ε_eff) − ∇L(w_p + ε)‖ / ‖∇L(w_p + ε)‖ (the gradient Adam gets)
 
-    ε        = the plugin's ε (perturbation.perturb) from the fp32 gradient at w_p
-               (w_p promoted to fp32; eval mode, dropout off), per batch
-    ε_eff    = round_p(w_p + ε) − w_p               computed in fp32 from the two weight tensors
-    lost     = #{i : ε_i ≠ 0 and ε_eff,i = 0} / #{i : ε_i ≠ 0}
-    cosine   = <ε_eff, ε> / (‖ε_eff‖ ‖ε‖),  L2 error = ‖ε_eff − ε‖ / ‖ε‖   (float64 sums)
-    ΔL       = L(w_p + ε_eff) − L(w_p)              the loss increase pass 2 actually gets
-
-What training uses is pass 2's gradient, so it is compared too (fp32 arithmetic):
-    Δg       = ∇L(w_p + ε_eff) − ∇L(w_p)  against  ∇L(w_p + ε) − ∇L(w_p)   (cosine, L2 error)
-    g' error = ‖∇L(w_p + ε_eff) − ∇L(w_p + ε)‖ / ‖∇L(w_p + ε)‖              (what Adam receives)
-
-L is the criterion's loss per sample-size unit (label-smoothed cross-entropy: nats per target
-token) on the batch, in eval mode.  "(a)" losses use fp32 arithmetic at the (rounded) weights,
-which isolates weight storage; "(b)" losses use the real low-precision forward: a copy of the
-model cast to fp16/bf16, or fp32 weights under torch.autocast.
-
-Rounding variants of round_p(· + ε):
-    nearest       round to nearest even, what `p.add_(ε)` on an fp16/bf16 tensor does
-    stochastic    unbiased stochastic rounding of w_p + ε (E[result] = w_p + ε); its noise grows
-                  with |ε| (variance |ε_i|·ulp_i − ε_i² per entry), so the control
-    sign-control  stochastic rounding of w_p + s⊙ε, s random ±1: the same noise, no direction
-    sr-master     stochastic rounding of w + ε, w the fp32 master weights (fairseq's FP16Optimizer
-                  keeps them): up to one ulp of noise on every entry, so the control
-    noise-floor   stochastic rounding of w alone (ε = 0).  Its ε_eff = SR(w) − w_p has mean
-                  w − w_p (w_p's own rounding residual, the same for every seed), plus the noise
-
-Autocast (`--amp`): the weights stay fp32 (w_p = w) and each matmul-type op casts its operands to
-fp16/bf16 (round to nearest).  Which parameters reach a low-precision op is recorded by running
-the forward under autocast (`autocast_cast_parameters`); for those ε_eff = round_p(w + ε) −
-round_p(w), for the others ε_eff = (w + ε) − w in fp32.  A parameter used by both kinds of op
-(the shared decoder embedding: fp32 lookup, fp16 output projection) counts as cast.
+Autocast (`--amp`) keeps w in fp32 and casts the operands of matmul-type ops: for the parameters
+that reach one (recorded under autocast) ε_eff = round_p(w + ε) − round_p(w), for the others ε;
+the intended increase is L(w + ε) − L(w).  Sums are float64; L is the criterion's loss per
+sample-size unit.
 """
 
-import copy
+import argparse
+import collections
 import dataclasses
+import logging
 import math
 import os
-from typing import Any, Dict, Iterable, List, Optional, Sequence, Set, Tuple
+import statistics
+import time
+from typing import Any, Dict, List, Optional, Set, Tuple
 
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 
 from fairseq_asam.perturbation import is_adaptive, perturb
 
 from . import loading, recipe
+from .benchmark import markdown_table
+from .cli import run_command
 from .errors import SettingError
+from .files import write_json
+from .logs import log_to_stdout
 
-# ------------------------------------------------------------------ settings
+PROGRAM = "fairseq-asam-precision"
+logger = logging.getLogger(__name__)
+
+
+OptimizerSetting = collections.namedtuple("OptimizerSetting", "name rho eta adaptive")
+
+SAM = OptimizerSetting("sam", rho=0.1, eta=0.0, adaptive=False)  # the paper's IWSLT'14 settings
+ASAM = OptimizerSetting("asam", rho=0.2, eta=0.01, adaptive=True)
+WEIGHT_DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+AUTOCAST_DTYPES = {"amp-fp16": torch.float16, "amp-bf16": torch.bfloat16}
+NEAREST, STOCHASTIC, SIGN_CONTROL = "nearest", "stochastic", "sign-control"
+# Generator seeds seed·1000 + offset: the draws of one seed are independent.
+SEED_OFFSETS = {STOCHASTIC: 1, SIGN_CONTROL: 2, "signs": 5}
+TENSOR_GROUPS = ("embedding", "layer_norm", "linear_weight", "bias")
 
 
 @dataclasses.dataclass(frozen=True)
-class OptimizerSetting:
-    name: str
-    rho: float
-    eta: float
-    adaptive: bool
-
-
-# The paper's IWSLT'14 settings (Kwon et al., ICML 2021, Table 4).
-SAM = OptimizerSetting("sam", rho=0.1, eta=0.0, adaptive=False)
-ASAM = OptimizerSetting("asam", rho=0.2, eta=0.01, adaptive=True)
-PAPER_OPTIMIZERS = (SAM, ASAM)
-
-# Weight storage precisions: the dtype of the model's parameters.
-WEIGHT_DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
-# Autocast modes: fp32 weights, matmul operands cast per op.
-AUTOCAST_DTYPES = {"amp-fp16": torch.float16, "amp-bf16": torch.bfloat16}
-
-NEAREST = "nearest"
-STOCHASTIC = "stochastic"
-SIGN_CONTROL = "sign-control"
-SR_MASTER = "sr-master"
-NOISE_FLOOR = "noise-floor"
-STOCHASTIC_VARIANTS = (STOCHASTIC, SIGN_CONTROL, SR_MASTER, NOISE_FLOOR)
-
-RECIPE_MAX_TOKENS = 4096  # the IWSLT'14 recipe's --max-tokens: one micro-batch
-DEFAULT_SR_SEEDS = 5
-# Stochastic-rounding seeds whose pass-2 gradient is also compared (a forward-backward each).
-DEFAULT_GRADIENT_SEEDS = 2
-DEFAULT_SUBSET = "train"  # ε is computed on training micro-batches
-# Seed offsets, so that the stochastic variants of one seed draw independent numbers.
-_SEED_STRIDE = 1000
-_VARIANT_SEED_OFFSET = {STOCHASTIC: 1, SIGN_CONTROL: 2, SR_MASTER: 3, NOISE_FLOOR: 4}
-_SIGN_SEED_OFFSET = 5
-
-
-def _dtype(name: str, table: Dict[str, torch.dtype], flag: str) -> torch.dtype:
-    if name not in table:
-        raise SettingError(f"{flag} must be one of {', '.join(table)}, got {name!r}")
-    return table[name]
-
-
-# ------------------------------------------------------------------ rounding
-
-
-def _check_finite(rounded: Tensor, source: Tensor, dtype: torch.dtype) -> None:
-    if not bool(torch.isfinite(rounded).all()) and bool(torch.isfinite(source).all()):
-        raise OverflowError(
-            f"a value overflows {dtype} (largest finite {torch.finfo(dtype).max:g})"
-        )
+class Study:
+    precisions: Tuple[str, ...] = tuple(WEIGHT_DTYPES)
+    autocast: Tuple[str, ...] = tuple(AUTOCAST_DTYPES)
+    sr_seeds: int = 5
+    gradient_seeds: int = 2  # stochastic draws whose pass-2 gradient is compared; -1: none at all
+    optimizers: Tuple[OptimizerSetting, ...] = (SAM, ASAM)
 
 
 def round_nearest(x: Tensor, dtype: torch.dtype) -> Tensor:
     """x rounded to nearest (ties to even) in `dtype`, held in fp32."""
     rounded = x.float().to(dtype)
-    _check_finite(rounded, x, dtype)
+    if not bool(torch.isfinite(rounded).all()) and bool(torch.isfinite(x).all()):
+        raise OverflowError(f"a value overflows {dtype} (largest {torch.finfo(dtype).max:g})")
     return rounded.float()
 
 
-def stochastic_round(
-    x: Tensor, dtype: torch.dtype, generator: Optional[torch.Generator] = None
-) -> Tensor:
-    """Unbiased stochastic rounding of fp32 `x` to `dtype`, held in fp32.
-
-    Each entry becomes one of its two neighbours in `dtype`, lo <= x <= hi, the upper one with
-    probability (x − lo) / (hi − lo), so E[result] = x (up to fp32 rounding of that probability);
-    values representable in `dtype` come back unchanged.
-    """
+def stochastic_round(x: Tensor, dtype: torch.dtype, generator=None) -> Tensor:
+    """Each entry of x to one of its two neighbours in `dtype`, the farther one with probability
+    |x − nearest| / ulp, so that E[result] = x; held in fp32."""
     x = x.float()
+    nearest = round_nearest(x, dtype)
     if dtype == torch.float32:
-        return x.clone()
-    nearest = x.to(dtype)
-    _check_finite(nearest, x, dtype)
-    nearest_f = nearest.float()
-    # The neighbour on the other side of x (where x is exact it is never chosen: probability 0).
-    toward = torch.where(x >= nearest_f, math.inf, -math.inf).to(dtype)
-    other = torch.nextafter(nearest, toward)
-    other_f = other.float()
-    gap = (other_f - nearest_f).abs()  # exact: neighbours in dtype differ by one ulp
-    # |x − nearest| <= gap / 2, so this is the probability of moving to `other`, in [0, 1/2].
-    prob_other = torch.where(gap > 0, (x - nearest_f).abs() / gap, torch.zeros_like(x))
-    uniform = torch.rand(x.shape, generator=generator, dtype=torch.float32)
-    return torch.where(uniform < prob_other, other_f, nearest_f)
+        return nearest
+    toward = torch.where(x >= nearest, math.inf, -math.inf).to(dtype)
+    other = torch.nextafter(nearest.to(dtype), toward).float()
+    gap = (other - nearest).abs()  # exact: one ulp
+    p_other = torch.where(gap > 0, (x - nearest).abs() / gap, torch.zeros_like(x))
+    return torch.where(torch.rand(x.shape, generator=generator) < p_other, other, nearest)
 
 
-def round_to(
-    x: Tensor, dtype: torch.dtype, rounding: str, generator: Optional[torch.Generator] = None
-) -> Tensor:
-    if rounding == NEAREST:
-        return round_nearest(x, dtype)
-    if rounding == STOCHASTIC:
-        return stochastic_round(x, dtype, generator)
-    raise SettingError(f"rounding must be {NEAREST!r} or {STOCHASTIC!r}, got {rounding!r}")
+def effective_epsilon(held, epsilon, dtype, generator=None) -> List[Tensor]:
+    """round_p(w_p + ε) − w_p per tensor, in fp32: to nearest, or stochastic with a generator."""
+    if generator is None:
+        return [round_nearest(h + e, dtype) - h for h, e in zip(held, epsilon)]
+    return [stochastic_round(h + e, dtype, generator) - h for h, e in zip(held, epsilon)]
 
 
-def effective_epsilon(
-    held: Sequence[Tensor],
-    epsilon: Sequence[Tensor],
-    dtype: torch.dtype,
-    rounding: str = NEAREST,
-    generator: Optional[torch.Generator] = None,
-    start: Optional[Sequence[Tensor]] = None,
-) -> List[Tensor]:
-    """round_p(start + ε) − held, tensor by tensor, in fp32 (start defaults to held).
-
-    `held` are the weights as the model holds them (representable in `dtype`); `start` lets the
-    rounding begin from other weights, e.g. the fp32 master copy (sr-master).
-    """
-    start = held if start is None else start
-    return [
-        round_to(s.float() + e.float(), dtype, rounding, generator) - h.float()
-        for h, s, e in zip(held, start, epsilon)
-    ]
-
-
-def sharpness_epsilon(
-    names: Sequence[str],
-    weights: Sequence[Tensor],
-    grads: Sequence[Tensor],
-    setting: OptimizerSetting,
-) -> List[Tensor]:
-    """The plugin's ε = ρ·T²g/‖Tg‖₂ (perturbation.perturb on fp32 copies), one tensor per weight."""
+def sharpness_epsilon(names, weights, grads, setting: OptimizerSetting) -> List[Tensor]:
+    """The plugin's ε = ρ·T²g/‖Tg‖₂ (perturbation.perturb on fp32 copies)."""
+    eps = [g.detach().float().clone() for g in grads]  # perturb turns them into ε in place
     params = [w.detach().float().clone() for w in weights]
-    eps = [
-        g.detach().float().clone() for g in grads
-    ]  # perturb turns fp32 gradients into ε in place
-    saved = perturb(
-        params, eps, [is_adaptive(n, setting.adaptive) for n in names], setting.rho, setting.eta
-    )
-    if saved is None:
+    adaptive = [is_adaptive(n, setting.adaptive) for n in names]
+    if perturb(params, eps, adaptive, setting.rho, setting.eta) is None:
         raise FloatingPointError(f"‖T g‖ is not finite for {setting.name}: no ε")
     return eps
 
 
-# ------------------------------------------------------------------ comparing ε
+def _ratio(a: float, b: float) -> float:
+    return a / b if b else math.nan
 
 
-@dataclasses.dataclass
-class EpsilonStats:
-    numel: int
-    nonzero: int  # entries with ε ≠ 0
-    lost: int  # of those, entries with ε_eff = 0
-    changed: int  # entries with ε_eff ≠ 0 (also where ε = 0: rounding noise)
-    intended_sq: float  # ‖ε‖²
-    effective_sq: float  # ‖ε_eff‖²
-    dot: float  # <ε_eff, ε>
-    error_sq: float  # ‖ε_eff − ε‖²
-
-    @property
-    def lost_fraction(self) -> float:
-        return self.lost / self.nonzero if self.nonzero else math.nan
-
-    @property
-    def changed_fraction(self) -> float:
-        return self.changed / self.numel if self.numel else math.nan
-
-    @property
-    def cosine(self) -> float:
-        denominator = math.sqrt(self.intended_sq * self.effective_sq)
-        return self.dot / denominator if denominator > 0 else math.nan
-
-    @property
-    def relative_l2_error(self) -> float:
-        return math.sqrt(self.error_sq / self.intended_sq) if self.intended_sq > 0 else math.nan
-
-    @property
-    def norm_ratio(self) -> float:
-        return math.sqrt(self.effective_sq / self.intended_sq) if self.intended_sq > 0 else math.nan
-
-    def __add__(self, other: "EpsilonStats") -> "EpsilonStats":
-        return EpsilonStats(
-            *(getattr(self, f.name) + getattr(other, f.name) for f in dataclasses.fields(self))
-        )
-
-    def summary(self) -> Dict[str, float]:
-        return {
-            "lost_fraction": self.lost_fraction,
-            "changed_fraction": self.changed_fraction,
-            "cosine": self.cosine,
-            "relative_l2_error": self.relative_l2_error,
-            "norm_ratio": self.norm_ratio,
-            "nonzero": self.nonzero,
-            "lost": self.lost,
-            "numel": self.numel,
-        }
-
-
-def compare_epsilon(effective: Sequence[Tensor], intended: Sequence[Tensor]) -> EpsilonStats:
-    """Lost entries, cosine and relative L2 error of ε_eff against ε, over all tensors
-    (float64 sums)."""
-    if len(effective) != len(intended):
-        raise ValueError(f"{len(effective)} effective tensors for {len(intended)} intended ones")
-    total = EpsilonStats(0, 0, 0, 0, 0.0, 0.0, 0.0, 0.0)
+def compare_epsilon(effective, intended) -> Dict[str, float]:
+    """ε_eff against ε over all tensors: lost share, cosine, relative L2 error, and the squared
+    norms ‖ε‖², ‖ε_eff‖² (float64 sums)."""
+    sums = torch.zeros(6, dtype=torch.float64)
     for eff, eps in zip(effective, intended):
         eff, eps = eff.double(), eps.double()
-        nonzero = eps != 0
-        total = total + EpsilonStats(
-            numel=eps.numel(),
-            nonzero=int(nonzero.sum()),
-            lost=int((nonzero & (eff == 0)).sum()),
-            changed=int((eff != 0).sum()),
-            intended_sq=float((eps * eps).sum()),
-            effective_sq=float((eff * eff).sum()),
-            dot=float((eff * eps).sum()),
-            error_sq=float(((eff - eps) ** 2).sum()),
-        )
-    return total
-
-
-TENSOR_GROUPS = ("embedding", "layer_norm", "linear_weight", "bias")
+        kept, nonzero = eff != 0, eps != 0
+        parts = [nonzero.sum(), (nonzero & ~kept).sum(), eps * eps, eff * eff, eff * eps]
+        sums += torch.stack([t.sum().double() for t in parts + [(eff - eps) ** 2]])
+    nonzero, lost, eps_sq, eff_sq, dot, error_sq = sums.tolist()
+    cosine = _ratio(dot, math.sqrt(eps_sq * eff_sq))
+    error = math.sqrt(_ratio(error_sq, eps_sq))
+    return dict(
+        lost=_ratio(lost, nonzero), cosine=cosine, l2_error=error, eps_sq=eps_sq, eff_sq=eff_sq
+    )
 
 
 def tensor_group(name: str) -> str:
-    """embedding / layer_norm (weight and bias) / linear_weight / bias (of a linear layer)."""
+    """embedding / layer_norm (weight and bias) / bias (of a linear layer) / linear_weight."""
     if "embed" in name:
         return "embedding"
     if "layer_norm" in name or "layernorm" in name:
         return "layer_norm"
-    if name.endswith("bias"):
-        return "bias"
-    return "linear_weight"
+    return "bias" if name.endswith("bias") else "linear_weight"
 
 
-def compare_by_group(
-    names: Sequence[str], effective: Sequence[Tensor], intended: Sequence[Tensor]
-) -> Dict[str, EpsilonStats]:
-    groups: Dict[str, Tuple[List[Tensor], List[Tensor]]] = {}
-    for name, eff, eps in zip(names, effective, intended):
-        pair = groups.setdefault(tensor_group(name), ([], []))
-        pair[0].append(eff)
-        pair[1].append(eps)
-    return {g: compare_epsilon(*groups[g]) for g in TENSOR_GROUPS if g in groups}
-
-
-# ------------------------------------------------------------------ autocast
+def compare_by_group(names, effective, intended) -> Dict[str, Dict[str, float]]:
+    pairs = [[tensor_group(n), e, i] for n, e, i in zip(names, effective, intended)]
+    by_group = {g: [p[1:] for p in pairs if p[0] == g] for g in TENSOR_GROUPS}
+    return {g: compare_epsilon(*zip(*ps)) for g, ps in by_group.items() if ps}
 
 
 def autocast_supported(dtype: torch.dtype, device: str = "cpu") -> Tuple[bool, str]:
-    """Whether torch.autocast on `device` runs a matmul in `dtype`; (ok, reason)."""
     try:
         with torch.autocast(device, dtype=dtype):
             out = torch.ones(2, 2) @ torch.ones(2, 2)
     except (RuntimeError, TypeError, ValueError) as error:  # what torch raises differs by version
         return False, f"torch.autocast({device!r}, dtype={dtype}) failed: {error}"
-    if out.dtype != dtype:
-        return False, f"torch.autocast({device!r}, dtype={dtype}) ran the matmul in {out.dtype}"
-    return True, "supported"
+    ok = out.dtype == dtype
+    return ok, "supported" if ok else f"torch.autocast({device!r}) ran a matmul in {out.dtype}"
 
 
-# Ops whose output holds the input's values unchanged (a new storage): a parameter that reaches
-# a low-precision op through them (fairseq's attention concatenates the q/k/v biases) is cast.
-_VALUE_PRESERVING_OPS = (
-    "cat",
-    "stack",
-    "clone",
-    "_unsafe_view",
-    "view",
-    "reshape",
-    "t",
-    "transpose",
-    "permute",
-    "expand",
-    "contiguous",
-    "alias",
-    "detach",
-    "slice",
-    "select",
-    "split",
-    "chunk",
-    "unsqueeze",
-    "squeeze",
+# Ops whose output holds the input's values: a parameter reaching a low-precision op through them
+# (fairseq's attention concatenates the q/k/v biases) is cast.
+VALUE_PRESERVING_OPS = frozenset(
+    "cat stack clone _unsafe_view view reshape t transpose permute expand contiguous alias "
+    "detach slice select split chunk unsqueeze squeeze".split()
 )
 
 
-def autocast_cast_parameters(
-    model: nn.Module, run_forward, dtype: torch.dtype, device: str = "cpu"
-) -> Set[str]:
-    """Names of the parameters that `run_forward()` casts to `dtype` under torch.autocast.
-
-    Records, below the autocast layer, every copy to `dtype` whose source holds a parameter's
-    values (the parameter's own storage, or a tensor made from it by a value-preserving op).
-    """
+def autocast_cast_parameters(model, run_forward, dtype, device="cpu") -> Set[str]:
+    """Names of the parameters that `run_forward()` casts to `dtype` under torch.autocast: each
+    copy to `dtype` (seen below autocast) of a parameter's values or of a value-preserving op's."""
     from torch.utils._python_dispatch import TorchDispatchMode
     from torch.utils._pytree import tree_flatten
 
-    origin: Dict[int, Set[str]] = {}
+    origin: Dict[int, Set[str]] = {}  # storage address -> the parameters whose values it holds
     for name, p in model.named_parameters():
         origin.setdefault(p.untyped_storage().data_ptr(), set()).add(name)
-    keep_alive: List[Tensor] = []  # derived tensors stay alive: their storage address stays theirs
-    cast: Set[str] = set()
+    keep_alive, cast = [], set()  # derived tensors stay alive: their storage address stays theirs
 
     def sources(tensors) -> Set[str]:
-        found: Set[str] = set()
-        for t in tensors:
-            if isinstance(t, Tensor):
-                found |= origin.get(t.untyped_storage().data_ptr(), set())
-        return found
+        found = [origin.get(t.untyped_storage().data_ptr(), set()) for t in tensors]
+        return set().union(*found)
 
     class Recorder(TorchDispatchMode):
         def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-            kwargs = kwargs or {}
-            out = func(*args, **kwargs)
-            inputs, _ = tree_flatten((args, kwargs))
-            packet = func.overloadpacket.__name__
-            if packet == "_to_copy" and kwargs.get("dtype") == dtype:
+            out = func(*args, **(kwargs or {}))
+            inputs = [t for t in tree_flatten((args, kwargs))[0] if isinstance(t, Tensor)]
+            op = func.overloadpacket.__name__
+            if op == "_to_copy" and (kwargs or {}).get("dtype") == dtype:
                 cast.update(sources(inputs[:1]))
-            elif packet in _VALUE_PRESERVING_OPS:
-                names = sources(inputs)
-                if names:
-                    for t in tree_flatten(out)[0]:
-                        if isinstance(t, Tensor):
-                            origin.setdefault(t.untyped_storage().data_ptr(), set()).update(names)
-                            keep_alive.append(t)
+            elif op in VALUE_PRESERVING_OPS and sources(inputs):
+                for t in [t for t in tree_flatten(out)[0] if isinstance(t, Tensor)]:
+                    origin.setdefault(t.untyped_storage().data_ptr(), set()).update(sources(inputs))
+                    keep_alive.append(t)
             return out
 
     with torch.no_grad(), torch.autocast(device, dtype=dtype), Recorder():
@@ -375,640 +190,311 @@ def autocast_cast_parameters(
     return cast
 
 
-# ------------------------------------------------------------------ fairseq model and batches
+class LossProbe:
+    """Loss and gradient of one model on one batch at given weights (eval mode, fp32): it writes
+    them into the model's parameters (measure_batch puts the model's own back)."""
+
+    def __init__(self, model, criterion, batch):
+        self.model, self.criterion, self.batch = model.eval(), criterion.eval(), batch
+        named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+        self.names, self.params = [n for n, _ in named], [p for _, p in named]
+        self.device = self.params[0].device.type
+
+    def weights(self) -> List[Tensor]:
+        return [p.detach().float().clone() for p in self.params]
+
+    def set(self, values) -> None:
+        with torch.no_grad():
+            for p, v in zip(self.params, values):
+                p.copy_(v)
+
+    def _loss(self, values) -> Tuple[Tensor, float]:
+        self.set(values)
+        loss, sample_size, _ = self.criterion(self.model, self.batch)
+        value = float(loss.detach().double()) / float(sample_size)
+        if not math.isfinite(value):
+            raise FloatingPointError("the loss is not finite")
+        return loss, value
+
+    def loss(self, values) -> float:
+        with torch.no_grad():
+            return self._loss(values)[1]
+
+    def loss_and_gradient(self, values) -> Tuple[float, List[Tensor]]:
+        """(L, ∇ of the summed loss) at `values`."""
+        loss, value = self._loss(values)
+        grads = torch.autograd.grad(loss, self.params, allow_unused=True)
+        return value, [g.float() if g is not None else 0 * p for p, g in zip(self.params, grads)]
+
+    def cast_parameters(self, dtype) -> Set[str]:
+        run = lambda: self.criterion(self.model, self.batch)  # noqa: E731
+        return autocast_cast_parameters(self.model, run, dtype, self.device)
 
 
-def _device_of(model: nn.Module) -> torch.device:
-    return next(model.parameters()).device
+def _add(a, b) -> List[Tensor]:
+    return [x + y for x, y in zip(a, b)]
 
 
-def init_model(data_bin: str, seed: int, args_files: Sequence[str] = (recipe.RECIPE_ARGS,)):
+def _sub(a, b) -> List[Tensor]:
+    return [x - y for x, y in zip(a, b)]
+
+
+def _generator(seed: int, draw: str) -> torch.Generator:
+    return torch.Generator().manual_seed(seed * 1000 + SEED_OFFSETS[draw])
+
+
+@dataclasses.dataclass
+class Case:
+    """One optimizer at one precision: what each rounding of its ε is measured against."""
+
+    probe: LossProbe
+    key: Dict[str, str]  # optimizer, mode, precision
+    held: List[Tensor]  # w_p, the weights ε_eff is added to
+    eps: List[Tensor]
+    base: float  # L(w_p)
+    target: float  # the intended loss increase
+    grads: Optional[List[Tensor]] = None  # ∇L(w_p)
+    target_grad: Optional[List[Tensor]] = None  # ∇L(w_p + ε); None: no gradient compared
+
+
+def measure(case: Case, rounding: str, seed, eff, gradient=True, groups=False) -> Dict[str, Any]:
+    """One row: ε_eff against ε, the loss increase it gives, pass 2's gradient, tensor groups."""
+    weights, stats = _add(case.held, eff), compare_epsilon(eff, case.eps)
+    increase = case.probe.loss(weights) - case.base
+    row = dict(case.key, rounding=rounding, seed=seed, **stats)
+    row.update(target=case.target, increase=increase, kept=increase / case.target)
+    if gradient and case.target_grad is not None:
+        grad = case.probe.loss_and_gradient(weights)[1]
+        change = compare_epsilon(_sub(grad, case.grads), _sub(case.target_grad, case.grads))
+        row.update(grad_change_cosine=change["cosine"], grad_change_error=change["l2_error"])
+        row["grad_error"] = compare_epsilon(grad, case.target_grad)["l2_error"]
+    if groups:
+        by_group = compare_by_group(case.probe.names, eff, case.eps).items()
+        row["groups"] = {
+            g: dict(
+                t,
+                eps_share=t["eps_sq"] / stats["eps_sq"],
+                eff_share=_ratio(t["eff_sq"], stats["eff_sq"]),
+            )
+            for g, t in by_group
+        }
+    return row
+
+
+def weight_rows(probe: LossProbe, master, precision: str, study: Study) -> List[Dict[str, Any]]:
+    """Weights held in `precision`: nearest rounding, and (low precision) per seed stochastic
+    rounding and its sign control."""
+    dtype = WEIGHT_DTYPES[precision]
+    low = dtype != torch.float32
+    held = [round_nearest(w, dtype) for w in master] if low else master
+    base, grads = probe.loss_and_gradient(held)
+    rows = []
+    for setting in study.optimizers:
+        eps = sharpness_epsilon(probe.names, held, grads, setting)
+        key = dict(optimizer=setting.name, mode="weights", precision=precision)
+        case = Case(probe, key, held, eps, base, math.nan, grads)
+        if low and study.gradient_seeds >= 0:
+            perturbed, case.target_grad = probe.loss_and_gradient(_add(held, eps))
+        else:
+            perturbed = probe.loss(_add(held, eps))
+        case.target = perturbed - base
+        rows.append(measure(case, NEAREST, None, effective_epsilon(held, eps, dtype), groups=True))
+        logger.info(
+            "%s %s: %s", precision, setting.name, {k: rows[-1][k] for k in ("lost", "kept")}
+        )
+        for seed in range(study.sr_seeds if low else 0):
+            gradient = seed < study.gradient_seeds
+            sr = effective_epsilon(held, eps, dtype, _generator(seed, STOCHASTIC))
+            rows.append(measure(case, STOCHASTIC, seed, sr, gradient))
+            signs = _generator(seed, "signs")  # one generator through all tensors
+            signed = [(torch.randint(0, 2, e.shape, generator=signs) * 2 - 1) * e for e in eps]
+            control = effective_epsilon(held, signed, dtype, _generator(seed, SIGN_CONTROL))
+            rows.append(measure(case, SIGN_CONTROL, seed, control, gradient))
+    return rows
+
+
+def autocast_rows(probe: LossProbe, master, mode: str, study: Study) -> Tuple[dict, list]:
+    """fp32 weights, autocast to `mode`'s dtype: (its status, one row per optimizer)."""
+    dtype = AUTOCAST_DTYPES[mode]
+    ok, reason = autocast_supported(dtype, probe.device)
+    if not ok:
+        return {"supported": False, "reason": reason}, []
+    cast = probe.cast_parameters(dtype)
+    status = dict(supported=True, reason=reason, cast=len(cast), parameters=len(probe.names))
+    is_cast = [n in cast for n in probe.names]
+    held = [round_nearest(w, dtype) if c else w for w, c in zip(master, is_cast)]
+    base, (loss_w, grads), rows = probe.loss(held), probe.loss_and_gradient(master), []
+    for setting in study.optimizers:
+        eps = sharpness_epsilon(probe.names, master, grads, setting)
+        eff = [
+            round_nearest(w + e, dtype) - h if c else (w + e) - w
+            for w, e, h, c in zip(master, eps, held, is_cast)
+        ]
+        key = dict(optimizer=setting.name, mode="autocast", precision=mode)
+        case = Case(probe, key, held, eps, base, probe.loss(_add(master, eps)) - loss_w)
+        rows.append(measure(case, NEAREST, None, eff, groups=True))
+    return status, rows
+
+
+def measure_batch(probe: LossProbe, study: Study = Study()) -> Dict[str, Any]:
+    """Every row of the probe's batch; the model's own weights are put back."""
+    master = probe.weights()
+    try:
+        result = {"loss_fp32": probe.loss(master), "autocast": {}, "rows": []}
+        for precision in study.precisions:
+            result["rows"] += weight_rows(probe, master, precision, study)
+        for mode in study.autocast:
+            result["autocast"][mode], rows = autocast_rows(probe, master, mode, study)
+            result["rows"] += rows
+    finally:
+        probe.set(master)
+    return result
+
+
+KEY = ("optimizer", "mode", "precision", "rounding")
+# Summary columns: (row key, header, format).
+# fmt: off
+COLUMNS = (("lost", "lost", ".4f"), ("cosine", "cosine", ".4f"), ("l2_error", "L2 err", ".3f"),
+           ("target", "ΔL target", ".3e"), ("increase", "ΔL", "+.3e"), ("kept", "kept", ".4f"),
+           ("grad_change_cosine", "Δg cosine", ".4f"), ("grad_change_error", "Δg err", ".3f"),
+           ("grad_error", "g' err", ".2e"))
+# fmt: on
+
+
+def summary_table(rows) -> str:
+    """Per (optimizer, mode, precision, rounding): each column's mean ± std over seeds and
+    batches."""
+    groups: Dict[tuple, list] = {}
+    for row in rows:
+        groups.setdefault(tuple(row[k] for k in KEY), []).append(row)
+    lines = []
+    for key, members in groups.items():
+        cells = list(key) + [len(members)]
+        for column, _, fmt in COLUMNS:
+            values = [m[column] for m in members if not math.isnan(m.get(column, math.nan))]
+            spread = f"±{statistics.stdev(values):{fmt.lstrip('+')}}" if len(values) > 1 else ""
+            cells.append(f"{statistics.mean(values):{fmt}}{spread}" if values else "-")
+        lines.append(cells)
+    return markdown_table([*KEY, "n", *(header for _, header, _ in COLUMNS)], lines)
+
+
+def group_table(rows) -> str:
+    """For the first batch's round-to-nearest low-precision rows: each tensor group's lost share,
+    cosine, and share of ‖ε‖² and of ‖ε_eff‖²."""
+    seen, lines = set(), []
+    for row in rows:
+        key = tuple(row[k] for k in KEY[:3])
+        if "groups" in row and key not in seen and row["precision"] != "fp32":
+            seen.add(key)
+            for group, s in row["groups"].items():
+                numbers = (s["lost"], s["cosine"], s["eps_share"], s["eff_share"])
+                lines.append([*key, group, *(f"{x:.4f}" for x in numbers)])
+    header = [*KEY[:3], "group", "lost", "cosine", "share of ‖ε‖²", "share of ‖ε_eff‖²"]
+    return markdown_table(header, lines)
+
+
+def format_result(result: Dict[str, Any]) -> str:
+    first = result["batches"][0]
+    tokens = ", ".join(str(b["ntokens"]) for b in result["batches"])
+    lines = [
+        f"{result['source']}: {result['arch']}, {result['parameters']:,} parameters; batches of "
+        f"{tokens} target tokens from {result['subset']}; L(w) = {first['loss_fp32']:.5f}"
+    ]
+    for mode, status in first["autocast"].items():
+        cast = f", {status.get('cast')} of {status.get('parameters')} tensors cast"
+        lines.append(f"{mode}: {status['reason']}" + cast * status["supported"])
+    rows = result["rows"]
+    return "\n".join(lines + ["", summary_table(rows), "", group_table(rows)])
+
+
+def init_model(data_bin: str, seed: int, args_files=(recipe.RECIPE_ARGS,)) -> loading.Loaded:
     """A model initialised by torch.manual_seed(seed) from the recipe's argument files."""
     options = recipe.training_options(args_files, "adam")
     argv = recipe.merge_options(options, [("--seed", str(seed)), ("--cpu", None)])
     return loading.build_from_args([data_bin, *argv])
 
 
-def fixed_batches(loaded: loading.Loaded, subset: str, max_tokens: int, count: int, seed: int):
-    """The first `count` batches of `subset` in fairseq's shuffled batch order for `seed`
-    (length-bucketed batches, as training draws them; the same for every call)."""
-    batches = loading.split_batches(
-        loaded, subset, count, True, max_tokens=max_tokens, seed=seed, ignore_invalid_inputs=True
-    )
-    if len(batches) < count:
-        raise SettingError(f"--batches {count}: subset {subset!r} has only {len(batches)} batches")
-    return batches
+def check(args) -> None:
+    """Raises SettingError naming the flag or file."""
+    if not os.path.isdir(args.data_bin):
+        raise SettingError(f"--data-bin: folder not found: {args.data_bin}")
+    if args.checkpoint is not None and not os.path.isfile(args.checkpoint):
+        raise SettingError(f"--checkpoint: file not found: {args.checkpoint}")
+    if not any(f.startswith(args.subset + ".") for f in os.listdir(args.data_bin)):
+        raise SettingError(f"--subset {args.subset}: no such split in {args.data_bin}")
+    for flag in ("batches", "max_tokens", "sr_seeds"):
+        if getattr(args, flag) < (flag != "sr_seeds"):
+            raise SettingError(f"--{flag.replace('_', '-')} is too small: {getattr(args, flag)}")
 
 
-class LossProbe:
-    """Losses and gradients of one model on one batch at given weights (eval mode, dropout off).
-
-    The probe owns the model's parameters: `loss(values)` writes `values` into them.  Low-precision
-    copies of the model (for the real fp16/bf16 forward) are made on first use.
-    """
-
-    def __init__(self, model: nn.Module, criterion: nn.Module, batch: Any):
-        self.model, self.criterion, self.batch = model.eval(), criterion.eval(), batch
-        named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
-        self.names = [n for n, _ in named]
-        self.params = [p for _, p in named]
-        self._copies: Dict[torch.dtype, Tuple[nn.Module, List[Tensor]]] = {}
-
-    def weights(self) -> List[Tensor]:
-        return [p.detach().float().clone() for p in self.params]
-
-    @staticmethod
-    def _write(params: Sequence[Tensor], values: Sequence[Tensor]) -> None:
-        with torch.no_grad():
-            for p, v in zip(params, values):
-                p.copy_(v)
-
-    def _mean_loss(self, model: nn.Module) -> float:
-        loss, sample_size, _ = self.criterion(model, self.batch)
-        value = float(loss.detach().double()) / float(sample_size)
-        if not math.isfinite(value):
-            raise FloatingPointError("the loss is not finite")
-        return value
-
-    def loss(
-        self, values: Sequence[Tensor], dtype: torch.dtype = torch.float32, autocast: bool = False
-    ) -> float:
-        """L at weights `values`: fp32 arithmetic (default), the model cast to `dtype`, or fp32
-        weights with `autocast` to `dtype`."""
-        if dtype != torch.float32 and not autocast:
-            if dtype not in self._copies:
-                low = copy.deepcopy(self.model).to(dtype).eval()
-                self._copies[dtype] = (
-                    low,
-                    [p for _, p in low.named_parameters() if p.requires_grad],
-                )
-            model, params = self._copies[dtype]
-        else:
-            model, params = self.model, self.params
-        self._write(params, values)
-        with torch.no_grad():
-            if autocast:
-                with torch.autocast(_device_of(model).type, dtype=dtype):
-                    return self._mean_loss(model)
-            return self._mean_loss(model)
-
-    def loss_and_gradient(self, values: Sequence[Tensor]) -> Tuple[float, List[Tensor]]:
-        """(L, ∇L of the summed loss) at `values`, fp32."""
-        self._write(self.params, values)
-        loss, sample_size, _ = self.criterion(self.model, self.batch)
-        grads = torch.autograd.grad(loss, self.params, allow_unused=True)
-        grads = [
-            torch.zeros_like(p) if g is None else g.detach().float()
-            for p, g in zip(self.params, grads)
-        ]
-        return float(loss.detach().double()) / float(sample_size), grads
-
-    def cast_parameters(self, dtype: torch.dtype) -> Set[str]:
-        return autocast_cast_parameters(
-            self.model,
-            lambda: self.criterion(self.model, self.batch),
-            dtype,
-            _device_of(self.model).type,
-        )
-
-
-# ------------------------------------------------------------------ the measurement
-
-
-def _add(a: Sequence[Tensor], b: Sequence[Tensor]) -> List[Tensor]:
-    return [x + y for x, y in zip(a, b)]
-
-
-def _generator(seed: int, variant: str) -> torch.Generator:
-    return torch.Generator().manual_seed(seed * _SEED_STRIDE + _VARIANT_SEED_OFFSET[variant])
-
-
-def _random_signs(like: Sequence[Tensor], seed: int) -> List[Tensor]:
-    g = torch.Generator().manual_seed(seed * _SEED_STRIDE + _SIGN_SEED_OFFSET)
-    return [torch.randint(0, 2, t.shape, generator=g).float() * 2 - 1 for t in like]
-
-
-def _row(
-    optimizer: str,
-    mode: str,
-    precision: str,
-    rounding: str,
-    seed: Optional[int],
-    stats: EpsilonStats,
-    base_a: float,
-    perturbed_a: float,
-    target_increase: float,
-    base_b: Optional[float] = None,
-    perturbed_b: Optional[float] = None,
-    gradient: Optional[Tuple[EpsilonStats, EpsilonStats]] = None,
-    groups: Optional[Dict[str, EpsilonStats]] = None,
-) -> Dict[str, Any]:
-    row = {
-        "optimizer": optimizer,
-        "mode": mode,
-        "precision": precision,
-        "rounding": rounding,
-        "seed": seed,
-        **stats.summary(),
-        "loss_a": base_a,
-        "perturbed_loss_a": perturbed_a,
-        "increase_a": perturbed_a - base_a,
-        "target_increase": target_increase,
-        "increase_b": None if base_b is None else perturbed_b - base_b,
-        "loss_b": base_b,
-        # pass 2's gradient: Δg = ∇L(w_p + ε_eff) − ∇L(w_p) against ∇L(w_p + ε) − ∇L(w_p), and the
-        # whole gradient ∇L(w_p + ε_eff) against ∇L(w_p + ε)
-        "grad_change_cosine": None if gradient is None else gradient[0].cosine,
-        "grad_change_error": None if gradient is None else gradient[0].relative_l2_error,
-        "grad_error": None if gradient is None else gradient[1].relative_l2_error,
-    }
-    if groups is not None:
-        row["groups"] = {
-            g: {
-                **s.summary(),
-                "epsilon_sq_share": s.intended_sq / stats.intended_sq
-                if stats.intended_sq
-                else math.nan,
-                "kept_sq_share": s.effective_sq / stats.effective_sq
-                if stats.effective_sq
-                else math.nan,
-            }
-            for g, s in groups.items()
-        }
-    return row
-
-
-def _difference(a: Sequence[Tensor], b: Sequence[Tensor]) -> List[Tensor]:
-    return [x - y for x, y in zip(a, b)]
-
-
-def measure_batch(
-    probe: LossProbe,
-    optimizers: Sequence[OptimizerSetting] = PAPER_OPTIMIZERS,
-    weight_precisions: Sequence[str] = tuple(WEIGHT_DTYPES),
-    autocast_modes: Sequence[str] = tuple(AUTOCAST_DTYPES),
-    sr_seeds: int = DEFAULT_SR_SEEDS,
-    real_forward: bool = True,
-    gradient_seeds: int = DEFAULT_GRADIENT_SEEDS,
-    log=None,
-) -> Dict[str, Any]:
-    """Every row (optimizer × weight precision × rounding [× seed], optimizer × autocast mode) for
-    the probe's batch.  The model's weights are restored before returning.
-
-    `gradient_seeds`: pass 2's gradient (fp32 arithmetic) is also compared, for the
-    round-to-nearest rows and the first `gradient_seeds` seeds of the stochastic ones (one
-    forward-backward each); < 0 turns it off.
-    """
-    say = log or (lambda message: None)
-    with_gradients = gradient_seeds >= 0
-    master = probe.weights()  # w, fp32
-    rows: List[Dict[str, Any]] = []
-    info: Dict[str, Any] = {"autocast": {}}
-    try:
-        loss_w = probe.loss(master)
-        info["loss_fp32"] = loss_w
-        fp32_epsilon: Dict[str, List[Tensor]] = {}
-        for precision in weight_precisions:
-            dtype = _dtype(precision, WEIGHT_DTYPES, "--precisions")
-            low = dtype != torch.float32
-            held = [round_nearest(w, dtype) for w in master] if low else master
-            base_a = probe.loss(held)
-            base_b = probe.loss(held, dtype) if real_forward and low else None
-            _, grads = probe.loss_and_gradient(held)
-            say(
-                f"{precision}: L(w_p) = {base_a:.6f} (fp32 arithmetic)"
-                + ("" if base_b is None else f", {base_b:.6f} ({precision} forward)")
-            )
-
-            def measure(
-                setting,
-                rounding,
-                seed,
-                eff,
-                eps,
-                target,
-                target_grad,
-                gradient,
-                groups=False,
-                losses=None,
-            ):
-                weights = _add(held, eff)
-                loss_a, loss_b = losses or (
-                    probe.loss(weights),
-                    probe.loss(weights, dtype) if base_b is not None else None,
-                )
-                grad_stats = None
-                if gradient and target_grad is not None:
-                    _, perturbed_grad = probe.loss_and_gradient(weights)
-                    grad_stats = (
-                        compare_epsilon(
-                            _difference(perturbed_grad, grads), _difference(target_grad, grads)
-                        ),
-                        compare_epsilon(perturbed_grad, target_grad),
-                    )
-                rows.append(
-                    _row(
-                        setting.name,
-                        "weights",
-                        precision,
-                        rounding,
-                        seed,
-                        compare_epsilon(eff, eps),
-                        base_a,
-                        loss_a,
-                        target,
-                        base_b,
-                        loss_b,
-                        grad_stats,
-                        compare_by_group(probe.names, eff, eps) if groups else None,
-                    )
-                )
-
-            # The noise floor: SR of the fp32 master weights with ε = 0.  Its losses are measured
-            # once per seed; its ε_eff is drawn again (same generator) for every comparison.
-            zeros = [torch.zeros_like(w) for w in master]
-
-            def noise_floor(seed: int) -> List[Tensor]:
-                return effective_epsilon(
-                    held, zeros, dtype, STOCHASTIC, _generator(seed, NOISE_FLOOR), start=master
-                )
-
-            noise_losses = {}
-            if low:
-                for seed in range(sr_seeds):
-                    weights = _add(held, noise_floor(seed))
-                    noise_losses[seed] = (
-                        probe.loss(weights),
-                        probe.loss(weights, dtype) if base_b is not None else None,
-                    )
-            for setting in optimizers:
-                eps = sharpness_epsilon(probe.names, held, grads, setting)
-                if not low:
-                    fp32_epsilon[setting.name] = eps
-                # the targets: L(w_p + ε) − L(w_p) and ∇L(w_p + ε), fp32 arithmetic
-                if with_gradients and low:
-                    perturbed_loss, target_grad = probe.loss_and_gradient(_add(held, eps))
-                else:
-                    perturbed_loss, target_grad = probe.loss(_add(held, eps)), None
-                target = perturbed_loss - base_a
-                measure(
-                    setting,
-                    NEAREST,
-                    None,
-                    effective_epsilon(held, eps, dtype, NEAREST),
-                    eps,
-                    target,
-                    target_grad,
-                    with_gradients,
-                    groups=True,
-                )
-                say(
-                    f"{precision} {setting.name} nearest: lost {rows[-1]['lost_fraction']:.4f} "
-                    f"cos {rows[-1]['cosine']:.4f} dL {rows[-1]['increase_a']:.3e} "
-                    f"(target {target:.3e})"
-                )
-                if not low:
-                    continue
-                for seed in range(sr_seeds):
-                    gradient = with_gradients and seed < gradient_seeds
-                    signs = _random_signs(eps, seed)
-                    measure(
-                        setting,
-                        STOCHASTIC,
-                        seed,
-                        effective_epsilon(
-                            held, eps, dtype, STOCHASTIC, _generator(seed, STOCHASTIC)
-                        ),
-                        eps,
-                        target,
-                        target_grad,
-                        gradient,
-                    )
-                    measure(
-                        setting,
-                        SIGN_CONTROL,
-                        seed,
-                        effective_epsilon(
-                            held,
-                            [s * e for s, e in zip(signs, eps)],
-                            dtype,
-                            STOCHASTIC,
-                            _generator(seed, SIGN_CONTROL),
-                        ),
-                        eps,
-                        target,
-                        target_grad,
-                        gradient,
-                    )
-                    measure(
-                        setting,
-                        SR_MASTER,
-                        seed,
-                        effective_epsilon(
-                            held, eps, dtype, STOCHASTIC, _generator(seed, SR_MASTER), start=master
-                        ),
-                        eps,
-                        target,
-                        target_grad,
-                        gradient,
-                    )
-                    measure(
-                        setting,
-                        NOISE_FLOOR,
-                        seed,
-                        noise_floor(seed),
-                        eps,
-                        target,
-                        target_grad,
-                        gradient,
-                        losses=noise_losses[seed],
-                    )
-                say(f"{precision} {setting.name}: {sr_seeds} stochastic-rounding seeds done")
-                del target_grad
-        for mode in autocast_modes:
-            dtype = _dtype(mode, AUTOCAST_DTYPES, "--autocast")
-            ok, reason = autocast_supported(dtype, _device_of(probe.model).type)
-            info["autocast"][mode] = {"supported": ok, "reason": reason}
-            if not ok:
-                say(f"{mode}: skipped, {reason}")
-                continue
-            cast = probe.cast_parameters(dtype)
-            info["autocast"][mode]["cast_parameters"] = len(cast)
-            info["autocast"][mode]["parameters"] = len(probe.names)
-            is_cast = [n in cast for n in probe.names]
-            held = [round_nearest(w, dtype) if c else w for w, c in zip(master, is_cast)]
-            base_a = probe.loss(held)
-            base_b = probe.loss(master, dtype, autocast=True) if real_forward else None
-            for setting in optimizers:
-                eps = fp32_epsilon.get(setting.name)
-                if eps is None:
-                    _, grads = probe.loss_and_gradient(master)
-                    eps = fp32_epsilon[setting.name] = sharpness_epsilon(
-                        probe.names, master, grads, setting
-                    )
-                target = probe.loss(_add(master, eps)) - loss_w
-                eff = [
-                    round_nearest(w + e, dtype) - h if c else (w + e) - w
-                    for w, e, h, c in zip(master, eps, held, is_cast)
-                ]
-                rows.append(
-                    _row(
-                        setting.name,
-                        "autocast",
-                        mode,
-                        NEAREST,
-                        None,
-                        compare_epsilon(eff, eps),
-                        base_a,
-                        probe.loss(_add(held, eff)),
-                        target,
-                        base_b,
-                        probe.loss(_add(master, eps), dtype, autocast=True)
-                        if base_b is not None
-                        else None,
-                        groups=compare_by_group(probe.names, eff, eps),
-                    )
-                )
-                say(
-                    f"{mode} {setting.name}: lost {rows[-1]['lost_fraction']:.4f} "
-                    f"cos {rows[-1]['cosine']:.4f}"
-                )
-    finally:
-        LossProbe._write(probe.params, master)
-    return {"rows": rows, **info}
-
-
-# ------------------------------------------------------------------ summaries
-
-
-def _spread(values: Sequence[float]) -> Dict[str, float]:
-    values = [v for v in values if v is not None and not (isinstance(v, float) and math.isnan(v))]
-    if not values:
-        return {"mean": math.nan, "std": math.nan, "min": math.nan, "max": math.nan, "n": 0}
-    mean = sum(values) / len(values)
-    std = (
-        math.sqrt(sum((v - mean) ** 2 for v in values) / (len(values) - 1))
-        if len(values) > 1
-        else 0.0
-    )
-    return {"mean": mean, "std": std, "min": min(values), "max": max(values), "n": len(values)}
-
-
-SUMMARY_METRICS = (
-    "lost_fraction",
-    "changed_fraction",
-    "cosine",
-    "relative_l2_error",
-    "norm_ratio",
-    "increase_a",
-    "increase_b",
-    "target_increase",
-    "grad_change_cosine",
-    "grad_change_error",
-    "grad_error",
-)
-
-
-def summarize_precision_rows(rows: Iterable[Dict[str, Any]]) -> List[Dict[str, Any]]:
-    """One entry per (optimizer, mode, precision, rounding): mean/std/min/max of every metric over
-    seeds and batches, in first-seen order."""
-    grouped: Dict[Tuple, List[Dict[str, Any]]] = {}
-    for row in rows:
-        grouped.setdefault(
-            (row["optimizer"], row["mode"], row["precision"], row["rounding"]), []
-        ).append(row)
-    out = []
-    for (optimizer, mode, precision, rounding), members in grouped.items():
-        entry = {
-            "optimizer": optimizer,
-            "mode": mode,
-            "precision": precision,
-            "rounding": rounding,
-            "count": len(members),
-        }
-        for metric in SUMMARY_METRICS:
-            entry[metric] = _spread([m[metric] for m in members])
-        out.append(entry)
-    return out
-
-
-def _cell(spread: Dict[str, float], fmt: str, with_std: bool) -> str:
-    if spread["n"] == 0:
-        return "-"
-    text = format(spread["mean"], fmt)
-    if with_std and spread["n"] > 1:
-        text += "±" + format(spread["std"], fmt.replace("+", ""))
-    return text
-
-
-def format_summary(summary: Sequence[Dict[str, Any]]) -> str:
-    """A markdown table: ΔL in nats per target token; ± is the std over seeds (and batches).
-
-    Δg = ∇L(w_p + ε_eff) − ∇L(w_p) against ∇L(w_p + ε) − ∇L(w_p) (cosine, relative L2 error);
-    g' err = ‖∇L(w_p + ε_eff) − ∇L(w_p + ε)‖ / ‖∇L(w_p + ε)‖, the gradient Adam would get.
-    """
-    lines = [
-        (
-            "| optimizer | mode | precision | rounding | n | lost | changed | cosine | L2 err "
-            "| ‖eff‖/‖ε‖ | ΔL target (fp32 ε) | ΔL (a) fp32 arith | ΔL (b) real fwd "
-            "| Δg cosine | Δg err | g' err |"
-        ),
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
-    ]
-    for e in summary:
-        spread = e["count"] > 1
-        cells = [
-            e["optimizer"],
-            e["mode"],
-            e["precision"],
-            e["rounding"],
-            str(e["count"]),
-            _cell(e["lost_fraction"], ".4f", spread),
-            _cell(e["changed_fraction"], ".4f", spread),
-            _cell(e["cosine"], ".4f", spread),
-            _cell(e["relative_l2_error"], ".3f", spread),
-            _cell(e["norm_ratio"], ".3f", spread),
-            _cell(e["target_increase"], ".3e", False),
-            _cell(e["increase_a"], "+.3e", spread),
-            _cell(e["increase_b"], "+.3e", spread),
-            _cell(e["grad_change_cosine"], ".4f", spread),
-            _cell(e["grad_change_error"], ".3f", spread),
-            _cell(e["grad_error"], ".2e", spread),
-        ]
-        lines.append("| " + " | ".join(cells) + " |")
-    return "\n".join(lines)
-
-
-def format_groups(rows: Sequence[Dict[str, Any]]) -> str:
-    """Per tensor group, for the round-to-nearest rows of the first batch: lost fraction and the
-    group's share of ‖ε‖² and of ‖ε_eff‖²."""
-    lines = [
-        "| optimizer | mode | precision | group | lost | cosine "
-        "| share of ‖ε‖² | share of ‖ε_eff‖² |",
-        "|---|---|---|---|---|---|---|---|",
-    ]
-    seen = set()
-    for row in rows:
-        key = (row["optimizer"], row["mode"], row["precision"])
-        if "groups" not in row or key in seen or row["precision"] == "fp32":
-            continue
-        seen.add(key)
-        for group, s in row["groups"].items():
-            lines.append(
-                f"| {row['optimizer']} | {row['mode']} | {row['precision']} | {group} "
-                f"| {s['lost_fraction']:.4f} | {s['cosine']:.4f} | {s['epsilon_sq_share']:.4f} "
-                f"| {s['kept_sq_share']:.4f} |"
-            )
-    return "\n".join(lines)
-
-
-# ------------------------------------------------------------------ the whole run
-
-
-def check_precision_inputs(
-    data_bin: str,
-    checkpoint: Optional[str],
-    init: bool,
-    batches: int,
-    max_tokens: int,
-    sr_seeds: int,
-    subset: str,
-) -> None:
-    """Raises SettingError naming the flag or the file."""
-    if init == (checkpoint is not None):
-        raise SettingError("give exactly one of --checkpoint PATH and --init")
-    if checkpoint is not None and not os.path.isfile(checkpoint):
-        raise SettingError(f"--checkpoint: file not found: {checkpoint}")
-    loading.check_split(data_bin, subset)
-    for flag, value, minimum in (
-        ("--batches", batches, 1),
-        ("--max-tokens", max_tokens, 1),
-        ("--sr-seeds", sr_seeds, 0),
-    ):
-        if value < minimum:
-            raise SettingError(f"{flag} must be >= {minimum}, got {value}")
-
-
-def run(
-    data_bin: str,
-    checkpoint: Optional[str] = None,
-    init: bool = False,
-    seed: int = 1,
-    batches: int = 1,
-    max_tokens: int = RECIPE_MAX_TOKENS,
-    sr_seeds: int = DEFAULT_SR_SEEDS,
-    subset: str = DEFAULT_SUBSET,
-    real_forward: bool = True,
-    gradient_seeds: int = DEFAULT_GRADIENT_SEEDS,
-    weight_precisions: Sequence[str] = tuple(WEIGHT_DTYPES),
-    autocast_modes: Sequence[str] = tuple(AUTOCAST_DTYPES),
-    log=None,
-) -> Dict[str, Any]:
-    """Loads (or initialises) the model, measures `batches` fixed batches; a JSON-ready dict."""
-    check_precision_inputs(data_bin, checkpoint, init, batches, max_tokens, sr_seeds, subset)
-    for name in weight_precisions:
-        _dtype(name, WEIGHT_DTYPES, "--precisions")
-    for name in autocast_modes:
-        _dtype(name, AUTOCAST_DTYPES, "--autocast")
-    if init:
-        loaded = init_model(data_bin, seed)
+def run(args) -> Dict[str, Any]:
+    """Loads (or initialises) the model and measures each batch: a JSON-ready dict."""
+    check(args)
+    study = Study(tuple(args.precisions), tuple(args.autocast), args.sr_seeds, args.gradient_seeds)
+    if args.init:
+        loaded = init_model(args.data_bin, args.seed)
     else:
-        loaded = loading.load_checkpoint(checkpoint, data_bin, subset)
-    model, criterion, cfg = loaded.model, loaded.criterion, loaded.cfg
-    samples = fixed_batches(loaded, subset, max_tokens, batches, seed)
-    results = []
+        loaded = loading.load_checkpoint(args.checkpoint, args.data_bin, args.subset)
+    options = dict(max_tokens=args.max_tokens, seed=args.seed, ignore_invalid_inputs=True)
+    samples = loading.split_batches(loaded, args.subset, args.batches, True, **options)
+    if len(samples) < args.batches:
+        raise SettingError(f"--batches {args.batches}: {args.subset} has {len(samples)} batches")
+    batches, rows = [], []
     for index, sample in enumerate(samples):
-        if log:
-            log(
-                f"batch {index}: {int(sample['ntokens'])} target tokens, "
-                f"{int(sample['nsentences'])} sentences"
-            )
-        result = measure_batch(
-            LossProbe(model, criterion, sample),
-            weight_precisions=weight_precisions,
-            autocast_modes=autocast_modes,
-            sr_seeds=sr_seeds,
-            real_forward=real_forward,
-            gradient_seeds=gradient_seeds,
-            log=log,
-        )
-        result["batch"] = index
-        result["ntokens"] = int(sample["ntokens"])
-        results.append(result)
-    rows = [r for result in results for r in result["rows"]]
-    return {
-        "source": "init" if init else checkpoint,
-        "data_bin": data_bin,
-        "arch": getattr(cfg.model, "arch", None),
-        "criterion": getattr(cfg.criterion, "_name", None),
-        "parameters": sum(p.numel() for p in model.parameters()),
-        "seed": seed,
-        "subset": subset,
-        "max_tokens": max_tokens,
-        "sr_seeds": sr_seeds,
-        "gradient_seeds": gradient_seeds,
-        "batches": [{k: v for k, v in r.items() if k != "rows"} for r in results],
-        "rows": rows,
-        "summary": summarize_precision_rows(rows),
-    }
+        logger.info("batch %d: %d target tokens", index, int(sample["ntokens"]))
+        measured = measure_batch(LossProbe(loaded.model, loaded.criterion, sample), study)
+        rows += measured.pop("rows")
+        batches.append(dict(measured, batch=index, ntokens=int(sample["ntokens"])))
+    result = dict(source="init" if args.init else args.checkpoint, subset=args.subset)
+    result.update(arch=loaded.cfg.model.arch, study=dataclasses.asdict(study), rows=rows)
+    return dict(
+        result, parameters=sum(p.numel() for p in loaded.model.parameters()), batches=batches
+    )
 
 
-def format_result(result: Dict[str, Any]) -> str:
-    """The header, the summary table and the per-group table, as the command prints them."""
-    batches = result["batches"]
-    lines = [
-        f"{result['source']}: {result['arch']}, {result['parameters']:,} parameters, criterion "
-        f"{result['criterion']}; {len(batches)} batch(es) of "
-        f"{', '.join(str(b['ntokens']) for b in batches)} target tokens from {result['subset']}; "
-        f"L(w) = {batches[0]['loss_fp32']:.5f} nats/token (first batch)"
-    ]
-    for mode, status in batches[0]["autocast"].items():
-        extra = (
-            f", {status['cast_parameters']} of {status['parameters']} parameter tensors cast"
-            if status.get("supported")
-            else ""
-        )
-        lines.append(f"{mode}: {status['reason']}{extra}")
-    lines += ["", format_summary(result["summary"]), "", format_groups(result["rows"])]
-    lines.append(f"\nwall time {result['wall_seconds']:.0f} s")
-    return "\n".join(lines)
+def _names(table):
+    def parse(text: str) -> List[str]:
+        names = [name for name in text.split(",") if name]
+        if set(names) - set(table):
+            raise argparse.ArgumentTypeError(f"choose from {', '.join(table)}")
+        return names
+
+    return parse
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog=PROGRAM, description=__doc__.split("\n\n")[0])
+    source = p.add_mutually_exclusive_group(required=True)
+    source.add_argument("--checkpoint", metavar="PATH", help="a fairseq translation checkpoint")
+    source.add_argument("--init", action="store_true", help="the IWSLT'14 recipe's model, new")
+    p.add_argument("--data-bin", required=True, help="fairseq binarized data folder")
+    p.add_argument("--subset", default="train")
+    p.add_argument("--batches", type=int, default=1, help="fixed batches, each with its own ε")
+    p.add_argument("--max-tokens", type=int, default=4096, help="(the recipe's)")
+    p.add_argument("--sr-seeds", type=int, default=Study.sr_seeds, help="stochastic draws")
+    gradients = "draws whose pass-2 gradient is compared (nearest: always; -1: never)"
+    p.add_argument("--gradient-seeds", type=int, default=Study.gradient_seeds, help=gradients)
+    p.add_argument("--seed", type=int, default=1, help="model init (--init) and batch order")
+    p.add_argument("--precisions", type=_names(WEIGHT_DTYPES), default=list(WEIGHT_DTYPES))
+    p.add_argument("--autocast", type=_names(AUTOCAST_DTYPES), default=list(AUTOCAST_DTYPES))
+    p.add_argument("--threads", type=int, help="torch.set_num_threads")
+    p.add_argument("--json", metavar="PATH", help="write every row as JSON")
+    return p
+
+
+def main(argv=None) -> int:
+    args = parser().parse_args(argv)
+    log_to_stdout()
+    return run_command(PROGRAM, lambda: work(args))
+
+
+def work(args) -> int:
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    start = time.time()
+    result = run(args)
+    result["wall_seconds"] = time.time() - start
+    print(format_result(result) + f"\n\nwall time {result['wall_seconds']:.0f} s")
+    if args.json:
+        write_json(args.json, result)
+    return 0

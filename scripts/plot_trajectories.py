@@ -1,13 +1,10 @@
 #!/usr/bin/env python
-"""Draws SGD, SAM and ASAM paths on L = 1/2 (1 - w1 w2)^2 to a PNG.
-
-The console command `fairseq-asam-trajectories` does the same;
-`fairseq-asam-trajectories --help` lists the flags.
-"""
+"""`fairseq-asam-trajectories` without the console script: SGD, SAM and ASAM paths on
+L = 1/2 (1 - w1 w2)^2, drawn to a PNG (docs/tools.md)."""
 
 import sys
 
-from fairseq_asam_experiments.cli import trajectories_main
+from fairseq_asam_experiments.trajectories import main
 
 if __name__ == "__main__":
-    sys.exit(trajectories_main())
+    sys.exit(main())

@@ -1,70 +1,107 @@
-"""Smoke tests of the benchmark (fairseq-asam-benchmark, benchmarks/step_cost.py): it runs and
-reports every row; nothing about speed."""
+"""fairseq-asam-benchmark (benchmarks/step_cost.py): the amortized medians and round-by-round
+ratios against hand-computed values, the targets, and the command on the small preset."""
 
 import json
 import os
-import subprocess
-import sys
+import runpy
 
 import pytest
 import torch
 
-from fairseq_asam_experiments import benchmark
-from fairseq_asam_experiments.cli import benchmark_main
+from fairseq_asam_experiments import benchmark as B
 
-STEP_COST = os.path.join(
-    os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks", "step_cost.py"
-)
-TINY = benchmark.BenchmarkSpec(preset="small", warmup=0, timed=2, sam_interval=2)
+STEP_COST = os.path.join(os.path.dirname(os.path.dirname(__file__)), "benchmarks", "step_cost.py")
+SMALL = B.Spec(preset="small", warmup=0, timed=2, sam_interval=2)
+PARTS = B.PARTS
+
+
+def _record(seconds, forward, backward, optimizer, perturb=0.0, perturbed=False, ntokens=1000):
+    parts = dict(zip(PARTS, (forward, backward, optimizer, perturb, 0.0)))
+    return dict(seconds=seconds, parts=parts, ntokens=ntokens, perturbed=perturbed)
+
+
+def test_amortized_weights_the_medians_of_each_kind():
+    values, perturbed = [10.0, 1.0, 30.0, 2.0, 20.0], [True, False, True, False, True]
+    # 1/5 × median(10, 30, 20) + 4/5 × median(1, 2) = 4 + 1.2
+    assert B.amortized(values, perturbed, 0.2) == pytest.approx(5.2, rel=1e-15)
+    assert B.amortized(values, perturbed, 0.0) == pytest.approx(1.5, rel=1e-15)
+    with pytest.raises(B.SettingError, match="raise --timed"):
+        B.amortized([1.0, 2.0], [False, False], 0.5)  # no sharpness-aware update timed
+
+
+def test_summarize_row_against_hand_computed_values():
+    """Three rounds; the ratio and the overhead are taken round by round, then their median."""
+    adam = [_record(1.0, 0.3, 0.5, 0.1), _record(2.0, 0.6, 1.0, 0.2), _record(1.2, 0.4, 0.6, 0.1)]
+    asam = [
+        _record(2.0, 0.6, 1.1, 0.1, perturb=0.05, perturbed=True),  # outside 0.2, adam's 0.1
+        _record(3.0, 0.9, 1.6, 0.2, perturb=0.10, perturbed=True),  # outside 0.3, adam's 0.2
+        _record(3.0, 0.8, 1.4, 0.1, perturb=0.20, perturbed=True),  # outside 0.7, adam's 0.1
+    ]
+    row = B.summarize_row(asam, adam, 1.0)
+    expected = dict(
+        update_ms=3000.0,
+        ratio_to_adam=2.0,  # median of 2.0, 1.5, 2.5
+        forward_ms=800.0,
+        outside_ms=300.0,
+        overhead_ms=100.0,  # median of 0.1, 0.1, 0.6
+        perturb_restore_ms=100.0,
+        tokens_per_s=1000 / 3.0,
+    )
+    assert {k: row[k] for k in expected} == pytest.approx(expected, rel=1e-9)
+    assert row["overhead_fraction"] == pytest.approx(100 / 3000, rel=1e-9)
+    # negative control: the ratio of the medians (3000 / 1200) is not what the row reports
+    assert row["ratio_to_adam"] != pytest.approx(2.5, rel=1e-3)
+
+
+def test_targets_met_and_not_met():
+    rows = {"asam": dict(ratio_to_adam=1.9, overhead_fraction=0.01, extra_memory_bytes=410)}
+    rows["sam"] = dict(extra_memory_bytes=400)
+    rows["asam-interval-2"] = dict(ratio_to_adam=1.4)
+    sizes = dict(parameters=100, fp32_copy=400, gradient_stash=400)
+    targets = {t["target"]: (t["measured"], t["met"]) for t in B.check_targets(rows, SMALL, sizes)}
+    assert targets["ASAM / Adam update time"] == (1.9, True)
+    assert targets["--sam-interval 2 / Adam update time"] == (1.4, False)  # above 1.3
+    # 410 bytes against one fp32 copy (400): 1.025 > 1 + 2% tolerance
+    assert targets["ASAM extra peak memory over Adam / (one fp32 copy)"] == (1.025, False)
+    assert targets["SAM extra peak memory over Adam / (one fp32 copy)"] == (1.0, True)
 
 
 @pytest.mark.slow
-def test_cli_times_every_row(tmp_path, capsys):
+def test_command_times_every_row(tmp_path, capsys):
     out = tmp_path / "result.json"
-    argv = [
-        "--preset",
-        "small",
-        "--warmup",
-        "0",
-        "--timed",
-        "2",
-        "--sam-interval",
-        "2",
-        "--no-memory",
-        "--json",
-        str(out),
-    ]
-    assert benchmark_main(argv) == 0
-
+    argv = ["--preset", "small", "--warmup", "0", "--timed", "2", "--sam-interval", "2"]
+    assert B.main(argv + ["--no-memory", "--profile", "--json", str(out)]) == 0
     result = json.loads(out.read_text())
-    assert [row["name"] for row in result["rows"]] == [row.name for row in benchmark.rows_for(TINY)]
+    assert [row["name"] for row in result["rows"]] == list(B.rows_for(SMALL))
     for row in result["rows"]:
         for key in ("update_ms", "forward_ms", "backward_ms", "optimizer_ms", "tokens_per_s"):
             assert row[key] > 0, (row["name"], key)
     by_name = {row["name"]: row for row in result["rows"]}
-    assert by_name["asam"]["perturb_restore_ms"] > 0
-    assert by_name["asam-not-started"]["perturb_restore_ms"] == 0
-    assert "asam-interval-2" in capsys.readouterr().out
+    assert by_name["asam"]["perturb_restore_ms"] > 0 and by_name["asam"]["ratio_to_adam"] > 1
+    assert by_name["asam-not-started"]["perturb_restore_ms"] == 0  # a control: never perturbs
+    assert by_name["asam-interval-2"]["sharpness_aware_fraction"] == 0.5
+    assert "aten::_foreach_norm" in result["profile"]["operators_ms"]["perturb"]
+    printed = capsys.readouterr().out
+    assert "| asam-looksam-2 |" in printed and "inside perturb:" in printed
     assert not torch.cuda.is_initialized()  # the CPU path never touches CUDA
 
 
 @pytest.mark.slow
 def test_peak_memory_in_a_fresh_process():
-    adam = benchmark.rows_for(TINY)[0]
-    memory = benchmark.measure_rows_memory(TINY, [adam])
-    assert memory[adam.name]["peak_increase_bytes"] > 0
+    """SAM keeps one fp32 copy of the parameters more than Adam (within the 2% tolerance and the
+    allocator's page rounding of a model this small)."""
+    rows = {name: B.rows_for(SMALL)[name] for name in ("adam", "sam")}
+    memory = B.measure_rows_memory(SMALL, rows)
+    assert memory["adam"]["peak_increase_bytes"] > 0
+    assert memory["sam"]["peak_increase_bytes"] > memory["adam"]["peak_increase_bytes"]
 
 
-def test_script_rejects_a_bad_flag_in_one_line():
-    done = subprocess.run(
-        [sys.executable, STEP_COST, "--preset", "small", "--timed", "1"],
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
-    assert done.returncode == 1
-    assert done.stderr.splitlines() == [
-        "fairseq-asam-benchmark: error: --timed (1) must be >= --sam-interval (5): "
-        "the interval row needs "
-        "a sharpness-aware and a plain update among the timed ones"
+def test_script_rejects_a_bad_flag_in_one_line(monkeypatch, capsys):
+    monkeypatch.setattr("sys.argv", [STEP_COST, "--preset", "small", "--timed", "1"])
+    with pytest.raises(SystemExit) as done:
+        runpy.run_path(STEP_COST, run_name="__main__")
+    assert done.value.code == 1
+    assert capsys.readouterr().err.splitlines() == [
+        "fairseq-asam-benchmark: error: --timed (1) must be >= --sam-interval (5): the interval "
+        "row needs a sharpness-aware and a plain update among the timed ones"
     ]

@@ -1,6 +1,9 @@
 """fairseq_asam_experiments.precision: effective ε under fp16/bf16 rounding, its comparison with
-ε, unbiased stochastic rounding, the autocast cast set, and one small end-to-end measurement."""
+ε, unbiased stochastic rounding, the autocast cast set, a whole measurement on a linear model
+against the equations, and the command on a tiny Transformer."""
 
+import functools
+import json
 import math
 
 import pytest
@@ -11,7 +14,6 @@ from torch import nn
 from fairseq_asam import perturbation
 from fairseq_asam_experiments import precision as P
 from fairseq_asam_experiments import recipe
-from fairseq_asam_experiments.errors import SettingError
 
 FP16_ULP_AT_1 = 2.0**-10  # spacing of fp16 just above 1.0 (10 mantissa bits)
 FP16_ULP_BELOW_1 = 2.0**-11  # spacing just below 1.0
@@ -99,28 +101,27 @@ def test_compare_epsilon_exact_numbers():
     intended = [_t(6e-4, 4e-4, 0.0), _t(-3e-4)]
     effective = [_t(FP16_ULP_AT_1, 0.0, 0.0), _t(-FP16_ULP_BELOW_1)]
     s = P.compare_epsilon(effective, intended)
-    assert (s.numel, s.nonzero, s.lost, s.changed) == (4, 3, 1, 2)
-    assert s.lost_fraction == pytest.approx(1 / 3)
-    assert s.changed_fraction == pytest.approx(0.5)
+    assert s["lost"] == 1 / 3  # 4e-4 lost of three non-zero entries; the zero entry not counted
     # all from the fp32 values of the inputs (6e-4 etc. are not exact in fp32)
     i = [float(_t(6e-4)), float(_t(4e-4)), float(_t(-3e-4))]
     e = [FP16_ULP_AT_1, 0.0, -FP16_ULP_BELOW_1]
     dot = sum(a * b for a, b in zip(i, e))
     ni, ne = math.sqrt(sum(a * a for a in i)), math.sqrt(sum(b * b for b in e))
-    assert s.cosine == pytest.approx(dot / (ni * ne), rel=1e-12)
+    # float64 sums of fp32 inputs: equal to the Python-float reference up to 1e-12 relative
+    assert s["cosine"] == pytest.approx(dot / (ni * ne), rel=1e-12)
     # by hand, in units of 1e-4: (6·9.766 + 3·4.883) / (√61 · √(9.766² + 4.883²)) = 73.24 / 85.27
-    assert s.cosine == pytest.approx(0.85890, abs=1e-5)
+    assert s["cosine"] == pytest.approx(0.85890, abs=1e-5)
     err = math.sqrt(sum((b - a) ** 2 for a, b in zip(i, e)))
-    assert s.relative_l2_error == pytest.approx(err / ni, rel=1e-12)
-    assert s.norm_ratio == pytest.approx(ne / ni, rel=1e-12)
+    assert s["l2_error"] == pytest.approx(err / ni, rel=1e-12)
+    assert (s["eps_sq"], s["eff_sq"]) == pytest.approx((ni**2, ne**2), rel=1e-12)
 
 
 def test_compare_epsilon_identical_and_all_lost():
     eps = [_t(1.0, -2.0, 0.0)]
     same = P.compare_epsilon(eps, eps)
-    assert (same.lost_fraction, same.cosine, same.relative_l2_error) == (0.0, 1.0, 0.0)
+    assert (same["lost"], same["cosine"], same["l2_error"]) == (0.0, 1.0, 0.0)
     lost = P.compare_epsilon([torch.zeros(3)], eps)
-    assert lost.lost_fraction == 1.0 and lost.relative_l2_error == 1.0 and math.isnan(lost.cosine)
+    assert lost["lost"] == 1.0 and lost["l2_error"] == 1.0 and math.isnan(lost["cosine"])
 
 
 def test_tensor_groups():
@@ -178,19 +179,17 @@ def test_stochastic_rounding_keeps_sub_ulp_epsilon_in_expectation():
     it in the mean over draws (but each draw moves a whole ulp or nothing)."""
     held = [torch.ones(DRAWS)]
     eps = [torch.full((DRAWS,), 0.1 * FP16_ULP_AT_1)]
-    nearest = P.effective_epsilon(held, eps, torch.float16, P.NEAREST)
-    assert P.compare_epsilon(nearest, eps).lost_fraction == 1.0
-    sr = P.effective_epsilon(
-        held, eps, torch.float16, P.STOCHASTIC, torch.Generator().manual_seed(0)
-    )
+    nearest = P.effective_epsilon(held, eps, torch.float16)
+    assert P.compare_epsilon(nearest, eps)["lost"] == 1.0
+    sr = P.effective_epsilon(held, eps, torch.float16, torch.Generator().manual_seed(0))
     stats = P.compare_epsilon(sr, eps)
     assert set(sr[0].unique().tolist()) == {0.0, FP16_ULP_AT_1}
-    assert stats.lost_fraction == pytest.approx(0.9, abs=Z_BOUND * math.sqrt(0.09 / DRAWS))
+    assert stats["lost"] == pytest.approx(0.9, abs=Z_BOUND * math.sqrt(0.09 / DRAWS))
     assert sr[0].double().mean().item() == pytest.approx(
         0.1 * FP16_ULP_AT_1, rel=Z_BOUND * 3 / math.sqrt(DRAWS)
     )
     # per draw it is noise: ‖ε_eff‖/‖ε‖ = √(p·ulp²)/(0.1 ulp) = √10
-    assert stats.norm_ratio == pytest.approx(math.sqrt(10), rel=0.02)
+    assert math.sqrt(stats["eff_sq"] / stats["eps_sq"]) == pytest.approx(math.sqrt(10), rel=0.02)
 
 
 # ------------------------------------------------------------------ autocast
@@ -220,58 +219,183 @@ def test_autocast_cast_parameters():
     assert cast == {"lin.weight", "lin.bias", "proj_weight", "q_bias", "k_bias"}
 
 
-def test_bad_names_raise_naming_the_flag(tmp_path):
-    with pytest.raises(SettingError, match="--precisions"):
-        P._dtype("fp8", P.WEIGHT_DTYPES, "--precisions")
-    with pytest.raises(SettingError, match="data-bin folder not found: .*nope"):
-        P.check_precision_inputs(str(tmp_path / "nope"), None, True, 1, 4096, 1, "train")
-    with pytest.raises(SettingError, match="--checkpoint"):
-        P.check_precision_inputs(str(tmp_path), str(tmp_path / "c.pt"), False, 1, 4096, 1, "train")
-    with pytest.raises(SettingError, match="exactly one"):
-        P.check_precision_inputs(str(tmp_path), None, False, 1, 4096, 1, "train")
-    with pytest.raises(SettingError, match="--subset train"):
-        P.check_precision_inputs(str(tmp_path), None, True, 1, 4096, 1, "train")
+# ------------------------------------------------------------------ a whole measurement
 
 
-# ------------------------------------------------------------------ one small measurement
+class _Regression(nn.Module):
+    """y = X θ̃ (θ̃ = weight and bias) under the summed squared error: ∇L and Δg in closed form."""
+
+    def __init__(self, inputs):
+        super().__init__()
+        self.fc = nn.Linear(inputs, 1)
+
+    def forward(self, x):
+        return self.fc(x).squeeze(-1)
 
 
-def test_measure_batch_on_a_tiny_transformer(data_bin):
-    loaded = P.init_model(data_bin, 2, (recipe.RECIPE_ARGS, recipe.TINY_OVERRIDES_ARGS))
-    batch = P.fixed_batches(loaded, "train", 100, 1, seed=1)[0]
-    probe = P.LossProbe(loaded.model, loaded.criterion, batch)
-    before = probe.weights()
-    result = P.measure_batch(
-        probe, weight_precisions=("fp32", "bf16"), sr_seeds=2, autocast_modes=("amp-bf16",)
+class _SquaredError(nn.Module):
+    def forward(self, model, batch):
+        x, y = batch
+        return ((model(x) - y) ** 2).sum(), len(y), {}
+
+
+def _regression(seed=0, inputs=64, samples=32):
+    """Input columns of scales 1e-5 to 1, so that ε on the small ones falls below half an ulp."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(samples, inputs, generator=g) * torch.logspace(-5, 0, inputs)
+    model = _Regression(inputs)
+    with torch.no_grad():
+        model.fc.weight.copy_(torch.randn(1, inputs, generator=g) + 2.0)
+        model.fc.bias.fill_(0.3)
+    y = x @ torch.randn(inputs, generator=g) + torch.randn(samples, generator=g)
+    return model, (x, y)
+
+
+def _reference(model, batch, setting, dtype, autocast=False):
+    """Lost, cosine, kept and Δg of the nearest-rounding row, in float64 from the equations:
+    L(θ) = Σ(X̃θ − y)²/n, ∇L = 2X̃ᵀ(X̃θ − y), ε = ρT²g/‖Tg‖ (T = |w| + η on the weight only)."""
+    x, y = (t.double() for t in batch)
+    xt = torch.cat([x, torch.ones(len(y), 1, dtype=torch.float64)], 1)
+    theta = torch.cat([model.fc.weight.detach().flatten(), model.fc.bias.detach()])
+
+    def loss(t):
+        return float(((xt @ t.double() - y) ** 2).sum()) / len(y)
+
+    def rnd(t):  # fp32 values rounded to `dtype`
+        return t.float().to(dtype).double()
+
+    held = theta.double() if autocast else rnd(theta)
+    g = 2 * xt.T @ (xt @ held - y)
+    scale = torch.ones_like(held)
+    if setting.adaptive:
+        scale[:-1] = held[:-1].abs() + setting.eta
+    eps = setting.rho * scale**2 * g / torch.linalg.norm(scale * g)
+    # the code adds ε to the weights in fp32, then rounds
+    if autocast:  # fp32 weights, both linear tensors cast per op: rounded before and after
+        eff = rnd(theta + eps.float()) - rnd(theta)
+        target, base_weights = loss(theta + eps.float()) - loss(theta), rnd(theta)
+    else:
+        eff = rnd(held.float() + eps.float()) - held
+        target, base_weights = loss(held + eps) - loss(held), held
+    hessian = 2 * xt.T @ xt  # Δg = H ε_eff against H ε
+    change, intended = hessian @ eff, hessian @ eps
+    return dict(
+        lost=float(((eps != 0) & (eff == 0)).sum()) / float((eps != 0).sum()),
+        cosine=float(eff @ eps / (eff.norm() * eps.norm())),
+        kept=(loss(base_weights + eff) - loss(base_weights)) / target,
+        grad_change_cosine=float(change @ intended / (change.norm() * intended.norm())),
+        grad_change_error=float((change - intended).norm() / intended.norm()),
     )
-    assert all(torch.equal(a, b) for a, b in zip(before, probe.weights()))  # weights restored
+
+
+# fp32 losses of size ~1 whose differences are ~1e-2 of them, and fp32 gradient differences:
+# about 1e-5 relative error after cancellation; ε from fp32 against float64: 1e-6.
+MEASURE_REL = 1e-4
+# Δg's error is a difference of differences of fp32 gradients ~100× larger than Δg: 1e-7·100.
+GRADIENT_ERROR_ABS = 1e-5
+
+
+def _assert_row_matches(row, expected):
+    error = expected.pop("grad_change_error", None)
+    assert {k: row[k] for k in expected} == pytest.approx(expected, rel=MEASURE_REL)
+    if error is not None:
+        assert row["grad_change_error"] == pytest.approx(error, abs=GRADIENT_ERROR_ABS)
+
+
+@pytest.mark.parametrize("setting", [P.SAM, P.ASAM], ids=["sam", "asam"])
+@pytest.mark.parametrize("precision", ["fp16", "bf16"])
+def test_weight_row_against_the_equations(setting, precision):
+    model, batch = _regression()
+    study = P.Study(precisions=(precision,), autocast=(), sr_seeds=0, optimizers=(setting,))
+    probe = P.LossProbe(model, _SquaredError(), batch)
+    before = probe.weights()
+    (row,) = P.measure_batch(probe, study)["rows"]
+    assert all(torch.equal(a, b) for a, b in zip(before, probe.weights()))  # weights put back
+    expected = _reference(model, batch, setting, P.WEIGHT_DTYPES[precision])
+    assert 0 < expected["lost"] < 1  # some of ε is lost, not all
+    _assert_row_matches(row, expected)
+    # the groups: the weight matrix and the bias share ‖ε‖² between them
+    shares = [row["groups"][g]["eps_share"] for g in ("linear_weight", "bias")]
+    assert sum(shares) == pytest.approx(1, rel=1e-12) and min(shares) > 0
+
+
+def test_autocast_row_against_the_equations():
+    if not P.autocast_supported(torch.bfloat16)[0]:
+        pytest.skip("no CPU autocast to bf16 in this torch")
+    model, batch = _regression(seed=1)
+    study = P.Study(precisions=(), autocast=("amp-bf16",), optimizers=(P.ASAM,))
+    result = P.measure_batch(P.LossProbe(model, _SquaredError(), batch), study)
+    assert result["autocast"]["amp-bf16"]["cast"] == 2  # addmm casts the weight and the bias
+    (row,) = result["rows"]
+    expected = _reference(model, batch, P.ASAM, torch.bfloat16, autocast=True)
+    del expected["grad_change_cosine"], expected["grad_change_error"]  # not compared: no pass 2
+    _assert_row_matches(row, expected)
+
+
+def test_fp32_row_keeps_all_of_epsilon():
+    """Negative control of the rounding: fp32 weights keep ε (kept 1, cosine 1) on this model."""
+    model, batch = _regression()
+    study = P.Study(precisions=("fp32",), autocast=(), optimizers=(P.ASAM,))
+    (row,) = P.measure_batch(P.LossProbe(model, _SquaredError(), batch), study)["rows"]
+    assert row["kept"] == pytest.approx(1, rel=MEASURE_REL) and row["cosine"] > 1 - 1e-6
+    assert "grad_change_cosine" not in row  # pass 2's gradient is compared in low precision only
+
+
+# ------------------------------------------------------------------ the command
+
+
+@pytest.fixture
+def tiny_init(monkeypatch):
+    """--init builds the tiny preset's model (the recipe's own is 31.6 M parameters)."""
+    files = (recipe.RECIPE_ARGS, recipe.TINY_OVERRIDES_ARGS)
+    monkeypatch.setattr(P, "init_model", functools.partial(P.init_model, args_files=files))
+
+
+def test_command_on_a_tiny_transformer(data_bin, tiny_init, tmp_path, capsys):
+    out = tmp_path / "precision.json"
+    flags = ["--init", "--data-bin", data_bin, "--max-tokens", "100", "--sr-seeds", "2"]
+    flags += ["--precisions", "fp32,bf16", "--autocast", "amp-bf16", "--seed", "2"]
+    assert P.main(flags + ["--json", str(out)]) == 0
     rows = {
-        (r["optimizer"], r["mode"], r["precision"], r["rounding"], r["seed"]): r
-        for r in result["rows"]
+        (r["optimizer"], r["precision"], r["rounding"], r["seed"]): r
+        for r in json.loads(out.read_text())["rows"]
     }
     for opt in ("sam", "asam"):
-        fp32 = rows[(opt, "weights", "fp32", "nearest", None)]
-        assert fp32["cosine"] == pytest.approx(1.0, abs=1e-6) and fp32["lost_fraction"] < 0.05
-        assert fp32["increase_a"] == pytest.approx(fp32["target_increase"], rel=1e-3)
-        assert fp32["target_increase"] > 0  # one ascent step raises the loss
-        bf16 = rows[(opt, "weights", "bf16", "nearest", None)]
-        assert bf16["lost_fraction"] > fp32["lost_fraction"] and bf16["cosine"] < fp32["cosine"]
-        assert (
-            bf16["grad_change_cosine"] < 1.0 and bf16["grad_error"] > 0
-        )  # pass 2's gradient is compared
+        fp32, bf16 = rows[(opt, "fp32", "nearest", None)], rows[(opt, "bf16", "nearest", None)]
+        assert fp32["cosine"] == pytest.approx(1.0, abs=1e-6) and fp32["lost"] < 0.05
+        assert fp32["kept"] == pytest.approx(1.0, rel=1e-3) and fp32["target"] > 0
+        assert bf16["lost"] > fp32["lost"] and bf16["cosine"] < fp32["cosine"]
         # Stochastic rounding keeps the direction of pass 2's gradient change (0.996 measured);
         # its sign control, the same noise without ε's direction, does not (0.07–0.54).
-        stochastic = rows[(opt, "weights", "bf16", "stochastic", 1)]["grad_change_cosine"]
-        control = rows[(opt, "weights", "bf16", "sign-control", 1)]["grad_change_cosine"]
+        stochastic = rows[(opt, "bf16", "stochastic", 1)]["grad_change_cosine"]
+        control = rows[(opt, "bf16", "sign-control", 1)]["grad_change_cosine"]
         assert stochastic > 0.9 > control, (stochastic, control)
-        noise = rows[(opt, "weights", "bf16", "noise-floor", 0)]
-        assert abs(noise["cosine"]) < 0.2  # SR noise of w alone does not point along ε
-        assert (opt, "autocast", "amp-bf16", "nearest", None) in rows
-    summary = P.summarize_precision_rows(result["rows"])
-    sr = next(
-        e
-        for e in summary
-        if e["precision"] == "bf16" and e["rounding"] == "stochastic" and e["optimizer"] == "asam"
-    )
-    assert sr["count"] == 2 and sr["cosine"]["n"] == 2
-    assert "| asam | weights | bf16 | stochastic | 2 |" in P.format_summary(summary)
+        # each draw keeps a sub-ulp entry with probability |ε|/ulp: fewer entries lost than nearest
+        assert rows[(opt, "bf16", "stochastic", 0)]["lost"] < bf16["lost"]
+        assert (opt, "amp-bf16", "nearest", None) in rows
+    printed = capsys.readouterr().out
+    assert "| asam | weights | bf16 | stochastic | 2 |" in printed  # two seeds summarised
+    assert "| asam | autocast | amp-bf16 | layer_norm |" in printed  # the group table
+
+
+@pytest.mark.parametrize(
+    "flags,message",
+    [
+        (["--data-bin", "{tmp}/nope"], "--data-bin: folder not found"),
+        (["--checkpoint", "{tmp}/c.pt"], "--checkpoint: file not found"),
+        (["--subset", "test"], "--subset test: no such split"),
+        (["--batches", "0"], "--batches is too small: 0"),
+    ],
+)
+def test_bad_input_is_one_line_naming_the_flag(data_bin, tmp_path, capsys, flags, message):
+    argv = ["--data-bin", data_bin] + [f.format(tmp=tmp_path) for f in flags]
+    argv += [] if "--checkpoint" in flags else ["--init"]
+    assert P.main(argv) == 1
+    err = capsys.readouterr().err
+    assert err.startswith(f"fairseq-asam-precision: error: {message}") and err.count("\n") == 1
+
+
+def test_unknown_precision_is_refused_by_the_parser(capsys):
+    with pytest.raises(SystemExit):
+        P.parser().parse_args(["--init", "--data-bin", "d", "--precisions", "fp16,fp8"])
+    assert "choose from fp32, fp16, bf16" in capsys.readouterr().err

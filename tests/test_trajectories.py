@@ -10,7 +10,7 @@ import torch
 
 from fairseq_asam import perturbation
 from fairseq_asam_experiments import trajectories
-from fairseq_asam_experiments.cli import trajectories_main
+from fairseq_asam_experiments.trajectories import main as trajectories_main
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PICTURE = os.path.join(REPO_ROOT, "docs", "trajectories.png")
