@@ -409,3 +409,23 @@ def join_gloo(
         "gloo", init_method=f"file://{init_file}", rank=rank, world_size=world_size, **kwargs
     )
     torch.set_num_threads(1)
+
+
+def make_data_bin_with_test(root: str, train: int = 120, valid: int = 24, test: int = 24) -> str:
+    """The toy corpus with a test split too, binarized."""
+    sizes = {"train": train, "valid": valid, "test": test}
+    text = synthetic_data.write_corpus(os.path.join(root, "text"), sizes)
+    return synthetic_data.binarize(text, os.path.join(root, "data-bin"))
+
+
+def train_checkpoint(data_bin: str, folder, updates: int = 3, extra=()) -> str:
+    """checkpoint_last.pt of the tiny Transformer after `updates` Adam updates, saved by
+    fairseq's Trainer into `folder`."""
+    argv = ["--optimizer", "adam", "--save-dir", str(folder), *extra]
+    trainer = build_trainer(data_bin, argv)
+    for sample in batches(trainer, updates):
+        trainer.train_step([sample])
+    trainer.consolidate_optimizer()
+    path = os.path.join(str(folder), "checkpoint_last.pt")
+    trainer.save_checkpoint(path, {})
+    return path
