@@ -1,15 +1,15 @@
-"""Sharpness and adaptive sharpness as generalization measures over a family of translation
-models: Kendall's τ and Jiang et al.'s granulated ψ (ICLR 2020), as Kwon et al. (ICML 2021,
-Figure 3) show them for CIFAR-10; definitions in docs/correlation.md.
+"""Kendall's τ and Jiang et al.'s granulated ψ (ICLR 2020) of sharpness, adaptive sharpness and
+the parameter norm against the generalization gap over a family of translation models, as Kwon
+et al. (ICML 2021, Figure 3) show them for CIFAR-10 (docs/correlation.md).
 
 The family: a `grid.Grid` swept over 3 or more fairseq-train options (configs/correlation/), all
 trained to one --max-update.  Per model (checkpoint_last.pt, eval mode): nll losses on a fixed
 training subset and the test split, their gap, plain and adaptive sharpness (η = 0, biases
 normalized: the scale-invariant setting) of the training-subset loss, the parameter norm.
-τ: scipy's tau-b of each measure against the gap; ψ per axis and their mean Ψ.
 """
 
 import argparse
+import copy
 import dataclasses
 import logging
 import math
@@ -26,13 +26,9 @@ FAMILY_ARGS = "correlation/{preset}.args"  # in the config folder: the family's 
 PRESETS = ("tiny", "paper")
 MEASURES = ("sharpness", "adaptive_sharpness", "parameter_norm")
 KENDALL = "tau-b"
-TIES = (
-    "scipy.stats.kendalltau(variant='b'): a pair tied in the gap or in the measure is neither "
-    "concordant nor discordant, and the denominator sqrt((n0-n1)(n0-n2)) leaves out the pairs "
-    "tied in each; without ties it equals Jiang et al.'s tau-a"
-)
+TIES = "a pair tied in the gap or the measure is neither concordant nor discordant, and the \
+denominator sqrt((n0-n1)(n0-n2)) leaves out the pairs tied in each; without ties, tau-b = tau-a"
 SCALE_AXIS, DEFAULT_SCALES = "scale", (0.25, 4.0)
-LAST = "checkpoint_last.pt"  # the model measured: every model at the same budget
 LN2 = math.log(2)
 
 
@@ -86,14 +82,13 @@ def build_grid(args: argparse.Namespace) -> grid.Grid:
     return built
 
 
-def axes_of(built: grid.Grid) -> List[str]:
+def axes_of(built: grid.Grid) -> List[str]:  # the swept options, and the optimizer if several
     return [s.option for s in built.sweeps] + (["optimizer"] if len(built.rows) > 1 else [])
 
 
 def prepare_data(built: grid.Grid, archive: Optional[str]) -> str:
-    """The family's data-bin: `archive`, or the preset's generated sample archive, prepared
-    under <out>/data.  STAND-IN until the prepare rewrite merges (prepare_iwslt14(archive,
-    data_root, bpe_merges) -> data_dir, data_dir/data-bin): today's prepare_iwslt14."""
+    """`archive`, or the preset's generated sample archive, prepared under <out>/data.  STAND-IN
+    until the prepare rewrite merges (prepare_iwslt14(...) -> data_dir with data_dir/data-bin)."""
     from . import prepare, synthetic_data
 
     root = os.path.join(built.out_dir, "data")
@@ -107,14 +102,12 @@ def prepare_data(built: grid.Grid, archive: Optional[str]) -> str:
 
 
 def train_stand_in(built: grid.Grid, run: grid.Run, data_bin: str) -> None:
-    """Trains one model into grid.run_dir(run), resumable (fairseq goes on from
-    checkpoint_last.pt).  STAND-IN for launch.run_one(grid, run, data_bin, references, gpu):
-    replace it at the launch module's merge (which brings --launcher slurm)."""
+    """Trains one model into grid.run_dir(run), resumable.  STAND-IN for launch.run_one(grid, run,
+    data_bin, references, gpu): replace it when launch merges (it brings --launcher slurm)."""
     folder, settings = built.run_dir(run), built.settings(run, data_bin)
     if files.read_stamp(folder, "train") == settings:
         return
     command = built.command(run, data_bin)
-    os.makedirs(folder, exist_ok=True)
     files.write_text(os.path.join(folder, "command.txt"), " ".join(command) + "\n")
     env = dict(os.environ, OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "1"))
     logger.info("training %s", run.name)
@@ -127,8 +120,6 @@ def train_stand_in(built: grid.Grid, run: grid.Run, data_bin: str) -> None:
 
 def rescale_ffn(model, scale: float):
     """A copy computing the same function: every FFN's fc1 (weight and bias) × a, fc2 ÷ a."""
-    import copy
-
     import torch
 
     model = copy.deepcopy(model)
@@ -157,12 +148,8 @@ def model_measures(model, batches, loss_fn, settings: Settings) -> Dict[str, flo
     )
     trained = [p.detach().double().norm() for p in model.parameters() if p.requires_grad]
     norm = float(torch.stack(trained).norm())
-    bits = {"sharpness": plain.sharpness, "adaptive_sharpness": adaptive.sharpness}
-    return {
-        **{k: v / LN2 for k, v in bits.items()},
-        "parameter_norm": norm,
-        "own_train_loss": plain.loss / LN2,
-    }
+    values = (plain.sharpness / LN2, adaptive.sharpness / LN2, norm, plain.loss / LN2)
+    return dict(zip((*MEASURES, "own_train_loss"), values))
 
 
 def measure_model(checkpoint: str, data_bin: str, settings: Settings, scales) -> List[dict]:
@@ -203,17 +190,12 @@ def measure_model(checkpoint: str, data_bin: str, settings: Settings, scales) ->
 
 
 def kendall_tau(rows: Sequence[dict], measure: str) -> Optional[float]:
-    """scipy's tau-b of `measure` against the gap; None where it is undefined (fewer than 2
-    rows, or the gap or the measure constant)."""
+    """scipy's tau-b of `measure` against the gap; None if undefined (< 2 rows, or constant)."""
     from scipy import stats
 
     x, y = [row[measure] for row in rows], [row["gap"] for row in rows]
     tau = stats.kendalltau(x, y, variant="b").statistic if len(rows) >= 2 else math.nan
     return None if math.isnan(tau) else float(tau)
-
-
-def mean(values: Sequence[float]) -> Optional[float]:
-    return sum(values) / len(values) if values else None
 
 
 def granulated(rows: Sequence[dict], axes: Sequence[str], measure: str) -> dict:
@@ -226,14 +208,12 @@ def granulated(rows: Sequence[dict], axes: Sequence[str], measure: str) -> dict:
             cells.setdefault(tuple(row[a] for a in axes if a != axis), []).append(row)
         taus = [(kendall_tau(cell, measure), len(cell)) for cell in cells.values()]
         defined = [(tau, size) for tau, size in taus if tau is not None]
-        per_axis[axis] = {
-            "psi": mean([tau for tau, _ in defined]),
-            "cells": len(cells),
-            "undefined_cells": len(cells) - len(defined),
-            "models": sum(size for _, size in defined),
-        }
+        psi = sum(tau for tau, _ in defined) / len(defined) if defined else None
+        models = sum(size for _, size in defined)
+        per_axis[axis] = dict(psi=psi, cells=len(cells), models=models)
+        per_axis[axis]["undefined_cells"] = len(cells) - len(defined)
     psis = [v["psi"] for v in per_axis.values() if v["psi"] is not None]
-    return {"per_axis": per_axis, "overall": mean(psis)}
+    return {"per_axis": per_axis, "overall": sum(psis) / len(psis) if psis else None}
 
 
 def correlations(rows: Sequence[dict], axes: Sequence[str]) -> Dict[str, dict]:
@@ -248,7 +228,7 @@ def fmt(value: Optional[float]) -> str:
 
 def markdown_table(stats: Dict[str, dict], axes: Sequence[str], caption: str) -> str:
     """Sharpness and adaptive sharpness side by side, then the baseline: τ, ψ per axis, Ψ; the
-    models behind each figure in parentheses (ψ: those of the cells where τ is defined)."""
+    models behind each figure in parentheses (ψ: those of its cells where τ is defined)."""
 
     def psi(c: dict) -> str:
         defined = c["cells"] - c["undefined_cells"]
@@ -262,8 +242,7 @@ def markdown_table(stats: Dict[str, dict], axes: Sequence[str], caption: str) ->
 
 
 def scatter_plots(out: str, rows: Sequence[dict], axes: Sequence[str], stats) -> None:
-    """scatter-<measure>.png: the gap against the measure, one panel per axis, each point
-    coloured by that axis's value; τ in the title."""
+    """scatter-<measure>.png: gap against measure, a panel per axis coloured by its values."""
     from matplotlib.figure import Figure
 
     for m in MEASURES:
@@ -283,8 +262,8 @@ def scatter_plots(out: str, rows: Sequence[dict], axes: Sequence[str], stats) ->
             figure.savefig(temporary, format="png", dpi=80)
 
 
-def write_outputs(out: str, rows, axes, settings: Settings, record: dict, failed) -> dict:
-    """correlation.json, correlation.md, correlation.csv and the scatter plots in `out`."""
+def write_outputs(out: str, rows, axes, settings: Settings, record: dict, failed) -> str:
+    """correlation.json, correlation.md (returned), correlation.csv, the scatter plots."""
     import pandas
 
     stats, text = correlations(rows, axes), settings.describe()
@@ -299,17 +278,18 @@ def write_outputs(out: str, rows, axes, settings: Settings, record: dict, failed
     with files.atomic_output(os.path.join(out, "correlation.csv")) as temporary:
         pandas.DataFrame(rows).to_csv(temporary, index=False)
     scatter_plots(out, rows, axes, stats)
-    return stats
+    return markdown_table(stats, axes, caption)
 
 
 def family_rows(built: grid.Grid, data_bin: str, settings, scales) -> Tuple[list, list]:
-    """Trains (stand-in) and measures every run: (CSV rows, failed runs); a failed run is
-    logged and left out, the others go on."""
+    """(CSV rows, failed runs) of every run, trained and measured; a failed one is left out."""
     rows, failed = [], []
     for run in built.runs():
         try:
             train_stand_in(built, run, data_bin)
-            checkpoint = os.path.join(built.run_dir(run), grid.CHECKPOINTS_FOLDER, LAST)
+            checkpoint = os.path.join(
+                built.run_dir(run), grid.CHECKPOINTS_FOLDER, "checkpoint_last.pt"
+            )
             logger.info("measuring %s", run.name)
             measured = measure_model(checkpoint, data_bin, settings, scales)
         except ExperimentError as error:
@@ -339,18 +319,12 @@ def work(args: argparse.Namespace) -> int:
     if len({row["run"] for row in rows}) < 2:
         raise ExperimentError(f"fewer than 2 models measured ({len(failed)} failed): no τ")
     axes = axes_of(built) + ([SCALE_AXIS] if scales else [])
-    write_outputs(built.out_dir, rows, axes, settings, built.record(), failed)
-    with open(os.path.join(built.out_dir, "correlation.md"), encoding="utf-8") as f:
-        print(f.read())
+    print(write_outputs(built.out_dir, rows, axes, settings, built.record(), failed))
     return 1 if failed else 0
 
 
 def parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
-        prog=PROGRAM,
-        description="Kendall τ and granulated ψ of (adaptive) sharpness and the parameter norm "
-        "against the generalization gap over a family of models (docs/correlation.md).",
-    )
+    p = argparse.ArgumentParser(prog=PROGRAM, description=__doc__.split("\n\n")[0])
     p.add_argument("--preset", choices=PRESETS, default="tiny", help="configs/correlation/")
     p.add_argument("--out", required=True, help="the family's folder (a rerun resumes)")
     p.add_argument("--archive", help="IWSLT'14 de-en.tgz (default: the tiny preset's sample)")
@@ -359,10 +333,9 @@ def parser() -> argparse.ArgumentParser:
     for f in dataclasses.fields(Settings):
         flag, kind = "--" + f.name.replace("_", "-"), type(f.default)
         p.add_argument(flag, type=kind, default=f.default, help=f.metadata["help"])
-    copies = f"add each model's FFN-rescaled copies (A default: {DEFAULT_SCALES})"
-    p.add_argument(
-        "--rescaled-copies", nargs="?", type=parse_scales, const=DEFAULT_SCALES, help=copies
-    )
+    copies = dict(type=parse_scales, const=DEFAULT_SCALES, metavar="A,..")
+    help = f"add each model's FFN-rescaled copies (A default: {DEFAULT_SCALES})"
+    p.add_argument("--rescaled-copies", nargs="?", help=help, **copies)
     return p
 
 

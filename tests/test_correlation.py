@@ -60,16 +60,17 @@ def test_undefined_cells_are_left_out_and_counted():
 
 def test_outputs_of_a_fixed_table(tmp_path):
     settings = correlation.Settings()
-    stats = correlation.write_outputs(str(tmp_path), HAND_TABLE, AXES, settings, {"g": 1}, [])
+    printed = correlation.write_outputs(str(tmp_path), HAND_TABLE, AXES, settings, {"g": 1}, [])
     with open(tmp_path / "correlation.json", encoding="utf-8") as f:
         report = json.load(f)
     assert report["kendall"] == "tau-b" and "neither concordant nor discordant" in report["ties"]
-    assert report["sharpness"]["tau"] == pytest.approx(2 / 3) == stats["sharpness"]["tau"]
+    assert report["sharpness"]["tau"] == pytest.approx(2 / 3)
     assert report["adaptive_sharpness"]["psi"]["overall"] == pytest.approx(0.5)
     assert report["models"] == 4 and report["parameter_norm"]["models"] == 4
     assert "rho 0.05," in report["sharpness"]["definition"]
     assert "rho 0.5, eta 0, biases normalized" in report["adaptive_sharpness"]["definition"]
     markdown = (tmp_path / "correlation.md").read_text(encoding="utf-8").splitlines()
+    assert printed.splitlines() == markdown
     assert markdown[0] == "|  | sharpness | adaptive sharpness | parameter norm |"
     assert markdown[2] == "| τ | +0.667 (4) | +0.667 (4) | +0.667 (4) |"
     assert markdown[3].startswith("| ψ a | +0.000 (4; 2 of 2 cells) |")
