@@ -16,7 +16,7 @@ CONSOLE_SCRIPTS = [
         "trajectories",
         "precision",
     )
-]
+] + ["fairseq-asam-correlation = fairseq_asam_experiments.correlation:main"]
 
 with open("README.md", encoding="utf-8") as readme:
     long_description = readme.read()
@@ -50,6 +50,8 @@ setup(
             # 1.2 line needs hydra-core >= 1.1 (fairseq-fixed pins 1.3.2).
             "submitit>=1.5,<2",
             "hydra-submitit-launcher>=1.2,<1.3",
+            "scipy",  # Kendall's tau (fairseq-asam-correlation)
+            "pandas",  # fairseq-asam-correlation's CSV (the report's tables too)
         ],
         "dev": ["pytest", "tensorboardX", "ruff==0.17.5"],
     },

@@ -189,3 +189,39 @@ def test_rescaled_copies_keep_adaptive_sharpness_not_plain(measured):
     assert original["adaptive_sharpness"] > 0
     plain = [row["sharpness"] for row in measured]
     assert max(plain) / min(plain) > 1.3, plain  # 0.087 / 0.105 / 0.146 bits when written
+
+
+def test_the_command_on_small_models(tmp_path, monkeypatch, checkout_configs, checkpoint_and_data):
+    """The whole command on 4 small models (training stubbed: 1 to 4 Adam updates of the tiny
+    test Transformer), one of which fails to train: the others are measured with their rescaled
+    copies, a one-value axis has only undefined cells, and the exit status is 1."""
+    from harness import train_checkpoint
+
+    from fairseq_asam_experiments.errors import ExperimentError
+
+    _, data_bin = checkpoint_and_data
+    trained = []
+
+    def train_stub(built, run, data_bin_):
+        trained.append(run.name)
+        if len(trained) == 4:
+            raise ExperimentError(f"{run.name}: fairseq-train exited 1")
+        folder = os.path.join(built.run_dir(run), "checkpoints")
+        os.makedirs(folder)
+        train_checkpoint(data_bin_, folder, updates=len(trained))
+
+    monkeypatch.setattr(correlation, "prepare_data", lambda built, archive: data_bin)
+    monkeypatch.setattr(correlation, "train_stand_in", train_stub)
+    sweeps = ["lr=0.001,0.002", "dropout=0,0.1", "max-tokens=120"]
+    argv = ["--out", str(tmp_path), "--steps", "1", "--train-batches", "2", "--batch-tokens", "120"]
+    argv += [flag for sweep in sweeps for flag in ("--sweep", sweep)] + ["--rescaled-copies", "4"]
+    assert correlation.main(argv) == 1
+    report = json.loads((tmp_path / "correlation.json").read_text(encoding="utf-8"))
+    assert len(trained) == 4 and [f["run"] for f in report["failed_runs"]] == [trained[3]]
+    assert report["axes"] == ["lr", "dropout", "max-tokens", "scale"]
+    assert report["models"] == 6 and report["adaptive_sharpness"]["models"] == 6
+    psi = report["sharpness"]["psi"]["per_axis"]
+    assert psi["max-tokens"] == {"psi": None, "cells": 6, "models": 0, "undefined_cells": 6}
+    assert psi["scale"]["undefined_cells"] == psi["scale"]["cells"] == 3
+    rows = (tmp_path / "correlation.csv").read_text(encoding="utf-8").splitlines()
+    assert len(rows) == 7 and rows[0].startswith("run,optimizer,lr,dropout,max-tokens,scale,")
