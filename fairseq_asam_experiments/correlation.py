@@ -209,9 +209,8 @@ def granulated(rows: Sequence[dict], axes: Sequence[str], measure: str) -> dict:
         taus = [(kendall_tau(cell, measure), len(cell)) for cell in cells.values()]
         defined = [(tau, size) for tau, size in taus if tau is not None]
         psi = sum(tau for tau, _ in defined) / len(defined) if defined else None
-        models = sum(size for _, size in defined)
-        per_axis[axis] = dict(psi=psi, cells=len(cells), models=models)
-        per_axis[axis]["undefined_cells"] = len(cells) - len(defined)
+        undefined, models = len(cells) - len(defined), sum(size for _, size in defined)
+        per_axis[axis] = dict(psi=psi, cells=len(cells), undefined_cells=undefined, models=models)
     psis = [v["psi"] for v in per_axis.values() if v["psi"] is not None]
     return {"per_axis": per_axis, "overall": sum(psis) / len(psis) if psis else None}
 
@@ -310,7 +309,10 @@ def parse_scales(text: str) -> Tuple[float, ...]:
 
 def work(args: argparse.Namespace) -> int:
     settings = Settings(**{f.name: getattr(args, f.name) for f in dataclasses.fields(Settings)})
-    scales = args.rescaled_copies or ()
+    for f in dataclasses.fields(Settings):  # before any training
+        if f.type is not str and not 0 < getattr(settings, f.name) < math.inf:
+            raise SettingError(f"--{f.name.replace('_', '-')} must be a finite number > 0")
+    scales = args.rescaled_copies
     built = build_grid(args)
     data_bin = prepare_data(built, args.archive)
     grid.check_options_known(built, data_bin)
@@ -333,7 +335,7 @@ def parser() -> argparse.ArgumentParser:
     for f in dataclasses.fields(Settings):
         flag, kind = "--" + f.name.replace("_", "-"), type(f.default)
         p.add_argument(flag, type=kind, default=f.default, help=f.metadata["help"])
-    copies = dict(type=parse_scales, const=DEFAULT_SCALES, metavar="A,..")
+    copies = dict(type=parse_scales, const=DEFAULT_SCALES, default=(), metavar="A,..")
     help = f"add each model's FFN-rescaled copies (A default: {DEFAULT_SCALES})"
     p.add_argument("--rescaled-copies", nargs="?", help=help, **copies)
     return p

@@ -115,6 +115,13 @@ def test_a_family_needs_three_axes(tmp_path, checkout_configs):
         correlation.build_grid(correlation.parser().parse_args(argv))
 
 
+@pytest.mark.parametrize("flag", ["--rho-plain", "--rho-adaptive", "--steps", "--train-batches"])
+def test_measurement_flags_must_be_positive(tmp_path, flag):
+    """Refused in one line naming the flag, before any data is prepared or model trained."""
+    assert correlation.main(["--out", str(tmp_path), flag, "0"]) == 1
+    assert not os.listdir(tmp_path)
+
+
 @pytest.mark.parametrize("scales", ["0", "1", "-2", "x", "0.5,inf"])
 def test_rescaled_copies_take_positive_scales_other_than_one(scales):
     with pytest.raises(SystemExit):
