@@ -150,7 +150,7 @@ def checkpoint_and_data(tmp_path_factory):
 
 
 SMALL = correlation.Settings(steps=2, train_batches=3, batch_tokens=120)
-SCALES = (0.25, 4.0)
+SCALES = (0.3, 10.0)  # not powers of 2: the copies carry fp32 rounding
 
 
 @pytest.fixture(scope="module")
@@ -195,9 +195,10 @@ def test_rescaled_copies_keep_adaptive_sharpness_not_plain(measured):
         assert copy["parameter_norm"] != pytest.approx(original["parameter_norm"], rel=0.01)
     assert original["adaptive_sharpness"] > 0
     plain = [row["sharpness"] for row in measured]
-    assert max(plain) / min(plain) > 1.3, plain  # 0.087 / 0.105 / 0.146 bits when written
+    assert max(plain) / min(plain) > 1.3, plain
 
 
+@pytest.mark.slow  # 4 small models trained in process and measured: 41 s on 2 busy cores
 def test_the_command_on_small_models(tmp_path, monkeypatch, checkout_configs, checkpoint_and_data):
     """The whole command on 4 small models (training stubbed: 1 to 4 Adam updates of the tiny
     test Transformer), one of which fails to train: the others are measured with their rescaled
