@@ -73,7 +73,7 @@ def build_grid(args: argparse.Namespace) -> grid.Grid:
         rows=grid.parse_rows(given["--optimizers"]),
         seeds=grid.parse_seeds(given["--seeds"]),
         sweeps=tuple(grid.parse_sweep(text) for text in sweeps),
-        max_update=args.max_update or int(given["--max-update"]),
+        max_update=int(given["--max-update"]) if args.max_update is None else args.max_update,
         checkpoint="last",
     )
     built.check()
@@ -336,8 +336,8 @@ def parser() -> argparse.ArgumentParser:
         flag, kind = "--" + f.name.replace("_", "-"), type(f.default)
         p.add_argument(flag, type=kind, default=f.default, help=f.metadata["help"])
     copies = dict(type=parse_scales, const=DEFAULT_SCALES, default=(), metavar="A,..")
-    help = f"add each model's FFN-rescaled copies (A default: {DEFAULT_SCALES})"
-    p.add_argument("--rescaled-copies", nargs="?", help=help, **copies)
+    text = f"add each model's FFN-rescaled copies (A default: {DEFAULT_SCALES})"
+    p.add_argument("--rescaled-copies", nargs="?", help=text, **copies)
     return p
 
 

@@ -109,6 +109,14 @@ def test_the_tiny_family_is_a_grid_of_eight_models_over_three_axes(tmp_path, che
     assert len(paper.runs()) == 27 and paper.budget() == 50000
 
 
+def test_max_update_replaces_the_presets_and_must_be_positive(tmp_path, checkout_configs):
+    args = correlation.parser().parse_args(["--out", str(tmp_path), "--max-update", "7"])
+    assert correlation.build_grid(args).budget() == 7
+    args = correlation.parser().parse_args(["--out", str(tmp_path), "--max-update", "0"])
+    with pytest.raises(SettingError, match="--max-update"):
+        correlation.build_grid(args)
+
+
 def test_a_family_needs_three_axes(tmp_path, checkout_configs):
     argv = ["--out", str(tmp_path), "--sweep", "lr=1e-3,2e-3", "--sweep", "dropout=0,0.1"]
     with pytest.raises(SettingError, match="3 axes"):
