@@ -30,9 +30,10 @@ TIES = "a pair tied in the gap or the measure is neither concordant nor discorda
 denominator sqrt((n0-n1)(n0-n2)) leaves out the pairs tied in each; without ties, tau-b = tau-a"
 SCALE_AXIS, DEFAULT_SCALES = "scale", (0.25, 4.0)
 LN2 = math.log(2)
+LAST_CHECKPOINT = os.path.join(grid.CHECKPOINTS_FOLDER, "checkpoint_last.pt")  # in a run folder
 
 
-def _setting(default, text: str):
+def _setting(default, text: str):  # a Settings field and its flag's help
     return dataclasses.field(default=default, metadata={"help": text})
 
 
@@ -52,7 +53,8 @@ class Settings:
         return {
             "losses": "fairseq's nll_loss (no label smoothing) per target token in bits, eval "
             f"mode; train: the first {self.train_batches} batches of {self.batch_tokens} tokens "
-            "of the train split; test: the test split; gap = test - train",
+            "of the train split as epoch 1 of seed 1 draws them; test: the test split; gap = "
+            "test - train",
             "sharpness": f"plain, rho {self.rho_plain}, {self.steps} ascent steps, bits",
             "adaptive_sharpness": f"adaptive, rho {self.rho_adaptive}, eta 0, biases "
             f"normalized, {self.steps} ascent steps, bits",
@@ -170,8 +172,8 @@ def measure_model(checkpoint: str, data_bin: str, settings: Settings, scales) ->
     def loss_fn(model, sample):  # (nll in nats summed over the target tokens, their count)
         return criterion(model, sample)[:2]
 
-    def batches(split: str, count: Optional[int]) -> list:  # fairseq's fixed order, on device
-        found = loading.split_batches(loaded, split, count, **options)
+    def batches(split: str, count: Optional[int]) -> list:  # as epoch 1 of seed 1 draws them
+        found = loading.split_batches(loaded, split, count, shuffle=True, **options)
         return [utils.apply_to_sample(lambda t: t.to(device), batch) for batch in found]
 
     def bits(part: list) -> float:
@@ -286,9 +288,7 @@ def family_rows(built: grid.Grid, data_bin: str, settings, scales) -> Tuple[list
     for run in built.runs():
         try:
             train_stand_in(built, run, data_bin)
-            checkpoint = os.path.join(
-                built.run_dir(run), grid.CHECKPOINTS_FOLDER, "checkpoint_last.pt"
-            )
+            checkpoint = os.path.join(built.run_dir(run), LAST_CHECKPOINT)
             logger.info("measuring %s", run.name)
             measured = measure_model(checkpoint, data_bin, settings, scales)
         except ExperimentError as error:
