@@ -207,7 +207,7 @@ def test_rescaled_copies_keep_adaptive_sharpness_not_plain(measured):
     assert max(plain) / min(plain) > 1.3, plain
 
 
-@pytest.mark.slow  # 4 small models trained in process and measured: 41 s on 2 busy cores
+@pytest.mark.slow  # 4 small models trained in process and measured: 11 s (load 3) to 41 s (load 9)
 def test_the_command_on_small_models(tmp_path, monkeypatch, checkout_configs, checkpoint_and_data):
     """The whole command on 4 small models (training stubbed: 1 to 4 Adam updates of the tiny
     test Transformer), one of which fails to train: the others are measured with their rescaled
