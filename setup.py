@@ -4,19 +4,22 @@ from setuptools import setup
 # (fairseq_asam_experiments: data preparation, Table 4 runner, evaluation, report, sharpness,
 # trajectories, benchmark) needs the `experiments` extra too.
 CONFIGS_PACKAGE = "fairseq_asam_experiments.configs"
+# fairseq-asam-<command> -> the module whose `main` it is (also `python -m fairseq_asam_experiments`).
+COMMANDS = {
+    "table4": "table4",
+    "prepare": "prepare",
+    "evaluate": "evaluation",
+    "report": "report",
+    "sharpness": "sharpness",
+    "benchmark": "benchmark",
+    "trajectories": "trajectories",
+    "precision": "precision",
+    "correlation": "correlation",
+}
 CONSOLE_SCRIPTS = [
-    f"fairseq-asam-{name} = fairseq_asam_experiments.cli:{name}_main"
-    for name in (
-        "table4",
-        "prepare",
-        "evaluate",
-        "report",
-        "sharpness",
-        "benchmark",
-        "trajectories",
-        "precision",
-    )
-] + ["fairseq-asam-correlation = fairseq_asam_experiments.correlation:main"]
+    f"fairseq-asam-{name} = fairseq_asam_experiments.{module}:main"
+    for name, module in COMMANDS.items()
+]
 
 with open("README.md", encoding="utf-8") as readme:
     long_description = readme.read()
@@ -43,6 +46,8 @@ setup(
             "subword-nmt",
             "sacremoses",
             "matplotlib",
+            "pandas",  # the report's aggregation
+            "scipy",  # Kendall's tau (fairseq-asam-correlation)
             "regex",
             "filelock>=3.12",  # the run lock (experiments.layout)
             # --launcher slurm / submitit-local (experiments.cluster), and the hydra route
@@ -50,8 +55,6 @@ setup(
             # 1.2 line needs hydra-core >= 1.1 (fairseq-fixed pins 1.3.2).
             "submitit>=1.5,<2",
             "hydra-submitit-launcher>=1.2,<1.3",
-            "scipy",  # Kendall's tau (fairseq-asam-correlation)
-            "pandas",  # fairseq-asam-correlation's CSV (the report's tables too)
         ],
         "dev": ["pytest", "tensorboardX", "ruff==0.17.5"],
     },

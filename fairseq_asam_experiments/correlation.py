@@ -89,18 +89,18 @@ def axes_of(built: grid.Grid) -> List[str]:  # the swept options, and the optimi
 
 
 def prepare_data(built: grid.Grid, archive: Optional[str]) -> str:
-    """`archive`, or the preset's generated sample archive, prepared under <out>/data.  STAND-IN
-    until the prepare rewrite merges (prepare_iwslt14(...) -> data_dir with data_dir/data-bin)."""
+    """The data-bin of `archive`, or of the preset's generated sample archive, prepared into
+    <out>/data/<a folder named by its content> (at once if it is there)."""
     from . import prepare, synthetic_data
 
     root = os.path.join(built.out_dir, "data")
     if archive is None and built.preset.sample_archive is None:
         raise SettingError(f"--preset {built.preset.name} needs --archive (de-en.tgz)")
     if archive is None:
-        archive = os.path.join(root, "sample-de-en.tgz")
-        if not os.path.isfile(archive):  # the same bytes: kept, so that its preparation is too
-            synthetic_data.build_sample_archive(archive, *built.preset.sample_archive)
-    return prepare.prepare_iwslt14(archive, root, bpe_merges=built.preset.bpe_merges)
+        archive = os.path.join(root, "sample-de-en.tgz")  # the same bytes every time
+        synthetic_data.build_sample_archive(archive, *built.preset.sample_archive)
+    data_dir = prepare.prepare_iwslt14(archive, root, built.preset.bpe_merges, os.cpu_count() or 1)
+    return os.path.join(data_dir, prepare.DATA_BIN)
 
 
 def train_stand_in(built: grid.Grid, run: grid.Run, data_bin: str) -> None:

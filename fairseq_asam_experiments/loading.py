@@ -1,12 +1,10 @@
-"""One loader for the experiment kit: a fairseq checkpoint, its task set up on a data folder, the
-model and criterion, and the batches of a split (evaluation, sharpness, precision, benchmark).
+"""One loader for the kit: a fairseq checkpoint, its task set up on a data folder, the model and
+criterion, and the batches of a split (used by evaluation, sharpness, precision, benchmark).
 
 A translation checkpoint trained without --source-lang/--target-lang (as fairseq's IWSLT'14
 example trains) records no language pair: fairseq's translation task infers it from the data
 folder's file names (`data_utils.infer_language_pair`), and so does `check_fits`.
-
-torch and fairseq are imported where they are used: the grid's planning and the console
-commands' --help import this module without loading them.
+torch and fairseq are imported inside the functions that use them.
 """
 
 import itertools
@@ -16,7 +14,7 @@ from typing import Any, Callable, List, Optional, Sequence
 
 from .errors import ExperimentError, SettingError
 
-# Suffix of fairseq's binarized index files: `{split}.{src}-{tgt}.{lang}.idx` or `{split}.idx`.
+# fairseq's binarized index files: `{split}.{src}-{tgt}.{lang}.idx` or `{split}.idx`.
 INDEX_SUFFIX = ".idx"
 # Special symbols every fairseq Dictionary adds to the words of its dict.*.txt file.
 DICTIONARY_SPECIAL_SYMBOLS = 4
@@ -59,8 +57,8 @@ def check_split(data_bin: str, split: str, flag: str = "--subset") -> None:
 
 
 def read_checkpoint(path: str) -> dict:
-    """A fairseq checkpoint's saved dict, memory-mapped where the file allows it (the tensors
-    are read when used)."""
+    """A fairseq checkpoint's saved dict, memory-mapped where the file allows it (tensors are
+    read when used).  fairseq's own checkpoints are trusted: unpickled in full."""
     import torch
 
     try:
@@ -72,14 +70,17 @@ def read_checkpoint(path: str) -> dict:
             raise ExperimentError(f"{path} is not a fairseq checkpoint: {error}") from None
     if not isinstance(state, dict) or "model" not in state:
         raise ExperimentError(f"{path} is not a fairseq checkpoint (no model weights)")
-    if state.get("cfg") is None:  # fairseq < 0.10 saved `args` instead
-        raise ExperimentError(f"{path}: no fairseq config in the checkpoint")
     return state
 
 
 def saved_settings(state: dict, group: str) -> dict:
     """One group of the settings a checkpoint was trained with: cfg.task, cfg.checkpoint, ..."""
-    return dict(state["cfg"].get(group) or {})
+    return dict((state.get("cfg") or {}).get(group) or {})
+
+
+def _dictionary_size(path: str) -> int:
+    with open(path, encoding="utf-8") as f:
+        return sum(1 for line in f if line.strip()) + DICTIONARY_SPECIAL_SYMBOLS
 
 
 def check_fits(checkpoint: str, data_bin: str, split: str) -> None:
@@ -108,9 +109,7 @@ def check_fits(checkpoint: str, data_bin: str, split: str) -> None:
         path = os.path.join(folder, f"dict.{lang}.txt")
         if not os.path.isfile(path):
             raise ExperimentError(f"{mismatch}: {os.path.basename(path)} is missing")
-        with open(path, encoding="utf-8") as f:
-            size = sum(1 for line in f if line.strip()) + DICTIONARY_SPECIAL_SYMBOLS
-        embeddings = state["model"].get(TRANSLATION_EMBEDDINGS[side])
+        size, embeddings = _dictionary_size(path), state["model"].get(TRANSLATION_EMBEDDINGS[side])
         if embeddings is not None and size != embeddings.shape[0]:
             raise ExperimentError(
                 f"{mismatch}: its {side} dictionary has {size} symbols, "

@@ -1,16 +1,18 @@
-"""The generated corpora of the kit: no download, the same bytes for the same arguments.
+"""The generated corpora of the kit: no download, the same bytes for the same arguments; and
+fairseq-preprocess, which binarizes them and the prepared IWSLT'14 text.
 
-* The toy corpus (`write_corpus`, `binarize`): a random "German" word sequence and its word-by-
-  word "English" translation in reverse order, plain text per split and its fairseq binarization;
-  the tests' tiny Transformer and the README's quick start train on it in seconds.
+* The toy corpus (`write_corpus`, `binarize`): random "German" word sequences, each translated
+  word by word into "English" and reversed; the tests' tiny Transformer and the README's quick
+  start train on it in seconds.
 * The sample archive (`build_sample_archive`): a `de-en.tgz` in the real IWSLT'14 layout
-  (training files with their tag lines, the five dev/test XML files) holding German sentences
-  from a small lexicon and their English word-by-word translations, plus pairs that exercise the
-  preparation's rules.  The `tiny` preset of the Table 4 runner prepares it like the real archive.
+  (training files with their tag lines, the five dev/test XML files) of German sentences from a
+  small lexicon and their word-by-word English, plus pairs that exercise the preparation's
+  rules; the `tiny` preset prepares it as the real archive.
 """
 
 import gzip
 import io
+import logging
 import os
 import random
 import tarfile
@@ -18,43 +20,33 @@ from typing import Dict, List, Sequence, Tuple
 
 from .errors import SettingError
 from .files import atomic_output, write_lines
-from .prepare import (
-    ARCHIVE_FOLDER,
-    SOURCE_LANG,
-    TARGET_LANG,
-    TEST_STEMS,
-    TRAIN_STEM,
-    fairseq_preprocess,
+
+logger = logging.getLogger(__name__)
+
+# The layout of IWSLT'14's de-en.tgz, which the sample archive reproduces and prepare reads.
+SOURCE_LANG, TARGET_LANG = LANGUAGES = ("de", "en")
+ARCHIVE_FOLDER, TRAIN_STEM = "de-en", "train.tags.de-en"
+TEST_STEMS = tuple(  # in the order prepare concatenates them into the test split
+    f"IWSLT14.{name}.de-en"
+    for name in ("TED.dev2010", "TEDX.dev2012", "TED.tst2010", "TED.tst2011", "TED.tst2012")
 )
-
-# --------------------------------------------------------------------------------------------
-# The toy corpus
-# --------------------------------------------------------------------------------------------
-
-TOY_SOURCE_WORDS = [f"de{i}" for i in range(40)]
-TOY_TARGET_WORDS = [f"en{i}" for i in range(40)]
 TOY_SPLITS = ("train", "valid", "test")
+TOY_LEXICON = {f"de{i}": f"en{i}" for i in range(40)}
 
 
 def toy_pairs(count: int, seed: int, min_len: int = 3, max_len: int = 12) -> List[Tuple[str, str]]:
     """`count` (source, target) pairs: target = source translated word by word, reversed."""
-    rng = random.Random(seed)
-    lexicon = dict(zip(TOY_SOURCE_WORDS, TOY_TARGET_WORDS))
-    pairs = []
+    rng, words, pairs = random.Random(seed), list(TOY_LEXICON), []
     for _ in range(count):
-        words = [rng.choice(TOY_SOURCE_WORDS) for _ in range(rng.randint(min_len, max_len))]
-        pairs.append((" ".join(words), " ".join(lexicon[w] for w in reversed(words))))
+        source = [rng.choice(words) for _ in range(rng.randint(min_len, max_len))]
+        pairs.append((" ".join(source), " ".join(TOY_LEXICON[w] for w in reversed(source))))
     return pairs
 
 
 def write_corpus(
-    folder: str,
-    sizes: Dict[str, int],
-    seed: int = 1,
-    src: str = SOURCE_LANG,
-    tgt: str = TARGET_LANG,
+    folder: str, sizes: Dict[str, int], seed=1, src=SOURCE_LANG, tgt=TARGET_LANG
 ) -> str:
-    """Writes the toy corpus `{split}.{src}` / `{split}.{tgt}` for every split in `sizes`
+    """The toy corpus `{split}.{src}` / `{split}.{tgt}` in `folder` for every split of `sizes`
     (pairs per split); returns `folder`."""
     os.makedirs(folder, exist_ok=True)
     for offset, (split, count) in enumerate(sorted(sizes.items())):
@@ -76,60 +68,54 @@ def binarize(
     return fairseq_preprocess(prefixes, dest, src=src, tgt=tgt, workers=workers)
 
 
-# --------------------------------------------------------------------------------------------
-# The sample archive, in the real IWSLT'14 layout
-# --------------------------------------------------------------------------------------------
+def fairseq_preprocess(
+    prefixes: dict, dest: str, *, src=SOURCE_LANG, tgt=TARGET_LANG, joined=False, workers=1
+) -> str:
+    """fairseq-preprocess of the text files `{prefix}.{src}` / `{prefix}.{tgt}` of each split
+    (`prefixes`: split -> prefix, train first for the dictionaries; `joined`: one dictionary)
+    into the folder `dest`, which appears only when complete; returns `dest`."""
+    from fairseq import options
+    from fairseq_cli import preprocess
 
-# German -> English, word by word and in the same order, so a tiny Transformer learns it fast.
-SAMPLE_DETERMINERS = {"der": "the", "die": "the", "das": "the", "ein": "a", "eine": "a"}
-SAMPLE_ADJECTIVES = {
-    "große": "big",
-    "kleine": "small",
-    "alte": "old",
-    "neue": "new",
-    "schöne": "beautiful",
-    "grüne": "green",
-    "rote": "red",
-    "schnelle": "fast",
-}
-SAMPLE_NOUNS = {
-    "Hund": "dog",
-    "Katze": "cat",
-    "Mädchen": "girl",
-    "Junge": "boy",
-    "Haus": "house",
-    "Baum": "tree",
-    "Buch": "book",
-    "Stadt": "city",
-    "Straße": "street",
-    "Vogel": "bird",
-    "Lehrer": "teacher",
-    "Fisch": "fish",
-    "Garten": "garden",
-    "Tür": "door",
-    "Brücke": "bridge",
-    "Apfel": "apple",
-}
-SAMPLE_VERBS = {
-    "sieht": "sees",
-    "liebt": "loves",
-    "findet": "finds",
-    "baut": "builds",
-    "kennt": "knows",
-    "hört": "hears",
-    "malt": "paints",
-    "sucht": "seeks",
-    "trägt": "carries",
-    "öffnet": "opens",
-}
-SAMPLE_ADVERBS = {"heute": "today", "oft": "often", "auch": "also", "wieder": "again"}
+    with atomic_output(dest) as temporary:
+        argv = ["-s", src, "-t", tgt, "--destdir", temporary, "--workers", str(workers)]
+        argv += ["--joined-dictionary"] * joined
+        argv += [x for split, prefix in prefixes.items() for x in (f"--{split}pref", prefix)]
+        logger.info("binarize: fairseq-preprocess %s", " ".join(argv))
+        preprocess_logger = logging.getLogger(preprocess.__name__)
+        handlers_before = list(preprocess_logger.handlers)
+        try:
+            preprocess.main(options.get_preprocessing_parser().parse_args(argv))
+        finally:  # preprocess adds a log-file handler on every call; it must not outlive the call
+            for handler in preprocess_logger.handlers[len(handlers_before) :]:
+                preprocess_logger.removeHandler(handler)
+                handler.close()
+    return dest
+
+
+def _lexicon(pairs: str) -> Dict[str, str]:
+    return dict(pair.split(":") for pair in pairs.split())
+
+
+# German -> English, word by word and in the same order, so that a tiny Transformer learns it.
+SAMPLE_DETERMINERS = _lexicon("der:the die:the das:the ein:a eine:a")
+SAMPLE_ADJECTIVES = _lexicon(
+    "große:big kleine:small alte:old neue:new schöne:beautiful grüne:green rote:red schnelle:fast"
+)
+SAMPLE_NOUNS = _lexicon(
+    "Hund:dog Katze:cat Mädchen:girl Junge:boy Haus:house Baum:tree Buch:book Stadt:city "
+    "Straße:street Vogel:bird Lehrer:teacher Fisch:fish Garten:garden Tür:door Brücke:bridge "
+    "Apfel:apple"
+)
+SAMPLE_VERBS = _lexicon(
+    "sieht:sees liebt:loves findet:finds baut:builds kennt:knows hört:hears malt:paints "
+    "sucht:seeks trägt:carries öffnet:opens"
+)
+SAMPLE_ADVERBS = _lexicon("heute:today oft:often auch:also wieder:again")
 SAMPLE_END_MARKS = (".", ".", ".", "!", "?")
-SAMPLE_LINES_PER_TALK = 20
-SAMPLE_SEGMENTS_PER_DOC = 10
-SAMPLE_REPEATED_PHRASE = ("der Hund sieht die Katze", "the dog sees the cat")  # 5 tokens
-SAMPLE_MAX_PAIR = (
-    " ".join([SAMPLE_REPEATED_PHRASE[0]] * 35),
-    " ".join([SAMPLE_REPEATED_PHRASE[1]] * 35),
+SAMPLE_LINES_PER_TALK, SAMPLE_SEGMENTS_PER_DOC = 20, 10
+SAMPLE_MAX_PAIR = tuple(
+    " ".join([p] * 35) for p in ("der Hund sieht die Katze", "the dog sees the cat")
 )
 # Training pairs that exercise the rules; they open the first talk of `train.tags.de-en.*`.
 SAMPLE_RULE_PAIRS = (
@@ -147,23 +133,17 @@ SAMPLE_RULE_PAIRS = (
     ("Die Katze schläft .", "The small cat sleeps today ."),  # 4 : 6 tokens, ratio 1.5: kept
     ("", ""),  # empty: dropped
 )
-# Dev/test segments with ’, which becomes ' there (and stays ’ in the training text).
+# A dev/test segment with ’, which becomes ' there (and stays ’ in the training text).
 SAMPLE_QUOTE_PAIR = ("Wie geht\u2019s dem Hund?", "How\u2019s the dog?")
 
 
 def sample_sentence_pair(rng: random.Random) -> Tuple[str, str]:
     """A random German sentence and its word-by-word English translation, capitalized."""
-    words: List[Tuple[str, str]] = []
-
-    def noun_phrase() -> None:
-        words.append(rng.choice(list(SAMPLE_DETERMINERS.items())))
-        if rng.random() < 0.5:
+    words = []  # determiner, [adjective], noun, verb, determiner, [adjective], noun, [adverb]
+    for part in (SAMPLE_DETERMINERS, SAMPLE_NOUNS, SAMPLE_VERBS, SAMPLE_DETERMINERS, SAMPLE_NOUNS):
+        if part is SAMPLE_NOUNS and rng.random() < 0.5:
             words.append(rng.choice(list(SAMPLE_ADJECTIVES.items())))
-        words.append(rng.choice(list(SAMPLE_NOUNS.items())))
-
-    noun_phrase()
-    words.append(rng.choice(list(SAMPLE_VERBS.items())))
-    noun_phrase()
+        words.append(rng.choice(list(part.items())))
     if rng.random() < 0.3:
         words.append(rng.choice(list(SAMPLE_ADVERBS.items())))
     mark = rng.choice(SAMPLE_END_MARKS)
@@ -171,86 +151,74 @@ def sample_sentence_pair(rng: random.Random) -> Tuple[str, str]:
     return german[0].upper() + german[1:] + mark, english[0].upper() + english[1:] + mark
 
 
-def _sample_training_file(pairs: Sequence[Tuple[str, str]], side: int, lang: str, seed: int) -> str:
+TALK_HEADER = """<url>http://www.ted.com/talks/lang/{lang}/sample_talk_{number}.html</url>
+<keywords>talks, sample, {number}</keywords>
+<talkid>{number}</talkid>
+<title>{title}</title>
+<description>{description}</description>
+"""
+DOC_HEADER = """<doc docid="{number}" genre="lectures">
+<url>http://www.ted.com/talks/sample_{number}.html</url>
+<description>TED Talk Subtitles and Transcript: sample {number}</description>
+<keywords>talks, sample</keywords>
+<talkid>{number}</talkid>
+<title>Sample {number}</title>
+"""
+XML_OPENING = '<?xml version="1.0" encoding="UTF-8"?>\n<mteval>\n'
+SET_OPENING = {
+    SOURCE_LANG: '<srcset setid="{}" srclang="german">\n',
+    TARGET_LANG: '<refset setid="{}" srclang="german" trglang="english" refid="ref">\n',
+}
+
+
+def _training_file(pairs: Sequence[Tuple[str, str]], side: int, lang: str, seed: int) -> str:
     rng = random.Random(f"{seed}/titles")  # titles and descriptions: the same for both sides
-    lines = []
+    text = ""
     for talk, start in enumerate(range(0, len(pairs), SAMPLE_LINES_PER_TALK), 1):
-        title, description = sample_sentence_pair(rng), sample_sentence_pair(rng)
-        lines += [
-            f"<url>http://www.ted.com/talks/lang/{lang}/sample_talk_{talk}.html</url>",
-            f"<keywords>talks, sample, {talk}</keywords>",
-            f"<talkid>{talk}</talkid>",
-            f"<title>{title[side]}</title>",
-            f"<description>{description[side]}</description>",
-        ]
-        lines += [pair[side] for pair in pairs[start : start + SAMPLE_LINES_PER_TALK]]
-    return "".join(line + "\n" for line in lines)
+        title, description = sample_sentence_pair(rng)[side], sample_sentence_pair(rng)[side]
+        text += TALK_HEADER.format(lang=lang, number=talk, title=title, description=description)
+        text += "".join(pair[side] + "\n" for pair in pairs[start : start + SAMPLE_LINES_PER_TALK])
+    return text
 
 
-def _sample_xml_file(stem: str, pairs: Sequence[Tuple[str, str]], side: int, lang: str) -> str:
-    set_id = "iwslt2014_" + stem.split(".")[2]
-    opening = (
-        f'<srcset setid="{set_id}" srclang="german">'
-        if lang == SOURCE_LANG
-        else f'<refset setid="{set_id}" srclang="german" trglang="english" refid="ref">'
-    )
-    lines = ['<?xml version="1.0" encoding="UTF-8"?>', "<mteval>", opening]
+def _xml_file(stem: str, pairs: Sequence[Tuple[str, str]], side: int, lang: str) -> str:
+    text = XML_OPENING + SET_OPENING[lang].format("iwslt2014_" + stem.split(".")[2])
     for doc, start in enumerate(range(0, len(pairs), SAMPLE_SEGMENTS_PER_DOC), 1):
-        lines += [
-            f'<doc docid="{doc}" genre="lectures">',
-            f"<url>http://www.ted.com/talks/sample_{doc}.html</url>",
-            f"<description>TED Talk Subtitles and Transcript: sample {doc}</description>",
-            "<keywords>talks, sample</keywords>",
-            f"<talkid>{doc}</talkid>",
-            f"<title>Sample {doc}</title>",
-        ]
-        lines += [
-            f'<seg id="{number}"> {pair[side]} </seg>'
-            for number, pair in enumerate(pairs[start : start + SAMPLE_SEGMENTS_PER_DOC], start + 1)
-        ]
-        lines.append("</doc>")
-    lines += ["</srcset>" if lang == SOURCE_LANG else "</refset>", "</mteval>"]
-    return "".join(line + "\n" for line in lines)
+        segments = enumerate(pairs[start : start + SAMPLE_SEGMENTS_PER_DOC], start + 1)
+        text += DOC_HEADER.format(number=doc)
+        text += "".join(f'<seg id="{n}"> {pair[side]} </seg>\n' for n, pair in segments)
+        text += "</doc>\n"
+    return text + ("</srcset>" if lang == SOURCE_LANG else "</refset>") + "\n</mteval>\n"
 
 
 def build_sample_archive(path: str, n_train: int = 300, n_dev: int = 40, seed: int = 1) -> str:
-    """Writes a `de-en.tgz` in the real archive's layout (folder `de-en/`, the training files
-    with their tag lines, the five dev/test XML files) holding `n_train` training pairs (the
-    first ones are `SAMPLE_RULE_PAIRS`) and `n_dev` segments per dev/test file (the first
-    dev2010 one is `SAMPLE_QUOTE_PAIR`), generated from a small lexicon with `seed`. The same
-    arguments give the same bytes. Returns `path`."""
+    """Writes `path`, a `de-en.tgz` in the real archive's layout holding `n_train` training pairs
+    (`SAMPLE_RULE_PAIRS` first) and `n_dev` segments per dev/test file (`SAMPLE_QUOTE_PAIR`
+    first in dev2010), from the lexicon with `seed`: the same arguments give the same bytes."""
     if n_train < len(SAMPLE_RULE_PAIRS) or n_dev < 1:
         raise SettingError(
             f"build_sample_archive: n_train must be >= {len(SAMPLE_RULE_PAIRS)} and n_dev >= 1"
         )
-    rng = random.Random(seed)
-    train_pairs = list(SAMPLE_RULE_PAIRS) + [
-        sample_sentence_pair(rng) for _ in range(n_train - len(SAMPLE_RULE_PAIRS))
-    ]
-    files = {}
-    for side, lang in ((0, SOURCE_LANG), (1, TARGET_LANG)):
-        files[f"{TRAIN_STEM}.{lang}"] = _sample_training_file(train_pairs, side, lang, seed)
+    rng, files = random.Random(seed), {}
+    train = list(SAMPLE_RULE_PAIRS)
+    train += [sample_sentence_pair(rng) for _ in range(n_train - len(SAMPLE_RULE_PAIRS))]
+    for side, lang in enumerate(LANGUAGES):
+        files[f"{TRAIN_STEM}.{lang}"] = _training_file(train, side, lang, seed)
     for number, stem in enumerate(TEST_STEMS):
         stem_rng = random.Random(seed * 1000 + number)
         pairs = [sample_sentence_pair(stem_rng) for _ in range(n_dev)]
-        if number == 0:
-            pairs[0] = SAMPLE_QUOTE_PAIR
-        for side, lang in ((0, SOURCE_LANG), (1, TARGET_LANG)):
-            files[f"{stem}.{lang}.xml"] = _sample_xml_file(stem, pairs, side, lang)
-    _write_tgz(path, ARCHIVE_FOLDER, files)
-    return path
-
-
-def _write_tgz(path: str, folder: str, files: Dict[str, str]) -> None:
-    """A reproducible .tgz (fixed times and owners) of `folder/` holding `files`, atomically."""
-    with atomic_output(path) as temporary, open(temporary, "wb") as raw:
+        pairs[:1] = [SAMPLE_QUOTE_PAIR] if number == 0 else pairs[:1]
+        for side, lang in enumerate(LANGUAGES):
+            files[f"{stem}.{lang}.xml"] = _xml_file(stem, pairs, side, lang)
+    with atomic_output(path) as temporary, open(temporary, "wb") as raw:  # fixed times, owners
         with gzip.GzipFile(filename="", mode="wb", fileobj=raw, mtime=0) as zipped:
             with tarfile.open(fileobj=zipped, mode="w", format=tarfile.GNU_FORMAT) as tar:
-                folder_entry = tarfile.TarInfo(folder)
-                folder_entry.type, folder_entry.mode = tarfile.DIRTYPE, 0o755
-                tar.addfile(folder_entry)
+                folder = tarfile.TarInfo(ARCHIVE_FOLDER)
+                folder.type, folder.mode = tarfile.DIRTYPE, 0o755
+                tar.addfile(folder)
                 for name in sorted(files):
                     data = files[name].encode("utf-8")
-                    entry = tarfile.TarInfo(f"{folder}/{name}")
+                    entry = tarfile.TarInfo(f"{ARCHIVE_FOLDER}/{name}")
                     entry.size, entry.mode = len(data), 0o644
                     tar.addfile(entry, io.BytesIO(data))
+    return path

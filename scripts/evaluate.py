@@ -7,7 +7,7 @@ The console command `fairseq-asam-evaluate` does the same;
 
 import sys
 
-from fairseq_asam_experiments.cli import evaluate_main
+from fairseq_asam_experiments.evaluation import main
 
 if __name__ == "__main__":
-    sys.exit(evaluate_main())
+    sys.exit(main())

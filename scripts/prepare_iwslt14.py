@@ -7,7 +7,7 @@ The console command `fairseq-asam-prepare` does the same;
 
 import sys
 
-from fairseq_asam_experiments.cli import prepare_main
+from fairseq_asam_experiments.prepare import main
 
 if __name__ == "__main__":
-    sys.exit(prepare_main())
+    sys.exit(main())

@@ -7,7 +7,7 @@ The console command `fairseq-asam-report` does the same;
 
 import sys
 
-from fairseq_asam_experiments.cli import report_main
+from fairseq_asam_experiments.report import main
 
 if __name__ == "__main__":
-    sys.exit(report_main())
+    sys.exit(main())

@@ -7,7 +7,7 @@ The console command `fairseq-asam-sharpness` does the same;
 
 import sys
 
-from fairseq_asam_experiments.cli import sharpness_main
+from fairseq_asam_experiments.sharpness import main
 
 if __name__ == "__main__":
-    sys.exit(sharpness_main())
+    sys.exit(main())

@@ -5,6 +5,7 @@ import argparse
 import contextlib
 import copy
 import datetime
+import json
 import math
 import os
 from typing import Optional
@@ -409,6 +410,104 @@ def join_gloo(
         "gloo", init_method=f"file://{init_file}", rank=rank, world_size=world_size, **kwargs
     )
     torch.set_num_threads(1)
+
+
+# --------------------------------------------------------------------------------------------
+# Output folders of fairseq-asam-table4 written by hand (design.md's formats), for the report
+# --------------------------------------------------------------------------------------------
+
+
+def valid_log_line(epoch: int, updates: int, loss: float, bleu: Optional[float] = None) -> str:
+    """A `valid` line of fairseq-train --log-format json, as a real run logs it (values as
+    strings; `valid_bleu` with --eval-bleu)."""
+    record = {"epoch": epoch, "valid_loss": f"{loss:.3f}", "valid_nll_loss": f"{loss - 0.1:.3f}"}
+    record.update(valid_ppl="154.2", valid_wps="0", valid_wpb="68", valid_bsz="8")
+    if bleu is not None:
+        record["valid_bleu"] = f"{bleu}"
+    record["valid_num_updates"] = str(updates)
+    return f"2026-12-03 18:55:35 | INFO | valid | {json.dumps(record)}\n"
+
+
+def train_inner_log_line(epoch: int, updates: int, loss: float, sharpness=None) -> str:
+    """A `train_inner` line of fairseq-train --log-format json (`sharpness`: SAM/ASAM's)."""
+    record = {"epoch": epoch, "update": epoch - 0.5, "loss": f"{loss}", "nll_loss": f"{loss}"}
+    if sharpness is not None:
+        record["sharpness"] = f"{sharpness}"
+    record.update(ppl="141.29", wps="4238", ups="5.82", wpb="714.6", bsz="86.4")
+    record.update(num_updates=str(updates), lr="0.001", gnorm="1.783", train_wall="1", wall="5")
+    return f"2026-12-03 18:55:36 | INFO | train_inner | {json.dumps(record)}\n"
+
+
+def write_grid_record(out, **fields) -> dict:
+    """<out>/grid.json with design.md's fields (tiny preset, best-bleu, 200 updates unless
+    given); returns it."""
+    grid = {"preset": "tiny", "protocol": "best-bleu", "rows": ["adam"], "seeds": [1]}
+    grid.update(sweeps=[], max_update=200, sharpness_rho=None, runs=[])
+    grid.update(fields)
+    os.makedirs(out, exist_ok=True)
+    with open(os.path.join(out, "grid.json"), "w", encoding="utf-8") as f:
+        json.dump(grid, f)
+    return grid
+
+
+def write_run_folder(
+    out, run: str, scores=None, log: str = "", failure=None, **fields
+) -> Optional[dict]:
+    """<out>/runs/<run>/ as launch.run_one leaves it: train.log (`log`), results.json once
+    evaluated (`scores`: valid BLEU, test BLEU, valid sacreBLEU, test sacreBLEU; `fields`
+    override results.json's, e.g. checkpoint, sweep, seed), failure.json (`failure`: (stage,
+    error)).  Returns results.json's content."""
+    folder = os.path.join(out, "runs", run)
+    os.makedirs(folder, exist_ok=True)
+    with open(os.path.join(folder, "train.log"), "w", encoding="utf-8") as f:
+        f.write(log)
+    if failure is not None:
+        with open(os.path.join(folder, "failure.json"), "w", encoding="utf-8") as f:
+            json.dump({"stage": failure[0], "error": failure[1], "time": "2026-12-03T18:55"}, f)
+    if scores is None:
+        return None
+    signature = "nrefs:1|case:lc|eff:no|tok:13a|smooth:exp|version:2.6.0"
+    valid, test, valid_sacre, test_sacre = scores
+    results = {"run": run, "row": "adam", "optimizer": "adam", "seed": 1, "sweep": {}}
+    results.update(preset="tiny", max_update=200, protocol="best-bleu")
+    results["train_command"] = "OMP_NUM_THREADS=1 python -m fairseq_cli.train ..."
+    results["checkpoint"] = {"choice": "best-bleu", "path": f"{folder}/checkpoints/b.pt"}
+    results["checkpoint"].update(sources=["b.pt"], selected_by="bleu", epoch=1, num_updates=4)
+    results["valid"] = {"bleu": valid, "sacrebleu": valid_sacre, "sacrebleu_signature": signature}
+    results["test"] = {"bleu": test, "sacrebleu": test_sacre, "sacrebleu_signature": signature}
+    results.update(fields)
+    with open(os.path.join(folder, "results.json"), "w", encoding="utf-8") as f:
+        json.dump(results, f)
+    return results
+
+
+def markdown_rows(text: str, first_header: str) -> list:
+    """The Markdown table of `text` whose header starts with `first_header`: a {header: cell}
+    per row."""
+    lines = text.splitlines()
+    start = next(i for i, line in enumerate(lines) if line.startswith(f"| {first_header} |"))
+    header = [c.strip() for c in lines[start].strip().strip("|").split("|")]
+    rows = []
+    for line in lines[start + 2 :]:
+        if not line.startswith("|"):
+            break
+        rows.append(dict(zip(header, [c.strip() for c in line.strip().strip("|").split("|")])))
+    return rows
+
+
+# The sample archive of `prepared_sample` (conftest): small enough to prepare in about a second.
+SAMPLE_N_TRAIN, SAMPLE_N_DEV, SAMPLE_BPE_MERGES = 300, 12, 200
+
+
+def prepare_sample(
+    root: str, n_train=SAMPLE_N_TRAIN, n_dev=SAMPLE_N_DEV, bpe_merges=SAMPLE_BPE_MERGES, **kwargs
+) -> str:
+    """The sample archive `<root>/de-en.tgz` prepared into `<root>/data/<name>/`; that folder."""
+    from fairseq_asam_experiments import prepare
+
+    path = os.path.join(root, "de-en.tgz")
+    archive = synthetic_data.build_sample_archive(path, n_train=n_train, n_dev=n_dev)
+    return prepare.prepare_iwslt14(archive, os.path.join(root, "data"), bpe_merges, **kwargs)
 
 
 def make_data_bin_with_test(root: str, train: int = 120, valid: int = 24, test: int = 24) -> str:

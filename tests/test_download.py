@@ -10,7 +10,6 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 import pytest
 
 from fairseq_asam_experiments import prepare, synthetic_data
-from fairseq_asam_experiments.cli import prepare_main
 from fairseq_asam_experiments.errors import ExperimentError
 
 
@@ -61,10 +60,6 @@ def md5(data: bytes) -> str:
     return hashlib.md5(data).hexdigest()
 
 
-def test_the_default_mirror_is_https():
-    assert prepare.DOWNLOAD_URL.startswith("https://dl.fbaipublicfiles.com/")
-
-
 def test_a_dropped_download_starts_again(server, archive_bytes, tmp_path):
     server.cut_first = len(archive_bytes) // 3
     destination = tmp_path / "orig" / "de-en.tgz"
@@ -108,20 +103,26 @@ def test_the_mirrors_md5_is_the_default(server, tmp_path):
 
 
 def test_prepare_cli_downloads_checks_and_prepares(server, archive_bytes, tmp_path, capsys):
-    argv = ["--workdir", str(tmp_path), "--download-url", server.url, "--workers", "1"]
-    assert prepare_main(argv + ["--download-md5", "not-a-hash"]) == 1
+    argv = ["--data-root", str(tmp_path), "--download-url", server.url, "--workers", "1"]
+    argv += ["--bpe-merges", "100"]
+    assert prepare.main(argv + ["--download-md5", "not-a-hash"]) == 1
     assert (
         capsys.readouterr().err.strip()
         == "fairseq-asam-prepare: error: --download-md5 must be 32 hexadecimal digits, "
         "got 'not-a-hash'"
     )
-    assert server.requests == [] and not (tmp_path / "orig").exists()  # before any work
-    assert prepare_main(argv) == 1  # the sample is not the mirror's file
+    assert server.requests == [] and not any(tmp_path.iterdir())  # before any work
+    assert prepare.main(argv) == 1  # the sample is not the mirror's file
     assert "differs from the expected" in capsys.readouterr().err
-    assert prepare_main(argv + ["--download-md5", md5(archive_bytes).upper()]) == 0
+    assert not any(tmp_path.iterdir())
+    assert prepare.main(argv + ["--download-md5", md5(archive_bytes).upper()]) == 0
     data_bin = capsys.readouterr().out.strip().splitlines()[-1]
     assert os.path.isfile(os.path.join(data_bin, "dict.en.txt"))
-    assert (tmp_path / "orig" / "de-en.tgz").read_bytes() == archive_bytes
+    assert (tmp_path / "de-en.tgz").read_bytes() == archive_bytes
+    assert os.path.basename(os.path.dirname(data_bin)).startswith(
+        f"iwslt14-de-en-{md5(archive_bytes)[:10]}"
+    )
+    assert len(server.requests) == 2  # the download of the mismatch, and this one
 
 
 def test_an_incomplete_read_is_retried(monkeypatch, tmp_path):

@@ -1,6 +1,9 @@
 """experiments.evaluation: the two BLEU scores, the parsing of fairseq-generate, checkpoints."""
 
+import json
 import os
+import re
+import subprocess
 import sys
 
 import pytest
@@ -75,12 +78,14 @@ TEST_SENTENCES = 10
 
 
 @pytest.fixture(scope="module")
-def generated_with_unknown_words(tmp_path_factory):
-    """fairseq-generate --score-reference (the reference as hypothesis) on a test split with a
-    word the training dictionary lacks in every other sentence: its real output."""
+def evaluated(tmp_path_factory):
+    """evaluate_checkpoint of a run's checkpoint_last.pt on a test split with a word the training
+    dictionary lacks in every other sentence, fairseq-generate run for real with
+    --score-reference (the reference as hypothesis: tokenized BLEU < 100 only through <unk>).
+    Returns (its result, the raw references it scored sacreBLEU against)."""
     from harness import build_trainer
 
-    root = tmp_path_factory.mktemp("unknown-words")
+    root = tmp_path_factory.mktemp("evaluated")
     text = synthetic_data.write_corpus(
         str(root / "text"), {"train": 120, "valid": 24, "test": TEST_SENTENCES}
     )
@@ -89,25 +94,37 @@ def generated_with_unknown_words(tmp_path_factory):
         lines = path.read_text().splitlines()
         path.write_text(
             "".join(
-                line + (f" {word}" if i % 2 == 0 else "") + "\n" for i, line in enumerate(lines)
+                f"{line} {word}\n" if i % 2 == 0 else f"{line}\n" for i, line in enumerate(lines)
             )
         )
     data_bin = synthetic_data.binarize(text, str(root / "data-bin"))
-    trainer = build_trainer(data_bin, ["--optimizer", "adam", "--save-dir", str(root)])
+    save_dir = root / "run" / "checkpoints"
+    trainer = build_trainer(data_bin, ["--optimizer", "adam", "--save-dir", str(save_dir)])
     trainer.consolidate_optimizer()
-    checkpoint = str(root / "checkpoint.pt")
-    trainer.save_checkpoint(checkpoint, {})
-    command = evaluation.generate_command(
-        data_bin, checkpoint, "test", fairseq_asam.USER_DIR, beam=1, batch_size=8
-    )
-    return evaluation.run_generate(
-        command + ["--score-reference", "--cpu"], str(root / "generate-test.txt")
-    )
+    save_dir.mkdir(parents=True)
+    trainer.save_checkpoint(str(save_dir / "checkpoint_last.pt"), {})
+    raw = root / "test.raw.en"  # the tokenized text: not what the detokenized hypotheses are
+    raw_lines = (root / "text" / "test.en").read_text().splitlines()
+    raw.write_text("\n".join(raw_lines) + "\n")
+    generate = evaluation.generate_command
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(
+            evaluation,
+            "generate_command",
+            lambda *args: generate(*args) + ["--score-reference", "--cpu"],
+        )
+        last = evaluation.parse_checkpoint_choice("last")
+        results = evaluation.evaluate_checkpoint(
+            data_bin, str(save_dir), fairseq_asam.USER_DIR, last, splits=("test",), beam=1,
+            batch_size=8, references={"test": str(raw)},
+        )  # fmt: skip
+    return results, raw_lines
 
 
 @pytest.mark.slow
-def test_tokenized_bleu_is_fairseq_generates_with_unknown_words(generated_with_unknown_words):
-    output = evaluation.parse_generate_output(generated_with_unknown_words)
+def test_tokenized_bleu_is_fairseq_generates_with_unknown_words(evaluated):
+    with open(evaluated[0]["test"]["output"], encoding="utf-8") as f:
+        output = evaluation.parse_generate_output(f.read())
     assert output.ids == list(range(TEST_SENTENCES))  # every sentence, none left out by batching
     assert sum("<<unk>>" in reference for reference in output.references) == TEST_SENTENCES // 2
     assert (
@@ -118,6 +135,28 @@ def test_tokenized_bleu_is_fairseq_generates_with_unknown_words(generated_with_u
     scores = evaluation.score_split(output)  # raises if it differs from the printed BLEU
     assert scores["bleu"] == pytest.approx(output.printed_bleu, abs=0.0051)  # printed: 2 decimals
     assert scores["bleu_details"] == output.printed_score_line
+
+
+@pytest.mark.slow
+def test_evaluate_checkpoint_end_to_end(evaluated):
+    """The result's keys are results.json's; its scores are those computed here by sacreBLEU."""
+    from harness import independent_scores
+
+    results, raw_lines = evaluated
+    assert set(results) == {"protocol", "checkpoint", "test"} and results["protocol"] == "last"
+    checkpoint = results["checkpoint"]
+    assert checkpoint["path"].endswith("checkpoints/checkpoint_last.pt")
+    assert checkpoint["sources"] == [checkpoint["path"]] and checkpoint["selected_by"] is None
+    assert checkpoint["num_updates"] == 0  # saved before any update
+    test = results["test"]
+    assert (
+        test["output"].endswith("run/generate-test.txt") and "--gen-subset test" in test["command"]
+    )
+    bleu, sacre, sentences = independent_scores(test["output"], raw_lines)
+    # Both fp64 corpus statistics; the kit rounds to 4 decimals.
+    assert test["bleu"] == pytest.approx(bleu, abs=5e-5) and test["sentences"] == sentences
+    assert test["sacrebleu"] == pytest.approx(sacre, abs=5e-5) and sacre < 100
+    assert "assumed" in test["bleu_metric"]
 
 
 def test_tokenized_bleu_rejects_mismatched_lengths():
@@ -297,14 +336,16 @@ def test_last_epoch_checkpoints_by_epoch_number(tmp_path):
         "checkpoint_3_500.pt",
     ]:
         (tmp_path / name).write_bytes(b"")
-    newest = evaluation.last_epoch_checkpoints(str(tmp_path), 3)
+    newest = evaluation.checkpoint_inputs(
+        str(tmp_path), evaluation.parse_checkpoint_choice("average:3")
+    )
     assert [os.path.basename(p) for p in newest] == [
         "checkpoint11.pt",
         "checkpoint10.pt",
         "checkpoint9.pt",
     ]
     with pytest.raises(ExperimentError, match="average:5 needs 5 epoch checkpoints .* found 4"):
-        evaluation.last_epoch_checkpoints(str(tmp_path), 5)
+        evaluation.checkpoint_inputs(str(tmp_path), evaluation.parse_checkpoint_choice("average:5"))
 
 
 def test_resolve_checkpoint(tmp_path):
@@ -400,39 +441,97 @@ def test_best_protocols_check_what_checkpoint_best_was_selected_by(
     )
 
 
-def test_evaluation_settings_change_with_the_checkpoint_files(tmp_path):
-    data_bin = tmp_path / "data-bin"
-    data_bin.mkdir()
+def test_evaluation_inputs_change_with_what_the_evaluation_reads(tmp_path):
     fake_checkpoint(tmp_path / "checkpoint_last.pt", 1)
     last = evaluation.parse_checkpoint_choice("last")
-    before = evaluation.evaluation_settings(str(data_bin), str(tmp_path), last)
-    assert before == evaluation.evaluation_settings(str(data_bin), str(tmp_path), last)
-    assert before["protocol"] == "last" and before["checkpoint_files"][0]["path"].endswith(
-        "checkpoint_last.pt"
-    )
+    before = evaluation.evaluation_inputs("data-bin", str(tmp_path), last)
+    assert json.loads(json.dumps(before)) == before  # a stamp read back compares equal
+    assert before["protocol"] == "last" and before["data_bin"] == os.path.abspath("data-bin")
+    ((path, size, _),) = before["checkpoint_files"]
+    assert (path, size) == (str(tmp_path / "checkpoint_last.pt"), os.path.getsize(path))
+    assert before == evaluation.evaluation_inputs("data-bin", str(tmp_path), last)
     fake_checkpoint(tmp_path / "checkpoint_last.pt", 2)  # trained further
     os.utime(tmp_path / "checkpoint_last.pt", ns=(1, 1))
-    after = evaluation.evaluation_settings(str(data_bin), str(tmp_path), last)
-    assert after["fingerprint"] != before["fingerprint"]
-    other_beam = evaluation.evaluation_settings(str(data_bin), str(tmp_path), last, beam=4)
-    assert other_beam["fingerprint"] != after["fingerprint"]
+    after = evaluation.evaluation_inputs("data-bin", str(tmp_path), last)
+    assert after["checkpoint_files"][0][2] == 1 and after != before
+    changed = [
+        evaluation.evaluation_inputs("data-bin", str(tmp_path), last, beam=4),
+        evaluation.evaluation_inputs("data-bin", str(tmp_path), last, {"test": "test.raw.en"}),
+        evaluation.evaluation_inputs("other-bin", str(tmp_path), last),
+    ]
+    assert all(inputs != after for inputs in changed)
+    best = evaluation.evaluation_inputs("data-bin", str(tmp_path), CHOICES["best-loss"])
+    assert "checkpoint_best.pt not found" in best["checkpoint_files"]  # not evaluable yet
 
 
-def test_check_data_bin(tmp_path):
-    with pytest.raises(ExperimentError, match="--data-bin: folder not found"):
-        evaluation.check_data_bin(str(tmp_path / "missing"))
-    (tmp_path / "dict.de.txt").write_text("")
-    (tmp_path / "valid.de-en.de.idx").write_bytes(b"")
-    with pytest.raises(ExperimentError, match="missing dict.en.txt, test"):
-        evaluation.check_data_bin(str(tmp_path))
+CHOICES = {text: evaluation.parse_checkpoint_choice(text) for text in ("best-loss", "last")}
 
 
-def test_update_results_keeps_other_entries_and_writes_atomically(tmp_path):
-    path = str(tmp_path / "results.json")
-    evaluation.update_results(path, {"sharpness": {"estimates": []}, "valid": {"bleu": 1.0}})
-    results = evaluation.update_results(path, {"valid": {"bleu": 2.0}})
-    assert results == {"sharpness": {"estimates": []}, "valid": {"bleu": 2.0}}
-    assert os.listdir(tmp_path) == ["results.json"]  # no temporary file left
+def test_evaluation_module_imports_without_torch():
+    """The grid imports it for CheckpointChoice: torch and fairseq only inside its functions."""
+    code = (
+        "import sys, fairseq_asam_experiments.evaluation as e; "
+        "e.parse_checkpoint_choice('average:3'); e.parser(); "
+        "print(sorted(m for m in ('torch', 'fairseq') if m in sys.modules))"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert done.returncode == 0 and done.stdout == "[]\n", done.stderr
+
+
+def fake_run(tmp_path):
+    """A run folder with checkpoint_best.pt (selected by loss) and checkpoint_last.pt, a folder
+    with binarized valid and test index files, and a raw references folder."""
+    run = tmp_path / "run"
+    (run / "checkpoints").mkdir(parents=True)
+    selected_checkpoint(run / "checkpoints" / "checkpoint_best.pt", "loss", False)
+    selected_checkpoint(run / "checkpoints" / "checkpoint_last.pt", "loss", False)
+    data_bin = tmp_path / "data-bin"
+    data_bin.mkdir()
+    for name in ("dict.de.txt", "valid.de-en.de.idx", "test.de-en.de.idx"):
+        (data_bin / name).write_text("")
+    return run, str(data_bin)
+
+
+def canned_generate(command, output_path, env=None):
+    """fairseq-generate's output without running it: ONE_WORD_OFF on valid, exact on test."""
+    bleu = ONE_WORD_OFF_PRINTED if "valid" in command else "BLEU4 = 100.00, 100/100/100/100"
+    text = ONE_WORD_OFF_GENERATE.format(bleu=bleu)
+    if "test" in command:
+        text = text.replace("a b c d e f", "a b c d e g")
+    with open(output_path, "w", encoding="utf-8") as f:
+        f.write(text)
+    return text
+
+
+def test_evaluate_command_writes_whole_evaluations(tmp_path, monkeypatch, capsys):
+    """fairseq-asam-evaluate --splits valid, then --splits test: one evaluation of both splits;
+    then --checkpoint last: best-loss's test is gone, not left beside last's valid."""
+    run, data_bin = fake_run(tmp_path)
+    monkeypatch.setattr(evaluation, "run_generate", canned_generate)
+    (run / "results.json").write_text(json.dumps({"run": "adam-seed1", "test": {"bleu": 1.0}}))
+    argv = [str(run), "--data-bin", data_bin, "--checkpoint", "best-loss"]
+    assert evaluation.main(argv + ["--splits", "valid"]) == 0
+    assert "valid: BLEU 75.98 (tokenized, assumed Table 4's metric)" in capsys.readouterr().out
+    assert evaluation.main(argv + ["--splits", "test"]) == 0
+    results = json.loads((run / "results.json").read_text())
+    assert results["run"] == "adam-seed1" and results["protocol"] == "best-loss"
+    assert (results["valid"]["bleu"], results["test"]["bleu"]) == (75.9836, 100.0)
+    assert results["checkpoint"]["selected_by"] == "loss"
+    assert evaluation.main(argv[:-1] + ["last", "--splits", "valid"]) == 0
+    results = json.loads((run / "results.json").read_text())
+    assert results["protocol"] == "last" and results["checkpoint"]["path"].endswith("_last.pt")
+    assert "test" not in results and results["run"] == "adam-seed1"
+    capsys.readouterr()
+    for flags, words in (
+        (["--checkpoint", "best"], "--checkpoint best names no protocol"),
+        (["--checkpoint", "best-bleu"], "--checkpoint best-bleu: .* selected by the lowest"),
+        (["--splits", "train"], "--splits train: no such split in"),
+        (["--references-dir", str(tmp_path)], "references file for valid not found"),
+    ):
+        assert evaluation.main([str(run), "--data-bin", data_bin] + flags) == 1
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and err.startswith("fairseq-asam-evaluate: error: ")
+        assert re.search(words, err), err
 
 
 @pytest.mark.parametrize(

@@ -62,8 +62,7 @@ def test_table4_yaml_with_a_row_is_that_rows_yaml(row, folder):
     table4, subdir = compose("table4", [f"row={row}", "common.seed=2"])
     own, _ = compose(row, ["common.seed=2"])
     assert table4 == own  # every setting, the optimizer's and the recipe's
-    assert subdir == folder  # the runner's run folder names (report.RUN_NAME)
-    assert report.parse_row(folder.rsplit("-seed", 1)[0])[0] == row
+    assert subdir == folder  # the runner's run folder names
 
 
 def multirun(sweep_dir, data_bin, max_update, cwd):
@@ -114,9 +113,11 @@ def test_a_two_job_multirun_through_submitit_local_trains_and_resumes(data_bin, 
         job = sweep_dir / name
         assert (job / "checkpoints" / "checkpoint_last.pt").is_file()
         assert f"_name: {optimizer}" in (job / ".hydra" / "config.yaml").read_text()
-        log = report.parse_train_log(str(job / "train.log"))  # hydra's log lines
-        assert [r["num_updates"] for r in log["train_inner"]] == [1, 2, 3]
-        assert all(("sharpness" in r) == (optimizer == "asam") for r in log["train_inner"])
+        log = report.read_train_log(str(job / "train.log"))  # hydra's log lines
+        inner = log[log.tag == "train_inner"]
+        assert list(inner.num_updates) == [1, 2, 3]
+        logged = "sharpness" in inner and inner.sharpness.notna().all()
+        assert logged == (optimizer == "asam")
 
     # The same multirun with a higher budget: each job continues from its checkpoint_last.pt.
     again = multirun(sweep_dir, data_bin, 5, tmp_path)
@@ -124,5 +125,5 @@ def test_a_two_job_multirun_through_submitit_local_trains_and_resumes(data_bin, 
     for name in jobs:
         text = (sweep_dir / name / "train.log").read_text()
         assert "Loaded checkpoint" in text and "(epoch 1 @ 3 updates)" in text
-        log = report.parse_train_log(str(sweep_dir / name / "train.log"))
-        assert [r["num_updates"] for r in log["train_inner"]] == [1, 2, 3, 4, 5]
+        log = report.read_train_log(str(sweep_dir / name / "train.log"))
+        assert list(log[log.tag == "train_inner"].num_updates) == [1, 2, 3, 4, 5]

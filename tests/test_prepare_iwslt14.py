@@ -1,21 +1,25 @@
-"""The IWSLT'14 de-en preparation (experiments/prepare.py) on generated archives in the real layout.
+"""The IWSLT'14 de-en preparation (fairseq_asam_experiments/prepare.py) on generated archives in
+the real layout, most on the session's `prepared_sample` (conftest).
 
 Expected tokenizations are literal strings derived from the rules of Moses tokenizer.perl (and
 checked against it once by hand); the tests do not need perl.
 """
 
+import functools
+import hashlib
+import importlib.util
 import io
 import os
-import subprocess
-import sys
 import tarfile
 
 import pytest
+from harness import SAMPLE_BPE_MERGES as MERGES
+from harness import SAMPLE_N_DEV as N_DEV
+from harness import SAMPLE_N_TRAIN as N_TRAIN
 
-from fairseq_asam_experiments import files, prepare, synthetic_data
+from fairseq_asam_experiments import prepare, synthetic_data
 from fairseq_asam_experiments.errors import ExperimentError, SettingError
 from fairseq_asam_experiments.prepare import (
-    TEST_STEMS,
     TRAIN_STEM,
     MosesPerlTokenizer,
     clean_corpus,
@@ -28,8 +32,6 @@ from fairseq_asam_experiments.prepare import (
 from fairseq_asam_experiments.synthetic_data import SAMPLE_MAX_PAIR, build_sample_archive
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-CLI = os.path.join(REPO, "scripts", "prepare_iwslt14.py")
-N_TRAIN, N_DEV, MERGES = 300, 12, 200
 
 
 # ---------------------------------------------------------------------------------------------
@@ -122,26 +124,27 @@ def test_clean_corpus_rules():
 
 
 # ---------------------------------------------------------------------------------------------
-# The recipe on a sample archive
+# The recipe on the sample archive
 # ---------------------------------------------------------------------------------------------
 
 
 @pytest.fixture(scope="module")
-def sample_archive(tmp_path_factory):
-    return build_sample_archive(
-        str(tmp_path_factory.mktemp("archive") / "de-en.tgz"), n_train=N_TRAIN, n_dev=N_DEV
-    )
+def sample_archive(prepared_sample):
+    return os.path.join(os.path.dirname(os.path.dirname(prepared_sample)), "de-en.tgz")
 
 
-@pytest.fixture(scope="module")
-def prepared(sample_archive, tmp_path_factory):
-    workdir = str(tmp_path_factory.mktemp("work"))
-    data_bin = prepare_iwslt14(sample_archive, workdir, bpe_merges=MERGES, workers=2)
-    return workdir, data_bin
+# prepare-iwslt14.sh's order of the test split (written out here, not taken from the code)
+TEST_SETS_IN_ORDER = [
+    "IWSLT14.TED.dev2010.de-en",
+    "IWSLT14.TEDX.dev2012.de-en",
+    "IWSLT14.TED.tst2010.de-en",
+    "IWSLT14.TED.tst2011.de-en",
+    "IWSLT14.TED.tst2012.de-en",
+]
 
 
-def tmp_file(workdir, name):
-    return os.path.join(workdir, "iwslt14.tokenized.de-en", "tmp", name)
+def text(folder, split, kind, lang):
+    return read_lines(os.path.join(folder, f"{split}.{kind}.{lang}"))
 
 
 def archive_text(archive, member):
@@ -149,122 +152,163 @@ def archive_text(archive, member):
         return tar.extractfile(f"de-en/{member}").read().decode("utf-8")
 
 
-def test_sample_archive_has_the_real_layout(sample_archive, tmp_path):
+@functools.lru_cache(maxsize=None)
+def expected_cleaned(archive):
+    """{lang: the cleaned, lowercased training text}, computed here from the recipe's parts."""
+    texts = prepare.extract_texts(archive)
+    tokenized = [
+        list(map(MosesPerlTokenizer(lang).tokenize_line, texts[TRAIN_STEM, lang]))
+        for lang in ("de", "en")
+    ]
+    kept = clean_corpus(*tokenized)
+    return {
+        lang: [perl_lowercase(pair[side]) for pair in kept] for side, lang in ((1, "de"), (2, "en"))
+    }
+
+
+def test_sample_archive_has_the_real_layout_and_stable_bytes(sample_archive, tmp_path):
     with tarfile.open(sample_archive, "r:gz") as tar:
         names = set(tar.getnames())
-    assert set(prepare.archive_members()) | {"de-en"} == names
+    expected = {f"de-en/{stem}.{lang}.xml" for stem in TEST_SETS_IN_ORDER for lang in ("de", "en")}
+    assert names == expected | {"de-en", "de-en/train.tags.de-en.de", "de-en/train.tags.de-en.en"}
     train_de = archive_text(sample_archive, "train.tags.de-en.de")
     for tag in ("<url>", "<talkid>", "<keywords>", "<title>", "<description>"):
         assert tag in train_de
     assert '<seg id="1"> ' in archive_text(sample_archive, "IWSLT14.TED.tst2011.de-en.en.xml")
     again = build_sample_archive(str(tmp_path / "again.tgz"), n_train=N_TRAIN, n_dev=N_DEV)
     assert open(again, "rb").read() == open(sample_archive, "rb").read()
+    other = build_sample_archive(str(tmp_path / "other.tgz"), n_train=N_TRAIN, n_dev=N_DEV, seed=2)
+    assert open(other, "rb").read() != open(sample_archive, "rb").read()
 
 
-def test_training_tag_lines_dropped_and_tags_stripped(prepared, sample_archive):
-    workdir, _ = prepared
+def test_the_data_folder_is_named_by_the_archive_md5_and_merges(prepared_sample, sample_archive):
+    md5 = hashlib.md5(open(sample_archive, "rb").read()).hexdigest()
+    assert os.path.basename(prepared_sample) == f"iwslt14-de-en-{md5[:10]}-bpe{MERGES}"
+    assert prepare.data_folder_name(sample_archive, 7) == f"iwslt14-de-en-{md5[:10]}-bpe7"
+    joined = prepare.data_folder_name(sample_archive, 7, joined_dictionary=True)
+    assert joined == f"iwslt14-de-en-{md5[:10]}-bpe7-joined"
+
+
+def test_training_tag_lines_dropped_and_tags_stripped(prepared_sample, sample_archive):
     raw = archive_text(sample_archive, "train.tags.de-en.en").splitlines()
     titles = [line[len("<title>") : -len("</title>")] for line in raw if line.startswith("<title>")]
-    talks = len(titles)
-    tokenized = read_lines(tmp_file(workdir, f"{TRAIN_STEM}.tok.en"))
-    assert len(tokenized) == N_TRAIN + 2 * talks  # text lines + title and description of each talk
+    cleaned = text(prepared_sample, "train", "tok", "en") + text(
+        prepared_sample, "valid", "tok", "en"
+    )
+    # text lines + title and description of each talk, less 3 dropped by the cleaning
+    assert len(cleaned) == N_TRAIN + 2 * len(titles) - 3
     for tag in ("url", "talkid", "keywords", "title", "description"):
-        assert not any(f"{tag} &gt;" in line for line in tokenized)
-    tokenizer = MosesPerlTokenizer("en")
-    assert tokenizer.tokenize_line(titles[0]) in tokenized
+        assert not any(f"{tag} &gt;" in line or f"{tag}&gt;" in line for line in cleaned)
+    assert perl_lowercase(MosesPerlTokenizer("en").tokenize_line(titles[0])) in cleaned
 
 
-def test_right_single_quote_replaced_in_test_only(prepared):
-    workdir, _ = prepared
-    assert read_lines(tmp_file(workdir, "test.de"))[0] == "wie geht &apos; s dem hund ?"
-    assert read_lines(tmp_file(workdir, "test.en"))[0] == "how &apos;s the dog ?"
-    cleaned_en = read_lines(tmp_file(workdir, f"{TRAIN_STEM}.en"))
+def test_right_single_quote_replaced_in_test_only(prepared_sample):
+    assert text(prepared_sample, "test", "tok", "de")[0] == "wie geht &apos; s dem hund ?"
+    assert text(prepared_sample, "test", "tok", "en")[0] == "how &apos;s the dog ?"
+    assert text(prepared_sample, "test", "raw", "en")[0] == "how's the dog?"
+    cleaned_en = text(prepared_sample, "train", "tok", "en") + text(
+        prepared_sample, "valid", "tok", "en"
+    )
     assert "the girl finds the teacher \u2019 s apple ." in cleaned_en
 
 
-def test_cleaning_limits(prepared):
-    workdir, _ = prepared
-    cleaned = {lang: read_lines(tmp_file(workdir, f"{TRAIN_STEM}.{lang}")) for lang in ("de", "en")}
-    talks = -(
-        -N_TRAIN // synthetic_data.SAMPLE_LINES_PER_TALK
-    )  # each has a title and a description line
-    assert (
-        len(cleaned["de"]) == len(cleaned["en"]) == N_TRAIN + 2 * talks - 3
-    )  # 176 tokens, ratio 1.75, empty
+def test_cleaning_limits(prepared_sample):
+    cleaned = {
+        lang: text(prepared_sample, "train", "tok", lang)
+        + text(prepared_sample, "valid", "tok", lang)
+        for lang in ("de", "en")
+    }
     assert SAMPLE_MAX_PAIR[0].lower() in cleaned["de"]  # 175 tokens
     assert SAMPLE_MAX_PAIR[1].lower() in cleaned["en"]
-    assert all(len(line.split()) <= 175 for lang in cleaned for line in cleaned[lang])
+    assert (SAMPLE_MAX_PAIR[1] + " today").lower() not in cleaned["en"]  # 176 tokens
     assert "the old dog sleeps very often ." not in cleaned["en"]  # 4 : 7 tokens
     assert "the small cat sleeps today ." in cleaned["en"]  # 4 : 6 tokens, exactly 1.5
     assert "we drive to the u.s.a ." in cleaned["en"]
     assert "the bird sings ..." in cleaned["en"]
     assert "" not in cleaned["en"]
     for src, tgt in zip(cleaned["de"], cleaned["en"]):
-        ratio = len(src.split()) / len(tgt.split())
-        assert 1 / 1.5 <= ratio <= 1.5
+        assert 1 / 1.5 <= len(src.split()) / len(tgt.split()) <= 1.5
 
 
-def test_every_23rd_line_is_valid(prepared):
-    workdir, _ = prepared
+def test_every_23rd_cleaned_pair_is_valid(prepared_sample, sample_archive):
     for lang in ("de", "en"):
-        cleaned = read_lines(tmp_file(workdir, f"{TRAIN_STEM}.{lang}"))
-        valid = read_lines(tmp_file(workdir, f"valid.{lang}"))
-        train = read_lines(tmp_file(workdir, f"train.{lang}"))
-        assert valid == cleaned[22::23]
-        assert train == [line for number, line in enumerate(cleaned, 1) if number % 23]
-        assert len(train) + len(valid) == len(cleaned)
+        cleaned = expected_cleaned(sample_archive)[lang]
+        assert text(prepared_sample, "valid", "tok", lang) == cleaned[22::23]
+        train = [line for number, line in enumerate(cleaned, 1) if number % 23]
+        assert text(prepared_sample, "train", "tok", lang) == train
 
 
-def test_test_is_the_five_sets_in_order(prepared, sample_archive):
-    workdir, _ = prepared
+def test_test_is_the_five_sets_in_order(prepared_sample, sample_archive):
     for lang in ("de", "en"):
-        test = read_lines(tmp_file(workdir, f"test.{lang}"))
-        test_raw = read_lines(tmp_file(workdir, f"test.raw.{lang}"))
-        assert len(test) == len(test_raw) == 5 * N_DEV
-        blocks = [read_lines(tmp_file(workdir, f"{stem}.{lang}")) for stem in TEST_STEMS]
-        assert test == [line for block in blocks for line in block]
-        for number, stem in enumerate(TEST_STEMS):
-            xml = archive_text(sample_archive, f"{stem}.{lang}.xml")
-            first_segment = segment_text(xml.splitlines())[0]
-            assert test_raw[number * N_DEV] == first_segment.lower()
+        tokenizer = MosesPerlTokenizer(lang)
+        expected, expected_raw = [], []
+        for stem in TEST_SETS_IN_ORDER:
+            segments = segment_text(archive_text(sample_archive, f"{stem}.{lang}.xml").splitlines())
+            assert len(segments) == N_DEV
+            expected += [perl_lowercase(tokenizer.tokenize_line(x)) for x in segments]
+            expected_raw += [x.lower() for x in segments]
+        assert text(prepared_sample, "test", "tok", lang) == expected
+        assert text(prepared_sample, "test", "raw", lang) == expected_raw
 
 
-def test_every_split_is_lowercased(prepared):
-    workdir, _ = prepared
+def test_references_are_the_untokenized_target_side(prepared_sample, sample_archive):
+    references = prepare.reference_files(prepared_sample)
+    assert references == {
+        s: os.path.join(prepared_sample, f"{s}.raw.en") for s in ("valid", "test")
+    }
+    for split, path in references.items():
+        assert len(read_lines(path)) == len(text(prepared_sample, split, "tok", "en"))
+    train_raw = text(prepared_sample, "train", "raw", "en") + text(
+        prepared_sample, "valid", "raw", "en"
+    )
+    assert "we drive to the u.s.a." in train_raw  # untokenized, lowercased
+    assert "the girl finds the teacher\u2019s apple." in train_raw  # ’ kept outside dev/test
+
+
+def test_every_split_is_lowercased(prepared_sample, sample_archive):
+    assert "Der Hund" in archive_text(sample_archive, "train.tags.de-en.de")  # a control
+    for split in ("train", "valid", "test"):
+        for kind in ("tok", "bpe", "raw"):
+            for lang in ("de", "en"):
+                lines = text(prepared_sample, split, kind, lang)
+                assert lines and all(line == perl_lowercase(line) for line in lines)
+
+
+def test_bpe_applied_to_every_split(prepared_sample):
+    codes = read_lines(os.path.join(prepared_sample, "code"))
+    assert codes[0].startswith("#version") and len(codes) == MERGES + 1
     for split in ("train", "valid", "test"):
         for lang in ("de", "en"):
-            lines = read_lines(tmp_file(workdir, f"{split}.{lang}"))
-            assert lines and all(line == perl_lowercase(line) for line in lines)
-
-
-def test_bpe_applied_to_every_split(prepared):
-    workdir, _ = prepared
-    prep = os.path.join(workdir, "iwslt14.tokenized.de-en")
-    codes = read_lines(os.path.join(prep, "code"))
-    assert codes[0].startswith("#version") and len(codes) <= MERGES + 1
-    for split in ("train", "valid", "test"):
-        for lang in ("de", "en"):
-            segmented = read_lines(os.path.join(prep, f"{split}.{lang}"))
+            segmented = text(prepared_sample, split, "bpe", lang)
             assert any("@@ " in line for line in segmented)
             restored = [line.replace("@@ ", "") for line in segmented]
-            assert restored == read_lines(tmp_file(workdir, f"{split}.{lang}"))
+            assert restored == text(prepared_sample, split, "tok", lang)
 
 
-def test_binarized_data_loads_in_fairseq(prepared):
+def test_binarized_data_loads_in_fairseq(prepared_sample):
     from fairseq.data import Dictionary, data_utils
 
-    workdir, data_bin = prepared
-    assert data_bin == os.path.join(workdir, "data-bin", "iwslt14.tokenized.de-en")
-    prep = os.path.join(workdir, "iwslt14.tokenized.de-en")
+    data_bin = os.path.join(prepared_sample, prepare.DATA_BIN)
     for lang in ("de", "en"):
         dictionary = Dictionary.load(os.path.join(data_bin, f"dict.{lang}.txt"))
         for split in ("train", "valid", "test"):
             dataset = data_utils.load_indexed_dataset(
                 os.path.join(data_bin, f"{split}.de-en.{lang}"), dictionary
             )
-            lines = read_lines(os.path.join(prep, f"{split}.{lang}"))
+            lines = text(prepared_sample, split, "bpe", lang)
             assert len(dataset) == len(lines)
             assert list(dataset.sizes) == [len(line.split()) + 1 for line in lines]  # + </s>
+        # the dictionaries are the training text's: every training line round-trips
+        train = text(prepared_sample, "train", "bpe", lang)
+        loaded = data_utils.load_indexed_dataset(
+            os.path.join(data_bin, f"train.de-en.{lang}"), dictionary
+        )
+        assert [dictionary.string(loaded[i]) for i in range(len(train))] == train
+
+
+# ---------------------------------------------------------------------------------------------
+# The data folder: made once, whole or not at all
+# ---------------------------------------------------------------------------------------------
 
 
 def all_mtimes(folder):
@@ -275,30 +319,46 @@ def all_mtimes(folder):
     }
 
 
-def test_rerun_skips_finished_steps(prepared, sample_archive):
-    workdir, data_bin = prepared
-    before = all_mtimes(workdir)
-    assert prepare_iwslt14(sample_archive, workdir, bpe_merges=MERGES, workers=2) == data_bin
-    assert all_mtimes(workdir) == before
+def test_an_existing_folder_is_returned_without_work(prepared_sample, sample_archive, tmp_path):
+    root = os.path.dirname(prepared_sample)
+    before = all_mtimes(root)
+    assert prepare_iwslt14(sample_archive, root, MERGES) == prepared_sample
+    assert all_mtimes(root) == before
+    # any folder of that name counts as done: nothing is read or written
+    name = prepare.data_folder_name(sample_archive, MERGES)
+    (tmp_path / name).mkdir()
+    assert prepare_iwslt14(sample_archive, str(tmp_path), MERGES) == str(tmp_path / name)
+    assert [p.name for p in tmp_path.rglob("*")] == [name]
 
 
-def test_rerun_redoes_a_step_with_a_missing_file_or_new_settings(sample_archive, tmp_path):
-    workdir = str(tmp_path)
-    prepare_iwslt14(sample_archive, workdir, bpe_merges=MERGES, workers=1)
-    prep = os.path.join(workdir, "iwslt14.tokenized.de-en")
-    train_en = os.path.join(prep, "train.en")
-    expected = read_lines(train_en)
-    os.remove(train_en)
-    with open(files.temporary_name(train_en), "w") as half_written:  # an interrupted write
-        half_written.write("half a li")
-    tokenized = tmp_file(workdir, f"{TRAIN_STEM}.tok.de")
-    tokenized_mtime = os.stat(tokenized).st_mtime_ns
-    prepare_iwslt14(sample_archive, workdir, bpe_merges=MERGES, workers=1)
-    assert read_lines(train_en) == expected
-    assert os.stat(tokenized).st_mtime_ns == tokenized_mtime
-    prepare_iwslt14(sample_archive, workdir, bpe_merges=MERGES // 2, workers=1)
-    assert len(read_lines(os.path.join(prep, "code"))) <= MERGES // 2 + 1
-    assert os.stat(tokenized).st_mtime_ns == tokenized_mtime
+def test_a_failed_preparation_leaves_nothing(sample_archive, tmp_path, monkeypatch):
+    def failing(*args, **kwargs):
+        raise ExperimentError("fairseq-preprocess failed")
+
+    monkeypatch.setattr(synthetic_data, "fairseq_preprocess", failing)
+    with pytest.raises(ExperimentError, match="fairseq-preprocess failed"):
+        prepare_iwslt14(sample_archive, str(tmp_path), MERGES)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_a_folder_finished_meanwhile_by_another_process_is_kept(
+    prepared_sample, sample_archive, tmp_path, monkeypatch
+):
+    """Two preparations of the same archive at once: the second to finish keeps the first's."""
+    import shutil
+
+    name = prepare.data_folder_name(sample_archive, MERGES)
+    original = synthetic_data.fairseq_preprocess
+
+    def racing(prefixes, dest, **kwargs):
+        shutil.copytree(prepared_sample, tmp_path / name)  # the other process finishes first
+        (tmp_path / name / "theirs").write_text("")
+        return original(prefixes, dest, **kwargs)
+
+    monkeypatch.setattr(synthetic_data, "fairseq_preprocess", racing)
+    assert prepare_iwslt14(sample_archive, str(tmp_path), MERGES) == str(tmp_path / name)
+    assert [p.name for p in tmp_path.iterdir()] == [name]  # no temporary folder left
+    assert (tmp_path / name / "theirs").exists()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -364,71 +424,57 @@ BAD_ARCHIVES = [
 )
 def test_unusable_archive_fails_before_writing(sample_archive, tmp_path, kind, make, message):
     bad = make(sample_archive, tmp_path / f"{kind}.tgz")
-    workdir = tmp_path / "work"
+    root = tmp_path / "data"
     with pytest.raises(ExperimentError) as failure:
-        prepare_iwslt14(bad, str(workdir), bpe_merges=MERGES, workers=1)
-    text = str(failure.value)
-    assert message in text and bad in text and "\n" not in text
-    assert not workdir.exists() or not any(path.is_file() for path in workdir.rglob("*"))
+        prepare_iwslt14(bad, str(root), MERGES)
+    message_text = str(failure.value)
+    assert message in message_text and bad in message_text and "\n" not in message_text
+    assert not root.exists()
 
 
 def test_missing_archive_fails(tmp_path):
     with pytest.raises(ExperimentError, match="nowhere.tgz: archive not found"):
-        prepare_iwslt14(str(tmp_path / "nowhere.tgz"), str(tmp_path), workers=1)
+        prepare_iwslt14(str(tmp_path / "nowhere.tgz"), str(tmp_path))
 
 
-def test_real_counts_are_checked_before_the_splits_are_written(sample_archive, tmp_path):
-    with pytest.raises(ExperimentError, match="160,239.*--no-expect-real-counts"):
-        prepare_iwslt14(
-            sample_archive, str(tmp_path), bpe_merges=MERGES, workers=1, expect_real_counts=True
-        )
-    assert not os.path.exists(tmp_file(str(tmp_path), "train.de"))
-
-
-def test_cli_reports_an_unusable_archive_in_one_line(sample_archive, tmp_path):
-    bad = truncated(sample_archive, tmp_path / "bad.tgz")
-    run = subprocess.run(
-        [sys.executable, CLI, "--archive", bad, "--workdir", str(tmp_path / "work")],
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
-    assert run.returncode == 1
-    assert run.stderr.count("\n") == 1 and "Traceback" not in run.stderr
-    assert run.stderr.startswith("fairseq-asam-prepare: error: ") and bad in run.stderr
-
-
-def test_cli_prepares_a_sample(tmp_path):
-    run = subprocess.run(
-        [
-            sys.executable,
-            CLI,
-            "--sample",
-            "--workdir",
-            str(tmp_path),
-            "--bpe-merges",
-            "100",
-            "--workers",
-            "1",
-            "--joined-dictionary",
-        ],
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
-    assert run.returncode == 0, run.stderr
-    data_bin = os.path.join(str(tmp_path), "data-bin", "iwslt14.tokenized.de-en")
-    assert run.stdout.strip().splitlines()[-1] == data_bin
-    assert "train 313, valid 14, test 200" in run.stdout
-    assert os.path.exists(os.path.join(data_bin, "train.de-en.de.bin"))
-    dict_de = read_lines(os.path.join(data_bin, "dict.de.txt"))  # --joined-dictionary
-    assert dict_de == read_lines(os.path.join(data_bin, "dict.en.txt")) and len(dict_de) > 20
+def test_real_counts_are_checked_before_anything_is_written(sample_archive, tmp_path):
+    with pytest.raises(
+        ExperimentError,
+        match="train 313, valid 14, test 60 differ .*160,239.*--no-expect-real-counts",
+    ):
+        prepare_iwslt14(sample_archive, str(tmp_path / "data"), MERGES, expect_real_counts=True)
+    assert not (tmp_path / "data").exists()
 
 
 def test_bad_flags_name_the_flag_before_any_work(sample_archive, tmp_path):
     with pytest.raises(SettingError, match="--bpe-merges: must be positive, not 0"):
-        prepare_iwslt14(sample_archive, str(tmp_path), bpe_merges=0, workers=1)
+        prepare_iwslt14(sample_archive, str(tmp_path), bpe_merges=0)
     assert not any(tmp_path.iterdir())
+
+
+# ---------------------------------------------------------------------------------------------
+# fairseq-asam-prepare
+# ---------------------------------------------------------------------------------------------
+
+
+def test_cli_reports_an_unusable_archive_in_one_line(sample_archive, tmp_path, capsys):
+    bad = truncated(sample_archive, tmp_path / "bad.tgz")
+    assert prepare.main(["--archive", bad, "--data-root", str(tmp_path / "data")]) == 1
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("fairseq-asam-prepare: error: ") and bad in err
+
+
+def test_cli_prepares_a_sample(tmp_path, capsys):
+    argv = ["--sample", "--data-root", str(tmp_path), "--bpe-merges", "100", "--workers", "1"]
+    assert prepare.main(argv + ["--joined-dictionary"]) == 0
+    out = capsys.readouterr().out
+    archive = str(tmp_path / prepare.SAMPLE_ARCHIVE_NAME)
+    folder = tmp_path / prepare.data_folder_name(archive, 100, joined_dictionary=True)
+    assert out.strip().splitlines()[-1] == str(folder / "data-bin")
+    assert "train 313, valid 14, test 200" in out  # the sample's default 40 segments per set
+    assert (folder / "data-bin" / "train.de-en.de.bin").exists()
+    dict_de = read_lines(str(folder / "data-bin" / "dict.de.txt"))  # --joined-dictionary
+    assert dict_de == read_lines(str(folder / "data-bin" / "dict.en.txt")) and len(dict_de) > 20
 
 
 # ---------------------------------------------------------------------------------------------
@@ -439,16 +485,22 @@ MOSES_DIR = os.environ.get("FAIRSEQ_ASAM_MOSES_DIR")
 PARITY_ARCHIVE = os.environ.get("FAIRSEQ_ASAM_IWSLT14_ARCHIVE")  # the real de-en.tgz, optional
 
 
+def parity_script():
+    path = os.path.join(REPO, "scripts", "tokenizer_parity.py")
+    spec = importlib.util.spec_from_file_location("tokenizer_parity", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
 @pytest.mark.skipif(not MOSES_DIR, reason="opt-in: FAIRSEQ_ASAM_MOSES_DIR=<a Moses checkout>")
 def test_expected_tokenizations_are_tokenizer_perls():
     for lang, line, expected in PERL_TOKENIZATIONS:
-        assert prepare.tokenizer_perl(MOSES_DIR, lang, [line]) == [expected], (lang, line)
+        assert parity_script().tokenizer_perl(MOSES_DIR, lang, [line]) == [expected], (lang, line)
 
 
 @pytest.mark.skipif(not MOSES_DIR, reason="opt-in: FAIRSEQ_ASAM_MOSES_DIR=<a Moses checkout>")
 def test_no_line_of_the_archive_differs_from_tokenizer_perl(sample_archive):
     """Every text line the recipe tokenizes (FAIRSEQ_ASAM_IWSLT14_ARCHIVE, else the sample)."""
-    results = prepare.tokenizer_parity(
-        MOSES_DIR, prepare.extract_texts(PARITY_ARCHIVE or sample_archive)
-    )
-    assert [r.ours_differ for r in results] == [0, 0], prepare.format_parity(results)
+    results = parity_script().tokenizer_parity(MOSES_DIR, PARITY_ARCHIVE or sample_archive)
+    assert {lang: result[1] for lang, result in results.items()} == {"de": 0, "en": 0}, results

@@ -11,8 +11,6 @@ import json
 import math
 import os
 import re
-import subprocess
-import sys
 
 import fairseq.checkpoint_utils
 import numpy as np
@@ -21,11 +19,10 @@ import torch
 
 from fairseq_asam import perturbation
 from fairseq_asam_experiments import evaluation, sharpness
-from fairseq_asam_experiments.cli import sharpness_main
 from fairseq_asam_experiments.errors import SettingError
+from fairseq_asam_experiments.sharpness import main as sharpness_main
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-CLI = os.path.join(REPO_ROOT, "scripts", "sharpness.py")
 TOOLS_DOC = os.path.join(REPO_ROOT, "docs", "tools.md")  # its "Measuring sharpness" figures
 SCALES = (0.1, 1.0, 10.0)
 INVARIANCE_TOLERANCE = 0.01  # adaptive sharpness equal within 1% across SCALES
@@ -435,6 +432,8 @@ def bad_inputs(checkpoint, data_bin):
         (dict(steps=0), SettingError, "--steps"),
         (dict(eta=-0.1), SettingError, "--eta"),
         (dict(data_bin=os.path.join(data_bin, "nowhere")), SettingError, "nowhere"),
+        (dict(max_tokens=0), SettingError, "--max-tokens must be >= 1"),
+        (dict(device="cuda:99"), SettingError, "--device cuda:99: this machine has"),
     ]
 
 
@@ -459,6 +458,8 @@ def test_cli_bad_input_prints_one_line_and_exits_1(tiny_checkpoint, data_bin, ca
         max_batches="--max-batches",
         steps="--steps",
         eta="--eta",
+        max_tokens="--max-tokens",
+        device="--device",
     )
     for override, _, words in bad_inputs(tiny_checkpoint, data_bin):
         ((key, value),) = override.items()
@@ -477,38 +478,16 @@ def test_cli_bad_input_prints_one_line_and_exits_1(tiny_checkpoint, data_bin, ca
         assert captured.err.startswith("fairseq-asam-sharpness: error: ")
 
 
-@pytest.mark.slow
-def test_cli_end_to_end(tiny_checkpoint, data_bin, tmp_path):
+def test_cli_end_to_end(tiny_checkpoint, data_bin, tmp_path, capsys):
     """--steps 1: the printed and written sharpness is the one-step ε's, computed here."""
+    from harness import one_step_reference
+
     rho, eta, max_batches = 0.05, 0.01, 2
     report_path = tmp_path / "sharpness.json"
-    env = dict(os.environ, OMP_NUM_THREADS="1")
-    done = subprocess.run(
-        [
-            sys.executable,
-            CLI,
-            tiny_checkpoint,
-            data_bin,
-            "--rho",
-            str(rho),
-            "--eta",
-            str(eta),
-            "--steps",
-            "1",
-            "--max-batches",
-            str(max_batches),
-            "--device",
-            "cpu",
-            "--json",
-            str(report_path),
-        ],
-        capture_output=True,
-        text=True,
-        timeout=120,
-        env=env,
-    )
-    assert done.returncode == 0, done.stderr
-    lines = done.stdout.splitlines()
+    argv = [tiny_checkpoint, data_bin, "--rho", str(rho), "--eta", str(eta), "--steps", "1"]
+    argv += ["--max-batches", str(max_batches), "--device", "cpu", "--json", str(report_path)]
+    assert sharpness_main(argv) == 0
+    lines = capsys.readouterr().out.splitlines()
     assert [line.split()[0] for line in lines[2:]] == ["adaptive", "plain"]
     report = json.loads(report_path.read_text())
     assert [e["measure"] for e in report["estimates"]] == ["adaptive", "plain"]
@@ -516,13 +495,11 @@ def test_cli_end_to_end(tiny_checkpoint, data_bin, tmp_path):
         tiny_checkpoint, data_bin, "valid", max_batches, torch.device("cpu")
     )
     for estimate in report["estimates"]:
-        from harness import one_step_reference
-
         loss, perturbed = one_step_reference(
             model, batches, loss_fn, rho, eta, estimate["measure"] == "adaptive"
         )
         assert estimate["num_batches"] == max_batches and estimate["steps"] == 1
-        # Losses reduced in fp32 (another process, other code): ~1e-6 relative each.
+        # Losses reduced in fp32 (other code than the reference's): ~1e-6 relative each.
         assert estimate["loss"] == pytest.approx(loss, rel=1e-6)
         assert estimate["perturbed_loss"] == pytest.approx(perturbed, rel=1e-6)
         # The sharpness is their difference: that rounding, in absolute terms, twice.
@@ -536,16 +513,8 @@ def test_cli_end_to_end(tiny_checkpoint, data_bin, tmp_path):
         printing = 5e-5 * abs(perturbed - loss)
         assert float(printed[6]) == pytest.approx(perturbed - loss, abs=rounding + printing)
     assert os.listdir(tmp_path) == ["sharpness.json"]  # no temporary file left behind
-
-    failed = subprocess.run(
-        [sys.executable, CLI, tiny_checkpoint, data_bin, "--rho", "-1"],
-        capture_output=True,
-        text=True,
-        timeout=120,
-        env=env,
-    )
-    assert failed.returncode == 1
-    assert failed.stderr.splitlines() == [
+    assert sharpness_main([tiny_checkpoint, data_bin, "--rho", "-1"]) == 1
+    assert capsys.readouterr().err.splitlines() == [
         "fairseq-asam-sharpness: error: --rho must be a finite number > 0, got -1.0"
     ]
 

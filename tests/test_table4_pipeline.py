@@ -302,214 +302,6 @@ def test_hydra_train_runs_the_yaml(data_bin, tmp_path):
 
 
 # --------------------------------------------------------------------------------------------
-# Report
-# --------------------------------------------------------------------------------------------
-
-TRAIN_LOG_LINES = "".join(
-    line + "\n"
-    for line in [
-        "2026-01-01 00:00:01 | INFO | fairseq_cli.train | Namespace(...)",
-        '2026-01-01 00:00:02 | INFO | train_inner | {"epoch": 1, "update": 0.5, '
-        '"loss": "9.1", "sharpness": "0.2", "num_updates": "100"}',
-        '2026-01-01 00:00:03 | INFO | valid | {"epoch": 1, "valid_loss": "8.5", '
-        '"valid_bleu": "1.5", "valid_num_updates": "200"}',
-        '2026-01-01 00:00:04 | INFO | train_inner | {"epoch": 2, "update": 1.5, '
-        '"loss": "8.0", "sharpness": "0.1", "num_updates": "300"}',
-        "2026-01-01 00:00:05 | INFO | fairseq.trainer | "
-        "Loaded checkpoint checkpoint_last.pt (epoch 2 @ 200 updates)",
-        '[2026-01-01 00:00:06,000][train_inner][INFO] - {"epoch": 2, "update": 1.5, '
-        '"loss": "7.9", "sharpness": "0.05", "num_updates": "300"}',
-        '[2026-01-01 00:00:07,000][valid][INFO] - {"epoch": 2, "valid_loss": "7.5", '
-        '"valid_num_updates": "400"}',
-    ]
-)
-
-
-def test_parse_train_log_reads_fairseq_and_hydra_lines_and_keeps_the_last_of_an_update(tmp_path):
-    path = tmp_path / "train.log"
-    path.write_text(TRAIN_LOG_LINES)
-    log = report.parse_train_log(str(path))
-    assert [(r["num_updates"], r["loss"], r["sharpness"]) for r in log["train_inner"]] == [
-        (100, 9.1, 0.2),
-        (300, 7.9, 0.05),
-    ]
-    assert [(r["valid_num_updates"], r["valid_loss"]) for r in log["valid"]] == [
-        (200, 8.5),
-        (400, 7.5),
-    ]
-    assert log["valid"][0]["valid_bleu"] == 1.5 and log["train"] == []
-
-
-def sharpness_report(value):
-    """The shape of experiments.sharpness.measure_checkpoint's report."""
-    return {
-        "estimates": [
-            {"measure": "plain", "sharpness": 9.0},
-            {"measure": "adaptive", "sharpness": value},
-        ]
-    }
-
-
-def fake_results(optimizer, seed, valid, test, **extra):
-    return {
-        "optimizer": optimizer,
-        "seed": seed,
-        "run_dir": f"/runs/{optimizer}-seed{seed}",
-        "protocol": "best-bleu",
-        "preset": "paper",
-        "training": {"settings": {"--max-update": "50000"}},  # the paper preset's budget
-        "checkpoint": {"choice": "best-bleu"},
-        "valid": {"bleu": valid, "sacrebleu": valid - 1, "sacrebleu_signature": "nrefs:1|tok:13a"},
-        "test": {"bleu": test, "sacrebleu": test - 1, "sacrebleu_signature": "nrefs:1|tok:13a"},
-        **extra,
-    }
-
-
-def test_summary_is_the_mean_and_sample_std_over_seeds_next_to_the_paper():
-    results = [
-        fake_results("asam", s, v, t, sharpness=sharpness_report(x))
-        for s, v, t, x in ((1, 35.0, 34.0, 0.1), (2, 36.0, 35.0, 0.2), (3, 37.0, 36.0, 0.3))
-    ]
-    results.append(fake_results("adam", 1, 30.0, 29.0))
-    adam, asam = report.summarize_runs(results)
-    assert (adam.optimizer, asam.optimizer) == ("adam", "asam")  # the paper's row order
-    assert (
-        asam.stats["valid_bleu"] == report.Stat(36.0, 1.0, 3)
-        and asam.stats["test_bleu"].mean == 35.0
-    )
-    assert asam.stats["adaptive_sharpness"].mean == pytest.approx(0.2)
-    assert (
-        adam.stats["valid_bleu"] == report.Stat(30.0, None, 1)
-        and adam.stats["adaptive_sharpness"] is None
-    )
-    table = report.markdown_table(results)
-    assert table.startswith("# Table 4: IWSLT'14 De→En, Transformer — --checkpoint best-bleu\n")
-    assert (
-        "| Adam+ASAM | 1,2,3 | best-bleu | 36.00 ± 1.00 | 35.00 ± 1.00 | 35.66 | 35.02 "
-        "| 35.00 ± 1.00 | 34.00 ± 1.00 | – | 0.2000 ± 0.1000 | 50000 |" in table
-    )
-    assert (
-        "| Adam | 1 | best-bleu | 30.00 | 29.00 | 35.34 | 34.86 | 29.00 | 28.00 | – | – | 50000 |"
-        in table
-    )
-    assert "| asam-seed3 | best-bleu | done | – | 37.00 | 36.00 | 36.00 | 35.00 | – | 0.3000 |" in (
-        table
-    )
-    assert (
-        report.csv_table(results)
-        .splitlines()[2]
-        .startswith("asam,Adam+ASAM,best-bleu,1 2 3,3,,35.66,35.02,36.0,1.0,35.0,1.0")
-    )
-    assert report.adaptive_sharpness({"sharpness": 0.5}) == 0.5
-    averaged = {"checkpoint": {"num_updates": 300, "sources": ["c5", "c4", "c3"]}}
-    assert report._updates(averaged) == "≤ 300 (3 averaged)"
-    assert report._updates({"checkpoint": {"num_updates": 120, "sources": ["best"]}}) == "120"
-    # A grid of 3 seeds where Adam finished one: the row says over how many the mean is.
-    grid = {"protocol": "best-bleu", "rows": ["adam", "asam"], "seeds": [1, 2, 3]}
-    grid.update(preset="paper", max_update=50000)  # a grid.json without row settings
-    partial = report.markdown_table(results, [grid])
-    assert "| Adam | 1 (n = 1 of 3) | best-bleu | 30.00 |" in partial
-    assert "| Adam+ASAM | 1,2,3 | best-bleu | 36.00 ± 1.00 |" in partial
-    assert partial.count("| 50000 |") == 2  # the budget of both rows
-    assert (
-        report.csv_table(results, [grid]).splitlines()[1].startswith("adam,Adam,best-bleu,1,1,3,")
-    )
-
-
-def sharpness_log(*values, evaluated=()):
-    """A train_inner log: `sharpness` at 10, 20, ... updates, `sharpness_eval` where given."""
-    records = []
-    for index, value in enumerate(values):
-        record = {"num_updates": float(10 * (index + 1)), "sharpness": value}
-        if index < len(evaluated):
-            record["sharpness_eval"] = evaluated[index]
-        records.append(record)
-    return {"train_inner": records, "valid": [], "train": []}
-
-
-SAM_SETTINGS = {"--optimizer": "sam", "--rho": "0.1", "--dropout": "0.3"}
-ASAM_SETTINGS = {"--optimizer": "asam", "--rho": "0.2", "--eta": "0.01", "--dropout": "0.3"}
-SAM_LABEL = "Adam+SAM: ρ = 0.1, plain ball ‖ε‖₂ ≤ ρ"
-ASAM_LABEL = "Adam+ASAM: ρ = 0.2, η = 0.01, adaptive ball ‖T⁻¹ε‖₂ ≤ ρ, T = |w| + η"
-
-
-def test_sharpness_plot_names_each_optimizers_ball_and_says_what_is_logged():
-    runs = [
-        report.PlottedRun("adam-seed1", "adam", 1, "best-bleu", sharpness_log(), {}),
-        report.PlottedRun(
-            "sam-seed1", "sam", 1, "best-bleu", sharpness_log(0.3, 0.2), SAM_SETTINGS
-        ),
-        report.PlottedRun(
-            "asam-seed1",
-            "asam",
-            1,
-            "best-bleu",
-            sharpness_log(0.05, 0.04, evaluated=(0.01, 0.02)),
-            ASAM_SETTINGS,
-        ),
-    ]
-    figure, caption = report.sharpness_figure(runs)
-    try:
-        axes = figure.axes[0]
-        labels = [text.get_text() for text in axes.get_legend().get_texts()]
-        assert labels == [
-            f"{SAM_LABEL} — sharpness",
-            f"{ASAM_LABEL} — sharpness",
-            f"{ASAM_LABEL} — sharpness_eval",
-        ]
-        lines = {line.get_label(): line for line in axes.get_lines()}
-        evaluated = lines[f"{ASAM_LABEL} — sharpness_eval"]
-        assert evaluated.get_linestyle() == "--" and list(evaluated.get_ydata()) == [0.01, 0.02]
-        assert list(lines[f"{SAM_LABEL} — sharpness"].get_ydata()) == [0.3, 0.2]
-        assert " ".join(figure.texts[0].get_text().split()) == caption  # printed under the plot
-    finally:
-        import matplotlib.pyplot as plt
-
-        plt.close(figure)
-    assert "not comparable across optimizers" in caption
-    assert "plain ball ‖ε‖₂ ≤ ρ" in caption and "adaptive ball ‖T⁻¹ε‖₂ ≤ ρ" in caption
-    assert "(--dropout 0.3)" in caption and "noisy estimate" in caption
-    assert (
-        "Dashed: `sharpness_eval` (--sharpness-eval-interval N), the same difference with "
-        "dropout off" in caption
-    )
-
-    # Negative controls: no sharpness_eval logged, no dashed line, and the text says so; Adam
-    # alone logs no sharpness, so there is no plot.
-    figure, caption = report.sharpness_figure(runs[:2])
-    assert [line.get_linestyle() for line in figure.axes[0].get_lines()] == ["-"]
-    assert "No run here logged `sharpness_eval`" in caption and "Dashed" not in caption
-    import matplotlib.pyplot as plt
-
-    plt.close(figure)
-    assert report.sharpness_figure(runs[:1]) == (None, None)
-    assert report.neighbourhood(
-        {"--optimizer": "asam", "--rho": "0.2", "--eta": "0.01", "--sam-interval": "5"}
-    ).endswith("every 5th update")
-
-
-def test_report_writes_the_sharpness_caption_it_plots(tmp_path):
-    run = tmp_path / "runs" / "asam-seed1"
-    run.mkdir(parents=True)
-    (run / "train.log").write_text(
-        "".join(
-            f'2026-01-01 | INFO | train_inner | {{"num_updates": "{u}", "sharpness": "0.{u}", '
-            f'"sharpness_eval": "0.0{u}"}}\n'
-            for u in (1, 2)
-        )
-    )
-    (run / "training.json").write_text(json.dumps({"settings": ASAM_SETTINGS}))
-    (run / "results.json").write_text(json.dumps(fake_results("asam", 1, 1.0, 2.0)))
-    outputs = report.write_report(str(tmp_path))
-    assert (tmp_path / "report" / "sharpness.png").read_bytes().startswith(b"\x89PNG")
-    text = (tmp_path / "report" / "table4.md").read_text()
-    figures = text.split("## Figures")[1]
-    assert "sharpness.png: `sharpness` as fairseq-train logs it" in figures
-    assert "Dashed: `sharpness_eval`" in figures and "not comparable across optimizers" in figures
-    assert set(outputs) >= {"table4.md", "table4.csv", "sharpness.png"}
-
-
-# --------------------------------------------------------------------------------------------
 # Bad input: one line, exit status 1, nothing done
 # --------------------------------------------------------------------------------------------
 
@@ -691,7 +483,8 @@ def test_tiny_preset_writes_every_run_file_and_the_report(tiny_out):
         assert results["protocol"] == "best-bleu" and results["checkpoint"]["selected_by"] == "bleu"
         best = str(run / "checkpoints" / "checkpoint_best.pt")
         assert evaluation.checkpoint_selection_metric(best) == ("bleu", True)
-        logged = report.parse_train_log(str(run / "train.log"))["valid"]
+        log = report.read_train_log(str(run / "train.log"))
+        logged = log[log.tag == "valid"].to_dict("records")
         top = max(record["valid_bleu"] for record in logged)
         # fairseq's is_better is >=: of epochs with the top BLEU, the last one is kept.
         chosen = [record for record in logged if record["valid_bleu"] == top][-1]
@@ -736,8 +529,9 @@ def test_tiny_preset_writes_every_run_file_and_the_report(tiny_out):
         assert perturbed - loss > rounding and estimate["sharpness"] >= perturbed - loss - rounding
         # an fp32 norm: ~1e-7 relative rounding per operation, so the bound allows 1e-6
         assert estimate["scaled_epsilon_norm"] <= 0.05 * (1 + 1e-6)
-    asam_log = report.parse_train_log(str(tiny_out / "runs" / "asam-seed1" / "train.log"))
-    assert asam_log["valid"] and all("sharpness" in r for r in asam_log["train_inner"])
+    asam_log = report.read_train_log(str(tiny_out / "runs" / "asam-seed1" / "train.log"))
+    assert (asam_log.tag == "valid").any()
+    assert asam_log[asam_log.tag == "train_inner"].sharpness.notna().all()
 
     table = (tiny_out / "report" / "table4.md").read_text()
     assert table.startswith(
@@ -747,7 +541,7 @@ def test_tiny_preset_writes_every_run_file_and_the_report(tiny_out):
     assert "Adam+SAM" not in table and "Adaptive sharpness" in table
     # The tiny preset is not the paper's: no paper numbers beside it, and a line says why.
     assert "35.66" not in table and "Paper valid" not in table
-    assert "not beside `--preset tiny` (not the paper's settings)" in table
+    assert "not beside `--preset tiny`: not comparable" in table
 
     def cells(first):
         line = next(x for x in table.splitlines() if x.startswith(f"| {first} |"))
@@ -756,14 +550,12 @@ def test_tiny_preset_writes_every_run_file_and_the_report(tiny_out):
     for name, bleu in logged_bleu.items():
         assert cells(name)[cells("Run").index("Valid BLEU (in-training)")] == f"{bleu:.2f}"
     adam_best = read_json(tiny_out / "runs" / "adam-seed1" / "results.json")["checkpoint"]
-    assert f"| adam-seed1 | best-bleu | done | {adam_best['num_updates']} |" in table
+    assert f"| adam-seed1 | done | {adam_best['num_updates']} |" in table
     csv_lines = (tiny_out / "report" / "table4.csv").read_text().splitlines()
-    assert csv_lines[0].startswith(
-        "optimizer,label,checkpoint,seeds,n,n_expected,paper_valid_bleu,paper_test_bleu"
-    )
-    assert [line.split(",")[:3] for line in csv_lines[1:]] == [
-        ["adam", "Adam", "best-bleu"],
-        ["asam", "Adam+ASAM", "best-bleu"],
+    assert csv_lines[0].startswith("row,label,preset,protocol,max_update,valid_bleu_mean,")
+    assert [line.split(",")[:4] for line in csv_lines[1:]] == [
+        ["adam", "Adam", "tiny", "best-bleu"],
+        ["asam", "Adam+ASAM", "tiny", "best-bleu"],
     ]
     for plot in ("valid_loss.png", "valid_bleu.png", "sharpness.png"):
         assert (tiny_out / "report" / plot).read_bytes().startswith(b"\x89PNG")
@@ -782,18 +574,14 @@ def test_best_loss_and_best_bleu_side_by_side(tiny_out, tmp_path):
     assert "--eval-bleu" not in (run / "command.txt").read_text()
     best = str(run / "checkpoints" / "checkpoint_best.pt")
     assert evaluation.checkpoint_selection_metric(best) == ("loss", False)
-    by_bleu = report.parse_train_log(str(tiny_out / "runs" / "adam-seed1" / "train.log"))
-    by_loss_log = report.parse_train_log(str(run / "train.log"))
-    assert [r["loss"] for r in by_loss_log["train_inner"]] == [
-        r["loss"] for r in by_bleu["train_inner"]
-    ]
-    assert [r["valid_loss"] for r in by_loss_log["valid"]] == [
-        r["valid_loss"] for r in by_bleu["valid"]
-    ]
+    by_bleu = report.read_train_log(str(tiny_out / "runs" / "adam-seed1" / "train.log"))
+    by_loss_log = report.read_train_log(str(run / "train.log"))
+    for tag, value in (("train_inner", "loss"), ("valid", "valid_loss")):
+        assert list(by_loss_log[by_loss_log.tag == tag][value]) == list(
+            by_bleu[by_bleu.tag == tag][value]
+        )
     both = tmp_path / "both"
-    from fairseq_asam_experiments.cli import report_main
-
-    assert report_main([str(by_loss), str(tiny_out), "--report-dir", str(both)]) == 0
+    assert report.main([str(by_loss), str(tiny_out), "--out", str(both)]) == 0
     text = (both / "table4.md").read_text()
     assert text.startswith(
         "# Table 4: IWSLT'14 De→En, Transformer — --checkpoint best-loss, best-bleu"
@@ -831,17 +619,18 @@ def test_second_invocation_skips_finished_runs_and_continues_to_a_higher_budget(
     assert f"adam-seed1: --max-update {END_TO_END_UPDATES} → {RESUMED_UPDATES}: continuing" in out
     log = (adam / "train.log").read_text()
     assert f"@ {END_TO_END_UPDATES} updates" in log.split("Loaded checkpoint")[-1].splitlines()[0]
-    valid = report.parse_train_log(str(adam / "train.log"))["valid"]
-    assert valid[-1]["valid_num_updates"] == RESUMED_UPDATES
+    log = report.read_train_log(str(adam / "train.log"))
+    assert log[log.tag == "valid"].valid_num_updates.iloc[-1] == RESUMED_UPDATES
     results = read_json(adam / "results.json")
     bleu, _, _ = independent_scores(adam / "generate-test.txt", None)
     assert results["test"]["bleu"] == pytest.approx(bleu, abs=1e-4)
     assert results["training"]["settings"]["--max-update"] == str(RESUMED_UPDATES)
     assert (adam / "generate-test.txt").read_bytes() != generated_before  # evaluated again
     assert (asam / "results.json").read_bytes() == asam_results
-    # The report of this grid (Adam at 16 updates) leaves out ASAM's 12-update result, and says so.
+    # The report: Adam at its new budget, ASAM's 12-update result a row at its own budget.
     table = (tiny_out / "report" / "table4.md").read_text()
-    assert "Adam+ASAM" not in table and "asam-seed1: trained with other settings" in table
+    assert f"| Adam | 1 | best-bleu | tiny | {RESUMED_UPDATES} |" in table
+    assert "| Adam+ASAM | 1 | best-bleu | tiny | 12 |" in table
 
     # Back to fewer updates: refused in one line, before anything runs.
     assert table4_main(argv + ["--optimizers", "adam", "--max-update", "12"]) == 1

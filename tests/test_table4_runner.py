@@ -17,8 +17,8 @@ import pytest
 import runner_stubs
 
 from fairseq_asam_experiments import evaluation, report, runner
-from fairseq_asam_experiments.cli import report_main
 from fairseq_asam_experiments.errors import SettingError
+from fairseq_asam_experiments.report import main as report_main
 
 
 def grid(out, **kwargs):
@@ -361,7 +361,7 @@ def test_report_takes_only_the_results_of_the_grids_preset_and_protocol(stubbed,
     # ...and, in this grid's runs, a result of another preset and one of another protocol:
     for name, entries in (("sam-seed1", {"preset": "paper"}), ("adam-seed1", {"protocol": "last"})):
         evaluation.update_results(str(out / "runs" / name / "results.json"), entries)
-    report.write_report(str(out))  # as fairseq-asam-report OUT: grid.json says adam,sam at 20
+    report.write_report([str(out)], str(out / "report"))  # grid.json says adam,sam at 20
     text = table(out)
     assert row(text, "adam-seed1")[2].startswith("not current: --checkpoint last, the grid's is")
     assert row(text, "sam-seed1")[2].startswith("not current: preset paper, the grid's is tiny")
@@ -375,7 +375,7 @@ def test_report_of_two_protocols_side_by_side(stubbed, tmp_path, capsys):
     runner.run_grid(grid(by_loss, checkpoint="best-loss", optimizers=("adam",)))
     runner.run_grid(grid(by_bleu, checkpoint="best-bleu", optimizers=("adam",)))
     both = tmp_path / "both"
-    assert report_main([str(by_loss), str(by_bleu), "--report-dir", str(both)]) == 0
+    assert report_main([str(by_loss), str(by_bleu), "--out", str(both)]) == 0
     text = (both / "table4.md").read_text()
     assert text.startswith(
         "# Table 4: IWSLT'14 De→En, Transformer — --checkpoint best-loss, best-bleu"
@@ -384,43 +384,7 @@ def test_report_of_two_protocols_side_by_side(stubbed, tmp_path, capsys):
     assert [r.split("|")[3].strip() for r in rows] == ["best-loss", "best-bleu"]
     assert "`--checkpoint best-bleu`: checkpoint_best.pt, the epoch with the highest" in text
     assert report_main([str(by_loss), str(by_bleu)]) == 1
-    assert "--report-dir is required" in capsys.readouterr().err
-
-
-def test_evaluate_cli_writes_whole_evaluations(tmp_path, monkeypatch, capsys):
-    """fairseq-asam-evaluate --splits valid, then --splits test: one evaluation of both splits;
-    then --checkpoint last: the best-loss splits are gone, not mixed with last's."""
-    from fairseq_asam_experiments.cli import evaluate_main
-
-    run = tmp_path / "adam-seed1"
-    (run / "checkpoints").mkdir(parents=True)
-    for name, updates in (("checkpoint_best.pt", 7), ("checkpoint_last.pt", 9)):
-        (run / "checkpoints" / name).write_text(json.dumps({"updates": updates, "seed": 1}))
-    data_bin = runner_stubs.fake_data_bin(str(tmp_path / "data-bin"))
-
-    def fake(data_bin, save_dir, user_dir, choice, splits, *args, **kwargs):
-        evaluated = runner_stubs.fake_evaluate(data_bin, save_dir, user_dir, choice)
-        for split in ("valid", "test"):
-            if split not in splits:
-                del evaluated[split]
-        return {**evaluated, "scored_splits": list(splits)}
-
-    monkeypatch.setattr(evaluation, "evaluate_checkpoint", fake)
-    argv = [str(run), "--data-bin", data_bin, "--checkpoint", "best-loss"]
-    assert evaluate_main(argv + ["--splits", "valid"]) == 0
-    path = run / "results.json"
-    assert not evaluation.evaluation_done(read_json(path), read_json(path)["evaluation"])
-    assert evaluate_main(argv + ["--splits", "test"]) == 0
-    results = read_json(path)
-    assert (results["valid"]["bleu"], results["test"]["bleu"]) == (7.0, 7.1)
-    assert evaluation.evaluation_done(results, results["evaluation"])
-    assert evaluate_main(argv[:-1] + ["last", "--splits", "valid"]) == 0
-    results = read_json(path)
-    assert results["protocol"] == "last" and results["valid"]["bleu"] == 9.0
-    assert "test" not in results  # not best-loss's test beside last's valid
-    capsys.readouterr()
-    assert evaluate_main(argv[:-1] + ["best"]) == 1
-    assert "--checkpoint best names no protocol" in capsys.readouterr().err
+    assert "--out is required" in capsys.readouterr().err
 
 
 # --------------------------------------------------------------------------------------------
@@ -555,7 +519,7 @@ def test_other_references_are_scored_again_without_training_again(stubbed, tmp_p
     # Same size, other words: the references' content is what counts, for the report ...
     references = out / "data" / "iwslt14.tokenized.de-en" / "tmp" / "test.raw.en"
     references.write_text("b reference\n")
-    report.write_report(str(out))
+    report.write_report([str(out)], str(out / "report"))
     assert row(table(out), "adam-seed1")[2] == (
         f"not current: evaluation out of date: the test references ({references}) changed "
         "after the evaluation"
@@ -598,7 +562,7 @@ def test_report_of_several_folders_never_averages_two_grids_into_one_row(stubbed
     config.preset = runner.TABLE4_PRESETS["paper"]  # another preset, another budget
     runner.run_grid(config)
     both = tmp_path / "both"
-    assert report_main([str(short), str(long), "--report-dir", str(both)]) == 0
+    assert report_main([str(short), str(long), "--out", str(both)]) == 0
     text = (both / "table4.md").read_text()
     rows = [line for line in text.splitlines() if line.startswith("| Adam |")]
     assert len(rows) == 2, text  # one row per grid, not one mean over both
@@ -646,7 +610,7 @@ def test_a_sharpness_of_another_rho_is_never_reported_when_its_redo_fails(
             "sharpness_settings": {"rho": 0.05, "evaluation": results["evaluation"]["fingerprint"]},
         },
     )
-    report.write_report(str(out))
+    report.write_report([str(out)], str(out / "report"))
     assert "0.2500" not in table(out)
 
 
@@ -674,7 +638,7 @@ def test_an_evaluation_found_stale_is_not_reported_when_its_redo_fails(
     runner.run_grid(grid(out, optimizers=("adam",)))
     assert row(table(out), "Adam")[3] == "17.00"
     best.write_text(json.dumps({"updates": 19, "seed": 1, "resumed_from": 0}))
-    report.write_report(str(out))
+    report.write_report([str(out)], str(out / "report"))
     text = table(out)
     assert row(text, "Adam")[3] == "–"
     assert row(text, "adam-seed1")[2] == (
@@ -689,7 +653,7 @@ def test_a_result_stays_when_its_checkpoints_are_pruned_or_its_folder_moves(stub
     runner.run_grid(grid(out, optimizers=("adam",)))
     for checkpoint in (out / "runs" / "adam-seed1" / "checkpoints").iterdir():
         checkpoint.unlink()
-    report.write_report(str(out))
+    report.write_report([str(out)], str(out / "report"))
     assert row(table(out), "Adam")[3] == "20.00"
     moved = tmp_path / "elsewhere"
     os.rename(out, moved)
@@ -700,7 +664,7 @@ def test_a_result_stays_when_its_checkpoints_are_pruned_or_its_folder_moves(stub
     data_bin = read_json(out / "runs" / "adam-seed1" / "results.json")["evaluation"]["data_bin"]
     with open(os.path.join(data_bin, "dict.en.txt"), "a") as f:
         f.write("extra 1\n")
-    report.write_report(str(out))
+    report.write_report([str(out)], str(out / "report"))
     assert row(table(out), "adam-seed1")[2].startswith(
         f"not current: evaluation out of date: {data_bin} holds other data"
     )
@@ -846,6 +810,6 @@ def test_one_folder_named_twice_is_one_grid(stubbed, tmp_path, monkeypatch):
     out = tmp_path / "out"
     runner.run_grid(grid(out, optimizers=("adam",)))
     monkeypatch.chdir(tmp_path)
-    assert report_main(["out", str(out), "--report-dir", str(tmp_path / "both")]) == 0
+    assert report_main(["out", str(out), "--out", str(tmp_path / "both")]) == 0
     text = (tmp_path / "both" / "table4.md").read_text()
     assert sum(line.startswith("| Adam |") for line in text.splitlines()) == 1
