@@ -47,6 +47,7 @@ setup(
             "sacremoses",
             "matplotlib",
             "pandas",  # the report's aggregation
+            "scipy",  # Kendall's tau (fairseq-asam-correlation)
             "regex",
             "filelock>=3.12",  # the run lock (experiments.layout)
             # --launcher slurm / submitit-local (experiments.cluster), and the hydra route

@@ -525,3 +525,21 @@ def wait_for_file(path, timeout: float = 60.0) -> str:
                 return f.read()
         time.sleep(0.05)
     raise AssertionError(f"{path} did not appear within {timeout} s")
+def make_data_bin_with_test(root: str, train: int = 120, valid: int = 24, test: int = 24) -> str:
+    """The toy corpus with a test split too, binarized."""
+    sizes = {"train": train, "valid": valid, "test": test}
+    text = synthetic_data.write_corpus(os.path.join(root, "text"), sizes)
+    return synthetic_data.binarize(text, os.path.join(root, "data-bin"))
+
+
+def train_checkpoint(data_bin: str, folder, updates: int = 3, extra=()) -> str:
+    """checkpoint_last.pt of the tiny Transformer after `updates` Adam updates, saved by
+    fairseq's Trainer into `folder`."""
+    argv = ["--optimizer", "adam", "--save-dir", str(folder), *extra]
+    trainer = build_trainer(data_bin, argv)
+    for sample in batches(trainer, updates):
+        trainer.train_step([sample])
+    trainer.consolidate_optimizer()
+    path = os.path.join(str(folder), "checkpoint_last.pt")
+    trainer.save_checkpoint(path, {})
+    return path
