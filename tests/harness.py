@@ -424,18 +424,6 @@ def ddp_wrapper(backend):
 GLOO_TIMEOUT = datetime.timedelta(seconds=120)
 
 
-def join_gloo(
-    rank: int, world_size: int, init_file: str, timeout: Optional[datetime.timedelta] = None
-) -> None:
-    """This process as `rank` of a CPU (gloo) process group, on one thread: the workers share
-    the machine's cores.  `timeout` None: torch's default."""
-    kwargs = {} if timeout is None else {"timeout": timeout}
-    dist.init_process_group(
-        "gloo", init_method=f"file://{init_file}", rank=rank, world_size=world_size, **kwargs
-    )
-    torch.set_num_threads(1)
-
-
 # --- spawned process groups ---------------------------------------------------------------------
 
 

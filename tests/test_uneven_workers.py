@@ -86,13 +86,14 @@ def _reference_update(model0, criterion, optimizer, update, world, sample_size, 
             )
         )
 
-    plain = gradient(1e-30)
     if optimizer == "adam" or not _perturbed(optimizer, update):
+        plain = gradient(1e-30)
         if optimizer == "asam-looksam" and g_v is not None:  # G + α‖G‖/‖g_v‖ g_v
             return plain + LOOKSAM_ALPHA * plain.norm() / g_v.norm() * g_v, g_v
         return plain, g_v
     sharp = gradient(RHO)
     if optimizer == "asam-looksam":  # g_v: the part of G_s orthogonal to G
+        plain = gradient(1e-30)
         g_v = sharp - (sharp @ plain) / (plain @ plain) * plain
     return sharp, g_v
 
