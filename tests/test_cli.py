@@ -257,7 +257,7 @@ def test_bad_input_fails_with_one_line(data_bin, tmp_path, caplog, flags, messag
     with pytest.raises(FairseqAsamError) as raised:
         train_logged(caplog, data_bin, tmp_path / "ck", *argv, "--max-update", "3")
     # The hook the plugin installs (another may wrap it by now: torch.distributed's does).
-    hook = fairseq_asam._one_line_for_user_errors(previous_hook=None)
+    hook = fairseq_asam._one_line_for_user_errors(sys.__excepthook__)
     with contextlib.redirect_stderr(io.StringIO()) as stderr:
         hook(raised.type, raised.value, raised.tb)
     assert stderr.getvalue().splitlines() == [f"fairseq-asam: error: {raised.value}"]
