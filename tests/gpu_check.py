@@ -1,7 +1,8 @@
 """What only a GPU can show, each against the update written from the equations (harness.py).
 
     bash scripts/gpu_check.sh               # CUDA: one line per check, exit 1 on a failure
-    python tests/gpu_check.py --device cpu  # the same checks on the CPU (test_gpu_check.py)
+    python tests/gpu_check.py --device cpu  # the same checks on the CPU (the tests run the
+                                            # data-parallel ones: test_gpu_check.py)
 
 Checks: fp32; fairseq's flat --fp16; bf16 weights (common.bf16); --amp (CUDA: GradScaler and
 fp16 autocast on, compared with the equations evaluated under the same autocast); data parallel
