@@ -1,7 +1,8 @@
 """What only a GPU can show, each against the update written from the equations (harness.py).
 
     bash scripts/gpu_check.sh               # CUDA: one line per check, exit 1 on a failure
-    python tests/gpu_check.py --device cpu  # the same checks on the CPU (test_gpu_check.py)
+    python tests/gpu_check.py --device cpu  # the same checks on the CPU (the tests run the
+                                            # data-parallel ones: test_gpu_check.py)
 
 Checks: fp32; fairseq's flat --fp16; bf16 weights (common.bf16); --amp (CUDA: GradScaler and
 fp16 autocast on, compared with the equations evaluated under the same autocast); data parallel
@@ -16,14 +17,12 @@ import argparse
 import contextlib
 import copy
 import datetime
-import json
 import os
 import sys
 import tempfile
 
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from harness import (  # noqa: E402
@@ -37,6 +36,7 @@ from harness import (  # noqa: E402
     reference_update_gradient,
     relative_error,
     sharpness_aware_args,
+    spawn_workers,
 )
 
 RHO, ETA, UPDATE_FREQ = 0.5, 0.01, 2
@@ -52,6 +52,7 @@ BOUND = {
     "ddp": 1e-5,
 }
 CPU_DDP_WORLD_SIZE = 2
+DDP_TIMEOUT = datetime.timedelta(seconds=300)  # a hang fails the check in minutes
 DUMMY = {}  # what fairseq's ShardedIterator pads a short shard with
 
 
@@ -113,16 +114,8 @@ def _wrap_for(device, rank, data_bin):
     return wrap
 
 
-def _ddp_worker(rank, world_size, device, data_bin, out_dir):
-    if device == "cuda":
-        torch.cuda.set_device(rank)
-    dist.init_process_group(
-        "nccl" if device == "cuda" else "gloo",
-        rank=rank,
-        world_size=world_size,
-        init_method=f"file://{os.path.join(out_dir, 'init')}",
-        timeout=datetime.timedelta(seconds=300),
-    )
+def ddp_rank_checks(rank, world_size, device, data_bin):
+    """This rank's part of the data-parallel checks (in a process group already joined)."""
     flags = ASAM_FLAGS + ["--distributed-world-size", str(world_size)]
     result = {}
 
@@ -172,18 +165,24 @@ def _ddp_worker(rank, world_size, device, data_bin, out_dir):
         )
         result["dummy_error"] = relative_error(recorder.grads, expected)
         result["dummy_control"] = relative_error(recorder.grads, control)
-    with open(os.path.join(out_dir, f"rank{rank}.json"), "w") as f:
-        json.dump(result, f)
-    dist.destroy_process_group()
+    return result
 
 
 def ddp_checks(data_bin, device):
     world_size = torch.cuda.device_count() if device == "cuda" else CPU_DDP_WORLD_SIZE
-    out_dir = tempfile.mkdtemp()
-    mp.spawn(
-        _ddp_worker, args=(world_size, device, data_bin, out_dir), nprocs=world_size, join=True
+    ranks = spawn_workers(
+        ddp_rank_checks,
+        (device, data_bin),
+        world_size,
+        "nccl" if device == "cuda" else "gloo",
+        DDP_TIMEOUT,
     )
-    ranks = [json.load(open(os.path.join(out_dir, f"rank{r}.json"))) for r in range(world_size)]
+    return ddp_check_lines(ranks, device)
+
+
+def ddp_check_lines(ranks, device):
+    """(ok, line) of the data-parallel checks from every rank's `ddp_rank_checks`."""
+    world_size = len(ranks)
     transport = "NCCL, DistributedFairseqModel" if device == "cuda" else "gloo, torch DDP"
     worst = max(r["error"] for r in ranks)
     checks = [

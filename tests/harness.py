@@ -5,14 +5,19 @@ import argparse
 import contextlib
 import copy
 import datetime
+import importlib
 import json
 import math
 import os
+import pickle
+import tempfile
 import time
+import traceback
 from typing import Optional
 
 import torch
 import torch.distributed as dist
+import torch.multiprocessing as mp
 
 import fairseq_asam
 from fairseq_asam_experiments import recipe, synthetic_data
@@ -88,20 +93,24 @@ def make_data_bin(root: str, train: int = 120, valid: int = 24) -> str:
     return synthetic_data.binarize(text, os.path.join(root, "data-bin"))
 
 
+_PARSED_CFGS = {}  # argv -> the pickled cfg (hydra composes one in about 1 s)
+
+
 def parse_cfg(data_bin: str, extra, device: str = "cpu", language_pair: bool = True):
     """fairseq-train's cfg of the tiny model; without `language_pair`, no -s/-t (as fairseq's
-    IWSLT'14 example trains: the task infers the pair from the data folder)."""
+    IWSLT'14 example trains: the task infers the pair from the data folder).  A fresh copy on
+    every call: hydra composes each argv once per process."""
     from fairseq import options
     from fairseq.dataclass.utils import convert_namespace_to_omegaconf
 
-    parser = options.get_training_parser()
     device_args = ["--cpu"] if device == "cpu" else []
     base = BASE_ARGS if language_pair else [a for a in BASE_ARGS if a not in LANGUAGE_PAIR]
-    args = options.parse_args_and_arch(
-        parser,
-        [data_bin, "--user-dir", fairseq_asam.USER_DIR] + base + device_args + list(extra),
-    )
-    return convert_namespace_to_omegaconf(args)
+    argv = [data_bin, "--user-dir", fairseq_asam.USER_DIR] + base + device_args + list(extra)
+    key = tuple(argv)
+    if key not in _PARSED_CFGS:
+        args = options.parse_args_and_arch(options.get_training_parser(), argv)
+        _PARSED_CFGS[key] = pickle.dumps(convert_namespace_to_omegaconf(args))
+    return pickle.loads(_PARSED_CFGS[key])
 
 
 def build_trainer(
@@ -226,13 +235,28 @@ class ReferenceStep:
 def reference_micro_batch(
     model, criterion, sample, rho, eta, adaptive, normalize_biases=False, train_mode=True
 ):
-    """ε = ρ T² g / ‖T g‖ from g = ∇L(w) on a copy of `model`; L and ∇L at w + ε (train mode,
-    or eval mode: no dropout)."""
-    model = copy.deepcopy(model)
-    model.train(train_mode)
+    """ε = ρ T² g / ‖T g‖ from g = ∇L(w); L and ∇L at w + ε (train mode, or eval mode: no
+    dropout).  `model` is left as it was: its weights are restored bit for bit (cheaper than a
+    copy of the model per micro-batch)."""
+    was_training = model.training
     names = [n for n, p in model.named_parameters() if p.requires_grad]
     params = [p for _, p in model.named_parameters() if p.requires_grad]
     w = [p.detach().clone() for p in params]
+    model.train(train_mode)
+    try:
+        return _reference_micro_batch(
+            model, criterion, sample, rho, eta, adaptive, normalize_biases, names, params, w
+        )
+    finally:
+        with torch.no_grad():
+            for p, wi in zip(params, w):
+                p.copy_(wi)
+        model.train(was_training)
+
+
+def _reference_micro_batch(
+    model, criterion, sample, rho, eta, adaptive, normalize_biases, names, params, w
+):
     loss, size, _ = criterion(model, sample)
     g = torch.autograd.grad(loss, params, allow_unused=True)
     g = [torch.zeros_like(p) if gi is None else gi for p, gi in zip(params, g)]
@@ -401,16 +425,48 @@ def ddp_wrapper(backend):
 GLOO_TIMEOUT = datetime.timedelta(seconds=120)
 
 
-def join_gloo(
-    rank: int, world_size: int, init_file: str, timeout: Optional[datetime.timedelta] = None
-) -> None:
-    """This process as `rank` of a CPU (gloo) process group, on one thread: the workers share
-    the machine's cores.  `timeout` None: torch's default."""
+# --- spawned process groups ---------------------------------------------------------------------
+
+
+def spawn_workers(
+    work,
+    args=(),
+    world_size: int = 2,
+    backend: str = "gloo",
+    timeout: Optional[datetime.timedelta] = GLOO_TIMEOUT,
+) -> list:
+    """Runs `work(rank, world_size, *args)` in `world_size` spawned processes joined in one
+    process group ("gloo" on one thread each: the workers share the machine's cores; "nccl":
+    one GPU each); returns each rank's JSON-able result, in rank order.  `work` must be a
+    module-level function (the workers import it by name)."""
+    out_dir = tempfile.mkdtemp(prefix="spawned-")
+    mp.spawn(
+        _spawned_worker,
+        args=(work, tuple(args), world_size, backend, timeout, out_dir),
+        nprocs=world_size,
+        join=True,
+    )
+    return [read_json(os.path.join(out_dir, f"rank{r}.json")) for r in range(world_size)]
+
+
+def _spawned_worker(rank, work, args, world_size, backend, timeout, out_dir):
+    if backend == "nccl":
+        torch.cuda.set_device(rank)
     kwargs = {} if timeout is None else {"timeout": timeout}
     dist.init_process_group(
-        "gloo", init_method=f"file://{init_file}", rank=rank, world_size=world_size, **kwargs
+        backend,
+        init_method=f"file://{os.path.join(out_dir, 'init')}",
+        rank=rank,
+        world_size=world_size,
+        **kwargs,
     )
-    torch.set_num_threads(1)
+    if backend == "gloo":
+        torch.set_num_threads(1)
+    try:
+        result = work(rank, world_size, *args)
+    finally:
+        dist.destroy_process_group()
+    _write_json(os.path.join(out_dir, f"rank{rank}.json"), result)
 
 
 # --------------------------------------------------------------------------------------------
@@ -525,6 +581,8 @@ def wait_for_file(path, timeout: float = 60.0) -> str:
                 return f.read()
         time.sleep(0.05)
     raise AssertionError(f"{path} did not appear within {timeout} s")
+
+
 def make_data_bin_with_test(root: str, train: int = 120, valid: int = 24, test: int = 24) -> str:
     """The toy corpus with a test split too, binarized."""
     sizes = {"train": train, "valid": valid, "test": test}
@@ -543,3 +601,68 @@ def train_checkpoint(data_bin: str, folder, updates: int = 3, extra=()) -> str:
     path = os.path.join(str(folder), "checkpoint_last.pt")
     trainer.save_checkpoint(path, {})
     return path
+
+
+def _write_json(path, value) -> None:
+    with open(path + ".tmp", "w", encoding="utf-8") as f:
+        json.dump(value, f)
+    os.replace(path + ".tmp", path)
+
+
+# --- every DDP scenario of a session in one spawned group -------------------------------------
+# Starting a group costs two interpreters importing torch and fairseq (about 10 s on 2 cores);
+# the scenarios themselves take seconds.  A test module registers its scenarios at import
+# (`ddp_scenario`), pytest imports every selected module before running any test, and the first
+# test that asks for a result (`ddp_results`) runs all registered scenarios in one group.
+
+DDP_WORLD_SIZE = 2
+_DDP_SCENARIOS = {}  # name -> (module, function name, keyword arguments)
+_DDP_RESULTS = {}  # data_bin -> {name: [each rank's result]}
+FAILED = "scenario failed"  # the key of a rank's result when its scenario raised
+
+
+def ddp_scenario(name: str, function, **kwargs) -> None:
+    """Registers `function(rank, data_bin, **kwargs) -> JSON-able` as the DDP scenario `name`,
+    run by every rank of the session's group (harness.DDP_WORLD_SIZE gloo processes, already
+    joined: fairseq's Trainer sees the world size from --distributed-world-size)."""
+    _DDP_SCENARIOS[name] = (function.__module__, function.__name__, kwargs)
+
+
+def ddp_results(data_bin: str, name: str) -> list:
+    """Each rank's result of scenario `name`; the first call runs every registered scenario in
+    one spawned group, one result file per scenario and rank."""
+    if data_bin not in _DDP_RESULTS:
+        scenarios = dict(_DDP_SCENARIOS)
+        out_dir = tempfile.mkdtemp(prefix="ddp-scenarios-")
+        spawn_workers(_run_scenarios, (scenarios, data_bin, out_dir), DDP_WORLD_SIZE)
+        _DDP_RESULTS[data_bin] = {
+            n: [read_json(_scenario_file(out_dir, n, r)) for r in range(DDP_WORLD_SIZE)]
+            for n in scenarios
+        }
+    ranks = _DDP_RESULTS[data_bin][name]
+    failures = [r[FAILED] for r in ranks if isinstance(r, dict) and FAILED in r]
+    assert not failures, f"DDP scenario {name} raised:\n" + "\n".join(failures)
+    return ranks
+
+
+def _scenario_file(out_dir, name, rank):
+    return os.path.join(out_dir, f"{name.replace('/', '--')}.rank{rank}.json")
+
+
+def _run_scenarios(rank, world_size, scenarios, data_bin, out_dir):
+    """Every scenario in turn.  One that raises is recorded; the ones after it are not run (the
+    other rank may be waiting in a collective that will never match: it times out, then it
+    stops too)."""
+    failed = None
+    for name, (module, function, kwargs) in scenarios.items():
+        if failed is None:
+            try:
+                run = getattr(importlib.import_module(module), function)
+                result = run(rank, data_bin, **kwargs)
+            except Exception:
+                failed = name
+                result = {FAILED: f"rank {rank}: {traceback.format_exc()}"}
+        else:
+            result = {FAILED: f"rank {rank}: not run, scenario {failed} raised before"}
+        _write_json(_scenario_file(out_dir, name, rank), result)
+    return sorted(scenarios)

@@ -1,6 +1,9 @@
 """End to end through fairseq's own command-line tools, on a tiny generated corpus."""
 
+import contextlib
+import io
 import json
+import logging
 import os
 import subprocess
 import sys
@@ -11,6 +14,7 @@ import torch
 from harness import TINY_TRANSFORMER
 
 import fairseq_asam
+from fairseq_asam.errors import FairseqAsamError
 from fairseq_asam.optimizer_switch import switch_optimizer
 
 TRAIN_ARGS = TINY_TRANSFORMER + [
@@ -55,32 +59,51 @@ def fairseq(tool: str, *argv, check=True):
 
 
 def train(data_bin, save_dir, *extra, check=True):
+    """fairseq_cli.train in a subprocess (what a user runs: the excepthook's output)."""
     return fairseq("train", data_bin, "--save-dir", str(save_dir), *TRAIN_ARGS, *extra, check=check)
 
 
-def logged(stdout: str, tag: str):
-    """The JSON records fairseq logged under `tag` (train_inner, valid, train)."""
-    out = []
-    for line in stdout.splitlines():
-        if f"| {tag} |" in line:
-            out.append(json.loads(line.split(f"| {tag} | ", 1)[1]))
-    return out
+def train_in_process(data_bin, save_dir, *extra) -> None:
+    """fairseq-train's main in this process (no interpreter and fairseq start-up per run)."""
+    from fairseq import distributed_utils, options
+    from fairseq.dataclass.utils import convert_namespace_to_omegaconf
+    from fairseq_cli import train as fairseq_train
+
+    argv = [data_bin, "--save-dir", str(save_dir), *TRAIN_ARGS, *extra]
+    args = options.parse_args_and_arch(options.get_training_parser(), argv)
+    distributed_utils.call_main(convert_namespace_to_omegaconf(args), fairseq_train.main)
+
+
+def train_logged(caplog, data_bin, save_dir, *extra):
+    """train_in_process; the log records it made (fairseq's progress bar names a record by its
+    tag: train_inner, train, valid)."""
+    caplog.clear()
+    with caplog.at_level(logging.INFO):
+        train_in_process(data_bin, save_dir, *extra)
+    return list(caplog.records)
+
+
+def logged(records, tag: str):
+    """The JSON statistics fairseq logged under `tag` (--log-format json)."""
+    return [json.loads(r.getMessage()) for r in records if r.name == tag]
 
 
 def model_weights(path):
     return torch.load(path, map_location="cpu", weights_only=False)["model"]
 
 
-@pytest.mark.slow
+@pytest.mark.slow  # fairseq-train end to end (in process)
 @pytest.mark.parametrize("optimizer", ["asam", "sam"])
-def test_training_runs_loss_falls_sharpness_logged(data_bin, tmp_path, optimizer):
-    proc = train(data_bin, tmp_path, "--optimizer", optimizer, "--lr", "5e-3", "--max-update", "30")
-    inner = logged(proc.stdout, "train_inner")
+def test_training_runs_loss_falls_sharpness_logged(data_bin, tmp_path, caplog, optimizer):
+    records = train_logged(
+        caplog, data_bin, tmp_path, "--optimizer", optimizer, "--lr", "5e-3", "--max-update", "30"
+    )
+    inner = logged(records, "train_inner")
     assert len(inner) == 30
     first, last = float(inner[0]["loss"]), float(inner[-1]["loss"])
     assert last < first - 0.5, (first, last)
     assert all("sharpness" in rec for rec in inner)
-    assert "train_sharpness" in logged(proc.stdout, "train")[-1]
+    assert "train_sharpness" in logged(records, "train")[-1]
     assert (tmp_path / "checkpoint_last.pt").is_file() and (
         tmp_path / "checkpoint_best.pt"
     ).is_file()
@@ -101,18 +124,15 @@ RESUME_FLAGS = [
 ]
 
 
-def train_in_process(data_bin, save_dir, *extra) -> None:
-    """fairseq-train's main in this process (no interpreter and fairseq start-up per run)."""
-    from fairseq import distributed_utils, options
-    from fairseq.dataclass.utils import convert_namespace_to_omegaconf
-    from fairseq_cli import train as fairseq_train
-
-    argv = [data_bin, "--save-dir", str(save_dir), *TRAIN_ARGS, *extra]
-    args = options.parse_args_and_arch(options.get_training_parser(), argv)
-    distributed_utils.call_main(convert_namespace_to_omegaconf(args), fairseq_train.main)
+# Stopped after 3 updates (odd: --sam-interval 2 leaves update 3 plain, --sam-start-update 4
+# has not started), 2 more after the resume: the schedule differs there from one counted from
+# the optimizer's own steps (updates 3 and 4 would swap kinds).
+RESUME_STOP, RESUME_END = 3, 5
 
 
-def assert_resume_is_bit_exact(data_bin, tmp_path, flags, stop: int, end: int = 10) -> None:
+def assert_resume_is_bit_exact(
+    data_bin, tmp_path, flags, stop: int = RESUME_STOP, end: int = RESUME_END
+) -> None:
     """`end` updates straight against `stop` updates, a resume, and the rest: same weights."""
     straight, resumed = tmp_path / "straight", tmp_path / "resumed"
     train_in_process(data_bin, straight, *RESUME_FLAGS, *flags, "--max-update", str(end))
@@ -131,56 +151,54 @@ def assert_resume_is_bit_exact(data_bin, tmp_path, flags, stop: int, end: int = 
 
 @pytest.mark.slow
 def test_resume_matches_uninterrupted_run_and_generate_loads(data_bin, tmp_path):
-    assert_resume_is_bit_exact(data_bin, tmp_path, [], stop=5)
+    from fairseq import options
+    from fairseq_cli import generate
+
+    assert_resume_is_bit_exact(data_bin, tmp_path, [])
     # fairseq-generate loads the checkpoint under torch >= 2.6 (weights_only default).
-    gen = fairseq(
-        "generate",
-        data_bin,
-        "--user-dir",
-        fairseq_asam.USER_DIR,
-        "--cpu",
-        "--path",
-        str(tmp_path / "straight" / "checkpoint_last.pt"),
-        "--gen-subset",
-        "valid",
-        "--beam",
-        "2",
-        "--max-tokens",
-        "500",
-    )
-    assert "BLEU4" in gen.stdout + gen.stderr
+    argv = [data_bin, "--user-dir", fairseq_asam.USER_DIR, "--cpu", "--path"]
+    argv += [str(tmp_path / "straight" / "checkpoint_last.pt"), "--gen-subset", "valid"]
+    argv += ["--beam", "2", "--max-tokens", "500", "--results-path", str(tmp_path / "gen")]
+    generate.main(options.parse_args_and_arch(options.get_generation_parser(), argv))
+    lines = (tmp_path / "gen" / "generate-valid.txt").read_text().splitlines()
+    assert lines[-1].startswith("Generate valid with beam=2: BLEU4 = ")
+    assert sum(line.startswith("H-") for line in lines) == 24  # every valid sentence
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize(
-    "flags, stop",
+    "flags",
     [
-        (["--sam-interval", "2"], 5),
-        (["--sam-start-update", "4"], 3),
-        (["--sam-interval", "2", "--looksam-alpha", "0.5"], 5),
+        ["--sam-interval", "2"],
+        ["--sam-start-update", "4"],
+        ["--sam-interval", "2", "--looksam-alpha", "0.5"],
     ],
     ids=["sam-interval", "sam-start-update", "looksam"],
 )
-def test_resume_mid_schedule_is_bit_exact(data_bin, tmp_path, flags, stop):
-    """Stopped at an update the schedule leaves plain (5 with --sam-interval 2) or before it
+def test_resume_mid_schedule_is_bit_exact(data_bin, tmp_path, flags):
+    """Stopped at an update the schedule leaves plain (3 with --sam-interval 2) or before it
     starts (3 < 4): the resumed run must count the schedule from fairseq's update number, not
     from the optimizer's steps since it was built, and LookSAM must resume with its g_v."""
-    assert_resume_is_bit_exact(data_bin, tmp_path, flags, stop)
+    assert_resume_is_bit_exact(data_bin, tmp_path, flags)
 
 
 @pytest.mark.slow
-def test_adam_checkpoint_fine_tuned_with_asam_keeps_schedule(data_bin, tmp_path):
+def test_adam_checkpoint_fine_tuned_with_asam_keeps_schedule(data_bin, tmp_path, caplog):
     sched = ["--lr", "1e-3", "--lr-scheduler", "inverse_sqrt", "--warmup-updates", "20"]
-    train(data_bin, tmp_path / "adam", "--optimizer", "adam", *sched, "--max-update", "6")
-    refused = train(
-        data_bin, tmp_path / "adam", "--optimizer", "asam", *sched, "--max-update", "8", check=False
+    train_in_process(
+        data_bin, tmp_path / "adam", "--optimizer", "adam", *sched, "--max-update", "6"
     )
-    assert refused.returncode != 0  # fairseq's own check: a different optimizer class
+    # fairseq's own check: a different optimizer class.
+    with pytest.raises(Exception, match="Optimizer does not match"):
+        train_in_process(
+            data_bin, tmp_path / "adam", "--optimizer", "asam", *sched, "--max-update", "8"
+        )
     converted = tmp_path / "asam_start.pt"
     assert switch_optimizer(
         str(tmp_path / "adam" / "checkpoint_last.pt"), str(converted), "asam"
     ) == ("FairseqAdam", "FairseqASAM")
-    proc = train(
+    records = train_logged(
+        caplog,
         data_bin,
         tmp_path / "asam",
         "--optimizer",
@@ -191,7 +209,7 @@ def test_adam_checkpoint_fine_tuned_with_asam_keeps_schedule(data_bin, tmp_path)
         "--restore-file",
         str(converted),
     )
-    inner = logged(proc.stdout, "train_inner")
+    inner = logged(records, "train_inner")
     assert [int(r["num_updates"]) for r in inner] == [7, 8]
     assert float(inner[0]["lr"]) == pytest.approx(1e-3 * 7 / 20, rel=1e-3)  # warm-up continues
     assert "sharpness" in inner[0]
@@ -212,7 +230,6 @@ BYPASS_TASK = textwrap.dedent("""
 """)
 
 
-@pytest.mark.slow
 @pytest.mark.parametrize(
     "flags,message",
     [
@@ -228,20 +245,43 @@ BYPASS_TASK = textwrap.dedent("""
         (["--optimizer", "asam", "--task", "bypass_translation"], "task 'BypassTranslation'"),
     ],
 )
-def test_bad_input_fails_with_one_line(data_bin, tmp_path, flags, message):
+def test_bad_input_fails_with_one_line(data_bin, tmp_path, caplog, flags, message):
+    """fairseq-train's main in process, its error through the plugin's excepthook: the line
+    fairseq-train prints (test_bad_input_in_a_fairseq_train_process: the hook installed)."""
     argv = list(flags)
     if "bypass_translation" in flags:
         user_dir = tmp_path / "bypass_task"
         user_dir.mkdir()
         (user_dir / "__init__.py").write_text(BYPASS_TASK)
         argv += ["--user-dir", str(user_dir)]
-    proc = train(data_bin, tmp_path / "ck", *argv, "--max-update", "3", check=False)
-    assert proc.returncode != 0
-    errors = [line for line in proc.stderr.splitlines() if line.startswith("fairseq-asam: error:")]
-    assert len(errors) == 1 and message in errors[0], proc.stderr[-2000:]
-    assert "Traceback" not in proc.stderr
+    with pytest.raises(FairseqAsamError) as raised:
+        train_logged(caplog, data_bin, tmp_path / "ck", *argv, "--max-update", "3")
+    # The hook the plugin installs (another may wrap it by now: torch.distributed's does).
+    hook = fairseq_asam._one_line_for_user_errors(sys.__excepthook__)
+    with contextlib.redirect_stderr(io.StringIO()) as stderr:
+        hook(raised.type, raised.value, raised.tb)
+    assert stderr.getvalue().splitlines() == [f"fairseq-asam: error: {raised.value}"]
+    assert message in str(raised.value) and "\n" not in str(raised.value)
     assert not os.path.exists(tmp_path / "ck" / "checkpoint_last.pt")
-    assert not logged(proc.stdout, "train_inner")  # no update was taken
+    assert not logged(caplog.records, "train_inner")  # no update was taken
+
+
+@pytest.mark.slow
+def test_bad_input_in_a_fairseq_train_process(data_bin, tmp_path):
+    """What a user sees: one line on stderr, no traceback, exit status 1."""
+    proc = train(
+        data_bin, tmp_path, "--optimizer", "asam", "--rho", "-1", "--max-update", "3", check=False
+    )
+    assert proc.returncode == 1
+    assert proc.stderr.strip().splitlines()[-1] == (
+        "fairseq-asam: error: --rho must be a finite number > 0 for --optimizer asam, got -1.0"
+    )
+    assert [line for line in proc.stderr.splitlines() if "error" in line.lower()] == [
+        proc.stderr.strip().splitlines()[-1]
+    ]
+    assert "Traceback" not in proc.stderr
+    assert not os.path.exists(tmp_path / "checkpoint_last.pt")
+    assert "| train_inner |" not in proc.stdout  # no update was taken
 
 
 def test_fully_sharded_refused_when_optimizer_is_built(data_bin):
@@ -282,24 +322,33 @@ def test_checkpoint_with_numpy_values_loads_safely(tmp_path):
         torch.load(tmp_path / "other.pt")
 
 
-@pytest.mark.slow
-def test_no_empty_sharpness_in_logs_with_sam_interval(data_bin, tmp_path):
+@pytest.mark.slow  # fairseq-train end to end (in process)
+def test_no_empty_sharpness_in_logs_with_sam_interval(data_bin, tmp_path, caplog):
     """A log interval without a sharpness-aware update prints no `sharpness` (not None/null)."""
-    proc = train(
-        data_bin, tmp_path, "--optimizer", "asam", "--sam-interval", "2", "--max-update", "6"
+    records = train_logged(
+        caplog,
+        data_bin,
+        tmp_path,
+        "--optimizer",
+        "asam",
+        "--sam-interval",
+        "2",
+        "--max-update",
+        "6",
     )
-    inner = logged(proc.stdout, "train_inner")
+    inner = logged(records, "train_inner")
     assert [int(r["num_updates"]) for r in inner] == [1, 2, 3, 4, 5, 6]
     # Updates 0, 2, 4 (0-based) are sharpness-aware: they are logged as num_updates 1, 3, 5.
     assert [("sharpness" in r) for r in inner] == [True, False, True, False, True, False]
     assert all(r["sharpness"] is not None for r in inner if "sharpness" in r)
-    assert logged(proc.stdout, "train")[-1]["train_sharpness"] is not None
+    assert logged(records, "train")[-1]["train_sharpness"] is not None
 
 
-@pytest.mark.slow
-def test_adam_resumed_from_asam_checkpoint_logs_no_sharpness(data_bin, tmp_path):
-    train(data_bin, tmp_path, "--optimizer", "asam", "--max-update", "4")
-    proc = train(
+@pytest.mark.slow  # fairseq-train end to end (in process)
+def test_adam_resumed_from_asam_checkpoint_logs_no_sharpness(data_bin, tmp_path, caplog):
+    train_in_process(data_bin, tmp_path, "--optimizer", "asam", "--max-update", "4")
+    records = train_logged(
+        caplog,
         data_bin,
         tmp_path,
         "--optimizer",
@@ -310,5 +359,6 @@ def test_adam_resumed_from_asam_checkpoint_logs_no_sharpness(data_bin, tmp_path)
         "--log-format",
         "simple",
     )
-    assert "Loaded checkpoint" in proc.stdout and "num_updates=8" in proc.stdout
-    assert "sharpness" not in proc.stdout  # fairseq restored the meters; none is printed
+    text = "\n".join(f"{r.name} | {r.getMessage()}" for r in records)
+    assert "Loaded checkpoint" in text and "num_updates=8" in text
+    assert "sharpness" not in text  # fairseq restored the meters; none is printed

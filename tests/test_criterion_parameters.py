@@ -6,20 +6,17 @@ the model's weights), and when fairseq wraps the criterion in DDP, pass 1 must n
 """
 
 import copy
-import json
-import os
 
 import pytest
 import torch
-import torch.distributed as dist
-import torch.multiprocessing as mp
 from fairseq.criterions.label_smoothed_cross_entropy import LabelSmoothedCrossEntropyCriterion
 from harness import (
-    GLOO_TIMEOUT,
+    DDP_WORLD_SIZE,
     StepRecorder,
     batches,
     build_trainer,
-    join_gloo,
+    ddp_results,
+    ddp_scenario,
     reference_micro_batch,
     reference_update_gradient,
     relative_error,
@@ -27,7 +24,7 @@ from harness import (
 
 RHO, ETA = 0.5, 0.01
 INITIAL_LOG_SCALE = 0.3
-WORLD_SIZE = 2
+WORLD_SIZE = DDP_WORLD_SIZE
 
 
 class ScaledCriterion(LabelSmoothedCrossEntropyCriterion):
@@ -109,8 +106,7 @@ def _counting_allreduce(counter):
     return hook
 
 
-def _worker(rank, init_file, data_bin, out_dir):
-    join_gloo(rank, WORLD_SIZE, init_file, GLOO_TIMEOUT)
+def _in_ddp(rank, data_bin):
     update_freq = 2
     trainer, criterion = build(
         data_bin,
@@ -137,27 +133,20 @@ def _worker(rank, init_file, data_bin, out_dir):
     reference = reference_update_gradient(
         model0, criterion0, None, RHO, ETA, True, world_samples=world_samples
     )
-    result = {
+    return {
         "received": float(recorder.grads[-1]),
         **expected,
         "criterion_syncs": len(syncs),
         "model_error": relative_error(recorder.grads[:-1], reference),
     }
-    with open(os.path.join(out_dir, f"rank{rank}.json"), "w") as f:
-        json.dump(result, f)
-    dist.destroy_process_group()
 
 
-@pytest.mark.slow
-def test_criterion_in_ddp(tmp_path, data_bin):
-    mp.spawn(
-        _worker,
-        args=(str(tmp_path / "init"), data_bin, str(tmp_path)),
-        nprocs=WORLD_SIZE,
-        join=True,
-    )
-    for rank in range(WORLD_SIZE):
-        r = json.load(open(tmp_path / f"rank{rank}.json"))
+ddp_scenario("criterion-in-ddp", _in_ddp)
+
+
+@pytest.mark.slow  # the session's spawned DDP group (harness.ddp_results)
+def test_criterion_in_ddp(data_bin):
+    for r in ddp_results(data_bin, "criterion-in-ddp"):
         assert r["received"] == pytest.approx(r["sharpness_aware"], rel=1e-5)
         assert abs(r["received"] - r["plain"]) > 1e-2 * abs(r["plain"])
         assert r["model_error"] < 1e-6

@@ -6,29 +6,27 @@ would (ModuleProxyWrapper around the DDP module) but on the CPU.
 
 import contextlib
 import copy
-import json
-import os
 
 import pytest
 import torch
-import torch.distributed as dist
-import torch.multiprocessing as mp
 from harness import (
     BUCKET_VIEW_SUFFIX,
+    DDP_WORLD_SIZE,
     FailingCriterion,
     StepRecorder,
     batches,
     build_trainer,
+    ddp_results,
+    ddp_scenario,
     ddp_wrapper,
-    join_gloo,
     reference_update_gradient,
     relative_error,
     sharpness_aware_args,
 )
 
-pytestmark = pytest.mark.slow  # subprocesses: DDP workers or fairseq command-line runs
+pytestmark = pytest.mark.slow  # the session's spawned DDP group (harness.ddp_results)
 
-WORLD_SIZE = 2
+WORLD_SIZE = DDP_WORLD_SIZE
 UPDATE_FREQ = 2
 RHO, ETA = 0.5, 0.01
 
@@ -64,12 +62,13 @@ def reference_with_synced_pass_one(model, criterion, world_samples):
     return [t / size for t in total]
 
 
-def _worker(rank, init_file, data_bin, backend, out_dir):
-    join_gloo(rank, WORLD_SIZE, init_file)
-    result = {**_check_update(rank, data_bin, backend), **_check_overflow(rank, data_bin, backend)}
-    with open(os.path.join(out_dir, f"rank{rank}.json"), "w") as f:
-        json.dump(result, f)
-    dist.destroy_process_group()
+def _update_and_overflow(rank, data_bin, backend):
+    return {**_check_update(rank, data_bin, backend), **_check_overflow(rank, data_bin, backend)}
+
+
+BACKENDS = ["pytorch_ddp", "pytorch_ddp" + BUCKET_VIEW_SUFFIX, "legacy_ddp"]
+for _backend in BACKENDS:
+    ddp_scenario(f"ddp-update-overflow[{_backend}]", _update_and_overflow, backend=_backend)
 
 
 def _ddp_trainer(rank, data_bin, backend, extra=()):
@@ -132,18 +131,9 @@ def _check_overflow(rank, data_bin, backend):
     return result
 
 
-@pytest.mark.parametrize(
-    "backend", ["pytorch_ddp", "pytorch_ddp" + BUCKET_VIEW_SUFFIX, "legacy_ddp"]
-)
-def test_ddp_update_and_overflow(tmp_path, data_bin, backend):
-    mp.spawn(
-        _worker,
-        args=(str(tmp_path / "init"), data_bin, backend, str(tmp_path)),
-        nprocs=WORLD_SIZE,
-        join=True,
-    )
-    for rank in range(WORLD_SIZE):
-        r = json.load(open(tmp_path / f"rank{rank}.json"))
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_ddp_update_and_overflow(data_bin, backend):
+    for r in ddp_results(data_bin, f"ddp-update-overflow[{backend}]"):
         # The update is the reference sum of per-worker perturbed gradients (fp32, summed in
         # another order by the all-reduce: 1e-6) ...
         assert r["error"] < 1e-6
@@ -153,8 +143,7 @@ def test_ddp_update_and_overflow(tmp_path, data_bin, backend):
         assert r["overflow_detected"] and r["loss_scale_lowered"] and r["weights_untouched"]
 
 
-def _bmuf_worker(rank, init_file, data_bin, out_dir):
-    join_gloo(rank, WORLD_SIZE, init_file)
+def _bmuf(rank, data_bin):
     result = {}
     for name, extra in (
         ("asam", []),
@@ -198,20 +187,14 @@ def _bmuf_worker(rank, init_file, data_bin, out_dir):
             expected = g1 + 0.5 * g1.norm() / g_v.norm() * g_v
             actual = torch.cat([x.reshape(-1).double() for x in recorder.grads])
             result[name]["looksam_error"] = float((actual - expected).norm() / expected.norm())
-    with open(os.path.join(out_dir, f"bmuf-rank{rank}.json"), "w") as f:
-        json.dump(result, f)
-    dist.destroy_process_group()
+    return result
 
 
-def test_bmuf_steps_each_worker_with_its_own_sharpness_aware_gradient(tmp_path, data_bin):
-    mp.spawn(
-        _bmuf_worker,
-        args=(str(tmp_path / "init"), data_bin, str(tmp_path)),
-        nprocs=WORLD_SIZE,
-        join=True,
-    )
-    for rank in range(WORLD_SIZE):
-        r = json.load(open(tmp_path / f"bmuf-rank{rank}.json"))
+ddp_scenario("ddp-bmuf", _bmuf)
+
+
+def test_bmuf_steps_each_worker_with_its_own_sharpness_aware_gradient(data_bin):
+    for rank, r in enumerate(ddp_results(data_bin, "ddp-bmuf")):
         for name in ("asam", "asam-looksam"):
             assert r[name]["error"] < 1e-6 and r[name]["control_error"] > 1e-4, (
                 rank,

@@ -3,7 +3,6 @@ their own; legacy_ddp after a recovered OOM; LayerDrop drawing from numpy under
 --sharpness-eval-interval; the host syncs an update costs."""
 
 import copy
-import json
 import math
 import os
 import sys
@@ -12,15 +11,15 @@ import numpy
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 from fairseq import metrics
 from fairseq.criterions.label_smoothed_cross_entropy import LabelSmoothedCrossEntropyCriterion
 from harness import (
-    GLOO_TIMEOUT,
+    DDP_WORLD_SIZE,
     batches,
     build_trainer,
+    ddp_results,
+    ddp_scenario,
     ddp_wrapper,
-    join_gloo,
     reference_logged_sharpness,
     reference_micro_batch,
     sharpness_aware_args,
@@ -256,14 +255,13 @@ class FloatStatistics(LabelSmoothedCrossEntropyCriterion):
         return False
 
 
-WORLD_SIZE, MANY_MICRO_BATCHES = 2, 32
+WORLD_SIZE, MANY_MICRO_BATCHES = DDP_WORLD_SIZE, 32
 ALL_GATHER_LIST_SIZE = 16384  # fairseq's default --all-gather-list-size
 
 
-def _gathering_worker(rank, init_file, data_bin, out_dir):
+def _gathering(rank, data_bin):
     from fairseq.distributed import utils as distributed_utils
 
-    join_gloo(rank, WORLD_SIZE, init_file, GLOO_TIMEOUT)
     # fairseq keeps all_gather_list's buffer on the GPU; given CPU buffers, the rest of it (the
     # size check, pickling, the all-reduce) runs unchanged over gloo.
     gather = distributed_utils.all_gather_list
@@ -292,20 +290,15 @@ def _gathering_worker(rank, init_file, data_bin, out_dir):
         record["expected"] = reference_logged_sharpness(
             model0, trainer.criterion, pool, RHO, ETA, True
         )
-    with open(os.path.join(out_dir, f"rank{rank}.json"), "w") as f:
-        json.dump(record, f)
-    dist.destroy_process_group()
+    return record
 
 
-@pytest.mark.slow  # two spawned workers
-def test_criteria_that_gather_statistics_by_pickling(tmp_path, data_bin):
-    mp.spawn(
-        _gathering_worker,
-        args=(str(tmp_path / "init"), data_bin, str(tmp_path)),
-        nprocs=WORLD_SIZE,
-        join=True,
-    )
-    ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(WORLD_SIZE)]
+ddp_scenario("gather-by-pickling", _gathering)
+
+
+@pytest.mark.slow  # the session's spawned DDP group (harness.ddp_results)
+def test_criteria_that_gather_statistics_by_pickling(data_bin):
+    ranks = ddp_results(data_bin, "gather-by-pickling")
     assert ranks[1]["sharpness"] == ranks[0]["sharpness"]
     # Dropout is 0: the eval-mode value is the train-mode one, and both the equations'; the
     # Trainer returns them rounded to 4 decimals (abs 5e-5).

@@ -8,30 +8,27 @@ add nothing to the update: the gradient Adam receives is compared with the equat
 """
 
 import copy
-import json
 import math
-import os
 
 import pytest
 import torch
-import torch.distributed as dist
-import torch.multiprocessing as mp
 from harness import (
-    GLOO_TIMEOUT,
+    DDP_WORLD_SIZE,
     StepRecorder,
     batches,
     build_trainer,
+    ddp_results,
+    ddp_scenario,
     ddp_wrapper,
-    join_gloo,
     reference_logged_sharpness,
     reference_update_gradient,
     relative_error,
     sharpness_aware_args,
 )
 
-pytestmark = pytest.mark.slow  # subprocesses: DDP workers or fairseq command-line runs
+pytestmark = pytest.mark.slow  # the session's spawned DDP group (harness.ddp_results)
 
-WORLD_SIZE = 2
+WORLD_SIZE = DDP_WORLD_SIZE
 RHO, ETA, LOOKSAM_ALPHA = 0.5, 0.01, 0.5
 DUMMY = {}  # fairseq's ShardedIterator pads a short shard with empty samples: dummy batches
 ASAM = sharpness_aware_args("asam", RHO, ETA)
@@ -89,13 +86,14 @@ def _reference_update(model0, criterion, optimizer, update, world, sample_size, 
             )
         )
 
-    plain = gradient(1e-30)
     if optimizer == "adam" or not _perturbed(optimizer, update):
+        plain = gradient(1e-30)
         if optimizer == "asam-looksam" and g_v is not None:  # G + α‖G‖/‖g_v‖ g_v
             return plain + LOOKSAM_ALPHA * plain.norm() / g_v.norm() * g_v, g_v
         return plain, g_v
     sharp = gradient(RHO)
     if optimizer == "asam-looksam":  # g_v: the part of G_s orthogonal to G
+        plain = gradient(1e-30)
         g_v = sharp - (sharp @ plain) / (plain @ plain) * plain
     return sharp, g_v
 
@@ -162,118 +160,108 @@ def _run_pattern(rank, data_bin, optimizer, pattern):
     return out
 
 
-def _worker(rank, init_file, data_bin, out_dir):
-    join_gloo(rank, WORLD_SIZE, init_file, GLOO_TIMEOUT)
-    result = {}
-    for pattern_name, pattern in PATTERNS.items():
-        for optimizer in OPTIMIZERS:
-            result[f"{pattern_name}/{optimizer}"] = _run_pattern(rank, data_bin, optimizer, pattern)
-    with open(os.path.join(out_dir, f"rank{rank}.json"), "w") as f:
-        json.dump(result, f)
-    dist.destroy_process_group()
+for _pattern in PATTERNS:
+    for _optimizer in OPTIMIZERS:
+        ddp_scenario(
+            f"uneven/{_pattern}/{_optimizer}",
+            _run_pattern,
+            optimizer=_optimizer,
+            pattern=PATTERNS[_pattern],
+        )
 
 
 def _same(a, b):
     return a is b is None or (a is not None and b is not None and a == pytest.approx(b, rel=1e-6))
 
 
-def test_dummy_batches_on_one_worker(tmp_path, data_bin):
-    mp.spawn(
-        _worker,
-        args=(str(tmp_path / "init"), data_bin, str(tmp_path)),
-        nprocs=WORLD_SIZE,
-        join=True,
-    )
-    ranks = [json.load(open(tmp_path / f"rank{r}.json")) for r in range(WORLD_SIZE)]
-    for case, updates in ranks[0].items():
-        pattern_name, optimizer = case.split("/")
-        adam = ranks[0][f"{pattern_name}/adam"]
-        for update, record in enumerate(updates):
-            other = ranks[1][case][update]
-            # Both workers log the same statistics: the packed all-reduce lined up.
-            assert other["loss"] == pytest.approx(record["loss"], rel=1e-6), case
-            assert _same(other["sharpness"], record["sharpness"]), case
-            assert _same(other["sharpness_eval"], record["sharpness_eval"]), case
-            assert (record["sharpness_eval"] is not None) == (optimizer == "asam-eval"), case
-            if update == 0:  # same weights as Adam's first update: the same loss (pass 1's)
-                assert record["loss"] == pytest.approx(adam[0]["loss"], rel=1e-6), case
-            if optimizer == "adam":
-                assert record["sharpness"] is None
-            elif record["expected_sharpness"] is None:  # a plain update of --sam-interval 2
-                assert record["sharpness"] is None, case
-            else:
-                # fairseq logs it rounded to 4 decimals (5e-5), a difference of losses reduced
-                # in fp32 (~1e-6 relative of L ≈ 6.3 bits each): 1e-4.
-                assert record["sharpness"] == pytest.approx(
-                    record["expected_sharpness"], abs=1e-4
-                ), case
-            # The update: the equations over the real micro-batches only, dummy batches adding
-            # nothing; the control (dummy batches trained on) is far from it.
-            bound = UPDATE_BOUND.get(optimizer, UPDATE_BOUND_FP32)
-            assert record["update_error"] < bound, (case, update, record)
-            assert other["update_error"] < bound, (case, update, other)
-            assert record["control_error"] > 100 * bound, (case, update, record)
+@pytest.mark.parametrize("optimizer", list(OPTIMIZERS))
+@pytest.mark.parametrize("pattern_name", list(PATTERNS))
+def test_dummy_batches_on_one_worker(data_bin, pattern_name, optimizer):
+    case = f"{pattern_name}/{optimizer}"
+    rank0, rank1 = ddp_results(data_bin, f"uneven/{case}")
+    adam = ddp_results(data_bin, f"uneven/{pattern_name}/adam")[0]
+    for update, (record, other) in enumerate(zip(rank0, rank1)):
+        # Both workers log the same statistics: the packed all-reduce lined up.
+        assert other["loss"] == pytest.approx(record["loss"], rel=1e-6), update
+        assert _same(other["sharpness"], record["sharpness"]), update
+        assert _same(other["sharpness_eval"], record["sharpness_eval"]), update
+        assert (record["sharpness_eval"] is not None) == (optimizer == "asam-eval"), update
+        if update == 0:  # same weights as Adam's first update: the same loss (pass 1's)
+            assert record["loss"] == pytest.approx(adam[0]["loss"], rel=1e-6)
+        if optimizer == "adam":
+            assert record["sharpness"] is None
+        elif record["expected_sharpness"] is None:  # a plain update of --sam-interval 2
+            assert record["sharpness"] is None, update
+        else:
+            # fairseq logs it rounded to 4 decimals (5e-5), a difference of losses reduced
+            # in fp32 (~1e-6 relative of L ≈ 6.3 bits each): 1e-4.
+            assert record["sharpness"] == pytest.approx(record["expected_sharpness"], abs=1e-4), (
+                update
+            )
+        # The update: the equations over the real micro-batches only, dummy batches adding
+        # nothing; the control (dummy batches trained on) is far from it.
+        bound = UPDATE_BOUND.get(optimizer, UPDATE_BOUND_FP32)
+        assert record["update_error"] < bound, (update, record)
+        assert other["update_error"] < bound, (update, other)
+        assert record["control_error"] > 100 * bound, (update, record)
 
 
-def _epoch_worker(rank, init_file, data_bin, out_dir):
+def _epochs(rank, data_bin, update_freq, optimizer):
     """Two epochs over a training set whose batch count is odd, through fairseq's own sharded
     epoch iterator: the short shard's last update holds a dummy batch."""
     from fairseq.data import iterators
 
-    join_gloo(rank, WORLD_SIZE, init_file, GLOO_TIMEOUT)
-    result = {}
-    for update_freq in (1, 2):
-        for optimizer in EPOCH_OPTIMIZERS:
-            trainer = build_trainer(
-                data_bin,
-                OPTIMIZERS[optimizer]
-                + [
-                    "--update-freq",
-                    str(update_freq),
-                    "--distributed-world-size",
-                    str(WORLD_SIZE),
-                    "--max-tokens",
-                    str(ODD_BATCH_COUNT_MAX_TOKENS),
-                ],
-                wrap_model=ddp_wrapper("pytorch_ddp"),
-            )
-            epoch_itr = trainer.get_train_iterator(epoch=1)
-            result["total_batches"] = len(epoch_itr.frozen_batches)
-            logs = []
-            for _ in range(2):
-                itr = iterators.GroupedIterator(epoch_itr.next_epoch_itr(shuffle=True), update_freq)
-                for samples in itr:
-                    log_output = trainer.train_step(samples)
-                    logs.append({k: _logged(log_output, k) for k in ("loss", "sharpness")})
-            result[f"uf{update_freq}/{optimizer}"] = logs
-            result[f"uf{update_freq}/{optimizer}/updates"] = trainer.get_num_updates()
-    with open(os.path.join(out_dir, f"epoch-rank{rank}.json"), "w") as f:
-        json.dump(result, f)
-    dist.destroy_process_group()
-
-
-def test_epochs_with_odd_batch_count(tmp_path, data_bin):
-    mp.spawn(
-        _epoch_worker,
-        args=(str(tmp_path / "init"), data_bin, str(tmp_path)),
-        nprocs=WORLD_SIZE,
-        join=True,
+    trainer = build_trainer(
+        data_bin,
+        OPTIMIZERS[optimizer]
+        + [
+            "--update-freq",
+            str(update_freq),
+            "--distributed-world-size",
+            str(WORLD_SIZE),
+            "--max-tokens",
+            str(ODD_BATCH_COUNT_MAX_TOKENS),
+        ],
+        wrap_model=ddp_wrapper("pytorch_ddp"),
     )
-    ranks = [json.load(open(tmp_path / f"epoch-rank{r}.json")) for r in range(WORLD_SIZE)]
-    assert ranks[0]["total_batches"] % 2 == 1  # one shard is padded with a dummy batch
-    for update_freq in (1, 2):
-        for optimizer in EPOCH_OPTIMIZERS:
-            case = f"uf{update_freq}/{optimizer}"
-            a, b = ranks[0][case], ranks[1][case]
-            assert len(a) == len(b) == ranks[0][case + "/updates"] >= 4
-            for x, y in zip(a, b):
-                assert x["loss"] == pytest.approx(y["loss"], rel=1e-6) and math.isfinite(x["loss"])
-                assert _same(x["sharpness"], y["sharpness"])
-                if optimizer == "adam":
-                    assert x["sharpness"] is None
-            if optimizer == "asam":
-                assert all(x["sharpness"] is not None for x in a)
-            # The first update starts from the same weights as Adam's: the same loss.
-            assert a[0]["loss"] == pytest.approx(
-                ranks[0][f"uf{update_freq}/adam"][0]["loss"], rel=1e-6
-            )
+    epoch_itr = trainer.get_train_iterator(epoch=1)
+    logs = []
+    for _ in range(2):
+        itr = iterators.GroupedIterator(epoch_itr.next_epoch_itr(shuffle=True), update_freq)
+        for samples in itr:
+            log_output = trainer.train_step(samples)
+            logs.append({k: _logged(log_output, k) for k in ("loss", "sharpness")})
+    return {
+        "total_batches": len(epoch_itr.frozen_batches),
+        "logs": logs,
+        "updates": trainer.get_num_updates(),
+    }
+
+
+for _update_freq in (1, 2):
+    for _optimizer in EPOCH_OPTIMIZERS:
+        ddp_scenario(
+            f"uneven-epochs/uf{_update_freq}/{_optimizer}",
+            _epochs,
+            update_freq=_update_freq,
+            optimizer=_optimizer,
+        )
+
+
+@pytest.mark.parametrize("optimizer", EPOCH_OPTIMIZERS)
+@pytest.mark.parametrize("update_freq", (1, 2))
+def test_epochs_with_odd_batch_count(data_bin, update_freq, optimizer):
+    rank0, rank1 = ddp_results(data_bin, f"uneven-epochs/uf{update_freq}/{optimizer}")
+    adam = ddp_results(data_bin, f"uneven-epochs/uf{update_freq}/adam")[0]["logs"]
+    assert rank0["total_batches"] % 2 == 1  # one shard is padded with a dummy batch
+    a, b = rank0["logs"], rank1["logs"]
+    assert len(a) == len(b) == rank0["updates"] >= 4
+    for x, y in zip(a, b):
+        assert x["loss"] == pytest.approx(y["loss"], rel=1e-6) and math.isfinite(x["loss"])
+        assert _same(x["sharpness"], y["sharpness"])
+        if optimizer == "adam":
+            assert x["sharpness"] is None
+    if optimizer == "asam":
+        assert all(x["sharpness"] is not None for x in a)
+    # The first update starts from the same weights as Adam's: the same loss.
+    assert a[0]["loss"] == pytest.approx(adam[0]["loss"], rel=1e-6)
