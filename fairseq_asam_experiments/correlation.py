@@ -14,7 +14,6 @@ import dataclasses
 import logging
 import math
 import os
-import subprocess
 from typing import Dict, List, Optional, Sequence, Tuple
 
 from . import files, grid, recipe
@@ -103,21 +102,13 @@ def prepare_data(built: grid.Grid, archive: Optional[str]) -> str:
     return os.path.join(data_dir, prepare.DATA_BIN)
 
 
-def train_stand_in(built: grid.Grid, run: grid.Run, data_bin: str) -> None:
-    """Trains one model into grid.run_dir(run), resumable.  STAND-IN for launch.run_one(grid, run,
-    data_bin, references, gpu): replace it when launch merges (it brings --launcher slurm)."""
-    folder, settings = built.run_dir(run), built.settings(run, data_bin)
-    if files.read_stamp(folder, "train") == settings:
-        return
-    command = built.command(run, data_bin)
-    files.write_text(os.path.join(folder, "command.txt"), " ".join(command) + "\n")
-    env = dict(os.environ, OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "1"))
-    logger.info("training %s", run.name)
-    with open(os.path.join(folder, "train.log"), "w", encoding="utf-8") as log:
-        status = subprocess.run(command, stdout=log, stderr=subprocess.STDOUT, env=env).returncode
-    if status != 0:
-        raise ExperimentError(f"{run.name}: fairseq-train exited {status}, see {folder}/train.log")
-    files.write_stamp(folder, "train", settings)
+def train_model(built: grid.Grid, run: grid.Run, data_bin: str) -> None:
+    """launch's train stage into grid.run_dir(run): resumable, the stamps of fairseq-asam-table4."""
+    from . import launch
+
+    os.makedirs(built.run_dir(run), exist_ok=True)
+    env = {"OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}
+    launch.train(built, run, data_bin, env, launch.Children())
 
 
 def rescale_ffn(model, scale: float):
@@ -287,7 +278,7 @@ def family_rows(built: grid.Grid, data_bin: str, settings, scales) -> Tuple[list
     rows, failed = [], []
     for run in built.runs():
         try:
-            train_stand_in(built, run, data_bin)
+            train_model(built, run, data_bin)
             checkpoint = os.path.join(built.run_dir(run), LAST_CHECKPOINT)
             logger.info("measuring %s", run.name)
             measured = measure_model(checkpoint, data_bin, settings, scales)

@@ -158,8 +158,8 @@ def call(children: Children, what: str, command: List[str], log: str, env: Dict,
     with open(log, mode, encoding="utf-8") as out:
         returncode = children.call(command, stdout=out, env={**os.environ, **env})
     if returncode != 0:
-        how = "was killed by" if returncode < 0 else "failed with"
-        raise ExperimentError(f"{what} {how} {evaluation.exit_description(returncode)}; see {log}")
+        how = f"was killed by signal {-returncode}" if returncode < 0 else f"exited {returncode}"
+        raise ExperimentError(f"{what} {how}; see {log}")
 
 
 def train(grid: Grid, run: Run, data_bin: str, env: Dict[str, str], children: Children) -> str:

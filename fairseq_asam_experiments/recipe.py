@@ -19,7 +19,7 @@ from .errors import SettingError
 CONFIG_PACKAGE = "fairseq_asam_experiments.configs"
 # A checkout used without installing it (PYTHONPATH): configs/ two folders above this package.
 CHECKOUT_CONFIG_DIR = os.path.join(
-    os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))), "configs"
+    os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs"
 )
 RECIPE_ARGS = "iwslt14_de_en/common.args"
 OPTIMIZER_ARGS = "iwslt14_de_en/{optimizer}.args"

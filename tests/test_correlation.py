@@ -228,7 +228,7 @@ def test_the_command_on_small_models(tmp_path, monkeypatch, checkout_configs, ch
         train_checkpoint(data_bin_, folder, updates=len(trained))
 
     monkeypatch.setattr(correlation, "prepare_data", lambda built, archive: data_bin)
-    monkeypatch.setattr(correlation, "train_stand_in", train_stub)
+    monkeypatch.setattr(correlation, "train_model", train_stub)
     sweeps = ["lr=0.001,0.002", "dropout=0,0.1", "max-tokens=120"]
     argv = ["--out", str(tmp_path), "--steps", "1", "--train-batches", "2", "--batch-tokens", "120"]
     argv += [flag for sweep in sweeps for flag in ("--sweep", sweep)] + ["--rescaled-copies", "4"]
