@@ -1,10 +1,11 @@
 """`python -m fairseq_asam_experiments <command> [flags]`: fairseq-asam-<command> without its
 console script on PATH (a run's sharpness measurement starts this way)."""
 
+import argparse
 import importlib
 import sys
 
-# The command after `fairseq-asam-` -> the module whose `main` it is (setup.py's console scripts).
+# The command after `fairseq-asam-` -> the module whose `main` it is (setup.py's COMMANDS).
 COMMANDS = {
     "table4": "table4",
     "prepare": "prepare",
@@ -17,7 +18,7 @@ COMMANDS = {
     "correlation": "correlation",
 }
 
-if len(sys.argv) < 2 or sys.argv[1] not in COMMANDS:
-    sys.exit(f"usage: python -m fairseq_asam_experiments {{{','.join(COMMANDS)}}} [flags]")
-module = importlib.import_module(f"{__package__}.{COMMANDS[sys.argv[1]]}")
-sys.exit(module.main(sys.argv[2:]))
+parser = argparse.ArgumentParser(prog=f"python -m {__package__}")
+parser.add_argument("command", choices=list(COMMANDS))
+command = parser.parse_args(sys.argv[1:2]).command
+sys.exit(importlib.import_module(f"{__package__}.{COMMANDS[command]}").main(sys.argv[2:]))

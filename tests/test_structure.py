@@ -100,3 +100,38 @@ def test_the_launcher_starts_fairseq_asam_sharpness_through_python_m():
     )
     assert unknown.returncode == 2
     assert "invalid choice: 'train'" in unknown.stderr
+
+
+MAX_FUNCTION_LINES = 80  # issue 16
+
+
+def test_no_function_of_the_kit_is_longer_than_80_lines():
+    long = []
+    for name in sorted(os.listdir(KIT)):
+        if name.endswith(".py"):
+            with open(os.path.join(KIT, name), encoding="utf-8") as f:
+                tree = ast.parse(f.read())
+            long += [
+                f"{name}:{node.name} ({node.end_lineno - node.lineno + 1} lines)"
+                for node in ast.walk(tree)
+                if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef))
+                and node.end_lineno - node.lineno + 1 > MAX_FUNCTION_LINES
+            ]
+    assert long == []
+
+
+def test_setup_py_and_python_m_name_the_same_commands():
+    def commands_of(path):
+        tree = ast.parse(open(path, encoding="utf-8").read())
+        (node,) = [
+            n.value
+            for n in ast.walk(tree)
+            if isinstance(n, ast.Assign) and getattr(n.targets[0], "id", "") == "COMMANDS"
+        ]
+        return ast.literal_eval(node)
+
+    setup = commands_of(os.path.join(REPO, "setup.py"))
+    assert setup == commands_of(os.path.join(KIT, "__main__.py"))
+    for module in setup.values():  # every command's module has its main
+        with open(os.path.join(KIT, module + ".py"), encoding="utf-8") as f:
+            assert "\ndef main(" in f.read(), module
