@@ -492,7 +492,7 @@ def fake_run(tmp_path):
     return run, str(data_bin)
 
 
-def canned_generate(command, output_path, env=None):
+def canned_generate(command, output_path, env=None, call=None):
     """fairseq-generate's output without running it: ONE_WORD_OFF on valid, exact on test."""
     bleu = ONE_WORD_OFF_PRINTED if "valid" in command else "BLEU4 = 100.00, 100/100/100/100"
     text = ONE_WORD_OFF_GENERATE.format(bleu=bleu)

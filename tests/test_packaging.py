@@ -288,7 +288,7 @@ def test_wheel_runs_the_tiny_preset_outside_the_checkout(wheel_venv, tmp_path):
     assert where.returncode == 0, where.stderr[-3000:]
     package_file, config_dir = where.stdout.split()[-2:]
     assert package_file == os.path.join(purelib, "fairseq_asam", "__init__.py")
-    assert config_dir == os.path.join(purelib, "fairseq_asam", "experiments", "configs")
+    assert config_dir == os.path.join(purelib, "fairseq_asam_experiments", "configs")
 
     out = tmp_path / "out"
     done = subprocess.run(
