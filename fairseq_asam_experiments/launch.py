@@ -158,7 +158,8 @@ def call(children: Children, what: str, command: List[str], log: str, env: Dict,
     with open(log, mode, encoding="utf-8") as out:
         returncode = children.call(command, stdout=out, env={**os.environ, **env})
     if returncode != 0:
-        killed = f"was killed by signal {-returncode} ({signal.Signals(-returncode).name})"
+        names = {s.value: s.name for s in signal.Signals}
+        killed = f"was killed by signal {-returncode} ({names.get(-returncode, '?')})"
         how = killed if returncode < 0 else f"failed with exit code {returncode}"
         raise ExperimentError(f"{what} {how}; see {log}")
 
