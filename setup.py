@@ -1,21 +1,18 @@
+import os
+import runpy
+
 from setuptools import setup
 
 # The plugin (what `--user-dir` loads) needs torch and fairseq; the experiment kit
 # (fairseq_asam_experiments: data preparation, Table 4 runner, evaluation, report, sharpness,
 # trajectories, benchmark) needs the `experiments` extra too.
 CONFIGS_PACKAGE = "fairseq_asam_experiments.configs"
-# fairseq-asam-<command> -> its module's `main` (also `python -m fairseq_asam_experiments CMD`).
-COMMANDS = {
-    "table4": "table4",
-    "prepare": "prepare",
-    "evaluate": "evaluation",
-    "report": "report",
-    "sharpness": "sharpness",
-    "benchmark": "benchmark",
-    "trajectories": "trajectories",
-    "precision": "precision",
-    "correlation": "correlation",
-}
+# fairseq-asam-<command> -> its module's `main`: one list, in the kit's __init__ (no imports).
+COMMANDS = runpy.run_path(
+    os.path.join(
+        os.path.dirname(os.path.abspath(__file__)), "fairseq_asam_experiments", "__init__.py"
+    )
+)["COMMANDS"]
 CONSOLE_SCRIPTS = [
     f"fairseq-asam-{name} = fairseq_asam_experiments.{module}:main"
     for name, module in COMMANDS.items()

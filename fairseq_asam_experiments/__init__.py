@@ -21,3 +21,17 @@ extra: sacrebleu, subword-nmt, sacremoses, matplotlib, regex).
 
 A module imports only modules below it (test_structure checks there is no cycle).
 """
+
+# fairseq-asam-<command> -> the module whose `main` it is: setup.py's console scripts and
+# `python -m fairseq_asam_experiments <command>` both read this (so it imports nothing).
+COMMANDS = {
+    "table4": "table4",
+    "prepare": "prepare",
+    "evaluate": "evaluation",
+    "report": "report",
+    "sharpness": "sharpness",
+    "benchmark": "benchmark",
+    "trajectories": "trajectories",
+    "precision": "precision",
+    "correlation": "correlation",
+}

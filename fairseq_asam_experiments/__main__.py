@@ -5,18 +5,7 @@ import argparse
 import importlib
 import sys
 
-# The command after `fairseq-asam-` -> the module whose `main` it is (setup.py's COMMANDS).
-COMMANDS = {
-    "table4": "table4",
-    "prepare": "prepare",
-    "evaluate": "evaluation",
-    "report": "report",
-    "sharpness": "sharpness",
-    "benchmark": "benchmark",
-    "trajectories": "trajectories",
-    "precision": "precision",
-    "correlation": "correlation",
-}
+from . import COMMANDS
 
 parser = argparse.ArgumentParser(prog=f"python -m {__package__}")
 parser.add_argument("command", choices=list(COMMANDS))

@@ -120,18 +120,24 @@ def test_no_function_of_the_kit_is_longer_than_80_lines():
     assert long == []
 
 
-def test_setup_py_and_python_m_name_the_same_commands():
-    def commands_of(path):
-        tree = ast.parse(open(path, encoding="utf-8").read())
-        (node,) = [
-            n.value
-            for n in ast.walk(tree)
-            if isinstance(n, ast.Assign) and getattr(n.targets[0], "id", "") == "COMMANDS"
-        ]
-        return ast.literal_eval(node)
+def test_installed_console_scripts_are_the_kits_commands():
+    """setup.py makes its console scripts from the kit's COMMANDS: the installed metadata must
+    name exactly those (a stale install or a setup.py that drifts fails here), each a module's
+    `main`."""
+    from importlib.metadata import entry_points
 
-    setup = commands_of(os.path.join(REPO, "setup.py"))
-    assert setup == commands_of(os.path.join(KIT, "__main__.py"))
-    for module in setup.values():  # every command's module has its main
+    from fairseq_asam_experiments import COMMANDS
+
+    installed = {
+        e.name: e.value
+        for e in entry_points(group="console_scripts")
+        if e.name.startswith("fairseq-asam-")
+    }
+    expected = {
+        f"fairseq-asam-{name}": f"fairseq_asam_experiments.{module}:main"
+        for name, module in COMMANDS.items()
+    }
+    assert installed == expected
+    for module in COMMANDS.values():
         with open(os.path.join(KIT, module + ".py"), encoding="utf-8") as f:
             assert "\ndef main(" in f.read(), module
