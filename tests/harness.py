@@ -379,6 +379,29 @@ def leaves(node, prefix=""):
             yield f"{prefix}{key}", value
 
 
+def compose_hydra(config_name: str, overrides=(), hydra_config: bool = False):
+    """`configs/hydra/<config_name>.yaml` composed as fairseq-hydra-train composes it (fairseq's
+    schema registered under the config's name, version_base 1.1 as fairseq's own hydra calls
+    expect), data and user dir filled in: its leaves as a dict, and with `hydra_config` also
+    hydra's multirun subdir (None unless the config sets one)."""
+    from fairseq.dataclass.initialize import hydra_init
+    from hydra import compose, initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+    from omegaconf import OmegaConf
+
+    GlobalHydra.instance().clear()
+    hydra_init(config_name)
+    run = ["task.data=/data-bin", f"common.user_dir={fairseq_asam.USER_DIR}"]
+    with initialize_config_dir(config_dir=HYDRA_DIR, version_base="1.1"):
+        cfg = compose(config_name, run + list(overrides), return_hydra_config=hydra_config)
+    GlobalHydra.instance().clear()
+    subdir = cfg.hydra.sweep.subdir if hydra_config else None
+    container = OmegaConf.to_container(cfg)
+    container.pop("hydra", None)
+    settings = dict(leaves(OmegaConf.to_container(OmegaConf.create(container), resolve=True)))
+    return (settings, subdir) if hydra_config else settings
+
+
 class FailingCriterion(torch.nn.Module):
     """Wraps a criterion; scales call `scale_call` by `factor` or raises on call `raise_call`."""
 

@@ -13,8 +13,7 @@ import subprocess
 import sys
 
 import pytest
-from harness import HYDRA_DIR, leaves
-from omegaconf import OmegaConf
+from harness import HYDRA_DIR, compose_hydra
 
 import fairseq_asam
 from fairseq_asam_experiments import report
@@ -30,28 +29,11 @@ TINY_MODEL = [
         ("decoder_ffn_embed_dim", 32),
     )
 ]
-RUN_OVERRIDES = ["task.data=/data-bin", f"common.user_dir={fairseq_asam.USER_DIR}"]
 
 
-def compose(config_name, overrides=()):
-    from fairseq.dataclass.initialize import hydra_init
-    from hydra import compose as hydra_compose
-    from hydra import initialize_config_dir
-    from hydra.core.global_hydra import GlobalHydra
-
-    GlobalHydra.instance().clear()
-    hydra_init(config_name)
-    with initialize_config_dir(config_dir=HYDRA_DIR, version_base="1.1"):
-        cfg = hydra_compose(
-            config_name=config_name,
-            overrides=RUN_OVERRIDES + ["checkpoint.save_dir=/save"] + list(overrides),
-            return_hydra_config=True,
-        )
-    GlobalHydra.instance().clear()
-    subdir = cfg.hydra.sweep.subdir if config_name == "table4" else None
-    container = OmegaConf.to_container(cfg)
-    del container["hydra"]
-    return dict(leaves(OmegaConf.to_container(OmegaConf.create(container), resolve=True))), subdir
+def compose(config_name, overrides=(), hydra_config=False):
+    overrides = ["checkpoint.save_dir=/save", *overrides]
+    return compose_hydra(config_name, overrides, hydra_config=hydra_config)
 
 
 @pytest.mark.parametrize(
@@ -59,8 +41,8 @@ def compose(config_name, overrides=()):
     [("adam", "adam-seed2"), ("sam", "sam-rho0.1-seed2"), ("asam", "asam-rho0.2-eta0.01-seed2")],
 )
 def test_table4_yaml_with_a_row_is_that_rows_yaml(row, folder):
-    table4, subdir = compose("table4", [f"row={row}", "common.seed=2"])
-    own, _ = compose(row, ["common.seed=2"])
+    table4, subdir = compose("table4", [f"row={row}", "common.seed=2"], hydra_config=True)
+    own = compose(row, ["common.seed=2"])
     assert table4 == own  # every setting, the optimizer's and the recipe's
     assert subdir == folder  # the run folder names of fairseq-asam-table4 (grid.Run.name)
 

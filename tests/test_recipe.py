@@ -8,7 +8,7 @@ import subprocess
 import sys
 
 import pytest
-from harness import HYDRA_DIR, leaves
+from harness import HYDRA_DIR, compose_hydra, leaves
 from omegaconf import OmegaConf
 
 import fairseq_asam
@@ -172,23 +172,6 @@ def test_the_protocol_sets_how_fairseq_selects_checkpoint_best(
 # --------------------------------------------------------------------------------------------
 # The hydra YAML says the same as the argument files
 # --------------------------------------------------------------------------------------------
-
-
-def compose_hydra(config_name: str):
-    from fairseq.dataclass.initialize import hydra_init
-    from hydra import compose, initialize_config_dir
-    from hydra.core.global_hydra import GlobalHydra
-
-    GlobalHydra.instance().clear()
-    hydra_init(config_name)  # as fairseq-hydra-train: fairseq's schema under the config's name
-    # version_base 1.1, as fairseq's own hydra calls expect.
-    with initialize_config_dir(config_dir=HYDRA_DIR, version_base="1.1"):
-        cfg = compose(
-            config_name=config_name,
-            overrides=["task.data=/data-bin", f"common.user_dir={fairseq_asam.USER_DIR}"],
-        )
-    GlobalHydra.instance().clear()
-    return dict(leaves(OmegaConf.to_container(cfg, resolve=True)))
 
 
 def written_yaml_settings(config_name: str):
