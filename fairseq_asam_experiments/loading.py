@@ -1,10 +1,6 @@
 """One loader for the kit: a fairseq checkpoint, its task set up on a data folder, the model and
-criterion, and the batches of a split (used by evaluation, sharpness, precision, benchmark).
-
-A translation checkpoint trained without --source-lang/--target-lang (as fairseq's IWSLT'14
-example trains) records no language pair: fairseq's translation task infers it from the data
-folder's file names (`data_utils.infer_language_pair`), and so does `check_fits`.
-torch and fairseq are imported inside the functions that use them.
+criterion, and a split's batches; torch and fairseq are imported by the functions that use them
+(`--help` needs neither).  A checkpoint trained without -s/-t takes the data folder's pair.
 """
 
 import itertools
@@ -14,14 +10,7 @@ from typing import Any, Callable, List, Optional, Sequence
 
 from .errors import ExperimentError, SettingError
 
-# fairseq's binarized index files: `{split}.{src}-{tgt}.{lang}.idx` or `{split}.idx`.
-INDEX_SUFFIX = ".idx"
-# Special symbols every fairseq Dictionary adds to the words of its dict.*.txt file.
-DICTIONARY_SPECIAL_SYMBOLS = 4
-TRANSLATION_EMBEDDINGS = {
-    "source": "encoder.embed_tokens.weight",
-    "target": "decoder.embed_tokens.weight",
-}
+INDEX_SUFFIX = ".idx"  # fairseq's binarized index files: `{split}.{src}-{tgt}.{lang}.idx`
 
 
 @dataclass
@@ -50,10 +39,8 @@ def check_split(data_bin: str, split: str, flag: str = "--subset") -> None:
         raise SettingError(f"data-bin folder not found: {folder}")
     splits = binarized_splits(data_bin)
     if split not in splits:
-        raise SettingError(
-            f"{flag} {split}: no such split in {folder} "
-            f"(it has: {', '.join(splits) or 'no binarized split'})"
-        )
+        has = ", ".join(splits) or "no binarized split"
+        raise SettingError(f"{flag} {split}: no such split in {folder} (it has: {has})")
 
 
 def read_checkpoint(path: str) -> dict:
@@ -78,15 +65,10 @@ def saved_settings(state: dict, group: str) -> dict:
     return dict((state.get("cfg") or {}).get(group) or {})
 
 
-def _dictionary_size(path: str) -> int:
-    with open(path, encoding="utf-8") as f:
-        return sum(1 for line in f if line.strip()) + DICTIONARY_SPECIAL_SYMBOLS
-
-
 def check_fits(checkpoint: str, data_bin: str, split: str) -> None:
-    """Raises ExperimentError naming both when a translation checkpoint does not fit the data
-    folder: another language pair, no pair at all (e.g. a language-model data-bin), or
-    dictionaries whose sizes differ from the checkpoint's embedding tables."""
+    """ExperimentError naming both unless a translation checkpoint fits the data folder: a language
+    pair (its own, else the folder's as fairseq infers it) with `split`, embedding-sized dicts."""
+    from fairseq.data import Dictionary
     from fairseq.data.data_utils import infer_language_pair
 
     state = read_checkpoint(checkpoint)
@@ -100,16 +82,16 @@ def check_fits(checkpoint: str, data_bin: str, split: str) -> None:
     mismatch = f"checkpoint {checkpoint} ({task['_name']}, {source}-{target}) does not fit {folder}"
     if source is None:
         raise ExperimentError(f"{mismatch}: neither names a language pair to translate")
-    indexed = (
-        f"{split}.{a}-{b}.{source}{INDEX_SUFFIX}" for a, b in ((source, target), (target, source))
-    )
-    if not any(os.path.isfile(os.path.join(folder, name)) for name in indexed):
+    pairs = ((source, target), (target, source))
+    indexed = (os.path.join(folder, f"{split}.{a}-{b}.{source}{INDEX_SUFFIX}") for a, b in pairs)
+    if not any(os.path.isfile(path) for path in indexed):
         raise ExperimentError(f"{mismatch}: it has no {split} split for the pair {source}-{target}")
-    for side, lang in (("source", source), ("target", target)):
+    for side, lang, module in (("source", source, "encoder"), ("target", target, "decoder")):
         path = os.path.join(folder, f"dict.{lang}.txt")
         if not os.path.isfile(path):
             raise ExperimentError(f"{mismatch}: {os.path.basename(path)} is missing")
-        size, embeddings = _dictionary_size(path), state["model"].get(TRANSLATION_EMBEDDINGS[side])
+        size = len(Dictionary.load(path))
+        embeddings = state["model"].get(f"{module}.embed_tokens.weight")
         if embeddings is not None and size != embeddings.shape[0]:
             raise ExperimentError(
                 f"{mismatch}: its {side} dictionary has {size} symbols, "
@@ -130,9 +112,8 @@ def load_checkpoint(checkpoint: str, data_bin: str, split: str) -> Loaded:
         criterion = task.build_criterion(cfg.criterion)
     except Exception as error:  # what check_fits cannot see (other tasks): fairseq's words
         reason = " ".join(str(error).split()) or type(error).__name__
-        raise ExperimentError(
-            f"cannot load checkpoint {checkpoint} with the data in {data_bin}: {reason}"
-        ) from error
+        where = f"checkpoint {checkpoint} with the data in {data_bin}"
+        raise ExperimentError(f"cannot load {where}: {reason}") from error
     return Loaded(models[0].eval(), criterion.eval(), task, cfg)
 
 
@@ -151,9 +132,9 @@ def build_from_args(argv: Sequence[str], make_task: Optional[Callable] = None) -
 
 
 def first_batches(task, dataset, count: int, shuffle: bool = False, **options) -> List[Any]:
-    """The first `count` batches of `dataset` (fewer if it has fewer) cut by fairseq's own batch
-    iterator (`options`: max_tokens, max_sentences, seed, ...): length-bucketed, in fairseq's
-    fixed order or shuffled by the seed as training draws them; the same on every call."""
+    """The first `count` batches of `dataset` (fewer if it has fewer) cut by fairseq's batch
+    iterator (`options`: max_tokens, max_sentences, seed, ...), in its fixed order or shuffled by
+    the seed as training draws them; the same on every call."""
     iterator = task.get_batch_iterator(dataset=dataset, disable_iterator_cache=True, **options)
     return list(itertools.islice(iterator.next_epoch_itr(shuffle=shuffle), count))
 
@@ -164,7 +145,6 @@ def split_batches(loaded: Loaded, split: str, count: int, shuffle: bool = False,
 
     task = loaded.task
     task.load_dataset(split, combine=False, epoch=1)
-    positions = utils.resolve_max_positions(task.max_positions(), loaded.model.max_positions())
-    return first_batches(
-        task, task.dataset(split), count, shuffle, max_positions=positions, **options
-    )
+    model_positions = loaded.model.max_positions()
+    options["max_positions"] = utils.resolve_max_positions(task.max_positions(), model_positions)
+    return first_batches(task, task.dataset(split), count, shuffle, **options)

@@ -18,7 +18,7 @@ import pytest
 import torch
 
 from fairseq_asam import perturbation
-from fairseq_asam_experiments import evaluation, sharpness
+from fairseq_asam_experiments import correlation, evaluation, sharpness
 from fairseq_asam_experiments.errors import SettingError
 from fairseq_asam_experiments.sharpness import main as sharpness_main
 
@@ -174,25 +174,12 @@ def loaded(tiny_checkpoint, data_bin):
     return sharpness.load_subset(tiny_checkpoint, data_bin, "valid", 10, torch.device("cpu"))
 
 
-def rescale_relu_ffn(model, scale):
-    """fc1 weight and bias × a, fc2 weight ÷ a in every layer: the same function (ReLU)."""
-    model = copy.deepcopy(model)
-    layers = [m for m in model.modules() if hasattr(m, "fc1") and hasattr(m, "fc2")]
-    assert layers and all(layer.activation_fn is torch.nn.functional.relu for layer in layers)
-    with torch.no_grad():
-        for layer in layers:
-            layer.fc1.weight.mul_(scale)
-            layer.fc1.bias.mul_(scale)
-            layer.fc2.weight.div_(scale)
-    return model
-
-
 @pytest.mark.parametrize("steps", [1, 3])
 def test_transformer_adaptive_sharpness_is_scale_invariant(loaded, steps):
     model, batches, loss_fn = loaded
     losses, adaptive, plain = [], [], []
     for scale in SCALES:
-        rescaled = rescale_relu_ffn(model, scale)
+        rescaled = correlation.rescale_ffn(model, scale)
         estimate = sharpness.estimate_sharpness(
             rescaled, batches, loss_fn, rho=0.05, eta=0.0, normalize_biases=True, steps=steps
         )
@@ -218,7 +205,7 @@ def test_transformer_figures_of_the_readme(loaded):
         r".*the invariance \((\S+) / (\S+) / (\S+)\)"
     )
     model, batches, loss_fn = loaded
-    rescaled = [rescale_relu_ffn(model, a) for a in SCALES]
+    rescaled = [correlation.rescale_ffn(model, a) for a in SCALES]
     estimates = [
         sharpness.estimate_sharpness(m, batches, loss_fn, rho=0.05, steps=1, **settings)
         for settings in (dict(adaptive=False), dict(eta=0.0, normalize_biases=True), dict(eta=0.0))
@@ -236,7 +223,7 @@ def test_transformer_biases_left_unnormalized_break_the_invariance(loaded):
     model, batches, loss_fn = loaded
     adaptive = [
         sharpness.estimate_sharpness(
-            rescale_relu_ffn(model, s), batches, loss_fn, rho=0.05, eta=0.0, steps=1
+            correlation.rescale_ffn(model, s), batches, loss_fn, rho=0.05, eta=0.0, steps=1
         ).sharpness
         for s in SCALES
     ]
@@ -422,18 +409,19 @@ def test_non_finite_loss_or_gradient_raises():
 
 
 def bad_inputs(checkpoint, data_bin):
-    """(keyword overrides, exception type, words the message must contain)."""
+    """(the command's arguments, words its one-line error must contain)."""
+    good = [checkpoint, data_bin, "--rho", "0.1"]
     return [
-        (dict(checkpoint=os.path.join(data_bin, "missing.pt")), SettingError, "missing.pt"),
-        (dict(rho=0.0), SettingError, "--rho"),
-        (dict(rho=-1.0), SettingError, "--rho"),
-        (dict(subset="test"), SettingError, "--subset test"),
-        (dict(max_batches=0), SettingError, "--max-batches"),
-        (dict(steps=0), SettingError, "--steps"),
-        (dict(eta=-0.1), SettingError, "--eta"),
-        (dict(data_bin=os.path.join(data_bin, "nowhere")), SettingError, "nowhere"),
-        (dict(max_tokens=0), SettingError, "--max-tokens must be >= 1"),
-        (dict(device="cuda:99"), SettingError, "--device cuda:99: this machine has"),
+        ([os.path.join(data_bin, "missing.pt"), data_bin, "--rho", "0.1"], "missing.pt"),
+        (good + ["--rho", "0.0"], "--rho"),
+        (good + ["--rho", "-1.0"], "--rho"),
+        (good + ["--subset", "test"], "--subset test"),
+        (good + ["--max-batches", "0"], "--max-batches"),
+        (good + ["--steps", "0"], "--steps"),
+        (good + ["--eta", "-0.1"], "--eta"),
+        ([checkpoint, os.path.join(data_bin, "nowhere"), "--rho", "0.1"], "nowhere"),
+        (good + ["--max-tokens", "0"], "--max-tokens must be >= 1"),
+        (good + ["--device", "cuda:99"], "--device cuda:99: this machine has"),
     ]
 
 
@@ -442,35 +430,13 @@ def test_bad_input_raises_before_any_work(tiny_checkpoint, data_bin, monkeypatch
         raise AssertionError("the checkpoint was loaded before the inputs were checked")
 
     monkeypatch.setattr(sharpness, "load_subset", no_work)
-    for override, error, words in bad_inputs(tiny_checkpoint, data_bin):
-        kwargs = dict(checkpoint=tiny_checkpoint, data_bin=data_bin, rho=0.1)
-        kwargs.update(override)
-        with pytest.raises(error, match=words):
-            sharpness.measure_checkpoint(**kwargs)
+    for argv, words in bad_inputs(tiny_checkpoint, data_bin):
+        with pytest.raises(SettingError, match=words):
+            sharpness.work(sharpness.parser().parse_args(argv))
 
 
 def test_cli_bad_input_prints_one_line_and_exits_1(tiny_checkpoint, data_bin, capsys):
-    flags = dict(
-        checkpoint=None,
-        data_bin=None,
-        rho="--rho",
-        subset="--subset",
-        max_batches="--max-batches",
-        steps="--steps",
-        eta="--eta",
-        max_tokens="--max-tokens",
-        device="--device",
-    )
-    for override, _, words in bad_inputs(tiny_checkpoint, data_bin):
-        ((key, value),) = override.items()
-        argv = [
-            override.get("checkpoint", tiny_checkpoint),
-            override.get("data_bin", data_bin),
-            "--rho",
-            "0.1",
-        ]
-        if flags[key]:
-            argv += [flags[key], str(value)]
+    for argv, words in bad_inputs(tiny_checkpoint, data_bin):
         assert sharpness_main(argv) == 1
         captured = capsys.readouterr()
         assert captured.out == ""
