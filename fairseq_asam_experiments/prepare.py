@@ -73,7 +73,6 @@ HAS_ALPHA = regex.compile(f"[{IS_ALPHA}]")
 STARTS_LOWER = regex.compile(r"\p{Lowercase}")
 STARTS_ASCII_DIGIT = regex.compile(r"[0-9]")
 NUMERIC_ONLY_PREFIX = regex.compile(r"(.*)[" + PERL_SPACE + r"]+#NUMERIC_ONLY#")
-NONBREAKING, NONBREAKING_BEFORE_NUMBER = 1, 2
 
 
 class MosesPerlTokenizer(MosesTokenizer):
@@ -101,13 +100,10 @@ class MosesPerlTokenizer(MosesTokenizer):
 
     def __init__(self, lang: str):
         super().__init__(lang=lang)
-        self.prefix_kinds: Dict[str, int] = {}
-        for item in NonbreakingPrefixes().words(lang):
-            numeric_only = NUMERIC_ONLY_PREFIX.search(item)
-            if numeric_only:
-                self.prefix_kinds[numeric_only.group(1)] = NONBREAKING_BEFORE_NUMBER
-            else:
-                self.prefix_kinds[item] = NONBREAKING
+        self.numeric_only = {}  # each non-breaking prefix: True if it is one only before a number
+        for item in NonbreakingPrefixes().words(lang):  # a later line wins, as in perl
+            numeric = NUMERIC_ONLY_PREFIX.search(item)
+            self.numeric_only[numeric.group(1) if numeric else item] = bool(numeric)
 
     def handles_nonbreaking_prefixes(self, text: str) -> str:
         words = text.split(" ")
@@ -118,12 +114,12 @@ class MosesPerlTokenizer(MosesTokenizer):
             if len(word) < 2 or not word.endswith("."):
                 continue
             prefix, next_word = word[:-1], words[i + 1] if i < last else ""
-            kind = self.prefix_kinds.get(prefix)
+            numeric_only = self.numeric_only.get(prefix)  # None: not a non-breaking prefix
             kept = i < last and (  # the last word always loses its period
                 ("." in prefix and HAS_ALPHA.search(prefix))
-                or kind == NONBREAKING
+                or numeric_only is False
                 or STARTS_LOWER.match(next_word)
-                or (kind == NONBREAKING_BEFORE_NUMBER and STARTS_ASCII_DIGIT.match(next_word))
+                or (numeric_only and STARTS_ASCII_DIGIT.match(next_word))
             )
             if not kept:
                 words[i] = prefix + " ."
@@ -232,9 +228,8 @@ def _download(url: str, path: str) -> None:
 
 def clean_corpus(src_lines: Sequence[str], tgt_lines: Sequence[str]) -> List[Tuple[int, str, str]]:
     """clean-corpus-n.perl -ratio 1.5 ... 1 175: the kept pairs as (index, source, target),
-    whitespace-normalized. A pair is dropped when a side has fewer than 1 or more than 175
-    words, a token longer than 1000 characters, or more than 1.5 times the words of the other.
-    (Its rule for the factor separator | never applies: the tokenizer escapes | as &#124;.)"""
+    whitespace-normalized. (Its rule for the factor separator | never applies: the tokenizer
+    escapes | as &#124;.)"""
     kept = []
     for index, pair in enumerate(zip(src_lines, tgt_lines)):
         src, tgt = (perl_normalize_space(line) for line in pair)
@@ -289,8 +284,7 @@ def learn_and_apply_bpe(folder: str, splits: Dict, merges: int) -> None:
 
 
 def data_folder_name(archive: str, bpe_merges: int) -> str:
-    """`iwslt14-de-en-<first 10 hex of the archive's MD5>-bpe<merges>`: named by what it holds,
-    so that another archive never lands on trained data."""
+    """Named by what it holds, so that another archive never lands on trained data."""
     return f"iwslt14-de-en-{file_md5(archive)[:10]}-bpe{bpe_merges}"
 
 
