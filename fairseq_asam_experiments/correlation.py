@@ -98,7 +98,7 @@ def prepare_data(built: grid.Grid, archive: Optional[str]) -> str:
     if archive is None:
         archive = os.path.join(root, "sample-de-en.tgz")  # the same bytes every time
         synthetic_data.build_sample_archive(archive, *built.preset.sample_archive)
-    data_dir = prepare.prepare_iwslt14(archive, root, built.preset.bpe_merges, os.cpu_count() or 1)
+    data_dir = prepare.prepare_iwslt14(archive, root, built.preset.bpe_merges)
     return os.path.join(data_dir, prepare.DATA_BIN)
 
 

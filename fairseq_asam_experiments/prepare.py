@@ -1,38 +1,28 @@
 """IWSLT'14 German-English as fairseq's `examples/translation/prepare-iwslt14.sh` does, in Python.
 
-From the archive `de-en.tgz` (a local file, or fairseq's mirror over https, MD5 checked) to the
-data folder `<data_root>/iwslt14-de-en-<archive MD5, 10 hex>-bpe<merges>/`:
-1. read: every member used is checked (present, complete, UTF-8, as many German as English
-   lines) before anything is written. Training text: lines with `<url>`, `<talkid>` or
-   `<keywords>` dropped, `<title>`, `<description>` tags deleted; dev/test XML: the `<seg>`
-   lines without their tags, ’ -> '.
-2. tokenize as tokenizer.perl (`-l de` / `-l en`, escaping on; `MosesPerlTokenizer`, on
-   `workers` processes), lowercase dev/test; 3. clean-corpus-n.perl `-ratio 1.5 ... 1 175` on
-   the training pairs, then lowercase; 4. every 23rd cleaned pair to valid, test = dev2010 +
-   TEDX.dev2012 + tst2010-2012 (the real archive: 160,239 / 7,283 / 6,750 pairs, checked);
-5. subword-nmt BPE learned on train.de + train.en, applied to every split; 6. fairseq-preprocess.
-The folder holds `{split}.tok.{lang}` (4), `code` and `{split}.bpe.{lang}` (5), `data-bin/` (6)
-and `{split}.raw.{lang}`, the same pairs untokenized (whitespace-normalized, lowercased): the
-references of sacreBLEU. It is built under a temporary name and renamed when complete, so a
-folder of that name is a finished preparation of that archive with those settings.
+From `de-en.tgz` (a local file, or fairseq's mirror, MD5 checked) to the folder named by what it
+holds, `<data_root>/iwslt14-de-en-<archive MD5, 10 hex>-bpe<merges>/`: the archive's text
+(`extract_texts`), tokenized as tokenizer.perl (`MosesPerlTokenizer`), cleaned as
+clean-corpus-n.perl, lowercased, split (every 23rd training pair to valid; the real archive
+gives 160,239 / 7,283 / 6,750 pairs, checked), BPE (subword-nmt), fairseq-preprocess into
+`data-bin/`. Beside each step's text are `{split}.raw.{lang}`, the same pairs untokenized and
+lowercased: sacreBLEU's references. The folder is built under a temporary name and renamed
+when complete, so a folder of that name is a finished preparation.
 """
 
 import argparse
-import contextlib
 import gzip
 import hashlib
 import http.client
 import io
 import logging
-import multiprocessing
 import os
 import re
 import shutil
 import tarfile
-import time
 import urllib.request
 import zlib
-from typing import Callable, Dict, List, Optional, Sequence, Tuple
+from typing import Dict, List, Sequence, Tuple
 
 import regex
 from sacremoses import MosesTokenizer
@@ -41,7 +31,7 @@ from sacremoses.corpus import NonbreakingPrefixes
 from . import synthetic_data
 from .cli import run_command
 from .errors import ExperimentError, SettingError
-from .files import atomic_output, temporary_name, write_lines
+from .files import atomic_output, temporary_name, write_lines, write_text
 from .logs import log_to_stdout
 from .synthetic_data import ARCHIVE_FOLDER, LANGUAGES, TEST_STEMS, TRAIN_STEM  # the layout
 
@@ -56,8 +46,6 @@ DEFAULT_BPE_MERGES = 10000
 DOWNLOAD_URL = "https://dl.fbaipublicfiles.com/fairseq/data/iwslt14/de-en.tgz"
 ARCHIVE_MD5 = "10936dfdf616504ddbd844e91b94ef4a"
 ARCHIVE_NAME, SAMPLE_ARCHIVE_NAME = "de-en.tgz", "sample-de-en.tgz"
-DOWNLOAD_RETRY_SECONDS, DOWNLOAD_TIMEOUT_SECONDS = 5.0, 60
-READ_BLOCK_BYTES = 1 << 20
 
 ARCHIVE_MEMBERS = [f"{ARCHIVE_FOLDER}/{TRAIN_STEM}.{lang}" for lang in LANGUAGES] + [
     f"{ARCHIVE_FOLDER}/{stem}.{lang}.xml" for stem in TEST_STEMS for lang in LANGUAGES
@@ -69,14 +57,10 @@ TRAIN_DELETED_TAGS = ("<title>", "</title>", "<description>", "</description>")
 SED_SPACE = "[ \t\n\r\f\v\u1680\u2000-\u2006\u2008-\u200a\u2028\u2029\u205f\u3000]"
 SEG_OPEN = re.compile(f'<seg id="[0-9]*">{SED_SPACE}*')
 SEG_CLOSE = re.compile(f"{SED_SPACE}*</seg>{SED_SPACE}*")
-CLEAN_RATIO, CLEAN_MIN_TOKENS, CLEAN_MAX_TOKENS = 1.5, 1, 175
-CLEAN_MAX_TOKEN_CHARS = 1000  # clean-corpus-n.perl's default -max-word-length
+# clean-corpus-n.perl -ratio 1.5 ... 1 175, and its default -max-word-length 1000
+CLEAN_RATIO, CLEAN_MIN_TOKENS, CLEAN_MAX_TOKENS, CLEAN_MAX_TOKEN_CHARS = 1.5, 1, 175, 1000
 VALID_EVERY = 23
 REAL_COUNTS = {"train": 160239, "valid": 7283, "test": 6750}
-REAL_CORPUS_MIN_PAIRS = 100_000  # the samples are tiny: a corpus this large is the real one
-CHUNK_LINES = 2000  # lines a tokenizer or BPE process takes at a time
-
-# --- Moses tokenizer.perl, token for token -----------------------------------------------------
 
 # Perl's \s on character strings; Python's \s also matches \x1c-\x1f, which perl deletes as junk.
 PERL_SPACE = "\t\n\x0b\x0c\r \x85\xa0\u1680\u2000-\u200a\u2028\u2029\u202f\u205f\u3000"
@@ -89,23 +73,16 @@ HAS_ALPHA = regex.compile(f"[{IS_ALPHA}]")
 STARTS_LOWER = regex.compile(r"\p{Lowercase}")
 STARTS_ASCII_DIGIT = regex.compile(r"[0-9]")
 NUMERIC_ONLY_PREFIX = regex.compile(r"(.*)[" + PERL_SPACE + r"]+#NUMERIC_ONLY#")
-NONBREAKING, NONBREAKING_BEFORE_NUMBER = 1, 2
 
 
 class MosesPerlTokenizer(MosesTokenizer):
-    """sacremoses' MosesTokenizer made to agree with the current Moses tokenizer.perl, as run by
-    prepare-iwslt14.sh (`-l de` or `-l en`, no `-a`, escaping on), on one line at a time.
-
-    Where sacremoses 0.2 differs from the perl script, and what this class does instead:
-    - a word ending in a period is split when it is the last word of the line (`u.s.a.` ->
-      `u.s.a .`, `t.` -> `t .`), whatever the non-breaking prefixes say; `...` stays whole;
-    - the character classes are perl's Unicode properties (Alphabetic, Nd, N, Lowercase, via
-      the `regex` module) instead of sacremoses' tables, which miss CJK ideographs, Georgian
-      lowercase letters and many numbers, and add Indic viramas to the letters;
-    - whitespace is perl's: the separators \\x1c-\\x1f are deleted as control characters rather
-      than turned into spaces, and spaces left by deleted control characters are merged;
-    - the word loop is perl's own (its `split(/\\s/)`, its prefix table where a later line
-      wins), which the last-word rule needs; on the de/en prefix lists it otherwise agrees;
+    """sacremoses' MosesTokenizer made to agree with Moses tokenizer.perl as prepare-iwslt14.sh
+    runs it (`-l de`/`-l en`, escaping on), one line at a time. Where sacremoses 0.2 differs:
+    - the last word of a line loses its final period whatever the non-breaking prefixes say
+      (`u.s.a.` -> `u.s.a .`; `...` stays whole), in perl's own word loop;
+    - character classes are perl's Unicode properties (sacremoses' tables miss CJK ideographs,
+      Georgian lowercase letters, many numbers, and add Indic viramas to the letters);
+    - whitespace is perl's: \\x1c-\\x1f are deleted as control characters, not made spaces;
     - a line of whitespace only is returned unchanged, as perl prints it.
     """
 
@@ -122,20 +99,11 @@ class MosesPerlTokenizer(MosesTokenizer):
     ]
 
     def __init__(self, lang: str):
-        if lang not in LANGUAGES:
-            raise ValueError(
-                f"MosesPerlTokenizer reproduces tokenizer.perl for {LANGUAGES}, not {lang!r}"
-            )
         super().__init__(lang=lang)
-        self.prefix_kinds: Dict[str, int] = {}
-        for item in NonbreakingPrefixes().words(lang):
-            if not item or item.startswith("#"):
-                continue
-            numeric_only = NUMERIC_ONLY_PREFIX.search(item)
-            if numeric_only:
-                self.prefix_kinds[numeric_only.group(1)] = NONBREAKING_BEFORE_NUMBER
-            else:
-                self.prefix_kinds[item] = NONBREAKING
+        self.numeric_only = {}  # each non-breaking prefix: True if it is one only before a number
+        for item in NonbreakingPrefixes().words(lang):  # a later line wins, as in perl
+            numeric = NUMERIC_ONLY_PREFIX.search(item)
+            self.numeric_only[numeric.group(1) if numeric else item] = bool(numeric)
 
     def handles_nonbreaking_prefixes(self, text: str) -> str:
         words = text.split(" ")
@@ -146,12 +114,12 @@ class MosesPerlTokenizer(MosesTokenizer):
             if len(word) < 2 or not word.endswith("."):
                 continue
             prefix, next_word = word[:-1], words[i + 1] if i < last else ""
-            kind = self.prefix_kinds.get(prefix)
+            numeric_only = self.numeric_only.get(prefix)  # None: not a non-breaking prefix
             kept = i < last and (  # the last word always loses its period
                 ("." in prefix and HAS_ALPHA.search(prefix))
-                or kind == NONBREAKING
+                or numeric_only is False
                 or STARTS_LOWER.match(next_word)
-                or (kind == NONBREAKING_BEFORE_NUMBER and STARTS_ASCII_DIGIT.match(next_word))
+                or (numeric_only and STARTS_ASCII_DIGIT.match(next_word))
             )
             if not kept:
                 words[i] = prefix + " ."
@@ -176,69 +144,6 @@ def perl_normalize_space(line: str) -> str:
     return PERL_SPACE_RUN.sub(" ", line).strip(" ")
 
 
-_TOOLS: Dict[Tuple[str, str], Callable[[str], str]] = {}  # per process: tokenizers, BPE codes
-
-
-def _apply_tool(job: Tuple[str, str, str]) -> str:
-    """Pool worker: ("moses", lang, line) tokenizes a line, ("bpe", codes file, line) splits it."""
-    from subword_nmt.apply_bpe import BPE
-
-    tool, argument, line = job
-    if (tool, argument) not in _TOOLS:
-        if tool == "moses":
-            _TOOLS[tool, argument] = MosesPerlTokenizer(argument).tokenize_line
-        else:
-            with open(argument, encoding="utf-8") as codes:
-                _TOOLS[tool, argument] = BPE(codes).process_line
-    return _TOOLS[tool, argument](line)
-
-
-def _apply_to_texts(tool: str, texts: Dict, argument: Callable, workers: int) -> Dict:
-    """{key: `_apply_tool` on each line of texts[key] with `argument(key)`}, on `workers`."""
-    jobs = [(tool, argument(key), line) for key, lines in texts.items() for line in lines]
-    with multiprocessing.Pool(workers) if workers > 1 else contextlib.nullcontext() as pool:
-        results = iter(pool.map(_apply_tool, jobs, CHUNK_LINES) if pool else map(_apply_tool, jobs))
-        return {key: [next(results) for _ in lines] for key, lines in texts.items()}
-
-
-# --- The archive --------------------------------------------------------------------------------
-
-
-def split_lines(text: str) -> List[str]:
-    """Lines as grep, sed and perl see them: split at \\n only, no empty line after a final \\n."""
-    lines = text.split("\n")
-    return lines[:-1] if lines and lines[-1] == "" else lines
-
-
-def read_lines(path: str) -> List[str]:
-    with open(path, encoding="utf-8", newline="\n") as text:
-        return split_lines(text.read())
-
-
-def read_archive(archive: str) -> Dict[str, List[str]]:
-    """The lines of every member of ARCHIVE_MEMBERS, reading the whole archive so that a
-    truncated or corrupt one fails here, with an `ExperimentError` naming the archive."""
-    contents = {}
-    try:
-        with open(archive, "rb") as raw, gzip.GzipFile(fileobj=raw) as unzipped:
-            with tarfile.open(fileobj=unzipped, mode="r|") as tar:
-                for member in tar:
-                    if os.path.normpath(member.name) in ARCHIVE_MEMBERS and member.isfile():
-                        contents[os.path.normpath(member.name)] = tar.extractfile(member).read()
-            while unzipped.read(READ_BLOCK_BYTES):  # to the end: checks the gzip CRC
-                pass
-    except (tarfile.TarError, EOFError, OSError, zlib.error) as exc:
-        raise ExperimentError(f"{archive}: corrupt or truncated archive ({exc})") from None
-    for name in ARCHIVE_MEMBERS:
-        if name not in contents:
-            raise ExperimentError(f"{archive}: missing member {name}")
-        try:
-            contents[name] = split_lines(contents[name].decode("utf-8"))
-        except UnicodeDecodeError as exc:
-            raise ExperimentError(f"{archive}: member {name} is not UTF-8 ({exc})") from None
-    return contents
-
-
 def training_text(lines: Sequence[str]) -> List[str]:
     """grep -v '<url>' | grep -v '<talkid>' | grep -v '<keywords>' | sed -e 's/<title>//g' ..."""
     kept = [line for line in lines if not any(tag in line for tag in TRAIN_DROPPED_TAGS)]
@@ -255,12 +160,28 @@ def segment_text(lines: Sequence[str]) -> List[str]:
 
 def extract_texts(archive: str) -> Dict[Tuple[str, str], List[str]]:
     """The text the recipe tokenizes, keyed (name, language) with name `TRAIN_STEM` or one of
-    `TEST_STEMS`; German and English must have the same number of lines in each."""
-    members, texts = read_archive(archive), {}
+    `TEST_STEMS`. The whole archive is read and checked first, an `ExperimentError` naming it
+    unless every member is there, complete and UTF-8, with as many German as English lines."""
+    try:
+        with open(archive, "rb") as raw:  # all of it: a truncated archive fails the gzip CRC
+            tar = tarfile.open(fileobj=io.BytesIO(gzip.decompress(raw.read())))
+        members = {os.path.normpath(member.name): member for member in tar if member.isfile()}
+        data = {name: tar.extractfile(members[name]).read() for name in ARCHIVE_MEMBERS}
+    except KeyError as exc:
+        raise ExperimentError(f"{archive}: missing member {exc.args[0]}") from None
+    except (tarfile.TarError, EOFError, OSError, zlib.error) as exc:
+        raise ExperimentError(f"{archive}: corrupt or truncated archive ({exc})") from None
+    texts = {}
     for stem in (TRAIN_STEM,) + TEST_STEMS:
         suffix, extract = (".xml", segment_text) if stem in TEST_STEMS else ("", training_text)
         files = [f"{ARCHIVE_FOLDER}/{stem}.{lang}{suffix}" for lang in LANGUAGES]
-        de, en = texts[stem, "de"], texts[stem, "en"] = [extract(members[f]) for f in files]
+        for name, lang in zip(files, LANGUAGES):
+            try:
+                text = data[name].decode("utf-8")
+            except UnicodeDecodeError as exc:
+                raise ExperimentError(f"{archive}: member {name} is not UTF-8 ({exc})") from None
+            texts[stem, lang] = extract(text.removesuffix("\n").split("\n"))  # lines as sed's
+        de, en = texts[stem, "de"], texts[stem, "en"]
         if len(de) != len(en):
             raise ExperimentError(
                 f"{archive}: {files[0]} has {len(de)} text lines but {files[1]} has {len(en)}"
@@ -273,70 +194,42 @@ def file_md5(path: str) -> str:
         return hashlib.file_digest(data, "md5").hexdigest()
 
 
-def check_md5_option(md5: Optional[str]) -> Optional[str]:
-    """--download-md5: 32 hexadecimal digits (lowercased), or None for no check."""
-    if md5 is not None and not re.fullmatch(r"[0-9a-f]{32}", md5.lower()):
-        raise SettingError(f"--download-md5 must be 32 hexadecimal digits, got {md5!r}")
-    return md5 and md5.lower()
-
-
-def _check_md5(path: str, expected: Optional[str], allow_mismatch: bool, what: str, fix: str):
-    digest = file_md5(path)
-    if expected is not None and digest != expected:
-        message = f"{what}: MD5 {digest} differs from the expected {expected}"
-        if not allow_mismatch:
-            raise ExperimentError(f"{message}; {fix}, or pass --allow-md5-mismatch")
-        logger.warning("%s (--allow-md5-mismatch: used anyway)", message)
-
-
-def download_archive(
-    url: str, destination: str, *, md5=ARCHIVE_MD5, allow_md5_mismatch=False, attempts=5
-) -> str:
-    """Downloads `url` to `destination` (which appears only when whole and verified), a failed
-    attempt starting again from the first byte, and checks the size the server announced and
-    the MD5 (`md5`; None: no check). An archive already at `destination` is verified and used.
-    A wrong MD5 is an error unless `allow_md5_mismatch`."""
-    md5 = check_md5_option(md5)
+def download_archive(url: str, destination: str, md5: str = ARCHIVE_MD5) -> str:
+    """Downloads `url` to `destination`, which appears only when it has the size the server
+    announced and MD5 `md5` (so an archive already there is used as it is); nothing is kept of
+    a failed download, the next one starts again (no resume: the file is 20 MB)."""
     if os.path.exists(destination):
-        what, fix = f"archive already present: {destination}", "delete it to download it again"
-        _check_md5(destination, md5, allow_md5_mismatch, what, fix)
         return destination
-    for attempt in range(1, attempts + 1):
-        try:
-            with atomic_output(destination) as temporary:
-                _download(url, temporary)
-                fix = "removed; --download-md5 for another mirror's"
-                _check_md5(temporary, md5, allow_md5_mismatch, f"downloaded from {url}", fix)
-            return destination
-        except (OSError, ValueError, http.client.HTTPException) as exc:  # URLError is an OSError
-            logger.warning(
-                "download of %s failed (attempt %d of %d): %s", url, attempt, attempts, exc
-            )
-            if attempt == attempts:
+    try:
+        with atomic_output(destination) as temporary:
+            _download(url, temporary)
+            digest = file_md5(temporary)
+            if digest != md5:
                 raise ExperimentError(
-                    f"{url}: download failed {attempts} times ({exc}); pass a local --archive"
-                ) from None
-            time.sleep(DOWNLOAD_RETRY_SECONDS * attempt)
+                    f"downloaded from {url}: MD5 {digest} differs from the expected {md5}; "
+                    "removed; --download-md5 for another mirror's file, or a local --archive"
+                )
+    except (OSError, ValueError, http.client.HTTPException) as exc:  # URLError is an OSError
+        raise ExperimentError(
+            f"{url}: download failed ({exc}); run again to retry, or pass a local --archive"
+        ) from None
+    return destination
 
 
 def _download(url: str, path: str) -> None:
-    with urllib.request.urlopen(url, timeout=DOWNLOAD_TIMEOUT_SECONDS) as response:
+    with urllib.request.urlopen(url, timeout=60) as response:
         total = int(response.headers.get("Content-Length", -1))
         with open(path, "wb") as out:
-            shutil.copyfileobj(response, out, READ_BLOCK_BYTES)
+            shutil.copyfileobj(response, out)
             have = out.tell()
     if total >= 0 and have != total:
         raise ValueError(f"got {have} of {total} bytes")
 
 
-# --- Cleaning, splitting, BPE, binarizing -------------------------------------------------------
-
-
 def clean_corpus(src_lines: Sequence[str], tgt_lines: Sequence[str]) -> List[Tuple[int, str, str]]:
     """clean-corpus-n.perl -ratio 1.5 ... 1 175: the kept pairs as (index, source, target),
-    whitespace-normalized. A pair is dropped when a side has fewer than 1 or more than 175
-    words, a token longer than 1000 characters, or more than 1.5 times the words of the other.
-    (Its rule for the factor separator | never applies: the tokenizer escapes | as &#124;.)"""
+    whitespace-normalized. (Its rule for the factor separator | never applies: the tokenizer
+    escapes | as &#124;.)"""
     kept = []
     for index, pair in enumerate(zip(src_lines, tgt_lines)):
         src, tgt = (perl_normalize_space(line) for line in pair)
@@ -351,9 +244,10 @@ def clean_corpus(src_lines: Sequence[str], tgt_lines: Sequence[str]) -> List[Tup
     return kept
 
 
-def split_corpus(texts: Dict, workers: int) -> Dict[Tuple[str, str, str], List[str]]:
-    """Steps 2-4 on `extract_texts`' output: {(split, "tok" or "raw", lang): lines}."""
-    tokenized = _apply_to_texts("moses", texts, lambda key: key[1], workers)
+def split_corpus(texts: Dict) -> Dict[Tuple[str, str, str], List[str]]:
+    """{(split, "tok" or "raw", lang): lines} of `extract_texts`' output, tokenized and split."""
+    tokenizers = {lang: MosesPerlTokenizer(lang).tokenize_line for lang in LANGUAGES}
+    tokenized = {key: list(map(tokenizers[key[1]], lines)) for key, lines in texts.items()}
     kept = clean_corpus(tokenized[TRAIN_STEM, SOURCE_LANG], tokenized[TRAIN_STEM, TARGET_LANG])
     logger.info("clean: kept %d of %d training pairs", len(kept), len(tokenized[TRAIN_STEM, "de"]))
     splits, untokenized = {}, lambda line: perl_lowercase(perl_normalize_space(line))
@@ -373,28 +267,25 @@ def split_corpus(texts: Dict, workers: int) -> Dict[Tuple[str, str, str], List[s
     return splits
 
 
-def learn_and_apply_bpe(folder: str, merges: int, workers: int) -> None:
-    """Step 5: `folder/code` learned on train.tok.de + train.tok.en, `{split}.bpe.{lang}`."""
+def learn_and_apply_bpe(folder: str, splits: Dict, merges: int) -> None:
+    """`folder/code` learned on the tokenized train.de + train.en; `folder/{split}.bpe.{lang}`."""
+    from subword_nmt.apply_bpe import BPE
     from subword_nmt.learn_bpe import learn_bpe
 
-    pairs = [(split, lang) for split in SPLITS for lang in LANGUAGES]
-    texts = {key: read_lines(os.path.join(folder, "{}.tok.{}".format(*key))) for key in pairs}
-    learned, codes = io.StringIO(), os.path.join(folder, "code")
-    train = "".join(line + "\n" for lang in LANGUAGES for line in texts["train", lang])
+    learned = io.StringIO()
+    train = "".join(line + "\n" for lang in LANGUAGES for line in splits["train", "tok", lang])
     learn_bpe(io.StringIO(train), learned, merges)
-    write_lines(codes, split_lines(learned.getvalue()))
-    for (split, lang), lines in _apply_to_texts("bpe", texts, lambda _: codes, workers).items():
-        write_lines(os.path.join(folder, f"{split}.bpe.{lang}"), lines)
+    write_text(os.path.join(folder, "code"), learned.getvalue())
+    bpe = BPE(io.StringIO(learned.getvalue()))
+    for split in SPLITS:
+        for lang in LANGUAGES:
+            lines = map(bpe.process_line, splits[split, "tok", lang])
+            write_lines(os.path.join(folder, f"{split}.bpe.{lang}"), lines)
 
 
-# --- The data folder ----------------------------------------------------------------------------
-
-
-def data_folder_name(archive: str, bpe_merges: int, joined_dictionary: bool = False) -> str:
-    """`iwslt14-de-en-<first 10 hex of the archive's MD5>-bpe<merges>` (+ `-joined`: one
-    dictionary): named by what it holds, so that another archive never lands on trained data."""
-    joined = "-joined" if joined_dictionary else ""
-    return f"iwslt14-de-en-{file_md5(archive)[:10]}-bpe{bpe_merges}{joined}"
+def data_folder_name(archive: str, bpe_merges: int) -> str:
+    """Named by what it holds, so that another archive never lands on trained data."""
+    return f"iwslt14-de-en-{file_md5(archive)[:10]}-bpe{bpe_merges}"
 
 
 def reference_files(data_dir: str) -> Dict[str, str]:
@@ -406,47 +297,35 @@ def _count_report(counts: Dict[str, int]) -> str:
     return ", ".join(f"{split} {counts[split]:,}" for split in SPLITS)
 
 
-def prepare_iwslt14(
-    archive: str,
-    data_root: str,
-    bpe_merges: int = DEFAULT_BPE_MERGES,
-    workers: int = 1,
-    expect_real_counts: Optional[bool] = None,
-    joined_dictionary: bool = False,
-) -> str:
+def prepare_iwslt14(archive: str, data_root: str, bpe_merges: int = DEFAULT_BPE_MERGES) -> str:
     """The recipe of the module docstring from the local `archive` into
-    `<data_root>/<data_folder_name(...)>`, returned (at once if it exists). `expect_real_counts`:
-    check the real corpus's split sizes (None: if the training text has >= 100,000 pairs).
-    Raises `ExperimentError` for an unusable archive or flag; a failure leaves nothing behind."""
+    `<data_root>/<data_folder_name(...)>`, returned (at once if it exists). Raises
+    `ExperimentError` for an unusable archive or flag; a failure leaves nothing behind."""
     if bpe_merges < 1:
         raise SettingError(f"--bpe-merges: must be positive, not {bpe_merges}")
     if not os.path.isfile(archive):
         raise ExperimentError(f"{archive}: archive not found")
-    folder = os.path.join(data_root, data_folder_name(archive, bpe_merges, joined_dictionary))
-    workers = max(1, workers)
+    folder = os.path.join(data_root, data_folder_name(archive, bpe_merges))
     if os.path.isdir(folder):
         logger.info("data: %s is prepared already", folder)
         return folder
-    logger.info("data: preparing %s into %s on %d processes", archive, folder, workers)
-    splits = split_corpus(extract_texts(archive), workers)
+    logger.info("data: preparing %s into %s", archive, folder)
+    splits = split_corpus(extract_texts(archive))
     counts = {split: len(splits[split, "tok", SOURCE_LANG]) for split in SPLITS}
     logger.info("split: %s pairs", _count_report(counts))
-    if expect_real_counts is None:
-        expect_real_counts = counts["train"] + counts["valid"] >= REAL_CORPUS_MIN_PAIRS
-    if expect_real_counts and counts != REAL_COUNTS:
+    if counts != REAL_COUNTS and file_md5(archive) == ARCHIVE_MD5:  # the port's own check
         raise ExperimentError(
-            f"{archive}: split sizes {_count_report(counts)} differ from the real IWSLT'14 "
-            f"{_count_report(REAL_COUNTS)} (--no-expect-real-counts for another corpus)"
+            f"{archive}: split sizes {_count_report(counts)} differ from prepare-iwslt14.sh's "
+            f"{_count_report(REAL_COUNTS)} on this archive"
         )
     os.makedirs(data_root, exist_ok=True)
     building = temporary_name(folder)
     try:
         for (split, kind, lang), lines in splits.items():
             write_lines(os.path.join(building, f"{split}.{kind}.{lang}"), lines)
-        learn_and_apply_bpe(building, bpe_merges, workers)
+        learn_and_apply_bpe(building, splits, bpe_merges)
         prefixes = {split: os.path.join(building, f"{split}.bpe") for split in SPLITS}
-        dest = os.path.join(building, DATA_BIN)
-        synthetic_data.fairseq_preprocess(prefixes, dest, joined=joined_dictionary, workers=workers)
+        synthetic_data.fairseq_preprocess(prefixes, os.path.join(building, DATA_BIN))
         try:
             os.rename(building, folder)
         except OSError:  # another process finished the same folder first: theirs is as good
@@ -457,58 +336,41 @@ def prepare_iwslt14(
     return folder
 
 
-# --- fairseq-asam-prepare -----------------------------------------------------------------------
-
-
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog=PROGRAM,
-        description="IWSLT'14 German-English for fairseq as examples/translation/prepare-iwslt14"
-        ".sh, into DATA_ROOT/iwslt14-de-en-<archive MD5>-bpe<merges>/ (its {valid,test}.raw.en: "
-        "the references for sacreBLEU); prints its data-bin.",
+        description="IWSLT'14 de-en as fairseq's prepare-iwslt14.sh, into DATA_ROOT/iwslt14-de-en-"
+        "<archive MD5>-bpe<merges>/ (its {valid,test}.raw.en: sacreBLEU's references); prints its "
+        "data-bin.",
     )
     source = p.add_mutually_exclusive_group()
     source.add_argument("--archive", help="a local de-en.tgz (default: download it)")
     source.add_argument("--sample", action="store_true", help="a generated sample archive")
     p.add_argument("--data-root", default="data", help="(default: %(default)s)")
     p.add_argument("--bpe-merges", type=int, default=DEFAULT_BPE_MERGES, help="(%(default)s)")
-    p.add_argument("--joined-dictionary", action="store_true", help="one dictionary for both")
-    p.add_argument("--workers", type=int, default=os.cpu_count() or 1, help="(%(default)s)")
-    p.add_argument(
-        "--expect-real-counts",
-        action=argparse.BooleanOptionalAction,
-        help="check the real corpus's 160,239 / 7,283 / 6,750 pairs (default: for corpora "
-        f"of at least {REAL_CORPUS_MIN_PAIRS:,} cleaned training pairs)",
-    )
     p.add_argument("--download-url", default=DOWNLOAD_URL, help="(%(default)s)")
     p.add_argument("--download-md5", default=ARCHIVE_MD5, help="of DATA_ROOT/de-en.tgz")
-    p.add_argument(
-        "--allow-md5-mismatch",
-        action="store_true",
-        help="use an archive of another MD5 (a warning; the line counts still check the corpus)",
-    )
     return p
 
 
-def main(argv: Optional[List[str]] = None) -> int:
+def main(argv=None) -> int:
     args = parser().parse_args(argv)
     log_to_stdout()
     return run_command(PROGRAM, lambda: _work(args))
 
 
 def _work(args: argparse.Namespace) -> int:
-    md5 = check_md5_option(args.download_md5)  # a bad flag fails before any work
+    md5 = args.download_md5.lower()
+    if not re.fullmatch(r"[0-9a-f]{32}", md5):  # a bad flag fails before any work
+        raise SettingError(
+            f"--download-md5 must be 32 hexadecimal digits, got {args.download_md5!r}"
+        )
     archive = args.archive
     if args.sample:
-        archive = synthetic_data.build_sample_archive(
-            os.path.join(args.data_root, SAMPLE_ARCHIVE_NAME)
-        )
+        path = os.path.join(args.data_root, SAMPLE_ARCHIVE_NAME)
+        archive = synthetic_data.build_sample_archive(path)
     elif archive is None:
-        destination, allow = os.path.join(args.data_root, ARCHIVE_NAME), args.allow_md5_mismatch
-        archive = download_archive(
-            args.download_url, destination, md5=md5, allow_md5_mismatch=allow
-        )
-    settings = (args.bpe_merges, args.workers, args.expect_real_counts, args.joined_dictionary)
-    folder = prepare_iwslt14(archive, args.data_root, *settings)
-    print(os.path.join(folder, DATA_BIN))
+        path = os.path.join(args.data_root, ARCHIVE_NAME)
+        archive = download_archive(args.download_url, path, md5)
+    print(os.path.join(prepare_iwslt14(archive, args.data_root, args.bpe_merges), DATA_BIN))
     return 0

@@ -164,7 +164,7 @@ def prepare_data(grid: grids.Grid, archive: Optional[str], data_bin: str) -> Dic
     if archive is not None and not os.path.isdir(data_bin):
         logger.info(f"data: preparing {archive} into {data_dir}")
         root = os.path.join(grid.out_dir, DATA_FOLDER)
-        prepare.prepare_iwslt14(archive, root, grid.preset.bpe_merges, os.cpu_count() or 1)
+        prepare.prepare_iwslt14(archive, root, grid.preset.bpe_merges)
     references = prepare.reference_files(data_dir) if data_dir else {}
     return {split: path for split, path in references.items() if os.path.isfile(path)}
 

@@ -6,13 +6,12 @@ the hyperbola w₁w₂ = 1 and the origin is a saddle.  One step, with g = ∇L(
     SAM:  ε = ρ g / ‖g‖₂,          w ← w − λ ∇L(w + ε)
     ASAM: ε = ρ T² g / ‖T g‖₂,     w ← w − λ ∇L(w + ε),   T = diag(|w₁| + η, |w₂| + η)
 
-ε = 0 where g = 0.  With η = 0 and w₁w₂ > 0, ε_ASAM = −sign(1 − w₁w₂) ρ w / √2: ∇L(w + ε) is
-parallel to g, so ASAM walks SGD's path; SAM's ε has length ρ wherever w is.
+ε = 0 where g = 0.  With η = 0 and w₁w₂ > 0, ε_ASAM = −sign(1 − w₁w₂) ρ w / √2, so ASAM walks
+SGD's path; SAM's ε has length ρ wherever w is.
 """
 
 import argparse
 import dataclasses
-import functools
 import os
 
 import numpy as np
@@ -20,7 +19,6 @@ import numpy as np
 from .cli import run_command
 from .errors import SettingError
 from .files import atomic_output
-from .logs import log_to_stdout
 
 PROGRAM = "fairseq-asam-trajectories"
 METHODS = ("sgd", "sam", "asam")
@@ -49,8 +47,7 @@ class Settings:
 
 
 def loss(w) -> np.ndarray:
-    w = np.asarray(w, dtype=float)
-    return 0.5 * (1.0 - w[..., 0] * w[..., 1]) ** 2
+    return 0.5 * (1.0 - np.prod(np.asarray(w, dtype=float), axis=-1)) ** 2
 
 
 def gradient(w) -> np.ndarray:
@@ -76,47 +73,39 @@ def trajectories(starts=DEFAULT_STARTS, settings: Settings = Settings()) -> dict
     paths = {m: np.empty((len(starts), settings.steps + 1, 2)) for m in METHODS}
     for method, path in paths.items():
         path[:, 0] = starts
-        step = functools.partial(
-            update, method, lr=settings.lr, rho=settings.rho(method), eta=settings.eta
-        )
+        rho = settings.rho(method)
         for i, t in np.ndindex(len(starts), settings.steps):
-            path[i, t + 1] = step(path[i, t])
+            path[i, t + 1] = update(method, path[i, t], settings.lr, rho, settings.eta)
     return paths
 
 
 def plot(output: str, starts=DEFAULT_STARTS, settings: Settings = Settings()) -> dict:
     """Loss contours and every method's paths, to the PNG `output`; returns the paths."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    from matplotlib import colors, pyplot
+    from matplotlib import colors, figure
 
     paths, axis = trajectories(starts, settings), np.linspace(*LIMITS, GRID_POINTS)
     surface = loss(np.stack(np.meshgrid(axis, axis), axis=-1))
-    figure, ax = pyplot.subplots(figsize=(6.0, 5.4), dpi=100)
-    try:
-        shade = dict(cmap="Greens_r", extend="both", alpha=0.55)
-        ax.contourf(axis, axis, surface, levels=LEVELS, norm=colors.LogNorm(), **shade)
-        ax.contour(axis, axis, surface, levels=LEVELS, colors="0.6", linewidths=0.4)
-        valley = np.linspace(1.0 / LIMITS[1], LIMITS[1], 200)
-        ax.plot(valley, 1.0 / valley, "k:", linewidth=0.8, label="minima $w_1w_2=1$")
-        for method, style in STYLES.items():
-            for index, path in enumerate(paths[method]):
-                label = None if index else style["label"]  # one legend entry per method
-                ax.plot(path[:, 0], path[:, 1], **dict(style, label=label))
-                ax.plot(*path[-1], marker="o", markersize=4, color=style["color"])
-        ax.plot(*np.asarray(starts, dtype=float).T, "k^", markersize=5, label="start")
-        ax.set(xlim=LIMITS, ylim=LIMITS, xlabel="$w_1$", ylabel="$w_2$", aspect="equal")
-        s = settings
-        title = f"{s.steps} steps, lr {s.lr:g}, SAM $\\rho$={s.sam_rho:g}, "
-        title += f"ASAM $\\rho$={s.asam_rho:g}"
-        ax.set_title(f"$L=\\frac{{1}}{{2}}(1-w_1w_2)^2$: {title}, $\\eta$={s.eta:g}", fontsize=9)
-        ax.legend(loc="upper right", fontsize=8)
-        figure.tight_layout()
-        with atomic_output(output) as temporary:
-            figure.savefig(temporary, format="png")
-    finally:
-        pyplot.close(figure)
+    picture = figure.Figure(figsize=(6.0, 5.4), dpi=100)  # no pyplot: nothing to close
+    ax = picture.subplots()
+    shade = dict(cmap="Greens_r", extend="both", alpha=0.55)
+    ax.contourf(axis, axis, surface, levels=LEVELS, norm=colors.LogNorm(), **shade)
+    ax.contour(axis, axis, surface, levels=LEVELS, colors="0.6", linewidths=0.4)
+    valley = np.linspace(1.0 / LIMITS[1], LIMITS[1], 200)
+    ax.plot(valley, 1.0 / valley, "k:", linewidth=0.8, label="minima $w_1w_2=1$")
+    for method, style in STYLES.items():
+        for index, path in enumerate(paths[method]):
+            label = None if index else style["label"]  # one legend entry per method
+            ax.plot(path[:, 0], path[:, 1], **dict(style, label=label))
+            ax.plot(*path[-1], marker="o", markersize=4, color=style["color"])
+    ax.plot(*np.asarray(starts, dtype=float).T, "k^", markersize=5, label="start")
+    ax.set(xlim=LIMITS, ylim=LIMITS, xlabel="$w_1$", ylabel="$w_2$", aspect="equal")
+    s, loss_text = settings, "$L=\\frac{1}{2}(1-w_1w_2)^2$"
+    title = f"{loss_text}: {s.steps} steps, lr {s.lr:g}, SAM $\\rho$={s.sam_rho:g}, "
+    ax.set_title(title + f"ASAM $\\rho$={s.asam_rho:g}, $\\eta$={s.eta:g}", fontsize=9)
+    ax.legend(loc="upper right", fontsize=8)
+    picture.tight_layout()
+    with atomic_output(output) as temporary:
+        picture.savefig(temporary, format="png")
     return paths
 
 
@@ -130,7 +119,6 @@ def parser() -> argparse.ArgumentParser:
 
 def main(argv=None) -> int:
     args = parser().parse_args(argv)
-    log_to_stdout()
     return run_command(PROGRAM, lambda: work(args))
 
 

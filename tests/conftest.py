@@ -18,7 +18,7 @@ def data_bin(tmp_path_factory):
 def prepared_sample(tmp_path_factory):
     """The data folder that the real preparation (`prepare.prepare_iwslt14`) makes of a small
     sample archive in the real IWSLT'14 layout: `harness.SAMPLE_N_TRAIN` (300) training pairs,
-    `SAMPLE_N_DEV` (12) segments per dev/test set, `SAMPLE_BPE_MERGES` (200) merges, 2 workers;
+    `SAMPLE_N_DEV` (12) segments per dev/test set, `SAMPLE_BPE_MERGES` (200) merges;
     313 / 14 / 60 train / valid / test pairs. It holds `data-bin/` (`prepare.DATA_BIN`, for
     fairseq-train and fairseq-generate), the references (`prepare.reference_files(folder)`),
     and the text of each step (`{split}.tok.*`, `code`, `{split}.bpe.*`, `{split}.raw.*`).
@@ -26,7 +26,7 @@ def prepared_sample(tmp_path_factory):
     (copy it first)."""
     from harness import prepare_sample
 
-    return prepare_sample(str(tmp_path_factory.mktemp("sample")), workers=2)
+    return prepare_sample(str(tmp_path_factory.mktemp("sample")))
 
 
 @pytest.fixture(autouse=True)

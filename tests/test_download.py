@@ -1,5 +1,5 @@
 """The IWSLT'14 download against a local HTTP server serving a generated archive: a dropped
-download starts again, MD5 enforced (unless --allow-md5-mismatch), an archive on disk verified."""
+download leaves nothing and the next starts again, the MD5 enforced, an archive on disk reused."""
 
 import hashlib
 import http.client
@@ -45,7 +45,6 @@ def archive_bytes(tmp_path_factory):
 
 @pytest.fixture
 def server(archive_bytes, monkeypatch):
-    monkeypatch.setattr(prepare, "DOWNLOAD_RETRY_SECONDS", 0.0)
     httpd = ThreadingHTTPServer(("127.0.0.1", 0), ArchiveHandler)
     httpd.payload, httpd.requests, httpd.cut_first = archive_bytes, [], None
     thread = threading.Thread(target=httpd.serve_forever, daemon=True)
@@ -63,38 +62,31 @@ def md5(data: bytes) -> str:
 def test_a_dropped_download_starts_again(server, archive_bytes, tmp_path):
     server.cut_first = len(archive_bytes) // 3
     destination = tmp_path / "orig" / "de-en.tgz"
+    with pytest.raises(ExperimentError, match=f"{server.url}: download failed .*run again"):
+        prepare.download_archive(server.url, str(destination), md5=md5(archive_bytes))
+    assert os.listdir(tmp_path / "orig") == []  # no partial file left
     prepare.download_archive(server.url, str(destination), md5=md5(archive_bytes))
     assert destination.read_bytes() == archive_bytes
-    assert len(server.requests) == 2  # the cut one, then the whole file
-    assert os.listdir(tmp_path / "orig") == ["de-en.tgz"]  # no partial file left
+    assert len(server.requests) == 2  # the cut one, then the whole file from its first byte
+    assert os.listdir(tmp_path / "orig") == ["de-en.tgz"]
 
 
-def test_an_md5_mismatch_is_an_error_unless_allowed(server, archive_bytes, tmp_path, caplog):
+def test_an_md5_mismatch_is_an_error(server, archive_bytes, tmp_path):
     destination = tmp_path / "de-en.tgz"
     expected = "0" * 32
     with pytest.raises(ExperimentError) as error:
         prepare.download_archive(server.url, str(destination), md5=expected)
     message = str(error.value)
     assert f"downloaded from {server.url}:" in message and md5(archive_bytes) in message
-    assert f"differs from the expected {expected}" in message and "--allow-md5-mismatch" in message
+    assert f"differs from the expected {expected}" in message and "--archive" in message
     assert os.listdir(tmp_path) == []  # the downloaded file is removed
-    prepare.download_archive(server.url, str(destination), md5=expected, allow_md5_mismatch=True)
-    assert destination.read_bytes() == archive_bytes
-    assert "--allow-md5-mismatch: used anyway" in caplog.text
 
 
-def test_an_archive_already_present_is_verified(server, archive_bytes, tmp_path):
+def test_an_archive_already_downloaded_is_used(server, archive_bytes, tmp_path):
     destination = tmp_path / "de-en.tgz"
-    destination.write_bytes(archive_bytes)
+    prepare.download_archive(server.url, str(destination), md5=md5(archive_bytes))
     assert prepare.download_archive(server.url, str(destination), md5=md5(archive_bytes))
-    assert server.requests == []  # verified, not downloaded again
-    destination.write_bytes(archive_bytes[:-10])  # truncated on disk
-    with pytest.raises(
-        ExperimentError, match=f"archive already present: {destination}: MD5 .* delete it"
-    ):
-        prepare.download_archive(server.url, str(destination), md5=md5(archive_bytes))
-    assert destination.read_bytes() == archive_bytes[:-10]  # the user's file is left alone
-    assert server.requests == []
+    assert len(server.requests) == 1  # not downloaded again
 
 
 def test_the_mirrors_md5_is_the_default(server, tmp_path):
@@ -103,8 +95,7 @@ def test_the_mirrors_md5_is_the_default(server, tmp_path):
 
 
 def test_prepare_cli_downloads_checks_and_prepares(server, archive_bytes, tmp_path, capsys):
-    argv = ["--data-root", str(tmp_path), "--download-url", server.url, "--workers", "1"]
-    argv += ["--bpe-merges", "100"]
+    argv = ["--data-root", str(tmp_path), "--download-url", server.url, "--bpe-merges", "100"]
     assert prepare.main(argv + ["--download-md5", "not-a-hash"]) == 1
     assert (
         capsys.readouterr().err.strip()
@@ -125,16 +116,13 @@ def test_prepare_cli_downloads_checks_and_prepares(server, archive_bytes, tmp_pa
     assert len(server.requests) == 2  # the download of the mismatch, and this one
 
 
-def test_an_incomplete_read_is_retried(monkeypatch, tmp_path):
-    """http.client's IncompleteRead (not an OSError) counts as a failed attempt too."""
-    calls = []
+def test_an_incomplete_read_is_a_failed_download(monkeypatch, tmp_path):
+    """http.client's IncompleteRead (not an OSError) is a failed download too, in one line."""
 
     def failing(url, path):
-        calls.append(url)
         raise http.client.IncompleteRead(b"", 10)
 
     monkeypatch.setattr(prepare, "_download", failing)
-    monkeypatch.setattr(prepare, "DOWNLOAD_RETRY_SECONDS", 0.0)
-    with pytest.raises(ExperimentError, match="download failed 2 times"):
-        prepare.download_archive("http://x/de-en.tgz", str(tmp_path / "a.tgz"), attempts=2)
-    assert len(calls) == 2
+    with pytest.raises(ExperimentError, match="http://x/de-en.tgz: download failed"):
+        prepare.download_archive("http://x/de-en.tgz", str(tmp_path / "a.tgz"))
+    assert list(tmp_path.iterdir()) == []

@@ -25,13 +25,19 @@ from fairseq_asam_experiments.prepare import (
     clean_corpus,
     perl_lowercase,
     prepare_iwslt14,
-    read_lines,
     segment_text,
     training_text,
 )
 from fairseq_asam_experiments.synthetic_data import SAMPLE_MAX_PAIR, build_sample_archive
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def read_lines(path):
+    """Lines as the recipe's tools see them: split at \\n only."""
+    with open(path, encoding="utf-8", newline="\n") as f:
+        text = f.read()
+    return text.removesuffix("\n").split("\n") if text else []
 
 
 # ---------------------------------------------------------------------------------------------
@@ -185,8 +191,6 @@ def test_the_data_folder_is_named_by_the_archive_md5_and_merges(prepared_sample,
     md5 = hashlib.md5(open(sample_archive, "rb").read()).hexdigest()
     assert os.path.basename(prepared_sample) == f"iwslt14-de-en-{md5[:10]}-bpe{MERGES}"
     assert prepare.data_folder_name(sample_archive, 7) == f"iwslt14-de-en-{md5[:10]}-bpe7"
-    joined = prepare.data_folder_name(sample_archive, 7, joined_dictionary=True)
-    assert joined == f"iwslt14-de-en-{md5[:10]}-bpe7-joined"
 
 
 def test_training_tag_lines_dropped_and_tags_stripped(prepared_sample, sample_archive):
@@ -437,12 +441,11 @@ def test_missing_archive_fails(tmp_path):
         prepare_iwslt14(str(tmp_path / "nowhere.tgz"), str(tmp_path))
 
 
-def test_real_counts_are_checked_before_anything_is_written(sample_archive, tmp_path):
-    with pytest.raises(
-        ExperimentError,
-        match="train 313, valid 14, test 60 differ .*160,239.*--no-expect-real-counts",
-    ):
-        prepare_iwslt14(sample_archive, str(tmp_path / "data"), MERGES, expect_real_counts=True)
+def test_real_counts_are_checked_before_anything_is_written(sample_archive, tmp_path, monkeypatch):
+    """The split sizes are checked on the archive of the mirror's MD5 (here: the sample's)."""
+    monkeypatch.setattr(prepare, "ARCHIVE_MD5", prepare.file_md5(sample_archive))
+    with pytest.raises(ExperimentError, match="train 313, valid 14, test 60 differ .*160,239"):
+        prepare_iwslt14(sample_archive, str(tmp_path / "data"), MERGES)
     assert not (tmp_path / "data").exists()
 
 
@@ -465,16 +468,14 @@ def test_cli_reports_an_unusable_archive_in_one_line(sample_archive, tmp_path, c
 
 
 def test_cli_prepares_a_sample(tmp_path, capsys):
-    argv = ["--sample", "--data-root", str(tmp_path), "--bpe-merges", "100", "--workers", "1"]
-    assert prepare.main(argv + ["--joined-dictionary"]) == 0
+    argv = ["--sample", "--data-root", str(tmp_path), "--bpe-merges", "100"]
+    assert prepare.main(argv) == 0
     out = capsys.readouterr().out
     archive = str(tmp_path / prepare.SAMPLE_ARCHIVE_NAME)
-    folder = tmp_path / prepare.data_folder_name(archive, 100, joined_dictionary=True)
+    folder = tmp_path / prepare.data_folder_name(archive, 100)
     assert out.strip().splitlines()[-1] == str(folder / "data-bin")
     assert "train 313, valid 14, test 200" in out  # the sample's default 40 segments per set
     assert (folder / "data-bin" / "train.de-en.de.bin").exists()
-    dict_de = read_lines(str(folder / "data-bin" / "dict.de.txt"))  # --joined-dictionary
-    assert dict_de == read_lines(str(folder / "data-bin" / "dict.en.txt")) and len(dict_de) > 20
 
 
 # ---------------------------------------------------------------------------------------------
