@@ -8,12 +8,11 @@ import math
 
 import pytest
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from fairseq_asam import perturbation
+from fairseq_asam_experiments import loading, recipe
 from fairseq_asam_experiments import precision as P
-from fairseq_asam_experiments import recipe
 
 FP16_ULP_AT_1 = 2.0**-10  # spacing of fp16 just above 1.0 (10 mantissa bits)
 FP16_ULP_BELOW_1 = 2.0**-11  # spacing just below 1.0
@@ -120,35 +119,53 @@ def test_compare_epsilon_identical_and_all_lost():
 # ------------------------------------------------------------------ autocast
 
 
-class _Tiny(nn.Module):
+class _RawParameter(nn.Module):
     def __init__(self):
         super().__init__()
-        self.embed = nn.Embedding(5, 4)
         self.lin = nn.Linear(4, 4)
-        self.norm = nn.LayerNorm(4)
-        self.q_bias = nn.Parameter(torch.zeros(2))
-        self.k_bias = nn.Parameter(torch.zeros(2))
-        self.proj_weight = nn.Parameter(torch.randn(4, 4))
-
-    def forward(self, tokens):
-        x = self.norm(self.embed(tokens))
-        bias = torch.cat([self.q_bias, self.k_bias])  # concatenated in fp32, then cast by linear
-        return F.linear(self.lin(x).float(), self.proj_weight, bias).float().sum()
+        self.q_bias = nn.Parameter(torch.zeros(4))
 
 
-def test_autocast_cast_parameters():
+def test_autocast_cast_set_refuses_a_module_it_has_no_rule_for():
+    with pytest.raises(P.SettingError, match=r"no cast rule for  \(_RawParameter\)"):
+        P.autocast_cast_parameters(_RawParameter())
+
+
+def test_autocast_casts_exactly_the_named_parameters_of_a_transformer(data_bin):
+    """On the tiny preset's Transformer with bf16-representable weights, under bf16 autocast: a
+    nudge of a tensor by less than half a bf16 step leaves the loss bit for bit the same exactly
+    when autocast casts that tensor (the nudge is rounded away), and changes it otherwise."""
     if not P.autocast_supported(torch.bfloat16)[0]:
         pytest.skip("no CPU autocast to bf16 in this torch")
-    model = _Tiny()
-    cast = P.autocast_cast_parameters(model, lambda: model(torch.tensor([1, 2])), torch.bfloat16)
-    assert cast == {"lin.weight", "lin.bias", "proj_weight", "q_bias", "k_bias"}
+    loaded = P.init_model(data_bin, 1, args_files=(recipe.RECIPE_ARGS, recipe.TINY_OVERRIDES_ARGS))
+    model, options = loaded.model.eval(), dict(max_tokens=200, seed=1)
+    (sample,) = loading.split_batches(loaded, "train", 1, **options)
+    cast = P.autocast_cast_parameters(model)
+    shared = "decoder.embed_tokens.weight"  # the output projection's: cast there, not in lookups
+    assert shared in cast and any("layer_norm" in n for n, _ in model.named_parameters())
+
+    def loss():
+        with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+            return loaded.criterion(model, sample)[0].item()
+
+    with torch.no_grad():
+        for p in model.parameters():  # no zeros: a relative nudge moves every entry
+            p.copy_((torch.randn_like(p) * 0.1 + 0.5).bfloat16().float())
+    base = loss()
+    for name, p in model.named_parameters():
+        with torch.no_grad():
+            saved = p.clone()
+            p.mul_(1 + 2**-10)  # a bf16 step is 2^-8 to 2^-7 of the value
+            changed = loss() != base
+            p.copy_(saved)
+        assert changed == (name not in cast or name == shared), name
 
 
 # ------------------------------------------------------------------ a whole measurement
 
 
 class _Regression(nn.Module):
-    """y = X θ̃ (θ̃ = weight and bias) under the summed squared error: ∇L and Δg in closed form."""
+    """y = X θ̃ (θ̃ = weight and bias) under the summed squared error: ∇L in closed form."""
 
     def __init__(self, inputs):
         super().__init__()
