@@ -52,9 +52,6 @@ PRESETS = {  # fairseq's IWSLT'14 dictionaries (10k joint BPE): 8,848 German, 6,
 # sentences per 4,096 tokens) clipped to [2, 128], targets ×U(0.8, 1.2); 1.5× the sentences needed.
 MEDIAN, SIGMA, CLIP, RATIO, SLACK = 22, 0.5, (2, 128), (0.8, 1.2), 1.5
 PARTS = ("forward", "backward", "optimizer", "perturb", "restore")
-# Targets on transformer_iwslt_de_en; extra memory may pass one fp32 copy by 2% (page rounding of
-# its ~250 buffers, small temporaries).
-MAX_ASAM_RATIO, MAX_OVERHEAD, MAX_INTERVAL_RATIO, MEMORY_TOLERANCE = 2.05, 0.02, 1.3, 0.02
 MIB, FP32_BYTES, LOOKSAM_ALPHA = 2**20, 4, 0.7
 
 
@@ -179,11 +176,8 @@ def time_rows(spec: Spec, rows: Dict[str, tuple]):
         t.optimizer.backward = timed(parts, "backward", t.optimizer.backward, sync)
         t.optimizer.step = timed(parts, "optimizer", t.optimizer.step, sync)
     names, records = list(rows), {name: [] for name in rows}
-    with mock.patch.object(
-        perturbation, "perturb", timed(parts, "perturb", perturbation.perturb, sync)
-    ), mock.patch.object(
-        perturbation, "restore", timed(parts, "restore", perturbation.restore, sync)
-    ):
+    patched = {name: timed(parts, name, getattr(perturbation, name), sync) for name in PARTS[3:]}
+    with mock.patch.multiple(perturbation, **patched):
         for index, samples in enumerate(synthetic_updates(trainers["adam"], spec)):
             for name in names[index % len(names) :] + names[: index % len(names)]:
                 sam = find_sharpness_aware(trainers[name].optimizer)
@@ -193,11 +187,8 @@ def time_rows(spec: Spec, rows: Dict[str, tuple]):
                 seconds, ntokens = parts.pop("update"), sum(int(s["ntokens"]) for s in samples)
                 logger.info("update %d of %d, %s: %.1f s", index + 1, spec.total, name, seconds)
                 if index >= spec.warmup:
-                    records[name].append(
-                        dict(
-                            seconds=seconds, parts=dict(parts), ntokens=ntokens, perturbed=perturbed
-                        )
-                    )
+                    record = dict(seconds=seconds, parts=dict(parts), ntokens=ntokens)
+                    records[name].append(dict(record, perturbed=perturbed))
     fractions = {}
     for name, trainer in trainers.items():
         sam = find_sharpness_aware(trainer.optimizer)
@@ -292,25 +283,11 @@ def measure_rows_memory(spec: Spec, rows: Dict[str, tuple]) -> Dict[str, dict]:
     for name, row in rows.items():
         with ProcessPoolExecutor(max_workers=1, mp_context=context) as pool:
             out[name] = pool.submit(measure_peak_memory, spec, row).result()
+    for memory in out.values():
+        memory["extra_memory_bytes"] = (
+            memory["peak_increase_bytes"] - out["adam"]["peak_increase_bytes"]
+        )
     return out
-
-
-def check_targets(rows: Dict[str, dict], spec: Spec, sizes: Dict[str, int]) -> List[dict]:
-    """The targets set for transformer_iwslt_de_en, against the measured rows."""
-    interval = rows[f"asam-interval-{spec.sam_interval}"]["ratio_to_adam"]
-    targets = [
-        ("ASAM / Adam update time", rows["asam"]["ratio_to_adam"], MAX_ASAM_RATIO),
-        ("perturbation overhead / ASAM update", rows["asam"]["overhead_fraction"], MAX_OVERHEAD),
-        (f"--sam-interval {spec.sam_interval} / Adam update time", interval, MAX_INTERVAL_RATIO),
-    ]
-    if "extra_memory_bytes" in rows["asam"]:
-        stash = spec.update_freq > 1  # the gradient set aside during pass 1
-        budget = sizes["fp32_copy"] + sizes["gradient_stash"] * stash
-        for name in ("sam", "asam"):
-            label = f"{name.upper()} extra peak memory over Adam / (one fp32 copy"
-            label += " + the gradient stash)" if stash else ")"
-            targets.append((label, rows[name]["extra_memory_bytes"] / budget, 1 + MEMORY_TOLERANCE))
-    return [dict(target=t, measured=m, limit=lim, met=m <= lim) for t, m, lim in targets]
 
 
 def run_benchmark(spec: Spec, measure_memory: bool = True) -> Dict[str, object]:
@@ -319,36 +296,18 @@ def run_benchmark(spec: Spec, measure_memory: bool = True) -> Dict[str, object]:
     rows, load = rows_for(spec), [os.getloadavg()]
     records, fractions, parameters = time_rows(spec, rows)
     load.append(os.getloadavg())
-    summary = {
-        name: summarize_row(records[name], records["adam"], fractions[name]) for name in rows
-    }
-    for name, memory in (measure_rows_memory(spec, rows) if measure_memory else {}).items():
-        summary[name].update(memory)
-    for row in summary.values() if measure_memory else ():
-        row["extra_memory_bytes"] = (
-            row["peak_increase_bytes"] - summary["adam"]["peak_increase_bytes"]
-        )
-    element = FP32_BYTES if spec.precision == "fp32" else 2  # of the gradient set aside
-    sizes = dict(parameters=parameters, fp32_copy=parameters * FP32_BYTES)
-    sizes["gradient_stash"] = parameters * element
-    cpu = platform.processor() or platform.machine()
-    machine = f"{os.cpu_count()} CPUs ({cpu}), torch {torch.__version__}, "
-    machine += f"{torch.get_num_threads()} torch threads"
+    memory = measure_rows_memory(spec, rows) if measure_memory else {}
     table = [
-        dict(name=name, optimizer=opt, options=extra, **summary[name])
-        for name, (opt, extra) in rows.items()
+        dict(name=name, optimizer=optimizer, options=options, **memory.get(name, {}))
+        for name, (optimizer, options) in rows.items()
     ]
-    targets = check_targets(summary, spec, sizes)
+    for row in table:
+        row.update(summarize_row(records[row["name"]], records["adam"], fractions[row["name"]]))
+    machine = f"{os.cpu_count()} CPUs ({platform.processor() or platform.machine()}), torch "
+    machine += f"{torch.__version__}, {torch.get_num_threads()} torch threads"
     preset = PRESETS[spec.preset].description
-    return dict(
-        spec=dataclasses.asdict(spec),
-        preset=preset,
-        machine=machine,
-        load_average=load,
-        parameter_bytes=sizes,
-        rows=table,
-        targets=targets,
-    )
+    result = dict(spec=dataclasses.asdict(spec), preset=preset, machine=machine, rows=table)
+    return dict(result, load_average=load, parameters=parameters)
 
 
 def markdown_table(header: List[str], rows: List[list]) -> str:
@@ -356,84 +315,40 @@ def markdown_table(header: List[str], rows: List[list]) -> str:
     return "\n".join("| " + " | ".join(map(str, line)) + " |" for line in lines)
 
 
-# The table's columns: (header, row key, format, scale).
-# fmt: off
-COLUMNS = (("update ms", "update_ms", ".1f", 1), ("×Adam", "ratio_to_adam", ".3f", 1),
-           ("fwd ms", "forward_ms", ".1f", 1), ("bwd ms", "backward_ms", ".1f", 1),
-           ("opt ms", "optimizer_ms", ".1f", 1), ("outside ms", "outside_ms", ".1f", 1),
-           ("overhead ms", "overhead_ms", ".1f", 1),
-           ("overhead %", "overhead_fraction", ".2f", 100),
-           ("perturb+restore ms", "perturb_restore_ms", ".1f", 1),
-           ("tokens/s", "tokens_per_s", ".0f", 1),
-           ("peak Δ MiB", "peak_increase_bytes", ".0f", 1 / MIB),
-           ("extra MiB", "extra_memory_bytes", ".0f", 1 / MIB))
-# fmt: on
+COLUMNS = {  # header: (row key, format, scale)
+    "update ms": ("update_ms", ".1f", 1),
+    "×Adam": ("ratio_to_adam", ".3f", 1),
+    "fwd ms": ("forward_ms", ".1f", 1),
+    "bwd ms": ("backward_ms", ".1f", 1),
+    "opt ms": ("optimizer_ms", ".1f", 1),
+    "overhead %": ("overhead_fraction", ".2f", 100),
+    "perturb+restore ms": ("perturb_restore_ms", ".1f", 1),
+    "tokens/s": ("tokens_per_s", ".0f", 1),
+    "extra MiB": ("extra_memory_bytes", ".0f", 1 / MIB),
+}
 
 
 def format_benchmark(result: Dict[str, object]) -> str:
-    spec, sizes, rows = result["spec"], result["parameter_bytes"], result["rows"]
-    cells = [[f"{r[k] * x:{f}}" if k in r else "-" for _, k, f, x in COLUMNS] for r in rows]
-    table = [[r["name"]] + c for r, c in zip(rows, cells)]
-    lines = [markdown_table(["row"] + [c[0] for c in COLUMNS], table), ""]
-    lines.append(
+    spec, rows, parameters = result["spec"], result["rows"], result["parameters"]
+    cells = [
+        [r["name"]] + [f"{r[k] * x:{f}}" if k in r else "-" for k, f, x in COLUMNS.values()]
+        for r in rows
+    ]
+    before, after = ([round(x, 2) for x in load] for load in result["load_average"])
+    lines = [
+        markdown_table(["row", *COLUMNS], cells),
+        "",
         f"{result['preset']}; {spec['device']} {spec['precision']}, --update-freq "
         f"{spec['update_freq']}, {spec['warmup']} warm-up + {spec['timed']} timed updates per "
-        f"row, interleaved; {sizes['parameters']:,} parameters (one fp32 copy = "
-        f"{sizes['fp32_copy'] / MIB:.0f} MiB)."
-    )
+        f"row, interleaved; {parameters:,} parameters (one fp32 copy = "
+        f"{parameters * FP32_BYTES / MIB:.0f} MiB).",
+        f"load average before {before}, after {after}; {result['machine']}.",
+    ]
     if "memory_measure" in rows[0]:
         lines.append(
             f"peak memory: {rows[0]['memory_measure']}, over the first "
             f"{rows[0]['memory_updates']} updates, in a fresh process per row."
         )
-    before, after = ([round(x, 2) for x in load] for load in result["load_average"])
-    lines.append(f"load average before {before}, after {after}; {result['machine']}.\n")
-    for t in result["targets"]:
-        met = "met" if t["met"] else "NOT met"
-        lines.append(f"- {t['target']}: {t['measured']:.4g} (target <= {t['limit']:.4g}): {met}")
-    return "\n".join(lines)
-
-
-def profile_update(spec: Spec) -> Dict[str, dict]:
-    """torch.profiler over one ASAM update after the warm-up: ms per range (fairseq's
-    record_function ranges, plus perturb and restore) and the operators inside perturb/restore."""
-    from torch.profiler import ProfilerActivity, profile, record_function
-
-    trainer = build_trainer(spec, rows_for(spec)["asam"])
-    updates = synthetic_updates(trainer, spec)
-    for samples in updates[: spec.warmup]:
-        trainer.train_step(samples)
-
-    def ranged(name):
-        fn = getattr(perturbation, name)
-        return functools.wraps(fn)(lambda *a, **k: _within(record_function(name), fn, a, k))
-
-    cuda = [ProfilerActivity.CUDA] * (spec.device == "cuda")
-    with mock.patch.multiple(perturbation, perturb=ranged("perturb"), restore=ranged("restore")):
-        with profile(activities=[ProfilerActivity.CPU] + cuda) as prof:
-            trainer.train_step(updates[spec.warmup])
-    ranges = collections.Counter()
-    inside = {"perturb": collections.Counter(), "restore": collections.Counter()}
-    for event in prof.events():
-        if event.name in PARTS + ("reduce-grads", "multiply-grads", "clip-grads"):
-            ranges[event.name] += event.cpu_time_total / 1e3
-        for child in event.cpu_children if event.name in inside else ():
-            inside[event.name][child.name] += child.cpu_time_total / 1e3
-    return dict(
-        ranges_ms=dict(ranges), operators_ms={k: dict(v.most_common()) for k, v in inside.items()}
-    )
-
-
-def _within(context, fn, args, kwargs):
-    with context:
-        return fn(*args, **kwargs)
-
-
-def format_profile(profile: Dict[str, dict]) -> str:
-    lines = ["profile of one asam update:"]
-    lines += [f"  {name:<16} {ms:10.2f} ms" for name, ms in profile["ranges_ms"].items()]
-    for part, ops in profile["operators_ms"].items():
-        lines += [f"  inside {part}:"] + [f"    {op:<32} {ms:8.2f} ms" for op, ms in ops.items()]
     return "\n".join(lines)
 
 
@@ -444,17 +359,14 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
     low = p.add_mutually_exclusive_group()
     for name in ("fp16", "bf16"):
-        help_ = "weights in that precision (needs --device cuda)"
-        low.add_argument(
-            f"--{name}", dest="precision", action="store_const", const=name, help=help_
-        )
+        low.add_argument(f"--{name}", dest="precision", action="store_const", const=name)
+    p.set_defaults(precision="fp32")  # --fp16/--bf16: weights in that precision (--device cuda)
     p.add_argument("--update-freq", type=int, default=1, help="micro-batches per update")
     p.add_argument("--warmup", type=int, help="untimed updates first (default: the preset's)")
     p.add_argument("--timed", type=int, help="timed updates per row (default: the preset's)")
     p.add_argument("--sam-interval", type=int, default=5, help="K of the interval/LookSAM rows")
     p.add_argument("--seed", type=int, default=1)
     p.add_argument("--no-memory", action="store_true", help="skip the peak-memory processes")
-    p.add_argument("--profile", action="store_true", help="also profile one ASAM update")
     p.add_argument("--json", metavar="PATH", help="write the results as JSON")
     return p
 
@@ -467,25 +379,11 @@ def main(argv=None) -> int:
 
 def work(args) -> int:
     preset = PRESETS[args.preset]
-    warmup = preset.warmup if args.warmup is None else args.warmup
-    timed_updates = preset.timed if args.timed is None else args.timed
-    precision = args.precision or "fp32"
-    spec = Spec(
-        args.preset,
-        args.device,
-        precision,
-        args.update_freq,
-        warmup,
-        timed_updates,
-        args.sam_interval,
-        args.seed,
-    )
-    check_spec(spec)
+    args.warmup = preset.warmup if args.warmup is None else args.warmup
+    args.timed = preset.timed if args.timed is None else args.timed
+    spec = Spec(**{f.name: getattr(args, f.name) for f in dataclasses.fields(Spec)})
     result = run_benchmark(spec, measure_memory=not args.no_memory)
     print(format_benchmark(result))
-    if args.profile:
-        result["profile"] = profile_update(spec)
-        print("\n" + format_profile(result["profile"]))
     if args.json:
         write_json(args.json, result)
     return 0

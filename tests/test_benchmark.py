@@ -1,5 +1,5 @@
 """fairseq-asam-benchmark (benchmarks/step_cost.py): the amortized medians and round-by-round
-ratios against hand-computed values, the targets, and the command on the small preset."""
+ratios against hand-computed values, the peak memory, and the command on the small preset."""
 
 import json
 import os
@@ -53,24 +53,11 @@ def test_summarize_row_against_hand_computed_values():
     assert row["ratio_to_adam"] != pytest.approx(2.5, rel=1e-3)
 
 
-def test_targets_met_and_not_met():
-    rows = {"asam": dict(ratio_to_adam=1.9, overhead_fraction=0.01, extra_memory_bytes=410)}
-    rows["sam"] = dict(extra_memory_bytes=400)
-    rows["asam-interval-2"] = dict(ratio_to_adam=1.4)
-    sizes = dict(parameters=100, fp32_copy=400, gradient_stash=400)
-    targets = {t["target"]: (t["measured"], t["met"]) for t in B.check_targets(rows, SMALL, sizes)}
-    assert targets["ASAM / Adam update time"] == (1.9, True)
-    assert targets["--sam-interval 2 / Adam update time"] == (1.4, False)  # above 1.3
-    # 410 bytes against one fp32 copy (400): 1.025 > 1 + 2% tolerance
-    assert targets["ASAM extra peak memory over Adam / (one fp32 copy)"] == (1.025, False)
-    assert targets["SAM extra peak memory over Adam / (one fp32 copy)"] == (1.0, True)
-
-
 @pytest.mark.slow
 def test_command_times_every_row(tmp_path, capsys):
     out = tmp_path / "result.json"
     argv = ["--preset", "small", "--warmup", "0", "--timed", "2", "--sam-interval", "2"]
-    assert B.main(argv + ["--no-memory", "--profile", "--json", str(out)]) == 0
+    assert B.main(argv + ["--no-memory", "--json", str(out)]) == 0
     result = json.loads(out.read_text())
     assert [row["name"] for row in result["rows"]] == list(B.rows_for(SMALL))
     for row in result["rows"]:
@@ -82,9 +69,8 @@ def test_command_times_every_row(tmp_path, capsys):
     assert by_name["asam"]["perturb_restore_ms"] > 0
     assert by_name["asam-not-started"]["perturb_restore_ms"] == 0  # a control: never perturbs
     assert by_name["asam-interval-2"]["sharpness_aware_fraction"] == 0.5
-    assert "aten::_foreach_norm" in result["profile"]["operators_ms"]["perturb"]
     printed = capsys.readouterr().out
-    assert "| asam-looksam-2 |" in printed and "inside perturb:" in printed
+    assert "| asam-looksam-2 |" in printed and "extra MiB" in printed
     assert not torch.cuda.is_initialized()  # the CPU path never touches CUDA
 
 
@@ -96,6 +82,10 @@ def test_peak_memory_in_a_fresh_process():
     memory = B.measure_rows_memory(SMALL, rows)
     assert memory["adam"]["peak_increase_bytes"] > 0
     assert memory["sam"]["peak_increase_bytes"] > memory["adam"]["peak_increase_bytes"]
+    extra = memory["sam"]["peak_increase_bytes"] - memory["adam"]["peak_increase_bytes"]
+    assert (
+        memory["sam"]["extra_memory_bytes"] == extra and memory["adam"]["extra_memory_bytes"] == 0
+    )
 
 
 def test_script_rejects_a_bad_flag_in_one_line(monkeypatch, capsys):
