@@ -79,10 +79,8 @@ UPDATE_KEYS = ["num_updates", "valid_num_updates", "train_num_updates"]  # by ta
 def read_train_log(path: str) -> pd.DataFrame:
     """A row per json record of a fairseq-train log: its `tag`, `updates` and logged numbers;
     of one tag and update count (logged again after a resume) the last record."""
-    records = []
-    with open(
-        path if os.path.isfile(path) else os.devnull, encoding="utf-8", errors="replace"
-    ) as f:
+    records, path = [], path if os.path.isfile(path) else os.devnull  # no log (yet)
+    with open(path, encoding="utf-8", errors="replace") as f:
         for match in filter(None, map(LOG_LINE.search, f)):
             try:
                 records.append({**json.loads(match["record"]), "tag": match["tag"]})
@@ -101,10 +99,8 @@ def in_training_bleu(log: pd.DataFrame, checkpoint: dict) -> Optional[float]:
     epoch, updates = checkpoint.get("epoch"), checkpoint.get("num_updates")
     if epoch is None or len(checkpoint.get("sources") or ()) > 1 or "valid_bleu" not in log:
         return None
-    at = (
-        (log.tag == "valid") & (log.epoch == epoch) & ((log.updates == updates) | (updates is None))
-    )
-    bleu = log[at].valid_bleu.dropna()
+    at = (log.tag == "valid") & (log.epoch == epoch)
+    bleu = log[at & ((log.updates == updates) | (updates is None))].valid_bleu.dropna()
     return float(bleu.iloc[-1]) if len(bleu) else None
 
 
@@ -118,15 +114,14 @@ def run_status(run_dir: str) -> str:
         return f"failed in {failure.get('stage', '?')}: {error}"
     files = {RESULTS: "done", "train.done.json": "trained, not evaluated"}
     files[TRAIN_LOG] = "not finished (resumable)"
-    found = [
-        status for name, status in files.items() if os.path.isfile(os.path.join(run_dir, name))
-    ]
-    return (found + ["not started"])[0]
+    found = (status for name, status in files.items() if os.path.isfile(f"{run_dir}/{name}"))
+    return next(found, "not started")
 
 
 def read_run(folder: str, run_dir: str) -> dict:
-    """A run's status and, once evaluated, its scores and the settings results.json records."""
-    run = {"folder": folder, "run": os.path.basename(run_dir)}
+    """A run's status, train.log and, once evaluated, its scores and recorded settings."""
+    log = read_train_log(os.path.join(run_dir, TRAIN_LOG))
+    run = {"folder": folder, "run": os.path.basename(run_dir), "log": log}
     try:
         run["status"] = run_status(run_dir)
         results = read_json_object(os.path.join(run_dir, RESULTS))
@@ -146,7 +141,6 @@ def read_run(folder: str, run_dir: str) -> dict:
     adaptive = [e for e in estimates if e.get("measure") == "adaptive"] + [{}]
     run["sharpness"], run["sharpness_rho"] = adaptive[0].get("sharpness"), adaptive[0].get("rho")
     run.update({f"{s}_{m}": results[s].get(m) for m, _ in SCORES for s in ("valid", "test")})
-    log = read_train_log(os.path.join(run_dir, TRAIN_LOG))
     return {**run, "in_training_bleu": in_training_bleu(log, checkpoint)}
 
 
@@ -180,7 +174,12 @@ def summarize(done: pd.DataFrame, keys: List[str]) -> pd.DataFrame:
     summary["n"] = groups.size()
     summary["folders"] = groups.folder.agg(lambda s: " ".join(dict.fromkeys(s)))
     summary = summary.reset_index().sort_values(keys, key=_order, kind="stable")
-    return summary.reset_index(drop=True)
+    summary = summary.reset_index(drop=True)
+    summary.insert(1, "label", [label(r) for _, r in summary.iterrows()])
+    summary["why_not_paper"] = [why_not_paper(r) for _, r in summary.iterrows()]
+    why_not = summary.why_not_paper.notna()
+    papers = [(None, None) if w else PAPER[r][1:3] for r, w in zip(summary.row, why_not)]
+    return summary.join(pd.DataFrame(papers, columns=["paper_valid_bleu", "paper_test_bleu"]))
 
 
 def number(value: float, metric: str = "") -> str:
@@ -217,13 +216,9 @@ def why_not_paper(row) -> Optional[str]:
     return "rows other than the paper's" if row["row"] not in PAPER or other else None
 
 
-def paper_numbers(row) -> tuple:
-    return (None, None) if why_not_paper(row) else PAPER[row["row"]][1:3]
-
-
 def paper_line(summary: pd.DataFrame) -> str:
     """Where the paper's numbers stand, and why not beside the other rows."""
-    reasons = dict.fromkeys(filter(None, (why_not_paper(r) for _, r in summary.iterrows())))
+    reasons = dict.fromkeys(summary.why_not_paper.dropna())
     text = (
         "The paper's numbers (Kwon et al., 2021, Table 4) stand only beside its rows (adam, sam, "
         f"asam) of `--preset {PAPER_PRESET}` at its `--max-update {PAPER_MAX_UPDATE}`"
@@ -237,14 +232,15 @@ def markdown_table(header: Sequence[str], rows: Sequence[Sequence]) -> List[str]
 
 
 def summary_table(summary: pd.DataFrame, several: bool) -> List[str]:
-    paper = any(paper_numbers(r)[0] for _, r in summary.iterrows())
+    paper = bool(summary.paper_valid_bleu.notna().any())
     metrics = [m for m in METRICS if m != "sharpness" or summary.sharpness_count.any()]
     header = ["Row", "Seeds", "Checkpoint", "Preset", "Budget (--max-update)"]
     header += ["Paper valid", "Paper test"] * paper + [METRICS[m] for m in metrics]
     rows = []
     for _, r in summary.iterrows():
-        cells = [label(r), r.seeds or NONE, r.protocol, r.preset, r.max_update]
-        cells += [number(x) for x in paper_numbers(r)] * paper + [cell(r, m) for m in metrics]
+        cells = [r.label, r.seeds or NONE, r.protocol, r.preset, r.max_update]
+        cells += [number(r.paper_valid_bleu), number(r.paper_test_bleu)] * paper
+        cells += [cell(r, m) for m in metrics]
         rows.append(cells + [r.folders] * several)
     return markdown_table(header + ["Folders"] * several, rows)
 
@@ -362,27 +358,13 @@ def preamble(grids: List[dict], done: pd.DataFrame, summary: pd.DataFrame) -> Li
 
 def figures(runs: pd.DataFrame, several: bool, report_dir: str) -> List[str]:
     """The plots of what the runs logged, and their captions."""
-    logs = {
-        r.run + f" [{r.folder}]" * several: read_train_log(
-            os.path.join(r.folder, RUNS_FOLDER, r.run, TRAIN_LOG)
-        )
-        for _, r in runs.iterrows()
-    }
+    logs = dict(zip(runs.run + (" [" + runs.folder + "]" if several else ""), runs.log))
     captions = [
         f"- {file}: {caption}"
         for file, (tag, values, ylabel, caption) in LOG_PLOTS.items()
         if plot_logs(logs, tag, values, ylabel, os.path.join(report_dir, file))
     ]
     return ["", "## Figures", "", *captions] if captions else []
-
-
-def csv_table(summary: pd.DataFrame) -> str:
-    """table4.csv: the summary's numbers, a row per table row."""
-    table = summary.drop(columns=[c for c in summary if c.endswith("_count")])
-    table.insert(1, "label", [label(r) for _, r in summary.iterrows()])
-    papers = [paper_numbers(r) for _, r in summary.iterrows()]
-    paper = pd.DataFrame(papers, table.index, columns=["paper_valid_bleu", "paper_test_bleu"])
-    return table.join(paper).round(4).to_csv(index=False)
 
 
 def write_report(out_dirs: Sequence[str], report_dir: str) -> str:
@@ -394,7 +376,9 @@ def write_report(out_dirs: Sequence[str], report_dir: str) -> str:
         grids += [{**grid, "folder": folder}] if grid else []
         records += found
     sweeps = sorted({k for r in records for k in r if k.startswith(SWEEP)})
-    runs = pd.DataFrame(records, columns=RUN_COLUMNS + sweeps + ["signatures", "sharpness_rho"])
+    runs = pd.DataFrame(
+        records, columns=RUN_COLUMNS + sweeps + ["signatures", "sharpness_rho", "log"]
+    )
     runs[list(METRICS)] = runs[list(METRICS)].astype(float)
     done = runs[runs.row.notna()].fillna({k: NONE for k in sweeps})
     summary, several = summarize(done, ["row", *sweeps, *SETTINGS]), len(out_dirs) > 1
@@ -409,7 +393,8 @@ def write_report(out_dirs: Sequence[str], report_dir: str) -> str:
     signatures = "; ".join(sorted({f"`{s}`" for r in done.signatures for s in r if s}))
     lines += ["", f"sacreBLEU signature: {signatures}"] * bool(signatures)
     lines += figures(runs, several, report_dir)
-    write_text(os.path.join(report_dir, "table4.csv"), csv_table(summary))
+    table = summary.drop(columns=[c for c in summary if c.endswith("_count")] + ["why_not_paper"])
+    write_text(os.path.join(report_dir, "table4.csv"), table.round(4).to_csv(index=False))
     write_text(os.path.join(report_dir, "table4.md"), "\n".join(lines) + "\n")
     return os.path.join(report_dir, "table4.md")
 
