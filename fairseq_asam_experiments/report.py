@@ -67,7 +67,12 @@ LOGGED_SHARPNESS = (
 LOG_PLOTS = {
     "valid_loss.png": ("valid", ["valid_loss"], "validation loss (base 2)", "each run's, logged."),
     "valid_bleu.png": ("valid", ["valid_bleu"], "valid BLEU (in-training)", "each run's, logged."),
-    "sharpness.png": ("train_inner", ["sharpness", "sharpness_eval"], "", LOGGED_SHARPNESS),
+    "sharpness.png": (
+        "train_inner",
+        ["sharpness", "sharpness_eval"],
+        "L(w+ε) − L(w)",
+        LOGGED_SHARPNESS,
+    ),
 }
 # fairseq's json log line (`... | valid | {...}`), and hydra's (`[...][valid][INFO] - {...}`).
 LOG_LINE = re.compile(
