@@ -266,18 +266,15 @@ def sweep_section(summary: pd.DataFrame, option: str, report_dir: str) -> List[s
     column, name = SWEEP + option, SYMBOLS.get(option, option)
     points = summary[summary[column] != NONE].copy()
     context = [k for k in SETTINGS if points[k].nunique() > 1]  # named where they differ
-    curves = [
+    points["curve"] = [
         label(r.drop(column)) + "".join(f" [{r[k]}]" for k in context) for _, r in points.iterrows()
     ]
-    points["curve"] = curves
     scored = points.dropna(subset=["valid_bleu_mean"]).groupby("curve", sort=False)
     points["picked"] = points.index.isin(scored.valid_bleu_mean.idxmax())
     stats = [f"{m}_{s}" for m in ("valid_bleu", "test_bleu") for s in ("mean", "std")]
-    table = points[["curve", column, "seeds", "n", *stats, "picked"]].rename(
-        columns={column: option}
-    )
+    table = points[["curve", column, "seeds", "n", *stats, "picked"]]
     path = os.path.join(report_dir, f"bleu_vs_{option}")
-    write_text(path + ".csv", table.round(4).to_csv(index=False))
+    write_text(path + ".csv", table.rename(columns={column: option}).round(4).to_csv(index=False))
     plot_sweep(points, column, name, path + ".png")
     rows = [
         [r.curve, r[column], r.seeds, cell(r, "valid_bleu"), cell(r, "test_bleu"), "✓" * r.picked]
@@ -291,13 +288,11 @@ def sweep_section(summary: pd.DataFrame, option: str, report_dir: str) -> List[s
     return ["", f"## BLEU against {name}", "", text, "", *markdown_table(header, rows)]
 
 
-def _pyplot():
-    import matplotlib
+def _figure():
+    from matplotlib.figure import Figure  # no pyplot: no backend, no figure to close
 
-    matplotlib.use("Agg")  # files, no display
-    import matplotlib.pyplot as plt
-
-    return plt
+    figure = Figure(figsize=(7, 4.5))
+    return figure, figure.subplots()
 
 
 def _save(figure, axes, path: str, xlabel: str, ylabel: str) -> None:
@@ -307,12 +302,11 @@ def _save(figure, axes, path: str, xlabel: str, ylabel: str) -> None:
     figure.tight_layout()
     with atomic_output(path) as temporary:
         figure.savefig(temporary, format="png", dpi=120)
-    _pyplot().close(figure)
 
 
 def plot_sweep(points: pd.DataFrame, column: str, name: str, path: str) -> None:
     """Valid (solid), test (dashed) BLEU against the value ± sample std, ★ on the pick."""
-    figure, axes = _pyplot().subplots(figsize=(7, 4.5))
+    figure, axes = _figure()
     numbers = pd.to_numeric(points[column], errors="coerce")
     x = numbers if numbers.notna().all() else points[column]  # words: a category axis
     for index, (curve, group) in enumerate(points.groupby("curve", sort=False)):
@@ -331,7 +325,7 @@ def plot_sweep(points: pd.DataFrame, column: str, name: str, path: str) -> None:
 
 def plot_logs(logs: Dict[str, pd.DataFrame], tag, values, ylabel, path: str) -> bool:
     """A line per run and logged value (solid, then dashed) against updates; False if none."""
-    figure, axes = _pyplot().subplots(figsize=(7, 4.5))
+    figure, axes = _figure()
     for index, (name, log) in enumerate(logs.items()):
         for value, line in zip(values, ("-", "--")):
             points = log[log.tag == tag].reindex(columns=["updates", value]).dropna()
@@ -339,7 +333,6 @@ def plot_logs(logs: Dict[str, pd.DataFrame], tag, values, ylabel, path: str) -> 
             if len(points):
                 axes.plot(points.updates, points[value], line, label=f"{name} — {value}", **style)
     if not axes.lines:
-        _pyplot().close(figure)
         return False
     _save(figure, axes, path, "updates", ylabel)
     return True
