@@ -388,7 +388,7 @@ def test_parse_checkpoint_choice(text, metric):
     assert str(choice) == text and choice.selection_metric == metric
 
 
-@pytest.mark.parametrize("text", ["", "best", "first", "average", "average:0", "average:x"])
+@pytest.mark.parametrize("text", ["", "best", "first", "average", "average:0", "average:x", "avg5"])
 def test_parse_checkpoint_choice_rejects(text):
     with pytest.raises(
         SettingError, match="--checkpoint must be best-loss, best-bleu, last or average:N"
