@@ -157,6 +157,8 @@ def tokenized_bleu(hypotheses: Sequence[str], references: Sequence[str]) -> Tupl
 
     if len(hypotheses) != len(references):
         raise ExperimentError(f"{len(hypotheses)} hypotheses for {len(references)} references")
+    if not hypotheses:
+        raise ExperimentError("no sentences to score")
     vocabulary = Dictionary()
     config = bleu.BleuConfig(pad=vocabulary.pad(), eos=vocabulary.eos(), unk=vocabulary.unk())
     scorer = bleu.Scorer(config)
