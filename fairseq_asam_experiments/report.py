@@ -6,10 +6,11 @@ row: the mean ± sample std over its seeds, pooled over folders whose settings a
 """
 
 import argparse
+import glob
 import json
 import os
 import re
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import Dict, List, Optional, Sequence
 
 import pandas as pd
 
@@ -17,15 +18,11 @@ from .cli import run_command
 from .errors import ExperimentError, SettingError
 from .files import atomic_output, read_json_object, write_text
 from .grid import GRID_RECORD, RUNS_FOLDER
-from .launch import FAILURE_RECORD, TRAIN_LOG, lock_holder
+from .launch import FAILURE_RECORD, RESULTS, TRAIN_LOG, lock_holder
 from .logs import log_to_stdout
 
-REPORT_FOLDER = "report"
-
-PROGRAM = "fairseq-asam-report"
-TABLE_MARKDOWN, TABLE_CSV = "table4.md", "table4.csv"
-RESULTS, TRAIN_STAMP = "results.json", "train.done.json"  # launch.run_one writes them
-NONE = "–"  # an empty cell; also the key of a setting a run does not record
+PROGRAM, REPORT_FOLDER = "fairseq-asam-report", "report"
+NONE = "–"  # an empty cell; also the value of a setting a run does not record
 SWEEP = "sweep:"  # the prefix of a swept option's column
 # The paper preset's budget: configs/iwslt14_de_en/common.args' --max-update (tested).
 PAPER_PRESET, PAPER_MAX_UPDATE = "paper", "50000"
@@ -44,16 +41,11 @@ METRICS = {f"{s}_{m}": f"{s.title()} {n}" for m, n in SCORES for s in ("valid", 
 METRICS.update(in_training_bleu=IN_TRAINING, sharpness="Adaptive sharpness")
 SETTINGS = ["preset", "protocol", "max_update"]  # with the row and its swept values: a table row
 RUN_COLUMNS = ["folder", "run", "status", "row", "seed", *SETTINGS, "updates", *METRICS]
-PROTOCOLS = {
-    "best-bleu": "checkpoint_best.pt by the in-training BLEU, so valid scores are optimistic",
-    "best-loss": "checkpoint_best.pt by the validation loss (fairseq's default)",
-    "last": "checkpoint_last.pt, the end of training",
-    "average": "the parameter average of the last N epoch checkpoints",
-}
 CAPTIONS = [
     "Valid BLEU, Test BLEU: tokenized BLEU-4 as fairseq-generate prints it (beam 5, BPE removed, "
     "on the Moses-tokenized, lowercased text), assumed to be Table 4's metric: the paper does "
-    "not name its BLEU (configs/README.md). Mean ± sample std over seeds; (n = k): of k runs.",
+    "not name its BLEU (configs/README.md). Mean ± sample std over seeds; (n = k): of k runs. "
+    "`--checkpoint best-bleu` selects by validation BLEU, so its valid scores are optimistic.",
     "Valid sacreBLEU, Test sacreBLEU: the same fairseq-generate output, detokenized by the kit "
     "and scored by case-insensitive sacreBLEU against the untokenized references.",
     f"{IN_TRAINING}: the `valid_bleu` fairseq-train logged (--eval-bleu) at the epoch of the "
@@ -65,20 +57,26 @@ SHARPNESS_CAPTION = (
     "Adaptive sharpness: max L(w+ε) − L(w) over the ball ‖T⁻¹ε‖₂ ≤ ρ (T = |w| + η) around the "
     "evaluated checkpoint, measured after training by fairseq-asam-sharpness at ρ = {}."
 )
-# (file, train.log tag, logged values: solid then dashed, y label, caption)
-LOG_PLOTS = [
-    ("valid_loss.png", "valid", ["valid_loss"], "validation loss (base 2)", "each run's, logged."),
-    ("valid_bleu.png", "valid", ["valid_bleu"], "valid BLEU (in-training)", "each run's, logged."),
-    ("sharpness.png", "train_inner", ["sharpness", "sharpness_eval"], "L(w+ε) − L(w) (base 2)",
-     "`sharpness` (solid) as the plugin logs it: L(w+ε) − L(w) on each update's own batches, "
-     "under dropout; `sharpness_eval` (dashed, --sharpness-eval-interval) with dropout off. "
-     "SAM's ε lies in the ball ‖ε‖₂ ≤ ρ, ASAM's in ‖T⁻¹ε‖₂ ≤ ρ: comparable along one run, not "
-     "across optimizers."),
-]  # fmt: skip
+LOGGED_SHARPNESS = (
+    "`sharpness` (solid) as the plugin logs it: L(w+ε) − L(w) on each update's own batches, "
+    "under dropout; `sharpness_eval` (dashed, --sharpness-eval-interval) with dropout off. "
+    "SAM's ε lies in the ball ‖ε‖₂ ≤ ρ, ASAM's in ‖T⁻¹ε‖₂ ≤ ρ: comparable along one run, not "
+    "across optimizers."
+)
+# file: (train.log tag, logged values (solid, dashed), y label, caption)
+LOG_PLOTS = {
+    "valid_loss.png": ("valid", ["valid_loss"], "validation loss (base 2)", "each run's, logged."),
+    "valid_bleu.png": ("valid", ["valid_bleu"], "valid BLEU (in-training)", "each run's, logged."),
+    "sharpness.png": (
+        "train_inner",
+        ["sharpness", "sharpness_eval"],
+        "L(w+ε) − L(w)",
+        LOGGED_SHARPNESS,
+    ),
+}
 # fairseq's json log line (`... | valid | {...}`), and hydra's (`[...][valid][INFO] - {...}`).
 LOG_LINE = re.compile(
-    r"(?:\| (?P<tag>train_inner|valid|train) \| |\]\[(?P<hydra>train_inner|valid|train)\]"
-    r"\[\w+\] - )(?P<record>\{.*\})\s*$"
+    r"(?:\| |\]\[)(?P<tag>train_inner|valid|train)(?: \| |\]\[\w+\] - )(?P<record>\{.*\})\s*$"
 )
 UPDATE_KEYS = ["num_updates", "valid_num_updates", "train_num_updates"]  # by tag
 
@@ -86,15 +84,13 @@ UPDATE_KEYS = ["num_updates", "valid_num_updates", "train_num_updates"]  # by ta
 def read_train_log(path: str) -> pd.DataFrame:
     """A row per json record of a fairseq-train log: its `tag`, `updates` and logged numbers;
     of one tag and update count (logged again after a resume) the last record."""
-    records = []
-    path = path if os.path.isfile(path) else os.devnull  # no log (yet): no record
+    records, path = [], path if os.path.isfile(path) else os.devnull  # no log (yet)
     with open(path, encoding="utf-8", errors="replace") as f:
         for match in filter(None, map(LOG_LINE.search, f)):
             try:
-                record = json.loads(match["record"])
+                records.append({**json.loads(match["record"]), "tag": match["tag"]})
             except json.JSONDecodeError:
                 continue  # a line cut by a crash
-            records.append({**record, "tag": match["tag"] or match["hydra"]})
     log = pd.DataFrame(records or {"tag": []})
     log = log.apply(lambda c: c if c.name == "tag" else pd.to_numeric(c, errors="coerce"))
     log["updates"] = log.reindex(columns=UPDATE_KEYS).bfill(axis=1).iloc[:, 0]
@@ -108,35 +104,31 @@ def in_training_bleu(log: pd.DataFrame, checkpoint: dict) -> Optional[float]:
     epoch, updates = checkpoint.get("epoch"), checkpoint.get("num_updates")
     if epoch is None or len(checkpoint.get("sources") or ()) > 1 or "valid_bleu" not in log:
         return None
-    at = (
-        (log.tag == "valid") & (log.epoch == epoch) & ((log.updates == updates) | (updates is None))
-    )
-    bleu = log[at].valid_bleu.dropna()
+    at = (log.tag == "valid") & (log.epoch == epoch)
+    bleu = log[at & ((log.updates == updates) | (updates is None))].valid_bleu.dropna()
     return float(bleu.iloc[-1]) if len(bleu) else None
 
 
 def run_status(run_dir: str) -> str:
-    """running, failed (stage: error), done, trained, not finished or not started."""
-    holder = lock_holder(run_dir) if os.path.isdir(run_dir) else None
-    if holder:
+    """running, failed in <stage>: <error>, done, trained, not finished or not started."""
+    if holder := lock_holder(run_dir):
         return f"running ({holder})"
-    try:
-        failure = read_json_object(os.path.join(run_dir, FAILURE_RECORD))
-    except ExperimentError as error:
-        return f"failed ({error})"
+    failure = read_json_object(os.path.join(run_dir, FAILURE_RECORD))
     if failure is not None:
         error = " ".join(str(failure.get("error", "?")).split()).replace("|", "/")
         return f"failed in {failure.get('stage', '?')}: {error}"
-    files = ((RESULTS, "done"), (TRAIN_STAMP, "trained, not evaluated"))
-    files += ((TRAIN_LOG, "not finished (resumable)"),)
-    found = [status for name, status in files if os.path.isfile(os.path.join(run_dir, name))]
-    return (found + ["not started"])[0]
+    files = {RESULTS: "done", "train.done.json": "trained, not evaluated"}
+    files[TRAIN_LOG] = "not finished (resumable)"
+    found = (status for name, status in files.items() if os.path.isfile(f"{run_dir}/{name}"))
+    return next(found, "not started")
 
 
 def read_run(folder: str, run_dir: str) -> dict:
-    """A run's status and, once evaluated, its scores and the settings results.json records."""
-    run = {"folder": folder, "run": os.path.basename(run_dir), "status": run_status(run_dir)}
+    """A run's status, train.log and, once evaluated, its scores and recorded settings."""
+    log = read_train_log(os.path.join(run_dir, TRAIN_LOG))
+    run = {"folder": folder, "run": os.path.basename(run_dir), "log": log}
     try:
+        run["status"] = run_status(run_dir)
         results = read_json_object(os.path.join(run_dir, RESULTS))
     except ExperimentError as error:
         return {**run, "status": f"unreadable: {error}"}
@@ -154,24 +146,20 @@ def read_run(folder: str, run_dir: str) -> dict:
     adaptive = [e for e in estimates if e.get("measure") == "adaptive"] + [{}]
     run["sharpness"], run["sharpness_rho"] = adaptive[0].get("sharpness"), adaptive[0].get("rho")
     run.update({f"{s}_{m}": results[s].get(m) for m, _ in SCORES for s in ("valid", "test")})
-    log = read_train_log(os.path.join(run_dir, TRAIN_LOG))
     return {**run, "in_training_bleu": in_training_bleu(log, checkpoint)}
 
 
-def read_folder(folder: str) -> Tuple[Optional[dict], List[dict]]:
+def read_folder(folder: str) -> tuple:
     """grid.json (or None) and a record per run: the grid's, then the folder's others."""
     if not os.path.isdir(folder):
         raise ExperimentError(f"output folder not found: {folder}")
     grid = read_json_object(os.path.join(folder, GRID_RECORD))
-    runs_dir = os.path.join(folder, RUNS_FOLDER)
-    found = sorted(os.listdir(runs_dir)) if os.path.isdir(runs_dir) else []
+    found = sorted(glob.glob(os.path.join(folder, RUNS_FOLDER, "*", "")))  # folders, not .*
     if grid is None and not found:
         raise ExperimentError(f"{folder} holds neither {GRID_RECORD} nor {RUNS_FOLDER}/*")
-    names = list((grid or {}).get("runs", []))
-    names += [
-        n for n in found if n[0] != "." and n not in names and os.path.isdir(runs_dir + "/" + n)
-    ]
-    return grid, [read_run(folder, os.path.join(runs_dir, n)) for n in names]
+    names = [*(grid or {}).get("runs", []), *(os.path.basename(p[:-1]) for p in found)]
+    runs = [read_run(folder, os.path.join(folder, RUNS_FOLDER, n)) for n in dict.fromkeys(names)]
+    return grid, runs
 
 
 def _order(column: pd.Series) -> pd.Series:
@@ -191,10 +179,15 @@ def summarize(done: pd.DataFrame, keys: List[str]) -> pd.DataFrame:
     summary["n"] = groups.size()
     summary["folders"] = groups.folder.agg(lambda s: " ".join(dict.fromkeys(s)))
     summary = summary.reset_index().sort_values(keys, key=_order, kind="stable")
-    return summary.reset_index(drop=True)
+    summary = summary.reset_index(drop=True)
+    summary.insert(1, "label", [label(r) for _, r in summary.iterrows()])
+    summary["why_not_paper"] = [why_not_paper(r) for _, r in summary.iterrows()]
+    why_not = summary.why_not_paper.notna()
+    papers = [(None, None) if w else PAPER[r][1:3] for r, w in zip(summary.row, why_not)]
+    return summary.join(pd.DataFrame(papers, columns=["paper_valid_bleu", "paper_test_bleu"]))
 
 
-def number(value: float, metric: str) -> str:
+def number(value: float, metric: str = "") -> str:
     return NONE if pd.isna(value) else f"{value:.{4 if metric == 'sharpness' else 2}f}"
 
 
@@ -207,7 +200,6 @@ def cell(row, metric: str) -> str:
 
 
 def swept(row) -> Dict[str, str]:
-    """The row's swept option values."""
     return {k[len(SWEEP) :]: v for k, v in row.items() if k.startswith(SWEEP) and v != NONE}
 
 
@@ -218,33 +210,25 @@ def label(row) -> str:
     return f"{name} ({values})" if values else name
 
 
-def paper_numbers(row) -> Optional[Tuple[float, float]]:
-    """The paper's (valid, test) beside its row at the paper preset's budget, else None."""
-    paper = PAPER.get(row["row"])
-    if paper is None or (row["preset"], row["max_update"]) != (PAPER_PRESET, PAPER_MAX_UPDATE):
-        return None
-    other = any(k not in paper[3] or float(v) != paper[3][k] for k, v in swept(row).items())
-    return None if other else paper[1:3]
-
-
-def why_not_paper(row) -> str:
+def why_not_paper(row) -> Optional[str]:
+    """None beside the paper's rows at the paper preset's budget, else why not."""
     if row.preset != PAPER_PRESET:
         return f"`--preset {row.preset}`" if row.preset != NONE else "no preset"
     if row.max_update != PAPER_MAX_UPDATE:
         return f"`--preset paper` at `--max-update {row.max_update}`"
-    return "rows other than the paper's"
+    paper = PAPER.get(row["row"], (0, 0, 0, {}))[3]
+    other = any(k not in paper or float(v) != paper[k] for k, v in swept(row).items())
+    return "rows other than the paper's" if row["row"] not in PAPER or other else None
 
 
 def paper_line(summary: pd.DataFrame) -> str:
     """Where the paper's numbers stand, and why not beside the other rows."""
-    reasons = [why_not_paper(r) for _, r in summary.iterrows() if paper_numbers(r) is None]
+    reasons = dict.fromkeys(summary.why_not_paper.dropna())
     text = (
         "The paper's numbers (Kwon et al., 2021, Table 4) stand only beside its rows (adam, sam, "
         f"asam) of `--preset {PAPER_PRESET}` at its `--max-update {PAPER_MAX_UPDATE}`"
     )
-    if reasons:
-        text += f"; not beside {', '.join(dict.fromkeys(reasons))}: not comparable"
-    return text + "."
+    return text + (f"; not beside {', '.join(reasons)}: not comparable." if reasons else ".")
 
 
 def markdown_table(header: Sequence[str], rows: Sequence[Sequence]) -> List[str]:
@@ -253,29 +237,27 @@ def markdown_table(header: Sequence[str], rows: Sequence[Sequence]) -> List[str]
 
 
 def summary_table(summary: pd.DataFrame, several: bool) -> List[str]:
-    paper = any(paper_numbers(r) for _, r in summary.iterrows())
+    paper = bool(summary.paper_valid_bleu.notna().any())
     metrics = [m for m in METRICS if m != "sharpness" or summary.sharpness_count.any()]
     header = ["Row", "Seeds", "Checkpoint", "Preset", "Budget (--max-update)"]
-    header += ["Paper valid", "Paper test"] if paper else []
-    header += [METRICS[m] for m in metrics] + (["Folders"] if several else [])
+    header += ["Paper valid", "Paper test"] * paper + [METRICS[m] for m in metrics]
     rows = []
     for _, r in summary.iterrows():
-        cells = [label(r), r.seeds or NONE, r.protocol, r.preset, r.max_update]
-        cells += [number(x, "") for x in paper_numbers(r) or (None, None)] if paper else []
+        cells = [r.label, r.seeds or NONE, r.protocol, r.preset, r.max_update]
+        cells += [number(r.paper_valid_bleu), number(r.paper_test_bleu)] * paper
         cells += [cell(r, m) for m in metrics]
-        rows.append(cells + ([r.folders] if several else []))
-    return markdown_table(header, rows)
+        rows.append(cells + [r.folders] * several)
+    return markdown_table(header + ["Folders"] * several, rows)
 
 
 def runs_table(runs: pd.DataFrame, several: bool) -> List[str]:
     metrics = [m for m in METRICS if m != "sharpness" or runs.sharpness.notna().any()]
-    header = ["Run", "Status", "Updates", *[METRICS[m] for m in metrics]]
+    header = ["Run", "Status", "Updates", *[METRICS[m] for m in metrics], *["Folder"] * several]
     rows = []
     for _, r in runs.iterrows():
         cells = [r.run, r.status, NONE if pd.isna(r.updates) else int(r.updates)]
-        cells += [number(r[m], m) for m in metrics]
-        rows.append(cells + ([r.folder] if several else []))
-    return markdown_table(header + (["Folder"] if several else []), rows)
+        rows.append(cells + [number(r[m], m) for m in metrics] + [r.folder] * several)
+    return markdown_table(header, rows)
 
 
 def sweep_section(summary: pd.DataFrame, option: str, report_dir: str) -> List[str]:
@@ -294,9 +276,10 @@ def sweep_section(summary: pd.DataFrame, option: str, report_dir: str) -> List[s
     path = os.path.join(report_dir, f"bleu_vs_{option}")
     write_text(path + ".csv", table.rename(columns={column: option}).round(4).to_csv(index=False))
     plot_sweep(points, column, name, path + ".png")
-    bleu = ["valid_bleu", "test_bleu"]
-    scores = [[cell(r, m) for m in bleu] + ["✓" * r.picked] for _, r in points.iterrows()]
-    rows = [[r.curve, r[column], r.seeds, *x] for (_, r), x in zip(points.iterrows(), scores)]
+    rows = [
+        [r.curve, r[column], r.seeds, cell(r, "valid_bleu"), cell(r, "test_bleu"), "✓" * r.picked]
+        for _, r in points.iterrows()
+    ]
     text = (
         f"Each value of `--{option}`; ✓: the highest mean validation BLEU, the choice a grid "
         f"search makes; test BLEU estimates that choice. Plot: bleu_vs_{option}.png."
@@ -305,13 +288,11 @@ def sweep_section(summary: pd.DataFrame, option: str, report_dir: str) -> List[s
     return ["", f"## BLEU against {name}", "", text, "", *markdown_table(header, rows)]
 
 
-def _pyplot():
-    import matplotlib
+def _figure():
+    from matplotlib.figure import Figure  # no pyplot: no backend, no figure to close
 
-    matplotlib.use("Agg")  # files, no display
-    import matplotlib.pyplot as plt
-
-    return plt
+    figure = Figure(figsize=(7, 4.5))
+    return figure, figure.subplots()
 
 
 def _save(figure, axes, path: str, xlabel: str, ylabel: str) -> None:
@@ -321,21 +302,18 @@ def _save(figure, axes, path: str, xlabel: str, ylabel: str) -> None:
     figure.tight_layout()
     with atomic_output(path) as temporary:
         figure.savefig(temporary, format="png", dpi=120)
-    _pyplot().close(figure)
 
 
 def plot_sweep(points: pd.DataFrame, column: str, name: str, path: str) -> None:
     """Valid (solid), test (dashed) BLEU against the value ± sample std, ★ on the pick."""
-    figure, axes = _pyplot().subplots(figsize=(7, 4.5))
+    figure, axes = _figure()
     numbers = pd.to_numeric(points[column], errors="coerce")
     x = numbers if numbers.notna().all() else points[column]  # words: a category axis
     for index, (curve, group) in enumerate(points.groupby("curve", sort=False)):
         style = dict(color=f"C{index}", marker="o", capsize=3)
         for split, line in (("valid", "-"), ("test", "--")):
             y, error = group[f"{split}_bleu_mean"], group[f"{split}_bleu_std"].fillna(0)
-            axes.errorbar(
-                x[group.index], y, error, linestyle=line, label=f"{curve} — {split}", **style
-            )
+            axes.errorbar(x[group.index], y, error, ls=line, label=f"{curve} — {split}", **style)
         pick = group.index[group.picked]
         axes.plot(x[pick], points.valid_bleu_mean[pick], "*", ms=14, color=f"C{index}")
     if x is numbers and (numbers > 0).all():
@@ -345,10 +323,9 @@ def plot_sweep(points: pd.DataFrame, column: str, name: str, path: str) -> None:
     _save(figure, axes, path, name, "BLEU")
 
 
-def plot_logs(logs: Dict[str, pd.DataFrame], plot: tuple, path: str) -> bool:
+def plot_logs(logs: Dict[str, pd.DataFrame], tag, values, ylabel, path: str) -> bool:
     """A line per run and logged value (solid, then dashed) against updates; False if none."""
-    _, tag, values, ylabel, _ = plot
-    figure, axes = _pyplot().subplots(figsize=(7, 4.5))
+    figure, axes = _figure()
     for index, (name, log) in enumerate(logs.items()):
         for value, line in zip(values, ("-", "--")):
             points = log[log.tag == tag].reindex(columns=["updates", value]).dropna()
@@ -356,46 +333,36 @@ def plot_logs(logs: Dict[str, pd.DataFrame], plot: tuple, path: str) -> bool:
             if len(points):
                 axes.plot(points.updates, points[value], line, label=f"{name} — {value}", **style)
     if not axes.lines:
-        _pyplot().close(figure)
         return False
     _save(figure, axes, path, "updates", ylabel)
     return True
 
 
 def preamble(grids: List[dict], done: pd.DataFrame, summary: pd.DataFrame) -> List[str]:
-    """The title, then a paragraph each: protocols, budget, what each column is, the paper."""
+    """The title, then a paragraph each: budget, what each column is, the paper."""
     found = {k: [*done[k], *(g[k] for g in grids if g.get(k))] for k in ("protocol", "preset")}
-    protocols, presets = (list(dict.fromkeys(v)) for v in found.values())
-    title = f"# Table 4: IWSLT'14 De→En, Transformer — --checkpoint {', '.join(protocols)}"
-    paragraphs = [title + f" (--preset {', '.join(presets)})" * bool(presets)]
-    paragraphs += [f"`--checkpoint {p}`: {PROTOCOLS.get(p.split(':')[0], p)}." for p in protocols]
+    protocols, presets = (", ".join(dict.fromkeys(v)) for v in found.values())
+    title = f"# Table 4: IWSLT'14 De→En, Transformer — --checkpoint {protocols}"
     budgets = [f"{g['max_update']} (grid.json of {g['folder']})" for g in grids]
     gridless = done[~done.folder.isin([g["folder"] for g in grids])]
     budgets += [f"{b} (results.json)" for b in dict.fromkeys(gridless.max_update)]
+    paragraphs = [title + f" (--preset {presets})" * bool(presets)]
     paragraphs.append(f"Budget: --max-update {', '.join(budgets) or NONE}; per row in Budget.")
     paragraphs += [*CAPTIONS, paper_line(summary)]
-    rhos = sorted(set(done.sharpness_rho.dropna()))
-    paragraphs += [SHARPNESS_CAPTION.format(", ".join(map(str, rhos)))] if rhos else []
+    rhos = ", ".join(map(str, sorted(set(done.sharpness_rho.dropna()))))
+    paragraphs += [SHARPNESS_CAPTION.format(rhos)] * bool(rhos)
     return [line for paragraph in paragraphs for line in (paragraph, "")]
 
 
 def figures(runs: pd.DataFrame, several: bool, report_dir: str) -> List[str]:
     """The plots of what the runs logged, and their captions."""
-    paths = {r.run + f" [{r.folder}]" * several: (r.folder, r.run) for _, r in runs.iterrows()}
-    logs = {
-        k: read_train_log(os.path.join(f, RUNS_FOLDER, r, TRAIN_LOG)) for k, (f, r) in paths.items()
-    }
-    plotted = [p for p in LOG_PLOTS if plot_logs(logs, p, os.path.join(report_dir, p[0]))]
-    return ["", "## Figures", ""] + [f"- {p[0]}: {p[4]}" for p in plotted] if plotted else []
-
-
-def csv_table(summary: pd.DataFrame) -> str:
-    """table4.csv: the summary's numbers, a row per table row."""
-    table = summary.drop(columns=[c for c in summary if c.endswith("_count")])
-    table.insert(1, "label", [label(r) for _, r in summary.iterrows()])
-    papers = [paper_numbers(r) or (None, None) for _, r in summary.iterrows()]
-    paper = pd.DataFrame(papers, table.index, columns=["paper_valid_bleu", "paper_test_bleu"])
-    return table.join(paper).round(4).to_csv(index=False)
+    logs = dict(zip(runs.run + (" [" + runs.folder + "]" if several else ""), runs.log))
+    captions = [
+        f"- {file}: {caption}"
+        for file, (tag, values, ylabel, caption) in LOG_PLOTS.items()
+        if plot_logs(logs, tag, values, ylabel, os.path.join(report_dir, file))
+    ]
+    return ["", "## Figures", "", *captions] if captions else []
 
 
 def write_report(out_dirs: Sequence[str], report_dir: str) -> str:
@@ -407,35 +374,37 @@ def write_report(out_dirs: Sequence[str], report_dir: str) -> str:
         grids += [{**grid, "folder": folder}] if grid else []
         records += found
     sweeps = sorted({k for r in records for k in r if k.startswith(SWEEP)})
-    runs = pd.DataFrame(records, columns=RUN_COLUMNS + sweeps + ["signatures", "sharpness_rho"])
+    runs = pd.DataFrame(
+        records, columns=RUN_COLUMNS + sweeps + ["signatures", "sharpness_rho", "log"]
+    )
     runs[list(METRICS)] = runs[list(METRICS)].astype(float)
-    keys = ["row", *sweeps, *SETTINGS]
     done = runs[runs.row.notna()].fillna({k: NONE for k in sweeps})
-    summary = summarize(done, keys)
-    several = len(out_dirs) > 1
+    summary, several = summarize(done, ["row", *sweeps, *SETTINGS]), len(out_dirs) > 1
     os.makedirs(report_dir, exist_ok=True)
     lines = preamble(grids, done, summary) + summary_table(summary, several)
     missing = ", ".join(runs.run[runs.row.isna()])  # failed, running, not started...: see Runs
-    lines += ["", f"No result for {missing}: see their status under Runs."] if missing else []
+    lines += ["", f"No result for {missing}: see their status under Runs."] * bool(missing)
     for option in (k[len(SWEEP) :] for k in sweeps):
         if summary[SWEEP + option].replace(NONE, pd.NA).nunique() > 1:
             lines += sweep_section(summary, option, report_dir)
     lines += ["", "## Runs", "", *runs_table(runs, several)]
     signatures = "; ".join(sorted({f"`{s}`" for r in done.signatures for s in r if s}))
-    lines += ["", f"sacreBLEU signature: {signatures}"] if signatures else []
+    lines += ["", f"sacreBLEU signature: {signatures}"] * bool(signatures)
     lines += figures(runs, several, report_dir)
-    write_text(os.path.join(report_dir, TABLE_CSV), csv_table(summary))
-    path = os.path.join(report_dir, TABLE_MARKDOWN)
-    write_text(path, "\n".join(lines) + "\n")
-    return path
+    table = summary.drop(columns=[c for c in summary if c.endswith("_count")] + ["why_not_paper"])
+    write_text(os.path.join(report_dir, "table4.csv"), table.round(4).to_csv(index=False))
+    write_text(os.path.join(report_dir, "table4.md"), "\n".join(lines) + "\n")
+    return os.path.join(report_dir, "table4.md")
 
 
-def parser() -> argparse.ArgumentParser:
+def main(argv: Optional[List[str]] = None) -> int:
     about = "Table 4 (table4.md, .csv) and plots from the runs of fairseq-asam-table4."
     parser = argparse.ArgumentParser(prog=PROGRAM, description=about)
     parser.add_argument("folders", nargs="+", metavar="FOLDER", help="fairseq-asam-table4 --out")
     parser.add_argument("--out", help="where to write (default FOLDER/report; needed with two)")
-    return parser
+    args = parser.parse_args(argv)
+    log_to_stdout()
+    return run_command(PROGRAM, lambda: work(args))
 
 
 def work(args: argparse.Namespace) -> int:
@@ -445,9 +414,3 @@ def work(args: argparse.Namespace) -> int:
     with open(path, encoding="utf-8") as f:
         print(f.read())
     return 0
-
-
-def main(argv: Optional[List[str]] = None) -> int:
-    args = parser().parse_args(argv)
-    log_to_stdout()
-    return run_command(PROGRAM, lambda: work(args))

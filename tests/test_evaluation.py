@@ -111,13 +111,14 @@ def evaluated(tmp_path_factory):
         patch.setattr(
             evaluation,
             "generate_command",
-            lambda *args: generate(*args) + ["--score-reference", "--cpu"],
+            lambda *args: (
+                generate(*args) + ["--score-reference", "--cpu", "--beam", "1", "--batch-size", "8"]
+            ),
         )
         last = evaluation.parse_checkpoint_choice("last")
         results = evaluation.evaluate_checkpoint(
-            data_bin, str(save_dir), fairseq_asam.USER_DIR, last, splits=("test",), beam=1,
-            batch_size=8, references={"test": str(raw)},
-        )  # fmt: skip
+            data_bin, str(save_dir), fairseq_asam.USER_DIR, last, ("test",), {"test": str(raw)}
+        )
     return results, raw_lines
 
 
@@ -243,7 +244,7 @@ def test_score_split_checks_fairseq_generate_printed_bleu():
     )
     scores = evaluation.score_split(output)
     assert scores["bleu"] == pytest.approx(ONE_WORD_OFF[2], abs=5e-5)  # rounded to 4 decimals
-    assert scores["fairseq_generate_bleu"] == ONE_WORD_OFF_PRINTED == scores["bleu_details"]
+    assert scores["bleu_details"] == ONE_WORD_OFF_PRINTED
     assert scores["sentences"] == 1
     # A printed BLEU 0.01 away (more than its rounding) is a disagreement.
     off = ONE_WORD_OFF_PRINTED.replace("75.98", "75.99")
@@ -387,17 +388,12 @@ def test_parse_checkpoint_choice(text, metric):
     assert str(choice) == text and choice.selection_metric == metric
 
 
-@pytest.mark.parametrize("text", ["", "first", "average", "average:0", "average:x", "avg5"])
+@pytest.mark.parametrize("text", ["", "best", "first", "average", "average:0", "average:x", "avg5"])
 def test_parse_checkpoint_choice_rejects(text):
     with pytest.raises(
         SettingError, match="--checkpoint must be best-loss, best-bleu, last or average:N"
     ):
         evaluation.parse_checkpoint_choice(text)
-
-
-def test_best_alone_names_no_protocol():
-    with pytest.raises(SettingError, match="--checkpoint best names no protocol: use best-loss"):
-        evaluation.parse_checkpoint_choice("best")
 
 
 def selected_checkpoint(path, metric, maximize):
@@ -455,7 +451,6 @@ def test_evaluation_inputs_change_with_what_the_evaluation_reads(tmp_path):
     after = evaluation.evaluation_inputs("data-bin", str(tmp_path), last)
     assert after["checkpoint_files"][0][2] == 1 and after != before
     changed = [
-        evaluation.evaluation_inputs("data-bin", str(tmp_path), last, beam=4),
         evaluation.evaluation_inputs("data-bin", str(tmp_path), last, {"test": "test.raw.en"}),
         evaluation.evaluation_inputs("other-bin", str(tmp_path), last),
     ]
@@ -504,34 +499,38 @@ def canned_generate(command, output_path, env=None, call=None):
 
 
 def test_evaluate_command_writes_whole_evaluations(tmp_path, monkeypatch, capsys):
-    """fairseq-asam-evaluate --splits valid, then --splits test: one evaluation of both splits;
-    then --checkpoint last: best-loss's test is gone, not left beside last's valid."""
+    """fairseq-asam-evaluate: valid and test into results.json, the run's other entries kept;
+    another --checkpoint replaces the evaluation whole, its sharpness included."""
     run, data_bin = fake_run(tmp_path)
     monkeypatch.setattr(evaluation, "run_generate", canned_generate)
-    (run / "results.json").write_text(json.dumps({"run": "adam-seed1", "test": {"bleu": 1.0}}))
+    earlier = {"run": "adam-seed1", "test": {"bleu": 1.0}, "sharpness": {"estimates": []}}
+    (run / "results.json").write_text(json.dumps(earlier))
     argv = [str(run), "--data-bin", data_bin, "--checkpoint", "best-loss"]
-    assert evaluation.main(argv + ["--splits", "valid"]) == 0
+    assert evaluation.main(argv) == 0
     assert "valid: BLEU 75.98 (tokenized, assumed Table 4's metric)" in capsys.readouterr().out
-    assert evaluation.main(argv + ["--splits", "test"]) == 0
     results = json.loads((run / "results.json").read_text())
     assert results["run"] == "adam-seed1" and results["protocol"] == "best-loss"
     assert (results["valid"]["bleu"], results["test"]["bleu"]) == (75.9836, 100.0)
-    assert results["checkpoint"]["selected_by"] == "loss"
-    assert evaluation.main(argv[:-1] + ["last", "--splits", "valid"]) == 0
+    assert results["checkpoint"]["selected_by"] == "loss" and "sharpness" not in results
+    assert evaluation.main(argv[:-1] + ["last"]) == 0
     results = json.loads((run / "results.json").read_text())
     assert results["protocol"] == "last" and results["checkpoint"]["path"].endswith("_last.pt")
-    assert "test" not in results and results["run"] == "adam-seed1"
+    assert results["run"] == "adam-seed1"
     capsys.readouterr()
+    no_test = tmp_path / "no-test"
+    no_test.mkdir()
+    (no_test / "valid.de-en.de.idx").write_text("")
     for flags, words in (
-        (["--checkpoint", "best"], "--checkpoint best names no protocol"),
+        (["--checkpoint", "best"], "--checkpoint must be best-loss, best-bleu, last or average:N"),
         (["--checkpoint", "best-bleu"], "--checkpoint best-bleu: .* selected by the lowest"),
-        (["--splits", "train"], "--splits train: no such split in"),
         (["--references-dir", str(tmp_path)], "references file for valid not found"),
     ):
         assert evaluation.main([str(run), "--data-bin", data_bin] + flags) == 1
         err = capsys.readouterr().err
         assert err.count("\n") == 1 and err.startswith("fairseq-asam-evaluate: error: ")
         assert re.search(words, err), err
+    assert evaluation.main([str(run), "--data-bin", str(no_test)]) == 1
+    assert "split test: no such split in" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize(
