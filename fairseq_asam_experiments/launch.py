@@ -1,18 +1,15 @@
-"""One run of a grid (`run_one`), and the launchers of a grid's runs: here, one run per GPU or
-one after the other on a CPU (`launch_local`), or a submitit job per run on Slurm or submitit's
-local executor (`launch_jobs`), each job calling the same `run_one`.
+"""One run of a grid (`run_one`) and its launchers: here, one run per GPU or one after another
+(`launch_local`), or a submitit job per run on Slurm or submitit's local executor (`launch_jobs`).
 
-`run_one` holds the run's lock (filelock on run.lock, for the run's lifetime: a second launcher
-skips the run and says so) and does its stages, each done when its stamp holds its inputs:
-train (finished: skipped; interrupted: resumed, fairseq-train loading checkpoint_last.pt from
-the same --save-dir by itself; only --max-update raised: continued the same way; any other
-change: refused, naming the setting), evaluate (redone when evaluation_inputs change), sharpness
-(--sharpness-rho); then results.json.  A failure is written to failure.json and the grid goes
-on.  Ctrl-C: no new run or stage starts, the children get SIGINT, then SIGKILL after
-STOP_GRACE_SECONDS; every run stays resumable.
+`run_one` holds the run's lock (filelock on run.lock: a second launcher skips the run) and does
+its stages, each done when its stamp holds its inputs: train (finished: skipped; interrupted or
+only --max-update raised: fairseq-train continues from checkpoint_last.pt in the same
+--save-dir; any other change: refused, naming the setting), evaluate, sharpness; then
+results.json.  A failure goes to failure.json and the grid goes on.  Ctrl-C: no new run or stage
+starts, the children get SIGINT, then SIGKILL after STOP_GRACE_SECONDS; every run is resumable.
 """
 
-import datetime
+import itertools
 import json
 import logging
 import os
@@ -55,8 +52,8 @@ class Interrupted(ExperimentError):
     exit_status = INTERRUPTED_STATUS
 
 
-def _now() -> str:
-    return datetime.datetime.now().isoformat(timespec="seconds")
+def now() -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%S")
 
 
 def one_line(error: BaseException) -> str:
@@ -105,14 +102,12 @@ CHILDREN = Children()  # a submitit job's (one run per process)
 def lock_holder(run_dir: str) -> Optional[str]:
     """'a launcher' if one holds the run's lock now, else None; creates nothing."""
     path = os.path.join(run_dir, LOCK_FILE)
-    if not os.path.isfile(path):
-        return None
-    lock = filelock.FileLock(path)
     try:
-        lock.acquire(timeout=0)
+        if os.path.isfile(path):
+            with filelock.FileLock(path).acquire(timeout=0):
+                pass
     except filelock.Timeout:
         return "a launcher"
-    lock.release()
     return None
 
 
@@ -123,10 +118,9 @@ def train_plan(grid: Grid, run: Run, data_bin: str) -> Optional[str]:
     old = finished = files.read_stamp(run_dir, TRAIN)
     if finished is None and os.path.isfile(os.path.join(run_dir, COMMAND_FILE)):
         with open(os.path.join(run_dir, COMMAND_FILE), encoding="utf-8") as f:
-            argv = shlex.split(f.read())
-        while argv and "=" in argv[0]:  # the environment it ran with: OMP_NUM_THREADS=1 ...
-            argv.pop(0)
-        old = grid.settings_of_command(argv)
+            # Without the environment it ran with (OMP_NUM_THREADS=1 ...).
+            argv = itertools.dropwhile(lambda word: "=" in word, shlex.split(f.read()))
+        old = grid.settings_of_command(list(argv))
     if old is None:
         return "training"
     changes = files.changed_inputs(old, settings)
@@ -235,52 +229,54 @@ def describe(grid: Grid, run: Run, command_line: str) -> dict:
 def run_one(grid: Grid, run: Run, data_bin: str, references: Dict, gpu=None, children=None) -> str:
     """Trains, evaluates and measures one run under its lock; returns its results.json.
 
-    RunLocked if another launcher holds the run; Interrupted once `children` is stopping; any
-    other failure is written to failure.json first.  `gpu`: CUDA_VISIBLE_DEVICES of the run's
-    children; on a CPU they get the preset's OMP_NUM_THREADS unless it is set."""
+    RunLocked if another launcher holds the run; Interrupted once `children` is stopping (they
+    start no new stage); any other failure is written to failure.json first.  `gpu`: the
+    children's CUDA_VISIBLE_DEVICES; on a CPU, the preset's OMP_NUM_THREADS unless it is set."""
     children, run_dir = children or CHILDREN, grid.run_dir(run)
     os.makedirs(run_dir, exist_ok=True)
-    lock = filelock.FileLock(os.path.join(run_dir, LOCK_FILE))
     try:
-        lock.acquire(timeout=0)
-    except filelock.Timeout:
-        raise RunLocked(f"{run.name}: skipped, another launcher holds {lock.lock_file}") from None
+        lock = filelock.FileLock(os.path.join(run_dir, LOCK_FILE)).acquire(timeout=0)
+    except filelock.Timeout as held:
+        raise RunLocked(f"{run.name}: skipped, another launcher holds {held.lock_file}") from None
     env = {"CUDA_VISIBLE_DEVICES": gpu} if gpu is not None else {}
     if gpu is None and grid.preset.cpu_threads and "OMP_NUM_THREADS" not in os.environ:
         env = {"OMP_NUM_THREADS": str(grid.preset.cpu_threads)}
     stage, path = TRAIN, os.path.join(run_dir, RESULTS)
-    try:
-        logger.info(f"{run.name}: on {'CPU' if gpu is None else 'GPU ' + gpu}")
-        line = train(grid, run, data_bin, env, children)
-        for stage in (EVALUATE, SHARPNESS):
-            if children.stopping.is_set():
-                raise Interrupted(f"{stage} not started")
-            if stage == EVALUATE:
-                results = evaluate(grid, run, data_bin, references, env, children)
-            elif grid.sharpness_rho is not None:
+    with lock:
+        try:
+            logger.info(f"{run.name}: on {'CPU' if gpu is None else 'GPU ' + gpu}")
+            line = train(grid, run, data_bin, env, children)
+            stage = EVALUATE
+            if children.stopping.is_set():  # no new stage (an average:N loads checkpoints)
+                raise Interrupted("not started: stopping")
+            results = evaluate(grid, run, data_bin, references, env, children)
+            write_results(path, {**describe(grid, run, line), **results})
+            if grid.sharpness_rho is not None:
+                stage = SHARPNESS
                 results["sharpness"] = sharpness(grid, run, data_bin, results, env, gpu, children)
-            described = {**describe(grid, run, line), **results}
-            if described != files.read_json_object(path):  # a skipped run's file stays as is
-                files.write_json(path, described)
-        if os.path.exists(os.path.join(run_dir, FAILURE_RECORD)):
-            os.unlink(os.path.join(run_dir, FAILURE_RECORD))
-        logger.info(f"{run.name}: done, {path}")
-        return path
-    except BaseException as error:
-        if isinstance(error, (Interrupted, KeyboardInterrupt)) or children.stopping.is_set():
-            raise Interrupted(f"{run.name}: interrupted in {stage}, resumable") from error
-        record = {"run": run.name, "stage": stage, "error": one_line(error), "time": _now()}
-        files.write_json(os.path.join(run_dir, FAILURE_RECORD), record)
-        raise
-    finally:
-        lock.release()
+                write_results(path, {**describe(grid, run, line), **results})
+            if os.path.exists(os.path.join(run_dir, FAILURE_RECORD)):
+                os.unlink(os.path.join(run_dir, FAILURE_RECORD))
+            logger.info(f"{run.name}: done, {path}")
+            return path
+        except BaseException as error:
+            if isinstance(error, (Interrupted, KeyboardInterrupt)) or children.stopping.is_set():
+                raise Interrupted(f"{run.name}: interrupted in {stage}, resumable") from error
+            record = dict(run=run.name, stage=stage, error=one_line(error))
+            files.write_json(os.path.join(run_dir, FAILURE_RECORD), {**record, "time": now()})
+            raise
 
 
-def guarded(function, in_job: bool = False):
-    """The outcome of `function()` (a run_one), what goes wrong kept to that run; in a job, a
-    failure is returned as the exception (for the job to raise: a FAILED job)."""
+def write_results(path: str, results: dict) -> None:
+    if results != files.read_json_object(path):  # a skipped run's file stays as it is
+        files.write_json(path, results)
+
+
+def guarded(*arguments, in_job: bool = False):
+    """The outcome of run_one(*arguments), what goes wrong kept to that run; in a job, a failure
+    is returned as the exception (for the job to raise: a FAILED job)."""
     try:
-        function()
+        run_one(*arguments)
         return "done", ""
     except (RunLocked, Interrupted) as error:
         logger.warning(str(error))
@@ -288,6 +284,13 @@ def guarded(function, in_job: bool = False):
     except Exception as error:
         logger.error(f"failed: {one_line(error)}")
         return error if in_job else ("failed", one_line(error))
+
+
+def join(threads) -> None:
+    """Waits for `threads` in short joins, so that Ctrl-C reaches the main thread at once."""
+    for thread in threads:
+        while thread.is_alive():
+            thread.join(timeout=0.5)
 
 
 def visible_gpus() -> List[str]:
@@ -308,18 +311,18 @@ def launch_local(grid, runs, data_bin, references, gpus, children=None) -> Dict[
         todo.put(run)
 
     def worker(gpu: Optional[str]) -> None:
-        while not children.stopping.is_set() and not todo.empty():
-            run = todo.get()
-            call = lambda: run_one(grid, run, data_bin, references, gpu, children)  # noqa: E731
-            outcomes[run.name] = guarded(call)
+        while not children.stopping.is_set():
+            try:
+                run = todo.get_nowait()
+            except queue.Empty:
+                return
+            outcomes[run.name] = guarded(grid, run, data_bin, references, gpu, children)
 
     threads = [threading.Thread(target=worker, args=(gpu,)) for gpu in gpus or [None]]
     for thread in threads:
         thread.start()
     try:
-        for thread in threads:
-            while thread.is_alive():
-                thread.join(timeout=0.5)
+        join(threads)
     except KeyboardInterrupt:
         logger.warning("Ctrl-C: starting no new run; stopping the running ones (resumable)")
         children.stop()
@@ -367,12 +370,11 @@ class RunJob(submitit.helpers.Checkpointable):
         log_to_stdout()
         gpu = os.environ.get("CUDA_VISIBLE_DEVICES") or None  # Slurm's, on a GPU job
         outcome: List = []
-        call = lambda: run_one(*self.arguments, gpu)  # noqa: E731
-        thread = threading.Thread(target=lambda: outcome.append(guarded(call, True)), daemon=True)
+        work = lambda: outcome.append(guarded(*self.arguments, gpu, in_job=True))  # noqa: E731
+        thread = threading.Thread(target=work, daemon=True)
         thread.start()
         try:
-            while thread.is_alive():
-                thread.join(timeout=1.0)
+            join([thread])
         except KeyboardInterrupt:  # cancelled (submitit-local sends SIGINT)
             CHILDREN.stop()
             thread.join()
@@ -410,7 +412,7 @@ def launch_jobs(grid, runs, data_bin, references, jobs, final=None) -> Optional[
         submitted = [(r, executor.submit(RunJob(grid, r, data_bin, references))) for r in todo]
     for run, job in submitted:
         record = {"run": run.name, "launcher": jobs.launcher, "job_id": str(job.job_id)}
-        record.update(folder=os.path.join(grid.out_dir, SUBMITIT_FOLDER), submitted=_now())
+        record.update(folder=os.path.join(grid.out_dir, SUBMITIT_FOLDER), submitted=now())
         files.write_json(os.path.join(grid.run_dir(run), JOB_RECORD), record)
         logger.info(f"{run.name}: submitted as job {job.job_id}")
     if jobs.wait or jobs.launcher == "submitit-local":
@@ -436,7 +438,7 @@ def wait_for_jobs(grid, submitted) -> Dict[str, Outcome]:
                 failure = files.read_json_object(path)
                 if failure is None:
                     failure = {"run": run.name, "stage": "job", "error": one_line(error)}
-                    files.write_json(path, {**failure, "time": _now()})
+                    files.write_json(path, {**failure, "time": now()})
                 outcomes[run.name] = ("failed", f"{failure['stage']}: {failure['error']}")
     except KeyboardInterrupt:
         logger.warning("Ctrl-C: cancelling the jobs; their runs resume when the grid runs again")
