@@ -9,6 +9,7 @@ results.json.  A failure goes to failure.json and the grid goes on.  Ctrl-C: no 
 starts, the children get SIGINT, then SIGKILL after STOP_GRACE_SECONDS; every run is resumable.
 """
 
+import concurrent.futures
 import itertools
 import json
 import logging
@@ -28,6 +29,7 @@ import submitit
 from . import evaluation, files
 from .errors import ExperimentError
 from .grid import BUDGET_FLAG, CHECKPOINTS_FOLDER, Grid, Run
+from .logs import log_to_stdout
 from .recipe import plugin_dir
 
 logger = logging.getLogger(__name__)
@@ -39,7 +41,7 @@ SHARPNESS_JSON, SHARPNESS_LOG = "sharpness.json", "sharpness.log"
 SHARPNESS_COMMAND = (sys.executable, "-m", "fairseq_asam_experiments", "sharpness")
 STOP_GRACE_SECONDS = 60.0  # Ctrl-C: how long children get after SIGINT before SIGKILL
 INTERRUPTED_STATUS = 130  # the shell's status for a program ended by SIGINT
-Outcome = Tuple[str, str]  # (done | failed | locked | interrupted | cancelled | queued, message)
+Outcome = Tuple[str, str]  # (done | failed | locked | interrupted | cancelled, message)
 
 
 class RunLocked(ExperimentError):
@@ -52,10 +54,6 @@ class Interrupted(ExperimentError):
     exit_status = INTERRUPTED_STATUS
 
 
-def now() -> str:
-    return time.strftime("%Y-%m-%dT%H:%M:%S")
-
-
 def one_line(error: BaseException) -> str:
     text = " ".join(str(error).split()) or type(error).__name__
     return text if isinstance(error, ExperimentError) else f"{type(error).__name__}: {text}"
@@ -66,24 +64,20 @@ class Children:
     it; the running ones get SIGINT (a terminal's Ctrl-C), then SIGKILL after `grace`."""
 
     def __init__(self):
-        self._lock, self._running, self.stopping = (threading.Lock(), [], threading.Event())
+        self._lock, self._started, self.stopping = (threading.Lock(), [], threading.Event())
 
     def call(self, command, stdout, env=None) -> int:
         with self._lock:
             if self.stopping.is_set():
                 raise Interrupted("not started: stopping")
             child = subprocess.Popen(command, stdout=stdout, stderr=subprocess.STDOUT, env=env)
-            self._running.append(child)
-        try:
-            return child.wait()
-        finally:
-            with self._lock:
-                self._running.remove(child)
+            self._started.append(child)
+        return child.wait()
 
     def stop(self, grace: float = STOP_GRACE_SECONDS) -> None:
         with self._lock:
             self.stopping.set()
-            children = list(self._running)
+            children = [child for child in self._started if child.poll() is None]
         for child in children:
             child.send_signal(signal.SIGINT)
         deadline = time.monotonic() + grace
@@ -92,8 +86,8 @@ class Children:
                 time.sleep(0.1)
         except KeyboardInterrupt:  # a second Ctrl-C: no more waiting
             pass
-        for child in [c for c in children if c.poll() is None]:
-            child.kill()
+        for child in children:
+            child.kill()  # a no-op on one that ended
 
 
 CHILDREN = Children()  # a submitit job's (one run per process)
@@ -249,12 +243,15 @@ def run_one(grid: Grid, run: Run, data_bin: str, references: Dict, gpu=None, chi
             stage = EVALUATE
             if children.stopping.is_set():  # no new stage (an average:N loads checkpoints)
                 raise Interrupted("not started: stopping")
-            results = evaluate(grid, run, data_bin, references, env, children)
-            write_results(path, {**describe(grid, run, line), **results})
+            results = {
+                **describe(grid, run, line),
+                **evaluate(grid, run, data_bin, references, env, children),
+            }
+            write_results(path, results)
             if grid.sharpness_rho is not None:
                 stage = SHARPNESS
                 results["sharpness"] = sharpness(grid, run, data_bin, results, env, gpu, children)
-                write_results(path, {**describe(grid, run, line), **results})
+                write_results(path, results)
             if os.path.exists(os.path.join(run_dir, FAILURE_RECORD)):
                 os.unlink(os.path.join(run_dir, FAILURE_RECORD))
             logger.info(f"{run.name}: done, {path}")
@@ -262,9 +259,14 @@ def run_one(grid: Grid, run: Run, data_bin: str, references: Dict, gpu=None, chi
         except BaseException as error:
             if isinstance(error, (Interrupted, KeyboardInterrupt)) or children.stopping.is_set():
                 raise Interrupted(f"{run.name}: interrupted in {stage}, resumable") from error
-            record = dict(run=run.name, stage=stage, error=one_line(error))
-            files.write_json(os.path.join(run_dir, FAILURE_RECORD), {**record, "time": now()})
+            write_failure(run_dir, run.name, stage, one_line(error))
             raise
+
+
+def write_failure(run_dir: str, name: str, stage: str, error: str) -> dict:
+    failure = dict(run=name, stage=stage, error=error, time=time.strftime("%FT%T"))
+    files.write_json(os.path.join(run_dir, FAILURE_RECORD), failure)
+    return failure
 
 
 def write_results(path: str, results: dict) -> None:
@@ -286,21 +288,13 @@ def guarded(*arguments, in_job: bool = False):
         return error if in_job else ("failed", one_line(error))
 
 
-def join(threads) -> None:
-    """Waits for `threads` in short joins, so that Ctrl-C reaches the main thread at once."""
-    for thread in threads:
-        while thread.is_alive():
-            thread.join(timeout=0.5)
-
-
 def visible_gpus() -> List[str]:
     """CUDA_VISIBLE_DEVICES entries of the GPUs torch sees (indices if the variable is unset)."""
     import torch
 
     count, listed = torch.cuda.device_count(), os.environ.get("CUDA_VISIBLE_DEVICES")
-    if listed is not None:
-        return [d.strip() for d in listed.split(",") if d.strip()][:count]
-    return [str(i) for i in range(count)]
+    names = [str(i) for i in range(count)] if listed is None else listed.split(",")
+    return [name.strip() for name in names if name.strip()][:count]
 
 
 def launch_local(grid, runs, data_bin, references, gpus, children=None) -> Dict[str, Outcome]:
@@ -318,16 +312,13 @@ def launch_local(grid, runs, data_bin, references, gpus, children=None) -> Dict[
                 return
             outcomes[run.name] = guarded(grid, run, data_bin, references, gpu, children)
 
-    threads = [threading.Thread(target=worker, args=(gpu,)) for gpu in gpus or [None]]
-    for thread in threads:
-        thread.start()
-    try:
-        join(threads)
-    except KeyboardInterrupt:
-        logger.warning("Ctrl-C: starting no new run; stopping the running ones (resumable)")
-        children.stop()
-    for thread in threads:
-        thread.join()
+    with concurrent.futures.ThreadPoolExecutor(len(gpus) or 1) as pool:
+        workers = [pool.submit(worker, gpu) for gpu in gpus or [None]]
+        try:
+            concurrent.futures.wait(workers)
+        except KeyboardInterrupt:
+            logger.warning("Ctrl-C: starting no new run; stopping the running ones (resumable)")
+            children.stop()
     cancelled = ("cancelled", "not started (Ctrl-C)")
     return {run.name: outcomes.get(run.name, cancelled) for run in runs}
 
@@ -337,50 +328,42 @@ SUBMITIT_FOLDER, REPORT_JOB_MINUTES = "submitit", 30
 JOB_PARAMETERS = dict(time_min="timeout_min", gpus_per_job="gpus_per_node", mem_gb="mem_gb")
 JOB_PARAMETERS.update(cpus_per_job="cpus_per_task", partition="slurm_partition")
 JOB_PARAMETERS.update(max_concurrent="slurm_array_parallelism", job_setup="slurm_setup")
-# A recorded Slurm job in one of these states may still run its run: not submitted again.
-ACTIVE_STATES = {"PENDING", "RUNNING", "REQUEUED", "CONFIGURING", "COMPLETING", "SUSPENDED"}
 CHECKPOINT_GRACE_SECONDS = 30.0  # inside submitit's signal delay (90 s before the time limit)
 
 
 def make_executor(out_dir: str, jobs, name: str, **parameters) -> submitit.AutoExecutor:
     """An executor for `jobs`, table4's job flags (argparse.Namespace)."""
     cluster = "slurm" if jobs.launcher == "slurm" else "local"
-    folder = os.path.join(out_dir, SUBMITIT_FOLDER)
     timeouts = {f"{cluster}_max_num_timeout": jobs.max_requeue}
-    executor = submitit.AutoExecutor(folder=folder, cluster=cluster, **timeouts)
+    executor = submitit.AutoExecutor(os.path.join(out_dir, SUBMITIT_FOLDER), cluster, **timeouts)
     given = {submitit_name: getattr(jobs, flag) for flag, submitit_name in JOB_PARAMETERS.items()}
-    given["slurm_additional_parameters"] = dict(jobs.sbatch or []) or None
-    if given["gpus_per_node"] is None:
+    given.update(slurm_additional_parameters=dict(jobs.sbatch or []) or None, **parameters)
+    if given["gpus_per_node"] is None:  # default: 1 on Slurm, 0 locally
         given["gpus_per_node"] = int(cluster == "slurm")
-    executor.update_parameters(name=name, **{**given, **parameters})
+    executor.update_parameters(name=name, **given)
     return executor
 
 
 class RunJob(submitit.helpers.Checkpointable):
-    """A job: run_one for one run.  On a timeout or a preemption submitit calls checkpoint(),
-    which stops the trainer and requeues the job: it resumes from checkpoint_last.pt.  The run
-    goes on in a thread, so that submitit's signal handler (main thread) can stop its children."""
+    """A job: run_one for one run, in a thread so that submitit's signal handler (main thread)
+    can stop its children.  On a timeout or a preemption submitit calls checkpoint(): the
+    trainer stops and the job requeues, to resume from checkpoint_last.pt."""
 
     def __init__(self, grid: Grid, run: Run, data_bin: str, references: Dict[str, str]):
         self.arguments = (grid, run, data_bin, references)
 
     def __call__(self) -> Outcome:
-        from .logs import log_to_stdout
-
         log_to_stdout()
         gpu = os.environ.get("CUDA_VISIBLE_DEVICES") or None  # Slurm's, on a GPU job
-        outcome: List = []
-        work = lambda: outcome.append(guarded(*self.arguments, gpu, in_job=True))  # noqa: E731
-        thread = threading.Thread(target=work, daemon=True)
-        thread.start()
+        pool = concurrent.futures.ThreadPoolExecutor(1)
+        outcome = pool.submit(guarded, *self.arguments, gpu, in_job=True)
         try:
-            join([thread])
+            outcome.result()
         except KeyboardInterrupt:  # cancelled (submitit-local sends SIGINT)
             CHILDREN.stop()
-            thread.join()
-        if isinstance(outcome[0], BaseException):
-            raise outcome[0]  # a failed run: a FAILED job
-        return outcome[0]
+        if isinstance(outcome.result(), BaseException):
+            raise outcome.result()  # a failed run: a FAILED job
+        return outcome.result()
 
     def checkpoint(self, *args, **kwargs) -> submitit.helpers.DelayedSubmission:
         logger.warning(f"{self.arguments[1].name}: timeout or preemption: stopping, requeueing")
@@ -388,35 +371,21 @@ class RunJob(submitit.helpers.Checkpointable):
         return submitit.helpers.DelayedSubmission(RunJob(*self.arguments))
 
 
-def queued_job(run_dir: str) -> Optional[str]:
-    """`job 123_4 (PENDING)` if the Slurm job recorded for the run may still run it."""
-    record = files.read_json_object(os.path.join(run_dir, JOB_RECORD))
-    if not record or record.get("launcher") != "slurm":
-        return None
-    state = submitit.SlurmJob(record["folder"], record["job_id"]).state
-    return f"job {record['job_id']} ({state})" if state.upper() in ACTIVE_STATES else None
-
-
 def launch_jobs(grid, runs, data_bin, references, jobs, final=None) -> Optional[Dict]:
-    """A job per run not queued already; waits for them under submitit-local or --wait
-    ({run: outcome}); else submits `final` (function, arguments: the report) as a job that
-    starts once every run job has ended (afterany), and returns None."""
-    queued = {r.name: queued_job(grid.run_dir(r)) for r in runs if jobs.launcher == "slurm"}
-    outcomes = {name: ("queued", job) for name, job in queued.items() if job}
-    for name, job in outcomes.items():
-        logger.info(f"{name}: not submitted, already queued as {job[1]}")
+    """A job per run (a run's job that finds it locked by another job skips it, one that finds
+    it done only evaluates); waits for them under submitit-local or --wait ({run: outcome});
+    else submits `final` (function, arguments: the report) as a job that starts once every run
+    job has ended (afterany), and returns None."""
     name = f"table4-{os.path.basename(grid.out_dir)}"
     executor = make_executor(grid.out_dir, jobs, name)
-    todo = [run for run in runs if run.name not in outcomes]
     with executor.batch():
-        submitted = [(r, executor.submit(RunJob(grid, r, data_bin, references))) for r in todo]
+        submitted = [(r, executor.submit(RunJob(grid, r, data_bin, references))) for r in runs]
     for run, job in submitted:
-        record = {"run": run.name, "launcher": jobs.launcher, "job_id": str(job.job_id)}
-        record.update(folder=os.path.join(grid.out_dir, SUBMITIT_FOLDER), submitted=now())
+        record = dict(run=run.name, launcher=jobs.launcher, job_id=str(job.job_id))
         files.write_json(os.path.join(grid.run_dir(run), JOB_RECORD), record)
         logger.info(f"{run.name}: submitted as job {job.job_id}")
     if jobs.wait or jobs.launcher == "submitit-local":
-        return {**outcomes, **wait_for_jobs(grid, submitted)}
+        return wait_for_jobs(grid, submitted)
     if final is not None and jobs.launcher == "slurm" and not jobs.no_report_job and submitted:
         after = "afterany:" + ":".join(sorted({str(j.job_id).split("_")[0] for _, j in submitted}))
         report = dict(timeout_min=REPORT_JOB_MINUTES, gpus_per_node=0, cpus_per_task=1)
@@ -426,19 +395,16 @@ def launch_jobs(grid, runs, data_bin, references, jobs, final=None) -> Optional[
 
 
 def wait_for_jobs(grid, submitted) -> Dict[str, Outcome]:
-    """Each job's outcome once it ended; a job that died without one (killed, out of memory)
-    is recorded in its run's failure.json here.  Ctrl-C cancels the jobs (resumable runs)."""
+    """Each job's outcome once it ended, a failure recorded; Ctrl-C cancels the jobs."""
     outcomes = {}
     try:
         for run, job in submitted:
             try:
                 outcomes[run.name] = tuple(job.result())
             except Exception as error:
-                path = os.path.join(grid.run_dir(run), FAILURE_RECORD)
-                failure = files.read_json_object(path)
-                if failure is None:
-                    failure = {"run": run.name, "stage": "job", "error": one_line(error)}
-                    files.write_json(path, {**failure, "time": now()})
+                failure = files.read_json_object(os.path.join(grid.run_dir(run), FAILURE_RECORD))
+                if failure is None:  # the job died without one (killed, out of memory)
+                    failure = write_failure(grid.run_dir(run), run.name, "job", one_line(error))
                 outcomes[run.name] = ("failed", f"{failure['stage']}: {failure['error']}")
     except KeyboardInterrupt:
         logger.warning("Ctrl-C: cancelling the jobs; their runs resume when the grid runs again")
