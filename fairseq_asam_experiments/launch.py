@@ -1,12 +1,8 @@
-"""One run of a grid (`run_one`) and its launchers: here, one run per GPU or one after another
-(`launch_local`), or a submitit job per run on Slurm or submitit's local executor (`launch_jobs`).
-
-`run_one` holds the run's lock (filelock on run.lock: a second launcher skips the run) and does
-its stages, each done when its stamp holds its inputs: train (finished: skipped; interrupted or
-only --max-update raised: fairseq-train continues from checkpoint_last.pt in the same
---save-dir; any other change: refused, naming the setting), evaluate, sharpness; then
-results.json.  A failure goes to failure.json and the grid goes on.  Ctrl-C: no new run or stage
-starts, the children get SIGINT, then SIGKILL after STOP_GRACE_SECONDS; every run is resumable.
+"""One run of a grid (`run_one`: lock, train, evaluate, sharpness, results.json) and its
+launchers: here, one run per GPU or one after another (`launch_local`), or a submitit job per
+run on Slurm or submitit's local executor (`launch_jobs`).  A stage is done when its stamp holds
+its inputs; a failure goes to failure.json and the grid goes on; Ctrl-C starts no new run or
+stage and stops the children (SIGINT, then SIGKILL), every run resumable.
 """
 
 import concurrent.futures
@@ -40,7 +36,6 @@ JOB_RECORD, LOCK_FILE, RESULTS = "job.json", "run.lock", "results.json"
 SHARPNESS_JSON, SHARPNESS_LOG = "sharpness.json", "sharpness.log"
 SHARPNESS_COMMAND = (sys.executable, "-m", "fairseq_asam_experiments", "sharpness")
 STOP_GRACE_SECONDS = 60.0  # Ctrl-C: how long children get after SIGINT before SIGKILL
-INTERRUPTED_STATUS = 130  # the shell's status for a program ended by SIGINT
 Outcome = Tuple[str, str]  # (done | failed | locked | interrupted | cancelled, message)
 
 
@@ -51,7 +46,7 @@ class RunLocked(ExperimentError):
 class Interrupted(ExperimentError):
     """Ctrl-C or a job's timeout: the run stopped where it was, resumable."""
 
-    exit_status = INTERRUPTED_STATUS
+    exit_status = 130  # the shell's status for a program ended by SIGINT
 
 
 def one_line(error: BaseException) -> str:
@@ -60,8 +55,8 @@ def one_line(error: BaseException) -> str:
 
 
 class Children:
-    """A launcher's child processes, so that one stop() ends them all: no child starts after
-    it; the running ones get SIGINT (a terminal's Ctrl-C), then SIGKILL after `grace`."""
+    """A launcher's child processes: after stop() none starts, the running ones get SIGINT (a
+    terminal's Ctrl-C), then SIGKILL after `grace`."""
 
     def __init__(self):
         self._lock, self._started, self.stopping = (threading.Lock(), [], threading.Event())
