@@ -36,7 +36,7 @@ JOB_RECORD, LOCK_FILE, RESULTS = "job.json", "run.lock", "results.json"
 SHARPNESS_JSON, SHARPNESS_LOG = "sharpness.json", "sharpness.log"
 SHARPNESS_COMMAND = (sys.executable, "-m", "fairseq_asam_experiments", "sharpness")
 STOP_GRACE_SECONDS = 60.0  # Ctrl-C: how long children get after SIGINT before SIGKILL
-Outcome = Tuple[str, str]  # (done | failed | locked | interrupted | cancelled, message)
+Outcome = Tuple[str, str]  # (done | failed | locked | interrupted, message)
 
 
 class RunLocked(ExperimentError):
@@ -314,7 +314,7 @@ def launch_local(grid, runs, data_bin, references, gpus, children=None) -> Dict[
         except KeyboardInterrupt:
             logger.warning("Ctrl-C: starting no new run; stopping the running ones (resumable)")
             children.stop()
-    cancelled = ("cancelled", "not started (Ctrl-C)")
+    cancelled = ("interrupted", "not started (Ctrl-C)")
     return {run.name: outcomes.get(run.name, cancelled) for run in runs}
 
 

@@ -1,10 +1,8 @@
 """Table 4 of the ASAM paper (IWSLT'14 De->En BLEU: Adam, Adam+SAM, Adam+ASAM) from the raw
 archive or a prepared --data-bin to the report (<out>/report/table4.md), resumable.
 
-<out>/ holds data/<named by its content>/, grid.json, runs/<run>/ (launch.py), submitit/ (the
-jobs) and report/ (report.py).  Every check that needs no work comes first (flags, argument
-files, fairseq-train's parser, every run's training stamp): a bad flag or a changed setting
-fails in one line before anything starts.
+Every check that needs no work (flags, argument files, fairseq-train's parser, every run's
+training stamp) comes before the data, grid.json, the runs and the report.
 """
 
 import argparse
@@ -13,7 +11,7 @@ import os
 import shutil
 from typing import Dict, List, Optional, Tuple
 
-from . import files
+from . import files, launch
 from . import grid as grids
 from .cli import run_command
 from .errors import ExperimentError, SettingError
@@ -24,9 +22,7 @@ logger = logging.getLogger(__name__)
 PROGRAM = "fairseq-asam-table4"
 DATA_FOLDER, SAMPLE_ARCHIVE = "data", "sample-de-en.tgz"
 SLURM, JOBS = ("slurm",), ("slurm", "submitit-local")  # the launchers a job flag is for
-STOPPED = ("interrupted", "cancelled")  # launch's outcomes of a run Ctrl-C stopped
 SWEEP = "OPTION=V1,V2"  # any fairseq-train option, repeatable: a row per combination of values
-# The Grid fields set by the flag of the same name.
 GRID_FLAGS = ("max_update", "amp", "eval_bleu", "checkpoint", "sharpness_rho", "config_dir")
 
 
@@ -121,14 +117,12 @@ def locate_data(args, grid: grids.Grid) -> Tuple[Optional[str], str]:
         return None, os.path.abspath(args.data_bin)
     archive, sample = args.archive, grid.preset.sample_archive
     if archive is None and sample is None:
-        name = grid.preset.name
         raise SettingError(
-            f"--preset {name} needs --archive (the IWSLT'14 de-en.tgz) or --data-bin"
+            f"--preset {grid.preset.name} needs --archive (the IWSLT'14 de-en.tgz) or --data-bin"
         )
     if archive is None:  # a generated archive in the real layout, the same bytes every time
         archive = os.path.join(grid.out_dir, DATA_FOLDER, SAMPLE_ARCHIVE)
-        if not os.path.isfile(archive):
-            synthetic_data.build_sample_archive(archive, *sample)
+        synthetic_data.build_sample_archive(archive, *sample)
     elif not os.path.isfile(archive):
         raise SettingError(f"--archive: file not found: {archive}")
     name = prepare.data_folder_name(archive, grid.preset.bpe_merges)
@@ -159,8 +153,6 @@ def write_report(out_dir: str) -> str:
 
 def devices(args, grid: grids.Grid) -> List[str]:
     """The GPUs of a local launcher; --amp refused without one, slurm without sbatch."""
-    from . import launch
-
     gpus = launch.visible_gpus() if args.launcher == "local" else []
     if grid.amp and args.launcher == "local" and not gpus:
         raise SettingError("--amp needs a GPU, and none is visible")
@@ -171,12 +163,10 @@ def devices(args, grid: grids.Grid) -> List[str]:
 
 def ending(outcomes: Dict[str, Tuple[str, str]]) -> int:
     """Status 0, or the error that says which runs failed or that Ctrl-C stopped the grid."""
-    from .launch import Interrupted
-
-    stopped = [name for name, (status, _) in outcomes.items() if status in STOPPED]
+    stopped = [name for name, (status, _) in outcomes.items() if status == "interrupted"]
     failed = [f"{name}: {why}" for name, (status, why) in outcomes.items() if status == "failed"]
     if stopped:
-        raise Interrupted(
+        raise launch.Interrupted(
             f"interrupted (Ctrl-C): {', '.join(stopped)} stopped; every run is resumable: run "
             "the same command again to continue"
         )
@@ -189,8 +179,6 @@ def ending(outcomes: Dict[str, Tuple[str, str]]) -> int:
 
 
 def work(args) -> int:
-    from . import launch
-
     grid = make_grid(args)
     check_job_flags(args)
     grid.check()
