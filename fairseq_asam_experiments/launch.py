@@ -238,10 +238,8 @@ def run_one(grid: Grid, run: Run, data_bin: str, references: Dict, gpu=None, chi
             stage = EVALUATE
             if children.stopping.is_set():  # no new stage (an average:N loads checkpoints)
                 raise Interrupted("not started: stopping")
-            results = {
-                **describe(grid, run, line),
-                **evaluate(grid, run, data_bin, references, env, children),
-            }
+            results = evaluate(grid, run, data_bin, references, env, children)
+            results = {**describe(grid, run, line), **results}
             write_results(path, results)
             if grid.sharpness_rho is not None:
                 stage = SHARPNESS
