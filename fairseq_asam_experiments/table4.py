@@ -134,9 +134,8 @@ def prepare_data(grid: grids.Grid, archive: Optional[str], data_bin: str) -> Dic
     from . import prepare
 
     if archive is not None:
-        prepare.prepare_iwslt14(
-            archive, os.path.join(grid.out_dir, DATA_FOLDER), grid.preset.bpe_merges
-        )
+        root = os.path.join(grid.out_dir, DATA_FOLDER)
+        prepare.prepare_iwslt14(archive, root, grid.preset.bpe_merges)
     if os.path.basename(data_bin) != prepare.DATA_BIN:
         return {}
     references = prepare.reference_files(os.path.dirname(data_bin))
