@@ -1,15 +1,11 @@
-"""A grid of fairseq-train runs: a preset's recipe × rows × sweeps × seeds, each run's command,
-and grid.json (`Grid.record`, written before any run); `<out>/runs/<run>/` is one run (launch).
+"""A grid of fairseq-train runs: rows × combinations of swept values × seeds, each run's command,
+and grid.json (`Grid.record`); `<out>/runs/<run>/` is one run (launch).
 
-A run's options are the argument files of configs/ applied in order (experiments.recipe): the
-preset's files, the row's file (`iwslt14_de_en/<row>.args`: adam, sam, asam, asam_interval5...),
-the checkpoint protocol's file, the --eval-bleu file; then the grid's overrides (--max-update,
---amp), then the run's swept values, then what only the run sets (--save-dir, --seed,
---user-dir).  A sweep is any fairseq-train option with a list of values (`--sweep lr=5e-4,1e-3`);
-every combination of the sweeps is a row of each optimizer row, so the runs are the product
-rows × sweep values × seeds.  ρ and η are swept only on the rows whose optimizer takes them
-(`SWEEP_TAKERS`).  A run is named after its row, swept values and seed:
-`asam-lr0.001-rho0.1-seed1` (numbers in positional notation, so a name never holds an exponent).
+A run's options, a later one replacing an earlier: the argument files of configs/ (the preset's,
+the row's `iwslt14_de_en/<row>.args`, the checkpoint protocol's, --eval-bleu's), the grid's
+--max-update and --amp, the run's swept values, then --save-dir, --seed, --user-dir.  A sweep is
+any fairseq-train option (`--sweep lr=5e-4,1e-3`); ρ and η only on rows whose optimizer takes
+them (`SWEEP_TAKERS`).  Run names hold no exponent: `asam-lr0.001-rho0.1-seed1`.
 """
 
 import decimal
@@ -43,30 +39,21 @@ class Preset:
     args_files: Tuple[str, ...]  # relative to the config folder, applied in order
     seeds: Tuple[int, ...]
     bpe_merges: int
-    checkpoint: str  # the default protocol (evaluation.parse_checkpoint_choice)
     description: str
     sample_archive: Optional[Tuple[int, int]] = None  # (train, dev) pairs generated if no data
-    # OMP_NUM_THREADS for runs on a CPU (unless set): a tiny model is many times faster on one
-    # thread than on threads that compete with each other or with other processes.
+    # OMP_NUM_THREADS of runs on a CPU (unless set): a tiny model is many times faster on one.
     cpu_threads: Optional[int] = None
+    checkpoint: str = "best-bleu"  # the default protocol (evaluation.parse_checkpoint_choice)
 
 
 PAPER = "Table 4 as published: needs --archive (the IWSLT'14 de-en.tgz) and GPUs"
 TINY = "the same pipeline on a generated sample archive, a tiny Transformer, a CPU"
 PRESETS = {
-    "paper": Preset("paper", (recipe.RECIPE_ARGS,), (1, 2, 3), 10000, "best-bleu", PAPER),
+    "paper": Preset("paper", (recipe.RECIPE_ARGS,), (1, 2, 3), 10000, PAPER),
     "tiny": Preset(
-        "tiny",
-        (recipe.RECIPE_ARGS, recipe.TINY_OVERRIDES_ARGS),
-        (1,),
-        500,
-        "best-bleu",
-        TINY,
-        sample_archive=(2000, 40),
-        cpu_threads=1,
+        "tiny", (recipe.RECIPE_ARGS, recipe.TINY_OVERRIDES_ARGS), (1,), 500, TINY, (2000, 40), 1
     ),
 }
-PAPER_PRESET, PAPER_BUDGET = "paper", 50000  # the budget the paper's numbers are for
 
 
 def sweep_value(text: str, option: str) -> str:
@@ -77,10 +64,8 @@ def sweep_value(text: str, option: str) -> str:
     except decimal.InvalidOperation:
         if WORD_VALUE.match(text):
             return text
-        raise SettingError(
-            f"--sweep {option}: {text!r} is neither a number nor a word of letters, digits, "
-            "'_' and '.'"
-        ) from None
+        word = "a word of [A-Za-z0-9_.]"
+        raise SettingError(f"--sweep {option}: {text!r} is neither a number nor {word}") from None
     if not number.is_finite():
         raise SettingError(f"--sweep {option}: {text!r} is not a finite number")
     return format(number.normalize(), "f")
@@ -90,10 +75,6 @@ def sweep_value(text: str, option: str) -> str:
 class Sweep:
     option: str  # a fairseq-train option without its dashes: lr, dropout, rho...
     values: Tuple[str, ...]
-
-    @property
-    def takers(self) -> Optional[Tuple[str, ...]]:
-        return SWEEP_TAKERS.get(self.option)
 
 
 def parse_sweep(text: str) -> Sweep:
@@ -105,9 +86,8 @@ def parse_sweep(text: str) -> Sweep:
     if option in NOT_SWEPT:
         raise SettingError(f"--sweep {option}: set it with {NOT_SWEPT[option]}")
     parsed = tuple(sweep_value(v.strip(), option) for v in values.split(","))
-    twice = sorted({v for v in parsed if parsed.count(v) > 1})
-    if twice:
-        raise SettingError(f"--sweep {option}: {values!r} names {', '.join(twice)} twice")
+    if len(set(parsed)) != len(parsed):
+        raise SettingError(f"--sweep {option}: {values!r} names a value twice")
     if option == "rho" and any(decimal.Decimal(v) <= 0 for v in parsed):
         raise SettingError(f"--sweep rho: every value must be > 0, got {values!r}")
     return Sweep(option, parsed)
@@ -165,13 +145,12 @@ class Grid:
     config_dir: Optional[str] = None  # None: the installed configs (recipe.config_dir())
     _options: Dict[str, List[Option]] = field(default_factory=dict, repr=False)
 
+    def __post_init__(self):
+        self.seeds = self.seeds or self.preset.seeds
+
     @property
     def protocol(self) -> "evaluation.CheckpointChoice":
         return evaluation.parse_checkpoint_choice(self.checkpoint or self.preset.checkpoint)
-
-    @property
-    def seed_list(self) -> Tuple[int, ...]:
-        return self.seeds or self.preset.seeds
 
     def row_options(self, row: str) -> List[Option]:
         """The options of a row's argument files (read once), before overrides and sweeps."""
@@ -185,33 +164,29 @@ class Grid:
         """The `--optimizer` of a row (asam for asam_interval5)."""
         return dict(self.row_options(row)).get("--optimizer")
 
-    def row_sweeps(self, row: str) -> List[Tuple[Tuple[str, str], ...]]:
-        """Every combination of the swept values that apply to `row`: [()] without sweeps."""
-        applying = [s for s in self.sweeps if _sweeps(self, row, s)]
-        return [
-            tuple(zip([s.option for s in applying], values))
-            for values in itertools.product(*[s.values for s in applying])
-        ]
+    def takes(self, row: str, sweep: Sweep) -> bool:
+        takers = SWEEP_TAKERS.get(sweep.option)  # None: every row
+        return takers is None or self.optimizer_of(row) in takers
 
     def runs(self) -> List[Run]:
-        return [
-            Run(row, seed, swept)
-            for row in self.rows
-            for swept in self.row_sweeps(row)
-            for seed in self.seed_list
-        ]
+        """Each row × every combination of the sweeps it takes × the seeds."""
+        runs = []
+        for row in self.rows:
+            sweeps = [s for s in self.sweeps if self.takes(row, s)]
+            for values in itertools.product(*[s.values for s in sweeps]):
+                swept = tuple(zip([s.option for s in sweeps], values))
+                runs += [Run(row, seed, swept) for seed in self.seeds]
+        return runs
 
     def run_dir(self, run: Run) -> str:
         return os.path.join(self.out_dir, RUNS_FOLDER, run.name)
 
-    def overrides(self) -> List[Option]:
-        options = [] if self.max_update is None else [(BUDGET_FLAG, str(self.max_update))]
-        return options + ([("--amp", None)] if self.amp else [])
-
     def options(self, run: Run) -> List[Option]:
         """Every fairseq-train option of `run` but its data folder and where it writes."""
+        grid = [(BUDGET_FLAG, str(self.max_update))] if self.max_update is not None else []
+        grid += [("--amp", None)] if self.amp else []
         swept = [(f"--{option}", value) for option, value in run.swept]
-        merged = recipe.merge_options(self.row_options(run.row), self.overrides(), swept)
+        merged = recipe.merge_options(self.row_options(run.row), grid, swept)
         return _pairs(merged) + [(SEED_FLAG, str(run.seed))]
 
     def settings(self, run: Run, data_bin: str) -> Dict[str, Optional[str]]:
@@ -235,10 +210,8 @@ class Grid:
         return [sys.executable, "-m", "fairseq_cli.train", os.path.abspath(data_bin)] + argv
 
     def budget(self) -> Optional[int]:
-        """The --max-update every run trains to (the rows share the recipe's)."""
-        values = {dict(self.row_options(row)).get(BUDGET_FLAG) for row in self.rows}
-        if self.max_update is not None:
-            return self.max_update
+        """The --max-update every run trains to, None if they differ."""
+        values = {dict(self.options(run)).get(BUDGET_FLAG) for run in self.runs()}
         return int(values.pop()) if len(values) == 1 and None not in values else None
 
     def record(self) -> dict:
@@ -247,9 +220,9 @@ class Grid:
             "preset": self.preset.name,
             "protocol": str(self.protocol),
             "rows": list(self.rows),
-            "seeds": list(self.seed_list),
+            "seeds": list(self.seeds),
             "sweeps": [
-                dict(option=s.option, values=list(s.values), optimizers=s.takers)
+                dict(option=s.option, values=list(s.values), optimizers=SWEEP_TAKERS.get(s.option))
                 for s in self.sweeps
             ],
             "max_update": self.budget(),
@@ -267,17 +240,22 @@ class Grid:
         if len(set(options)) != len(options):
             raise SettingError(f"--sweep: an option is swept twice ({', '.join(options)})")
         for sweep in self.sweeps:
-            if not any(_sweeps(self, row, sweep) for row in self.rows):
+            if not any(self.takes(row, sweep) for row in self.rows):
+                takers = " and ".join(SWEEP_TAKERS[sweep.option])
                 raise SettingError(
                     f"--sweep {sweep.option}: no row of --optimizers ({','.join(self.rows)}) "
-                    f"takes it; it applies to --optimizer {' and '.join(sweep.takers or ())}"
+                    f"takes it; it applies to --optimizer {takers}"
                 )
-        for row in self.rows:
-            check_epochs_kept(self, row)
-
-
-def _sweeps(grid: Grid, row: str, sweep: Sweep) -> bool:
-    return sweep.takers is None or grid.optimizer_of(row) in sweep.takers
+        protocol = self.protocol  # average:N: the rows must keep N epoch checkpoints
+        for row in self.rows if protocol.kind == "average" else ():
+            options = dict(self.row_options(row))
+            kept = "0" if "--no-epoch-checkpoints" in options else options.get("--keep-last-epochs")
+            if (kept or "").isdigit() and int(kept) < protocol.num_epochs:
+                raise SettingError(
+                    f"--checkpoint {protocol} averages the last {protocol.num_epochs} epoch "
+                    f"checkpoints, and row {row}'s argument files keep {kept} "
+                    "(--keep-last-epochs, --no-epoch-checkpoints)"
+                )
 
 
 def _pairs(argv: Sequence[str]) -> List[Option]:
@@ -289,30 +267,6 @@ def _pairs(argv: Sequence[str]) -> List[Option]:
         else:
             pairs[-1] = (pairs[-1][0], item)
     return pairs
-
-
-KEEP_EPOCHS_FLAG, NO_EPOCH_CHECKPOINTS_FLAG = "--keep-last-epochs", "--no-epoch-checkpoints"
-
-
-def check_epochs_kept(grid: Grid, row: str) -> None:
-    """`--checkpoint average:N` averages the last N epoch checkpoints: the row's training must
-    keep that many (--keep-last-epochs >= N or unset, epoch checkpoints on)."""
-    protocol = grid.protocol
-    if protocol.kind != "average":
-        return
-    options = dict(grid.row_options(row))
-    if NO_EPOCH_CHECKPOINTS_FLAG in options:
-        raise SettingError(
-            f"--checkpoint {protocol} averages epoch checkpoints, and row {row}'s argument files "
-            f"set {NO_EPOCH_CHECKPOINTS_FLAG}"
-        )
-    kept = options.get(KEEP_EPOCHS_FLAG)
-    if kept is not None and kept.isdigit() and int(kept) < protocol.num_epochs:
-        raise SettingError(
-            f"--checkpoint {protocol} needs the last {protocol.num_epochs} epoch checkpoints, and "
-            f"row {row}'s argument files set {KEEP_EPOCHS_FLAG} {kept}: use --checkpoint "
-            f"average:{kept} or less, or raise {KEEP_EPOCHS_FLAG} there"
-        )
 
 
 def check_options_known(grid: Grid, data_bin: str) -> None:

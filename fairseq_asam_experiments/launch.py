@@ -1,18 +1,12 @@
-"""One run of a grid (`run_one`), and the launchers of a grid's runs: here, one run per GPU or
-one after the other on a CPU (`launch_local`), or a submitit job per run on Slurm or submitit's
-local executor (`launch_jobs`), each job calling the same `run_one`.
-
-`run_one` holds the run's lock (filelock on run.lock, for the run's lifetime: a second launcher
-skips the run and says so) and does its stages, each done when its stamp holds its inputs:
-train (finished: skipped; interrupted: resumed, fairseq-train loading checkpoint_last.pt from
-the same --save-dir by itself; only --max-update raised: continued the same way; any other
-change: refused, naming the setting), evaluate (redone when evaluation_inputs change), sharpness
-(--sharpness-rho); then results.json.  A failure is written to failure.json and the grid goes
-on.  Ctrl-C: no new run or stage starts, the children get SIGINT, then SIGKILL after
-STOP_GRACE_SECONDS; every run stays resumable.
+"""One run of a grid (`run_one`: lock, train, evaluate, sharpness, results.json) and its
+launchers: here, one run per GPU or one after another (`launch_local`), or a submitit job per
+run on Slurm or submitit's local executor (`launch_jobs`).  A stage is done when its stamp holds
+its inputs; a failure goes to failure.json and the grid goes on; Ctrl-C starts no new run or
+stage and stops the children (SIGINT, then SIGKILL), every run resumable.
 """
 
-import datetime
+import concurrent.futures
+import itertools
 import json
 import logging
 import os
@@ -31,6 +25,7 @@ import submitit
 from . import evaluation, files
 from .errors import ExperimentError
 from .grid import BUDGET_FLAG, CHECKPOINTS_FOLDER, Grid, Run
+from .logs import log_to_stdout
 from .recipe import plugin_dir
 
 logger = logging.getLogger(__name__)
@@ -41,8 +36,7 @@ JOB_RECORD, LOCK_FILE, RESULTS = "job.json", "run.lock", "results.json"
 SHARPNESS_JSON, SHARPNESS_LOG = "sharpness.json", "sharpness.log"
 SHARPNESS_COMMAND = (sys.executable, "-m", "fairseq_asam_experiments", "sharpness")
 STOP_GRACE_SECONDS = 60.0  # Ctrl-C: how long children get after SIGINT before SIGKILL
-INTERRUPTED_STATUS = 130  # the shell's status for a program ended by SIGINT
-Outcome = Tuple[str, str]  # (done | failed | locked | interrupted | cancelled | queued, message)
+Outcome = Tuple[str, str]  # (done | failed | locked | interrupted, message)
 
 
 class RunLocked(ExperimentError):
@@ -52,11 +46,7 @@ class RunLocked(ExperimentError):
 class Interrupted(ExperimentError):
     """Ctrl-C or a job's timeout: the run stopped where it was, resumable."""
 
-    exit_status = INTERRUPTED_STATUS
-
-
-def _now() -> str:
-    return datetime.datetime.now().isoformat(timespec="seconds")
+    exit_status = 130  # the shell's status for a program ended by SIGINT
 
 
 def one_line(error: BaseException) -> str:
@@ -65,28 +55,24 @@ def one_line(error: BaseException) -> str:
 
 
 class Children:
-    """A launcher's child processes, so that one stop() ends them all: no child starts after
-    it; the running ones get SIGINT (a terminal's Ctrl-C), then SIGKILL after `grace`."""
+    """A launcher's child processes: after stop() none starts, the running ones get SIGINT (a
+    terminal's Ctrl-C), then SIGKILL after `grace`."""
 
     def __init__(self):
-        self._lock, self._running, self.stopping = (threading.Lock(), [], threading.Event())
+        self._lock, self._started, self.stopping = (threading.Lock(), [], threading.Event())
 
     def call(self, command, stdout, env=None) -> int:
         with self._lock:
             if self.stopping.is_set():
                 raise Interrupted("not started: stopping")
             child = subprocess.Popen(command, stdout=stdout, stderr=subprocess.STDOUT, env=env)
-            self._running.append(child)
-        try:
-            return child.wait()
-        finally:
-            with self._lock:
-                self._running.remove(child)
+            self._started.append(child)
+        return child.wait()
 
     def stop(self, grace: float = STOP_GRACE_SECONDS) -> None:
         with self._lock:
             self.stopping.set()
-            children = list(self._running)
+            children = [child for child in self._started if child.poll() is None]
         for child in children:
             child.send_signal(signal.SIGINT)
         deadline = time.monotonic() + grace
@@ -95,8 +81,8 @@ class Children:
                 time.sleep(0.1)
         except KeyboardInterrupt:  # a second Ctrl-C: no more waiting
             pass
-        for child in [c for c in children if c.poll() is None]:
-            child.kill()
+        for child in children:
+            child.kill()  # a no-op on one that ended
 
 
 CHILDREN = Children()  # a submitit job's (one run per process)
@@ -105,14 +91,12 @@ CHILDREN = Children()  # a submitit job's (one run per process)
 def lock_holder(run_dir: str) -> Optional[str]:
     """'a launcher' if one holds the run's lock now, else None; creates nothing."""
     path = os.path.join(run_dir, LOCK_FILE)
-    if not os.path.isfile(path):
-        return None
-    lock = filelock.FileLock(path)
     try:
-        lock.acquire(timeout=0)
+        if os.path.isfile(path):
+            with filelock.FileLock(path).acquire(timeout=0):
+                pass
     except filelock.Timeout:
         return "a launcher"
-    lock.release()
     return None
 
 
@@ -123,10 +107,9 @@ def train_plan(grid: Grid, run: Run, data_bin: str) -> Optional[str]:
     old = finished = files.read_stamp(run_dir, TRAIN)
     if finished is None and os.path.isfile(os.path.join(run_dir, COMMAND_FILE)):
         with open(os.path.join(run_dir, COMMAND_FILE), encoding="utf-8") as f:
-            argv = shlex.split(f.read())
-        while argv and "=" in argv[0]:  # the environment it ran with: OMP_NUM_THREADS=1 ...
-            argv.pop(0)
-        old = grid.settings_of_command(argv)
+            # Without the environment it ran with (OMP_NUM_THREADS=1 ...).
+            argv = itertools.dropwhile(lambda word: "=" in word, shlex.split(f.read()))
+        old = grid.settings_of_command(list(argv))
     if old is None:
         return "training"
     changes = files.changed_inputs(old, settings)
@@ -235,52 +218,60 @@ def describe(grid: Grid, run: Run, command_line: str) -> dict:
 def run_one(grid: Grid, run: Run, data_bin: str, references: Dict, gpu=None, children=None) -> str:
     """Trains, evaluates and measures one run under its lock; returns its results.json.
 
-    RunLocked if another launcher holds the run; Interrupted once `children` is stopping; any
-    other failure is written to failure.json first.  `gpu`: CUDA_VISIBLE_DEVICES of the run's
-    children; on a CPU they get the preset's OMP_NUM_THREADS unless it is set."""
+    RunLocked if another launcher holds the run; Interrupted once `children` is stopping (they
+    start no new stage); any other failure is written to failure.json first.  `gpu`: the
+    children's CUDA_VISIBLE_DEVICES; on a CPU, the preset's OMP_NUM_THREADS unless it is set."""
     children, run_dir = children or CHILDREN, grid.run_dir(run)
     os.makedirs(run_dir, exist_ok=True)
-    lock = filelock.FileLock(os.path.join(run_dir, LOCK_FILE))
     try:
-        lock.acquire(timeout=0)
-    except filelock.Timeout:
-        raise RunLocked(f"{run.name}: skipped, another launcher holds {lock.lock_file}") from None
+        lock = filelock.FileLock(os.path.join(run_dir, LOCK_FILE)).acquire(timeout=0)
+    except filelock.Timeout as held:
+        raise RunLocked(f"{run.name}: skipped, another launcher holds {held.lock_file}") from None
     env = {"CUDA_VISIBLE_DEVICES": gpu} if gpu is not None else {}
     if gpu is None and grid.preset.cpu_threads and "OMP_NUM_THREADS" not in os.environ:
         env = {"OMP_NUM_THREADS": str(grid.preset.cpu_threads)}
     stage, path = TRAIN, os.path.join(run_dir, RESULTS)
-    try:
-        logger.info(f"{run.name}: on {'CPU' if gpu is None else 'GPU ' + gpu}")
-        line = train(grid, run, data_bin, env, children)
-        for stage in (EVALUATE, SHARPNESS):
-            if children.stopping.is_set():
-                raise Interrupted(f"{stage} not started")
-            if stage == EVALUATE:
-                results = evaluate(grid, run, data_bin, references, env, children)
-            elif grid.sharpness_rho is not None:
+    with lock:
+        try:
+            logger.info(f"{run.name}: on {'CPU' if gpu is None else 'GPU ' + gpu}")
+            line = train(grid, run, data_bin, env, children)
+            stage = EVALUATE
+            if children.stopping.is_set():  # no new stage (an average:N loads checkpoints)
+                raise Interrupted("not started: stopping")
+            results = evaluate(grid, run, data_bin, references, env, children)
+            results = {**describe(grid, run, line), **results}
+            write_results(path, results)
+            if grid.sharpness_rho is not None:
+                stage = SHARPNESS
                 results["sharpness"] = sharpness(grid, run, data_bin, results, env, gpu, children)
-            described = {**describe(grid, run, line), **results}
-            if described != files.read_json_object(path):  # a skipped run's file stays as is
-                files.write_json(path, described)
-        if os.path.exists(os.path.join(run_dir, FAILURE_RECORD)):
-            os.unlink(os.path.join(run_dir, FAILURE_RECORD))
-        logger.info(f"{run.name}: done, {path}")
-        return path
-    except BaseException as error:
-        if isinstance(error, (Interrupted, KeyboardInterrupt)) or children.stopping.is_set():
-            raise Interrupted(f"{run.name}: interrupted in {stage}, resumable") from error
-        record = {"run": run.name, "stage": stage, "error": one_line(error), "time": _now()}
-        files.write_json(os.path.join(run_dir, FAILURE_RECORD), record)
-        raise
-    finally:
-        lock.release()
+                write_results(path, results)
+            if os.path.exists(os.path.join(run_dir, FAILURE_RECORD)):
+                os.unlink(os.path.join(run_dir, FAILURE_RECORD))
+            logger.info(f"{run.name}: done, {path}")
+            return path
+        except BaseException as error:
+            if isinstance(error, (Interrupted, KeyboardInterrupt)) or children.stopping.is_set():
+                raise Interrupted(f"{run.name}: interrupted in {stage}, resumable") from error
+            write_failure(run_dir, run.name, stage, one_line(error))
+            raise
 
 
-def guarded(function, in_job: bool = False):
-    """The outcome of `function()` (a run_one), what goes wrong kept to that run; in a job, a
-    failure is returned as the exception (for the job to raise: a FAILED job)."""
+def write_failure(run_dir: str, name: str, stage: str, error: str) -> dict:
+    failure = dict(run=name, stage=stage, error=error, time=time.strftime("%FT%T"))
+    files.write_json(os.path.join(run_dir, FAILURE_RECORD), failure)
+    return failure
+
+
+def write_results(path: str, results: dict) -> None:
+    if results != files.read_json_object(path):  # a skipped run's file stays as it is
+        files.write_json(path, results)
+
+
+def guarded(*arguments, in_job: bool = False):
+    """The outcome of run_one(*arguments), what goes wrong kept to that run; in a job, a failure
+    is returned as the exception (for the job to raise: a FAILED job)."""
     try:
-        function()
+        run_one(*arguments)
         return "done", ""
     except (RunLocked, Interrupted) as error:
         logger.warning(str(error))
@@ -295,9 +286,8 @@ def visible_gpus() -> List[str]:
     import torch
 
     count, listed = torch.cuda.device_count(), os.environ.get("CUDA_VISIBLE_DEVICES")
-    if listed is not None:
-        return [d.strip() for d in listed.split(",") if d.strip()][:count]
-    return [str(i) for i in range(count)]
+    names = [str(i) for i in range(count)] if listed is None else listed.split(",")
+    return [name.strip() for name in names if name.strip()][:count]
 
 
 def launch_local(grid, runs, data_bin, references, gpus, children=None) -> Dict[str, Outcome]:
@@ -308,24 +298,21 @@ def launch_local(grid, runs, data_bin, references, gpus, children=None) -> Dict[
         todo.put(run)
 
     def worker(gpu: Optional[str]) -> None:
-        while not children.stopping.is_set() and not todo.empty():
-            run = todo.get()
-            call = lambda: run_one(grid, run, data_bin, references, gpu, children)  # noqa: E731
-            outcomes[run.name] = guarded(call)
+        while not children.stopping.is_set():
+            try:
+                run = todo.get_nowait()
+            except queue.Empty:
+                return
+            outcomes[run.name] = guarded(grid, run, data_bin, references, gpu, children)
 
-    threads = [threading.Thread(target=worker, args=(gpu,)) for gpu in gpus or [None]]
-    for thread in threads:
-        thread.start()
-    try:
-        for thread in threads:
-            while thread.is_alive():
-                thread.join(timeout=0.5)
-    except KeyboardInterrupt:
-        logger.warning("Ctrl-C: starting no new run; stopping the running ones (resumable)")
-        children.stop()
-    for thread in threads:
-        thread.join()
-    cancelled = ("cancelled", "not started (Ctrl-C)")
+    with concurrent.futures.ThreadPoolExecutor(len(gpus) or 1) as pool:
+        workers = [pool.submit(worker, gpu) for gpu in gpus or [None]]
+        try:
+            concurrent.futures.wait(workers)
+        except KeyboardInterrupt:
+            logger.warning("Ctrl-C: starting no new run; stopping the running ones (resumable)")
+            children.stop()
+    cancelled = ("interrupted", "not started (Ctrl-C)")
     return {run.name: outcomes.get(run.name, cancelled) for run in runs}
 
 
@@ -334,51 +321,42 @@ SUBMITIT_FOLDER, REPORT_JOB_MINUTES = "submitit", 30
 JOB_PARAMETERS = dict(time_min="timeout_min", gpus_per_job="gpus_per_node", mem_gb="mem_gb")
 JOB_PARAMETERS.update(cpus_per_job="cpus_per_task", partition="slurm_partition")
 JOB_PARAMETERS.update(max_concurrent="slurm_array_parallelism", job_setup="slurm_setup")
-# A recorded Slurm job in one of these states may still run its run: not submitted again.
-ACTIVE_STATES = {"PENDING", "RUNNING", "REQUEUED", "CONFIGURING", "COMPLETING", "SUSPENDED"}
 CHECKPOINT_GRACE_SECONDS = 30.0  # inside submitit's signal delay (90 s before the time limit)
 
 
 def make_executor(out_dir: str, jobs, name: str, **parameters) -> submitit.AutoExecutor:
     """An executor for `jobs`, table4's job flags (argparse.Namespace)."""
     cluster = "slurm" if jobs.launcher == "slurm" else "local"
-    folder = os.path.join(out_dir, SUBMITIT_FOLDER)
     timeouts = {f"{cluster}_max_num_timeout": jobs.max_requeue}
-    executor = submitit.AutoExecutor(folder=folder, cluster=cluster, **timeouts)
+    executor = submitit.AutoExecutor(os.path.join(out_dir, SUBMITIT_FOLDER), cluster, **timeouts)
     given = {submitit_name: getattr(jobs, flag) for flag, submitit_name in JOB_PARAMETERS.items()}
-    given["slurm_additional_parameters"] = dict(jobs.sbatch or []) or None
-    if given["gpus_per_node"] is None:
+    given.update(slurm_additional_parameters=dict(jobs.sbatch or []) or None, **parameters)
+    if given["gpus_per_node"] is None:  # default: 1 on Slurm, 0 locally
         given["gpus_per_node"] = int(cluster == "slurm")
-    executor.update_parameters(name=name, **{**given, **parameters})
+    executor.update_parameters(name=name, **given)
     return executor
 
 
 class RunJob(submitit.helpers.Checkpointable):
-    """A job: run_one for one run.  On a timeout or a preemption submitit calls checkpoint(),
-    which stops the trainer and requeues the job: it resumes from checkpoint_last.pt.  The run
-    goes on in a thread, so that submitit's signal handler (main thread) can stop its children."""
+    """A job: run_one for one run, in a thread so that submitit's signal handler (main thread)
+    can stop its children.  On a timeout or a preemption submitit calls checkpoint(): the
+    trainer stops and the job requeues, to resume from checkpoint_last.pt."""
 
     def __init__(self, grid: Grid, run: Run, data_bin: str, references: Dict[str, str]):
         self.arguments = (grid, run, data_bin, references)
 
     def __call__(self) -> Outcome:
-        from .logs import log_to_stdout
-
         log_to_stdout()
         gpu = os.environ.get("CUDA_VISIBLE_DEVICES") or None  # Slurm's, on a GPU job
-        outcome: List = []
-        call = lambda: run_one(*self.arguments, gpu)  # noqa: E731
-        thread = threading.Thread(target=lambda: outcome.append(guarded(call, True)), daemon=True)
-        thread.start()
+        pool = concurrent.futures.ThreadPoolExecutor(1)
+        outcome = pool.submit(guarded, *self.arguments, gpu, in_job=True)
         try:
-            while thread.is_alive():
-                thread.join(timeout=1.0)
+            outcome.result()
         except KeyboardInterrupt:  # cancelled (submitit-local sends SIGINT)
             CHILDREN.stop()
-            thread.join()
-        if isinstance(outcome[0], BaseException):
-            raise outcome[0]  # a failed run: a FAILED job
-        return outcome[0]
+        if isinstance(outcome.result(), BaseException):
+            raise outcome.result()  # a failed run: a FAILED job
+        return outcome.result()
 
     def checkpoint(self, *args, **kwargs) -> submitit.helpers.DelayedSubmission:
         logger.warning(f"{self.arguments[1].name}: timeout or preemption: stopping, requeueing")
@@ -386,35 +364,21 @@ class RunJob(submitit.helpers.Checkpointable):
         return submitit.helpers.DelayedSubmission(RunJob(*self.arguments))
 
 
-def queued_job(run_dir: str) -> Optional[str]:
-    """`job 123_4 (PENDING)` if the Slurm job recorded for the run may still run it."""
-    record = files.read_json_object(os.path.join(run_dir, JOB_RECORD))
-    if not record or record.get("launcher") != "slurm":
-        return None
-    state = submitit.SlurmJob(record["folder"], record["job_id"]).state
-    return f"job {record['job_id']} ({state})" if state.upper() in ACTIVE_STATES else None
-
-
 def launch_jobs(grid, runs, data_bin, references, jobs, final=None) -> Optional[Dict]:
-    """A job per run not queued already; waits for them under submitit-local or --wait
-    ({run: outcome}); else submits `final` (function, arguments: the report) as a job that
-    starts once every run job has ended (afterany), and returns None."""
-    queued = {r.name: queued_job(grid.run_dir(r)) for r in runs if jobs.launcher == "slurm"}
-    outcomes = {name: ("queued", job) for name, job in queued.items() if job}
-    for name, job in outcomes.items():
-        logger.info(f"{name}: not submitted, already queued as {job[1]}")
+    """A job per run (a run's job that finds it locked by another job skips it, one that finds
+    it done only evaluates); waits for them under submitit-local or --wait ({run: outcome});
+    else submits `final` (function, arguments: the report) as a job that starts once every run
+    job has ended (afterany), and returns None."""
     name = f"table4-{os.path.basename(grid.out_dir)}"
     executor = make_executor(grid.out_dir, jobs, name)
-    todo = [run for run in runs if run.name not in outcomes]
     with executor.batch():
-        submitted = [(r, executor.submit(RunJob(grid, r, data_bin, references))) for r in todo]
+        submitted = [(r, executor.submit(RunJob(grid, r, data_bin, references))) for r in runs]
     for run, job in submitted:
-        record = {"run": run.name, "launcher": jobs.launcher, "job_id": str(job.job_id)}
-        record.update(folder=os.path.join(grid.out_dir, SUBMITIT_FOLDER), submitted=_now())
+        record = dict(run=run.name, launcher=jobs.launcher, job_id=str(job.job_id))
         files.write_json(os.path.join(grid.run_dir(run), JOB_RECORD), record)
         logger.info(f"{run.name}: submitted as job {job.job_id}")
     if jobs.wait or jobs.launcher == "submitit-local":
-        return {**outcomes, **wait_for_jobs(grid, submitted)}
+        return wait_for_jobs(grid, submitted)
     if final is not None and jobs.launcher == "slurm" and not jobs.no_report_job and submitted:
         after = "afterany:" + ":".join(sorted({str(j.job_id).split("_")[0] for _, j in submitted}))
         report = dict(timeout_min=REPORT_JOB_MINUTES, gpus_per_node=0, cpus_per_task=1)
@@ -424,19 +388,16 @@ def launch_jobs(grid, runs, data_bin, references, jobs, final=None) -> Optional[
 
 
 def wait_for_jobs(grid, submitted) -> Dict[str, Outcome]:
-    """Each job's outcome once it ended; a job that died without one (killed, out of memory)
-    is recorded in its run's failure.json here.  Ctrl-C cancels the jobs (resumable runs)."""
+    """Each job's outcome once it ended, a failure recorded; Ctrl-C cancels the jobs."""
     outcomes = {}
     try:
         for run, job in submitted:
             try:
                 outcomes[run.name] = tuple(job.result())
             except Exception as error:
-                path = os.path.join(grid.run_dir(run), FAILURE_RECORD)
-                failure = files.read_json_object(path)
-                if failure is None:
-                    failure = {"run": run.name, "stage": "job", "error": one_line(error)}
-                    files.write_json(path, {**failure, "time": _now()})
+                failure = files.read_json_object(os.path.join(grid.run_dir(run), FAILURE_RECORD))
+                if failure is None:  # the job died without one (killed, out of memory)
+                    failure = write_failure(grid.run_dir(run), run.name, "job", one_line(error))
                 outcomes[run.name] = ("failed", f"{failure['stage']}: {failure['error']}")
     except KeyboardInterrupt:
         logger.warning("Ctrl-C: cancelling the jobs; their runs resume when the grid runs again")

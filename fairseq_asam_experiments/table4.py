@@ -1,11 +1,8 @@
-"""fairseq-asam-table4: Table 4 of the ASAM paper (IWSLT'14 De→En BLEU of Adam, Adam+SAM,
-Adam+ASAM) from the raw archive (or a prepared --data-bin) to the report, resumable:
-<out>/data/<iwslt14-de-en-<md5>-bpe<merges>>/ (the data, named by its content), grid.json,
-runs/<run>/ (launch.py), submitit/ (the jobs), report/ (report.py).
+"""Table 4 of the ASAM paper (IWSLT'14 De->En BLEU: Adam, Adam+SAM, Adam+ASAM) from the raw
+archive or a prepared --data-bin to the report (<out>/report/table4.md), resumable.
 
-Every check that needs no work comes first (the flags, the argument files, fairseq-train's own
-parser on every row, every run's training stamp), so that a bad flag or a changed setting fails
-in one line before anything starts; then the data, grid.json, the runs, the report.
+Every check that needs no work (flags, argument files, fairseq-train's parser, every run's
+training stamp) comes before the data, grid.json, the runs and the report.
 """
 
 import argparse
@@ -14,7 +11,7 @@ import os
 import shutil
 from typing import Dict, List, Optional, Tuple
 
-from . import files
+from . import files, launch
 from . import grid as grids
 from .cli import run_command
 from .errors import ExperimentError, SettingError
@@ -24,11 +21,9 @@ logger = logging.getLogger(__name__)
 
 PROGRAM = "fairseq-asam-table4"
 DATA_FOLDER, SAMPLE_ARCHIVE = "data", "sample-de-en.tgz"
-LAUNCHERS = ("local", "slurm", "submitit-local")
 SLURM, JOBS = ("slurm",), ("slurm", "submitit-local")  # the launchers a job flag is for
-STOPPED = ("interrupted", "cancelled")  # launch's outcomes of a run Ctrl-C stopped
 SWEEP = "OPTION=V1,V2"  # any fairseq-train option, repeatable: a row per combination of values
-ROWS = ",".join(grids.OPTIMIZERS + grids.SCHEDULE_ROWS)
+GRID_FLAGS = ("max_update", "amp", "eval_bleu", "checkpoint", "sharpness_rho", "config_dir")
 
 
 def at_least(least: int):
@@ -47,8 +42,8 @@ def key_value(text: str) -> Tuple[str, str]:
     return key.strip("- "), value.strip()
 
 
-# (flag, argparse options, help); the job flags also name the launchers that take them.
-FLAGS = [
+ROWS = ",".join(grids.OPTIMIZERS + grids.SCHEDULE_ROWS)
+FLAGS = [  # (flag, argparse options, help)
     ("--out", {}, "output folder (default: runs/<preset>)"),
     ("--archive", {}, "the IWSLT'14 de-en.tgz (tiny: a generated sample when omitted)"),
     ("--data-bin", {}, "already binarized IWSLT'14 de-en data (no preparation)"),
@@ -63,7 +58,7 @@ FLAGS = [
     ("--sweep", {"action": "append", "default": [], "metavar": SWEEP}, "e.g. lr=5e-4,1e-3"),
     ("--rho", {}, "--sweep rho=V1,V2: ρ of every SAM/ASAM row"),
     ("--eta", {}, "--sweep eta=V1,V2: η of every ASAM row"),
-    ("--launcher", {"choices": LAUNCHERS, "default": "local"}, "local: here, one run per GPU"),
+    ("--launcher", {"choices": ("local", *JOBS), "default": "local"}, "local: one run per GPU"),
 ]
 JOB_FLAGS = [  # and the launchers that take each
     ("--partition", {}, "Slurm partition", SLURM),
@@ -81,21 +76,13 @@ JOB_FLAGS = [  # and the launchers that take each
 
 
 def parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog=PROGRAM,
-        description="Table 4 of the ASAM paper (IWSLT'14 De->En BLEU: Adam, Adam+SAM, Adam+ASAM): "
-        "data preparation, training (resumable), evaluation and report (<out>/report/table4.md).",
-    )
+    parser = argparse.ArgumentParser(prog=PROGRAM, description=__doc__.split("\n\n")[0])
     presets = "; ".join(f"{p.name}: {p.description}" for p in grids.PRESETS.values())
     parser.add_argument("--preset", choices=sorted(grids.PRESETS), default="paper", help=presets)
     for flag, options, text in FLAGS:
         parser.add_argument(flag, help=text, **options)
-    jobs = parser.add_argument_group(
-        "jobs",
-        "slurm: a job per run, the report a final job; "
-        "submitit-local: the same jobs here, waited for",
-    )
-    for flag, options, text, launchers in JOB_FLAGS:
+    jobs = parser.add_argument_group("jobs", "slurm: a job per run; submitit-local: the same here")
+    for flag, options, text, _ in JOB_FLAGS:
         jobs.add_argument(flag, help=text, **options)
     return parser
 
@@ -105,67 +92,53 @@ def check_job_flags(args) -> None:
     for flag, _, _, launchers in JOB_FLAGS:
         name = flag[2:].replace("-", "_")
         if getattr(args, name) != getattr(defaults, name) and args.launcher not in launchers:
-            raise SettingError(
-                f"{flag} is a job option: it needs --launcher {' or '.join(launchers)}"
-            )
+            needs = " or ".join(launchers)
+            raise SettingError(f"{flag} is a job option: it needs --launcher {needs}")
 
 
 def make_grid(args) -> grids.Grid:
     preset = grids.PRESETS[args.preset]
     shorthands = [f"{name}={text}" for name, text in (("rho", args.rho), ("eta", args.eta)) if text]
-    return grids.Grid(
-        out_dir=os.path.abspath(args.out or os.path.join("runs", preset.name)),
-        preset=preset,
-        rows=grids.parse_rows(args.optimizers),
-        seeds=grids.parse_seeds(args.seeds) if args.seeds is not None else None,
-        sweeps=tuple(grids.parse_sweep(text) for text in args.sweep + shorthands),
-        max_update=args.max_update,
-        amp=args.amp,
-        eval_bleu=args.eval_bleu,
-        checkpoint=args.checkpoint,
-        sharpness_rho=args.sharpness_rho,
-        config_dir=args.config_dir,
-    )
+    out_dir = os.path.abspath(args.out or os.path.join("runs", preset.name))
+    rows, flags = grids.parse_rows(args.optimizers), {f: getattr(args, f) for f in GRID_FLAGS}
+    seeds = grids.parse_seeds(args.seeds) if args.seeds is not None else None
+    sweeps = tuple(grids.parse_sweep(text) for text in args.sweep + shorthands)
+    return grids.Grid(out_dir, preset, rows=rows, seeds=seeds, sweeps=sweeps, **flags)
 
 
 def locate_data(args, grid: grids.Grid) -> Tuple[Optional[str], str]:
-    """(the archive to prepare, or None for --data-bin; the data-bin the runs train on).  The
-    prepared folder is named by the archive's content: another archive never lands on it."""
-    from . import prepare
+    """(the archive to prepare, None for --data-bin; the data-bin the runs train on), before any
+    work: the prepared folder is named by the archive's content."""
+    from . import prepare, synthetic_data
 
     if args.data_bin is not None:
         if not os.path.isdir(args.data_bin):
             raise SettingError(f"--data-bin: folder not found: {args.data_bin}")
         return None, os.path.abspath(args.data_bin)
-    archive = args.archive
-    if archive is None and grid.preset.sample_archive is None:
+    archive, sample = args.archive, grid.preset.sample_archive
+    if archive is None and sample is None:
         raise SettingError(
             f"--preset {grid.preset.name} needs --archive (the IWSLT'14 de-en.tgz) or --data-bin"
         )
-    if archive is None:  # the tiny preset: a generated archive in the real layout, reproducible
-        from . import synthetic_data
-
+    if archive is None:  # a generated archive in the real layout, the same bytes every time
         archive = os.path.join(grid.out_dir, DATA_FOLDER, SAMPLE_ARCHIVE)
-        if not os.path.isfile(archive):
-            train, dev = grid.preset.sample_archive
-            synthetic_data.build_sample_archive(archive, n_train=train, n_dev=dev)
+        synthetic_data.build_sample_archive(archive, *sample)
     elif not os.path.isfile(archive):
         raise SettingError(f"--archive: file not found: {archive}")
     name = prepare.data_folder_name(archive, grid.preset.bpe_merges)
-    data_dir = os.path.join(grid.out_dir, DATA_FOLDER, name)
-    return os.path.abspath(archive), os.path.join(data_dir, prepare.DATA_BIN)
+    return os.path.abspath(archive), os.path.join(grid.out_dir, DATA_FOLDER, name, prepare.DATA_BIN)
 
 
 def prepare_data(grid: grids.Grid, archive: Optional[str], data_bin: str) -> Dict[str, str]:
-    """Prepares the archive unless its folder exists; returns the raw references found."""
+    """Prepares `archive` unless it is; the raw references found beside a prepared data-bin."""
     from . import prepare
 
-    data_dir = data_bin[: -len(prepare.DATA_BIN)] if data_bin.endswith(prepare.DATA_BIN) else None
-    if archive is not None and not os.path.isdir(data_bin):
-        logger.info(f"data: preparing {archive} into {data_dir}")
+    if archive is not None:
         root = os.path.join(grid.out_dir, DATA_FOLDER)
         prepare.prepare_iwslt14(archive, root, grid.preset.bpe_merges)
-    references = prepare.reference_files(data_dir) if data_dir else {}
+    if os.path.basename(data_bin) != prepare.DATA_BIN:
+        return {}
+    references = prepare.reference_files(os.path.dirname(data_bin))
     return {split: path for split, path in references.items() if os.path.isfile(path)}
 
 
@@ -179,8 +152,6 @@ def write_report(out_dir: str) -> str:
 
 def devices(args, grid: grids.Grid) -> List[str]:
     """The GPUs of a local launcher; --amp refused without one, slurm without sbatch."""
-    from . import launch
-
     gpus = launch.visible_gpus() if args.launcher == "local" else []
     if grid.amp and args.launcher == "local" and not gpus:
         raise SettingError("--amp needs a GPU, and none is visible")
@@ -191,26 +162,22 @@ def devices(args, grid: grids.Grid) -> List[str]:
 
 def ending(outcomes: Dict[str, Tuple[str, str]]) -> int:
     """Status 0, or the error that says which runs failed or that Ctrl-C stopped the grid."""
-    from .launch import Interrupted
-
-    stopped = [name for name, (status, _) in outcomes.items() if status in STOPPED]
+    stopped = [name for name, (status, _) in outcomes.items() if status == "interrupted"]
     failed = [f"{name}: {why}" for name, (status, why) in outcomes.items() if status == "failed"]
     if stopped:
-        raise Interrupted(
-            f"interrupted (Ctrl-C): {', '.join(stopped)} stopped; every run is "
-            "resumable: run the same command again to continue"
+        raise launch.Interrupted(
+            f"interrupted (Ctrl-C): {', '.join(stopped)} stopped; every run is resumable: run "
+            "the same command again to continue"
         )
     if failed:
         raise ExperimentError(
-            f"{len(failed)} run(s) failed: {'; '.join(failed)} (the report "
-            "shows the others; see each run's failure.json)"
+            f"{len(failed)} run(s) failed: {'; '.join(failed)} (the report shows the others; "
+            "see each run's failure.json)"
         )
     return 0
 
 
 def work(args) -> int:
-    from . import launch
-
     grid = make_grid(args)
     check_job_flags(args)
     grid.check()

@@ -274,11 +274,12 @@ FAKE_SLURM = {
     "srun": "exit 0",  # submitit looks for it
     "sbatch": 'n=$(ls "$FAKE_SLURM" | wc -l); cp "${@: -1}" "$FAKE_SLURM/script-$n"; '
     'echo "Submitted batch job $((100 + n))"',
-    "sacct": 'echo "JobID|State|NodeList"; echo "42|${FAKE_STATE}|node1"',
 }
 
 
-def test_slurm_submits_each_run_once_and_the_report_after_them(stubbed, tmp_path, monkeypatch):
+def test_slurm_submits_the_runs_as_an_array_and_the_report_after_them(
+    stubbed, tmp_path, monkeypatch
+):
     bin_dir, record = tmp_path / "bin", tmp_path / "sbatch"
     bin_dir.mkdir()
     record.mkdir()
@@ -287,22 +288,17 @@ def test_slurm_submits_each_run_once_and_the_report_after_them(stubbed, tmp_path
         (bin_dir / name).chmod(0o755)
     monkeypatch.setenv("PATH", f"{bin_dir}{os.pathsep}{os.environ['PATH']}")
     monkeypatch.setenv("FAKE_SLURM", str(record))
-    monkeypatch.setenv("FAKE_STATE", "PENDING")
     out = tmp_path / "out"
     stub = launch_stubs.stub_grid(out, rows=("adam", "asam"))
-    files.write_json(
-        str(run_dir(out, "asam-seed1") / "job.json"),
-        {"launcher": "slurm", "job_id": "42", "folder": str(out / "submitit")},
-    )
     flags = job_flags("--launcher", "slurm", "--partition", "gpu", "--sbatch", "account=nlp")
     assert launch.launch_jobs(stub, stub.runs(), DATA_BIN, {}, flags, (print, "report")) is None
     scripts = sorted(record.iterdir())
-    assert len(scripts) == 2  # the adam run's job, then the report's; asam is queued as 42
+    assert len(scripts) == 2  # the runs' job array, then the report's job
     run_script, report_script = (s.read_text() for s in scripts)
+    assert "#SBATCH --array=0-1" in run_script
     assert "#SBATCH --partition=gpu" in run_script and "#SBATCH --account=nlp" in run_script
     assert "#SBATCH --time=5" in run_script and "#SBATCH --gpus-per-node=1" in run_script
     assert "#SBATCH --dependency=afterany:100" in report_script
-    assert read_json(run_dir(out) / "job.json")["job_id"] == "100"
-    assert read_json(run_dir(out, "asam-seed1") / "job.json")["job_id"] == "42"  # not again
-    monkeypatch.setenv("FAKE_STATE", "COMPLETED")  # ended: submitted again
-    assert launch.queued_job(str(run_dir(out, "asam-seed1"))) is None
+    assert "#SBATCH --gpus-per-node=0" in report_script  # the report needs no GPU
+    assert read_json(run_dir(out) / "job.json")["job_id"] == "100_0"
+    assert read_json(run_dir(out, "asam-seed1") / "job.json")["job_id"] == "100_1"

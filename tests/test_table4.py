@@ -138,6 +138,10 @@ def test_ctrl_c_during_the_preparation_is_one_line_and_130(tmp_path, monkeypatch
         (["--seeds", "2,2"], "--seeds: '2,2' names a seed twice"),
         (["--max-update", "0"], "--max-update must be >= 1, got 0"),
         (["--checkpoint", "newest"], "--checkpoint"),
+        (
+            ["--checkpoint", "average:6"],
+            "average:6 averages the last 6 epoch checkpoints, and row adam's argument files keep 5",
+        ),
         (["--sweep", "lr"], "--sweep takes OPTION=V1,V2,... (e.g. lr=5e-4,1e-3), got 'lr'"),
         (["--sweep", "seed=1,2"], "--sweep seed: set it with --seeds"),
         (["--sweep", "lr=1e-3", "--sweep", "lr=2e-3"], "--sweep: an option is swept twice"),
