@@ -1,10 +1,9 @@
 """Writing files so that a path never holds a partial result: the kit's one atomic-write helper.
 
-`atomic_output(path)` hands out a temporary name in the same folder (so the final rename stays
-on one file system), and renames it onto `path` only when the block finishes without an error;
-on an error the temporary file or folder is removed.  Whatever writes the output — `open`,
-`torch.save`, matplotlib, fairseq-preprocess (a folder) — writes to that name.  A run killed
-mid-write leaves only a hidden `.<name>.tmp-*` entry, which no reader takes for the output.
+`atomic_output(path)` hands out a temporary name in the same folder (the rename stays on one file
+system) and renames it onto `path` only when the block finishes without an error; on an error it
+is removed.  Whatever writes the output (`open`, `torch.save`, matplotlib, fairseq-preprocess's
+folder) writes to that name; a run killed mid-write leaves only a hidden `.<name>.tmp-*` entry.
 """
 
 import contextlib
@@ -16,20 +15,11 @@ from typing import Any, Iterable, Iterator, Optional
 
 from .errors import ExperimentError
 
-TEMPORARY_MARK = ".tmp-"
-
 
 def temporary_name(path: str) -> str:
     """A fresh hidden name beside `path`: `.<name>.tmp-<random>`."""
     folder, name = os.path.split(os.path.abspath(path))
-    return os.path.join(folder, f".{name}{TEMPORARY_MARK}{uuid.uuid4().hex[:12]}")
-
-
-def _remove(path: str) -> None:
-    if os.path.isdir(path) and not os.path.islink(path):
-        shutil.rmtree(path, ignore_errors=True)
-    elif os.path.lexists(path):
-        os.unlink(path)
+    return os.path.join(folder, f".{name}.tmp-{uuid.uuid4().hex[:12]}")
 
 
 @contextlib.contextmanager
@@ -42,31 +32,25 @@ def atomic_output(path: str) -> Iterator[str]:
     temporary = temporary_name(path)
     try:
         yield temporary
-        if not os.path.lexists(temporary):
-            raise FileNotFoundError(f"{path}: nothing was written to {temporary}")
         if os.path.isdir(temporary) and os.path.isdir(path):
             shutil.rmtree(path)  # os.replace cannot replace a non-empty folder
-        os.replace(temporary, path)
+        os.replace(temporary, path)  # FileNotFoundError naming it if nothing was written
     finally:
-        _remove(temporary)
+        if os.path.isdir(temporary) and not os.path.islink(temporary):
+            shutil.rmtree(temporary, ignore_errors=True)
+        elif os.path.lexists(temporary):
+            os.unlink(temporary)
 
 
 def write_text(path: str, text: str) -> None:
     """`text` to `path` in UTF-8 with \\n line ends, atomically."""
-    with atomic_output(path) as temporary, open(
-        temporary, "w", encoding="utf-8", newline="\n"
-    ) as f:
+    with atomic_output(path) as temp, open(temp, "w", encoding="utf-8", newline="\n") as f:
         f.write(text)
 
 
 def write_lines(path: str, lines: Iterable[str]) -> None:
     """One line per item, each ended by \\n, atomically."""
-    with atomic_output(path) as temporary, open(
-        temporary, "w", encoding="utf-8", newline="\n"
-    ) as f:
-        for line in lines:
-            f.write(line)
-            f.write("\n")
+    write_text(path, "".join(f"{line}\n" for line in lines))
 
 
 def write_json(path: str, obj: Any) -> None:
@@ -92,11 +76,8 @@ def read_json_object(path: str) -> Optional[dict]:
 # A stage stamp: `<folder>/<stage>.done.json`, the inputs a stage finished with.  The stage is
 # done when its stamp holds the current inputs; the caller decides what a change means (redo
 # the stage, or refuse in one line naming the changed setting: `changed_inputs`).
-STAMP_SUFFIX = ".done.json"
-
-
 def stamp_path(folder: str, stage: str) -> str:
-    return os.path.join(folder, stage + STAMP_SUFFIX)
+    return os.path.join(folder, f"{stage}.done.json")
 
 
 def read_stamp(folder: str, stage: str) -> Optional[dict]:

@@ -21,23 +21,13 @@ class Loaded:
     cfg: Any
 
 
-def data_folder(data_bin: str) -> str:
-    """The folder of a fairseq --data value that holds the dictionaries (its first one)."""
-    return data_bin.split(os.pathsep)[0]
-
-
-def binarized_splits(data_bin: str) -> List[str]:
-    """The splits with a binarized index in the (first) folder of a fairseq --data value."""
-    names = (f for f in os.listdir(data_folder(data_bin)) if f.endswith(INDEX_SUFFIX))
-    return sorted({name.split(".")[0] for name in names})
-
-
 def check_split(data_bin: str, split: str, flag: str = "--subset") -> None:
-    """Raises SettingError naming the folder or `flag` unless `data_bin` has `split` binarized."""
-    folder = data_folder(data_bin)
+    """Raises SettingError naming the folder or `flag` unless `data_bin` has `split` binarized
+    (in its first folder: of several, fairseq's --data reads the dictionaries from the first)."""
+    folder = data_bin.split(os.pathsep)[0]
     if not os.path.isdir(folder):
         raise SettingError(f"data-bin folder not found: {folder}")
-    splits = binarized_splits(data_bin)
+    splits = sorted({f.split(".")[0] for f in os.listdir(folder) if f.endswith(INDEX_SUFFIX)})
     if split not in splits:
         has = ", ".join(splits) or "no binarized split"
         raise SettingError(f"{flag} {split}: no such split in {folder} (it has: {has})")
@@ -75,7 +65,7 @@ def check_fits(checkpoint: str, data_bin: str, split: str) -> None:
     task = saved_settings(state, "task")
     if not str(task.get("_name") or "").startswith("translation"):
         return  # other tasks: load_checkpoint reports what fairseq finds
-    folder = data_folder(data_bin)
+    folder = data_bin.split(os.pathsep)[0]
     source, target = task.get("source_lang"), task.get("target_lang")
     if source is None or target is None:  # trained without -s/-t: as fairseq's task infers it
         source, target = infer_language_pair(folder)

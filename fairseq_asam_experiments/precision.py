@@ -4,9 +4,8 @@ autocast (docs/mixed-precision.md quotes it).  For one model and batch in eval m
 
     ε        the plugin's ε (perturbation.perturb) from the fp32 gradient at x
     ε_eff    round_p(x + ε) − round_p(x) per tensor, in fp32, rounded to nearest: what `p.add_(ε)`
-             does to low-precision weights; under autocast (`--amp`, w kept in fp32) only the
-             parameters that reach a matmul-type op are cast (autocast_cast_parameters), the
-             others keep ε
+             does to low-precision weights; under autocast (`--amp`, w in fp32) only parameters
+             reaching a matmul-type op are cast (autocast_cast_parameters), the others keep ε
     lost     share of ε's non-zero entries with ε_eff = 0; cosine, L2 error ‖ε_eff − ε‖/‖ε‖
     kept     [L(round_p(x) + ε_eff) − L(round_p(x))] / [L(x + ε) − L(x)] in fp32 arithmetic, L the
              criterion's loss per sample-size unit
@@ -40,7 +39,8 @@ SAM = OptimizerSetting("sam", rho=0.1, eta=0.0, adaptive=False)  # the paper's I
 ASAM = OptimizerSetting("asam", rho=0.2, eta=0.01, adaptive=True)
 WEIGHT_DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 AUTOCAST_DTYPES = {"amp-fp16": torch.float16, "amp-bf16": torch.bfloat16}
-MODES = (*WEIGHT_DTYPES, *AUTOCAST_DTYPES)
+DTYPES = {**WEIGHT_DTYPES, **AUTOCAST_DTYPES}
+MODES = tuple(DTYPES)
 
 
 def round_nearest(x: Tensor, dtype: torch.dtype) -> Tensor:
@@ -52,10 +52,8 @@ def round_nearest(x: Tensor, dtype: torch.dtype) -> Tensor:
 
 
 def effective_epsilon(x, epsilon, dtypes) -> List[Tensor]:
-    """round_p(x + ε) − round_p(x) per tensor, in fp32; `dtypes`: one for all tensors or one each
-    (fp32 for the tensors that autocast leaves alone)."""
-    if isinstance(dtypes, torch.dtype):
-        dtypes = [dtypes] * len(x)
+    """round_p(x + ε) − round_p(x) per tensor, in fp32, p its dtype in `dtypes` (fp32 for the
+    tensors that autocast leaves alone)."""
     return [round_nearest(w + e, d) - round_nearest(w, d) for w, e, d in zip(x, epsilon, dtypes)]
 
 
@@ -69,10 +67,6 @@ def sharpness_epsilon(names, weights, grads, setting: OptimizerSetting) -> List[
     return eps
 
 
-def _ratio(a: float, b: float) -> float:
-    return a / b if b else math.nan
-
-
 def compare_epsilon(effective, intended) -> Dict[str, float]:
     """ε_eff against ε over all tensors (float64 sums): lost share, cosine, relative L2 error."""
     sums = torch.zeros(6, dtype=torch.float64)
@@ -81,17 +75,15 @@ def compare_epsilon(effective, intended) -> Dict[str, float]:
         terms = [eps != 0, (eps != 0) & (eff == 0), eps * eps, eff * eff, eff * eps, eff - eps]
         sums += torch.stack([t.sum(dtype=torch.float64) for t in terms[:5] + [terms[5] ** 2]])
     nonzero, lost, eps_sq, eff_sq, dot, error_sq = sums.tolist()
-    cosine = _ratio(dot, math.sqrt(eps_sq * eff_sq))
-    return dict(lost=_ratio(lost, nonzero), cosine=cosine, l2_error=math.sqrt(error_sq / eps_sq))
+    cosine = dot / math.sqrt(eps_sq * eff_sq) if eps_sq * eff_sq else math.nan
+    lost = lost / nonzero if nonzero else math.nan
+    return dict(lost=lost, cosine=cosine, l2_error=math.sqrt(error_sq / eps_sq))
 
 
 def autocast_supported(dtype: torch.dtype) -> Tuple[bool, str]:
-    """Whether CPU autocast to `dtype` runs a matmul in `dtype` (it differs by torch version)."""
-    try:
-        with torch.autocast("cpu", dtype=dtype):
-            out = torch.ones(2, 2) @ torch.ones(2, 2)
-    except (RuntimeError, TypeError, ValueError) as error:  # what torch raises differs by version
-        return False, f"torch.autocast('cpu', dtype={dtype}) failed: {error}"
+    """Whether CPU autocast runs a matmul in `dtype` (a torch without it warns, runs it in fp32)."""
+    with torch.autocast("cpu", dtype=dtype):
+        out = torch.ones(2, 2) @ torch.ones(2, 2)
     ok = out.dtype == dtype
     return ok, "supported" if ok else f"torch.autocast('cpu') ran a matmul in {out.dtype}"
 
@@ -99,8 +91,7 @@ def autocast_supported(dtype: torch.dtype) -> Tuple[bool, str]:
 def autocast_cast_parameters(model) -> Set[str]:
     """The parameters CPU autocast casts: the operands of matmul-type ops, which in a model of
     Linear, LayerNorm and Embedding modules (fairseq's Transformer) are its Linear modules' (the
-    output projection's shared embedding included); LayerNorm and embedding lookups stay fp32.
-    tests/test_precision.py checks it against what autocast does to the tiny preset's model."""
+    output projection's shared embedding included; tests/test_precision.py checks it)."""
     kinds = (torch.nn.Linear, torch.nn.LayerNorm, torch.nn.Embedding)
     for name, module in model.named_modules():
         if not isinstance(module, kinds) and list(module.parameters(recurse=False)):
@@ -121,8 +112,7 @@ class LossProbe:
 
     def set(self, values) -> None:
         with torch.no_grad():
-            for p, v in zip(self.params, values):
-                p.copy_(v)
+            torch._foreach_copy_(self.params, values)
 
     def loss(self, values, gradient: bool = False):
         """L at `values`; with `gradient`, (L, ∇ of the summed loss)."""
@@ -134,51 +124,42 @@ class LossProbe:
             raise FloatingPointError("the loss is not finite")
         if not gradient:
             return value
-        grads = torch.autograd.grad(loss, self.params, allow_unused=True)
-        return value, [g.float() if g is not None else 0 * p for p, g in zip(self.params, grads)]
-
-
-def _add(a, b) -> List[Tensor]:
-    return [x + y for x, y in zip(a, b)]
-
-
-def rows_at(probe: LossProbe, x, dtypes, key, optimizers) -> List[Dict[str, Any]]:
-    """One row per optimizer: ε from the gradient at x, rounded with each tensor's dtype."""
-    held = [round_nearest(w, d) for w, d in zip(x, dtypes)]
-    (loss_x, grads), base, rows = probe.loss(x, gradient=True), probe.loss(held), []
-    for setting in optimizers:
-        eps = sharpness_epsilon(probe.names, x, grads, setting)
-        eff = effective_epsilon(x, eps, dtypes)
-        target = probe.loss(_add(x, eps)) - loss_x
-        increase = probe.loss(_add(held, eff)) - base
-        row = dict(key, optimizer=setting.name, **compare_epsilon(eff, eps))
-        rows.append(dict(row, target=target, increase=increase, kept=increase / target))
-        logger.info("%s: lost %.4f, kept %.4f", key, rows[-1]["lost"], rows[-1]["kept"])
-    return rows
+        grads = torch.autograd.grad(loss, self.params, materialize_grads=True)
+        return value, [g.float() for g in grads]
 
 
 def measure_batch(probe: LossProbe, modes=MODES, optimizers=(SAM, ASAM)) -> Dict[str, Any]:
-    """The rows of the probe's batch in each mode (a weight precision or an autocast one) and each
-    autocast mode's status (how many tensors it casts, or why not measured); the model's own
-    weights are put back."""
+    """The probe's batch's rows, one per mode (a weight precision: x = round_p(w); an autocast one:
+    x = w) and optimizer (ε from the gradient at x, rounded with each tensor's dtype), and each
+    autocast mode's status (how many tensors it casts, or why not measured); w is put back."""
     master = [p.detach().float().clone() for p in probe.params]
     result: Dict[str, Any] = {"loss_fp32": probe.loss(master), "autocast": {}, "rows": []}
     try:
         for mode in modes:
+            dtype = DTYPES[mode]
             if mode in WEIGHT_DTYPES:
-                dtypes = [WEIGHT_DTYPES[mode]] * len(master)
-                held = [round_nearest(w, d) for w, d in zip(master, dtypes)]
-                key = dict(mode="weights", precision=mode)
-                result["rows"] += rows_at(probe, held, dtypes, key, optimizers)
-                continue
-            dtype = AUTOCAST_DTYPES[mode]
-            ok, result["autocast"][mode] = autocast_supported(dtype)
-            if ok:
+                kind, dtypes = "weights", [dtype] * len(master)
+                x = [round_nearest(w, dtype) for w in master]
+            else:
+                ok, result["autocast"][mode] = autocast_supported(dtype)
+                if not ok:
+                    continue
                 cast = autocast_cast_parameters(probe.model)
                 result["autocast"][mode] = f"{len(cast)} of {len(probe.names)} tensors cast"
+                kind, x = "autocast", master
                 dtypes = [dtype if n in cast else torch.float32 for n in probe.names]
-                key = dict(mode="autocast", precision=mode)
-                result["rows"] += rows_at(probe, master, dtypes, key, optimizers)
+            held = [round_nearest(w, d) for w, d in zip(x, dtypes)]
+            (loss_x, grads), base = probe.loss(x, gradient=True), probe.loss(held)
+            for setting in optimizers:
+                eps = sharpness_epsilon(probe.names, x, grads, setting)
+                eff = effective_epsilon(x, eps, dtypes)
+                target = probe.loss(torch._foreach_add(x, eps)) - loss_x
+                increase = probe.loss(torch._foreach_add(held, eff)) - base
+                kept = increase / target
+                row = dict(mode=kind, precision=mode, optimizer=setting.name)
+                row.update(compare_epsilon(eff, eps), target=target, increase=increase, kept=kept)
+                result["rows"].append(row)
+                logger.info("%s %s: lost %.4f, kept %.4f", mode, setting.name, row["lost"], kept)
     finally:
         probe.set(master)
     return result
@@ -228,10 +209,9 @@ def run(args) -> int:
     samples = loading.split_batches(loaded, args.subset, args.batches, True, **options)
     if len(samples) < args.batches:
         raise SettingError(f"--batches {args.batches}: {args.subset} has {len(samples)} batches")
-    result = dict(source=args.checkpoint or "init", subset=args.subset, rows=[], batches=[])
-    result.update(
-        arch=loaded.cfg.model.arch, parameters=sum(p.numel() for p in loaded.model.parameters())
-    )
+    parameters = sum(p.numel() for p in loaded.model.parameters())
+    result = dict(source=args.checkpoint or "init", subset=args.subset, arch=loaded.cfg.model.arch)
+    result.update(parameters=parameters, rows=[], batches=[])
     for index, sample in enumerate(samples):
         logger.info("batch %d: %d target tokens", index, int(sample["ntokens"]))
         probe = LossProbe(loaded.model, loaded.criterion, sample)

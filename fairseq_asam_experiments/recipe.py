@@ -1,8 +1,5 @@
-"""The fairseq-train argument files of `configs/`: where they are, how they read and combine.
-
-The folder ships as package data, `fairseq_asam_experiments.configs` (setup.py maps it onto the
-checkout's `configs/`), and is found with importlib.resources: a wheel install, an editable
-install and a checkout on PYTHONPATH all find theirs.
+"""The fairseq-train argument files of `configs/` (shipped as the package
+`fairseq_asam_experiments.configs`, see setup.py): where they are, how they read and combine.
 
 An argument file holds one option per line, `--flag value`, the value being the rest of the
 line (it may hold spaces: `--adam-betas (0.9, 0.98)`); '#' starts a comment line.  Files are
@@ -11,16 +8,14 @@ applied in order, a later file's flag replacing an earlier one's in place.
 
 import importlib.resources
 import importlib.util
+import itertools
 import os
-from typing import Dict, List, Optional, Sequence, Tuple
+import pathlib
+from typing import List, Optional, Sequence, Tuple
 
 from .errors import SettingError
 
 CONFIG_PACKAGE = "fairseq_asam_experiments.configs"
-# A checkout used without installing it (PYTHONPATH): configs/ two folders above this package.
-CHECKOUT_CONFIG_DIR = os.path.join(
-    os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs"
-)
 RECIPE_ARGS = "iwslt14_de_en/common.args"
 OPTIMIZER_ARGS = "iwslt14_de_en/{optimizer}.args"
 EVAL_BLEU_ARGS = "iwslt14_de_en/eval_bleu.args"
@@ -41,11 +36,12 @@ def plugin_dir() -> str:
 
 
 def config_dir() -> str:
-    """The folder holding the argument files and the hydra YAML (a real folder on disk)."""
+    """The folder holding the argument files and the hydra YAML: the installed package's (wheel
+    or editable), else, for a checkout on PYTHONPATH, the checkout's own configs/."""
     try:
         return str(importlib.resources.files(CONFIG_PACKAGE))
-    except ModuleNotFoundError:  # not installed: the checkout's own configs/
-        return CHECKOUT_CONFIG_DIR
+    except ModuleNotFoundError:
+        return str(pathlib.Path(__file__).absolute().parent.parent / "configs")
 
 
 def read_args_file(path: str) -> List[Option]:
@@ -67,14 +63,10 @@ def read_args_file(path: str) -> List[Option]:
 
 def merge_options(*option_lists: Sequence[Option]) -> List[str]:
     """argv from option lists, a later list's flag replacing an earlier one in place."""
-    merged: Dict[str, Optional[str]] = {}
-    for options in option_lists:
-        for flag, value in options:
-            merged[flag] = value
-    argv = []
-    for flag, value in merged.items():
-        argv += [flag] if value is None else [flag, value]
-    return argv
+    merged = dict(itertools.chain.from_iterable(option_lists))  # a key keeps its first place
+    return [
+        x for flag, value in merged.items() for x in ([flag] if value is None else [flag, value])
+    ]
 
 
 def training_options(
@@ -84,17 +76,11 @@ def training_options(
     folder: Optional[str] = None,
     selection_metric: Optional[str] = None,
 ) -> List[Option]:
-    """The options of `args_files`, then the optimizer's file, the checkpoint protocol's file
-    for `selection_metric` ("bleu" or "loss", see SELECTION_ARGS) and the --eval-bleu file,
-    read from `folder` (default: `config_dir()`); without data, --save-dir, --seed, --user-dir."""
-    files = list(args_files) + [OPTIMIZER_ARGS.format(optimizer=optimizer)]
-    if selection_metric is not None:
-        if selection_metric not in SELECTION_ARGS:
-            raise SettingError(
-                f"no checkpoint protocol selects by {selection_metric!r}; "
-                f"choose from {', '.join(SELECTION_ARGS)}"
-            )
-        files.append(SELECTION_ARGS[selection_metric])
+    """The options of `args_files`, then the optimizer's, the checkpoint protocol's (by its
+    --best-checkpoint-metric) and the --eval-bleu file, from `folder` (default: `config_dir()`);
+    without data, --save-dir, --seed, --user-dir."""
+    files = [*args_files, OPTIMIZER_ARGS.format(optimizer=optimizer)]
+    files += [SELECTION_ARGS[selection_metric]] if selection_metric else []
     files += [EVAL_BLEU_ARGS] if eval_bleu else []
-    folder = config_dir() if folder is None else folder
+    folder = folder or config_dir()
     return [option for name in files for option in read_args_file(os.path.join(folder, name))]

@@ -1,4 +1,4 @@
-"""Sharpness and adaptive sharpness of a trained model, and the `fairseq-asam-sharpness` command.
+"""fairseq-asam-sharpness: sharpness and adaptive sharpness of a fairseq checkpoint on its data.
 
     S_ρ(w) = max_{‖T⁻¹ε‖₂ <= ρ} L(w + ε) − L(w)   (Foret et al. 2021; Kwon et al. 2021, Def. 3)
 
@@ -25,7 +25,10 @@ from torch import Tensor, nn
 from fairseq_asam.perturbation import is_adaptive
 
 from . import loading
+from .cli import run_command
 from .errors import SettingError
+from .files import write_json
+from .logs import log_to_stdout
 
 PROGRAM = "fairseq-asam-sharpness"
 MEASURES = ("adaptive", "plain")
@@ -55,27 +58,12 @@ class SharpnessEstimate:
     num_batches: int
 
 
-def check_settings(rho: float, eta: float, steps: int) -> None:
-    if not (math.isfinite(rho) and rho > 0):
-        raise SettingError(f"--rho must be a finite number > 0, got {rho}")
-    if not (math.isfinite(eta) and eta >= 0):
-        raise SettingError(f"--eta must be a finite number >= 0, got {eta}")
-    if steps < 1:
-        raise SettingError(f"--steps must be >= 1, got {steps}")
-
-
 def _norm(tensors: Sequence[Tensor]) -> float:
     """‖·‖₂ of the tensors together, reduced in fp64."""
-    norms = [torch.linalg.vector_norm(t).double() for t in tensors]
-    return float(torch.linalg.vector_norm(torch.stack(norms)))
+    return float(torch.linalg.vector_norm(torch.stack(torch._foreach_norm(tensors)).double()))
 
 
-def _scaled(scales: Sequence[Optional[Tensor]], tensors: Sequence[Tensor]) -> List[Tensor]:
-    """T x, tensor by tensor; a scale of None is the identity."""
-    return [x if t is None else t * x for t, x in zip(scales, tensors)]
-
-
-def _mean_loss_and_gradient(model, params, batches, loss_fn: LossFn, with_gradient, step):
+def _mean_loss(model, params, batches, loss_fn: LossFn, with_gradient, step):
     """(L, ∇L or None, Σ sample_size); the model's `.grad` is untouched."""
     loss_sum: Any = 0.0  # a tensor on the batches' device after the first batch: no sync per batch
     sample_size = 0.0
@@ -99,7 +87,7 @@ def _mean_loss_and_gradient(model, params, batches, loss_fn: LossFn, with_gradie
 @torch.no_grad()
 def _ascent_step(params, origin, scales, delta, gradient, rho: float, step: int):
     """δ ← Π(δ + ρ T g / ‖T g‖), w ← origin + T δ; (‖T δ‖, ‖δ‖), or None if T g = 0."""
-    ascent = _scaled(scales, gradient)  # T g, the gradient in δ-space
+    ascent = [g if t is None else t * g for t, g in zip(scales, gradient)]  # T g, in δ-space
     ascent_norm = _norm(ascent)
     if not math.isfinite(ascent_norm):
         raise FloatingPointError(f"the gradient is not finite at ascent step {step}")
@@ -110,9 +98,8 @@ def _ascent_step(params, origin, scales, delta, gradient, rho: float, step: int)
     if delta_norm > rho:
         torch._foreach_mul_(delta, rho / delta_norm)
         delta_norm = rho
-    epsilon = _scaled(scales, delta)
-    for p, w, e in zip(params, origin, epsilon):
-        p.copy_(w + e)
+    epsilon = [d if t is None else t * d for t, d in zip(scales, delta)]
+    torch._foreach_copy_(params, torch._foreach_add(origin, epsilon))
     return _norm(epsilon), delta_norm
 
 
@@ -126,35 +113,31 @@ def estimate_sharpness(
     normalize_biases: bool = False,
     steps: int = DEFAULT_STEPS,
 ) -> SharpnessEstimate:
-    """S_ρ(w) of `model` (in eval mode) on `batches` by K = `steps` ascent steps; plain (T = I,
-    `eta` and `normalize_biases` unused) if not `adaptive`.  Restores w and the train mode."""
-    check_settings(float(rho), float(eta), int(steps))
+    """S_ρ(w) of `model` (in eval mode) on `batches` by K = `steps` ascent steps (the caller checks
+    them); plain (T = I, `eta`, `normalize_biases` unused) if not `adaptive`.  Restores w, mode."""
     batches = list(batches)
     if not batches:
         raise SettingError("no batches to measure the loss on (check --subset and --max-batches)")
     names, params = zip(*[(n, p) for n, p in model.named_parameters() if p.requires_grad])
     scaled = [adaptive and (normalize_biases or is_adaptive(n, adaptive)) for n in names]
-    scales = [p.detach().abs() + eta if s else None for p, s in zip(params, scaled)]
+    scales = [p.detach().abs() + eta if s else None for p, s in zip(params, scaled)]  # None: T=1
     origin = [p.detach().clone() for p in params]
     delta = [torch.zeros_like(p) for p in params]
     iterates = []  # (L(w + T δ_k), ‖T δ_k‖, ‖δ_k‖, k)
     was_training = model.training
     model.eval()
     try:
-        loss, gradient, size = _mean_loss_and_gradient(model, params, batches, loss_fn, True, 0)
+        loss, gradient, size = _mean_loss(model, params, batches, loss_fn, True, 0)
         for step in range(1, steps + 1):
             norms = _ascent_step(params, origin, scales, delta, gradient, rho, step)
             gradient = None  # freed before the next pass allocates its own
             if norms is None:
                 break
-            step_loss, gradient, _ = _mean_loss_and_gradient(
-                model, params, batches, loss_fn, step < steps, step
-            )
+            step_loss, gradient, _ = _mean_loss(model, params, batches, loss_fn, step < steps, step)
             iterates.append((step_loss, *norms, step))
     finally:  # w restored bit for bit, also on an error
         with torch.no_grad():
-            for p, w in zip(params, origin):
-                p.copy_(w)
+            torch._foreach_copy_(params, origin)
         model.train(was_training)
     # ε* is the iterate of highest loss (the first of equals); none if the gradient at w is 0
     perturbed_loss, epsilon_norm, delta_norm, best_step = max(
@@ -196,11 +179,8 @@ def load_subset(checkpoint, data_bin, subset, count, device, max_tokens=None, ba
         required_batch_size_multiple=cfg.required_batch_size_multiple,
     )
     model, criterion = loaded.model.to(device), loaded.criterion.to(device)
-
-    def criterion_loss(model_, sample):
-        return criterion(model_, utils.apply_to_sample(lambda t: t.to(device), sample))[:2]
-
-    return model, batches, criterion_loss
+    batches = [utils.apply_to_sample(lambda t: t.to(device), batch) for batch in batches]
+    return model, batches, lambda model_, sample: criterion(model_, sample)[:2]
 
 
 def format_sharpness(report: Dict[str, Any]) -> str:
@@ -225,8 +205,7 @@ def format_sharpness(report: Dict[str, Any]) -> str:
 
 
 def parser() -> argparse.ArgumentParser:
-    description = "Sharpness and adaptive sharpness of a fairseq checkpoint on its data."
-    p = argparse.ArgumentParser(prog=PROGRAM, description=description)
+    p = argparse.ArgumentParser(prog=PROGRAM, description=__doc__.split("\n\n")[0])
     p.add_argument("checkpoint", help="fairseq checkpoint (.pt)")
     p.add_argument("data", help="the checkpoint's data-bin folder")
     p.add_argument("--rho", type=float, required=True, help="radius of the ball |T^-1 eps| <= rho")
@@ -246,10 +225,6 @@ def parser() -> argparse.ArgumentParser:
 def work(args: argparse.Namespace) -> int:
     """Checks every argument (SettingError naming the flag or file) before the checkpoint is
     loaded; prints the report and writes it to --json."""
-    from .files import write_json
-
-    if args.json and not os.path.isdir(os.path.dirname(os.path.abspath(args.json))):
-        raise SettingError(f"--json {args.json}: its folder does not exist")
     name = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     try:
         device = torch.device(name)
@@ -257,8 +232,11 @@ def work(args: argparse.Namespace) -> int:
         raise SettingError(f"--device {name!r} is not a device: {error}") from None
     if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
         raise SettingError(f"--device {name}: this machine has {torch.cuda.device_count()} GPU(s)")
-    check_settings(args.rho, args.eta, args.steps)
-    for name in ("max_batches", "max_tokens", "batch_size"):
+    if not (math.isfinite(args.rho) and args.rho > 0):
+        raise SettingError(f"--rho must be a finite number > 0, got {args.rho}")
+    if not (math.isfinite(args.eta) and args.eta >= 0):
+        raise SettingError(f"--eta must be a finite number >= 0, got {args.eta}")
+    for name in ("steps", "max_batches", "max_tokens", "batch_size"):
         value = getattr(args, name)
         if value is not None and value < 1:
             raise SettingError(f"--{name.replace('_', '-')} must be >= 1, got {value}")
@@ -281,9 +259,6 @@ def work(args: argparse.Namespace) -> int:
 
 
 def main(argv: Optional[List[str]] = None) -> int:
-    from .cli import run_command
-    from .logs import log_to_stdout
-
     args = parser().parse_args(argv)
     log_to_stdout(logging.WARNING)
     return run_command(PROGRAM, lambda: work(args))

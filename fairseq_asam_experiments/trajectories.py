@@ -6,8 +6,7 @@ the hyperbola w₁w₂ = 1 and the origin is a saddle.  One step, with g = ∇L(
     SAM:  ε = ρ g / ‖g‖₂,          w ← w − λ ∇L(w + ε)
     ASAM: ε = ρ T² g / ‖T g‖₂,     w ← w − λ ∇L(w + ε),   T = diag(|w₁| + η, |w₂| + η)
 
-ε = 0 where g = 0.  With η = 0 and w₁w₂ > 0, ε_ASAM = −sign(1 − w₁w₂) ρ w / √2, so ASAM walks
-SGD's path; SAM's ε has length ρ wherever w is.
+With η = 0 and w₁w₂ > 0, ε_ASAM = −sign(1 − w₁w₂) ρ w / √2, so ASAM walks SGD's path.
 """
 
 import argparse
@@ -34,16 +33,11 @@ STYLES = {  # SGD last and thin, on top of the others
 
 @dataclasses.dataclass(frozen=True)
 class Settings:
-    """SAM's ρ is a length, ASAM's a fraction of |w|."""
-
     lr: float = 0.05
     steps: int = 400
-    sam_rho: float = 0.2
+    sam_rho: float = 0.2  # a length; ASAM's ρ is a fraction of |w|
     asam_rho: float = 0.2
     eta: float = 0.01
-
-    def rho(self, method: str) -> float:
-        return {"sgd": 0.0, "sam": self.sam_rho, "asam": self.asam_rho}[method]
 
 
 def loss(w) -> np.ndarray:
@@ -56,12 +50,10 @@ def gradient(w) -> np.ndarray:
 
 
 def perturbation(method: str, w, rho: float, eta: float) -> np.ndarray:
-    if method not in METHODS:
-        raise ValueError(f"method must be one of {', '.join(METHODS)}, got {method!r}")
     w = np.asarray(w, dtype=float)
-    g, scale = gradient(w), np.abs(w) + eta if method == "asam" else np.ones(2)
+    g, scale = gradient(w), {"sgd": 0.0, "sam": 1.0, "asam": np.abs(w) + eta}[method]  # T
     norm = np.linalg.norm(scale * g)
-    return np.zeros(2) if method == "sgd" or norm == 0 else rho * scale**2 * g / norm
+    return rho * scale**2 * g / norm if norm else np.zeros(2)  # SGD's T = 0: no ε
 
 
 def update(method: str, w, lr: float, rho: float, eta: float) -> np.ndarray:
@@ -73,7 +65,7 @@ def trajectories(starts=DEFAULT_STARTS, settings: Settings = Settings()) -> dict
     paths = {m: np.empty((len(starts), settings.steps + 1, 2)) for m in METHODS}
     for method, path in paths.items():
         path[:, 0] = starts
-        rho = settings.rho(method)
+        rho = getattr(settings, f"{method}_rho", 0.0)  # SGD has none
         for i, t in np.ndindex(len(starts), settings.steps):
             path[i, t + 1] = update(method, path[i, t], settings.lr, rho, settings.eta)
     return paths
@@ -85,7 +77,7 @@ def plot(output: str, starts=DEFAULT_STARTS, settings: Settings = Settings()) ->
 
     paths, axis = trajectories(starts, settings), np.linspace(*LIMITS, GRID_POINTS)
     surface = loss(np.stack(np.meshgrid(axis, axis), axis=-1))
-    picture = figure.Figure(figsize=(6.0, 5.4), dpi=100)  # no pyplot: nothing to close
+    picture = figure.Figure(figsize=(6.0, 5.4), dpi=100, layout="tight")  # no pyplot to close
     ax = picture.subplots()
     shade = dict(cmap="Greens_r", extend="both", alpha=0.55)
     ax.contourf(axis, axis, surface, levels=LEVELS, norm=colors.LogNorm(), **shade)
@@ -93,9 +85,8 @@ def plot(output: str, starts=DEFAULT_STARTS, settings: Settings = Settings()) ->
     valley = np.linspace(1.0 / LIMITS[1], LIMITS[1], 200)
     ax.plot(valley, 1.0 / valley, "k:", linewidth=0.8, label="minima $w_1w_2=1$")
     for method, style in STYLES.items():
-        for index, path in enumerate(paths[method]):
-            label = None if index else style["label"]  # one legend entry per method
-            ax.plot(path[:, 0], path[:, 1], **dict(style, label=label))
+        for index, path in enumerate(paths[method]):  # one legend entry per method
+            ax.plot(path[:, 0], path[:, 1], **dict(style, label=None if index else style["label"]))
             ax.plot(*path[-1], marker="o", markersize=4, color=style["color"])
     ax.plot(*np.asarray(starts, dtype=float).T, "k^", markersize=5, label="start")
     ax.set(xlim=LIMITS, ylim=LIMITS, xlabel="$w_1$", ylabel="$w_2$", aspect="equal")
@@ -103,7 +94,6 @@ def plot(output: str, starts=DEFAULT_STARTS, settings: Settings = Settings()) ->
     title = f"{loss_text}: {s.steps} steps, lr {s.lr:g}, SAM $\\rho$={s.sam_rho:g}, "
     ax.set_title(title + f"ASAM $\\rho$={s.asam_rho:g}, $\\eta$={s.eta:g}", fontsize=9)
     ax.legend(loc="upper right", fontsize=8)
-    picture.tight_layout()
     with atomic_output(output) as temporary:
         picture.savefig(temporary, format="png")
     return paths
@@ -128,9 +118,8 @@ def work(args) -> int:
     settings = Settings(*(getattr(args, f.name) for f in dataclasses.fields(Settings)))
     paths = plot(args.output, DEFAULT_STARTS, settings)
     print(f"{'start':>14} {'method':>6} {'end':>18} {'loss':>9}")
-    for index, start in enumerate(DEFAULT_STARTS):
-        for method in METHODS:
-            end = paths[method][index, -1]
+    for method in METHODS:
+        for start, end in zip(DEFAULT_STARTS, paths[method][:, -1]):
             print(f"{str(start):>14} {method:>6} ({end[0]:7.3f}, {end[1]:7.3f}) {loss(end):9.2e}")
     print(f"wrote {args.output}")
     return 0

@@ -32,15 +32,15 @@ def test_epsilon_below_half_an_ulp_is_lost_above_is_kept_in_fp16():
     # exactly ulp/2 ties to even (1.0, lost); −3e-4: below 1.0 the spacing halves, so −3e-4 is
     # more than half of 2^-11 = 4.88e-4 and is kept as −2^-11.
     eps = [_t(4e-4, 6e-4, FP16_ULP_AT_1 / 2, -3e-4, -1e-4)]
-    eff = P.effective_epsilon(held, eps, torch.float16)
+    eff = P.effective_epsilon(held, eps, [torch.float16])
     assert eff[0].tolist() == [0.0, FP16_ULP_AT_1, 0.0, -FP16_ULP_BELOW_1, 0.0]
 
 
 def test_same_epsilon_is_lost_in_bf16_and_kept_in_fp32():
     held = [_t(1.0, 1.0)]
     eps = [_t(6e-4, 5e-3)]  # bf16 half ulp at 1 is 3.9e-3
-    assert P.effective_epsilon(held, eps, torch.bfloat16)[0].tolist() == [0.0, BF16_ULP_AT_1]
-    fp32 = P.effective_epsilon(held, eps, torch.float32)[0]
+    assert P.effective_epsilon(held, eps, [torch.bfloat16])[0].tolist() == [0.0, BF16_ULP_AT_1]
+    fp32 = P.effective_epsilon(held, eps, [torch.float32])[0]
     assert torch.allclose(
         fp32, eps[0], rtol=1e-3, atol=0
     )  # kept, up to fp32's own rounding of 1 + ε
@@ -54,7 +54,7 @@ def test_effective_epsilon_matches_what_perturb_does_to_fp16_parameters():
     grads = [torch.randn(257), torch.randn(64)]
     names = ["fc.weight", "fc.bias"]
     eps = P.sharpness_epsilon(names, [w.float() for w in w16], grads, P.ASAM)
-    expected = P.effective_epsilon([w.float() for w in w16], eps, torch.float16)
+    expected = P.effective_epsilon([w.float() for w in w16], eps, [torch.float16] * 2)
     params = [w.clone() for w in w16]
     saved = perturbation.perturb(
         params, [g.clone() for g in grads], [True, False], P.ASAM.rho, P.ASAM.eta

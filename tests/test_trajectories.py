@@ -88,21 +88,20 @@ def test_zero_gradient_gives_zero_perturbation():
         np.testing.assert_array_equal(
             trajectories.perturbation(method, [0.0, 0.0], 0.5, 0.01), [0.0, 0.0]
         )
-    with pytest.raises(ValueError, match="method"):
+    with pytest.raises(KeyError, match="adam"):
         trajectories.perturbation("adam", [1.0, 1.0], 0.5, 0.01)
 
 
 def test_paths_are_recorded_and_show_the_picture():
     settings = trajectories.Settings()
+    rho = {"sgd": 0.0, "sam": settings.sam_rho, "asam": settings.asam_rho}
     paths = trajectories.trajectories(trajectories.DEFAULT_STARTS, settings)
     for method, path in paths.items():
         assert path.shape == (len(trajectories.DEFAULT_STARTS), settings.steps + 1, 2)
         np.testing.assert_array_equal(path[:, 0], trajectories.DEFAULT_STARTS)
         np.testing.assert_array_equal(
             path[0, 1],
-            trajectories.update(
-                method, path[0, 0], settings.lr, settings.rho(method), settings.eta
-            ),
+            trajectories.update(method, path[0, 0], settings.lr, rho[method], settings.eta),
         )
     final_loss = {m: trajectories.loss(p[:, -1]) for m, p in paths.items()}
     assert final_loss["sgd"].max() < 1e-12
