@@ -1,21 +1,18 @@
 """fairseq-asam-benchmark: the time and memory of an Adam, SAM and ASAM update (docs/cost.md).
 
 Each row is fairseq's own Trainer (the recipe's argument files + the row's optimizer options) on
-the same synthetic batches; updates are interleaved (update i of every row, each round starting
-one row later) so that load hits the rows alike.  Per update: the update, the criterion's forward,
-`optimizer.backward`, `optimizer.step`, `perturbation.perturb` + `restore`; outside = update −
-forward − backward − optimizer step; overhead = outside(row) − outside(Adam).  Ratios and overheads
-are taken round by round, then their median; a row perturbing 1/K of its updates is amortized:
-(median perturbing update + (K − 1) × median plain update) / K.  Peak memory: each row in a fresh
-process, peak RSS (glibc made to unmap freed blocks from 64 KiB at once, so that it follows the
-live tensors) or torch.cuda.max_memory_allocated, over the memory before the first update.
+the same synthetic batches; update i of every row runs in turn, each round starting one row later,
+so that load hits the rows alike.  Ratios and overheads (outside = update − forward − backward −
+optimizer step, minus Adam's) are taken round by round, then their median; a row perturbing 1/K
+of its updates is amortized over both kinds.  Peak memory: each row in a fresh process, peak RSS
+(glibc made to unmap freed blocks at once) or torch.cuda.max_memory_allocated, over the memory
+before the first update.
 """
 
 import argparse
 import collections
 import ctypes
 import dataclasses
-import functools
 import logging
 import math
 import os
@@ -40,13 +37,12 @@ from .files import write_json
 from .logs import log_to_stdout
 
 PROGRAM = "fairseq-asam-benchmark"
-logger = logging.getLogger(__name__)
-Preset = collections.namedtuple("Preset", "args_files dictionary_sizes warmup timed description")
+Preset = collections.namedtuple("Preset", "args_files dictionary_sizes timed description")
 IWSLT = "transformer_iwslt_de_en, fairseq's IWSLT'14 recipe, 4,096 tokens per batch"
 SMALL = "the tiny preset's 1-layer, 32-dimensional Transformer, 1,024 tokens per batch"
 PRESETS = {  # fairseq's IWSLT'14 dictionaries (10k joint BPE): 8,848 German, 6,632 English types
-    "iwslt": Preset((recipe.RECIPE_ARGS,), (8848, 6632), 3, 5, IWSLT),
-    "small": Preset((recipe.RECIPE_ARGS, recipe.TINY_OVERRIDES_ARGS), (512, 512), 3, 10, SMALL),
+    "iwslt": Preset((recipe.RECIPE_ARGS,), (8848, 6632), 5, IWSLT),
+    "small": Preset((recipe.RECIPE_ARGS, recipe.TINY_OVERRIDES_ARGS), (512, 512), 10, SMALL),
 }
 # Sentence lengths (</s> included): log-normal of median 22 (mean ≈ 25, IWSLT'14's ≈ 144
 # sentences per 4,096 tokens) clipped to [2, 128], targets ×U(0.8, 1.2); 1.5× the sentences needed.
@@ -105,9 +101,8 @@ def build_trainer(spec: Spec, row: tuple):
     from fairseq.tasks.translation import TranslationTask
     from fairseq.trainer import Trainer
 
-    flags = f"--seed {spec.seed} --num-workers 0 --update-freq {spec.update_freq}".split()
-    own = list(zip(flags[::2], flags[1::2])) + [("--user-dir", USER_DIR)]
-    own += [("--cpu", None)] * (spec.device == "cpu")
+    own = [("--seed", str(spec.seed)), ("--num-workers", "0"), ("--user-dir", USER_DIR)]
+    own += [("--update-freq", str(spec.update_freq))] + [("--cpu", None)] * (spec.device == "cpu")
     own += [("--fp16", None)] * (spec.precision == "fp16")
     options = recipe.training_options(PRESETS[spec.preset].args_files, row[0])
     argv = ["<synthetic>"] + recipe.merge_options(options, own, row[1])  # no data folder read
@@ -153,7 +148,6 @@ def synthetic_updates(trainer, spec: Spec) -> List[List[dict]]:
 def timed(seconds: Dict[str, float], part: str, fn, synchronize=lambda: None):
     """`fn` adding its wall time to seconds[part] (CUDA synchronized around it)."""
 
-    @functools.wraps(fn)
     def wrapper(*args, **kwargs):
         synchronize()
         start = time.perf_counter()
@@ -176,24 +170,23 @@ def time_rows(spec: Spec, rows: Dict[str, tuple]):
         t.optimizer.backward = timed(parts, "backward", t.optimizer.backward, sync)
         t.optimizer.step = timed(parts, "optimizer", t.optimizer.step, sync)
     names, records = list(rows), {name: [] for name in rows}
+    sams = {name: find_sharpness_aware(t.optimizer) for name, t in trainers.items()}
     patched = {name: timed(parts, name, getattr(perturbation, name), sync) for name in PARTS[3:]}
     with mock.patch.multiple(perturbation, **patched):
         for index, samples in enumerate(synthetic_updates(trainers["adam"], spec)):
+            ntokens = sum(int(s["ntokens"]) for s in samples)
             for name in names[index % len(names) :] + names[: index % len(names)]:
-                sam = find_sharpness_aware(trainers[name].optimizer)
-                perturbed = sam is not None and sam.perturbs_at(trainers[name].get_num_updates())
+                sam, trainer = sams[name], trainers[name]
+                perturbed = sam is not None and sam.perturbs_at(trainer.get_num_updates())
                 parts.update(dict.fromkeys(PARTS + ("update",), 0.0))
-                timed(parts, "update", trainers[name].train_step, sync)(samples)
-                seconds, ntokens = parts.pop("update"), sum(int(s["ntokens"]) for s in samples)
-                logger.info("update %d of %d, %s: %.1f s", index + 1, spec.total, name, seconds)
+                timed(parts, "update", trainer.train_step, sync)(samples)
                 if index >= spec.warmup:
-                    record = dict(seconds=seconds, parts=dict(parts), ntokens=ntokens)
+                    record = dict(seconds=parts.pop("update"), parts=dict(parts), ntokens=ntokens)
                     records[name].append(dict(record, perturbed=perturbed))
-    fractions = {}
-    for name, trainer in trainers.items():
-        sam = find_sharpness_aware(trainer.optimizer)
-        started = sam is not None and sam.sam_start_update < spec.total
-        fractions[name] = 1.0 / sam.sam_interval if started else 0.0
+    fractions = {  # the long-run share of sharpness-aware updates
+        name: 1.0 / sam.sam_interval if sam and sam.sam_start_update < spec.total else 0.0
+        for name, sam in sams.items()
+    }
     return records, fractions, sum(p.numel() for p in trainers["adam"].model.parameters())
 
 
@@ -299,10 +292,9 @@ def run_benchmark(spec: Spec, measure_memory: bool = True) -> Dict[str, object]:
     memory = measure_rows_memory(spec, rows) if measure_memory else {}
     table = [
         dict(name=name, optimizer=optimizer, options=options, **memory.get(name, {}))
+        | summarize_row(records[name], records["adam"], fractions[name])
         for name, (optimizer, options) in rows.items()
     ]
-    for row in table:
-        row.update(summarize_row(records[row["name"]], records["adam"], fractions[row["name"]]))
     machine = f"{os.cpu_count()} CPUs ({platform.processor() or platform.machine()}), torch "
     machine += f"{torch.__version__}, {torch.get_num_threads()} torch threads"
     preset = PRESETS[spec.preset].description
@@ -362,7 +354,7 @@ def parser() -> argparse.ArgumentParser:
         low.add_argument(f"--{name}", dest="precision", action="store_const", const=name)
     p.set_defaults(precision="fp32")  # --fp16/--bf16: weights in that precision (--device cuda)
     p.add_argument("--update-freq", type=int, default=1, help="micro-batches per update")
-    p.add_argument("--warmup", type=int, help="untimed updates first (default: the preset's)")
+    p.add_argument("--warmup", type=int, default=3, help="untimed updates first (%(default)s)")
     p.add_argument("--timed", type=int, help="timed updates per row (default: the preset's)")
     p.add_argument("--sam-interval", type=int, default=5, help="K of the interval/LookSAM rows")
     p.add_argument("--seed", type=int, default=1)
@@ -373,15 +365,13 @@ def parser() -> argparse.ArgumentParser:
 
 def main(argv=None) -> int:
     args = parser().parse_args(argv)
-    log_to_stdout(logging.WARNING)
-    return run_command(PROGRAM, lambda: work(args))
-
-
-def work(args) -> int:
-    preset = PRESETS[args.preset]
-    args.warmup = preset.warmup if args.warmup is None else args.warmup
-    args.timed = preset.timed if args.timed is None else args.timed
+    log_to_stdout(logging.WARNING)  # fairseq's own progress is not the benchmark's output
+    args.timed = PRESETS[args.preset].timed if args.timed is None else args.timed
     spec = Spec(**{f.name: getattr(args, f.name) for f in dataclasses.fields(Spec)})
+    return run_command(PROGRAM, lambda: work(spec, args))
+
+
+def work(spec: Spec, args) -> int:
     result = run_benchmark(spec, measure_memory=not args.no_memory)
     print(format_benchmark(result))
     if args.json:
