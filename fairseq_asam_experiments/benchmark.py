@@ -136,8 +136,7 @@ def synthetic_updates(trainer, spec: Spec) -> List[List[dict]]:
         n = np.clip(np.rint(x), *CLIP).astype(np.int64)
         words = [np.append(rng.integers(d.nspecial, len(d), k - 1), d.eos()) for k in n]
         sides += [[torch.from_numpy(w) for w in words], n, d]
-    pad = {k: trainer.cfg.task[k] for k in ("left_pad_source", "left_pad_target")}
-    dataset = LanguagePairDataset(*sides, **pad)
+    dataset = LanguagePairDataset(*sides)  # left-padded sources as fairseq's translation task
     options = dict(max_tokens=data.max_tokens, max_sentences=data.batch_size, seed=spec.seed)
     batches = loading.first_batches(task, dataset, needed, shuffle=True, **options)
     if len(batches) < needed:
