@@ -22,6 +22,8 @@ from typing import Dict, List, Sequence, Tuple
 import regex
 from sacremoses import MosesTokenizer
 from sacremoses.corpus import NonbreakingPrefixes
+from subword_nmt.apply_bpe import BPE
+from subword_nmt.learn_bpe import learn_bpe
 
 from . import synthetic_data
 from .cli import run_command
@@ -151,26 +153,24 @@ def segment_text(lines: Sequence[str]) -> List[str]:
 
 
 def extract_texts(archive: str) -> Dict[Tuple[str, str], List[str]]:
-    """The text the recipe tokenizes, keyed (name, language) with name `TRAIN_STEM` or one of
-    `TEST_STEMS`. The whole archive is read and checked first, an `ExperimentError` naming it
-    unless every member is there, complete and UTF-8, with as many German as English lines."""
+    """The text the recipe tokenizes (lines split at \\n only, as sed's), keyed (stem, lang) as
+    MEMBERS; an `ExperimentError` naming the archive unless every member is there, complete and
+    UTF-8, with as many lines per side."""
     try:
         with open(archive, "rb") as raw:  # all of it: a truncated archive fails the gzip CRC
             tar = tarfile.open(fileobj=io.BytesIO(gzip.decompress(raw.read())))
-        members = {os.path.normpath(member.name): member for member in tar if member.isfile()}
-        data = {key: tar.extractfile(members[name]).read() for key, name in MEMBERS.items()}
+        files = {os.path.normpath(member.name): member for member in tar if member.isfile()}
+        data = {key: tar.extractfile(files[name]).read().decode() for key, name in MEMBERS.items()}
     except KeyError as exc:
         raise ExperimentError(f"{archive}: missing member {exc.args[0]}") from None
+    except UnicodeDecodeError as exc:
+        raise ExperimentError(f"{archive}: a member is not UTF-8 ({exc})") from None
     except (tarfile.TarError, EOFError, OSError, zlib.error) as exc:
         raise ExperimentError(f"{archive}: corrupt or truncated archive ({exc})") from None
     texts = {}
     for (stem, lang), name in MEMBERS.items():
-        try:
-            text = data[stem, lang].decode("utf-8")
-        except UnicodeDecodeError as exc:
-            raise ExperimentError(f"{archive}: member {name} is not UTF-8 ({exc})") from None
         extract = training_text if stem == TRAIN_STEM else segment_text
-        lines = texts[stem, lang] = extract(text.removesuffix("\n").split("\n"))  # as sed's
+        lines = texts[stem, lang] = extract(data[stem, lang].removesuffix("\n").split("\n"))
         source = texts[stem, SOURCE_LANG]  # read before the target side
         if len(lines) != len(source):
             raise ExperimentError(
@@ -186,9 +186,8 @@ def file_md5(path: str) -> str:
 
 
 def download_archive(url: str, destination: str, md5: str = ARCHIVE_MD5) -> str:
-    """Downloads `url` to `destination`, which appears only when it has the size the server
-    announced (http.client's read() checks it) and MD5 `md5`, so an archive already there is
-    used as it is; nothing is kept of a failed download (no resume: the file is 20 MB)."""
+    """`destination`, downloaded from `url` unless it exists: only whole (http.client's read()
+    checks the announced size) and of MD5 `md5`; nothing is kept of a failed download."""
     if os.path.exists(destination):
         return destination
     try:
@@ -210,8 +209,7 @@ def download_archive(url: str, destination: str, md5: str = ARCHIVE_MD5) -> str:
 
 def clean_corpus(src_lines: Sequence[str], tgt_lines: Sequence[str]) -> List[Tuple[int, str, str]]:
     """clean-corpus-n.perl -ratio 1.5 ... 1 175: the kept pairs as (index, source, target),
-    whitespace-normalized. (Its rule for the factor separator | never applies: the tokenizer
-    escapes | as &#124;.)"""
+    whitespace-normalized (its factor separator | never occurs: the tokenizer escapes it)."""
     kept = []
     for index, pair in enumerate(zip(src_lines, tgt_lines)):
         src, tgt = (perl_normalize_space(line) for line in pair)
@@ -244,20 +242,15 @@ def split_corpus(texts: Dict) -> Dict[Tuple[str, str, str], List[str]]:
     return splits
 
 
-def learn_and_apply_bpe(folder: str, splits: Dict, merges: int) -> None:
-    """`folder/code` learned on the tokenized train.de + train.en; `folder/{split}.bpe.{lang}`."""
-    from subword_nmt.apply_bpe import BPE
-    from subword_nmt.learn_bpe import learn_bpe
-
+def learn_and_apply_bpe(splits: Dict, merges: int) -> str:
+    """The codes learned on the tokenized train.de + train.en; adds each (split, "bpe", lang)."""
     learned = io.StringIO()
     train = "".join(line + "\n" for lang in LANGUAGES for line in splits["train", "tok", lang])
     learn_bpe(io.StringIO(train), learned, merges)
-    write_text(os.path.join(folder, "code"), learned.getvalue())
     bpe = BPE(io.StringIO(learned.getvalue()))
-    for split in SPLITS:
-        for lang in LANGUAGES:
-            lines = map(bpe.process_line, splits[split, "tok", lang])
-            write_lines(os.path.join(folder, f"{split}.bpe.{lang}"), lines)
+    for split, kind, lang in [key for key in splits if key[1] == "tok"]:
+        splits[split, "bpe", lang] = list(map(bpe.process_line, splits[split, kind, lang]))
+    return learned.getvalue()
 
 
 def data_folder_name(archive: str, bpe_merges: int) -> str:
@@ -297,9 +290,9 @@ def prepare_iwslt14(archive: str, data_root: str, bpe_merges: int = DEFAULT_BPE_
     os.makedirs(data_root, exist_ok=True)
     building = temporary_name(folder)
     try:
+        write_text(os.path.join(building, "code"), learn_and_apply_bpe(splits, bpe_merges))
         for (split, kind, lang), lines in splits.items():
             write_lines(os.path.join(building, f"{split}.{kind}.{lang}"), lines)
-        learn_and_apply_bpe(building, splits, bpe_merges)
         prefixes = {split: os.path.join(building, f"{split}.bpe") for split in SPLITS}
         synthetic_data.fairseq_preprocess(prefixes, os.path.join(building, DATA_BIN))
         try:
@@ -337,15 +330,11 @@ def main(argv=None) -> int:
 def _work(args: argparse.Namespace) -> int:
     md5 = args.download_md5.lower()
     if not re.fullmatch(r"[0-9a-f]{32}", md5):  # a bad flag fails before any work
-        raise SettingError(
-            f"--download-md5 must be 32 hexadecimal digits, got {args.download_md5!r}"
-        )
-    archive = args.archive
+        raise SettingError(f"--download-md5 must be 32 hexadecimal digits, got {md5!r}")
+    archive, root = args.archive, args.data_root
     if args.sample:
-        path = os.path.join(args.data_root, SAMPLE_ARCHIVE_NAME)
-        archive = synthetic_data.build_sample_archive(path)
+        archive = synthetic_data.build_sample_archive(os.path.join(root, SAMPLE_ARCHIVE_NAME))
     elif archive is None:
-        path = os.path.join(args.data_root, ARCHIVE_NAME)
-        archive = download_archive(args.download_url, path, md5)
-    print(os.path.join(prepare_iwslt14(archive, args.data_root, args.bpe_merges), DATA_BIN))
+        archive = download_archive(args.download_url, os.path.join(root, ARCHIVE_NAME), md5)
+    print(os.path.join(prepare_iwslt14(archive, root, args.bpe_merges), DATA_BIN))
     return 0
