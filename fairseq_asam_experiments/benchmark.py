@@ -12,7 +12,6 @@ before the first update.
 import argparse
 import collections
 import ctypes
-import dataclasses
 import logging
 import math
 import os
@@ -26,6 +25,9 @@ from unittest import mock
 
 import numpy as np
 import torch
+from fairseq.data import Dictionary, LanguagePairDataset
+from fairseq.tasks.translation import TranslationTask
+from fairseq.trainer import Trainer
 
 from fairseq_asam import USER_DIR, perturbation
 from fairseq_asam.optim import find_sharpness_aware
@@ -49,22 +51,7 @@ PRESETS = {  # fairseq's IWSLT'14 dictionaries (10k joint BPE): 8,848 German, 6,
 MEDIAN, SIGMA, CLIP, RATIO, SLACK = 22, 0.5, (2, 128), (0.8, 1.2), 1.5
 PARTS = ("forward", "backward", "optimizer", "perturb", "restore")
 MIB, FP32_BYTES, LOOKSAM_ALPHA = 2**20, 4, 0.7
-
-
-@dataclasses.dataclass(frozen=True)
-class Spec:
-    preset: str = "small"
-    device: str = "cpu"
-    precision: str = "fp32"
-    update_freq: int = 1
-    warmup: int = 3
-    timed: int = 10
-    sam_interval: int = 5  # of the interval and LookSAM rows
-    seed: int = 1
-
-    @property
-    def total(self) -> int:
-        return self.warmup + self.timed
+Spec = argparse.Namespace  # the flags (`parse_spec`), and `total`: warm-up + timed updates
 
 
 def rows_for(spec: Spec) -> Dict[str, tuple]:
@@ -97,10 +84,6 @@ def check_spec(spec: Spec) -> None:
 
 def build_trainer(spec: Spec, row: tuple):
     """fairseq's Trainer for a row on synthetic dictionaries; the model from `spec.seed`."""
-    from fairseq.data import Dictionary
-    from fairseq.tasks.translation import TranslationTask
-    from fairseq.trainer import Trainer
-
     own = [("--seed", str(spec.seed)), ("--num-workers", "0"), ("--user-dir", USER_DIR)]
     own += [("--update-freq", str(spec.update_freq))] + [("--cpu", None)] * (spec.device == "cpu")
     own += [("--fp16", None)] * (spec.precision == "fp16")
@@ -124,8 +107,6 @@ def build_trainer(spec: Spec, row: tuple):
 def synthetic_updates(trainer, spec: Spec) -> List[List[dict]]:
     """`spec.total` updates of `update_freq` batches of random sentences, cut by fairseq's batch
     iterator at the recipe's --max-tokens (the same for every row)."""
-    from fairseq.data import LanguagePairDataset
-
     task, data, rng = trainer.task, trainer.cfg.dataset, np.random.default_rng(spec.seed)
     needed = spec.total * spec.update_freq
     count = math.ceil(needed * data.max_tokens / (MEDIAN * math.exp(SIGMA**2 / 2)) * SLACK)
@@ -282,13 +263,14 @@ def measure_rows_memory(spec: Spec, rows: Dict[str, tuple]) -> Dict[str, dict]:
     return out
 
 
-def run_benchmark(spec: Spec, measure_memory: bool = True) -> Dict[str, object]:
-    """Times every row (interleaved, in this process), then each row's peak memory."""
+def run_benchmark(spec: Spec) -> int:
+    """Times every row (interleaved, in this process), then each row's peak memory; prints the
+    table, writes --json."""
     check_spec(spec)
     rows, load = rows_for(spec), [os.getloadavg()]
     records, fractions, parameters = time_rows(spec, rows)
     load.append(os.getloadavg())
-    memory = measure_rows_memory(spec, rows) if measure_memory else {}
+    memory = {} if spec.no_memory else measure_rows_memory(spec, rows)
     table = [
         dict(name=name, optimizer=optimizer, options=options, **memory.get(name, {}))
         | summarize_row(records[name], records["adam"], fractions[name])
@@ -297,8 +279,12 @@ def run_benchmark(spec: Spec, measure_memory: bool = True) -> Dict[str, object]:
     machine = f"{os.cpu_count()} CPUs ({platform.processor() or platform.machine()}), torch "
     machine += f"{torch.__version__}, {torch.get_num_threads()} torch threads"
     preset = PRESETS[spec.preset].description
-    result = dict(spec=dataclasses.asdict(spec), preset=preset, machine=machine, rows=table)
-    return dict(result, load_average=load, parameters=parameters)
+    result = dict(spec=vars(spec), preset=preset, machine=machine, rows=table)
+    result.update(load_average=load, parameters=parameters)
+    print(format_benchmark(result))
+    if spec.json:
+        write_json(spec.json, result)
+    return 0
 
 
 def markdown_table(header: List[str], rows: List[list]) -> str:
@@ -362,17 +348,14 @@ def parser() -> argparse.ArgumentParser:
     return p
 
 
+def parse_spec(argv=None) -> Spec:
+    spec = parser().parse_args(argv)
+    spec.timed = PRESETS[spec.preset].timed if spec.timed is None else spec.timed
+    spec.total = spec.warmup + spec.timed
+    return spec
+
+
 def main(argv=None) -> int:
-    args = parser().parse_args(argv)
+    spec = parse_spec(argv)
     log_to_stdout(logging.WARNING)  # fairseq's own progress is not the benchmark's output
-    args.timed = PRESETS[args.preset].timed if args.timed is None else args.timed
-    spec = Spec(**{f.name: getattr(args, f.name) for f in dataclasses.fields(Spec)})
-    return run_command(PROGRAM, lambda: work(spec, args))
-
-
-def work(spec: Spec, args) -> int:
-    result = run_benchmark(spec, measure_memory=not args.no_memory)
-    print(format_benchmark(result))
-    if args.json:
-        write_json(args.json, result)
-    return 0
+    return run_command(PROGRAM, lambda: run_benchmark(spec))
