@@ -1,12 +1,9 @@
 """fairseq-asam-benchmark: the time and memory of an Adam, SAM and ASAM update (docs/cost.md).
 
-Each row is fairseq's own Trainer (the recipe's argument files + the row's optimizer options) on
-the same synthetic batches; update i of every row runs in turn, each round starting one row later,
-so that load hits the rows alike.  Ratios and overheads (outside = update − forward − backward −
-optimizer step, minus Adam's) are taken round by round, then their median; a row perturbing 1/K
-of its updates is amortized over both kinds.  Peak memory: each row in a fresh process, peak RSS
-(glibc made to unmap freed blocks at once) or torch.cuda.max_memory_allocated, over the memory
-before the first update.
+Each row is fairseq's own Trainer on the same synthetic batches; the rows take turns, update by
+update, so that load hits them alike, and their ratios to Adam are taken round by round, then the
+median (amortized over both kinds of update for a row perturbing 1/K of them).  Peak memory: each
+row in a fresh process, over the memory before its first update.
 """
 
 import argparse
@@ -120,8 +117,7 @@ def synthetic_updates(trainer, spec: Spec) -> List[List[dict]]:
     dataset = LanguagePairDataset(*sides)  # left-padded sources as fairseq's translation task
     options = dict(max_tokens=data.max_tokens, max_sentences=data.batch_size, seed=spec.seed)
     batches = loading.first_batches(task, dataset, needed, shuffle=True, **options)
-    if len(batches) < needed:
-        raise RuntimeError(f"generated {len(batches)} batches, {needed} needed: raise SLACK")
+    assert len(batches) == needed, f"generated {len(batches)} of {needed} batches: raise SLACK"
     return [batches[i : i + spec.update_freq] for i in range(0, needed, spec.update_freq)]
 
 
@@ -256,10 +252,9 @@ def measure_rows_memory(spec: Spec, rows: Dict[str, tuple]) -> Dict[str, dict]:
     for name, row in rows.items():
         with ProcessPoolExecutor(max_workers=1, mp_context=context) as pool:
             out[name] = pool.submit(measure_peak_memory, spec, row).result()
+    adam = out["adam"]["peak_increase_bytes"]
     for memory in out.values():
-        memory["extra_memory_bytes"] = (
-            memory["peak_increase_bytes"] - out["adam"]["peak_increase_bytes"]
-        )
+        memory["extra_memory_bytes"] = memory["peak_increase_bytes"] - adam
     return out
 
 
