@@ -207,11 +207,9 @@ def resident_kib(field_name: str) -> int:
 
 def release_freed_memory_at_once() -> bool:
     """glibc mallopt: blocks from 64 KiB get their own mapping, unmapped when freed
-    (M_MMAP_THRESHOLD = -3), and the heap is trimmed at every free (M_TRIM_THRESHOLD = -1)."""
-    try:
-        mallopt = ctypes.CDLL("libc.so.6").mallopt
-    except (OSError, AttributeError):  # not glibc
-        return False
+    (M_MMAP_THRESHOLD = -3), and the heap is trimmed at every free (M_TRIM_THRESHOLD = -1).
+    The measure reads Linux's /proc, and torch's Linux wheels need glibc."""
+    mallopt = ctypes.CDLL("libc.so.6").mallopt
     return bool(mallopt(-3, 64 * 1024)) and bool(mallopt(-1, 0))
 
 
@@ -259,8 +257,7 @@ def measure_rows_memory(spec: Spec, rows: Dict[str, tuple]) -> Dict[str, dict]:
 
 
 def run_benchmark(spec: Spec) -> int:
-    """Times every row (interleaved, in this process), then each row's peak memory; prints the
-    table, writes --json."""
+    """Times every row (interleaved), then each row's peak memory; prints them, writes --json."""
     check_spec(spec)
     rows, load = rows_for(spec), [os.getloadavg()]
     records, fractions, parameters = time_rows(spec, rows)
@@ -273,9 +270,8 @@ def run_benchmark(spec: Spec) -> int:
     ]
     machine = f"{os.cpu_count()} CPUs ({platform.processor() or platform.machine()}), torch "
     machine += f"{torch.__version__}, {torch.get_num_threads()} torch threads"
-    preset = PRESETS[spec.preset].description
-    result = dict(spec=vars(spec), preset=preset, machine=machine, rows=table)
-    result.update(load_average=load, parameters=parameters)
+    result = dict(spec=vars(spec), preset=PRESETS[spec.preset].description, machine=machine)
+    result.update(rows=table, load_average=load, parameters=parameters)
     print(format_benchmark(result))
     if spec.json:
         write_json(spec.json, result)
