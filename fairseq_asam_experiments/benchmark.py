@@ -1,21 +1,14 @@
 """fairseq-asam-benchmark: the time and memory of an Adam, SAM and ASAM update (docs/cost.md).
 
-Each row is fairseq's own Trainer (the recipe's argument files + the row's optimizer options) on
-the same synthetic batches; updates are interleaved (update i of every row, each round starting
-one row later) so that load hits the rows alike.  Per update: the update, the criterion's forward,
-`optimizer.backward`, `optimizer.step`, `perturbation.perturb` + `restore`; outside = update −
-forward − backward − optimizer step; overhead = outside(row) − outside(Adam).  Ratios and overheads
-are taken round by round, then their median; a row perturbing 1/K of its updates is amortized:
-(median perturbing update + (K − 1) × median plain update) / K.  Peak memory: each row in a fresh
-process, peak RSS (glibc made to unmap freed blocks from 64 KiB at once, so that it follows the
-live tensors) or torch.cuda.max_memory_allocated, over the memory before the first update.
+Each row is fairseq's own Trainer on the same synthetic batches; the rows take turns, update by
+update, so that load hits them alike, and their ratios to Adam are taken round by round, then the
+median (amortized over both kinds of update for a row perturbing 1/K of them).  Peak memory: each
+row in a fresh process, over the memory before its first update.
 """
 
 import argparse
 import collections
 import ctypes
-import dataclasses
-import functools
 import logging
 import math
 import os
@@ -29,6 +22,9 @@ from unittest import mock
 
 import numpy as np
 import torch
+from fairseq.data import Dictionary, LanguagePairDataset
+from fairseq.tasks.translation import TranslationTask
+from fairseq.trainer import Trainer
 
 from fairseq_asam import USER_DIR, perturbation
 from fairseq_asam.optim import find_sharpness_aware
@@ -40,35 +36,19 @@ from .files import write_json
 from .logs import log_to_stdout
 
 PROGRAM = "fairseq-asam-benchmark"
-logger = logging.getLogger(__name__)
-Preset = collections.namedtuple("Preset", "args_files dictionary_sizes warmup timed description")
+Preset = collections.namedtuple("Preset", "args_files dictionary_sizes timed description")
 IWSLT = "transformer_iwslt_de_en, fairseq's IWSLT'14 recipe, 4,096 tokens per batch"
 SMALL = "the tiny preset's 1-layer, 32-dimensional Transformer, 1,024 tokens per batch"
 PRESETS = {  # fairseq's IWSLT'14 dictionaries (10k joint BPE): 8,848 German, 6,632 English types
-    "iwslt": Preset((recipe.RECIPE_ARGS,), (8848, 6632), 3, 5, IWSLT),
-    "small": Preset((recipe.RECIPE_ARGS, recipe.TINY_OVERRIDES_ARGS), (512, 512), 3, 10, SMALL),
+    "iwslt": Preset((recipe.RECIPE_ARGS,), (8848, 6632), 5, IWSLT),
+    "small": Preset((recipe.RECIPE_ARGS, recipe.TINY_OVERRIDES_ARGS), (512, 512), 10, SMALL),
 }
 # Sentence lengths (</s> included): log-normal of median 22 (mean ≈ 25, IWSLT'14's ≈ 144
 # sentences per 4,096 tokens) clipped to [2, 128], targets ×U(0.8, 1.2); 1.5× the sentences needed.
 MEDIAN, SIGMA, CLIP, RATIO, SLACK = 22, 0.5, (2, 128), (0.8, 1.2), 1.5
 PARTS = ("forward", "backward", "optimizer", "perturb", "restore")
 MIB, FP32_BYTES, LOOKSAM_ALPHA = 2**20, 4, 0.7
-
-
-@dataclasses.dataclass(frozen=True)
-class Spec:
-    preset: str = "small"
-    device: str = "cpu"
-    precision: str = "fp32"
-    update_freq: int = 1
-    warmup: int = 3
-    timed: int = 10
-    sam_interval: int = 5  # of the interval and LookSAM rows
-    seed: int = 1
-
-    @property
-    def total(self) -> int:
-        return self.warmup + self.timed
+Spec = argparse.Namespace  # the flags (`parse_spec`), and `total`: warm-up + timed updates
 
 
 def rows_for(spec: Spec) -> Dict[str, tuple]:
@@ -101,13 +81,8 @@ def check_spec(spec: Spec) -> None:
 
 def build_trainer(spec: Spec, row: tuple):
     """fairseq's Trainer for a row on synthetic dictionaries; the model from `spec.seed`."""
-    from fairseq.data import Dictionary
-    from fairseq.tasks.translation import TranslationTask
-    from fairseq.trainer import Trainer
-
-    flags = f"--seed {spec.seed} --num-workers 0 --update-freq {spec.update_freq}".split()
-    own = list(zip(flags[::2], flags[1::2])) + [("--user-dir", USER_DIR)]
-    own += [("--cpu", None)] * (spec.device == "cpu")
+    own = [("--seed", str(spec.seed)), ("--num-workers", "0"), ("--user-dir", USER_DIR)]
+    own += [("--update-freq", str(spec.update_freq))] + [("--cpu", None)] * (spec.device == "cpu")
     own += [("--fp16", None)] * (spec.precision == "fp16")
     options = recipe.training_options(PRESETS[spec.preset].args_files, row[0])
     argv = ["<synthetic>"] + recipe.merge_options(options, own, row[1])  # no data folder read
@@ -129,8 +104,6 @@ def build_trainer(spec: Spec, row: tuple):
 def synthetic_updates(trainer, spec: Spec) -> List[List[dict]]:
     """`spec.total` updates of `update_freq` batches of random sentences, cut by fairseq's batch
     iterator at the recipe's --max-tokens (the same for every row)."""
-    from fairseq.data import LanguagePairDataset
-
     task, data, rng = trainer.task, trainer.cfg.dataset, np.random.default_rng(spec.seed)
     needed = spec.total * spec.update_freq
     count = math.ceil(needed * data.max_tokens / (MEDIAN * math.exp(SIGMA**2 / 2)) * SLACK)
@@ -141,19 +114,16 @@ def synthetic_updates(trainer, spec: Spec) -> List[List[dict]]:
         n = np.clip(np.rint(x), *CLIP).astype(np.int64)
         words = [np.append(rng.integers(d.nspecial, len(d), k - 1), d.eos()) for k in n]
         sides += [[torch.from_numpy(w) for w in words], n, d]
-    pad = {k: trainer.cfg.task[k] for k in ("left_pad_source", "left_pad_target")}
-    dataset = LanguagePairDataset(*sides, **pad)
+    dataset = LanguagePairDataset(*sides)  # left-padded sources as fairseq's translation task
     options = dict(max_tokens=data.max_tokens, max_sentences=data.batch_size, seed=spec.seed)
     batches = loading.first_batches(task, dataset, needed, shuffle=True, **options)
-    if len(batches) < needed:
-        raise RuntimeError(f"generated {len(batches)} batches, {needed} needed: raise SLACK")
+    assert len(batches) == needed, f"generated {len(batches)} of {needed} batches: raise SLACK"
     return [batches[i : i + spec.update_freq] for i in range(0, needed, spec.update_freq)]
 
 
 def timed(seconds: Dict[str, float], part: str, fn, synchronize=lambda: None):
     """`fn` adding its wall time to seconds[part] (CUDA synchronized around it)."""
 
-    @functools.wraps(fn)
     def wrapper(*args, **kwargs):
         synchronize()
         start = time.perf_counter()
@@ -176,24 +146,23 @@ def time_rows(spec: Spec, rows: Dict[str, tuple]):
         t.optimizer.backward = timed(parts, "backward", t.optimizer.backward, sync)
         t.optimizer.step = timed(parts, "optimizer", t.optimizer.step, sync)
     names, records = list(rows), {name: [] for name in rows}
+    sams = {name: find_sharpness_aware(t.optimizer) for name, t in trainers.items()}
     patched = {name: timed(parts, name, getattr(perturbation, name), sync) for name in PARTS[3:]}
     with mock.patch.multiple(perturbation, **patched):
         for index, samples in enumerate(synthetic_updates(trainers["adam"], spec)):
+            ntokens = sum(int(s["ntokens"]) for s in samples)
             for name in names[index % len(names) :] + names[: index % len(names)]:
-                sam = find_sharpness_aware(trainers[name].optimizer)
-                perturbed = sam is not None and sam.perturbs_at(trainers[name].get_num_updates())
+                sam, trainer = sams[name], trainers[name]
+                perturbed = sam is not None and sam.perturbs_at(trainer.get_num_updates())
                 parts.update(dict.fromkeys(PARTS + ("update",), 0.0))
-                timed(parts, "update", trainers[name].train_step, sync)(samples)
-                seconds, ntokens = parts.pop("update"), sum(int(s["ntokens"]) for s in samples)
-                logger.info("update %d of %d, %s: %.1f s", index + 1, spec.total, name, seconds)
+                timed(parts, "update", trainer.train_step, sync)(samples)
                 if index >= spec.warmup:
-                    record = dict(seconds=seconds, parts=dict(parts), ntokens=ntokens)
+                    record = dict(seconds=parts.pop("update"), parts=dict(parts), ntokens=ntokens)
                     records[name].append(dict(record, perturbed=perturbed))
-    fractions = {}
-    for name, trainer in trainers.items():
-        sam = find_sharpness_aware(trainer.optimizer)
-        started = sam is not None and sam.sam_start_update < spec.total
-        fractions[name] = 1.0 / sam.sam_interval if started else 0.0
+    fractions = {  # the long-run share of sharpness-aware updates
+        name: 1.0 / sam.sam_interval if sam and sam.sam_start_update < spec.total else 0.0
+        for name, sam in sams.items()
+    }
     return records, fractions, sum(p.numel() for p in trainers["adam"].model.parameters())
 
 
@@ -238,11 +207,9 @@ def resident_kib(field_name: str) -> int:
 
 def release_freed_memory_at_once() -> bool:
     """glibc mallopt: blocks from 64 KiB get their own mapping, unmapped when freed
-    (M_MMAP_THRESHOLD = -3), and the heap is trimmed at every free (M_TRIM_THRESHOLD = -1)."""
-    try:
-        mallopt = ctypes.CDLL("libc.so.6").mallopt
-    except (OSError, AttributeError):  # not glibc
-        return False
+    (M_MMAP_THRESHOLD = -3), and the heap is trimmed at every free (M_TRIM_THRESHOLD = -1).
+    The measure reads Linux's /proc, and torch's Linux wheels need glibc."""
+    mallopt = ctypes.CDLL("libc.so.6").mallopt
     return bool(mallopt(-3, 64 * 1024)) and bool(mallopt(-1, 0))
 
 
@@ -283,31 +250,32 @@ def measure_rows_memory(spec: Spec, rows: Dict[str, tuple]) -> Dict[str, dict]:
     for name, row in rows.items():
         with ProcessPoolExecutor(max_workers=1, mp_context=context) as pool:
             out[name] = pool.submit(measure_peak_memory, spec, row).result()
+    adam = out["adam"]["peak_increase_bytes"]
     for memory in out.values():
-        memory["extra_memory_bytes"] = (
-            memory["peak_increase_bytes"] - out["adam"]["peak_increase_bytes"]
-        )
+        memory["extra_memory_bytes"] = memory["peak_increase_bytes"] - adam
     return out
 
 
-def run_benchmark(spec: Spec, measure_memory: bool = True) -> Dict[str, object]:
-    """Times every row (interleaved, in this process), then each row's peak memory."""
+def run_benchmark(spec: Spec) -> int:
+    """Times every row (interleaved), then each row's peak memory; prints them, writes --json."""
     check_spec(spec)
     rows, load = rows_for(spec), [os.getloadavg()]
     records, fractions, parameters = time_rows(spec, rows)
     load.append(os.getloadavg())
-    memory = measure_rows_memory(spec, rows) if measure_memory else {}
+    memory = {} if spec.no_memory else measure_rows_memory(spec, rows)
     table = [
         dict(name=name, optimizer=optimizer, options=options, **memory.get(name, {}))
+        | summarize_row(records[name], records["adam"], fractions[name])
         for name, (optimizer, options) in rows.items()
     ]
-    for row in table:
-        row.update(summarize_row(records[row["name"]], records["adam"], fractions[row["name"]]))
     machine = f"{os.cpu_count()} CPUs ({platform.processor() or platform.machine()}), torch "
     machine += f"{torch.__version__}, {torch.get_num_threads()} torch threads"
-    preset = PRESETS[spec.preset].description
-    result = dict(spec=dataclasses.asdict(spec), preset=preset, machine=machine, rows=table)
-    return dict(result, load_average=load, parameters=parameters)
+    result = dict(spec=vars(spec), preset=PRESETS[spec.preset].description, machine=machine)
+    result.update(rows=table, load_average=load, parameters=parameters)
+    print(format_benchmark(result))
+    if spec.json:
+        write_json(spec.json, result)
+    return 0
 
 
 def markdown_table(header: List[str], rows: List[list]) -> str:
@@ -362,7 +330,7 @@ def parser() -> argparse.ArgumentParser:
         low.add_argument(f"--{name}", dest="precision", action="store_const", const=name)
     p.set_defaults(precision="fp32")  # --fp16/--bf16: weights in that precision (--device cuda)
     p.add_argument("--update-freq", type=int, default=1, help="micro-batches per update")
-    p.add_argument("--warmup", type=int, help="untimed updates first (default: the preset's)")
+    p.add_argument("--warmup", type=int, default=3, help="untimed updates first (%(default)s)")
     p.add_argument("--timed", type=int, help="timed updates per row (default: the preset's)")
     p.add_argument("--sam-interval", type=int, default=5, help="K of the interval/LookSAM rows")
     p.add_argument("--seed", type=int, default=1)
@@ -371,19 +339,14 @@ def parser() -> argparse.ArgumentParser:
     return p
 
 
+def parse_spec(argv=None) -> Spec:
+    spec = parser().parse_args(argv)
+    spec.timed = PRESETS[spec.preset].timed if spec.timed is None else spec.timed
+    spec.total = spec.warmup + spec.timed
+    return spec
+
+
 def main(argv=None) -> int:
-    args = parser().parse_args(argv)
-    log_to_stdout(logging.WARNING)
-    return run_command(PROGRAM, lambda: work(args))
-
-
-def work(args) -> int:
-    preset = PRESETS[args.preset]
-    args.warmup = preset.warmup if args.warmup is None else args.warmup
-    args.timed = preset.timed if args.timed is None else args.timed
-    spec = Spec(**{f.name: getattr(args, f.name) for f in dataclasses.fields(Spec)})
-    result = run_benchmark(spec, measure_memory=not args.no_memory)
-    print(format_benchmark(result))
-    if args.json:
-        write_json(args.json, result)
-    return 0
+    spec = parse_spec(argv)
+    log_to_stdout(logging.WARNING)  # fairseq's own progress is not the benchmark's output
+    return run_command(PROGRAM, lambda: run_benchmark(spec))

@@ -1,13 +1,8 @@
-"""IWSLT'14 German-English as fairseq's `examples/translation/prepare-iwslt14.sh` does, in Python.
-
-From `de-en.tgz` (a local file, or fairseq's mirror, MD5 checked) to the folder named by what it
-holds, `<data_root>/iwslt14-de-en-<archive MD5, 10 hex>-bpe<merges>/`: the archive's text
-(`extract_texts`), tokenized as tokenizer.perl (`MosesPerlTokenizer`), cleaned as
-clean-corpus-n.perl, lowercased, split (every 23rd training pair to valid; the real archive
-gives 160,239 / 7,283 / 6,750 pairs, checked), BPE (subword-nmt), fairseq-preprocess into
-`data-bin/`. Beside each step's text are `{split}.raw.{lang}`, the same pairs untokenized and
-lowercased: sacreBLEU's references. The folder is built under a temporary name and renamed
-when complete, so a folder of that name is a finished preparation.
+"""IWSLT'14 German-English as fairseq's `examples/translation/prepare-iwslt14.sh` does, in Python
+(docs/table4.md#the-steps): from `de-en.tgz` to `<data_root>/iwslt14-de-en-<archive MD5, 10
+hex>-bpe<merges>/`, each step's text beside `data-bin/`, and `{split}.raw.{lang}`, the same pairs
+untokenized and lowercased: sacreBLEU's references.  The folder is built under a temporary name
+and renamed when complete, so a folder of that name is a finished preparation.
 """
 
 import argparse
@@ -27,6 +22,8 @@ from typing import Dict, List, Sequence, Tuple
 import regex
 from sacremoses import MosesTokenizer
 from sacremoses.corpus import NonbreakingPrefixes
+from subword_nmt.apply_bpe import BPE
+from subword_nmt.learn_bpe import learn_bpe
 
 from . import synthetic_data
 from .cli import run_command
@@ -47,11 +44,13 @@ DOWNLOAD_URL = "https://dl.fbaipublicfiles.com/fairseq/data/iwslt14/de-en.tgz"
 ARCHIVE_MD5 = "10936dfdf616504ddbd844e91b94ef4a"
 ARCHIVE_NAME, SAMPLE_ARCHIVE_NAME = "de-en.tgz", "sample-de-en.tgz"
 
-ARCHIVE_MEMBERS = [f"{ARCHIVE_FOLDER}/{TRAIN_STEM}.{lang}" for lang in LANGUAGES] + [
-    f"{ARCHIVE_FOLDER}/{stem}.{lang}.xml" for stem in TEST_STEMS for lang in LANGUAGES
-]
+MEMBERS = {  # (stem, lang): the archive's member
+    (stem, lang): f"{ARCHIVE_FOLDER}/{stem}.{lang}" + ("" if stem == TRAIN_STEM else ".xml")
+    for stem in (TRAIN_STEM,) + TEST_STEMS
+    for lang in LANGUAGES
+}
 TRAIN_DROPPED_TAGS = ("<url>", "<talkid>", "<keywords>")
-TRAIN_DELETED_TAGS = ("<title>", "</title>", "<description>", "</description>")
+TRAIN_DELETED_TAGS = re.compile("</?(title|description)>")
 # sed 's/<seg id="[0-9]*">\s*//g' and 's/\s*<\/seg>\s*//g', with GNU sed's \s in a UTF-8 locale
 # (glibc's iswspace: no-break spaces excluded).
 SED_SPACE = "[ \t\n\r\f\v\u1680\u2000-\u2006\u2008-\u200a\u2028\u2029\u205f\u3000]"
@@ -76,15 +75,12 @@ NUMERIC_ONLY_PREFIX = regex.compile(r"(.*)[" + PERL_SPACE + r"]+#NUMERIC_ONLY#")
 
 
 class MosesPerlTokenizer(MosesTokenizer):
-    """sacremoses' MosesTokenizer made to agree with Moses tokenizer.perl as prepare-iwslt14.sh
-    runs it (`-l de`/`-l en`, escaping on), one line at a time. Where sacremoses 0.2 differs:
-    - the last word of a line loses its final period whatever the non-breaking prefixes say
-      (`u.s.a.` -> `u.s.a .`; `...` stays whole), in perl's own word loop;
-    - character classes are perl's Unicode properties (sacremoses' tables miss CJK ideographs,
-      Georgian lowercase letters, many numbers, and add Indic viramas to the letters);
-    - whitespace is perl's: \\x1c-\\x1f are deleted as control characters, not made spaces;
-    - a line of whitespace only is returned unchanged, as perl prints it.
-    """
+    """sacremoses' MosesTokenizer made to agree with tokenizer.perl as prepare-iwslt14.sh runs it
+    (`-l de`/`-l en`, escaping on), one line at a time. Where sacremoses 0.2 differs: the last
+    word of a line always loses its final period (`u.s.a.` -> `u.s.a .`; `...` stays whole);
+    character classes are perl's Unicode properties (sacremoses' tables miss CJK ideographs,
+    Georgian lowercase letters, many numbers, and add Indic viramas to the letters); \\x1c-\\x1f
+    are deleted as control characters; a line of whitespace only is returned unchanged."""
 
     PAD_NOT_ISALNUM = regex.compile(f"([^{IS_ALNUM}{PERL_SPACE}.'`,\\-])"), r" \1 "
     COMMA_SEPARATE_1 = regex.compile(f"([^{IS_N}])[,]"), r"\1 , "
@@ -146,10 +142,8 @@ def perl_normalize_space(line: str) -> str:
 
 def training_text(lines: Sequence[str]) -> List[str]:
     """grep -v '<url>' | grep -v '<talkid>' | grep -v '<keywords>' | sed -e 's/<title>//g' ..."""
-    kept = [line for line in lines if not any(tag in line for tag in TRAIN_DROPPED_TAGS)]
-    for tag in TRAIN_DELETED_TAGS:
-        kept = [line.replace(tag, "") for line in kept]
-    return kept
+    kept = (line for line in lines if not any(tag in line for tag in TRAIN_DROPPED_TAGS))
+    return [TRAIN_DELETED_TAGS.sub("", line) for line in kept]
 
 
 def segment_text(lines: Sequence[str]) -> List[str]:
@@ -159,32 +153,29 @@ def segment_text(lines: Sequence[str]) -> List[str]:
 
 
 def extract_texts(archive: str) -> Dict[Tuple[str, str], List[str]]:
-    """The text the recipe tokenizes, keyed (name, language) with name `TRAIN_STEM` or one of
-    `TEST_STEMS`. The whole archive is read and checked first, an `ExperimentError` naming it
-    unless every member is there, complete and UTF-8, with as many German as English lines."""
+    """The text the recipe tokenizes (lines split at \\n only, as sed's), keyed (stem, lang) as
+    MEMBERS; an `ExperimentError` naming the archive unless every member is there, complete and
+    UTF-8, with as many lines per side."""
     try:
         with open(archive, "rb") as raw:  # all of it: a truncated archive fails the gzip CRC
             tar = tarfile.open(fileobj=io.BytesIO(gzip.decompress(raw.read())))
-        members = {os.path.normpath(member.name): member for member in tar if member.isfile()}
-        data = {name: tar.extractfile(members[name]).read() for name in ARCHIVE_MEMBERS}
+        files = {os.path.normpath(member.name): member for member in tar if member.isfile()}
+        data = {key: tar.extractfile(files[name]).read().decode() for key, name in MEMBERS.items()}
     except KeyError as exc:
         raise ExperimentError(f"{archive}: missing member {exc.args[0]}") from None
+    except UnicodeDecodeError as exc:
+        raise ExperimentError(f"{archive}: a member is not UTF-8 ({exc})") from None
     except (tarfile.TarError, EOFError, OSError, zlib.error) as exc:
         raise ExperimentError(f"{archive}: corrupt or truncated archive ({exc})") from None
     texts = {}
-    for stem in (TRAIN_STEM,) + TEST_STEMS:
-        suffix, extract = (".xml", segment_text) if stem in TEST_STEMS else ("", training_text)
-        files = [f"{ARCHIVE_FOLDER}/{stem}.{lang}{suffix}" for lang in LANGUAGES]
-        for name, lang in zip(files, LANGUAGES):
-            try:
-                text = data[name].decode("utf-8")
-            except UnicodeDecodeError as exc:
-                raise ExperimentError(f"{archive}: member {name} is not UTF-8 ({exc})") from None
-            texts[stem, lang] = extract(text.removesuffix("\n").split("\n"))  # lines as sed's
-        de, en = texts[stem, "de"], texts[stem, "en"]
-        if len(de) != len(en):
+    for (stem, lang), name in MEMBERS.items():
+        extract = training_text if stem == TRAIN_STEM else segment_text
+        lines = texts[stem, lang] = extract(data[stem, lang].removesuffix("\n").split("\n"))
+        source = texts[stem, SOURCE_LANG]  # read before the target side
+        if len(lines) != len(source):
             raise ExperimentError(
-                f"{archive}: {files[0]} has {len(de)} text lines but {files[1]} has {len(en)}"
+                f"{archive}: {MEMBERS[stem, SOURCE_LANG]} has {len(source)} text lines "
+                f"but {name} has {len(lines)}"
             )
     return texts
 
@@ -195,14 +186,14 @@ def file_md5(path: str) -> str:
 
 
 def download_archive(url: str, destination: str, md5: str = ARCHIVE_MD5) -> str:
-    """Downloads `url` to `destination`, which appears only when it has the size the server
-    announced and MD5 `md5` (so an archive already there is used as it is); nothing is kept of
-    a failed download, the next one starts again (no resume: the file is 20 MB)."""
+    """`destination`, downloaded from `url` unless it exists: only whole (http.client's read()
+    checks the announced size) and of MD5 `md5`; nothing is kept of a failed download."""
     if os.path.exists(destination):
         return destination
     try:
         with atomic_output(destination) as temporary:
-            _download(url, temporary)
+            with urllib.request.urlopen(url, timeout=60) as response, open(temporary, "wb") as f:
+                f.write(response.read())
             digest = file_md5(temporary)
             if digest != md5:
                 raise ExperimentError(
@@ -216,20 +207,9 @@ def download_archive(url: str, destination: str, md5: str = ARCHIVE_MD5) -> str:
     return destination
 
 
-def _download(url: str, path: str) -> None:
-    with urllib.request.urlopen(url, timeout=60) as response:
-        total = int(response.headers.get("Content-Length", -1))
-        with open(path, "wb") as out:
-            shutil.copyfileobj(response, out)
-            have = out.tell()
-    if total >= 0 and have != total:
-        raise ValueError(f"got {have} of {total} bytes")
-
-
 def clean_corpus(src_lines: Sequence[str], tgt_lines: Sequence[str]) -> List[Tuple[int, str, str]]:
     """clean-corpus-n.perl -ratio 1.5 ... 1 175: the kept pairs as (index, source, target),
-    whitespace-normalized. (Its rule for the factor separator | never applies: the tokenizer
-    escapes | as &#124;.)"""
+    whitespace-normalized (its factor separator | never occurs: the tokenizer escapes it)."""
     kept = []
     for index, pair in enumerate(zip(src_lines, tgt_lines)):
         src, tgt = (perl_normalize_space(line) for line in pair)
@@ -250,37 +230,27 @@ def split_corpus(texts: Dict) -> Dict[Tuple[str, str, str], List[str]]:
     tokenized = {key: list(map(tokenizers[key[1]], lines)) for key, lines in texts.items()}
     kept = clean_corpus(tokenized[TRAIN_STEM, SOURCE_LANG], tokenized[TRAIN_STEM, TARGET_LANG])
     logger.info("clean: kept %d of %d training pairs", len(kept), len(tokenized[TRAIN_STEM, "de"]))
-    splits, untokenized = {}, lambda line: perl_lowercase(perl_normalize_space(line))
-    for side, lang in ((1, SOURCE_LANG), (2, TARGET_LANG)):
-        train = {
-            "tok": [perl_lowercase(pair[side]) for pair in kept],
-            "raw": [untokenized(texts[TRAIN_STEM, lang][pair[0]]) for pair in kept],
-        }
-        test = {
-            "tok": [perl_lowercase(x) for stem in TEST_STEMS for x in tokenized[stem, lang]],
-            "raw": [untokenized(x) for stem in TEST_STEMS for x in texts[stem, lang]],
-        }
-        for kind, lines in train.items():  # awk 'NR%23 == 0' goes to valid
+    splits, normalized = {}, lambda line: perl_lowercase(perl_normalize_space(line))
+    kinds = {"tok": (tokenized, perl_lowercase), "raw": (texts, normalized)}  # test: as it is
+    for lang in LANGUAGES:
+        for kind, (text, test_line) in kinds.items():  # training pairs as cleaned: normalized
+            lines = [normalized(text[TRAIN_STEM, lang][index]) for index, _, _ in kept]
             splits["train", kind, lang] = [x for n, x in enumerate(lines, 1) if n % VALID_EVERY]
-            splits["valid", kind, lang] = lines[VALID_EVERY - 1 :: VALID_EVERY]
-            splits["test", kind, lang] = test[kind]
+            splits["valid", kind, lang] = lines[VALID_EVERY - 1 :: VALID_EVERY]  # awk 'NR%23 == 0'
+            test = [test_line(x) for stem in TEST_STEMS for x in text[stem, lang]]
+            splits["test", kind, lang] = test
     return splits
 
 
-def learn_and_apply_bpe(folder: str, splits: Dict, merges: int) -> None:
-    """`folder/code` learned on the tokenized train.de + train.en; `folder/{split}.bpe.{lang}`."""
-    from subword_nmt.apply_bpe import BPE
-    from subword_nmt.learn_bpe import learn_bpe
-
+def learn_and_apply_bpe(splits: Dict, merges: int) -> str:
+    """The codes learned on the tokenized train.de + train.en; adds each (split, "bpe", lang)."""
     learned = io.StringIO()
     train = "".join(line + "\n" for lang in LANGUAGES for line in splits["train", "tok", lang])
     learn_bpe(io.StringIO(train), learned, merges)
-    write_text(os.path.join(folder, "code"), learned.getvalue())
     bpe = BPE(io.StringIO(learned.getvalue()))
-    for split in SPLITS:
-        for lang in LANGUAGES:
-            lines = map(bpe.process_line, splits[split, "tok", lang])
-            write_lines(os.path.join(folder, f"{split}.bpe.{lang}"), lines)
+    for split, kind, lang in [key for key in splits if key[1] == "tok"]:
+        splits[split, "bpe", lang] = list(map(bpe.process_line, splits[split, kind, lang]))
+    return learned.getvalue()
 
 
 def data_folder_name(archive: str, bpe_merges: int) -> str:
@@ -298,9 +268,8 @@ def _count_report(counts: Dict[str, int]) -> str:
 
 
 def prepare_iwslt14(archive: str, data_root: str, bpe_merges: int = DEFAULT_BPE_MERGES) -> str:
-    """The recipe of the module docstring from the local `archive` into
-    `<data_root>/<data_folder_name(...)>`, returned (at once if it exists). Raises
-    `ExperimentError` for an unusable archive or flag; a failure leaves nothing behind."""
+    """The recipe from the local `archive` into `<data_root>/<data_folder_name(...)>`, returned
+    (at once if it exists); a failure leaves nothing behind."""
     if bpe_merges < 1:
         raise SettingError(f"--bpe-merges: must be positive, not {bpe_merges}")
     if not os.path.isfile(archive):
@@ -321,9 +290,9 @@ def prepare_iwslt14(archive: str, data_root: str, bpe_merges: int = DEFAULT_BPE_
     os.makedirs(data_root, exist_ok=True)
     building = temporary_name(folder)
     try:
+        write_text(os.path.join(building, "code"), learn_and_apply_bpe(splits, bpe_merges))
         for (split, kind, lang), lines in splits.items():
             write_lines(os.path.join(building, f"{split}.{kind}.{lang}"), lines)
-        learn_and_apply_bpe(building, splits, bpe_merges)
         prefixes = {split: os.path.join(building, f"{split}.bpe") for split in SPLITS}
         synthetic_data.fairseq_preprocess(prefixes, os.path.join(building, DATA_BIN))
         try:
@@ -339,9 +308,8 @@ def prepare_iwslt14(archive: str, data_root: str, bpe_merges: int = DEFAULT_BPE_
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog=PROGRAM,
-        description="IWSLT'14 de-en as fairseq's prepare-iwslt14.sh, into DATA_ROOT/iwslt14-de-en-"
-        "<archive MD5>-bpe<merges>/ (its {valid,test}.raw.en: sacreBLEU's references); prints its "
-        "data-bin.",
+        description="IWSLT'14 de-en as fairseq's prepare-iwslt14.sh into DATA_ROOT/iwslt14-de-en-"
+        "<archive MD5>-bpe<merges>/; prints its data-bin.",
     )
     source = p.add_mutually_exclusive_group()
     source.add_argument("--archive", help="a local de-en.tgz (default: download it)")
@@ -362,15 +330,11 @@ def main(argv=None) -> int:
 def _work(args: argparse.Namespace) -> int:
     md5 = args.download_md5.lower()
     if not re.fullmatch(r"[0-9a-f]{32}", md5):  # a bad flag fails before any work
-        raise SettingError(
-            f"--download-md5 must be 32 hexadecimal digits, got {args.download_md5!r}"
-        )
-    archive = args.archive
+        raise SettingError(f"--download-md5 must be 32 hexadecimal digits, got {md5!r}")
+    archive, root = args.archive, args.data_root
     if args.sample:
-        path = os.path.join(args.data_root, SAMPLE_ARCHIVE_NAME)
-        archive = synthetic_data.build_sample_archive(path)
+        archive = synthetic_data.build_sample_archive(os.path.join(root, SAMPLE_ARCHIVE_NAME))
     elif archive is None:
-        path = os.path.join(args.data_root, ARCHIVE_NAME)
-        archive = download_archive(args.download_url, path, md5)
-    print(os.path.join(prepare_iwslt14(archive, args.data_root, args.bpe_merges), DATA_BIN))
+        archive = download_archive(args.download_url, os.path.join(root, ARCHIVE_NAME), md5)
+    print(os.path.join(prepare_iwslt14(archive, root, args.bpe_merges), DATA_BIN))
     return 0

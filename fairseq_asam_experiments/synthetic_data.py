@@ -1,10 +1,7 @@
-"""The kit's generated corpora (the same bytes for the same arguments), and fairseq-preprocess.
-
-* The toy corpus (`write_corpus`, `binarize`): random "German" words translated word by word
-  into "English" and reversed; the tests and the README's quick start train on it in seconds.
-* The sample archive (`build_sample_archive`): a `de-en.tgz` in the real IWSLT'14 layout of
-  German sentences from a small lexicon and their word-by-word English, plus pairs that
-  exercise the preparation's rules; the `tiny` preset prepares it as the real archive.
+"""The kit's generated corpora (the same bytes for the same arguments), and fairseq-preprocess:
+the toy corpus (`write_corpus`, `binarize`) the tests and the README's quick start train on in
+seconds, and the sample archive (`build_sample_archive`), a `de-en.tgz` in the real IWSLT'14
+layout that the `tiny` preset prepares as the real archive.
 """
 
 import gzip
@@ -13,7 +10,7 @@ import logging
 import os
 import random
 import tarfile
-from typing import Dict, Sequence, Tuple
+from typing import Dict, Tuple
 
 from .files import atomic_output, write_lines
 
@@ -26,19 +23,15 @@ TEST_STEMS = tuple(  # in the order prepare concatenates them into the test spli
     f"IWSLT14.{name}.de-en"
     for name in ("TED.dev2010", "TEDX.dev2012", "TED.tst2010", "TED.tst2011", "TED.tst2012")
 )
-TOY_SPLITS = ("train", "valid", "test")
 TOY_LEXICON = {f"de{i}": f"en{i}" for i in range(40)}
 
 
-def write_corpus(
-    folder: str, sizes: Dict[str, int], seed=1, src=SOURCE_LANG, tgt=TARGET_LANG
-) -> str:
+def write_corpus(folder: str, sizes: Dict[str, int], src=SOURCE_LANG, tgt=TARGET_LANG) -> str:
     """The toy corpus `{split}.{src}` / `{split}.{tgt}` in `folder` for every split of `sizes`
     (pairs per split; target = source translated word by word, reversed); returns `folder`."""
     for offset, (split, count) in enumerate(sorted(sizes.items())):
-        rng, sources = random.Random(seed * 1000 + offset), []
-        for _ in range(count):
-            sources.append([rng.choice(list(TOY_LEXICON)) for _ in range(rng.randint(3, 12))])
+        rng, words = random.Random(1000 + offset), list(TOY_LEXICON)
+        sources = [[rng.choice(words) for _ in range(rng.randint(3, 12))] for _ in range(count)]
         targets = [[TOY_LEXICON[word] for word in reversed(source)] for source in sources]
         for lang, sentences in ((src, sources), (tgt, targets)):
             write_lines(os.path.join(folder, f"{split}.{lang}"), map(" ".join, sentences))
@@ -46,19 +39,18 @@ def write_corpus(
 
 
 def binarize(text_folder: str, dest: str, src: str = SOURCE_LANG, tgt: str = TARGET_LANG) -> str:
-    """fairseq-preprocess of `write_corpus` output (the splits of TOY_SPLITS it has) into `dest`."""
+    """fairseq-preprocess of `write_corpus` output (the train, valid, test it has) into `dest`."""
     prefixes = {
         split: os.path.join(text_folder, split)
-        for split in TOY_SPLITS
+        for split in ("train", "valid", "test")
         if os.path.exists(os.path.join(text_folder, f"{split}.{src}"))
     }
     return fairseq_preprocess(prefixes, dest, src=src, tgt=tgt)
 
 
 def fairseq_preprocess(prefixes: dict, dest: str, *, src=SOURCE_LANG, tgt=TARGET_LANG) -> str:
-    """fairseq-preprocess of the text files `{prefix}.{src}` / `{prefix}.{tgt}` of each split
-    (`prefixes`: split -> prefix, train first for the dictionaries) into the folder `dest`,
-    which appears only when complete; returns `dest`."""
+    """fairseq-preprocess of `{prefix}.{src}` / `{prefix}.{tgt}` (`prefixes`: split -> prefix,
+    train first for the dictionaries) into `dest`, which appears only when complete."""
     from fairseq import options
     from fairseq_cli import preprocess
 
@@ -66,13 +58,12 @@ def fairseq_preprocess(prefixes: dict, dest: str, *, src=SOURCE_LANG, tgt=TARGET
         argv = ["-s", src, "-t", tgt, "--destdir", temporary]
         argv += [x for split, prefix in prefixes.items() for x in (f"--{split}pref", prefix)]
         logger.info("binarize: fairseq-preprocess %s", " ".join(argv))
-        preprocess_logger = logging.getLogger(preprocess.__name__)
-        handlers_before = list(preprocess_logger.handlers)
+        handlers_before = list(preprocess.logger.handlers)
         try:
             preprocess.main(options.get_preprocessing_parser().parse_args(argv))
         finally:  # preprocess adds a log-file handler on every call; it must not outlive the call
-            for handler in preprocess_logger.handlers[len(handlers_before) :]:
-                preprocess_logger.removeHandler(handler)
+            for handler in preprocess.logger.handlers[len(handlers_before) :]:
+                preprocess.logger.removeHandler(handler)
                 handler.close()
     return dest
 
@@ -141,45 +132,35 @@ TALK_HEADER = """<url>http://www.ted.com/talks/lang/{lang}/sample_talk_{number}.
 <title>{title}</title>
 <description>{description}</description>
 """
-DOC_HEADER = '<doc docid="{number}" genre="lectures">\n<title>Sample {number}</title>\n'
-
-
-def _training_file(pairs: Sequence[Tuple[str, str]], side: int, lang: str, seed: int) -> str:
-    rng = random.Random(f"{seed}/titles")  # titles and descriptions: the same for both sides
-    text = ""
-    for talk, start in enumerate(range(0, len(pairs), SAMPLE_LINES_PER_TALK), 1):
-        title, description = sample_sentence_pair(rng)[side], sample_sentence_pair(rng)[side]
-        text += TALK_HEADER.format(lang=lang, number=talk, title=title, description=description)
-        text += "".join(pair[side] + "\n" for pair in pairs[start : start + SAMPLE_LINES_PER_TALK])
-    return text
-
-
-def _xml_file(stem: str, pairs: Sequence[Tuple[str, str]], side: int, lang: str) -> str:
-    kind = "srcset" if lang == SOURCE_LANG else "refset"
-    text = f'<?xml version="1.0" encoding="UTF-8"?>\n<mteval>\n<{kind} setid="{stem}">\n'
-    for doc, start in enumerate(range(0, len(pairs), SAMPLE_SEGMENTS_PER_DOC), 1):
-        segments = enumerate(pairs[start : start + SAMPLE_SEGMENTS_PER_DOC], start + 1)
-        text += DOC_HEADER.format(number=doc)
-        text += "".join(f'<seg id="{n}"> {pair[side]} </seg>\n' for n, pair in segments)
-        text += "</doc>\n"
-    return text + f"</{kind}>\n</mteval>\n"
+XML_HEADER = '<?xml version="1.0" encoding="UTF-8"?>\n<mteval>\n<{kind} setid="{stem}">\n'
+XML_DOC = '<doc docid="{number}" genre="lectures">\n<title>Sample {number}</title>\n{segs}</doc>\n'
 
 
 def build_sample_archive(path: str, n_train: int = 300, n_dev: int = 40, seed: int = 1) -> str:
-    """Writes `path`, a `de-en.tgz` in the real archive's layout holding `n_train` training pairs
-    (`SAMPLE_RULE_PAIRS` first) and `n_dev` segments per dev/test file (`SAMPLE_QUOTE_PAIR`
-    first in dev2010), from the lexicon with `seed`: the same arguments give the same bytes."""
+    """Writes `path`, a `de-en.tgz` in the real archive's layout: `n_train` training pairs
+    (`SAMPLE_RULE_PAIRS` first), `n_dev` segments per dev/test file (`SAMPLE_QUOTE_PAIR` first in
+    dev2010), drawn with `seed`: the same arguments give the same bytes."""
     rng, files = random.Random(seed), {}
     train = list(SAMPLE_RULE_PAIRS)
     train += [sample_sentence_pair(rng) for _ in range(n_train - len(SAMPLE_RULE_PAIRS))]
     for side, lang in enumerate(LANGUAGES):
-        files[f"{TRAIN_STEM}.{lang}"] = _training_file(train, side, lang, seed)
+        titles, text = random.Random(f"{seed}/titles"), ""  # the same titles for both sides
+        for talk, start in enumerate(range(0, len(train), SAMPLE_LINES_PER_TALK), 1):
+            title, description = (sample_sentence_pair(titles)[side] for _ in range(2))
+            text += TALK_HEADER.format(lang=lang, number=talk, title=title, description=description)
+            text += "".join(p[side] + "\n" for p in train[start : start + SAMPLE_LINES_PER_TALK])
+        files[f"{TRAIN_STEM}.{lang}"] = text
     for number, stem in enumerate(TEST_STEMS):
         stem_rng = random.Random(seed * 1000 + number)
         pairs = [sample_sentence_pair(stem_rng) for _ in range(n_dev)]
         pairs[:1] = [SAMPLE_QUOTE_PAIR] if number == 0 else pairs[:1]
-        for side, lang in enumerate(LANGUAGES):
-            files[f"{stem}.{lang}.xml"] = _xml_file(stem, pairs, side, lang)
+        for side, (lang, kind) in enumerate(zip(LANGUAGES, ("srcset", "refset"))):
+            text = XML_HEADER.format(kind=kind, stem=stem)
+            for doc, start in enumerate(range(0, len(pairs), SAMPLE_SEGMENTS_PER_DOC), 1):
+                segments = enumerate(pairs[start : start + SAMPLE_SEGMENTS_PER_DOC], start + 1)
+                segs = "".join(f'<seg id="{n}"> {pair[side]} </seg>\n' for n, pair in segments)
+                text += XML_DOC.format(number=doc, segs=segs)
+            files[f"{stem}.{lang}.xml"] = text + f"</{kind}>\n</mteval>\n"
     with atomic_output(path) as temporary, open(temporary, "wb") as raw:  # fixed times, owners
         with gzip.GzipFile(filename="", mode="wb", fileobj=raw, mtime=0) as zipped:
             with tarfile.open(fileobj=zipped, mode="w", format=tarfile.GNU_FORMAT) as tar:

@@ -11,7 +11,7 @@ import torch
 from fairseq_asam_experiments import benchmark as B
 
 STEP_COST = os.path.join(os.path.dirname(os.path.dirname(__file__)), "benchmarks", "step_cost.py")
-SMALL = B.Spec(preset="small", warmup=0, timed=2, sam_interval=2)
+SMALL = B.parse_spec(["--preset", "small", "--warmup", "0", "--timed", "2", "--sam-interval", "2"])
 PARTS = B.PARTS
 
 

@@ -119,10 +119,10 @@ def test_prepare_cli_downloads_checks_and_prepares(server, archive_bytes, tmp_pa
 def test_an_incomplete_read_is_a_failed_download(monkeypatch, tmp_path):
     """http.client's IncompleteRead (not an OSError) is a failed download too, in one line."""
 
-    def failing(url, path):
+    def failing(url, timeout):
         raise http.client.IncompleteRead(b"", 10)
 
-    monkeypatch.setattr(prepare, "_download", failing)
+    monkeypatch.setattr(prepare.urllib.request, "urlopen", failing)
     with pytest.raises(ExperimentError, match="http://x/de-en.tgz: download failed"):
         prepare.download_archive("http://x/de-en.tgz", str(tmp_path / "a.tgz"))
     assert list(tmp_path.iterdir()) == []
