@@ -1,10 +1,7 @@
-"""BLEU of a trained fairseq translation model, and the `fairseq-asam-evaluate` command.
-
-fairseq-generate (beam 5, BPE removed) per split; `bleu`: tokenized BLEU as it prints it,
-*assumed* to be Table 4's metric (the paper does not name its BLEU); `sacrebleu`: of the
-detokenized output.  Neither is fairseq-train's --eval-bleu (what `best-bleu` selects by).
-torch and fairseq are imported inside functions: the grid imports this module.
-"""
+"""`fairseq-asam-evaluate`: fairseq-generate (beam 5, BPE removed) per split; `bleu`: its
+tokenized BLEU, *assumed* Table 4's metric; `sacrebleu`: of the detokenized output.  Neither is
+--eval-bleu's (what `best-bleu` selects by).  torch and fairseq only inside functions (the grid
+imports this module)."""
 
 import argparse
 import functools
@@ -32,14 +29,10 @@ BEAM, BATCH_SIZE = 5, 128  # fairseq's IWSLT'14 example
 DEFAULT_CHECKPOINT = "best-bleu"  # Table 4's protocol as we read the paper (configs/README.md)
 NAMED_CHECKPOINTS = dict.fromkeys(["best-loss", "best-bleu"], "checkpoint_best.pt")
 NAMED_CHECKPOINTS["last"] = "checkpoint_last.pt"
-# The `best-*` protocols -> fairseq's --best-checkpoint-metric the run must have selected by.
-SELECTION_METRICS = {"best-loss": "loss", "best-bleu": "bleu"}
+SELECTION_METRICS = {"best-loss": "loss", "best-bleu": "bleu"}  # --best-checkpoint-metric
 AVERAGE = "average:"
 CHOICES = "best-loss, best-bleu, last or average:N"
 EPOCH_CHECKPOINT = re.compile(r"^checkpoint(\d+)\.pt$")
-# fairseq-generate's last line: "Generate test with beam=5: BLEU4 = 34.86, 68.1/42.8/... (BP=...)"
-GENERATE_SCORE_LINE = re.compile(r"^Generate \S+ with beam=\d+: (BLEU4 = ([0-9.]+),.*)$", re.M)
-PRINTED_BLEU_TOLERANCE = 0.006  # fairseq-generate prints BLEU rounded to 2 decimals
 TOKENIZED_BLEU_NOTE = "tokenized, assumed Table 4's metric"
 # What an evaluation writes into results.json: another evaluation leaves none of it behind.
 EVALUATION_KEYS = ("protocol", "checkpoint", "sharpness") + SPLITS
@@ -59,7 +52,6 @@ class CheckpointChoice:
 
 
 def parse_checkpoint_choice(text: str) -> CheckpointChoice:
-    """`best-loss`, `best-bleu`, `last` or `average:N` (N >= 1), as given to --checkpoint."""
     if text in NAMED_CHECKPOINTS:
         return CheckpointChoice(text)
     count = text[len(AVERAGE) :] if text.startswith(AVERAGE) else ""
@@ -77,15 +69,7 @@ def checkpoint_position(path: str) -> Dict[str, Optional[int]]:
     # fairseq records the epoch a resume starts: after an epoch's end, the next one.
     if epoch is not None and epoch > 1 and iterator.get("iterations_in_epoch") == 0:
         epoch -= 1
-    position = {"epoch": epoch, "num_updates": updates}
-    return {k: None if v is None else int(v) for k, v in position.items()}
-
-
-def checkpoint_selection_metric(path: str) -> Tuple[str, bool]:
-    """(--best-checkpoint-metric, --maximize-best-checkpoint-metric) of a checkpoint's config."""
-    saved = loading.saved_settings(loading.read_checkpoint(path), "checkpoint")
-    maximize = bool(saved.get("maximize_best_checkpoint_metric"))
-    return str(saved.get("best_checkpoint_metric") or "loss"), maximize
+    return {"epoch": epoch, "num_updates": updates}
 
 
 def checkpoint_inputs(save_dir: str, choice: CheckpointChoice) -> List[str]:
@@ -132,7 +116,9 @@ def resolve_checkpoint(save_dir: str, choice: CheckpointChoice) -> Tuple[str, Li
     # checkpoint_best.pt by loss is never reported as best-bleu, nor the other way round
     wanted = SELECTION_METRICS.get(choice.kind)
     if wanted is not None:
-        metric, maximize = checkpoint_selection_metric(sources[0])
+        saved = loading.saved_settings(loading.read_checkpoint(sources[0]), "checkpoint")
+        metric = saved.get("best_checkpoint_metric") or "loss"
+        maximize = bool(saved.get("maximize_best_checkpoint_metric"))
         if (metric, maximize) != (wanted, wanted == "bleu"):
             raise ExperimentError(
                 f"--checkpoint {choice}: {sources[0]} was selected by the "
@@ -155,16 +141,12 @@ def tokenized_bleu(hypotheses: Sequence[str], references: Sequence[str]) -> Tupl
     from fairseq.data import Dictionary
     from fairseq.scoring import bleu
 
-    if len(hypotheses) != len(references):
-        raise ExperimentError(f"{len(hypotheses)} hypotheses for {len(references)} references")
     if not hypotheses:
         raise ExperimentError("no sentences to score")
-    vocabulary = Dictionary()
-    config = bleu.BleuConfig(pad=vocabulary.pad(), eos=vocabulary.eos(), unk=vocabulary.unk())
-    scorer = bleu.Scorer(config)
+    words = Dictionary()
+    scorer = bleu.Scorer(bleu.BleuConfig(pad=words.pad(), eos=words.eos(), unk=words.unk()))
     for hypothesis, reference in zip(hypotheses, references):
-        ids = [vocabulary.encode_line(t, add_if_not_exist=True) for t in (reference, hypothesis)]
-        scorer.add(*ids)
+        scorer.add(*[words.encode_line(t, add_if_not_exist=True) for t in (reference, hypothesis)])
     if scorer.stat.predlen == 0:  # fairseq's brevity() divides by it
         return 0.0, "BLEU4 = 0.00 (no hypothesis tokens)"
     return scorer.score(), scorer.result_string()
@@ -191,8 +173,6 @@ class GenerateOutput:  # fairseq-generate's H- (the best) and T- lines, by sente
     hypotheses: List[str]
     references: List[str]
     ids: List[int]
-    printed_score_line: Optional[str]  # "BLEU4 = ..." of its last line
-    printed_bleu: Optional[float]
 
 
 def parse_generate_output(text: str) -> GenerateOutput:
@@ -205,19 +185,12 @@ def parse_generate_output(text: str) -> GenerateOutput:
             f"for {len(references)} references"
         )
     ids = sorted(hypotheses)
-    line, bleu = (GENERATE_SCORE_LINE.findall(text) or [(None, None)])[-1]
-    hypotheses, references = [hypotheses[i] for i in ids], [references[i] for i in ids]
-    return GenerateOutput(hypotheses, references, ids, line, bleu and float(bleu))
+    return GenerateOutput([hypotheses[i] for i in ids], [references[i] for i in ids], ids)
 
 
 def score_split(output: GenerateOutput, references_path: Optional[str] = None) -> Dict:
-    """Both BLEU scores; raises if the tokenized BLEU is not the one fairseq-generate printed."""
+    """Both BLEU scores; sacreBLEU against `references_path`, else the detokenized T- lines."""
     bleu, details = tokenized_bleu(output.hypotheses, output.references)
-    if output.printed_bleu is not None and abs(output.printed_bleu - bleu) > PRINTED_BLEU_TOLERANCE:
-        printed = output.printed_score_line
-        raise ExperimentError(
-            f"recomputed BLEU {bleu:.4f} differs from fairseq-generate's {printed!r}"
-        )
     if references_path is None:
         references = moses_detokenize(output.references)
     else:
@@ -246,8 +219,8 @@ def generate_command(data_bin, checkpoint, split, user_dir) -> List[str]:
 
 
 def run_generate(command: Sequence[str], output_path: str, env=None, call=None) -> str:
-    """fairseq-generate's output, also in `output_path`; a failed run's in `<output_path>.failed`.
-    `call`: the launcher's, which can stop it."""
+    """fairseq-generate's output, also in `output_path` (a failure's in `.failed`); `call`: the
+    launcher's, which can stop it."""
     logger.info(f"generating {output_path}: {shlex.join(command)}")
     call = call or functools.partial(subprocess.call, stderr=subprocess.STDOUT)
     with atomic_output(output_path) as temporary:
@@ -276,23 +249,22 @@ def evaluation_inputs(data_bin, save_dir, choice, references=None) -> Dict:
 
 
 def evaluate_checkpoint(
-    data_bin, save_dir, user_dir, choice, splits=SPLITS, references=None, output_dir=None, **run
-) -> Dict:
-    """{"protocol", "checkpoint", <split>: scores}: results.json's keys.  `references`: split ->
-    raw references for sacreBLEU; `output_dir` (default: above `save_dir`) gets generate-*.txt;
+    data_bin, save_dir, user_dir, choice, references=None, output_dir=None, **run
+):
+    """{"protocol", "checkpoint", <split>: scores} (results.json's); `references`: split -> raw
+    references for sacreBLEU; `output_dir` (default: above `save_dir`): generate-<split>.txt;
     `run`: run_generate's env and call."""
     references = references or {}
-    for split in splits:
+    for split in SPLITS:
         loading.check_split(data_bin, split, "split")
         if split in references and not os.path.isfile(references[split]):
             raise ExperimentError(f"references file for {split} not found: {references[split]}")
     checkpoint, sources = resolve_checkpoint(save_dir, choice)
     output_dir = output_dir or os.path.dirname(os.path.abspath(save_dir))
-    selected = dict(choice=str(choice), path=checkpoint, sources=sources)
-    selected.update(selected_by=SELECTION_METRICS.get(choice.kind))
-    selected.update(checkpoint_position(sources[0]))  # an average: its newest source's
+    selected = dict(path=checkpoint, sources=sources, **checkpoint_position(sources[0]))
+    selected["selected_by"] = SELECTION_METRICS.get(choice.kind)  # an average: its newest's epoch
     results = {"protocol": str(choice), "checkpoint": selected}
-    for split in splits:
+    for split in SPLITS:
         command = generate_command(data_bin, checkpoint, split, user_dir)
         output_path = os.path.join(output_dir, f"generate-{split}.txt")
         output = parse_generate_output(run_generate(command, output_path, **run))
@@ -317,12 +289,9 @@ def parser() -> argparse.ArgumentParser:
 
 def work(args: argparse.Namespace) -> int:
     folder, choice = args.references_dir, parse_checkpoint_choice(args.checkpoint)
-    references = {s: os.path.join(folder, f"{s}.raw.en") for s in SPLITS if folder}
+    raw = {s: os.path.join(folder, f"{s}.raw.en") for s in SPLITS if folder}
     save_dir = os.path.join(args.run_dir, "checkpoints")
-    scores = evaluate_checkpoint(
-        args.data_bin, save_dir, plugin_dir(), choice, references=references
-    )
-    # the run's other entries (what launch describes) stay; an earlier evaluation goes whole
+    scores = evaluate_checkpoint(args.data_bin, save_dir, plugin_dir(), choice, references=raw)
     path = os.path.join(args.run_dir, "results.json")
     results = {k: v for k, v in (read_json_object(path) or {}).items() if k not in EVALUATION_KEYS}
     write_json(path, {**results, **scores})

@@ -1,9 +1,6 @@
-"""Table 4 and its plots from the runs of fairseq-asam-table4 (`fairseq-asam-report`).
-
-Reads each folder's grid.json, runs/*/results.json (scores; row, swept values, preset, protocol,
-max_update), failure.json and train.log (fairseq's json log); never a folder's name.  A table
-row: the mean ± sample std over its seeds, pooled over folders whose settings agree.
-"""
+"""Table 4 (table4.md, .csv) and its plots from each folder's grid.json and its runs'
+results.json (scores and settings, never a folder's name), failure.json and train.log.  A table
+row: the mean ± sample std over its seeds, pooled over folders whose settings agree."""
 
 import argparse
 import glob
@@ -13,6 +10,7 @@ import re
 from typing import Dict, List, Optional, Sequence
 
 import pandas as pd
+from matplotlib.figure import Figure  # no pyplot: no backend, no figure to close
 
 from .cli import run_command
 from .errors import ExperimentError, SettingError
@@ -35,44 +33,42 @@ PAPER = {
 }
 SYMBOLS = {"rho": "ρ", "eta": "η"}
 IN_TRAINING = "Valid BLEU (in-training)"
-# column: header, in the tables' order (valid_bleu: Valid BLEU, ..., test_sacrebleu: ...)
 SCORES = (("bleu", "BLEU"), ("sacrebleu", "sacreBLEU"))
 METRICS = {f"{s}_{m}": f"{s.title()} {n}" for m, n in SCORES for s in ("valid", "test")}
 METRICS.update(in_training_bleu=IN_TRAINING, sharpness="Adaptive sharpness")
 SETTINGS = ["preset", "protocol", "max_update"]  # with the row and its swept values: a table row
 RUN_COLUMNS = ["folder", "run", "status", "row", "seed", *SETTINGS, "updates", *METRICS]
+RUN_COLUMNS += ["signatures", "sharpness_rho", "log"]
 CAPTIONS = [
-    "Valid BLEU, Test BLEU: tokenized BLEU-4 as fairseq-generate prints it (beam 5, BPE removed, "
-    "on the Moses-tokenized, lowercased text), assumed to be Table 4's metric: the paper does "
-    "not name its BLEU (configs/README.md). Mean ± sample std over seeds; (n = k): of k runs. "
-    "`--checkpoint best-bleu` selects by validation BLEU, so its valid scores are optimistic.",
-    "Valid sacreBLEU, Test sacreBLEU: the same fairseq-generate output, detokenized by the kit "
-    "and scored by case-insensitive sacreBLEU against the untokenized references.",
-    f"{IN_TRAINING}: the `valid_bleu` fairseq-train logged (--eval-bleu) at the epoch of the "
-    "evaluated checkpoint, which best-bleu selects by: sacreBLEU of fairseq's own validation "
-    "pass, not of fairseq-generate's output (fairseq's batching, --eval-bleu-args max length, "
-    "Moses detokenizer, tokenized targets detokenized back as references); – if not logged.",
+    "Valid BLEU, Test BLEU: fairseq-generate's tokenized BLEU-4 (beam 5, BPE removed, on the "
+    "Moses-tokenized lowercased text), assumed to be Table 4's metric: the paper does not name "
+    "it (configs/README.md). Mean ± sample std over seeds; (n = k): of k runs. best-bleu selects "
+    "by validation BLEU: its valid scores are optimistic.",
+    "Valid sacreBLEU, Test sacreBLEU: that output detokenized by the kit, case-insensitive "
+    "sacreBLEU against the untokenized references.",
+    f"{IN_TRAINING}: fairseq-train's logged `valid_bleu` (--eval-bleu, what best-bleu selects by) "
+    "at the evaluated checkpoint's epoch, – if not logged: sacreBLEU of fairseq's own validation "
+    "pass (its batching, --eval-bleu-args, Moses detokenizer, detokenized targets as references), "
+    "not of fairseq-generate's output.",
 ]
 SHARPNESS_CAPTION = (
     "Adaptive sharpness: max L(w+ε) − L(w) over the ball ‖T⁻¹ε‖₂ ≤ ρ (T = |w| + η) around the "
     "evaluated checkpoint, measured after training by fairseq-asam-sharpness at ρ = {}."
 )
-LOGGED_SHARPNESS = (
-    "`sharpness` (solid) as the plugin logs it: L(w+ε) − L(w) on each update's own batches, "
-    "under dropout; `sharpness_eval` (dashed, --sharpness-eval-interval) with dropout off. "
-    "SAM's ε lies in the ball ‖ε‖₂ ≤ ρ, ASAM's in ‖T⁻¹ε‖₂ ≤ ρ: comparable along one run, not "
-    "across optimizers."
+PAPER_LINE = (
+    "The paper's numbers (Kwon et al., 2021, Table 4) stand only beside its rows (adam, sam, "
+    f"asam) of `--preset {PAPER_PRESET}` at its `--max-update {PAPER_MAX_UPDATE}`"
+)
+LOGGED = (
+    "the plugin's L(w+ε) − L(w) on each update's batches: `sharpness` (solid) under dropout, "
+    "`sharpness_eval` (dashed, --sharpness-eval-interval) without. SAM's ε lies in ‖ε‖₂ ≤ ρ, "
+    "ASAM's in ‖T⁻¹ε‖₂ ≤ ρ: comparable along one run, not across optimizers."
 )
 # file: (train.log tag, logged values (solid, dashed), y label, caption)
 LOG_PLOTS = {
     "valid_loss.png": ("valid", ["valid_loss"], "validation loss (base 2)", "each run's, logged."),
     "valid_bleu.png": ("valid", ["valid_bleu"], "valid BLEU (in-training)", "each run's, logged."),
-    "sharpness.png": (
-        "train_inner",
-        ["sharpness", "sharpness_eval"],
-        "L(w+ε) − L(w)",
-        LOGGED_SHARPNESS,
-    ),
+    "sharpness.png": ("train_inner", ["sharpness", "sharpness_eval"], "L(w+ε) − L(w)", LOGGED),
 }
 # fairseq's json log line (`... | valid | {...}`), and hydra's (`[...][valid][INFO] - {...}`).
 LOG_LINE = re.compile(
@@ -99,8 +95,7 @@ def read_train_log(path: str) -> pd.DataFrame:
 
 
 def in_training_bleu(log: pd.DataFrame, checkpoint: dict) -> Optional[float]:
-    """fairseq's logged valid BLEU at the checkpoint's epoch and, where recorded, update count
-    (a mid-epoch checkpoint); None for an average of checkpoints, which no validation scored."""
+    """The valid BLEU logged at the checkpoint's epoch (and updates); none for an average."""
     epoch, updates = checkpoint.get("epoch"), checkpoint.get("num_updates")
     if epoch is None or len(checkpoint.get("sources") or ()) > 1 or "valid_bleu" not in log:
         return None
@@ -110,7 +105,6 @@ def in_training_bleu(log: pd.DataFrame, checkpoint: dict) -> Optional[float]:
 
 
 def run_status(run_dir: str) -> str:
-    """running, failed in <stage>: <error>, done, trained, not finished or not started."""
     if holder := lock_holder(run_dir):
         return f"running ({holder})"
     failure = read_json_object(os.path.join(run_dir, FAILURE_RECORD))
@@ -124,21 +118,16 @@ def run_status(run_dir: str) -> str:
 
 
 def read_run(folder: str, run_dir: str) -> dict:
-    """A run's status, train.log and, once evaluated, its scores and recorded settings."""
     log = read_train_log(os.path.join(run_dir, TRAIN_LOG))
     run = {"folder": folder, "run": os.path.basename(run_dir), "log": log}
-    try:
-        run["status"] = run_status(run_dir)
-        results = read_json_object(os.path.join(run_dir, RESULTS))
-    except ExperimentError as error:
-        return {**run, "status": f"unreadable: {error}"}
+    run["status"] = run_status(run_dir)
+    results = read_json_object(os.path.join(run_dir, RESULTS))
     if results is None:
         return run
     checkpoint = results.get("checkpoint") or {}
-    settings = {SWEEP + k: v for k, v in (results.get("sweep") or {}).items()}
-    settings.update(preset=results.get("preset"), max_update=results.get("max_update"))
-    settings["row"] = results.get("row") or results.get("optimizer") or run["run"]
-    settings["protocol"] = results.get("protocol") or checkpoint.get("choice")
+    settings = {k: results.get(k) for k in SETTINGS}
+    settings.update({SWEEP + k: v for k, v in (results.get("sweep") or {}).items()})
+    settings["row"] = results.get("row") or run["run"]
     run.update({k: NONE if v is None else str(v) for k, v in settings.items()})  # 200 = "200"
     run.update(seed=results.get("seed"), updates=checkpoint.get("num_updates"))
     run["signatures"] = {results[s].get("sacrebleu_signature") for s in ("valid", "test")}
@@ -150,16 +139,14 @@ def read_run(folder: str, run_dir: str) -> dict:
 
 
 def read_folder(folder: str) -> tuple:
-    """grid.json (or None) and a record per run: the grid's, then the folder's others."""
-    if not os.path.isdir(folder):
-        raise ExperimentError(f"output folder not found: {folder}")
+    """grid.json with its folder (or None), and a record per run: the grid's, then the others."""
     grid = read_json_object(os.path.join(folder, GRID_RECORD))
     found = sorted(glob.glob(os.path.join(folder, RUNS_FOLDER, "*", "")))  # folders, not .*
-    if grid is None and not found:
-        raise ExperimentError(f"{folder} holds neither {GRID_RECORD} nor {RUNS_FOLDER}/*")
+    if grid is None and not found:  # also a missing folder
+        raise ExperimentError(f"no {GRID_RECORD} nor {RUNS_FOLDER}/* in {folder}")
     names = [*(grid or {}).get("runs", []), *(os.path.basename(p[:-1]) for p in found)]
     runs = [read_run(folder, os.path.join(folder, RUNS_FOLDER, n)) for n in dict.fromkeys(names)]
-    return grid, runs
+    return grid and {**grid, "folder": folder}, runs
 
 
 def _order(column: pd.Series) -> pd.Series:
@@ -171,15 +158,13 @@ def _order(column: pd.Series) -> pd.Series:
 
 
 def summarize(done: pd.DataFrame, keys: List[str]) -> pd.DataFrame:
-    """A row per distinct `keys`: mean, sample std and count of every metric, seeds, folders."""
     groups = done.groupby(keys, sort=False)
     summary = groups[list(METRICS)].agg(["mean", "std", "count"])
     summary.columns = [f"{metric}_{stat}" for metric, stat in summary.columns]
     summary["seeds"] = groups.seed.agg(lambda s: ",".join(str(int(x)) for x in sorted(s.dropna())))
     summary["n"] = groups.size()
     summary["folders"] = groups.folder.agg(lambda s: " ".join(dict.fromkeys(s)))
-    summary = summary.reset_index().sort_values(keys, key=_order, kind="stable")
-    summary = summary.reset_index(drop=True)
+    summary = summary.reset_index().sort_values(keys, key=_order, kind="stable", ignore_index=True)
     summary.insert(1, "label", [label(r) for _, r in summary.iterrows()])
     summary["why_not_paper"] = [why_not_paper(r) for _, r in summary.iterrows()]
     why_not = summary.why_not_paper.notna()
@@ -211,7 +196,6 @@ def label(row) -> str:
 
 
 def why_not_paper(row) -> Optional[str]:
-    """None beside the paper's rows at the paper preset's budget, else why not."""
     if row.preset != PAPER_PRESET:
         return f"`--preset {row.preset}`" if row.preset != NONE else "no preset"
     if row.max_update != PAPER_MAX_UPDATE:
@@ -221,43 +205,9 @@ def why_not_paper(row) -> Optional[str]:
     return "rows other than the paper's" if row["row"] not in PAPER or other else None
 
 
-def paper_line(summary: pd.DataFrame) -> str:
-    """Where the paper's numbers stand, and why not beside the other rows."""
-    reasons = dict.fromkeys(summary.why_not_paper.dropna())
-    text = (
-        "The paper's numbers (Kwon et al., 2021, Table 4) stand only beside its rows (adam, sam, "
-        f"asam) of `--preset {PAPER_PRESET}` at its `--max-update {PAPER_MAX_UPDATE}`"
-    )
-    return text + (f"; not beside {', '.join(reasons)}: not comparable." if reasons else ".")
-
-
 def markdown_table(header: Sequence[str], rows: Sequence[Sequence]) -> List[str]:
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     return lines + ["| " + " | ".join(map(str, cells)) + " |" for cells in rows]
-
-
-def summary_table(summary: pd.DataFrame, several: bool) -> List[str]:
-    paper = bool(summary.paper_valid_bleu.notna().any())
-    metrics = [m for m in METRICS if m != "sharpness" or summary.sharpness_count.any()]
-    header = ["Row", "Seeds", "Checkpoint", "Preset", "Budget (--max-update)"]
-    header += ["Paper valid", "Paper test"] * paper + [METRICS[m] for m in metrics]
-    rows = []
-    for _, r in summary.iterrows():
-        cells = [r.label, r.seeds or NONE, r.protocol, r.preset, r.max_update]
-        cells += [number(r.paper_valid_bleu), number(r.paper_test_bleu)] * paper
-        cells += [cell(r, m) for m in metrics]
-        rows.append(cells + [r.folders] * several)
-    return markdown_table(header + ["Folders"] * several, rows)
-
-
-def runs_table(runs: pd.DataFrame, several: bool) -> List[str]:
-    metrics = [m for m in METRICS if m != "sharpness" or runs.sharpness.notna().any()]
-    header = ["Run", "Status", "Updates", *[METRICS[m] for m in metrics], *["Folder"] * several]
-    rows = []
-    for _, r in runs.iterrows():
-        cells = [r.run, r.status, NONE if pd.isna(r.updates) else int(r.updates)]
-        rows.append(cells + [number(r[m], m) for m in metrics] + [r.folder] * several)
-    return markdown_table(header, rows)
 
 
 def sweep_section(summary: pd.DataFrame, option: str, report_dir: str) -> List[str]:
@@ -280,33 +230,23 @@ def sweep_section(summary: pd.DataFrame, option: str, report_dir: str) -> List[s
         [r.curve, r[column], r.seeds, cell(r, "valid_bleu"), cell(r, "test_bleu"), "✓" * r.picked]
         for _, r in points.iterrows()
     ]
-    text = (
-        f"Each value of `--{option}`; ✓: the highest mean validation BLEU, the choice a grid "
-        f"search makes; test BLEU estimates that choice. Plot: bleu_vs_{option}.png."
-    )
+    text = f"✓: the highest mean valid BLEU (a grid search's pick). Plot: bleu_vs_{option}.png."
     header = ["Row", name, "Seeds", "Valid BLEU", "Test BLEU", "Picked by valid BLEU"]
     return ["", f"## BLEU against {name}", "", text, "", *markdown_table(header, rows)]
 
 
-def _figure():
-    from matplotlib.figure import Figure  # no pyplot: no backend, no figure to close
-
-    figure = Figure(figsize=(7, 4.5))
-    return figure, figure.subplots()
-
-
-def _save(figure, axes, path: str, xlabel: str, ylabel: str) -> None:
+def _save(axes, path: str, xlabel: str, ylabel: str) -> None:
     axes.set(xlabel=xlabel, ylabel=ylabel)
     axes.grid(alpha=0.3)
     axes.legend(fontsize=7)
-    figure.tight_layout()
+    axes.figure.tight_layout()
     with atomic_output(path) as temporary:
-        figure.savefig(temporary, format="png", dpi=120)
+        axes.figure.savefig(temporary, format="png", dpi=120)
 
 
 def plot_sweep(points: pd.DataFrame, column: str, name: str, path: str) -> None:
     """Valid (solid), test (dashed) BLEU against the value ± sample std, ★ on the pick."""
-    figure, axes = _figure()
+    axes = Figure(figsize=(7, 4.5)).subplots()
     numbers = pd.to_numeric(points[column], errors="coerce")
     x = numbers if numbers.notna().all() else points[column]  # words: a category axis
     for index, (curve, group) in enumerate(points.groupby("curve", sort=False)):
@@ -320,77 +260,82 @@ def plot_sweep(points: pd.DataFrame, column: str, name: str, path: str) -> None:
         axes.set_xscale("log")
         axes.set_xticks(sorted(set(numbers)), [f"{v:g}" for v in sorted(set(numbers))])
         axes.minorticks_off()
-    _save(figure, axes, path, name, "BLEU")
+    _save(axes, path, name, "BLEU")
 
 
 def plot_logs(logs: Dict[str, pd.DataFrame], tag, values, ylabel, path: str) -> bool:
     """A line per run and logged value (solid, then dashed) against updates; False if none."""
-    figure, axes = _figure()
+    axes = Figure(figsize=(7, 4.5)).subplots()
     for index, (name, log) in enumerate(logs.items()):
         for value, line in zip(values, ("-", "--")):
             points = log[log.tag == tag].reindex(columns=["updates", value]).dropna()
             style = dict(color=f"C{index % 10}", marker="." if len(points) < 30 else None)
             if len(points):
                 axes.plot(points.updates, points[value], line, label=f"{name} — {value}", **style)
-    if not axes.lines:
-        return False
-    _save(figure, axes, path, "updates", ylabel)
-    return True
+    if axes.lines:
+        _save(axes, path, "updates", ylabel)
+    return bool(axes.lines)
 
 
 def preamble(grids: List[dict], done: pd.DataFrame, summary: pd.DataFrame) -> List[str]:
-    """The title, then a paragraph each: budget, what each column is, the paper."""
     found = {k: [*done[k], *(g[k] for g in grids if g.get(k))] for k in ("protocol", "preset")}
     protocols, presets = (", ".join(dict.fromkeys(v)) for v in found.values())
     title = f"# Table 4: IWSLT'14 De→En, Transformer — --checkpoint {protocols}"
     budgets = [f"{g['max_update']} (grid.json of {g['folder']})" for g in grids]
-    gridless = done[~done.folder.isin([g["folder"] for g in grids])]
-    budgets += [f"{b} (results.json)" for b in dict.fromkeys(gridless.max_update)]
     paragraphs = [title + f" (--preset {presets})" * bool(presets)]
     paragraphs.append(f"Budget: --max-update {', '.join(budgets) or NONE}; per row in Budget.")
-    paragraphs += [*CAPTIONS, paper_line(summary)]
+    reasons = ", ".join(dict.fromkeys(summary.why_not_paper.dropna()))
+    why_not = f"; not beside {reasons}: not comparable." if reasons else "."
+    paragraphs += [*CAPTIONS, PAPER_LINE + why_not]
     rhos = ", ".join(map(str, sorted(set(done.sharpness_rho.dropna()))))
     paragraphs += [SHARPNESS_CAPTION.format(rhos)] * bool(rhos)
     return [line for paragraph in paragraphs for line in (paragraph, "")]
 
 
-def figures(runs: pd.DataFrame, several: bool, report_dir: str) -> List[str]:
-    """The plots of what the runs logged, and their captions."""
+def write_report(out_dirs: Sequence[str], report_dir: str) -> str:
+    """Writes the report of the runs of `out_dirs` into `report_dir`; returns table4.md's path."""
+    out_dirs = list({os.path.realpath(d): d for d in out_dirs}.values())
+    read = [read_folder(folder) for folder in out_dirs]
+    grids, records = [g for g, _ in read if g], [r for _, found in read for r in found]
+    sweeps = sorted({k for r in records for k in r if k.startswith(SWEEP)})
+    runs = pd.DataFrame(records, columns=RUN_COLUMNS + sweeps)
+    runs[list(METRICS)] = runs[list(METRICS)].astype(float)
+    done = runs[runs.row.notna()].fillna({k: NONE for k in sweeps})
+    summary, several = summarize(done, ["row", *sweeps, *SETTINGS]), len(out_dirs) > 1
+    metrics = [m for m in METRICS if m != "sharpness" or runs.sharpness.notna().any()]
+    paper = bool(summary.paper_valid_bleu.notna().any())
+    header = ["Row", "Seeds", "Checkpoint", "Preset", "Budget (--max-update)"]
+    header += ["Paper valid", "Paper test"] * paper + [METRICS[m] for m in metrics]
+    rows = [
+        [r.label, r.seeds or NONE, r.protocol, r.preset, r.max_update]
+        + [number(r.paper_valid_bleu), number(r.paper_test_bleu)] * paper
+        + [cell(r, m) for m in metrics]
+        + [r.folders] * several
+        for _, r in summary.iterrows()
+    ]
+    lines = preamble(grids, done, summary) + markdown_table(header + ["Folders"] * several, rows)
+    missing = ", ".join(runs.run[runs.row.isna()])  # failed, running, not started...: see Runs
+    lines += ["", f"No result for {missing}: see their status under Runs."] * bool(missing)
+    for option in (k[len(SWEEP) :] for k in sweeps):
+        if summary[SWEEP + option].replace(NONE, pd.NA).nunique() > 1:
+            lines += sweep_section(summary, option, report_dir)
+    header = ["Run", "Status", "Updates", *[METRICS[m] for m in metrics], *["Folder"] * several]
+    rows = [
+        [r.run, r.status, NONE if pd.isna(r.updates) else int(r.updates)]
+        + [number(r[m], m) for m in metrics]
+        + [r.folder] * several
+        for _, r in runs.iterrows()
+    ]
+    lines += ["", "## Runs", "", *markdown_table(header, rows)]
+    signatures = "; ".join(sorted({f"`{s}`" for r in done.signatures for s in r if s}))
+    lines += ["", f"sacreBLEU signature: {signatures}"] * bool(signatures)
     logs = dict(zip(runs.run + (" [" + runs.folder + "]" if several else ""), runs.log))
     captions = [
         f"- {file}: {caption}"
         for file, (tag, values, ylabel, caption) in LOG_PLOTS.items()
         if plot_logs(logs, tag, values, ylabel, os.path.join(report_dir, file))
     ]
-    return ["", "## Figures", "", *captions] if captions else []
-
-
-def write_report(out_dirs: Sequence[str], report_dir: str) -> str:
-    """Writes the report of the runs of `out_dirs` into `report_dir`; returns table4.md's path."""
-    out_dirs = list({os.path.realpath(d): d for d in out_dirs}.values())
-    grids, records = [], []
-    for folder in out_dirs:
-        grid, found = read_folder(folder)
-        grids += [{**grid, "folder": folder}] if grid else []
-        records += found
-    sweeps = sorted({k for r in records for k in r if k.startswith(SWEEP)})
-    runs = pd.DataFrame(
-        records, columns=RUN_COLUMNS + sweeps + ["signatures", "sharpness_rho", "log"]
-    )
-    runs[list(METRICS)] = runs[list(METRICS)].astype(float)
-    done = runs[runs.row.notna()].fillna({k: NONE for k in sweeps})
-    summary, several = summarize(done, ["row", *sweeps, *SETTINGS]), len(out_dirs) > 1
-    os.makedirs(report_dir, exist_ok=True)
-    lines = preamble(grids, done, summary) + summary_table(summary, several)
-    missing = ", ".join(runs.run[runs.row.isna()])  # failed, running, not started...: see Runs
-    lines += ["", f"No result for {missing}: see their status under Runs."] * bool(missing)
-    for option in (k[len(SWEEP) :] for k in sweeps):
-        if summary[SWEEP + option].replace(NONE, pd.NA).nunique() > 1:
-            lines += sweep_section(summary, option, report_dir)
-    lines += ["", "## Runs", "", *runs_table(runs, several)]
-    signatures = "; ".join(sorted({f"`{s}`" for r in done.signatures for s in r if s}))
-    lines += ["", f"sacreBLEU signature: {signatures}"] * bool(signatures)
-    lines += figures(runs, several, report_dir)
+    lines += ["", "## Figures", "", *captions] * bool(captions)
     table = summary.drop(columns=[c for c in summary if c.endswith("_count")] + ["why_not_paper"])
     write_text(os.path.join(report_dir, "table4.csv"), table.round(4).to_csv(index=False))
     write_text(os.path.join(report_dir, "table4.md"), "\n".join(lines) + "\n")
@@ -398,19 +343,18 @@ def write_report(out_dirs: Sequence[str], report_dir: str) -> str:
 
 
 def main(argv: Optional[List[str]] = None) -> int:
-    about = "Table 4 (table4.md, .csv) and plots from the runs of fairseq-asam-table4."
-    parser = argparse.ArgumentParser(prog=PROGRAM, description=about)
+    parser = argparse.ArgumentParser(prog=PROGRAM, description=__doc__)
     parser.add_argument("folders", nargs="+", metavar="FOLDER", help="fairseq-asam-table4 --out")
     parser.add_argument("--out", help="where to write (default FOLDER/report; needed with two)")
     args = parser.parse_args(argv)
     log_to_stdout()
-    return run_command(PROGRAM, lambda: work(args))
 
+    def work() -> int:
+        if args.out is None and len({os.path.realpath(f) for f in args.folders}) > 1:
+            raise SettingError("--out is required with several folders")
+        path = write_report(args.folders, args.out or os.path.join(args.folders[0], REPORT_FOLDER))
+        with open(path, encoding="utf-8") as f:
+            print(f.read())
+        return 0
 
-def work(args: argparse.Namespace) -> int:
-    if args.out is None and len({os.path.realpath(f) for f in args.folders}) > 1:
-        raise SettingError("--out is required with several folders")
-    path = write_report(args.folders, args.out or os.path.join(args.folders[0], REPORT_FOLDER))
-    with open(path, encoding="utf-8") as f:
-        print(f.read())
-    return 0
+    return run_command(PROGRAM, work)

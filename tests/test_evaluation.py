@@ -117,7 +117,7 @@ def evaluated(tmp_path_factory):
         )
         last = evaluation.parse_checkpoint_choice("last")
         results = evaluation.evaluate_checkpoint(
-            data_bin, str(save_dir), fairseq_asam.USER_DIR, last, ("test",), {"test": str(raw)}
+            data_bin, str(save_dir), fairseq_asam.USER_DIR, last, {"test": str(raw)}
         )
     return results, raw_lines
 
@@ -125,17 +125,20 @@ def evaluated(tmp_path_factory):
 @pytest.mark.slow
 def test_tokenized_bleu_is_fairseq_generates_with_unknown_words(evaluated):
     with open(evaluated[0]["test"]["output"], encoding="utf-8") as f:
-        output = evaluation.parse_generate_output(f.read())
+        text = f.read()
+    output = evaluation.parse_generate_output(text)
     assert output.ids == list(range(TEST_SENTENCES))  # every sentence, none left out by batching
     assert sum("<<unk>>" in reference for reference in output.references) == TEST_SENTENCES // 2
     assert (
         sum("<unk>" in hypothesis.split() for hypothesis in output.hypotheses)
         == TEST_SENTENCES // 2
     )
-    assert output.printed_score_line.startswith("BLEU4 = ") and output.printed_bleu < 100
-    scores = evaluation.score_split(output)  # raises if it differs from the printed BLEU
-    assert scores["bleu"] == pytest.approx(output.printed_bleu, abs=0.0051)  # printed: 2 decimals
-    assert scores["bleu_details"] == output.printed_score_line
+    # its last line: "Generate test with beam=1: BLEU4 = 34.86, 68.1/42.8/... (BP=...)"
+    printed, bleu = re.search(r"^Generate .*: (BLEU4 = ([0-9.]+),.*)$", text, re.M).groups()
+    assert float(bleu) < 100
+    scores = evaluation.score_split(output)
+    assert scores["bleu"] == pytest.approx(float(bleu), abs=0.0051)  # printed: 2 decimals
+    assert scores["bleu_details"] == printed
 
 
 @pytest.mark.slow
@@ -144,7 +147,8 @@ def test_evaluate_checkpoint_end_to_end(evaluated):
     from harness import independent_scores
 
     results, raw_lines = evaluated
-    assert set(results) == {"protocol", "checkpoint", "test"} and results["protocol"] == "last"
+    assert set(results) == {"protocol", "checkpoint", "valid", "test"}
+    assert results["protocol"] == "last"
     checkpoint = results["checkpoint"]
     assert checkpoint["path"].endswith("checkpoints/checkpoint_last.pt")
     assert checkpoint["sources"] == [checkpoint["path"]] and checkpoint["selected_by"] is None
@@ -158,11 +162,6 @@ def test_evaluate_checkpoint_end_to_end(evaluated):
     assert test["bleu"] == pytest.approx(bleu, abs=5e-5) and test["sentences"] == sentences
     assert test["sacrebleu"] == pytest.approx(sacre, abs=5e-5) and sacre < 100
     assert "assumed" in test["bleu_metric"]
-
-
-def test_tokenized_bleu_rejects_mismatched_lengths():
-    with pytest.raises(ExperimentError, match="2 hypotheses for 1 references"):
-        evaluation.tokenized_bleu(["a", "b"], ["a"])
 
 
 def test_detokenized_sacrebleu_on_moses_detokenized_text():
@@ -223,7 +222,6 @@ def test_parse_generate_output_orders_by_id_and_keeps_the_best_hypothesis():
         "it 's a small world after all .",
         "",
     ]
-    assert output.printed_bleu == 12.34
 
 
 # Generate lines for ONE_WORD_OFF as fairseq-generate prints them, written out by hand: unigram
@@ -238,7 +236,7 @@ ONE_WORD_OFF_PRINTED = (
 )
 
 
-def test_score_split_checks_fairseq_generate_printed_bleu():
+def test_score_split_scores_the_printed_bleu():
     output = evaluation.parse_generate_output(
         ONE_WORD_OFF_GENERATE.format(bleu=ONE_WORD_OFF_PRINTED)
     )
@@ -246,19 +244,12 @@ def test_score_split_checks_fairseq_generate_printed_bleu():
     assert scores["bleu"] == pytest.approx(ONE_WORD_OFF[2], abs=5e-5)  # rounded to 4 decimals
     assert scores["bleu_details"] == ONE_WORD_OFF_PRINTED
     assert scores["sentences"] == 1
-    # A printed BLEU 0.01 away (more than its rounding) is a disagreement.
-    off = ONE_WORD_OFF_PRINTED.replace("75.98", "75.99")
-    with pytest.raises(ExperimentError, match="differs from fairseq-generate's 'BLEU4 = 75.99"):
-        evaluation.score_split(
-            evaluation.parse_generate_output(ONE_WORD_OFF_GENERATE.format(bleu=off))
-        )
 
 
 def test_score_split_uses_the_untokenized_references_file(tmp_path):
     raw = tmp_path / "test.raw.en"
     raw.write_text("the cat sat on the red mat.\nit's a small world after all.\n\n")
     output = evaluation.parse_generate_output(generate_text("BLEU4 = 0.00, 0/0/0/0"))
-    output.printed_bleu = None
     scores = evaluation.score_split(output, str(raw))
     expected = sacrebleu.corpus_bleu(
         ["the cat sat on the mat.", "it's a small world.", ""],
@@ -431,10 +422,6 @@ def test_best_protocols_check_what_checkpoint_best_was_selected_by(
         else:
             with pytest.raises(ExperimentError, match=f"--checkpoint {protocol}: .*{message}"):
                 evaluation.resolve_checkpoint(str(tmp_path), choice)
-    assert evaluation.checkpoint_selection_metric(str(tmp_path / "checkpoint_best.pt")) == (
-        metric,
-        maximize,
-    )
 
 
 def test_evaluation_inputs_change_with_what_the_evaluation_reads(tmp_path):

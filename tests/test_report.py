@@ -369,12 +369,12 @@ def test_the_plots_show_what_each_run_logged_against_updates(tmp_path, monkeypat
     plotted = {}
     save = report._save
 
-    def record(figure, axes, path, xlabel, ylabel):
+    def record(axes, path, xlabel, ylabel):
         plotted[os.path.basename(path)] = [
             (line.get_label(), line.get_linestyle(), list(line.get_xdata()), list(line.get_ydata()))
             for line in axes.get_lines()
         ]
-        save(figure, axes, path, xlabel, ylabel)
+        save(axes, path, xlabel, ylabel)
 
     monkeypatch.setattr(report, "_save", record)
     text, _ = run_report(tmp_path, out)
@@ -415,8 +415,8 @@ def test_read_train_log_reads_fairseq_and_hydra_lines_and_keeps_the_last_of_an_u
 def test_bad_folders_fail_in_one_line(tmp_path, capsys):
     (tmp_path / "empty").mkdir()
     for argv, message in (
-        ([str(tmp_path / "missing")], f"output folder not found: {tmp_path / 'missing'}"),
-        ([str(tmp_path / "empty")], "holds neither grid.json nor runs/"),
+        ([str(tmp_path / "missing")], f"no grid.json nor runs/* in {tmp_path / 'missing'}"),
+        ([str(tmp_path / "empty")], f"no grid.json nor runs/* in {tmp_path / 'empty'}"),
         ([str(tmp_path), str(tmp_path / "empty")], "--out is required with several folders"),
     ):
         assert report.main(argv) == 1

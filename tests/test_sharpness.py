@@ -589,7 +589,9 @@ def test_a_checkpoint_trained_without_a_language_pair_is_measured(
     assert reports[1] == reports[0] and reports[0][0]["sharpness"] > 0
     # what the evaluation reads of it
     assert evaluation.checkpoint_position(unpaired_checkpoint)["num_updates"] == TRAIN_UPDATES
-    assert evaluation.checkpoint_selection_metric(unpaired_checkpoint) == ("loss", False)
+    os.symlink(unpaired_checkpoint, tmp_path / "checkpoint_best.pt")  # selected by loss
+    best_loss = evaluation.parse_checkpoint_choice("best-loss")
+    assert evaluation.resolve_checkpoint(str(tmp_path), best_loss)[0].endswith("_best.pt")
 
 
 def test_no_pair_in_the_checkpoint_nor_in_the_data_is_one_line(
