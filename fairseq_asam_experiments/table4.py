@@ -111,7 +111,7 @@ def make_grid(args) -> grids.Grid:
 
 
 def locate_data(args, grid: grids.Grid) -> Tuple[Optional[str], str]:
-    """(the archive to prepare or None, the data-bin: named by the archive's content), no work."""
+    """(the archive to prepare or None, the data-bin: a folder named by the archive's content)."""
     from . import prepare, synthetic_data
 
     if args.data_bin is not None:
