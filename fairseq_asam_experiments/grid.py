@@ -14,23 +14,21 @@ import os
 import re
 import sys
 from dataclasses import dataclass, field
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import Dict, List, Optional, Tuple
 
 from . import evaluation, recipe
 from .errors import SettingError
+from .recipe import Option
 
 OPTIMIZERS = ("adam", "sam", "asam")
 SCHEDULE_ROWS = ("asam_interval5", "asam_looksam5", "asam_late")  # beyond the paper
 RUNS_FOLDER, GRID_RECORD, CHECKPOINTS_FOLDER = "runs", "grid.json", "checkpoints"
 BUDGET_FLAG, SEED_FLAG = "--max-update", "--seed"
-RUN_LOCATION_FLAGS = ("--save-dir", "--user-dir")  # where a run writes, not what it is
 # Options a sweep may not take: the grid sets them by its own flags.
 NOT_SWEPT = {"max-update": "--max-update", "seed": "--seeds", "save-dir": "--out"}
 # The optimizers (the `--optimizer` of a row's file) that take an option; others: every row.
 SWEEP_TAKERS = {"rho": ("sam", "asam"), "eta": ("asam",)}
 WORD_VALUE = re.compile(r"^[A-Za-z0-9_.]+$")  # a non-numeric swept value (it names folders)
-
-Option = recipe.Option
 
 
 @dataclass(frozen=True)
@@ -186,22 +184,15 @@ class Grid:
         grid = [(BUDGET_FLAG, str(self.max_update))] if self.max_update is not None else []
         grid += [("--amp", None)] if self.amp else []
         swept = [(f"--{option}", value) for option, value in run.swept]
-        merged = recipe.merge_options(self.row_options(run.row), grid, swept)
-        return _pairs(merged) + [(SEED_FLAG, str(run.seed))]
+        merged = {**dict(self.row_options(run.row)), **dict(grid), **dict(swept)}  # later wins
+        return [*merged.items(), (SEED_FLAG, str(run.seed))]
 
     def settings(self, run: Run, data_bin: str) -> Dict[str, Optional[str]]:
         """What the run is, for its training stamp: {flag: value or None for a switch}; the
         data relative to the output folder when inside it (a moved folder keeps its runs)."""
-        return {"data": self._data(data_bin), **dict(self.options(run))}
-
-    def settings_of_command(self, command: Sequence[str]) -> Dict[str, Optional[str]]:
-        """The settings of a command `command` built: [python, -m, module, data, options]."""
-        options = [(f, v) for f, v in _pairs(command[4:]) if f not in RUN_LOCATION_FLAGS]
-        return {"data": self._data(command[3]), **dict(options)}
-
-    def _data(self, data_bin: str) -> str:
         data, out = os.path.abspath(data_bin), os.path.abspath(self.out_dir)
-        return os.path.relpath(data, out) if data.startswith(out + os.sep) else data
+        data = os.path.relpath(data, out) if data.startswith(out + os.sep) else data
+        return {"data": data, **dict(self.options(run))}
 
     def command(self, run: Run, data_bin: str) -> List[str]:
         save_dir = os.path.join(self.run_dir(run), CHECKPOINTS_FOLDER)
@@ -256,17 +247,6 @@ class Grid:
                     f"checkpoints, and row {row}'s argument files keep {kept} "
                     "(--keep-last-epochs, --no-epoch-checkpoints)"
                 )
-
-
-def _pairs(argv: Sequence[str]) -> List[Option]:
-    """[flag, value, switch, ...] -> [(flag, value), (switch, None), ...]."""
-    pairs: List[Option] = []
-    for item in argv:
-        if item.startswith("--"):
-            pairs.append((item, None))
-        else:
-            pairs[-1] = (pairs[-1][0], item)
-    return pairs
 
 
 def check_options_known(grid: Grid, data_bin: str) -> None:

@@ -1,16 +1,15 @@
 """One run of a grid (`run_one`: lock, train, evaluate, sharpness, results.json) and its
-launchers: here, one run per GPU or one after another (`launch_local`), or a submitit job per
-run on Slurm or submitit's local executor (`launch_jobs`).  A stage is done when its stamp holds
-its inputs; a failure goes to failure.json and the grid goes on; Ctrl-C starts no new run or
-stage and stops the children (SIGINT, then SIGKILL), every run resumable.
+launchers: here, one run per GPU (`launch_local`), or a submitit job per run (`launch_jobs`).
+A failure goes to failure.json and the grid goes on; Ctrl-C leaves every run resumable.
 """
 
+import collections
 import concurrent.futures
-import itertools
+import contextlib
 import json
 import logging
 import os
-import queue
+import pathlib
 import shlex
 import signal
 import subprocess
@@ -32,8 +31,8 @@ logger = logging.getLogger(__name__)
 
 TRAIN, EVALUATE, SHARPNESS = ("train", "evaluate", "sharpness")  # the stages, and their stamps
 COMMAND_FILE, TRAIN_LOG, FAILURE_RECORD = "command.txt", "train.log", "failure.json"
+STARTED_RECORD = "train.started.json"  # the settings of a training begun, maybe unfinished
 JOB_RECORD, LOCK_FILE, RESULTS = "job.json", "run.lock", "results.json"
-SHARPNESS_JSON, SHARPNESS_LOG = "sharpness.json", "sharpness.log"
 SHARPNESS_COMMAND = (sys.executable, "-m", "fairseq_asam_experiments", "sharpness")
 STOP_GRACE_SECONDS = 60.0  # Ctrl-C: how long children get after SIGINT before SIGKILL
 Outcome = Tuple[str, str]  # (done | failed | locked | interrupted, message)
@@ -55,8 +54,7 @@ def one_line(error: BaseException) -> str:
 
 
 class Children:
-    """A launcher's child processes: after stop() none starts, the running ones get SIGINT (a
-    terminal's Ctrl-C), then SIGKILL after `grace`."""
+    """A launcher's child processes: stop() starts no more, SIGINTs the running, then SIGKILLs."""
 
     def __init__(self):
         self._lock, self._started, self.stopping = (threading.Lock(), [], threading.Event())
@@ -76,11 +74,9 @@ class Children:
         for child in children:
             child.send_signal(signal.SIGINT)
         deadline = time.monotonic() + grace
-        try:
-            while any(c.poll() is None for c in children) and time.monotonic() < deadline:
-                time.sleep(0.1)
-        except KeyboardInterrupt:  # a second Ctrl-C: no more waiting
-            pass
+        with contextlib.suppress(subprocess.TimeoutExpired, KeyboardInterrupt):  # 2nd Ctrl-C
+            for child in children:
+                child.wait(max(0.0, deadline - time.monotonic()))
         for child in children:
             child.kill()  # a no-op on one that ended
 
@@ -101,15 +97,10 @@ def lock_holder(run_dir: str) -> Optional[str]:
 
 
 def train_plan(grid: Grid, run: Run, data_bin: str) -> Optional[str]:
-    """What the run's training needs (a sentence), None if it is done; ExperimentError if it
-    was trained (or started: command.txt) with other settings than a raised --max-update."""
+    """What training the run needs (None: done); refuses any change but a raised --max-update."""
     run_dir, settings = grid.run_dir(run), grid.settings(run, data_bin)
-    old = finished = files.read_stamp(run_dir, TRAIN)
-    if finished is None and os.path.isfile(os.path.join(run_dir, COMMAND_FILE)):
-        with open(os.path.join(run_dir, COMMAND_FILE), encoding="utf-8") as f:
-            # Without the environment it ran with (OMP_NUM_THREADS=1 ...).
-            argv = itertools.dropwhile(lambda word: "=" in word, shlex.split(f.read()))
-        old = grid.settings_of_command(list(argv))
+    finished = files.read_stamp(run_dir, TRAIN)
+    old = finished or files.read_json_object(os.path.join(run_dir, STARTED_RECORD))
     if old is None:
         return "training"
     changes = files.changed_inputs(old, settings)
@@ -125,15 +116,9 @@ def train_plan(grid: Grid, run: Run, data_bin: str) -> Optional[str]:
 
 
 def check_runs(grid: Grid, data_bin: str) -> None:
-    """Every run's train_plan before any run starts: the refusals, all in one line."""
-    refused = []
+    """Every run's train_plan before any run starts: the first refusal raises."""
     for run in grid.runs():
-        try:
-            train_plan(grid, run, data_bin)
-        except ExperimentError as error:
-            refused.append(str(error))
-    if refused:
-        raise ExperimentError("; ".join(refused))
+        train_plan(grid, run, data_bin)
 
 
 def call(children: Children, what: str, command: List[str], log: str, env: Dict, mode="a"):
@@ -151,16 +136,16 @@ def train(grid: Grid, run: Run, data_bin: str, env: Dict[str, str], children: Ch
     """The train stage; returns the command line it trains with (written to command.txt)."""
     run_dir, command = grid.run_dir(run), grid.command(run, data_bin)
     line = " ".join([f"{k}={shlex.quote(v)}" for k, v in env.items()] + [shlex.join(command)])
-    plan = train_plan(grid, run, data_bin)
+    plan, settings = train_plan(grid, run, data_bin), grid.settings(run, data_bin)
     logger.info(f"{run.name}: {plan or 'trained'}")
     if plan is not None:
         for stage in (TRAIN, EVALUATE, SHARPNESS):  # a failed redo leaves no stale mark
             files.clear_stamp(run_dir, stage)
-        if os.path.exists(os.path.join(run_dir, RESULTS)):
-            os.unlink(os.path.join(run_dir, RESULTS))  # its checkpoints are about to change
+        pathlib.Path(run_dir, RESULTS).unlink(missing_ok=True)  # its checkpoint is to change
         files.write_text(os.path.join(run_dir, COMMAND_FILE), line + "\n")
+        files.write_json(os.path.join(run_dir, STARTED_RECORD), settings)
         call(children, "fairseq-train", command, os.path.join(run_dir, TRAIN_LOG), env)
-        files.write_stamp(run_dir, TRAIN, grid.settings(run, data_bin))
+        files.write_stamp(run_dir, TRAIN, settings)
     return line
 
 
@@ -172,8 +157,8 @@ def stage_done(run_dir: str, stage: str, inputs: dict) -> bool:
     return False
 
 
-def evaluate(grid, run, data_bin, references, env, children) -> dict:
-    """The evaluate stage: results.json's scores, redone when the evaluation's inputs change."""
+def evaluate(grid, run, data_bin, references, env, children, command_line) -> dict:
+    """results.json (design.md): the run's settings and scores, redone when their inputs change."""
     run_dir = grid.run_dir(run)
     save_dir = os.path.join(run_dir, CHECKPOINTS_FOLDER)
     inputs = evaluation.evaluation_inputs(data_bin, save_dir, grid.protocol, references)
@@ -186,41 +171,32 @@ def evaluate(grid, run, data_bin, references, env, children) -> dict:
         data_bin, save_dir, plugin_dir(), grid.protocol, env={**os.environ, **env}, **options
     )
     files.write_stamp(run_dir, EVALUATE, inputs)
-    return scores
+    budget = dict(grid.options(run)).get(BUDGET_FLAG)
+    described = dict(run=run.name, row=run.row, optimizer=grid.optimizer_of(run.row))
+    described.update(seed=run.seed, sweep=dict(run.swept), preset=grid.preset.name)
+    described.update(max_update=int(budget) if budget else None, train_command=command_line)
+    return {**described, "protocol": str(grid.protocol), **scores}
 
 
 def sharpness(grid, run, data_bin, results, env, gpu, children) -> dict:
-    """The sharpness stage: fairseq-asam-sharpness's JSON report on the evaluated checkpoint,
-    on the run's GPU; redone when ρ or the evaluation changes."""
+    """The sharpness stage, on the evaluated checkpoint: redone when ρ or the evaluation changes."""
     run_dir, checkpoint = grid.run_dir(run), results["checkpoint"]["path"]
     inputs = dict(rho=grid.sharpness_rho, evaluation=files.read_stamp(run_dir, EVALUATE))
     if stage_done(run_dir, SHARPNESS, inputs) and "sharpness" in results:
         return results["sharpness"]
     logger.info(f"{run.name}: measuring the adaptive sharpness at rho={grid.sharpness_rho}")
-    json_path, device = (os.path.join(run_dir, SHARPNESS_JSON), "cpu" if gpu is None else "cuda:0")
+    json_path, device = os.path.join(run_dir, "sharpness.json"), "cpu" if gpu is None else "cuda:0"
     command = [*SHARPNESS_COMMAND, checkpoint, data_bin, "--rho", repr(grid.sharpness_rho)]
     command += ["--measures", "adaptive", "--device", device, "--json", json_path]
-    log = os.path.join(run_dir, SHARPNESS_LOG)
+    log = os.path.join(run_dir, "sharpness.log")
     call(children, "fairseq-asam-sharpness", command, log, env, mode="w")
     files.write_stamp(run_dir, SHARPNESS, inputs)
     return files.read_json_object(json_path)
 
 
-def describe(grid: Grid, run: Run, command_line: str) -> dict:
-    """What results.json says the run is (design.md): the report's keys."""
-    budget = dict(grid.options(run)).get(BUDGET_FLAG)
-    described = dict(run=run.name, row=run.row, optimizer=grid.optimizer_of(run.row))
-    described.update(seed=run.seed, sweep=dict(run.swept), preset=grid.preset.name)
-    described.update(max_update=int(budget) if budget else None, train_command=command_line)
-    return {**described, "protocol": str(grid.protocol)}
-
-
 def run_one(grid: Grid, run: Run, data_bin: str, references: Dict, gpu=None, children=None) -> str:
-    """Trains, evaluates and measures one run under its lock; returns its results.json.
-
-    RunLocked if another launcher holds the run; Interrupted once `children` is stopping (they
-    start no new stage); any other failure is written to failure.json first.  `gpu`: the
-    children's CUDA_VISIBLE_DEVICES; on a CPU, the preset's OMP_NUM_THREADS unless it is set."""
+    """One run's stages under its lock; returns its results.json.  RunLocked if another launcher
+    holds it, Interrupted once `children` stop; any other failure goes to failure.json first."""
     children, run_dir = children or CHILDREN, grid.run_dir(run)
     os.makedirs(run_dir, exist_ok=True)
     try:
@@ -238,15 +214,13 @@ def run_one(grid: Grid, run: Run, data_bin: str, references: Dict, gpu=None, chi
             stage = EVALUATE
             if children.stopping.is_set():  # no new stage (an average:N loads checkpoints)
                 raise Interrupted("not started: stopping")
-            results = evaluate(grid, run, data_bin, references, env, children)
-            results = {**describe(grid, run, line), **results}
+            results = evaluate(grid, run, data_bin, references, env, children, line)
             write_results(path, results)
             if grid.sharpness_rho is not None:
                 stage = SHARPNESS
                 results["sharpness"] = sharpness(grid, run, data_bin, results, env, gpu, children)
                 write_results(path, results)
-            if os.path.exists(os.path.join(run_dir, FAILURE_RECORD)):
-                os.unlink(os.path.join(run_dir, FAILURE_RECORD))
+            pathlib.Path(run_dir, FAILURE_RECORD).unlink(missing_ok=True)
             logger.info(f"{run.name}: done, {path}")
             return path
         except BaseException as error:
@@ -269,7 +243,7 @@ def write_results(path: str, results: dict) -> None:
 
 def guarded(*arguments, in_job: bool = False):
     """The outcome of run_one(*arguments), what goes wrong kept to that run; in a job, a failure
-    is returned as the exception (for the job to raise: a FAILED job)."""
+    raises (a FAILED job)."""
     try:
         run_one(*arguments)
         return "done", ""
@@ -278,30 +252,30 @@ def guarded(*arguments, in_job: bool = False):
         return ("locked" if isinstance(error, RunLocked) else "interrupted"), str(error)
     except Exception as error:
         logger.error(f"failed: {one_line(error)}")
-        return error if in_job else ("failed", one_line(error))
+        if in_job:
+            raise
+        return "failed", one_line(error)
 
 
 def visible_gpus() -> List[str]:
     """CUDA_VISIBLE_DEVICES entries of the GPUs torch sees (indices if the variable is unset)."""
     import torch
 
-    count, listed = torch.cuda.device_count(), os.environ.get("CUDA_VISIBLE_DEVICES")
-    names = [str(i) for i in range(count)] if listed is None else listed.split(",")
-    return [name.strip() for name in names if name.strip()][:count]
+    count = torch.cuda.device_count()
+    listed = os.environ.get("CUDA_VISIBLE_DEVICES", ",".join(map(str, range(count))))
+    return [name.strip() for name in listed.split(",")][:count]
 
 
 def launch_local(grid, runs, data_bin, references, gpus, children=None) -> Dict[str, Outcome]:
     """The runs here, one per GPU at a time (one after the other without GPUs); {run: outcome}.
     Ctrl-C: no new run or stage starts, the children are stopped (Children.stop)."""
-    children, todo, outcomes = children or Children(), queue.SimpleQueue(), {}
-    for run in runs:
-        todo.put(run)
+    children, todo, outcomes = children or Children(), collections.deque(runs), {}
 
     def worker(gpu: Optional[str]) -> None:
         while not children.stopping.is_set():
             try:
-                run = todo.get_nowait()
-            except queue.Empty:
+                run = todo.popleft()  # thread-safe
+            except IndexError:
                 return
             outcomes[run.name] = guarded(grid, run, data_bin, references, gpu, children)
 
@@ -338,9 +312,8 @@ def make_executor(out_dir: str, jobs, name: str, **parameters) -> submitit.AutoE
 
 
 class RunJob(submitit.helpers.Checkpointable):
-    """A job: run_one for one run, in a thread so that submitit's signal handler (main thread)
-    can stop its children.  On a timeout or a preemption submitit calls checkpoint(): the
-    trainer stops and the job requeues, to resume from checkpoint_last.pt."""
+    """run_one in a thread, so that submitit's signal handler (main thread) can stop its children
+    on a timeout or a preemption (checkpoint(): the job requeues, resumes from checkpoint_last)."""
 
     def __init__(self, grid: Grid, run: Run, data_bin: str, references: Dict[str, str]):
         self.arguments = (grid, run, data_bin, references)
@@ -351,12 +324,10 @@ class RunJob(submitit.helpers.Checkpointable):
         pool = concurrent.futures.ThreadPoolExecutor(1)
         outcome = pool.submit(guarded, *self.arguments, gpu, in_job=True)
         try:
-            outcome.result()
+            return outcome.result()
         except KeyboardInterrupt:  # cancelled (submitit-local sends SIGINT)
             CHILDREN.stop()
-        if isinstance(outcome.result(), BaseException):
-            raise outcome.result()  # a failed run: a FAILED job
-        return outcome.result()
+            return outcome.result()
 
     def checkpoint(self, *args, **kwargs) -> submitit.helpers.DelayedSubmission:
         logger.warning(f"{self.arguments[1].name}: timeout or preemption: stopping, requeueing")
@@ -365,10 +336,8 @@ class RunJob(submitit.helpers.Checkpointable):
 
 
 def launch_jobs(grid, runs, data_bin, references, jobs, final=None) -> Optional[Dict]:
-    """A job per run (a run's job that finds it locked by another job skips it, one that finds
-    it done only evaluates); waits for them under submitit-local or --wait ({run: outcome});
-    else submits `final` (function, arguments: the report) as a job that starts once every run
-    job has ended (afterany), and returns None."""
+    """A job per run; waits for them under submitit-local or --wait ({run: outcome}); else
+    submits `final` (function, arguments: the report) to start after them, and returns None."""
     name = f"table4-{os.path.basename(grid.out_dir)}"
     executor = make_executor(grid.out_dir, jobs, name)
     with executor.batch():
@@ -379,7 +348,7 @@ def launch_jobs(grid, runs, data_bin, references, jobs, final=None) -> Optional[
         logger.info(f"{run.name}: submitted as job {job.job_id}")
     if jobs.wait or jobs.launcher == "submitit-local":
         return wait_for_jobs(grid, submitted)
-    if final is not None and jobs.launcher == "slurm" and not jobs.no_report_job and submitted:
+    if final is not None and not jobs.no_report_job:  # on Slurm (submitit-local waited)
         after = "afterany:" + ":".join(sorted({str(j.job_id).split("_")[0] for _, j in submitted}))
         report = dict(timeout_min=REPORT_JOB_MINUTES, gpus_per_node=0, cpus_per_task=1)
         last = make_executor(grid.out_dir, jobs, f"{name}-report", slurm_dependency=after, **report)

@@ -1,8 +1,5 @@
 """Table 4 of the ASAM paper (IWSLT'14 De->En BLEU: Adam, Adam+SAM, Adam+ASAM) from the raw
 archive or a prepared --data-bin to the report (<out>/report/table4.md), resumable.
-
-Every check that needs no work (flags, argument files, fairseq-train's parser, every run's
-training stamp) comes before the data, grid.json, the runs and the report.
 """
 
 import argparse
@@ -87,13 +84,20 @@ def parser() -> argparse.ArgumentParser:
     return parser
 
 
-def check_job_flags(args) -> None:
+def check_launcher(args, grid: grids.Grid) -> List[str]:
+    """Job flags need a job launcher, slurm its commands, --amp a GPU; the local GPUs."""
     defaults = parser().parse_args([])
     for flag, _, _, launchers in JOB_FLAGS:
         name = flag[2:].replace("-", "_")
         if getattr(args, name) != getattr(defaults, name) and args.launcher not in launchers:
             needs = " or ".join(launchers)
             raise SettingError(f"{flag} is a job option: it needs --launcher {needs}")
+    if args.launcher == "slurm" and not (shutil.which("sbatch") and shutil.which("srun")):
+        raise SettingError("--launcher slurm needs Slurm's sbatch and srun on PATH")
+    gpus = launch.visible_gpus() if args.launcher == "local" else []
+    if grid.amp and args.launcher == "local" and not gpus:
+        raise SettingError("--amp needs a GPU, and none is visible")
+    return gpus
 
 
 def make_grid(args) -> grids.Grid:
@@ -107,8 +111,7 @@ def make_grid(args) -> grids.Grid:
 
 
 def locate_data(args, grid: grids.Grid) -> Tuple[Optional[str], str]:
-    """(the archive to prepare, None for --data-bin; the data-bin the runs train on), before any
-    work: the prepared folder is named by the archive's content."""
+    """(the archive to prepare or None, the data-bin: a folder named by the archive's content)."""
     from . import prepare, synthetic_data
 
     if args.data_bin is not None:
@@ -136,8 +139,6 @@ def prepare_data(grid: grids.Grid, archive: Optional[str], data_bin: str) -> Dic
     if archive is not None:
         root = os.path.join(grid.out_dir, DATA_FOLDER)
         prepare.prepare_iwslt14(archive, root, grid.preset.bpe_merges)
-    if os.path.basename(data_bin) != prepare.DATA_BIN:
-        return {}
     references = prepare.reference_files(os.path.dirname(data_bin))
     return {split: path for split, path in references.items() if os.path.isfile(path)}
 
@@ -150,38 +151,22 @@ def write_report(out_dir: str) -> str:
     return report.write_report([out_dir], os.path.join(out_dir, report.REPORT_FOLDER))
 
 
-def devices(args, grid: grids.Grid) -> List[str]:
-    """The GPUs of a local launcher; --amp refused without one, slurm without sbatch."""
-    gpus = launch.visible_gpus() if args.launcher == "local" else []
-    if grid.amp and args.launcher == "local" and not gpus:
-        raise SettingError("--amp needs a GPU, and none is visible")
-    if args.launcher == "slurm" and not (shutil.which("sbatch") and shutil.which("srun")):
-        raise SettingError("--launcher slurm needs Slurm's sbatch and srun on PATH")
-    return gpus
-
-
 def ending(outcomes: Dict[str, Tuple[str, str]]) -> int:
-    """Status 0, or the error that says which runs failed or that Ctrl-C stopped the grid."""
+    """Status 0, or the error naming the runs that Ctrl-C stopped or that failed."""
     stopped = [name for name, (status, _) in outcomes.items() if status == "interrupted"]
     failed = [f"{name}: {why}" for name, (status, why) in outcomes.items() if status == "failed"]
     if stopped:
-        raise launch.Interrupted(
-            f"interrupted (Ctrl-C): {', '.join(stopped)} stopped; every run is resumable: run "
-            "the same command again to continue"
-        )
+        raise launch.Interrupted(f"interrupted (Ctrl-C): {', '.join(stopped)} stopped, resumable")
     if failed:
-        raise ExperimentError(
-            f"{len(failed)} run(s) failed: {'; '.join(failed)} (the report shows the others; "
-            "see each run's failure.json)"
-        )
+        raise ExperimentError(f"{len(failed)} run(s) failed: {'; '.join(failed)} (see the report)")
     return 0
 
 
 def work(args) -> int:
+    """Every check that needs no work (flags, fairseq-train's parser, training stamps) first."""
     grid = make_grid(args)
-    check_job_flags(args)
     grid.check()
-    gpus = devices(args, grid)
+    gpus = check_launcher(args, grid)
     grids.check_options_known(grid, args.data_bin or DATA_FOLDER)
     archive, data_bin = locate_data(args, grid)
     launch.check_runs(grid, data_bin)

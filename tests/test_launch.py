@@ -13,7 +13,7 @@ import launch_stubs
 import pytest
 from harness import read_json, wait_for_file
 
-from fairseq_asam_experiments import files, grid, launch, table4
+from fairseq_asam_experiments import files, grid, launch, recipe, table4
 from fairseq_asam_experiments.errors import ExperimentError
 
 DATA_BIN = "/data-bin"  # the stubs never read it; the runs' settings name it
@@ -44,16 +44,17 @@ def lines(path, prefix="stub: "):
     return [line for line in path.read_text().splitlines() if line.startswith(prefix)]
 
 
-def test_the_settings_of_a_command_are_the_grids_settings_of_its_run(tmp_path):
+def test_a_runs_settings_are_its_command_but_where_it_writes(tmp_path):
     tiny = grid.Grid(str(tmp_path), grid.PRESETS["tiny"], sweeps=(grid.parse_sweep("lr=1e-3"),))
     for one in tiny.runs():
-        settings = tiny.settings_of_command(tiny.command(one, "data"))
-        assert settings == tiny.settings(one, "data") and settings["data"] == os.path.abspath(
-            "data"
-        )
+        settings, command = tiny.settings(one, "data"), tiny.command(one, "data")
+        assert settings["data"] == os.path.abspath("data") == command[3]
         inside = tiny.settings(one, str(tmp_path / "data" / "bin"))["data"]
         assert inside == os.path.join("data", "bin")  # relative: a moved folder keeps its runs
         assert settings["--lr"] == "0.001" and "--save-dir" not in settings  # where, not what
+        options = [(flag, value) for flag, value in settings.items() if flag != "data"]
+        assert command[4:-4] == recipe.merge_options(options)
+        assert command[-4::2] == ["--save-dir", "--user-dir"]
 
 
 def test_a_finished_run_is_skipped_and_its_evaluation_kept(stubbed, tmp_path):
@@ -85,6 +86,8 @@ def test_an_interrupted_run_resumes_from_checkpoint_last(stubbed, tmp_path):
     assert lines(run_dir(tmp_path) / "train.log") == ["stub: interrupted"]
     assert not (run_dir(tmp_path) / "failure.json").exists()  # not a failure
     assert files.read_stamp(run_dir(tmp_path), "train") is None  # not finished
+    with pytest.raises(ExperimentError, match="adam-seed1 was trained .*--max-update 4 → 3"):
+        launch.check_runs(launch_stubs.stub_grid(tmp_path, max_update=3), DATA_BIN)  # started
     # The trainer had saved checkpoint_last.pt at update 2 (as fairseq does): resumed from it.
     (run_dir(tmp_path) / launch_stubs.MODE_FILE).unlink()
     (run_dir(tmp_path) / "checkpoints").mkdir()
@@ -124,8 +127,6 @@ def test_a_changed_setting_is_refused_naming_it_before_any_run(stubbed, tmp_path
     run(launch_stubs.stub_grid(tmp_path / "out", max_update=4))
     if changed.get("config_dir") == "edited":  # the recipe's argument file edited
         import shutil
-
-        from fairseq_asam_experiments import recipe
 
         edited = tmp_path / "configs"
         shutil.copytree(recipe.config_dir(), edited)
