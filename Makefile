@@ -8,6 +8,8 @@ BIN := $(VENV)/bin
 TORCH := torch==2.13.0
 INSTALLED := $(VENV)/.installed
 TINY_OUT ?= runs/tiny
+# More fairseq-asam-table4 flags for `make tiny`, e.g. TINY_FLAGS="--seeds 1,2".
+TINY_FLAGS ?=
 
 .PHONY: venv tiny test test-fast lint format
 
@@ -22,7 +24,7 @@ $(INSTALLED): setup.py
 
 # Table 4's pipeline with the tiny preset (generated data, CPU); prints the report.
 tiny: $(INSTALLED)
-	$(BIN)/fairseq-asam-table4 --preset tiny --out $(TINY_OUT)
+	$(BIN)/fairseq-asam-table4 --preset tiny --out $(TINY_OUT) $(TINY_FLAGS)
 
 # The full suite: the CI gate.
 test: $(INSTALLED)

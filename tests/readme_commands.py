@@ -16,9 +16,11 @@ The block runs under `bash` with `set -eo pipefail`: the first failing command s
 the failure names the file, the block's line, its first line, the failing command and the
 tail of its output (stdout and stderr together).
 
-FAIRSEQ_ASAM_README_MAX_UPDATE=N (unset by default) rewrites every `--max-update M` of a block to
-min(M, N) before it runs, for a quicker local check; by default the commands run exactly as
-written, so the documented commands are themselves small enough to run on a CPU.
+The test suite runs every block with its training budget cut to SUITE_MAX_UPDATE updates: every
+`--max-update M` of a block becomes min(M, N), and `make tiny` gets `TINY_FLAGS=--max-update N`.
+That checks that each command works (and keeps `make test` within its time); the figures the
+documentation quotes from a full run are checked only when the blocks run as written:
+FAIRSEQ_ASAM_README_MAX_UPDATE=0 (another N: that budget).
 
 `python tests/readme_commands.py [FILE.md ...]` runs the blocks of the given Markdown files (by
 default every README.md and docs/*.md of the checkout) the same way and prints one line per block.
@@ -40,6 +42,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 MARKER = "# not run by the tests:"
 SHELL_LANGUAGES = ("bash", "sh", "shell")
 MAX_UPDATE_VARIABLE = "FAIRSEQ_ASAM_README_MAX_UPDATE"
+SUITE_MAX_UPDATE = 12  # the suite's budget for a documented training command
 BLOCK_TIMEOUT = 1200  # seconds for one block
 OUTPUT_TAIL_LINES = 40
 LINE_CUT = 300  # characters of one output line in a failure message (fairseq logs whole configs)
@@ -49,7 +52,15 @@ DOCS_FOLDER = "docs"  # its *.md pages are documentation too, not only README.md
 NOT_SOURCE = {".git", ".venv", "runs", "build", "dist", "data-bin", "outputs", "__pycache__"}
 # Variables of the environment that would make a block run unlike a user's shell: an outer
 # make's flags and the Makefile's own variables (the checkout's defaults apply).
-DROPPED_VARIABLES = ("MAKEFLAGS", "MFLAGS", "MAKELEVEL", "VENV", "TINY_OUT", "PYTHONHOME")
+DROPPED_VARIABLES = (
+    "MAKEFLAGS",
+    "MFLAGS",
+    "MAKELEVEL",
+    "VENV",
+    "TINY_OUT",
+    "TINY_FLAGS",
+    "PYTHONHOME",
+)
 
 _FENCE = re.compile(r"^(?P<indent>[ \t]*)(?P<fence>`{3,}|~{3,})\s*(?P<info>[^`]*?)\s*$")
 _MAX_UPDATE = re.compile(r"(--max-update(?:\s+|=))(\d+)")
@@ -267,12 +278,12 @@ def shorten_max_update(text: str, max_update: Optional[int]) -> str:
 
 
 def max_update_from_environment() -> Optional[int]:
-    value = os.environ.get(MAX_UPDATE_VARIABLE)
-    if not value:
-        return None
-    if not value.isdigit() or int(value) < 1:
-        raise ValueError(f"{MAX_UPDATE_VARIABLE} must be a whole number >= 1, got {value!r}")
-    return int(value)
+    """The blocks' budget: SUITE_MAX_UPDATE, or FAIRSEQ_ASAM_README_MAX_UPDATE's (0: as written,
+    None)."""
+    value = os.environ.get(MAX_UPDATE_VARIABLE, str(SUITE_MAX_UPDATE))
+    if not value.isdigit():
+        raise ValueError(f"{MAX_UPDATE_VARIABLE} must be a whole number >= 0, got {value!r}")
+    return int(value) or None
 
 
 def failure_message(block: Block, what: str, output: str) -> str:
@@ -304,6 +315,9 @@ def run_block(
         f"set -eo pipefail; trap 'echo \"{FAILED_AT}"
         f"{block.source}:$((LINENO + {offset})): $BASH_COMMAND\" >&2' ERR"
     )
+    env = block_environment(venv_bin)
+    if max_update is not None:
+        env["TINY_FLAGS"] = f"--max-update {max_update}"
     with tempfile.NamedTemporaryFile(
         "w", suffix=".sh", prefix="readme-block-", dir=os.path.dirname(workdir), delete=False
     ) as script:
@@ -312,7 +326,7 @@ def run_block(
         done = subprocess.run(
             ["bash", script.name],
             cwd=workdir,
-            env=block_environment(venv_bin),
+            env=env,
             stdin=subprocess.DEVNULL,
             stdout=subprocess.PIPE,
             stderr=subprocess.STDOUT,
