@@ -16,7 +16,7 @@ import math
 import os
 from typing import Dict, List, Optional, Sequence, Tuple
 
-from . import files, grid, recipe
+from . import files, grid, launch, recipe, table4
 from .errors import ExperimentError, SettingError
 
 PROGRAM = "fairseq-asam-correlation"
@@ -100,15 +100,6 @@ def prepare_data(built: grid.Grid, archive: Optional[str]) -> str:
         synthetic_data.build_sample_archive(archive, *built.preset.sample_archive)
     data_dir = prepare.prepare_iwslt14(archive, root, built.preset.bpe_merges)
     return os.path.join(data_dir, prepare.DATA_BIN)
-
-
-def train_model(built: grid.Grid, run: grid.Run, data_bin: str) -> None:
-    """launch's train stage into grid.run_dir(run): resumable, the stamps of fairseq-asam-table4."""
-    from . import launch
-
-    os.makedirs(built.run_dir(run), exist_ok=True)
-    env = {"OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}
-    launch.train(built, run, data_bin, env, launch.Children())
 
 
 def rescale_ffn(model, scale: float):
@@ -273,12 +264,22 @@ def write_outputs(out: str, rows, axes, settings: Settings, record: dict, failed
     return markdown_table(stats, axes, caption)
 
 
-def family_rows(built: grid.Grid, data_bin: str, settings, scales) -> Tuple[list, list]:
-    """(CSV rows, failed runs) of every run, trained and measured; a failed one is left out."""
+def train_family(built: grid.Grid, data_bin: str, args, gpus) -> Optional[Dict[str, tuple]]:
+    """launch's train stage for every model: one per GPU here, or a job each (fairseq-asam-table4's
+    --launcher and job flags); {run: outcome}, None once Slurm jobs are submitted."""
+    if args.launcher == "local":
+        return launch.launch_local(built, built.runs(), data_bin, None, gpus)
+    return launch.launch_jobs(built, built.runs(), data_bin, None, args)
+
+
+def family_rows(built: grid.Grid, data_bin: str, settings, scales, outcomes) -> Tuple[list, list]:
+    """(CSV rows, failed runs) of the trained runs, measured; a failed one is left out."""
     rows, failed = [], []
     for run in built.runs():
         try:
-            train_model(built, run, data_bin)
+            status, why = outcomes[run.name]
+            if status != "done":
+                raise ExperimentError(f"{run.name}: {status} in training: {why}")
             checkpoint = os.path.join(built.run_dir(run), LAST_CHECKPOINT)
             logger.info("measuring %s", run.name)
             measured = measure_model(checkpoint, data_bin, settings, scales)
@@ -305,10 +306,17 @@ def work(args: argparse.Namespace) -> int:
             raise SettingError(f"--{f.name.replace('_', '-')} must be a finite number > 0")
     scales = args.rescaled_copies
     built = build_grid(args)
+    gpus = table4.check_launcher(args, built)
     data_bin = prepare_data(built, args.archive)
     grid.check_options_known(built, data_bin)
     files.write_json(os.path.join(built.out_dir, grid.GRID_RECORD), built.record())
-    rows, failed = family_rows(built, data_bin, settings, scales)
+    outcomes = train_family(built, data_bin, args, gpus)
+    if outcomes is None:
+        logger.info("jobs submitted: run the same command again once they have ended")
+        return 0
+    if any(status == "interrupted" for status, _ in outcomes.values()):
+        raise launch.Interrupted("interrupted (Ctrl-C): the family resumes when run again")
+    rows, failed = family_rows(built, data_bin, settings, scales, outcomes)
     if len({row["run"] for row in rows}) < 2:
         raise ExperimentError(f"fewer than 2 models measured ({len(failed)} failed): no τ")
     axes = axes_of(built) + ([SCALE_AXIS] if scales else [])
@@ -329,7 +337,7 @@ def parser() -> argparse.ArgumentParser:
     copies = dict(type=parse_scales, const=DEFAULT_SCALES, default=(), metavar="A,..")
     text = f"add each model's FFN-rescaled copies (A default: {DEFAULT_SCALES})"
     p.add_argument("--rescaled-copies", nargs="?", help=text, **copies)
-    return p
+    return table4.add_launcher_flags(p)
 
 
 def main(argv=None) -> int:

@@ -211,6 +211,8 @@ def run_one(grid: Grid, run: Run, data_bin: str, references: Dict, gpu=None, chi
         try:
             logger.info(f"{run.name}: on {'CPU' if gpu is None else 'GPU ' + gpu}")
             line = train(grid, run, data_bin, env, children)
+            if references is None:  # train only (fairseq-asam-correlation measures the model)
+                return run_dir
             stage = EVALUATE
             if children.stopping.is_set():  # no new stage (an average:N loads checkpoints)
                 raise Interrupted("not started: stopping")

@@ -55,7 +55,6 @@ FLAGS = [  # (flag, argparse options, help)
     ("--sweep", {"action": "append", "default": [], "metavar": SWEEP}, "e.g. lr=5e-4,1e-3"),
     ("--rho", {}, "--sweep rho=V1,V2: ρ of every SAM/ASAM row"),
     ("--eta", {}, "--sweep eta=V1,V2: η of every ASAM row"),
-    ("--launcher", {"choices": ("local", *JOBS), "default": "local"}, "local: one run per GPU"),
 ]
 JOB_FLAGS = [  # and the launchers that take each
     ("--partition", {}, "Slurm partition", SLURM),
@@ -78,6 +77,13 @@ def parser() -> argparse.ArgumentParser:
     parser.add_argument("--preset", choices=sorted(grids.PRESETS), default="paper", help=presets)
     for flag, options, text in FLAGS:
         parser.add_argument(flag, help=text, **options)
+    return add_launcher_flags(parser)
+
+
+def add_launcher_flags(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    """--launcher and the job flags (also fairseq-asam-correlation's; check_launcher checks)."""
+    choices = dict(choices=("local", *JOBS), default="local")
+    parser.add_argument("--launcher", help="local: one run per GPU", **choices)
     jobs = parser.add_argument_group("jobs", "slurm: a job per run; submitit-local: the same here")
     for flag, options, text, _ in JOB_FLAGS:
         jobs.add_argument(flag, help=text, **options)
@@ -86,7 +92,7 @@ def parser() -> argparse.ArgumentParser:
 
 def check_launcher(args, grid: grids.Grid) -> List[str]:
     """Job flags need a job launcher, slurm its commands, --amp a GPU; the local GPUs."""
-    defaults = parser().parse_args([])
+    defaults = add_launcher_flags(argparse.ArgumentParser()).parse_args([])
     for flag, _, _, launchers in JOB_FLAGS:
         name = flag[2:].replace("-", "_")
         if getattr(args, name) != getattr(defaults, name) and args.launcher not in launchers:

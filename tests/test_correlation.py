@@ -10,7 +10,7 @@ import os
 import pytest
 import torch
 
-from fairseq_asam_experiments import correlation, recipe
+from fairseq_asam_experiments import correlation, launch, recipe
 from fairseq_asam_experiments.errors import SettingError
 
 AXES = ("a", "b")
@@ -130,6 +130,21 @@ def test_measurement_flags_must_be_positive(tmp_path, flag):
     assert not os.listdir(tmp_path)
 
 
+@pytest.mark.parametrize(
+    "flags, error",
+    [
+        (["--time-min", "5"], "--time-min is a job option: it needs --launcher slurm or"),
+        (["--launcher", "slurm"], "--launcher slurm needs Slurm's sbatch and srun on PATH"),
+    ],
+)
+def test_launcher_flags_are_table4s_checked_before_any_work(
+    tmp_path, checkout_configs, capsys, monkeypatch, flags, error
+):
+    monkeypatch.setenv("PATH", str(tmp_path / "bin"))  # no sbatch
+    assert correlation.main(["--out", str(tmp_path / "out"), *flags]) == 1
+    assert error in capsys.readouterr().err and not (tmp_path / "out").exists()
+
+
 @pytest.mark.parametrize("scales", ["0", "1", "-2", "x", "0.5,inf"])
 def test_rescaled_copies_take_positive_scales_other_than_one(scales):
     with pytest.raises(SystemExit):
@@ -219,22 +234,27 @@ def test_the_command_on_small_models(tmp_path, monkeypatch, checkout_configs, ch
     _, data_bin = checkpoint_and_data
     trained = []
 
-    def train_stub(built, run, data_bin_):
+    def train_stub(built, run, data_bin_, env, children):  # launch's train stage
         trained.append(run.name)
         if len(trained) == 4:
             raise ExperimentError(f"{run.name}: fairseq-train exited 1")
         folder = os.path.join(built.run_dir(run), "checkpoints")
         os.makedirs(folder)
         train_checkpoint(data_bin_, folder, updates=len(trained))
+        return "fairseq-train ..."
 
     monkeypatch.setattr(correlation, "prepare_data", lambda built, archive: data_bin)
-    monkeypatch.setattr(correlation, "train_model", train_stub)
+    monkeypatch.setattr(launch, "train", train_stub)
     sweeps = ["lr=0.001,0.002", "dropout=0,0.1", "max-tokens=120"]
     argv = ["--out", str(tmp_path), "--steps", "1", "--train-batches", "2", "--batch-tokens", "120"]
     argv += [flag for sweep in sweeps for flag in ("--sweep", sweep)] + ["--rescaled-copies", "4"]
     assert correlation.main(argv) == 1
     report = json.loads((tmp_path / "correlation.json").read_text(encoding="utf-8"))
     assert len(trained) == 4 and [f["run"] for f in report["failed_runs"]] == [trained[3]]
+    assert "fairseq-train exited 1" in report["failed_runs"][0]["error"]
+    assert not any(
+        os.path.exists(os.path.join(tmp_path, "runs", r, "results.json")) for r in trained
+    )
     assert report["axes"] == ["lr", "dropout", "max-tokens", "scale"]
     assert report["models"] == 6 and report["adaptive_sharpness"]["models"] == 6
     psi = report["sharpness"]["psi"]["per_axis"]
