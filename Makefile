@@ -15,7 +15,7 @@ TINY_FLAGS ?=
 
 venv: $(INSTALLED)
 
-$(INSTALLED): setup.py
+$(INSTALLED): setup.py fairseq_asam_experiments/__init__.py  # setup.py reads its COMMANDS
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --upgrade pip
 	$(BIN)/pip install $(TORCH) "numpy<2.3" cython setuptools wheel

@@ -17,7 +17,9 @@ import os
 from typing import Dict, List, Optional, Sequence, Tuple
 
 from . import files, grid, launch, recipe, table4
+from .cli import run_command
 from .errors import ExperimentError, SettingError
+from .logs import log_to_stdout
 
 PROGRAM = "fairseq-asam-correlation"
 logger = logging.getLogger(__name__)
@@ -85,21 +87,6 @@ def build_grid(args: argparse.Namespace) -> grid.Grid:
 
 def axes_of(built: grid.Grid) -> List[str]:  # the swept options, and the optimizer if several
     return [s.option for s in built.sweeps] + (["optimizer"] if len(built.rows) > 1 else [])
-
-
-def prepare_data(built: grid.Grid, archive: Optional[str]) -> str:
-    """The data-bin of `archive`, or of the preset's generated sample archive, prepared into
-    <out>/data/<a folder named by its content> (at once if it is there)."""
-    from . import prepare, synthetic_data
-
-    root = os.path.join(built.out_dir, "data")
-    if archive is None and built.preset.sample_archive is None:
-        raise SettingError(f"--preset {built.preset.name} needs --archive (de-en.tgz)")
-    if archive is None:
-        archive = os.path.join(root, "sample-de-en.tgz")  # the same bytes every time
-        synthetic_data.build_sample_archive(archive, *built.preset.sample_archive)
-    data_dir = prepare.prepare_iwslt14(archive, root, built.preset.bpe_merges)
-    return os.path.join(data_dir, prepare.DATA_BIN)
 
 
 def rescale_ffn(model, scale: float):
@@ -201,8 +188,10 @@ def granulated(rows: Sequence[dict], axes: Sequence[str], measure: str) -> dict:
 
 def correlations(rows: Sequence[dict], axes: Sequence[str]) -> Dict[str, dict]:
     """Per measure: τ against the gap over all rows, ψ per axis and Ψ, and the model count."""
-    stats = {m: {"tau": kendall_tau(rows, m), "psi": granulated(rows, axes, m)} for m in MEASURES}
-    return {m: dict(stats[m], models=len(rows)) for m in MEASURES}
+    return {
+        m: dict(tau=kendall_tau(rows, m), psi=granulated(rows, axes, m), models=len(rows))
+        for m in MEASURES
+    }
 
 
 def fmt(value: Optional[float]) -> str:
@@ -265,11 +254,16 @@ def write_outputs(out: str, rows, axes, settings: Settings, record: dict, failed
 
 
 def train_family(built: grid.Grid, data_bin: str, args, gpus) -> Optional[Dict[str, tuple]]:
-    """launch's train stage for every model: one per GPU here, or a job each (fairseq-asam-table4's
-    --launcher and job flags); {run: outcome}, None once Slurm jobs are submitted."""
-    if args.launcher == "local":
-        return launch.launch_local(built, built.runs(), data_bin, None, gpus)
-    return launch.launch_jobs(built, built.runs(), data_bin, None, args)
+    """launch's train stage for the runs left to train: one per GPU here, or a job each (table4's
+    --launcher); {run: outcome}, None once the jobs are submitted."""
+    todo = [run for run in built.runs() if launch.train_plan(built, run, data_bin) is not None]
+    outcomes = {run.name: ("done", "") for run in built.runs()}
+    if todo and args.launcher == "local":
+        outcomes.update(launch.launch_local(built, todo, data_bin, None, gpus))
+    elif todo:
+        submitted = launch.launch_jobs(built, todo, data_bin, None, args)
+        outcomes = None if submitted is None else {**outcomes, **submitted}
+    return outcomes
 
 
 def family_rows(built: grid.Grid, data_bin: str, settings, scales, outcomes) -> Tuple[list, list]:
@@ -300,6 +294,8 @@ def parse_scales(text: str) -> Tuple[float, ...]:
 
 
 def work(args: argparse.Namespace) -> int:
+    from .sharpness import check_device  # torch: not for --help
+
     settings = Settings(**{f.name: getattr(args, f.name) for f in dataclasses.fields(Settings)})
     for f in dataclasses.fields(Settings):  # before any training
         if f.type is not str and not 0 < getattr(settings, f.name) < math.inf:
@@ -307,8 +303,11 @@ def work(args: argparse.Namespace) -> int:
     scales = args.rescaled_copies
     built = build_grid(args)
     gpus = table4.check_launcher(args, built)
-    data_bin = prepare_data(built, args.archive)
+    check_device(settings.device)
+    archive, data_bin = table4.locate_data(args, built)  # <out>/data/<named by its content>
     grid.check_options_known(built, data_bin)
+    launch.check_runs(built, data_bin)  # a changed setting is refused before any work
+    table4.prepare_data(built, archive, data_bin)
     files.write_json(os.path.join(built.out_dir, grid.GRID_RECORD), built.record())
     outcomes = train_family(built, data_bin, args, gpus)
     if outcomes is None:
@@ -329,6 +328,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--preset", choices=PRESETS, default="tiny", help="configs/correlation/")
     p.add_argument("--out", required=True, help="the family's folder (a rerun resumes)")
     p.add_argument("--archive", help="IWSLT'14 de-en.tgz (default: the tiny preset's sample)")
+    p.add_argument("--data-bin", help="already binarized IWSLT'14 de-en data (no preparation)")
     p.add_argument("--sweep", action="append", metavar="OPTION=V1,V2", help="replaces the preset's")
     p.add_argument("--max-update", type=int, help="every model's budget (default: the preset's)")
     for f in dataclasses.fields(Settings):
@@ -341,9 +341,6 @@ def parser() -> argparse.ArgumentParser:
 
 
 def main(argv=None) -> int:
-    from .cli import run_command
-    from .logs import log_to_stdout
-
     args = parser().parse_args(argv)
     log_to_stdout()
     return run_command(PROGRAM, lambda: work(args))

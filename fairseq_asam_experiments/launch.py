@@ -211,6 +211,7 @@ def run_one(grid: Grid, run: Run, data_bin: str, references: Dict, gpu=None, chi
         try:
             logger.info(f"{run.name}: on {'CPU' if gpu is None else 'GPU ' + gpu}")
             line = train(grid, run, data_bin, env, children)
+            pathlib.Path(run_dir, FAILURE_RECORD).unlink(missing_ok=True)  # a later stage rewrites
             if references is None:  # train only (fairseq-asam-correlation measures the model)
                 return run_dir
             stage = EVALUATE
@@ -222,7 +223,6 @@ def run_one(grid: Grid, run: Run, data_bin: str, references: Dict, gpu=None, chi
                 stage = SHARPNESS
                 results["sharpness"] = sharpness(grid, run, data_bin, results, env, gpu, children)
                 write_results(path, results)
-            pathlib.Path(run_dir, FAILURE_RECORD).unlink(missing_ok=True)
             logger.info(f"{run.name}: done, {path}")
             return path
         except BaseException as error:

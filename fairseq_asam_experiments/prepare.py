@@ -317,7 +317,11 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--data-root", default="data", help="(default: %(default)s)")
     p.add_argument("--bpe-merges", type=int, default=DEFAULT_BPE_MERGES, help="(%(default)s)")
     p.add_argument("--download-url", default=DOWNLOAD_URL, help="(%(default)s)")
-    p.add_argument("--download-md5", default=ARCHIVE_MD5, help="of DATA_ROOT/de-en.tgz")
+    p.add_argument(
+        "--download-md5",
+        default=ARCHIVE_MD5,
+        help="checked on download (an existing DATA_ROOT/de-en.tgz is used as it is)",
+    )
     return p
 
 

@@ -222,16 +222,21 @@ def parser() -> argparse.ArgumentParser:
     return p
 
 
-def work(args: argparse.Namespace) -> int:
-    """Checks every argument (SettingError naming the flag or file) before the checkpoint is
-    loaded; prints the report and writes it to --json."""
-    name = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+def check_device(name: str) -> "torch.device":
+    """--device `name` as a torch.device, or SettingError if it is none or not on this machine."""
     try:
         device = torch.device(name)
     except RuntimeError as error:
         raise SettingError(f"--device {name!r} is not a device: {error}") from None
     if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
         raise SettingError(f"--device {name}: this machine has {torch.cuda.device_count()} GPU(s)")
+    return device
+
+
+def work(args: argparse.Namespace) -> int:
+    """Checks every argument (SettingError naming the flag or file) before the checkpoint is
+    loaded; prints the report and writes it to --json."""
+    device = check_device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     if not (math.isfinite(args.rho) and args.rho > 0):
         raise SettingError(f"--rho must be a finite number > 0, got {args.rho}")
     if not (math.isfinite(args.eta) and args.eta >= 0):

@@ -145,6 +145,24 @@ def test_launcher_flags_are_table4s_checked_before_any_work(
     assert error in capsys.readouterr().err and not (tmp_path / "out").exists()
 
 
+def test_jobs_are_submitted_for_the_runs_left_to_train_only(
+    tmp_path, checkout_configs, monkeypatch
+):
+    """A rerun after the Slurm jobs have ended submits nothing and measures every model."""
+    args = correlation.parser().parse_args(["--out", str(tmp_path), "--launcher", "slurm"])
+    built = correlation.build_grid(args)
+    names = [run.name for run in built.runs()]
+    trained, submitted = set(names[1:]), []
+    plan = lambda grid_, run, data_bin: None if run.name in trained else "training"  # noqa: E731
+    monkeypatch.setattr(launch, "train_plan", plan)
+    monkeypatch.setattr(launch, "launch_jobs", lambda g, runs, *rest: submitted.extend(runs))
+    assert correlation.train_family(built, "data-bin", args, []) is None  # submitted, not waited
+    assert [run.name for run in submitted] == names[:1]
+    trained.add(names[0])
+    outcomes = correlation.train_family(built, "data-bin", args, [])
+    assert outcomes == {name: ("done", "") for name in names} and len(submitted) == 1
+
+
 @pytest.mark.parametrize("scales", ["0", "1", "-2", "x", "0.5,inf"])
 def test_rescaled_copies_take_positive_scales_other_than_one(scales):
     with pytest.raises(SystemExit):
@@ -243,10 +261,10 @@ def test_the_command_on_small_models(tmp_path, monkeypatch, checkout_configs, ch
         train_checkpoint(data_bin_, folder, updates=len(trained))
         return "fairseq-train ..."
 
-    monkeypatch.setattr(correlation, "prepare_data", lambda built, archive: data_bin)
     monkeypatch.setattr(launch, "train", train_stub)
     sweeps = ["lr=0.001,0.002", "dropout=0,0.1", "max-tokens=120"]
-    argv = ["--out", str(tmp_path), "--steps", "1", "--train-batches", "2", "--batch-tokens", "120"]
+    argv = ["--out", str(tmp_path), "--data-bin", data_bin, "--steps", "1", "--train-batches", "2"]
+    argv += ["--batch-tokens", "120"]
     argv += [flag for sweep in sweeps for flag in ("--sweep", sweep)] + ["--rescaled-copies", "4"]
     assert correlation.main(argv) == 1
     report = json.loads((tmp_path / "correlation.json").read_text(encoding="utf-8"))
