@@ -298,6 +298,8 @@ def test_wheel_runs_the_tiny_preset_outside_the_checkout(wheel_venv, tmp_path):
             "tiny",
             "--optimizers",
             "adam",
+            "--max-update",  # a few updates: the wheel's files and paths are what is tested
+            "4",
             "--out",
             str(out),
         ],
