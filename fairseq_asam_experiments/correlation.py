@@ -1,11 +1,8 @@
-"""Kendall's τ and Jiang et al.'s granulated ψ (ICLR 2020) of sharpness, adaptive sharpness and
-the parameter norm against the generalization gap over a family of translation models, as Kwon
-et al. (ICML 2021, Figure 3) show them for CIFAR-10 (docs/correlation.md).
+"""Kendall's τ and granulated ψ (Jiang et al., ICLR 2020) of sharpness, adaptive sharpness and the
+parameter norm against the generalization gap of translation models (Kwon et al. 2021, Fig. 3).
 
-The family: a `grid.Grid` swept over 3 or more fairseq-train options (configs/correlation/), all
-trained to one --max-update.  Per model (checkpoint_last.pt, eval mode): nll losses on a fixed
-training subset and the test split, their gap, plain and adaptive sharpness (η = 0, biases
-normalized: the scale-invariant setting) of the training-subset loss, the parameter norm.
+The family: a grid over 3 or more fairseq-train options (configs/correlation/), one budget; per
+model (checkpoint_last.pt, eval mode) its nll losses, gap and measures (`Settings.describe`).
 """
 
 import argparse
@@ -16,10 +13,8 @@ import math
 import os
 from typing import Dict, List, Optional, Sequence, Tuple
 
-from . import files, grid, launch, recipe, table4
-from .cli import run_command
+from . import cli, files, grid, launch, logs, recipe, table4
 from .errors import ExperimentError, SettingError
-from .logs import log_to_stdout
 
 PROGRAM = "fairseq-asam-correlation"
 logger = logging.getLogger(__name__)
@@ -124,8 +119,8 @@ def model_measures(model, batches, loss_fn, settings: Settings) -> Dict[str, flo
 
 
 def measure_model(checkpoint: str, data_bin: str, settings: Settings, scales) -> List[dict]:
-    """One row per copy (scale 1, the model itself, then `scales`): its losses and measures.
-    The loss is fairseq's cross_entropy criterion: label_smoothed_cross_entropy's nll_loss."""
+    """A row per copy (scale 1: the model; then `scales`): losses (fairseq's cross_entropy
+    criterion: label_smoothed_cross_entropy's nll_loss) and measures."""
     import torch
     from fairseq import utils
     from fairseq.criterions.cross_entropy import CrossEntropyCriterion
@@ -170,8 +165,8 @@ def kendall_tau(rows: Sequence[dict], measure: str) -> Optional[float]:
 
 
 def granulated(rows: Sequence[dict], axes: Sequence[str], measure: str) -> dict:
-    """ψ per axis (Jiang et al. 2020, eq. 4), each with its cells, the undefined ones (left out)
-    and the models behind it; and Ψ ("overall"), the mean of the defined ψ."""
+    """ψ per axis (Jiang et al. 2020, eq. 4) with its cells, undefined ones (left out) and models;
+    Ψ ("overall"), the mean of the defined ψ."""
     per_axis = {}
     for axis in axes:
         cells: Dict[tuple, List[dict]] = {}
@@ -199,8 +194,7 @@ def fmt(value: Optional[float]) -> str:
 
 
 def markdown_table(stats: Dict[str, dict], axes: Sequence[str], caption: str) -> str:
-    """Sharpness and adaptive sharpness side by side, then the baseline: τ, ψ per axis, Ψ; the
-    models behind each figure in parentheses (ψ: those of its cells where τ is defined)."""
+    """τ, ψ per axis and Ψ per measure, sharpness beside adaptive sharpness, with model counts."""
 
     def psi(c: dict) -> str:
         defined = c["cells"] - c["undefined_cells"]
@@ -254,15 +248,24 @@ def write_outputs(out: str, rows, axes, settings: Settings, record: dict, failed
 
 
 def train_family(built: grid.Grid, data_bin: str, args, gpus) -> Optional[Dict[str, tuple]]:
-    """launch's train stage for the runs left to train: one per GPU here, or a job each (table4's
-    --launcher); {run: outcome}, None once the jobs are submitted."""
+    """launch's train stage for the runs left to train: here, or a job each (table4's --launcher);
+    {run: outcome}, None while Slurm jobs are out (without --wait a run's job goes once)."""
     todo = [run for run in built.runs() if launch.train_plan(built, run, data_bin) is not None]
     outcomes = {run.name: ("done", "") for run in built.runs()}
+    if args.launcher == "slurm" and not args.wait:
+        for run in list(todo):
+            run_dir = built.run_dir(run)
+            if os.path.exists(os.path.join(run_dir, launch.JOB_RECORD)):
+                failure = files.read_json_object(os.path.join(run_dir, launch.FAILURE_RECORD))
+                outcomes[run.name] = ("failed", failure["error"]) if failure else ("out", "")
+                todo.remove(run)
+        if todo:
+            launch.launch_jobs(built, todo, data_bin, None, args)
+        return None if todo or ("out", "") in outcomes.values() else outcomes
     if todo and args.launcher == "local":
         outcomes.update(launch.launch_local(built, todo, data_bin, None, gpus))
     elif todo:
-        submitted = launch.launch_jobs(built, todo, data_bin, None, args)
-        outcomes = None if submitted is None else {**outcomes, **submitted}
+        outcomes.update(launch.launch_jobs(built, todo, data_bin, None, args))
     return outcomes
 
 
@@ -274,8 +277,8 @@ def family_rows(built: grid.Grid, data_bin: str, settings, scales, outcomes) -> 
             status, why = outcomes[run.name]
             if status != "done":
                 raise ExperimentError(f"{run.name}: {status} in training: {why}")
-            checkpoint = os.path.join(built.run_dir(run), LAST_CHECKPOINT)
             logger.info("measuring %s", run.name)
+            checkpoint = os.path.join(built.run_dir(run), LAST_CHECKPOINT)
             measured = measure_model(checkpoint, data_bin, settings, scales)
         except ExperimentError as error:
             logger.error("%s", error)
@@ -294,16 +297,16 @@ def parse_scales(text: str) -> Tuple[float, ...]:
 
 
 def work(args: argparse.Namespace) -> int:
-    from .sharpness import check_device  # torch: not for --help
-
     settings = Settings(**{f.name: getattr(args, f.name) for f in dataclasses.fields(Settings)})
     for f in dataclasses.fields(Settings):  # before any training
         if f.type is not str and not 0 < getattr(settings, f.name) < math.inf:
             raise SettingError(f"--{f.name.replace('_', '-')} must be a finite number > 0")
-    scales = args.rescaled_copies
     built = build_grid(args)
     gpus = table4.check_launcher(args, built)
-    check_device(settings.device)
+    if args.launcher == "local" or args.wait:  # else it measures when run again, maybe elsewhere
+        from .sharpness import check_device  # imports torch: not at the top, for --help
+
+        check_device(settings.device)
     archive, data_bin = table4.locate_data(args, built)  # <out>/data/<named by its content>
     grid.check_options_known(built, data_bin)
     launch.check_runs(built, data_bin)  # a changed setting is refused before any work
@@ -311,14 +314,14 @@ def work(args: argparse.Namespace) -> int:
     files.write_json(os.path.join(built.out_dir, grid.GRID_RECORD), built.record())
     outcomes = train_family(built, data_bin, args, gpus)
     if outcomes is None:
-        logger.info("jobs submitted: run the same command again once they have ended")
+        logger.info("jobs out: run this again once they end (delete job.json to resubmit a run)")
         return 0
     if any(status == "interrupted" for status, _ in outcomes.values()):
         raise launch.Interrupted("interrupted (Ctrl-C): the family resumes when run again")
-    rows, failed = family_rows(built, data_bin, settings, scales, outcomes)
+    rows, failed = family_rows(built, data_bin, settings, args.rescaled_copies, outcomes)
     if len({row["run"] for row in rows}) < 2:
         raise ExperimentError(f"fewer than 2 models measured ({len(failed)} failed): no τ")
-    axes = axes_of(built) + ([SCALE_AXIS] if scales else [])
+    axes = axes_of(built) + ([SCALE_AXIS] if args.rescaled_copies else [])
     print(write_outputs(built.out_dir, rows, axes, settings, built.record(), failed))
     return 1 if failed else 0
 
@@ -342,5 +345,5 @@ def parser() -> argparse.ArgumentParser:
 
 def main(argv=None) -> int:
     args = parser().parse_args(argv)
-    log_to_stdout()
-    return run_command(PROGRAM, lambda: work(args))
+    logs.log_to_stdout()
+    return cli.run_command(PROGRAM, lambda: work(args))

@@ -145,10 +145,12 @@ def test_launcher_flags_are_table4s_checked_before_any_work(
     assert error in capsys.readouterr().err and not (tmp_path / "out").exists()
 
 
-def test_jobs_are_submitted_for_the_runs_left_to_train_only(
+def test_slurm_jobs_go_once_and_the_rerun_after_them_measures(
     tmp_path, checkout_configs, monkeypatch
 ):
-    """A rerun after the Slurm jobs have ended submits nothing and measures every model."""
+    """Without --wait: a job for each run left to train; a rerun submits nothing while a run's
+    job is out (job.json, no training stamp), takes a failed job's run as failed, and measures
+    once every run is trained or failed."""
     args = correlation.parser().parse_args(["--out", str(tmp_path), "--launcher", "slurm"])
     built = correlation.build_grid(args)
     names = [run.name for run in built.runs()]
@@ -158,6 +160,15 @@ def test_jobs_are_submitted_for_the_runs_left_to_train_only(
     monkeypatch.setattr(launch, "launch_jobs", lambda g, runs, *rest: submitted.extend(runs))
     assert correlation.train_family(built, "data-bin", args, []) is None  # submitted, not waited
     assert [run.name for run in submitted] == names[:1]
+    run_dir = tmp_path / "runs" / names[0]
+    run_dir.mkdir(parents=True)
+    (run_dir / "job.json").write_text('{"job_id": "100"}')  # as launch_jobs writes it
+    assert correlation.train_family(built, "data-bin", args, []) is None  # still out
+    (run_dir / "failure.json").write_text('{"stage": "train", "error": "fairseq-train exited 1"}')
+    outcomes = correlation.train_family(built, "data-bin", args, [])
+    assert outcomes == {name: ("done", "") for name in names[1:]} | {
+        names[0]: ("failed", "fairseq-train exited 1")
+    }
     trained.add(names[0])
     outcomes = correlation.train_family(built, "data-bin", args, [])
     assert outcomes == {name: ("done", "") for name in names} and len(submitted) == 1
