@@ -29,6 +29,18 @@ def prepared_sample(tmp_path_factory):
     return prepare_sample(str(tmp_path_factory.mktemp("sample")))
 
 
+@pytest.fixture(scope="module")
+def single_thread():
+    """Tiny models: one thread is fastest and immune to a busy machine (a module's tests use it
+    with `pytestmark = pytest.mark.usefixtures("single_thread")`)."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(autouse=True)
 def _root_logging_restored():
     """A console main called in a test points the root logger at that test's captured stdout

@@ -379,6 +379,20 @@ def leaves(node, prefix=""):
             yield f"{prefix}{key}", value
 
 
+# fairseq-hydra-train overrides for a 1-layer, 16-dimensional model (the hydra tests' runs).
+HYDRA_TINY_MODEL = [
+    f"+model.{k}={v}"
+    for k, v in (
+        ("encoder_layers", 1),
+        ("decoder_layers", 1),
+        ("encoder_embed_dim", 16),
+        ("decoder_embed_dim", 16),
+        ("encoder_ffn_embed_dim", 32),
+        ("decoder_ffn_embed_dim", 32),
+    )
+]
+
+
 def compose_hydra(config_name: str, overrides=(), hydra_config: bool = False):
     """`configs/hydra/<config_name>.yaml` composed as fairseq-hydra-train composes it (fairseq's
     schema registered under the config's name, version_base 1.1 as fairseq's own hydra calls

@@ -13,6 +13,8 @@ import torch
 from fairseq_asam_experiments import correlation, launch, recipe
 from fairseq_asam_experiments.errors import SettingError
 
+pytestmark = pytest.mark.usefixtures("single_thread")  # tiny models: one thread
+
 AXES = ("a", "b")
 
 
@@ -183,14 +185,6 @@ def test_rescaled_copies_take_positive_scales_other_than_one(scales):
 
 
 # ---------------------------------------------------------------- a small trained model
-
-
-@pytest.fixture(scope="module", autouse=True)
-def single_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")

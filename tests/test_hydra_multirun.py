@@ -13,22 +13,10 @@ import subprocess
 import sys
 
 import pytest
-from harness import HYDRA_DIR, compose_hydra
+from harness import HYDRA_DIR, HYDRA_TINY_MODEL, compose_hydra
 
 import fairseq_asam
 from fairseq_asam_experiments import report
-
-TINY_MODEL = [
-    f"+model.{k}={v}"
-    for k, v in (
-        ("encoder_layers", 1),
-        ("decoder_layers", 1),
-        ("encoder_embed_dim", 16),
-        ("decoder_embed_dim", 16),
-        ("encoder_ffn_embed_dim", 32),
-        ("decoder_ffn_embed_dim", 32),
-    )
-]
 
 
 def compose(config_name, overrides=(), hydra_config=False):
@@ -72,7 +60,7 @@ def multirun(sweep_dir, data_bin, max_update, cwd):
             "task.eval_bleu=false",
             "checkpoint.best_checkpoint_metric=loss",
             "checkpoint.maximize_best_checkpoint_metric=false",
-            *TINY_MODEL,
+            *HYDRA_TINY_MODEL,
         ],
         capture_output=True,
         text=True,

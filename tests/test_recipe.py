@@ -8,7 +8,7 @@ import subprocess
 import sys
 
 import pytest
-from harness import HYDRA_DIR, compose_hydra, leaves
+from harness import HYDRA_DIR, HYDRA_TINY_MODEL, compose_hydra, leaves
 from omegaconf import OmegaConf
 
 import fairseq_asam
@@ -219,17 +219,6 @@ def test_hydra_yaml_and_argument_files_describe_the_same_settings(optimizer):
 @pytest.mark.slow
 def test_hydra_train_runs_the_yaml(data_bin, tmp_path):
     """fairseq-hydra-train composes asam.yaml and trains (one update of a smaller model)."""
-    tiny_model = [
-        f"+model.{k}={v}"
-        for k, v in (
-            ("encoder_layers", 1),
-            ("decoder_layers", 1),
-            ("encoder_embed_dim", 16),
-            ("decoder_embed_dim", 16),
-            ("encoder_ffn_embed_dim", 32),
-            ("decoder_ffn_embed_dim", 32),
-        )
-    ]
     proc = subprocess.run(
         [
             sys.executable,
@@ -247,7 +236,7 @@ def test_hydra_train_runs_the_yaml(data_bin, tmp_path):
             "common.log_interval=1",
             "common.cpu=true",
             "dataset.num_workers=0",
-            *tiny_model,
+            *HYDRA_TINY_MODEL,
         ],
         capture_output=True,
         text=True,

@@ -22,21 +22,14 @@ from fairseq_asam_experiments import correlation, evaluation, sharpness
 from fairseq_asam_experiments.errors import SettingError
 from fairseq_asam_experiments.sharpness import main as sharpness_main
 
+pytestmark = pytest.mark.usefixtures("single_thread")  # tiny models: one thread
+
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TOOLS_DOC = os.path.join(REPO_ROOT, "docs", "tools.md")  # its "Measuring sharpness" figures
 SCALES = (0.1, 1.0, 10.0)
 INVARIANCE_TOLERANCE = 0.01  # adaptive sharpness equal within 1% across SCALES
 PLAIN_SPREAD = 2.0  # plain sharpness changes by more than this factor across SCALES
 TRAIN_UPDATES = 3
-
-
-@pytest.fixture(scope="module", autouse=True)
-def single_thread():
-    """Tiny models: one thread is fastest and immune to a busy machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def spread(values):
