@@ -10,6 +10,8 @@ import json
 import math
 import os
 import pickle
+import subprocess
+import sys
 import tempfile
 import time
 import traceback
@@ -379,8 +381,13 @@ def leaves(node, prefix=""):
             yield f"{prefix}{key}", value
 
 
-# fairseq-hydra-train overrides for a 1-layer, 16-dimensional model (the hydra tests' runs).
-HYDRA_TINY_MODEL = [
+# fairseq-hydra-train overrides of the hydra tests' runs: a 1-layer, 16-dimensional model on a CPU.
+HYDRA_TINY_CPU_RUN = [
+    "dataset.max_tokens=200",
+    "common.log_interval=1",
+    "common.cpu=true",
+    "dataset.num_workers=0",
+] + [
     f"+model.{k}={v}"
     for k, v in (
         ("encoder_layers", 1),
@@ -391,6 +398,17 @@ HYDRA_TINY_MODEL = [
         ("decoder_ffn_embed_dim", 32),
     )
 ]
+
+
+def hydra_train(config_name: str, data_bin, overrides, cwd, timeout: float, multirun=False):
+    """fairseq-hydra-train on `configs/hydra/<config_name>.yaml` with the plugin and the data,
+    a tiny model on a CPU (HYDRA_TINY_CPU_RUN) and `overrides`, in `cwd`; its CompletedProcess."""
+    command = [sys.executable, "-m", "fairseq_cli.hydra_train"] + ["--multirun"] * multirun
+    command += ["--config-dir", HYDRA_DIR, "--config-name", config_name, f"task.data={data_bin}"]
+    command += [f"common.user_dir={fairseq_asam.USER_DIR}", *overrides, *HYDRA_TINY_CPU_RUN]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    options = dict(capture_output=True, text=True, timeout=timeout, cwd=cwd, env=env)
+    return subprocess.run(command, **options)
 
 
 def compose_hydra(config_name: str, overrides=(), hydra_config: bool = False):

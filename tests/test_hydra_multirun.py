@@ -8,14 +8,9 @@ a higher --max-update: each job continues from its checkpoint_last.pt, as a requ
 does (the fixed hydra.sweep.dir is what makes that work).
 """
 
-import os
-import subprocess
-import sys
-
 import pytest
-from harness import HYDRA_DIR, HYDRA_TINY_MODEL, compose_hydra
+from harness import compose_hydra, hydra_train
 
-import fairseq_asam
 from fairseq_asam_experiments import report
 
 
@@ -36,38 +31,17 @@ def test_table4_yaml_with_a_row_is_that_rows_yaml(row, folder):
 
 
 def multirun(sweep_dir, data_bin, max_update, cwd):
-    return subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "fairseq_cli.hydra_train",
-            "--multirun",
-            "--config-dir",
-            HYDRA_DIR,
-            "--config-name",
-            "table4",
-            "row=adam,asam",
-            f"task.data={data_bin}",
-            f"common.user_dir={fairseq_asam.USER_DIR}",
-            f"hydra.sweep.dir={sweep_dir}",
-            "hydra/launcher=submitit_local",
-            "hydra.launcher.timeout_min=10",
-            f"optimization.max_update={max_update}",
-            "dataset.max_tokens=200",
-            "common.log_interval=1",
-            "common.cpu=true",
-            "dataset.num_workers=0",
-            "task.eval_bleu=false",
-            "checkpoint.best_checkpoint_metric=loss",
-            "checkpoint.maximize_best_checkpoint_metric=false",
-            *HYDRA_TINY_MODEL,
-        ],
-        capture_output=True,
-        text=True,
-        timeout=600,
-        cwd=cwd,
-        env={**os.environ, "OMP_NUM_THREADS": "1"},
-    )
+    overrides = [
+        "row=adam,asam",
+        f"hydra.sweep.dir={sweep_dir}",
+        "hydra/launcher=submitit_local",
+        "hydra.launcher.timeout_min=10",
+        f"optimization.max_update={max_update}",
+        "task.eval_bleu=false",
+        "checkpoint.best_checkpoint_metric=loss",
+        "checkpoint.maximize_best_checkpoint_metric=false",
+    ]
+    return hydra_train("table4", data_bin, overrides, cwd=cwd, timeout=600, multirun=True)
 
 
 @pytest.mark.slow

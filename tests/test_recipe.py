@@ -4,11 +4,9 @@ truth: the YAML is checked against the argument files); fairseq-hydra-train runs
 
 import json
 import os
-import subprocess
-import sys
 
 import pytest
-from harness import HYDRA_DIR, HYDRA_TINY_MODEL, compose_hydra, leaves
+from harness import HYDRA_DIR, compose_hydra, hydra_train, leaves
 from omegaconf import OmegaConf
 
 import fairseq_asam
@@ -219,31 +217,8 @@ def test_hydra_yaml_and_argument_files_describe_the_same_settings(optimizer):
 @pytest.mark.slow
 def test_hydra_train_runs_the_yaml(data_bin, tmp_path):
     """fairseq-hydra-train composes asam.yaml and trains (one update of a smaller model)."""
-    proc = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "fairseq_cli.hydra_train",
-            "--config-dir",
-            HYDRA_DIR,
-            "--config-name",
-            "asam",
-            f"task.data={data_bin}",
-            f"common.user_dir={fairseq_asam.USER_DIR}",
-            f"checkpoint.save_dir={tmp_path}",
-            "optimization.max_update=1",
-            "dataset.max_tokens=200",
-            "common.log_interval=1",
-            "common.cpu=true",
-            "dataset.num_workers=0",
-            *HYDRA_TINY_MODEL,
-        ],
-        capture_output=True,
-        text=True,
-        timeout=300,
-        cwd=tmp_path,
-        env={**os.environ, "OMP_NUM_THREADS": "1"},
-    )
+    overrides = [f"checkpoint.save_dir={tmp_path}", "optimization.max_update=1"]
+    proc = hydra_train("asam", data_bin, overrides, cwd=tmp_path, timeout=300)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     inner = [
         json.loads(line.split(" - ", 1)[1])
