@@ -247,10 +247,10 @@ def write_outputs(out: str, rows, axes, settings: Settings, record: dict, failed
     return markdown_table(stats, axes, caption)
 
 
-def train_family(built: grid.Grid, data_bin: str, args, gpus) -> Optional[Dict[str, tuple]]:
+def train_family(built: grid.Grid, data_bin: str, args, gpus, plans) -> Optional[Dict[str, tuple]]:
     """launch's train stage for the runs left to train: here, or a job each (table4's --launcher);
     {run: outcome}, None while Slurm jobs are out (without --wait a run's job goes once)."""
-    todo = [run for run in built.runs() if launch.train_plan(built, run, data_bin) is not None]
+    todo = [run for run in built.runs() if plans[run.name] is not None]  # launch.check_runs
     outcomes = {run.name: ("done", "") for run in built.runs()}
     if args.launcher == "slurm" and not args.wait:
         for run in list(todo):
@@ -309,10 +309,10 @@ def work(args: argparse.Namespace) -> int:
         check_device(settings.device)
     archive, data_bin = table4.locate_data(args, built)  # <out>/data/<named by its content>
     grid.check_options_known(built, data_bin)
-    launch.check_runs(built, data_bin)  # a changed setting is refused before any work
+    plans = launch.check_runs(built, data_bin)  # a changed setting is refused before any work
     table4.prepare_data(built, archive, data_bin)
     files.write_json(os.path.join(built.out_dir, grid.GRID_RECORD), built.record())
-    outcomes = train_family(built, data_bin, args, gpus)
+    outcomes = train_family(built, data_bin, args, gpus, plans)
     if outcomes is None:
         logger.info("jobs out: run this again once they end (delete job.json to resubmit a run)")
         return 0

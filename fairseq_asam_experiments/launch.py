@@ -115,10 +115,9 @@ def train_plan(grid: Grid, run: Run, data_bin: str) -> Optional[str]:
     )
 
 
-def check_runs(grid: Grid, data_bin: str) -> None:
-    """Every run's train_plan before any run starts: the first refusal raises."""
-    for run in grid.runs():
-        train_plan(grid, run, data_bin)
+def check_runs(grid: Grid, data_bin: str) -> Dict[str, Optional[str]]:
+    """Every run's train_plan before any run starts ({run: plan}): the first refusal raises."""
+    return {run.name: train_plan(grid, run, data_bin) for run in grid.runs()}
 
 
 def call(children: Children, what: str, command: List[str], log: str, env: Dict, mode="a"):

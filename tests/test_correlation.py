@@ -157,22 +157,25 @@ def test_slurm_jobs_go_once_and_the_rerun_after_them_measures(
     built = correlation.build_grid(args)
     names = [run.name for run in built.runs()]
     trained, submitted = set(names[1:]), []
-    plan = lambda grid_, run, data_bin: None if run.name in trained else "training"  # noqa: E731
-    monkeypatch.setattr(launch, "train_plan", plan)
     monkeypatch.setattr(launch, "launch_jobs", lambda g, runs, *rest: submitted.extend(runs))
-    assert correlation.train_family(built, "data-bin", args, []) is None  # submitted, not waited
+
+    def train_family():  # launch.check_runs's plans: None for a trained run
+        plans = {name: None if name in trained else "training" for name in names}
+        return correlation.train_family(built, "data-bin", args, [], plans)
+
+    assert train_family() is None  # submitted, not waited
     assert [run.name for run in submitted] == names[:1]
     run_dir = tmp_path / "runs" / names[0]
     run_dir.mkdir(parents=True)
     (run_dir / "job.json").write_text('{"job_id": "100"}')  # as launch_jobs writes it
-    assert correlation.train_family(built, "data-bin", args, []) is None  # still out
+    assert train_family() is None  # still out
     (run_dir / "failure.json").write_text('{"stage": "train", "error": "fairseq-train exited 1"}')
-    outcomes = correlation.train_family(built, "data-bin", args, [])
+    outcomes = train_family()
     assert outcomes == {name: ("done", "") for name in names[1:]} | {
         names[0]: ("failed", "fairseq-train exited 1")
     }
     trained.add(names[0])
-    outcomes = correlation.train_family(built, "data-bin", args, [])
+    outcomes = train_family()
     assert outcomes == {name: ("done", "") for name in names} and len(submitted) == 1
 
 
