@@ -26,13 +26,14 @@ $(INSTALLED): setup.py fairseq_asam_experiments/__init__.py  # setup.py reads it
 tiny: $(INSTALLED)
 	$(BIN)/fairseq-asam-table4 --preset tiny --out $(TINY_OUT) $(TINY_FLAGS)
 
-# The full suite: the CI gate.
+# The full suite: the CI gate.  A pytest worker per core (pytest-xdist; tests/conftest.py says
+# which tests share a worker).
 test: $(INSTALLED)
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q -n auto
 
 # Everything but the end-to-end runs, for development.
 test-fast: $(INSTALLED)
-	$(BIN)/python -m pytest -q -m "not slow"
+	$(BIN)/python -m pytest -q -n auto -m "not slow"
 
 lint: $(INSTALLED)
 	$(BIN)/ruff check .

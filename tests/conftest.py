@@ -1,3 +1,4 @@
+import importlib.util
 import logging
 import os
 import sys
@@ -5,6 +6,10 @@ import sys
 import pytest
 
 sys.path.insert(0, os.path.dirname(__file__))
+# The suite's models are tiny: one thread each is fastest, and `make test` runs a pytest worker
+# per core (below), whose torch threads would otherwise fight over the cores (a 2-thread
+# fairseq-generate beside another worker ran 4x slower).  Children inherit it.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 
 @pytest.fixture(scope="session")
@@ -50,3 +55,43 @@ def _root_logging_restored():
     handlers, level = list(root.handlers), root.level
     yield
     root.handlers[:], root.level = handlers, level
+
+
+# `make test` runs the suite on every core (pytest-xdist, `-n auto`).  A test file is one unit of
+# work (its tests share module and session fixtures: test_table4's grid), the files that read the
+# session's spawned DDP group (harness.ddp_results) are one unit (one group per session), and the
+# longest units start first (seconds on 2 cores, serial run).
+LONGEST_FIRST = (
+    "test_table4.py",  # the session's tiny-preset grid (submitit-local), a resumed run: 110 s
+    "test_readme_commands.py",  # `make tiny` and the Quick start: 110 s
+    "ddp",  # the spawned group: 40 s
+    "test_packaging.py",  # the wheel: 45 s
+    "test_hydra_multirun.py",  # submitit-local jobs: 35 s
+)
+DDP_UNIT = "ddp"
+
+
+def unit_of_work(path: str) -> str:
+    with open(path, encoding="utf-8") as f:
+        return DDP_UNIT if "ddp_results(" in f.read() else os.path.basename(path)
+
+
+def pytest_collection_modifyitems(config, items):
+    units = {str(item.path): unit_of_work(str(item.path)) for item in items}
+    rank = {name: i for i, name in enumerate(LONGEST_FIRST)}
+    items.sort(key=lambda item: rank.get(units[str(item.path)], len(rank)))  # stable
+
+
+if importlib.util.find_spec("xdist"):  # the `dev` extra installs it
+
+    def pytest_xdist_make_scheduler(config, log):
+        from xdist.scheduler import LoadScopeScheduling
+
+        class ByUnitOfWork(LoadScopeScheduling):
+            """The units above, in the order the workers collected them."""
+
+            def _split_scope(self, nodeid):
+                return unit_of_work(os.path.join(str(config.rootpath), nodeid.split("::")[0]))
+
+        config.option.loadscopereorder = False
+        return ByUnitOfWork(config, log)

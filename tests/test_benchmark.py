@@ -76,12 +76,14 @@ def test_command_times_every_row(tmp_path, capsys):
 
 @pytest.mark.slow
 def test_peak_memory_in_a_fresh_process():
-    """SAM keeps one fp32 copy of the parameters more than Adam (within the 2% tolerance and the
-    allocator's page rounding of a model this small)."""
+    """Each row's peak in its own process, the extra memory against Adam's.  Whether SAM's is its
+    one fp32 copy is not asserted here: on this model the copy (216 kB) is within the run-to-run
+    spread of the peak (SAM - Adam measured from 41 to 532 kB, and below 0 before the warm-up
+    update); benchmarks/looksam_memory.py measures the copies on a 25M-parameter model."""
     rows = {name: B.rows_for(SMALL)[name] for name in ("adam", "sam")}
     memory = B.measure_rows_memory(SMALL, rows)
-    assert memory["adam"]["peak_increase_bytes"] > 0
-    assert memory["sam"]["peak_increase_bytes"] > memory["adam"]["peak_increase_bytes"]
+    assert memory["adam"]["peak_increase_bytes"] > 0 and memory["sam"]["peak_increase_bytes"] > 0
+    assert memory["adam"]["memory_updates"] == memory["sam"]["memory_updates"] == 2  # --timed 2
     extra = memory["sam"]["peak_increase_bytes"] - memory["adam"]["peak_increase_bytes"]
     assert (
         memory["sam"]["extra_memory_bytes"] == extra and memory["adam"]["extra_memory_bytes"] == 0
