@@ -6,10 +6,10 @@ median (amortized over both kinds of update for a row perturbing 1/K of them).  
 row in a fresh process, over the memory before its first update.
 """
 
-import gc
 import argparse
 import collections
 import ctypes
+import gc
 import logging
 import math
 import os
