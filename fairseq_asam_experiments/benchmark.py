@@ -9,7 +9,6 @@ row in a fresh process, over the memory before its first update.
 import argparse
 import collections
 import ctypes
-import gc
 import logging
 import math
 import os
@@ -222,14 +221,8 @@ def reset_peak_rss() -> None:
 
 def measure_peak_memory(spec: Spec, row: tuple) -> Dict[str, object]:
     """In this fresh process: the peak over updates 0 to K (K = --sam-interval: Adam's state exists
-    after update 0, each perturbing row perturbs again by K) minus the memory before them.  A
-    thrown-away Adam update first: torch's first-step allocations (~90 MB of RSS on the small
-    preset, a few hundred kB apart between runs) would swamp a small model's copies."""
+    after update 0, each perturbing row perturbs again by K) minus the memory before them."""
     cuda, tight = spec.device == "cuda", spec.device == "cpu" and release_freed_memory_at_once()
-    warm_up = build_trainer(spec, rows_for(spec)["adam"])
-    warm_up.train_step(synthetic_updates(warm_up, spec)[0])
-    del warm_up
-    gc.collect()  # the trainer holds reference cycles
     trainer = build_trainer(spec, row)
     updates = synthetic_updates(trainer, spec)[: min(spec.total, spec.sam_interval + 1)]
     if cuda:

@@ -1,4 +1,4 @@
-import importlib.util
+import functools
 import logging
 import os
 import sys
@@ -59,39 +59,39 @@ def _root_logging_restored():
 
 # `make test` runs the suite on every core (pytest-xdist, `-n auto`).  A test file is one unit of
 # work (its tests share module and session fixtures: test_table4's grid), the files that read the
-# session's spawned DDP group (harness.ddp_results) are one unit (one group per session), and the
-# longest units start first (seconds on 2 cores, serial run).
+# session's spawned DDP group (harness.ddp_results) are one unit (one group per session, not one
+# per worker), and the longest units start first (seconds on 2 cores, serial run).  A plain
+# `pytest` runs the same tests in one process.
+DDP_UNIT = "ddp"
 LONGEST_FIRST = (
-    "test_table4.py",  # the session's tiny-preset grid (submitit-local), a resumed run: 110 s
+    "test_table4.py",  # the session's tiny-preset grid (submitit-local jobs), a resumed run: 90 s
     "test_readme_commands.py",  # `make tiny` and the Quick start: 110 s
-    "ddp",  # the spawned group: 40 s
     "test_packaging.py",  # the wheel: 45 s
+    DDP_UNIT,  # the spawned group: 40 s
     "test_hydra_multirun.py",  # submitit-local jobs: 35 s
 )
-DDP_UNIT = "ddp"
 
 
+@functools.lru_cache(maxsize=None)
 def unit_of_work(path: str) -> str:
     with open(path, encoding="utf-8") as f:
         return DDP_UNIT if "ddp_results(" in f.read() else os.path.basename(path)
 
 
 def pytest_collection_modifyitems(config, items):
-    units = {str(item.path): unit_of_work(str(item.path)) for item in items}
     rank = {name: i for i, name in enumerate(LONGEST_FIRST)}
-    items.sort(key=lambda item: rank.get(units[str(item.path)], len(rank)))  # stable
+    items.sort(key=lambda item: rank.get(unit_of_work(str(item.path)), len(rank)))  # stable
 
 
-if importlib.util.find_spec("xdist"):  # the `dev` extra installs it
+@pytest.hookimpl(optionalhook=True)  # xdist's hook: unknown when it is not installed or loaded
+def pytest_xdist_make_scheduler(config, log):
+    if config.getoption("dist") != "load":  # an explicit --dist is obeyed
+        return None
+    from xdist.scheduler import LoadScopeScheduling
 
-    def pytest_xdist_make_scheduler(config, log):
-        from xdist.scheduler import LoadScopeScheduling
+    class ByUnitOfWork(LoadScopeScheduling):
+        def _split_scope(self, nodeid):
+            return unit_of_work(os.path.join(str(config.rootpath), nodeid.split("::")[0]))
 
-        class ByUnitOfWork(LoadScopeScheduling):
-            """The units above, in the order the workers collected them."""
-
-            def _split_scope(self, nodeid):
-                return unit_of_work(os.path.join(str(config.rootpath), nodeid.split("::")[0]))
-
-        config.option.loadscopereorder = False
-        return ByUnitOfWork(config, log)
+    config.option.loadscopereorder = False  # keep LONGEST_FIRST (it would sort by test count)
+    return ByUnitOfWork(config, log)

@@ -60,6 +60,7 @@ DROPPED_VARIABLES = (
     "TINY_OUT",
     "TINY_FLAGS",
     "PYTHONHOME",
+    "OMP_NUM_THREADS",  # tests/conftest.py sets it for the suite; a block sets its own
 )
 
 _FENCE = re.compile(r"^(?P<indent>[ \t]*)(?P<fence>`{3,}|~{3,})\s*(?P<info>[^`]*?)\s*$")

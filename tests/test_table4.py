@@ -5,6 +5,7 @@ tests read; the tests that change outputs work on a copy, and run locally.  Then
 line, before any work) and --help without torch."""
 
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -12,7 +13,7 @@ import sys
 import pytest
 from harness import read_json
 
-from fairseq_asam_experiments import table4
+from fairseq_asam_experiments import prepare, table4
 
 UPDATES, WARMUP = 6, 50  # WARMUP: the tiny preset's --warmup-updates
 LEARNING_RATES = ("0.004", "0.005")
@@ -25,9 +26,15 @@ JOBS = ["--launcher", "submitit-local", "--time-min", "10"]
 
 
 @pytest.fixture(scope="session")
-def tiny_out(tmp_path_factory):
+def data_flags(prepared_sample):
+    """The session's prepared sample (`make tiny` and the wheel test prepare from the archive)."""
+    return ["--data-bin", os.path.join(prepared_sample, prepare.DATA_BIN)]
+
+
+@pytest.fixture(scope="session")
+def tiny_out(tmp_path_factory, data_flags):
     out = tmp_path_factory.mktemp("tiny") / "out"
-    assert table4.main(ARGV + JOBS + ["--out", str(out)]) == 0
+    assert table4.main(ARGV + data_flags + JOBS + ["--out", str(out)]) == 0
     return out
 
 
@@ -54,7 +61,7 @@ def test_a_sweep_of_the_learning_rate_trains_each_run_with_its_own(tiny_out):
         row, lr = name.split("-")[0], name.split("-")[1][2:]
         run = tiny_out / "runs" / name
         assert f" --lr {lr} " in (run / "command.txt").read_text()
-        (last,) = train_lines(run / "train.log")
+        last = train_lines(run / "train.log")[-1]  # the sample's epoch is shorter than UPDATES
         # inverse_sqrt warms up linearly from 0: after k updates, lr × k / warmup.
         assert float(last["train_lr"]) == pytest.approx(float(lr) * UPDATES / WARMUP, rel=1e-9)
         assert last["train_num_updates"] == str(UPDATES)
@@ -75,20 +82,20 @@ def test_a_sweep_of_the_learning_rate_trains_each_run_with_its_own(tiny_out):
 
 
 @pytest.mark.slow
-def test_the_same_command_again_skips_every_finished_run(tiny_out, capsys):
+def test_the_same_command_again_skips_every_finished_run(tiny_out, data_flags, capsys):
     run = tiny_out / "runs" / RUNS[0]
     before = {p: p.stat().st_mtime_ns for p in run.iterdir() if p.is_file() and p.suffix != ".lock"}
-    assert table4.main(ARGV + ["--out", str(tiny_out)]) == 0
+    assert table4.main(ARGV + data_flags + ["--out", str(tiny_out)]) == 0
     after = {p: p.stat().st_mtime_ns for p in before}
     assert after == before  # not trained, evaluated nor measured again
     assert f"{RUNS[0]}: trained" in capsys.readouterr().out
 
 
 @pytest.mark.slow
-def test_a_changed_setting_is_refused_in_one_line_naming_it(tiny_out, tmp_path, capsys):
+def test_a_changed_setting_is_refused_in_one_line_naming_it(tiny_out, data_flags, tmp_path, capsys):
     out = copy_of(tiny_out, tmp_path)
     log = (out / "runs" / RUNS[0] / "train.log").read_text()
-    assert table4.main(ARGV + ["--out", str(out), "--checkpoint", "best-loss"]) == 1
+    assert table4.main(ARGV + data_flags + ["--out", str(out), "--checkpoint", "best-loss"]) == 1
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and f"{RUNS[0]} was trained with other settings (" in err
     assert "--best-checkpoint-metric bleu → loss" in err  # the setting named
@@ -96,15 +103,16 @@ def test_a_changed_setting_is_refused_in_one_line_naming_it(tiny_out, tmp_path, 
 
 
 @pytest.mark.slow
-def test_a_raised_max_update_continues_from_checkpoint_last(tiny_out, tmp_path):
+def test_a_raised_max_update_continues_from_checkpoint_last(tiny_out, data_flags, tmp_path):
     out = copy_of(tiny_out, tmp_path)
     argv = ["--preset", "tiny", "--optimizers", "asam", "--sweep", "lr=0.004", "--out", str(out)]
+    argv += data_flags
     assert table4.main(argv + ["--max-update", str(UPDATES + 2)]) == 0
     run = out / "runs" / RUNS[0]
     text = (run / "train.log").read_text()
-    assert f"(epoch 1 @ {UPDATES} updates)" in text  # fairseq loaded checkpoint_last.pt
-    first, second = train_lines(run / "train.log")
-    assert (first["train_num_updates"], second["train_num_updates"]) == ("6", "8")
+    assert re.search(rf"\(epoch \d+ @ {UPDATES} updates\)", text)  # loaded checkpoint_last.pt
+    updates = [line["train_num_updates"] for line in train_lines(run / "train.log")]
+    assert updates[-2:] == ["6", "8"]  # the end of the first training, then of the second
     assert read_json(run / "results.json")["max_update"] == UPDATES + 2
     assert (out / "runs" / RUNS[1] / "train.log").read_text() == (
         tiny_out / "runs" / RUNS[1] / "train.log"
@@ -113,9 +121,9 @@ def test_a_raised_max_update_continues_from_checkpoint_last(tiny_out, tmp_path):
 
 @pytest.mark.slow
 def test_submitit_local_ran_each_run_as_a_job(tiny_out):
-    jobs = {read_json(tiny_out / "runs" / name / "job.json")["job_id"] for name in RUNS}
-    for name in RUNS:
-        assert read_json(tiny_out / "runs" / name / "job.json")["launcher"] == "submitit-local"
+    records = [read_json(tiny_out / "runs" / name / "job.json") for name in RUNS]
+    assert [record["launcher"] for record in records] == ["submitit-local"] * len(RUNS)
+    jobs = {record["job_id"] for record in records}
     assert len(jobs) == len(RUNS)
     for job in jobs:  # each job's own log, where the run's stages are logged
         (log,) = (tiny_out / "submitit").glob(f"{job}_*log.out")
