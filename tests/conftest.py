@@ -64,8 +64,8 @@ def _root_logging_restored():
 # `pytest` runs the same tests in one process.
 DDP_UNIT = "ddp"
 LONGEST_FIRST = (
-    "test_table4.py",  # the session's tiny-preset grid (submitit-local jobs), a resumed run: 90 s
     "test_readme_commands.py",  # `make tiny` and the Quick start: 110 s
+    "test_table4.py",  # the session's tiny-preset grid (submitit-local jobs), a resumed run: 90 s
     "test_packaging.py",  # the wheel: 45 s
     DDP_UNIT,  # the spawned group: 40 s
     "test_hydra_multirun.py",  # submitit-local jobs: 35 s
