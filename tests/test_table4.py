@@ -1,8 +1,8 @@
-"""fairseq-asam-table4 on fairseq itself: ONE tiny-preset grid per session (generated archive,
-preparation, asam over two learning rates, a few updates, --sharpness-rho, each run a
-submitit-local job, the report; all three rows run locally in the README's `make tiny`) that the
-tests read; the tests that change outputs work on a copy, and run locally.  Then bad flags (one
-line, before any work) and --help without torch."""
+"""fairseq-asam-table4 on fairseq itself: ONE tiny-preset grid per session (the session's prepared
+sample through --data-bin, asam over two learning rates, a few updates, --sharpness-rho, each run
+a submitit-local job, the report; the README's `make tiny` prepares the archive and runs all three
+rows locally) that the tests read; the tests that change outputs work on a copy, and run locally.
+Then bad flags (one line, before any work) and --help without torch."""
 
 import os
 import re
