@@ -53,7 +53,7 @@ setup(
             "submitit>=1.5,<2",
             "hydra-submitit-launcher>=1.2,<1.3",
         ],
-        "dev": ["pytest", "pytest-xdist>=3.5", "tensorboardX", "ruff==0.17.5"],
+        "dev": ["pytest", "pytest-xdist>=3.8", "tensorboardX", "ruff==0.17.5"],
     },
     entry_points={"console_scripts": CONSOLE_SCRIPTS},
 )

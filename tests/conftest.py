@@ -85,7 +85,7 @@ def pytest_collection_modifyitems(config, items):
 
 @pytest.hookimpl(optionalhook=True)  # xdist's hook: unknown when it is not installed or loaded
 def pytest_xdist_make_scheduler(config, log):
-    if config.getoption("dist") != "load":  # an explicit --dist is obeyed
+    if config.getoption("dist") != "load":  # any other --dist is obeyed
         return None
     from xdist.scheduler import LoadScopeScheduling
 
@@ -93,5 +93,5 @@ def pytest_xdist_make_scheduler(config, log):
         def _split_scope(self, nodeid):
             return unit_of_work(os.path.join(str(config.rootpath), nodeid.split("::")[0]))
 
-    config.option.loadscopereorder = False  # keep LONGEST_FIRST (it would sort by test count)
+    config.option.loadscopereorder = False  # keep LONGEST_FIRST (xdist >= 3.8 sorts by test count)
     return ByUnitOfWork(config, log)

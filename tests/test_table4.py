@@ -5,7 +5,6 @@ rows locally) that the tests read; the tests that change outputs work on a copy,
 Then bad flags (one line, before any work) and --help without torch."""
 
 import os
-import re
 import shutil
 import subprocess
 import sys
@@ -110,9 +109,12 @@ def test_a_raised_max_update_continues_from_checkpoint_last(tiny_out, data_flags
     assert table4.main(argv + ["--max-update", str(UPDATES + 2)]) == 0
     run = out / "runs" / RUNS[0]
     text = (run / "train.log").read_text()
-    assert re.search(rf"\(epoch \d+ @ {UPDATES} updates\)", text)  # loaded checkpoint_last.pt
+    before = train_lines(tiny_out / "runs" / RUNS[0] / "train.log")  # the grid's training
+    assert text.startswith((tiny_out / "runs" / RUNS[0] / "train.log").read_text())  # appended
+    loaded = f"(epoch {before[-1]['epoch']} @ {UPDATES} updates)"  # fairseq's checkpoint_last.pt
+    assert loaded in text
     updates = [line["train_num_updates"] for line in train_lines(run / "train.log")]
-    assert updates[-2:] == ["6", "8"]  # the end of the first training, then of the second
+    assert updates == [line["train_num_updates"] for line in before] + [str(UPDATES + 2)]
     assert read_json(run / "results.json")["max_update"] == UPDATES + 2
     assert (out / "runs" / RUNS[1] / "train.log").read_text() == (
         tiny_out / "runs" / RUNS[1] / "train.log"
