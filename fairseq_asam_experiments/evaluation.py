@@ -4,7 +4,9 @@ tokenized BLEU, *assumed* Table 4's metric; `sacrebleu`: of the detokenized outp
 imports this module)."""
 
 import argparse
+import contextlib
 import functools
+import json
 import logging
 import os
 import re
@@ -33,6 +35,8 @@ SELECTION_METRICS = {"best-loss": "loss", "best-bleu": "bleu"}  # --best-checkpo
 AVERAGE = "average:"
 CHOICES = "best-loss, best-bleu, last or average:N"
 EPOCH_CHECKPOINT = re.compile(r"^checkpoint(\d+)\.pt$")
+# generate_each in a child process: `python -m fairseq_asam_experiments.evaluation JOBS_JSON`.
+GENERATE_EACH = (sys.executable, "-m", __name__)
 TOKENIZED_BLEU_NOTE = "tokenized, assumed Table 4's metric"
 # What an evaluation writes into results.json: another evaluation leaves none of it behind.
 EVALUATION_KEYS = ("protocol", "checkpoint", "sharpness") + SPLITS
@@ -218,21 +222,36 @@ def generate_command(data_bin, checkpoint, split, user_dir) -> List[str]:
     ]
 
 
-def run_generate(command: Sequence[str], output_path: str, env=None, call=None) -> str:
-    """fairseq-generate's output, also in `output_path` (a failure's in `.failed`); `call`: the
-    launcher's, which can stop it."""
-    logger.info(f"generating {output_path}: {shlex.join(command)}")
+def generate_each(jobs: Sequence[Tuple[Sequence[str], str]]) -> None:
+    """Each (fairseq-generate command, output file) of `jobs` through fairseq-generate's own
+    cli_main in THIS process: fairseq is imported once for every split (about 5 s each)."""
+    from fairseq_cli import generate
+
+    for command, output_path in jobs:
+        with open(output_path, "w", encoding="utf-8") as out, contextlib.redirect_stdout(out):
+            sys.argv = ["fairseq-generate", *command[3:]]  # after `python -m fairseq_cli.generate`
+            generate.cli_main()
+
+
+def run_generate(jobs, log_path: str, env=None, call=None) -> List[str]:
+    """The output of each (command, output path) of `jobs`, run by generate_each in one child
+    process (its log and a failure's traceback in `log_path`); `call`: the launcher's, which
+    can stop it.  No output path is written unless every split succeeds."""
+    logger.info(f"generating {', '.join(p for _, p in jobs)}; log {log_path}")
     call = call or functools.partial(subprocess.call, stderr=subprocess.STDOUT)
-    with atomic_output(output_path) as temporary:
-        with open(temporary, "w", encoding="utf-8") as out:
-            status = call(list(command), stdout=out, env=env)
+    with contextlib.ExitStack() as outputs, open(log_path, "w", encoding="utf-8") as log:
+        temporaries = [outputs.enter_context(atomic_output(path)) for _, path in jobs]
+        to_temporaries = json.dumps([[list(c), t] for (c, _), t in zip(jobs, temporaries)])
+        status = call([*GENERATE_EACH, to_temporaries], stdout=log, env=env)
         if status != 0:
-            os.replace(temporary, output_path + ".failed")
             raise ExperimentError(
-                f"fairseq-generate failed with exit status {status}; see {output_path}.failed"
+                f"fairseq-generate failed with exit status {status}; see {log_path}"
             )
-    with open(output_path, encoding="utf-8") as f:
-        return f.read()
+    texts = []
+    for _, path in jobs:
+        with open(path, encoding="utf-8") as f:
+            texts.append(f.read())
+    return texts
 
 
 def evaluation_inputs(data_bin, save_dir, choice, references=None) -> Dict:
@@ -264,12 +283,13 @@ def evaluate_checkpoint(
     selected = dict(path=checkpoint, sources=sources, **checkpoint_position(sources[0]))
     selected["selected_by"] = SELECTION_METRICS.get(choice.kind)  # an average: its newest's epoch
     results = {"protocol": str(choice), "checkpoint": selected}
-    for split in SPLITS:
-        command = generate_command(data_bin, checkpoint, split, user_dir)
-        output_path = os.path.join(output_dir, f"generate-{split}.txt")
-        output = parse_generate_output(run_generate(command, output_path, **run))
-        scores = score_split(output, references.get(split))
-        results[split] = {**scores, "command": shlex.join(command), "output": output_path}
+    commands = [generate_command(data_bin, checkpoint, split, user_dir) for split in SPLITS]
+    paths = [os.path.join(output_dir, f"generate-{split}.txt") for split in SPLITS]
+    log = os.path.join(output_dir, "generate.log")
+    texts = run_generate(list(zip(commands, paths)), log, **run)
+    for split, command, path, text in zip(SPLITS, commands, paths, texts):
+        scores = score_split(parse_generate_output(text), references.get(split))
+        results[split] = {**scores, "command": shlex.join(command), "output": path}
         logger.info(
             f"{split}: BLEU {scores['bleu']:.2f} ({TOKENIZED_BLEU_NOTE}), "
             f"sacreBLEU {scores['sacrebleu']:.2f} ({scores['sacrebleu_signature']})"
@@ -303,3 +323,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     args = parser().parse_args(argv)
     log_to_stdout()
     return run_command(PROGRAM, lambda: work(args))
+
+
+if __name__ == "__main__":  # run_generate's child
+    generate_each(json.loads(sys.argv[1]))

@@ -3,6 +3,7 @@
 import json
 import os
 import re
+import shlex
 import subprocess
 import sys
 
@@ -162,6 +163,40 @@ def test_evaluate_checkpoint_end_to_end(evaluated):
     assert test["bleu"] == pytest.approx(bleu, abs=5e-5) and test["sentences"] == sentences
     assert test["sacrebleu"] == pytest.approx(sacre, abs=5e-5) and sacre < 100
     assert "assumed" in test["bleu_metric"]
+
+
+@pytest.mark.slow
+def test_each_split_is_what_its_fairseq_generate_command_prints(evaluated):
+    """Both splits were generated in one process (generate_each); the second split's file is,
+    line for line, what its recorded command prints when run on its own."""
+    test = evaluated[0]["test"]
+    alone = subprocess.run(
+        shlex.split(test["command"]), capture_output=True, text=True, timeout=300
+    )
+    assert alone.returncode == 0, alone.stderr[-3000:]
+    with open(test["output"], encoding="utf-8") as f:
+        assert f.read() == alone.stdout
+    assert re.search(r"^H-\d+\t", alone.stdout, re.M)  # not two empty outputs
+
+
+def test_a_failed_generation_names_its_log_and_writes_no_output(tmp_path):
+    jobs = [(["python", "-m", "fairseq_cli.generate", split], str(tmp_path / f"{split}.txt"))
+            for split in ("valid", "test")]  # fmt: skip
+    calls = []
+
+    def failing(command, stdout, env=None):  # writes the valid split, then fails
+        calls.append(command)
+        with open(json.loads(command[-1])[0][1], "w") as f:
+            f.write("H-0\t-1.0\tx\n")
+        stdout.write("Traceback: no test split\n")
+        return 1
+
+    log = tmp_path / "generate.log"
+    with pytest.raises(ExperimentError, match=f"exit status 1; see {log}"):
+        evaluation.run_generate(jobs, str(log), call=failing)
+    assert calls[0][:3] == [sys.executable, "-m", "fairseq_asam_experiments.evaluation"]
+    assert log.read_text() == "Traceback: no test split\n"
+    assert sorted(os.listdir(tmp_path)) == ["generate.log"]  # no split's file, no temporary
 
 
 def test_detokenized_sacrebleu_on_moses_detokenized_text():
@@ -474,15 +509,18 @@ def fake_run(tmp_path):
     return run, str(data_bin)
 
 
-def canned_generate(command, output_path, env=None, call=None):
+def canned_generate(jobs, log_path, env=None, call=None):
     """fairseq-generate's output without running it: ONE_WORD_OFF on valid, exact on test."""
-    bleu = ONE_WORD_OFF_PRINTED if "valid" in command else "BLEU4 = 100.00, 100/100/100/100"
-    text = ONE_WORD_OFF_GENERATE.format(bleu=bleu)
-    if "test" in command:
-        text = text.replace("a b c d e f", "a b c d e g")
-    with open(output_path, "w", encoding="utf-8") as f:
-        f.write(text)
-    return text
+    texts = []
+    for command, output_path in jobs:
+        bleu = ONE_WORD_OFF_PRINTED if "valid" in command else "BLEU4 = 100.00, 100/100/100/100"
+        text = ONE_WORD_OFF_GENERATE.format(bleu=bleu)
+        if "test" in command:
+            text = text.replace("a b c d e f", "a b c d e g")
+        with open(output_path, "w", encoding="utf-8") as f:
+            f.write(text)
+        texts.append(text)
+    return texts
 
 
 def test_evaluate_command_writes_whole_evaluations(tmp_path, monkeypatch, capsys):
