@@ -34,6 +34,34 @@ def prepared_sample(tmp_path_factory):
     return prepare_sample(str(tmp_path_factory.mktemp("sample")))
 
 
+@pytest.fixture(scope="session")
+def wheel(tmp_path_factory):
+    from harness import build_wheel
+
+    return build_wheel(tmp_path_factory.mktemp("wheel"))
+
+
+@pytest.fixture(scope="session")
+def wheel_venv(wheel, tmp_path_factory):
+    """(venv, purelib): the wheel installed into a venv outside the checkout."""
+    from harness import install_wheel
+
+    return install_wheel(wheel, tmp_path_factory.mktemp("venv"))
+
+
+@pytest.fixture(scope="session")
+def tiny_grid(wheel_venv, tmp_path_factory):
+    """The session's ONE end-to-end grid (harness.TINY_GRID_ARGV), run by the wheel's
+    fairseq-asam-table4 from a folder outside the checkout: (its --out folder, its stdout).  The
+    tests that change a grid work on a copy."""
+    from harness import run_tiny_grid
+
+    root = tmp_path_factory.mktemp("tiny")
+    done = run_tiny_grid(wheel_venv[0], root / "out", cwd=root)
+    assert done.returncode == 0, done.stdout[-4000:] + done.stderr[-4000:]
+    return root / "out", done.stdout
+
+
 @pytest.fixture(scope="module")
 def single_thread():
     """Tiny models: one thread is fastest and immune to a busy machine (a module's tests use it
@@ -58,24 +86,26 @@ def _root_logging_restored():
 
 
 # `make test` runs the suite on every core (pytest-xdist, `-n auto`).  A test file is one unit of
-# work (its tests share module and session fixtures: test_table4's grid), the files that read the
-# session's spawned DDP group (harness.ddp_results) are one unit (one group per session, not one
-# per worker), and the longest units start first (seconds on 2 cores, serial run).  A plain
-# `pytest` runs the same tests in one process.
-DDP_UNIT = "ddp"
+# work (its tests share module and session fixtures), the files that read a session-wide costly
+# thing are one unit with it (one per session, not one per worker): the spawned DDP group
+# (harness.ddp_results) and the wheel's tiny-preset grid (`tiny_grid`); the longest units start
+# first (seconds on 2 cores, serial run).  A plain `pytest` runs the same tests in one process.
+DDP_UNIT, TINY_GRID_UNIT = "ddp", "tiny-grid"
+SHARED_UNITS = {"ddp_results(": DDP_UNIT, "tiny_grid": TINY_GRID_UNIT}  # a file's text -> unit
 LONGEST_FIRST = (
+    TINY_GRID_UNIT,  # the wheel, its grid (submitit-local jobs), a resumed run: 110 s
     "test_readme_commands.py",  # `make tiny` and the Quick start: 110 s
-    "test_table4.py",  # the session's tiny-preset grid (submitit-local jobs), a resumed run: 90 s
-    "test_packaging.py",  # the wheel: 45 s
     DDP_UNIT,  # the spawned group: 40 s
-    "test_hydra_multirun.py",  # submitit-local jobs: 35 s
+    "test_hydra_multirun.py",  # submitit-local jobs: 30 s
 )
 
 
 @functools.lru_cache(maxsize=None)
 def unit_of_work(path: str) -> str:
     with open(path, encoding="utf-8") as f:
-        return DDP_UNIT if "ddp_results(" in f.read() else os.path.basename(path)
+        text = f.read()
+    shared = [unit for mark, unit in SHARED_UNITS.items() if mark in text]
+    return shared[0] if shared else os.path.basename(path)
 
 
 def pytest_collection_modifyitems(config, items):

@@ -5,17 +5,21 @@ import argparse
 import contextlib
 import copy
 import datetime
+import glob
 import importlib
 import json
 import math
 import os
 import pickle
+import shutil
+import site
 import subprocess
 import sys
+import sysconfig
 import tempfile
 import time
 import traceback
-from typing import Optional
+from typing import Optional, Tuple
 
 import torch
 import torch.distributed as dist
@@ -662,6 +666,89 @@ def _write_json(path, value) -> None:
     with open(path + ".tmp", "w", encoding="utf-8") as f:
         json.dump(value, f)
     os.replace(path + ".tmp", path)
+
+
+# --- this checkout as a wheel, installed outside it; the session's tiny-preset grid ------------
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+# Build artefacts and local state that a copy of the checkout for building leaves out.
+NOT_SOURCE = shutil.ignore_patterns(
+    ".git", ".venv", "runs", "build", "dist", "*.egg-info", "__pycache__", "data-bin",
+    ".pytest_cache",
+)  # fmt: skip
+
+
+def build_wheel(root) -> str:
+    """A wheel of this checkout in `root`, built from a copy of it (a build leaves build/ and
+    *.egg-info in its source folder, and an old build/ would end up in the wheel).  setuptools'
+    PEP 517 backend, called directly as pip calls it for a project without pyproject.toml: no
+    network, a few seconds (pip wheel takes 3 times as long)."""
+    source = os.path.join(root, "source")
+    shutil.copytree(REPO, source, ignore=NOT_SOURCE)
+    build = (
+        "import sys; from setuptools.build_meta import __legacy__ as backend; "
+        "backend.build_wheel(sys.argv[1])"
+    )
+    dist_dir = os.path.join(root, "dist")
+    done = subprocess.run(
+        [sys.executable, "-c", build, dist_dir], cwd=source, capture_output=True, text=True,
+        timeout=600,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    (built,) = glob.glob(os.path.join(dist_dir, "fairseq_asam-*.whl"))
+    return built
+
+
+def install_wheel(wheel: str, root) -> Tuple[str, str]:
+    """A venv in `root` with `wheel` installed (not editable): (its folder, its purelib).  torch,
+    fairseq and the kit's dependencies come from the environment running the tests: a `.pth`
+    line adds its site-packages folder(s) at the end of the venv's sys.path.  Python does not run
+    the `.pth` files of a folder added that way, so the editable fairseq_asam of the running
+    environment stays invisible, and fairseq_asam can only come from the wheel."""
+    venv = os.path.join(root, "venv")
+    subprocess.run([sys.executable, "-m", "venv", "--without-pip", venv], check=True, timeout=120)
+    python = os.path.join(venv, "bin", "python")
+    # Installed before the .pth below exists, so that pip sees no other fairseq_asam.
+    install = ["install", "--no-deps", "--no-index", "--quiet", wheel]
+    subprocess.run([sys.executable, "-m", "pip", "--python", python, *install], check=True,
+                   timeout=600)  # fmt: skip
+    where = "import sysconfig; print(sysconfig.get_paths()['purelib'])"
+    purelib = subprocess.run(
+        [python, "-c", where], capture_output=True, text=True, check=True
+    ).stdout.strip()
+    with open(os.path.join(purelib, "running-environment.pth"), "w", encoding="utf-8") as pth:
+        pth.writelines(
+            folder + "\n" for folder in site.getsitepackages() + [sysconfig.get_paths()["purelib"]]
+        )
+    return venv, purelib
+
+
+def clean_environment() -> dict:
+    """This environment without what would make an installed venv see the checkout."""
+    hidden = ("PYTHONPATH", "PYTHONHOME", "VIRTUAL_ENV")
+    return {k: v for k, v in os.environ.items() if k not in hidden}
+
+
+# The session's ONE end-to-end grid (conftest's `tiny_grid`): the wheel's fairseq-asam-table4,
+# outside the checkout, on the tiny preset (its generated archive prepared), asam over two
+# learning rates for a few updates, --sharpness-rho, each run a submitit-local job, the report.
+TINY_GRID_UPDATES, TINY_GRID_WARMUP = 6, 50  # WARMUP: the tiny preset's --warmup-updates
+TINY_GRID_LEARNING_RATES = ("0.004", "0.005")
+TINY_GRID_RUNS = [f"asam-lr{lr}-seed1" for lr in TINY_GRID_LEARNING_RATES]
+TINY_GRID_ARGV = [
+    "--preset", "tiny", "--optimizers", "asam", "--max-update", str(TINY_GRID_UPDATES),
+    "--sweep", "lr=4e-3,0.005", "--sharpness-rho", "0.05",
+]  # fmt: skip
+TINY_GRID_JOBS = ["--launcher", "submitit-local", "--time-min", "10"]
+TINY_GRID_TIMEOUT_SECONDS = 900
+
+
+def run_tiny_grid(venv: str, out, cwd) -> subprocess.CompletedProcess:
+    command = [os.path.join(venv, "bin", "fairseq-asam-table4"), *TINY_GRID_ARGV, *TINY_GRID_JOBS]
+    return subprocess.run(
+        command + ["--out", str(out)], capture_output=True, text=True, cwd=cwd,
+        env=clean_environment(), timeout=TINY_GRID_TIMEOUT_SECONDS,
+    )  # fmt: skip
 
 
 # --- every DDP scenario of a session in one spawned group -------------------------------------

@@ -1,27 +1,21 @@
 """The two layers as installed: `--user-dir` loads the plugin alone; a wheel runs the kit.
 
 A wheel of this checkout is built in seconds (setuptools' backend, no network): its file list
-must hold every module and every config.  The slow wheel test installs it (not editable) into a
-new venv outside the checkout and runs `fairseq-asam-table4 --preset tiny --optimizers adam`
-from another folder.  To stay within minutes, that venv gets torch, fairseq and the kit's
-dependencies from the environment running the tests: a `.pth` line adds its site-packages
-folder(s) at the end of the new venv's sys.path.  Python does not run the `.pth` files of a
-folder added that way, so an editable fairseq_asam of the running environment stays invisible,
-and fairseq_asam can only come from the wheel (which the test checks).
+must hold every module and every config.  The session's tiny-preset grid (conftest's
+`tiny_grid`, which tests/test_table4.py reads) is run by that wheel, installed (not editable)
+into a venv outside the checkout (harness.install_wheel), from another folder: the slow test
+here checks that it used the installed package's files only.
 """
 
-import glob
 import json
 import os
-import shutil
-import site
 import subprocess
 import sys
-import sysconfig
 import textwrap
 import zipfile
 
 import pytest
+from harness import TINY_GRID_RUNS, clean_environment
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PLUGIN_MODULES = {
@@ -44,19 +38,6 @@ KIT_DEPENDENCIES = {
     "submitit",
     "hydra_plugins",
 }
-# Build artefacts and local state that a copy of the checkout for building leaves out.
-NOT_SOURCE = shutil.ignore_patterns(
-    ".git",
-    ".venv",
-    "runs",
-    "build",
-    "dist",
-    "*.egg-info",
-    "__pycache__",
-    "data-bin",
-    ".pytest_cache",
-)
-WHEEL_TEST_TIMEOUT_SECONDS = 900
 
 
 def python_output(code: str, cwd=None) -> str:
@@ -145,31 +126,6 @@ def test_configs_ship_as_package_data():
         assert os.path.isfile(os.path.join(folder, name)), name
 
 
-@pytest.fixture(scope="module")
-def wheel(tmp_path_factory):
-    """A wheel of this checkout, built from a copy of it (a build leaves build/ and *.egg-info
-    in its source folder, and an old build/ would end up in the wheel).  setuptools' PEP 517
-    backend, called directly as pip calls it for a project without pyproject.toml: no network,
-    a few seconds (pip wheel takes 3 times as long)."""
-    root = tmp_path_factory.mktemp("wheel")
-    source = root / "source"
-    shutil.copytree(REPO, source, ignore=NOT_SOURCE)
-    build = (
-        "import sys; from setuptools.build_meta import __legacy__ as backend; "
-        "backend.build_wheel(sys.argv[1])"
-    )
-    done = subprocess.run(
-        [sys.executable, "-c", build, str(root / "dist")],
-        cwd=source,
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
-    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
-    (built,) = glob.glob(str(root / "dist" / "fairseq_asam-*.whl"))
-    return built
-
-
 def files_to_ship():
     """What a wheel must hold, by its path in the wheel, from the checkout: every module of the
     fairseq_asam and fairseq_asam_experiments packages, and every file of configs/ (the package
@@ -220,101 +176,36 @@ def test_wheel_ships_every_module_and_config(wheel):
     ), sorted(shipped)
 
 
-@pytest.fixture(scope="module")
-def wheel_venv(wheel, tmp_path_factory):
-    """A venv outside the checkout with this checkout's wheel installed (not editable)."""
-    root = tmp_path_factory.mktemp("venv")
-    venv = root / "venv"
-    subprocess.run(
-        [sys.executable, "-m", "venv", "--without-pip", str(venv)], check=True, timeout=120
-    )
-    python = str(venv / "bin" / "python")
-    # Installed before the .pth below exists, so that pip sees no other fairseq_asam.
-    subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "pip",
-            "--python",
-            python,
-            "install",
-            "--no-deps",
-            "--no-index",
-            "--quiet",
-            wheel,
-        ],
-        check=True,
-        timeout=600,
-    )
-    purelib = subprocess.run(
-        [python, "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
-        capture_output=True,
-        text=True,
-        check=True,
-    ).stdout.strip()
-    with open(os.path.join(purelib, "running-environment.pth"), "w", encoding="utf-8") as pth:
-        pth.writelines(
-            folder + "\n" for folder in site.getsitepackages() + [sysconfig.get_paths()["purelib"]]
-        )
-    return venv, purelib
-
-
-def clean_environment():
-    """This environment without what would make the venv see the checkout."""
-    return {
-        k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "PYTHONHOME", "VIRTUAL_ENV")
-    }
-
-
 @pytest.mark.slow
-def test_wheel_runs_the_tiny_preset_outside_the_checkout(wheel_venv, tmp_path):
+def test_the_wheel_runs_the_tiny_preset_outside_the_checkout(wheel_venv, tiny_grid, tmp_path):
+    """The session's grid (conftest's `tiny_grid`) is the wheel's: every path it used is the
+    installed package's, none the checkout's."""
     venv, purelib = wheel_venv
-    elsewhere = tmp_path / "elsewhere"
-    elsewhere.mkdir()
-    env = clean_environment()
     where = subprocess.run(
         [
-            str(venv / "bin" / "python"),
+            os.path.join(venv, "bin", "python"),
             "-c",
-            "import fairseq_asam; from fairseq_asam_experiments import recipe; "
-            "print(fairseq_asam.__file__); print(recipe.config_dir())",
+            "import importlib.util; from fairseq_asam_experiments import recipe; "  # no torch
+            "print(importlib.util.find_spec('fairseq_asam').origin); print(recipe.config_dir())",
         ],
         capture_output=True,
         text=True,
-        cwd=elsewhere,
-        env=env,
+        cwd=tmp_path,
+        env=clean_environment(),
         timeout=300,
     )
     assert where.returncode == 0, where.stderr[-3000:]
     package_file, config_dir = where.stdout.split()[-2:]
     assert package_file == os.path.join(purelib, "fairseq_asam", "__init__.py")
     assert config_dir == os.path.join(purelib, "fairseq_asam_experiments", "configs")
-
-    out = tmp_path / "out"
-    done = subprocess.run(
-        [
-            str(venv / "bin" / "fairseq-asam-table4"),
-            "--preset",
-            "tiny",
-            "--optimizers",
-            "adam",
-            "--max-update",  # a few updates: the wheel's files and paths are what is tested
-            "4",
-            "--out",
-            str(out),
-        ],
-        capture_output=True,
-        text=True,
-        cwd=elsewhere,
-        env=env,
-        timeout=WHEEL_TEST_TIMEOUT_SECONDS,
-    )
-    assert done.returncode == 0, done.stdout[-4000:] + done.stderr[-4000:]
+    out, stdout = tiny_grid
     table = (out / "report" / "table4.md").read_text()
-    assert "| Adam | 1 |" in table and table.strip() in done.stdout  # the report, printed
-    command = (out / "runs" / "adam-seed1" / "command.txt").read_text()
-    assert f"--user-dir {os.path.join(purelib, 'fairseq_asam')}" in command
-    assert REPO not in command and REPO not in done.stdout
+    assert table.strip() in stdout  # the report, printed
+    for name in TINY_GRID_RUNS:
+        command = (out / "runs" / name / "command.txt").read_text()
+        assert f"--user-dir {os.path.join(purelib, 'fairseq_asam')}" in command
+        assert REPO not in command
+    assert REPO not in stdout
 
 
 def test_cluster_dependencies_are_the_kits_not_the_plugins():

@@ -1,12 +1,13 @@
 """The fairseq-train argument files of configs/ (recipe.py): how they merge, that they hold the
 paper's settings as fairseq reads them, and that the hydra YAML says the same (one source of
-truth: the YAML is checked against the argument files); fairseq-hydra-train runs the YAML."""
+truth: the YAML is checked against the argument files).  fairseq-hydra-train runs it in
+tests/test_hydra_multirun.py (table4.yaml with a row, composed there equal to the row's YAML)."""
 
 import json
 import os
 
 import pytest
-from harness import HYDRA_DIR, compose_hydra, hydra_train, leaves
+from harness import HYDRA_DIR, compose_hydra, leaves
 from omegaconf import OmegaConf
 
 import fairseq_asam
@@ -212,18 +213,3 @@ def test_hydra_yaml_and_argument_files_describe_the_same_settings(optimizer):
         if key in RUN_SETTINGS or (value is None and key not in from_args):
             continue
         assert normalized(from_args[key]) == normalized(value), key
-
-
-@pytest.mark.slow
-def test_hydra_train_runs_the_yaml(data_bin, tmp_path):
-    """fairseq-hydra-train composes asam.yaml and trains (one update of a smaller model)."""
-    overrides = [f"checkpoint.save_dir={tmp_path}", "optimization.max_update=1"]
-    proc = hydra_train("asam", data_bin, overrides, cwd=tmp_path, timeout=300)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    inner = [
-        json.loads(line.split(" - ", 1)[1])
-        for line in proc.stdout.splitlines()
-        if "][train_inner][" in line
-    ]
-    assert inner and "sharpness" in inner[0]  # ASAM's two-pass step ran
-    assert (tmp_path / "checkpoint_last.pt").is_file()
