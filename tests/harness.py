@@ -99,24 +99,63 @@ def make_data_bin(root: str, train: int = 120, valid: int = 24) -> str:
     return synthetic_data.binarize(text, os.path.join(root, "data-bin"))
 
 
-_PARSED_CFGS = {}  # argv -> the pickled cfg (hydra composes one in about 1 s)
+_PARSED_CFGS = {}  # argv -> the pickled cfg
 
 
 def parse_cfg(data_bin: str, extra, device: str = "cpu", language_pair: bool = True):
-    """fairseq-train's cfg of the tiny model; without `language_pair`, no -s/-t (as fairseq's
-    IWSLT'14 example trains: the task infers the pair from the data folder).  A fresh copy on
-    every call: hydra composes each argv once per process."""
-    from fairseq import options
-    from fairseq.dataclass.utils import convert_namespace_to_omegaconf
-
+    """fairseq-train's cfg of the tiny model, as fairseq makes it of the argv (with
+    `compose_by_difference`); without `language_pair`, no -s/-t (as fairseq's IWSLT'14 example
+    trains: the task infers the pair from the data folder).  A fresh copy on every call."""
     device_args = ["--cpu"] if device == "cpu" else []
     base = BASE_ARGS if language_pair else [a for a in BASE_ARGS if a not in LANGUAGE_PAIR]
     argv = [data_bin, "--user-dir", fairseq_asam.USER_DIR] + base + device_args + list(extra)
     key = tuple(argv)
     if key not in _PARSED_CFGS:
-        args = options.parse_args_and_arch(options.get_training_parser(), argv)
-        _PARSED_CFGS[key] = pickle.dumps(convert_namespace_to_omegaconf(args))
+        _PARSED_CFGS[key] = pickle.dumps(training_cfg(argv, compose=compose_by_difference))
     return pickle.loads(_PARSED_CFGS[key])
+
+
+def training_cfg(argv, compose=None):
+    """fairseq-train's cfg of `argv`: its parser, then convert_namespace_to_omegaconf, whose
+    hydra compose is `compose` if given."""
+    from fairseq import options
+    from fairseq.dataclass import utils as dataclass_utils
+
+    args = options.parse_args_and_arch(options.get_training_parser(), argv)
+    if compose is None:
+        return dataclass_utils.convert_namespace_to_omegaconf(args)
+    real, dataclass_utils.compose = dataclass_utils.compose, compose
+    try:
+        return dataclass_utils.convert_namespace_to_omegaconf(args)
+    finally:
+        dataclass_utils.compose = real
+
+
+# fairseq composes hydra's config with one override per field of every config group (about 500),
+# 0.8 s a cfg; the suite makes about 80, which differ in a few values.  The first cfg of each set
+# of group choices (task=, optimizer=, ...) is composed by hydra; a later one is a copy of it with
+# only the overrides that differ applied: each parsed by hydra's override parser and set on the
+# typed node, as compose sets it.  tests/test_harness.py checks it against fairseq's own cfg.
+_COMPOSED = {}  # the group choices -> (their overrides, the composed config)
+
+
+def compose_by_difference(config_name, overrides, strict=False):
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+    from hydra.experimental import compose
+    from omegaconf import OmegaConf
+
+    groups = tuple(o for o in overrides if "." not in o.split("=", 1)[0])
+    first = _COMPOSED.get(groups)
+    keys = [o.split("=", 1)[0] for o in overrides]
+    if first is None or keys != [o.split("=", 1)[0] for o in first[0]]:
+        composed = compose(config_name, overrides=overrides, strict=strict)
+        _COMPOSED.setdefault(groups, (list(overrides), composed))
+        return composed
+    cfg = copy.deepcopy(first[1])
+    changed = [o for o, was in zip(overrides, first[0]) if o != was]
+    for override in OverridesParser.create().parse_overrides(changed):
+        OmegaConf.update(cfg, override.key_or_group, override.value(), merge=False)
+    return cfg
 
 
 def build_trainer(
