@@ -13,6 +13,7 @@ import re
 import shlex
 import subprocess
 import sys
+import unittest.mock
 from dataclasses import dataclass
 from typing import Dict, List, Optional, Sequence, Tuple
 
@@ -35,6 +36,7 @@ SELECTION_METRICS = {"best-loss": "loss", "best-bleu": "bleu"}  # --best-checkpo
 AVERAGE = "average:"
 CHOICES = "best-loss, best-bleu, last or average:N"
 EPOCH_CHECKPOINT = re.compile(r"^checkpoint(\d+)\.pt$")
+FAIRSEQ_GENERATE = ("-m", "fairseq_cli.generate")
 # generate_each in a child process: `python -m fairseq_asam_experiments.evaluation JOBS_JSON`.
 GENERATE_EACH = (sys.executable, "-m", __name__)
 TOKENIZED_BLEU_NOTE = "tokenized, assumed Table 4's metric"
@@ -216,7 +218,7 @@ def score_split(output: GenerateOutput, references_path: Optional[str] = None) -
 def generate_command(data_bin, checkpoint, split, user_dir) -> List[str]:
     # fairseq-fixed 0.12.3.1 leaves out the last batch's sentences when it is not a multiple of
     # --required-batch-size-multiple (default 8): with 1 every sentence is scored.
-    return [sys.executable, "-m", "fairseq_cli.generate", data_bin, "--user-dir", user_dir] + [
+    return [sys.executable, *FAIRSEQ_GENERATE, data_bin, "--user-dir", user_dir] + [
         *("--path", checkpoint, "--gen-subset", split, "--beam", str(BEAM)),
         *("--batch-size", str(BATCH_SIZE), "--required-batch-size-multiple", "1", "--remove-bpe"),
     ]
@@ -227,10 +229,17 @@ def generate_each(jobs: Sequence[Tuple[Sequence[str], str]]) -> None:
     cli_main in THIS process: fairseq is imported once for every split (about 5 s each)."""
     from fairseq_cli import generate
 
+    root = logging.getLogger()  # each split starts from the logging a fresh process has
+    handlers, level = list(root.handlers), root.level
     for command, output_path in jobs:
+        if tuple(command[1:3]) != FAIRSEQ_GENERATE:  # what generate_command starts with
+            raise ExperimentError(f"not a fairseq-generate command: {shlex.join(command)}")
+        print(f"generating {output_path}: {shlex.join(command)}", file=sys.stderr, flush=True)
+        root.handlers[:], root.level = handlers, level
+        argv = ["fairseq-generate", *command[3:]]
         with open(output_path, "w", encoding="utf-8") as out, contextlib.redirect_stdout(out):
-            sys.argv = ["fairseq-generate", *command[3:]]  # after `python -m fairseq_cli.generate`
-            generate.cli_main()
+            with unittest.mock.patch.object(sys, "argv", argv):
+                generate.cli_main()
 
 
 def run_generate(jobs, log_path: str, env=None, call=None) -> List[str]:
@@ -244,9 +253,8 @@ def run_generate(jobs, log_path: str, env=None, call=None) -> List[str]:
         to_temporaries = json.dumps([[list(c), t] for (c, _), t in zip(jobs, temporaries)])
         status = call([*GENERATE_EACH, to_temporaries], stdout=log, env=env)
         if status != 0:
-            raise ExperimentError(
-                f"fairseq-generate failed with exit status {status}; see {log_path}"
-            )
+            how = f"was killed by signal {-status}" if status < 0 else f"exit status {status}"
+            raise ExperimentError(f"fairseq-generate failed ({how}); see {log_path}")
     texts = []
     for _, path in jobs:
         with open(path, encoding="utf-8") as f:
@@ -325,5 +333,5 @@ def main(argv: Optional[List[str]] = None) -> int:
     return run_command(PROGRAM, lambda: work(args))
 
 
-if __name__ == "__main__":  # run_generate's child
+if __name__ == "__main__":  # run_generate's child (not a command: fairseq-asam-evaluate is)
     generate_each(json.loads(sys.argv[1]))

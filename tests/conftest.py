@@ -50,16 +50,21 @@ def wheel_venv(wheel, tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
-def tiny_grid(wheel_venv, tmp_path_factory):
+def tiny_grid(wheel_venv, prepared_sample, tmp_path_factory):
     """The session's ONE end-to-end grid (harness.TINY_GRID_ARGV), run by the wheel's
-    fairseq-asam-table4 from a folder outside the checkout: (its --out folder, its stdout).  The
-    tests that change a grid work on a copy."""
+    fairseq-asam-table4 from a folder outside the checkout on `prepared_sample`: (its --out
+    folder, its --data-bin, its stdout, the report it wrote).  Tests that change a grid work on a
+    copy."""
     from harness import run_tiny_grid
 
+    from fairseq_asam_experiments import prepare
+
     root = tmp_path_factory.mktemp("tiny")
-    done = run_tiny_grid(wheel_venv[0], root / "out", cwd=root)
+    data_bin = os.path.join(prepared_sample, prepare.DATA_BIN)
+    done = run_tiny_grid(wheel_venv[0], data_bin, root / "out", cwd=root)
     assert done.returncode == 0, done.stdout[-4000:] + done.stderr[-4000:]
-    return root / "out", done.stdout
+    report = (root / "out" / "report" / "table4.md").read_text()
+    return root / "out", data_bin, done.stdout, report
 
 
 @pytest.fixture(scope="module")

@@ -149,7 +149,7 @@ def compose_by_difference(config_name, overrides, strict=False):
     keys = [o.split("=", 1)[0] for o in overrides]
     if first is None or keys != [o.split("=", 1)[0] for o in first[0]]:
         composed = compose(config_name, overrides=overrides, strict=strict)
-        _COMPOSED.setdefault(groups, (list(overrides), composed))
+        _COMPOSED.setdefault(groups, (list(overrides), copy.deepcopy(composed)))
         return composed
     cfg = copy.deepcopy(first[1])
     changed = [o for o, was in zip(overrides, first[0]) if o != was]
@@ -769,8 +769,9 @@ def clean_environment() -> dict:
 
 
 # The session's ONE end-to-end grid (conftest's `tiny_grid`): the wheel's fairseq-asam-table4,
-# outside the checkout, on the tiny preset (its generated archive prepared), asam over two
-# learning rates for a few updates, --sharpness-rho, each run a submitit-local job, the report.
+# outside the checkout, on the tiny preset and the session's prepared sample (--data-bin: an
+# epoch of 5 updates), asam over two learning rates for a few updates, --sharpness-rho, each run
+# a submitit-local job, the report.  (`make tiny` prepares the preset's own archive.)
 TINY_GRID_UPDATES, TINY_GRID_WARMUP = 6, 50  # WARMUP: the tiny preset's --warmup-updates
 TINY_GRID_LEARNING_RATES = ("0.004", "0.005")
 TINY_GRID_RUNS = [f"asam-lr{lr}-seed1" for lr in TINY_GRID_LEARNING_RATES]
@@ -782,11 +783,11 @@ TINY_GRID_JOBS = ["--launcher", "submitit-local", "--time-min", "10"]
 TINY_GRID_TIMEOUT_SECONDS = 900
 
 
-def run_tiny_grid(venv: str, out, cwd) -> subprocess.CompletedProcess:
+def run_tiny_grid(venv: str, data_bin: str, out, cwd) -> subprocess.CompletedProcess:
     command = [os.path.join(venv, "bin", "fairseq-asam-table4"), *TINY_GRID_ARGV, *TINY_GRID_JOBS]
     return subprocess.run(
-        command + ["--out", str(out)], capture_output=True, text=True, cwd=cwd,
-        env=clean_environment(), timeout=TINY_GRID_TIMEOUT_SECONDS,
+        command + ["--data-bin", data_bin, "--out", str(out)], capture_output=True, text=True,
+        cwd=cwd, env=clean_environment(), timeout=TINY_GRID_TIMEOUT_SECONDS,
     )  # fmt: skip
 
 

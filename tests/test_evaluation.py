@@ -179,22 +179,49 @@ def test_each_split_is_what_its_fairseq_generate_command_prints(evaluated):
     assert re.search(r"^H-\d+\t", alone.stdout, re.M)  # not two empty outputs
 
 
-def test_a_failed_generation_names_its_log_and_writes_no_output(tmp_path):
-    jobs = [(["python", "-m", "fairseq_cli.generate", split], str(tmp_path / f"{split}.txt"))
-            for split in ("valid", "test")]  # fmt: skip
+GENERATE_JOBS = [("valid", "V-text\n"), ("test", "T-text\n")]
+
+
+def generate_jobs(folder):
+    return [
+        ([sys.executable, "-m", "fairseq_cli.generate", split], str(folder / f"{split}.txt"))
+        for split, _ in GENERATE_JOBS
+    ]
+
+
+def test_run_generate_starts_one_child_for_every_split(tmp_path):
+    """The child (here a stand-in `call`) gets every split's command and temporary file; each
+    file becomes its split's output once the child succeeds."""
     calls = []
 
-    def failing(command, stdout, env=None):  # writes the valid split, then fails
+    def child(command, stdout, env=None):
         calls.append(command)
+        for (_, temporary), (_, text) in zip(json.loads(command[-1]), GENERATE_JOBS):
+            with open(temporary, "w", encoding="utf-8") as f:
+                f.write(text)
+        return 0
+
+    jobs = generate_jobs(tmp_path)
+    texts = evaluation.run_generate(jobs, str(tmp_path / "generate.log"), call=child)
+    assert texts == [text for _, text in GENERATE_JOBS]
+    (command,) = calls
+    assert command[:3] == [sys.executable, "-m", "fairseq_asam_experiments.evaluation"]
+    assert [c for c, _ in json.loads(command[-1])] == [c for c, _ in jobs]
+    for (_, path), (_, text) in zip(jobs, GENERATE_JOBS):
+        assert open(path, encoding="utf-8").read() == text
+    assert sorted(os.listdir(tmp_path)) == ["generate.log", "test.txt", "valid.txt"]
+
+
+def test_a_failed_generation_names_its_log_and_writes_no_output(tmp_path):
+    def failing(command, stdout, env=None):  # writes the valid split, then fails
         with open(json.loads(command[-1])[0][1], "w") as f:
             f.write("H-0\t-1.0\tx\n")
         stdout.write("Traceback: no test split\n")
         return 1
 
     log = tmp_path / "generate.log"
-    with pytest.raises(ExperimentError, match=f"exit status 1; see {log}"):
-        evaluation.run_generate(jobs, str(log), call=failing)
-    assert calls[0][:3] == [sys.executable, "-m", "fairseq_asam_experiments.evaluation"]
+    with pytest.raises(ExperimentError, match=re.escape(f"(exit status 1); see {log}")):
+        evaluation.run_generate(generate_jobs(tmp_path), str(log), call=failing)
     assert log.read_text() == "Traceback: no test split\n"
     assert sorted(os.listdir(tmp_path)) == ["generate.log"]  # no split's file, no temporary
 

@@ -18,7 +18,8 @@ VARIANTS = [
     ASAM + ["--sharpness-eval-interval", "1", "--adam-betas", "(0.9, 0.999)", "--lr", "0.1"],
     ASAM + ["--fp16", "--fp16-no-flatten-grads", "--sam-start-update", "4", "--clip-norm", "0.5"],
     ASAM + ["--distributed-world-size", "2", "--ddp-backend", "legacy_ddp", "--use-bmuf"],
-    ["--optimizer", "adam", "--max-tokens", "130", "--seed", "7", "--weight-decay", "0.1"],
+    ASAM + ["--amp", "--dropout", "0.3", "--encoder-layers", "2", "--warmup-updates", "7"],
+    ["--optimizer", "adam", "--memory-efficient-fp16", "--max-tokens", "130", "--seed", "7"],
 ]
 
 
@@ -29,10 +30,19 @@ def plain(cfg) -> dict:
 
 
 @pytest.mark.parametrize("extra", VARIANTS, ids=[" ".join(v[1:4]) for v in VARIANTS])
-def test_a_cfg_composed_by_difference_is_fairseqs(data_bin, extra):
+def test_a_cfg_composed_by_difference_is_fairseqs(data_bin, extra, monkeypatch):
+    from hydra import experimental
+
     argv = [data_bin, "--user-dir", fairseq_asam.USER_DIR] + BASE_ARGS + ["--cpu"]
     first = training_cfg(argv + extra[:2], compose=compose_by_difference)  # group choices
+    composed = []  # hydra's compose, counted: the shortcut must not fall back on it
+    real_compose = experimental.compose
+    monkeypatch.setattr(
+        experimental, "compose", lambda *a, **k: composed.append(a) or real_compose(*a, **k)
+    )
     fast = training_cfg(argv + extra, compose=compose_by_difference)
+    assert composed == []
+    monkeypatch.undo()
     real = training_cfg(argv + extra)
     assert plain(fast) == plain(real)
     assert plain(fast) != plain(first)  # a control: the variant changed values

@@ -2,11 +2,14 @@
 over the `row` group (optimizer) x seed (x ρ), through hydra-submitit-launcher.
 
 The fast test composes table4.yaml for each row and compares it with the row's own YAML (itself
-checked against the argument files in test_recipe.py).  The slow one runs a real
-2-job multirun with `hydra/launcher=submitit_local` on a tiny model, then the same multirun with
-a higher --max-update for one row (hydra's basic launcher): its job continues from its
-checkpoint_last.pt, as a requeued Slurm job does (the fixed hydra.sweep.dir makes that work).
+checked against the argument files in test_recipe.py), and hydra's run subdir with the run
+folder names of fairseq-asam-table4 (so a re-run multirun, or a requeued job, finds its folder).
+The slow one runs a real 2-job multirun with `hydra/launcher=submitit_local` on a tiny model,
+then the documented single run (`--config-name asam`) on asam's job folder with a higher
+--max-update: it continues from the job's checkpoint_last.pt.
 """
+
+import json
 
 import pytest
 from harness import compose_hydra, hydra_train
@@ -30,22 +33,30 @@ def test_table4_yaml_with_a_row_is_that_rows_yaml(row, folder):
     assert subdir == folder  # the run folder names of fairseq-asam-table4 (grid.Run.name)
 
 
-def multirun(sweep_dir, data_bin, max_update, cwd, rows="adam,asam", launcher="submitit_local"):
+# The multirun's protocol (no --eval-bleu on the tiny model), also for the single run resuming it.
+RESUMED = [
+    "task.eval_bleu=false",
+    "checkpoint.best_checkpoint_metric=loss",
+    "checkpoint.maximize_best_checkpoint_metric=false",
+]
+
+
+def multirun(sweep_dir, data_bin, max_update, cwd):
     overrides = [
-        f"row={rows}",
+        "row=adam,asam",
         f"hydra.sweep.dir={sweep_dir}",
-        f"hydra/launcher={launcher}",
-        *(["hydra.launcher.timeout_min=10"] if launcher == "submitit_local" else []),
+        "hydra/launcher=submitit_local",
+        "hydra.launcher.timeout_min=10",
         f"optimization.max_update={max_update}",
-        "task.eval_bleu=false",
-        "checkpoint.best_checkpoint_metric=loss",
-        "checkpoint.maximize_best_checkpoint_metric=false",
+        *RESUMED,
     ]
     return hydra_train("table4", data_bin, overrides, cwd=cwd, timeout=600, multirun=True)
 
 
 @pytest.mark.slow
-def test_a_two_job_multirun_through_submitit_local_trains_and_resumes(data_bin, tmp_path):
+def test_a_two_job_multirun_through_submitit_local_then_a_single_run_resumes_a_job(
+    data_bin, tmp_path
+):
     sweep_dir = tmp_path / "table4" / "runs"
     done = multirun(sweep_dir, data_bin, 3, tmp_path)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
@@ -63,15 +74,20 @@ def test_a_two_job_multirun_through_submitit_local_trains_and_resumes(data_bin, 
         logged = "sharpness" in inner and inner.sharpness.notna().all()
         assert logged == (optimizer == "asam")
 
-    # asam's job again with a higher budget: it continues from its checkpoint_last.pt.  One job,
-    # in hydra's own process (its basic launcher): what is tested is that the sweep dir names it
-    # as before, and a submitit job costs seconds of fairseq import.
-    adam_log = (sweep_dir / "adam-seed1" / "train.log").read_text()
-    again = multirun(sweep_dir, data_bin, 5, tmp_path, rows="asam", launcher="basic")
-    assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-3000:]
+    # The documented single run (`--config-name asam`, not --multirun) on asam's job folder, with
+    # a higher budget: it continues from the job's checkpoint_last.pt, as a requeued job does.
+    # (A re-run multirun finds the same folder: its name is the composed subdir, checked above.)
     asam = sweep_dir / "asam-rho0.2-eta0.01-seed1"
-    text = (asam / "train.log").read_text()
-    assert "Loaded checkpoint" in text and "(epoch 1 @ 3 updates)" in text
-    log = report.read_train_log(str(asam / "train.log"))
-    assert list(log[log.tag == "train_inner"].num_updates) == [1, 2, 3, 4, 5]
-    assert (sweep_dir / "adam-seed1" / "train.log").read_text() == adam_log  # not in this sweep
+    adam_log = (sweep_dir / "adam-seed1" / "train.log").read_text()
+    overrides = [f"checkpoint.save_dir={asam / 'checkpoints'}", "optimization.max_update=5"]
+    again = hydra_train("asam", data_bin, overrides + RESUMED, cwd=tmp_path, timeout=600)
+    assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-3000:]
+    assert "Loaded checkpoint" in again.stdout and "(epoch 1 @ 3 updates)" in again.stdout
+    inner = [
+        json.loads(line.split(" - ", 1)[1])
+        for line in again.stdout.splitlines()
+        if "][train_inner][" in line
+    ]
+    assert [record["num_updates"] for record in inner] == ["4", "5"]
+    assert all("sharpness" in record for record in inner)  # ASAM's two-pass step ran
+    assert (sweep_dir / "adam-seed1" / "train.log").read_text() == adam_log  # untouched

@@ -18,6 +18,8 @@ import pytest
 from harness import TINY_GRID_RUNS, clean_environment
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+CHECKOUT_PACKAGES = os.path.join(REPO, "fairseq_asam")  # ..._experiments too: the same prefix
+LOGS_OF_A_RUN = ("command.txt", "results.json", "train.log", "generate.log", "sharpness.log")
 PLUGIN_MODULES = {
     "fairseq_asam",
     "fairseq_asam.checkpoint",
@@ -198,14 +200,23 @@ def test_the_wheel_runs_the_tiny_preset_outside_the_checkout(wheel_venv, tiny_gr
     package_file, config_dir = where.stdout.split()[-2:]
     assert package_file == os.path.join(purelib, "fairseq_asam", "__init__.py")
     assert config_dir == os.path.join(purelib, "fairseq_asam_experiments", "configs")
-    out, stdout = tiny_grid
-    table = (out / "report" / "table4.md").read_text()
-    assert table.strip() in stdout  # the report, printed
+    out, _, stdout, report = tiny_grid
+    assert report.strip() in stdout  # the report, printed
+    plugin = os.path.join(purelib, "fairseq_asam")
     for name in TINY_GRID_RUNS:
-        command = (out / "runs" / name / "command.txt").read_text()
-        assert f"--user-dir {os.path.join(purelib, 'fairseq_asam')}" in command
-        assert REPO not in command
-    assert REPO not in stdout
+        run = out / "runs" / name
+        assert f"--user-dir {plugin}" in (run / "command.txt").read_text()
+        results = json.loads((run / "results.json").read_text())
+        for split in ("valid", "test"):
+            assert f"--user-dir {plugin}" in results[split]["command"]
+        # Every process of the run (the job, fairseq-train, the evaluation's child, the
+        # sharpness) ran the installed package: no module of the checkout in what they wrote
+        # (the checkout's .venv, where fairseq is, may appear in a warning's path).
+        for written in LOGS_OF_A_RUN:
+            assert CHECKOUT_PACKAGES not in (run / written).read_text(), (name, written)
+    for log in (out / "submitit").glob("*_log.*"):
+        assert CHECKOUT_PACKAGES not in log.read_text(), log.name
+    assert CHECKOUT_PACKAGES not in stdout
 
 
 def test_cluster_dependencies_are_the_kits_not_the_plugins():

@@ -1,9 +1,9 @@
 """fairseq-asam-table4 on fairseq itself: the session's ONE tiny-preset grid (conftest's
-`tiny_grid`: run by this checkout's wheel outside the checkout, the preset's generated archive
-prepared, asam over two learning rates, a few updates, --sharpness-rho, each run a submitit-local
-job, the report; the README's `make tiny` runs all three rows locally) that the tests read; the
-tests that change outputs work on a copy, and run here, locally, on the grid's data through
---data-bin.  Then bad flags (one line, before any work) and --help without torch."""
+`tiny_grid`: run by this checkout's wheel outside the checkout, on the session's prepared sample
+through --data-bin, asam over two learning rates, a few updates, --sharpness-rho, each run a
+submitit-local job, the report; the README's `make tiny` prepares the preset's archive and runs
+all three rows locally) that the tests read; the tests that change outputs work on a copy, and
+run here, locally.  Then bad flags (one line, before any work) and --help without torch."""
 
 import os
 import shutil
@@ -26,10 +26,9 @@ def tiny_out(tiny_grid):
     return tiny_grid[0]
 
 
-def data_flags(out):
-    """--data-bin: the grid's prepared data, in `out` (a copy's own)."""
-    (data_bin,) = (out / "data").glob("*/data-bin")
-    return ["--data-bin", str(data_bin)]
+@pytest.fixture(scope="session")
+def data_flags(tiny_grid):
+    return ["--data-bin", tiny_grid[1]]
 
 
 def copy_of(out, tmp_path):
@@ -55,7 +54,7 @@ def test_a_sweep_of_the_learning_rate_trains_each_run_with_its_own(tiny_out):
         row, lr = name.split("-")[0], name.split("-")[1][2:]
         run = tiny_out / "runs" / name
         assert f" --lr {lr} " in (run / "command.txt").read_text()
-        last = train_lines(run / "train.log")[-1]  # the end-of-epoch record (or the last epoch's)
+        last = train_lines(run / "train.log")[-1]  # the sample's epoch is shorter than UPDATES
         # inverse_sqrt warms up linearly from 0: after k updates, lr × k / warmup.
         assert float(last["train_lr"]) == pytest.approx(float(lr) * UPDATES / WARMUP, rel=1e-9)
         assert last["train_num_updates"] == str(UPDATES)
@@ -76,20 +75,20 @@ def test_a_sweep_of_the_learning_rate_trains_each_run_with_its_own(tiny_out):
 
 
 @pytest.mark.slow
-def test_the_same_command_again_skips_every_finished_run(tiny_out, capsys):
+def test_the_same_command_again_skips_every_finished_run(tiny_out, data_flags, capsys):
     run = tiny_out / "runs" / RUNS[0]
     before = {p: p.stat().st_mtime_ns for p in run.iterdir() if p.is_file() and p.suffix != ".lock"}
-    assert table4.main(ARGV + data_flags(tiny_out) + ["--out", str(tiny_out)]) == 0
+    assert table4.main(ARGV + data_flags + ["--out", str(tiny_out)]) == 0
     after = {p: p.stat().st_mtime_ns for p in before}
     assert after == before  # not trained, evaluated nor measured again
     assert f"{RUNS[0]}: trained" in capsys.readouterr().out
 
 
 @pytest.mark.slow
-def test_a_changed_setting_is_refused_in_one_line_naming_it(tiny_out, tmp_path, capsys):
+def test_a_changed_setting_is_refused_in_one_line_naming_it(tiny_out, data_flags, tmp_path, capsys):
     out = copy_of(tiny_out, tmp_path)
     log = (out / "runs" / RUNS[0] / "train.log").read_text()
-    argv = ARGV + data_flags(out) + ["--out", str(out), "--checkpoint", "best-loss"]
+    argv = ARGV + data_flags + ["--out", str(out), "--checkpoint", "best-loss"]
     assert table4.main(argv) == 1
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and f"{RUNS[0]} was trained with other settings (" in err
@@ -98,10 +97,10 @@ def test_a_changed_setting_is_refused_in_one_line_naming_it(tiny_out, tmp_path, 
 
 
 @pytest.mark.slow
-def test_a_raised_max_update_continues_from_checkpoint_last(tiny_out, tmp_path):
+def test_a_raised_max_update_continues_from_checkpoint_last(tiny_out, data_flags, tmp_path):
     out = copy_of(tiny_out, tmp_path)
     argv = ["--preset", "tiny", "--optimizers", "asam", "--sweep", "lr=0.004", "--out", str(out)]
-    argv += data_flags(out)
+    argv += data_flags
     assert table4.main(argv + ["--max-update", str(UPDATES + 2)]) == 0
     run = out / "runs" / RUNS[0]
     text = (run / "train.log").read_text()
