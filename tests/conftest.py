@@ -114,16 +114,8 @@ def unit_of_work(path: str) -> str:
 
 
 def pytest_collection_modifyitems(config, items):
-    # A unit's slow tests first too: xdist hands a worker its next unit when two of its tests
-    # remain, which must not be two end-to-end runs that the new unit then waits behind.
     rank = {name: i for i, name in enumerate(LONGEST_FIRST)}
-
-    def order(item):
-        return rank.get(unit_of_work(str(item.path)), len(rank)), not item.get_closest_marker(
-            "slow"
-        )
-
-    items.sort(key=order)  # stable
+    items.sort(key=lambda item: rank.get(unit_of_work(str(item.path)), len(rank)))  # stable
 
 
 @pytest.hookimpl(optionalhook=True)  # xdist's hook: unknown when it is not installed or loaded
