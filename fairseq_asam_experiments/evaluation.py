@@ -11,6 +11,7 @@ import logging
 import os
 import re
 import shlex
+import signal
 import subprocess
 import sys
 import unittest.mock
@@ -234,7 +235,7 @@ def generate_each(jobs: Sequence[Tuple[Sequence[str], str]]) -> None:
     for command, output_path in jobs:
         if tuple(command[1:3]) != FAIRSEQ_GENERATE:  # what generate_command starts with
             raise ExperimentError(f"not a fairseq-generate command: {shlex.join(command)}")
-        print(f"generating {output_path}: {shlex.join(command)}", file=sys.stderr, flush=True)
+        print(f"generating: {shlex.join(command)}", file=sys.stderr, flush=True)
         root.handlers[:], root.level = handlers, level
         argv = ["fairseq-generate", *command[3:]]
         with open(output_path, "w", encoding="utf-8") as out, contextlib.redirect_stdout(out):
@@ -253,7 +254,11 @@ def run_generate(jobs, log_path: str, env=None, call=None) -> List[str]:
         to_temporaries = json.dumps([[list(c), t] for (c, _), t in zip(jobs, temporaries)])
         status = call([*GENERATE_EACH, to_temporaries], stdout=log, env=env)
         if status != 0:
-            how = f"was killed by signal {-status}" if status < 0 else f"exit status {status}"
+            how = (
+                f"killed by {signal.Signals(-status).name}"
+                if status < 0
+                else f"exit status {status}"
+            )
             raise ExperimentError(f"fairseq-generate failed ({how}); see {log_path}")
     texts = []
     for _, path in jobs:

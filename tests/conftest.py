@@ -53,18 +53,24 @@ def wheel_venv(wheel, tmp_path_factory):
 def tiny_grid(wheel_venv, prepared_sample, tmp_path_factory):
     """The session's ONE end-to-end grid (harness.TINY_GRID_ARGV), run by the wheel's
     fairseq-asam-table4 from a folder outside the checkout on `prepared_sample`: (its --out
-    folder, its --data-bin, its stdout, the report it wrote).  Tests that change a grid work on a
-    copy."""
-    from harness import run_tiny_grid
+    folder, its --data-bin, its stdout, the report it wrote, the record of each of its Python
+    processes: harness.PROCESS_RECORD).  Tests that change a grid work on a copy."""
+    from harness import read_process_records, run_tiny_grid
 
     from fairseq_asam_experiments import prepare
 
     root = tmp_path_factory.mktemp("tiny")
     data_bin = os.path.join(prepared_sample, prepare.DATA_BIN)
-    done = run_tiny_grid(wheel_venv[0], data_bin, root / "out", cwd=root)
+    done = run_tiny_grid(wheel_venv[0], data_bin, root / "out", root, root / "processes.jsonl")
     assert done.returncode == 0, done.stdout[-4000:] + done.stderr[-4000:]
     report = (root / "out" / "report" / "table4.md").read_text()
-    return root / "out", data_bin, done.stdout, report
+    return (
+        root / "out",
+        data_bin,
+        done.stdout,
+        report,
+        read_process_records(root / "processes.jsonl"),
+    )
 
 
 @pytest.fixture(scope="module")
@@ -94,14 +100,14 @@ def _root_logging_restored():
 # work (its tests share module and session fixtures), the files that read a session-wide costly
 # thing are one unit with it (one per session, not one per worker): the spawned DDP group
 # (harness.ddp_results) and the wheel's tiny-preset grid (`tiny_grid`); the longest units start
-# first (seconds on 2 cores, serial run).  A plain `pytest` runs the same tests in one process.
+# first (seconds under `-n auto`).  A plain `pytest` runs the same tests in one process.
 DDP_UNIT, TINY_GRID_UNIT = "ddp", "tiny-grid"
 SHARED_UNITS = {"ddp_results(": DDP_UNIT, "tiny_grid": TINY_GRID_UNIT}  # a file's text -> unit
 LONGEST_FIRST = (
-    TINY_GRID_UNIT,  # the wheel, its grid (submitit-local jobs), a resumed run: 110 s
-    "test_readme_commands.py",  # `make tiny` and the Quick start: 110 s
-    DDP_UNIT,  # the spawned group: 40 s
-    "test_hydra_multirun.py",  # submitit-local jobs: 30 s
+    "test_readme_commands.py",  # `make tiny` and the Quick start: 150 s
+    TINY_GRID_UNIT,  # the wheel, its grid (submitit-local jobs), a resumed run: 105 s
+    DDP_UNIT,  # the spawned group: 50 s
+    "test_hydra_multirun.py",  # submitit-local jobs, then a single run: 35 s
 )
 
 

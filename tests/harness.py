@@ -759,7 +759,34 @@ def install_wheel(wheel: str, root) -> Tuple[str, str]:
         pth.writelines(
             folder + "\n" for folder in site.getsitepackages() + [sysconfig.get_paths()["purelib"]]
         )
+    with open(os.path.join(purelib, "process_record.py"), "w", encoding="utf-8") as f:
+        f.write(PROCESS_RECORD_MODULE)
+    with open(os.path.join(purelib, "process-record.pth"), "w", encoding="utf-8") as pth:
+        pth.write("import process_record\n")
     return venv, purelib
+
+
+# Every Python process of an installed venv, when PROCESS_RECORD names a file: at its exit, a JSON
+# line with its argv (a `python -m` module's file first) and where the two packages came from.
+PROCESS_RECORD = "FAIRSEQ_ASAM_TEST_PROCESS_RECORD"
+PROCESS_RECORD_MODULE = f"""import atexit, json, os, sys
+
+
+def record(path=os.environ.get("{PROCESS_RECORD}")):
+    if path:
+        names = ("fairseq_asam", "fairseq_asam_experiments")
+        files = {{name: getattr(sys.modules.get(name), "__file__", None) for name in names}}
+        with open(path, "a", encoding="utf-8") as f:
+            f.write(json.dumps({{"argv": sys.argv, "files": files}}) + "\\n")
+
+
+atexit.register(record)
+"""
+
+
+def read_process_records(path) -> list:
+    with open(path, encoding="utf-8") as f:
+        return [json.loads(line) for line in f]
 
 
 def clean_environment() -> dict:
@@ -783,11 +810,13 @@ TINY_GRID_JOBS = ["--launcher", "submitit-local", "--time-min", "10"]
 TINY_GRID_TIMEOUT_SECONDS = 900
 
 
-def run_tiny_grid(venv: str, data_bin: str, out, cwd) -> subprocess.CompletedProcess:
+def run_tiny_grid(venv: str, data_bin: str, out, cwd, record) -> subprocess.CompletedProcess:
+    """The grid; each of its processes appends its record (PROCESS_RECORD) to `record`."""
     command = [os.path.join(venv, "bin", "fairseq-asam-table4"), *TINY_GRID_ARGV, *TINY_GRID_JOBS]
+    env = {**clean_environment(), PROCESS_RECORD: str(record)}
     return subprocess.run(
         command + ["--data-bin", data_bin, "--out", str(out)], capture_output=True, text=True,
-        cwd=cwd, env=clean_environment(), timeout=TINY_GRID_TIMEOUT_SECONDS,
+        cwd=cwd, env=env, timeout=TINY_GRID_TIMEOUT_SECONDS,
     )  # fmt: skip
 
 

@@ -212,6 +212,24 @@ def test_run_generate_starts_one_child_for_every_split(tmp_path):
     assert sorted(os.listdir(tmp_path)) == ["generate.log", "test.txt", "valid.txt"]
 
 
+def test_a_killed_child_is_named_and_a_foreign_command_refused(tmp_path):
+    def killed(command, stdout, env=None):
+        return -9  # subprocess's status of a child killed by SIGKILL
+
+    with pytest.raises(
+        ExperimentError, match=re.escape("fairseq-generate failed (killed by SIGKILL)")
+    ):
+        evaluation.run_generate(
+            generate_jobs(tmp_path), str(tmp_path / "generate.log"), call=killed
+        )
+    foreign = [([sys.executable, "-m", "fairseq_cli.train", "data"], str(tmp_path / "x.txt"))]
+    with pytest.raises(
+        ExperimentError, match="not a fairseq-generate command: .* fairseq_cli.train"
+    ):
+        evaluation.generate_each(foreign)
+    assert not (tmp_path / "x.txt").exists()
+
+
 def test_a_failed_generation_names_its_log_and_writes_no_output(tmp_path):
     def failing(command, stdout, env=None):  # writes the valid split, then fails
         with open(json.loads(command[-1])[0][1], "w") as f:

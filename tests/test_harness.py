@@ -29,7 +29,7 @@ def plain(cfg) -> dict:
     return {k: vars(v) if isinstance(v, Namespace) else v for k, v in tree.items()}
 
 
-@pytest.mark.parametrize("extra", VARIANTS, ids=[" ".join(v[1:4]) for v in VARIANTS])
+@pytest.mark.parametrize("extra", VARIANTS, ids=["looksam", "betas", "fp16", "bmuf", "amp", "adam"])
 def test_a_cfg_composed_by_difference_is_fairseqs(data_bin, extra, monkeypatch):
     from hydra import experimental
 

@@ -1,7 +1,8 @@
 """The fairseq-train argument files of configs/ (recipe.py): how they merge, that they hold the
 paper's settings as fairseq reads them, and that the hydra YAML says the same (one source of
 truth: the YAML is checked against the argument files).  fairseq-hydra-train runs it in
-tests/test_hydra_multirun.py (table4.yaml with a row, composed there equal to the row's YAML)."""
+tests/test_hydra_multirun.py: the multirun of table4.yaml (whose rows compose equal to the rows'
+YAML), then `--config-name asam` itself."""
 
 import json
 import os
