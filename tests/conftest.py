@@ -52,10 +52,9 @@ def wheel_venv(wheel, tmp_path_factory):
 @pytest.fixture(scope="session")
 def tiny_grid(wheel_venv, prepared_sample, tmp_path_factory):
     """The session's ONE end-to-end grid (harness.TINY_GRID_ARGV), run by the wheel's
-    fairseq-asam-table4 from a folder outside the checkout on `prepared_sample`: (its --out
-    folder, its --data-bin, its stdout, the report it wrote, the record of each of its Python
-    processes: harness.PROCESS_RECORD).  Tests that change a grid work on a copy."""
-    from harness import read_process_records, run_tiny_grid
+    fairseq-asam-table4 from a folder outside the checkout on `prepared_sample`: a
+    harness.TinyGrid.  Tests that change a grid work on a copy."""
+    from harness import TinyGrid, read_process_records, run_tiny_grid
 
     from fairseq_asam_experiments import prepare
 
@@ -64,13 +63,8 @@ def tiny_grid(wheel_venv, prepared_sample, tmp_path_factory):
     done = run_tiny_grid(wheel_venv[0], data_bin, root / "out", root, root / "processes.jsonl")
     assert done.returncode == 0, done.stdout[-4000:] + done.stderr[-4000:]
     report = (root / "out" / "report" / "table4.md").read_text()
-    return (
-        root / "out",
-        data_bin,
-        done.stdout,
-        report,
-        read_process_records(root / "processes.jsonl"),
-    )
+    processes = read_process_records(root / "processes.jsonl")
+    return TinyGrid(root / "out", data_bin, done.stdout, report, processes)
 
 
 @pytest.fixture(scope="module")

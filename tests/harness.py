@@ -10,6 +10,7 @@ import importlib
 import json
 import math
 import os
+import pathlib
 import pickle
 import shutil
 import site
@@ -19,7 +20,7 @@ import sysconfig
 import tempfile
 import time
 import traceback
-from typing import Optional, Tuple
+from typing import NamedTuple, Optional, Tuple
 
 import torch
 import torch.distributed as dist
@@ -808,6 +809,14 @@ TINY_GRID_ARGV = [
 ]  # fmt: skip
 TINY_GRID_JOBS = ["--launcher", "submitit-local", "--time-min", "10"]
 TINY_GRID_TIMEOUT_SECONDS = 900
+
+
+class TinyGrid(NamedTuple):  # conftest's `tiny_grid`
+    out: pathlib.Path  # its --out folder
+    data_bin: str  # its --data-bin
+    stdout: str
+    report: str  # the report/table4.md it wrote
+    processes: list  # each of its Python processes' record (PROCESS_RECORD)
 
 
 def run_tiny_grid(venv: str, data_bin: str, out, cwd, record) -> subprocess.CompletedProcess:

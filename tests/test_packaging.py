@@ -18,6 +18,7 @@ import pytest
 from harness import TINY_GRID_RUNS, clean_environment
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+CHECKOUT_PACKAGES = os.path.join(REPO, "fairseq_asam")  # fairseq_asam_experiments has it too
 PLUGIN_MODULES = {
     "fairseq_asam",
     "fairseq_asam.checkpoint",
@@ -199,32 +200,29 @@ def test_the_wheel_runs_the_tiny_preset_outside_the_checkout(wheel_venv, tiny_gr
     package_file, config_dir = where.stdout.split()[-2:]
     assert package_file == os.path.join(purelib, "fairseq_asam", "__init__.py")
     assert config_dir == os.path.join(purelib, "fairseq_asam_experiments", "configs")
-    out, _, stdout, report, processes = tiny_grid
-    assert report.strip() in stdout  # the report, printed
+    assert tiny_grid.report.strip() in tiny_grid.stdout  # the report, printed
     plugin = os.path.join(purelib, "fairseq_asam")
     for name in TINY_GRID_RUNS:
-        run = out / "runs" / name
+        run = tiny_grid.out / "runs" / name
         assert f"--user-dir {plugin}" in (run / "command.txt").read_text()
         results = json.loads((run / "results.json").read_text())
         for split in ("valid", "test"):
             assert f"--user-dir {plugin}" in results[split]["command"]
     # Every Python process of the grid took both packages from the wheel, and each kind ran,
     # once per run: a `python -m` child's argv starts with its module's file.
-    for process in processes:
+    for process in tiny_grid.processes:
         for package, path in process["files"].items():
             assert path is None or path.startswith(purelib + os.sep), (package, process["argv"])
-    started = [os.path.relpath(p["argv"][0], purelib) for p in processes]
-    for module in (
-        "fairseq_cli/train.py",  # not the wheel's: fairseq's, which loads the wheel's plugin
-        "fairseq_asam_experiments/evaluation.py",  # the evaluation's child
-        "fairseq_asam_experiments/__main__.py",  # the sharpness
-        "submitit/core/_submit.py",  # the job, which ran the stages
-    ):
-        kind = [p for p, s in zip(processes, started) if s.endswith(module)]
-        assert len(kind) == len(TINY_GRID_RUNS), (module, started)
-    trained = [p for p, s in zip(processes, started) if s.endswith("fairseq_cli/train.py")]
+    started = [process["argv"][0] for process in tiny_grid.processes]
+    kit = os.path.join(purelib, "fairseq_asam_experiments")
+    # The evaluation's child and the sharpness, from the wheel; fairseq-train and the job.
+    for program in (os.path.join(kit, "evaluation.py"), os.path.join(kit, "__main__.py")):
+        assert started.count(program) == len(TINY_GRID_RUNS), (program, started)
+    for module in ("fairseq_cli/train.py", "submitit/core/_submit.py"):
+        assert sum(s.endswith(module) for s in started) == len(TINY_GRID_RUNS), (module, started)
+    assert not [s for s in started if s.startswith(CHECKOUT_PACKAGES)]  # both share the prefix
+    trained = [p for p in tiny_grid.processes if p["argv"][0].endswith("fairseq_cli/train.py")]
     assert all(p["files"]["fairseq_asam"] == os.path.join(plugin, "__init__.py") for p in trained)
-    assert all(s.startswith("fairseq_asam_experiments") for s in started if "fairseq_asam_exp" in s)
 
 
 def test_cluster_dependencies_are_the_kits_not_the_plugins():

@@ -23,12 +23,12 @@ from fairseq_asam_experiments import table4
 
 @pytest.fixture(scope="session")
 def tiny_out(tiny_grid):
-    return tiny_grid[0]
+    return tiny_grid.out
 
 
 @pytest.fixture(scope="session")
 def data_flags(tiny_grid):
-    return ["--data-bin", tiny_grid[1]]
+    return ["--data-bin", tiny_grid.data_bin]
 
 
 def copy_of(out, tmp_path):
