@@ -33,7 +33,6 @@ from . import loading, recipe
 from .cli import run_command
 from .errors import SettingError
 from .files import write_json
-from .logs import log_to_stdout
 
 PROGRAM = "fairseq-asam-benchmark"
 Preset = collections.namedtuple("Preset", "args_files dictionary_sizes timed description")
@@ -93,10 +92,8 @@ def build_trainer(spec: Spec, row: tuple):
             d.add_symbol(f"w{i}")
         return d
 
-    sizes = PRESETS[spec.preset].dictionary_sizes
-    built = loading.build_from_args(
-        argv, lambda c: TranslationTask(c.task, *map(dictionary, sizes))
-    )
+    dictionaries = [dictionary(size) for size in PRESETS[spec.preset].dictionary_sizes]
+    built = loading.build_from_args(argv, lambda c: TranslationTask(c.task, *dictionaries))
     built.cfg.common.bf16 = spec.precision == "bf16"  # fairseq-train's --bf16 also means TPU
     return Trainer(built.cfg, built.task, built.model, built.criterion)
 
@@ -348,5 +345,5 @@ def parse_spec(argv=None) -> Spec:
 
 def main(argv=None) -> int:
     spec = parse_spec(argv)
-    log_to_stdout(logging.WARNING)  # fairseq's own progress is not the benchmark's output
-    return run_command(PROGRAM, lambda: run_benchmark(spec))
+    # fairseq's own progress is not the benchmark's output
+    return run_command(PROGRAM, lambda: run_benchmark(spec), logging.WARNING)

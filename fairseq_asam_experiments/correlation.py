@@ -13,7 +13,7 @@ import math
 import os
 from typing import Dict, List, Optional, Sequence, Tuple
 
-from . import cli, files, grid, launch, logs, recipe, table4
+from . import cli, files, grid, launch, recipe, table4
 from .errors import ExperimentError, SettingError
 
 PROGRAM = "fairseq-asam-correlation"
@@ -345,5 +345,4 @@ def parser() -> argparse.ArgumentParser:
 
 def main(argv=None) -> int:
     args = parser().parse_args(argv)
-    logs.log_to_stdout()
     return cli.run_command(PROGRAM, lambda: work(args))

@@ -9,6 +9,7 @@ import functools
 import json
 import logging
 import os
+import pathlib
 import re
 import shlex
 import signal
@@ -22,7 +23,6 @@ from . import loading
 from .cli import run_command
 from .errors import ExperimentError, SettingError
 from .files import atomic_output, read_json_object, write_json
-from .logs import log_to_stdout
 from .recipe import plugin_dir
 
 logger = logging.getLogger(__name__)
@@ -187,10 +187,8 @@ def parse_generate_output(text: str) -> GenerateOutput:
     hypotheses = {int(i): line for i, line in found}
     references = {int(i): line for i, line in re.findall(r"^T-(\d+)\t(.*)$", text, re.M)}
     if set(hypotheses) != set(references):
-        raise ExperimentError(
-            f"fairseq-generate output has {len(hypotheses)} hypotheses "
-            f"for {len(references)} references"
-        )
+        counts = f"{len(hypotheses)} hypotheses for {len(references)} references"
+        raise ExperimentError(f"fairseq-generate output has {counts}")
     ids = sorted(hypotheses)
     return GenerateOutput([hypotheses[i] for i in ids], [references[i] for i in ids], ids)
 
@@ -201,8 +199,7 @@ def score_split(output: GenerateOutput, references_path: Optional[str] = None) -
     if references_path is None:
         references = moses_detokenize(output.references)
     else:
-        with open(references_path, encoding="utf-8") as f:
-            lines = f.read().splitlines()
+        lines = pathlib.Path(references_path).read_text(encoding="utf-8").splitlines()
         if output.ids and max(output.ids) >= len(lines):
             raise ExperimentError(
                 f"references file {references_path} has {len(lines)} lines, "
@@ -254,17 +251,11 @@ def run_generate(jobs, log_path: str, env=None, call=None) -> List[str]:
         to_temporaries = json.dumps([[list(c), t] for (c, _), t in zip(jobs, temporaries)])
         status = call([*GENERATE_EACH, to_temporaries], stdout=log, env=env)
         if status != 0:
-            how = (
-                f"killed by {signal.Signals(-status).name}"
-                if status < 0
-                else f"exit status {status}"
-            )
+            how = f"exit status {status}"
+            if status < 0:
+                how = f"killed by {signal.Signals(-status).name}"
             raise ExperimentError(f"fairseq-generate failed ({how}); see {log_path}")
-    texts = []
-    for _, path in jobs:
-        with open(path, encoding="utf-8") as f:
-            texts.append(f.read())
-    return texts
+    return [pathlib.Path(path).read_text(encoding="utf-8") for _, path in jobs]
 
 
 def evaluation_inputs(data_bin, save_dir, choice, references=None) -> Dict:
@@ -303,10 +294,8 @@ def evaluate_checkpoint(
     for split, command, path, text in zip(SPLITS, commands, paths, texts):
         scores = score_split(parse_generate_output(text), references.get(split))
         results[split] = {**scores, "command": shlex.join(command), "output": path}
-        logger.info(
-            f"{split}: BLEU {scores['bleu']:.2f} ({TOKENIZED_BLEU_NOTE}), "
-            f"sacreBLEU {scores['sacrebleu']:.2f} ({scores['sacrebleu_signature']})"
-        )
+        sacre = f"sacreBLEU {scores['sacrebleu']:.2f} ({scores['sacrebleu_signature']})"
+        logger.info(f"{split}: BLEU {scores['bleu']:.2f} ({TOKENIZED_BLEU_NOTE}), {sacre}")
     return results
 
 
@@ -334,7 +323,6 @@ def work(args: argparse.Namespace) -> int:
 
 def main(argv: Optional[List[str]] = None) -> int:
     args = parser().parse_args(argv)
-    log_to_stdout()
     return run_command(PROGRAM, lambda: work(args))
 
 

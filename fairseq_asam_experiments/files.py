@@ -99,8 +99,5 @@ def clear_stamp(folder: str, stage: str) -> None:
 def changed_inputs(old: dict, new: dict) -> list:
     """One `key old → new` per input that differs (added or removed ones included), sorted."""
     unset = "(unset)"  # not None: a switch (`--amp`) is stored as None and must count
-    return [
-        f"{key} {old.get(key, unset)} → {new.get(key, unset)}"
-        for key in sorted(set(old) | set(new))
-        if old.get(key, unset) != new.get(key, unset)
-    ]
+    pairs = {key: (old.get(key, unset), new.get(key, unset)) for key in sorted(set(old) | set(new))}
+    return [f"{key} {was} → {now}" for key, (was, now) in pairs.items() if was != now]

@@ -29,7 +29,6 @@ from .benchmark import markdown_table
 from .cli import run_command
 from .errors import SettingError
 from .files import write_json
-from .logs import log_to_stdout
 
 PROGRAM = "fairseq-asam-precision"
 logger = logging.getLogger(__name__)
@@ -254,7 +253,6 @@ def parser() -> argparse.ArgumentParser:
 
 def main(argv=None) -> int:
     args = parser().parse_args(argv)
-    log_to_stdout()
     if args.threads:
         torch.set_num_threads(args.threads)
     return run_command(PROGRAM, lambda: run(args))

@@ -29,7 +29,6 @@ from . import synthetic_data
 from .cli import run_command
 from .errors import ExperimentError, SettingError
 from .files import atomic_output, temporary_name, write_lines, write_text
-from .logs import log_to_stdout
 from .synthetic_data import ARCHIVE_FOLDER, LANGUAGES, TEST_STEMS, TRAIN_STEM  # the layout
 
 logger = logging.getLogger(__name__)
@@ -306,28 +305,22 @@ def prepare_iwslt14(archive: str, data_root: str, bpe_merges: int = DEFAULT_BPE_
 
 
 def parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
-        prog=PROGRAM,
-        description="IWSLT'14 de-en as fairseq's prepare-iwslt14.sh into DATA_ROOT/iwslt14-de-en-"
-        "<archive MD5>-bpe<merges>/; prints its data-bin.",
-    )
+    about = "IWSLT'14 de-en as fairseq's prepare-iwslt14.sh into "
+    about += "DATA_ROOT/iwslt14-de-en-<archive MD5>-bpe<merges>/; prints its data-bin."
+    p = argparse.ArgumentParser(prog=PROGRAM, description=about)
     source = p.add_mutually_exclusive_group()
     source.add_argument("--archive", help="a local de-en.tgz (default: download it)")
     source.add_argument("--sample", action="store_true", help="a generated sample archive")
     p.add_argument("--data-root", default="data", help="(default: %(default)s)")
     p.add_argument("--bpe-merges", type=int, default=DEFAULT_BPE_MERGES, help="(%(default)s)")
     p.add_argument("--download-url", default=DOWNLOAD_URL, help="(%(default)s)")
-    p.add_argument(
-        "--download-md5",
-        default=ARCHIVE_MD5,
-        help="checked on download (an existing DATA_ROOT/de-en.tgz is used as it is)",
-    )
+    md5 = "checked on download (an existing DATA_ROOT/de-en.tgz is used as it is)"
+    p.add_argument("--download-md5", default=ARCHIVE_MD5, help=md5)
     return p
 
 
 def main(argv=None) -> int:
     args = parser().parse_args(argv)
-    log_to_stdout()
     return run_command(PROGRAM, lambda: _work(args))
 
 

@@ -64,9 +64,7 @@ def read_args_file(path: str) -> List[Option]:
 def merge_options(*option_lists: Sequence[Option]) -> List[str]:
     """argv from option lists, a later list's flag replacing an earlier one in place."""
     merged = dict(itertools.chain.from_iterable(option_lists))  # a key keeps its first place
-    return [
-        x for flag, value in merged.items() for x in ([flag] if value is None else [flag, value])
-    ]
+    return [x for flag, value in merged.items() for x in (flag, value) if x is not None]
 
 
 def training_options(

@@ -17,7 +17,6 @@ from .errors import ExperimentError, SettingError
 from .files import atomic_output, read_json_object, write_text
 from .grid import GRID_RECORD, RUNS_FOLDER
 from .launch import FAILURE_RECORD, RESULTS, TRAIN_LOG, lock_holder
-from .logs import log_to_stdout
 
 PROGRAM, REPORT_FOLDER = "fairseq-asam-report", "report"
 NONE = "–"  # an empty cell; also the value of a setting a run does not record
@@ -347,7 +346,6 @@ def main(argv: Optional[List[str]] = None) -> int:
     parser.add_argument("folders", nargs="+", metavar="FOLDER", help="fairseq-asam-table4 --out")
     parser.add_argument("--out", help="where to write (default FOLDER/report; needed with two)")
     args = parser.parse_args(argv)
-    log_to_stdout()
 
     def work() -> int:
         if args.out is None and len({os.path.realpath(f) for f in args.folders}) > 1:

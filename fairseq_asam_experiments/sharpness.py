@@ -28,7 +28,6 @@ from . import loading
 from .cli import run_command
 from .errors import SettingError
 from .files import write_json
-from .logs import log_to_stdout
 
 PROGRAM = "fairseq-asam-sharpness"
 MEASURES = ("adaptive", "plain")
@@ -140,9 +139,8 @@ def estimate_sharpness(
             torch._foreach_copy_(params, origin)
         model.train(was_training)
     # ε* is the iterate of highest loss (the first of equals); none if the gradient at w is 0
-    perturbed_loss, epsilon_norm, delta_norm, best_step = max(
-        iterates, key=lambda iterate: iterate[0], default=(loss, 0.0, 0.0, 0)
-    )
+    best = max(iterates, key=lambda iterate: iterate[0], default=(loss, 0.0, 0.0, 0))
+    perturbed_loss, epsilon_norm, delta_norm, best_step = best
     return SharpnessEstimate(
         measure="adaptive" if adaptive else "plain",
         rho=float(rho),
@@ -168,16 +166,11 @@ def load_subset(checkpoint, data_bin, subset, count, device, max_tokens=None, ba
 
     loaded = loading.load_checkpoint(checkpoint, data_bin, subset)
     cfg = loaded.cfg.dataset
-    batches = loading.split_batches(
-        loaded,
-        subset,
-        count,
-        max_tokens=cfg.max_tokens_valid if max_tokens is None else max_tokens,
-        max_sentences=cfg.batch_size_valid if batch_size is None else batch_size,
-        seed=loaded.cfg.common.seed,
-        ignore_invalid_inputs=cfg.skip_invalid_size_inputs_valid_test,
-        required_batch_size_multiple=cfg.required_batch_size_multiple,
-    )
+    options = dict(max_tokens=cfg.max_tokens_valid if max_tokens is None else max_tokens)
+    options["max_sentences"] = cfg.batch_size_valid if batch_size is None else batch_size
+    options["ignore_invalid_inputs"] = cfg.skip_invalid_size_inputs_valid_test
+    options["required_batch_size_multiple"] = cfg.required_batch_size_multiple
+    batches = loading.split_batches(loaded, subset, count, seed=loaded.cfg.common.seed, **options)
     model, criterion = loaded.model.to(device), loaded.criterion.to(device)
     batches = [utils.apply_to_sample(lambda t: t.to(device), batch) for batch in batches]
     return model, batches, lambda model_, sample: criterion(model_, sample)[:2]
@@ -265,5 +258,4 @@ def work(args: argparse.Namespace) -> int:
 
 def main(argv: Optional[List[str]] = None) -> int:
     args = parser().parse_args(argv)
-    log_to_stdout(logging.WARNING)
-    return run_command(PROGRAM, lambda: work(args))
+    return run_command(PROGRAM, lambda: work(args), logging.WARNING)

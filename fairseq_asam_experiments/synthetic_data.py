@@ -40,12 +40,9 @@ def write_corpus(folder: str, sizes: Dict[str, int], src=SOURCE_LANG, tgt=TARGET
 
 def binarize(text_folder: str, dest: str, src: str = SOURCE_LANG, tgt: str = TARGET_LANG) -> str:
     """fairseq-preprocess of `write_corpus` output (the train, valid, test it has) into `dest`."""
-    prefixes = {
-        split: os.path.join(text_folder, split)
-        for split in ("train", "valid", "test")
-        if os.path.exists(os.path.join(text_folder, f"{split}.{src}"))
-    }
-    return fairseq_preprocess(prefixes, dest, src=src, tgt=tgt)
+    prefixes = {split: os.path.join(text_folder, split) for split in ("train", "valid", "test")}
+    found = {split: p for split, p in prefixes.items() if os.path.exists(f"{p}.{src}")}
+    return fairseq_preprocess(found, dest, src=src, tgt=tgt)
 
 
 def fairseq_preprocess(prefixes: dict, dest: str, *, src=SOURCE_LANG, tgt=TARGET_LANG) -> str:

@@ -195,5 +195,4 @@ def work(args) -> int:
 
 def main(argv: Optional[List[str]] = None) -> int:
     args = parser().parse_args(argv)
-    log_to_stdout()
     return run_command(PROGRAM, lambda: work(args))

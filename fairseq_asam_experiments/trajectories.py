@@ -109,7 +109,7 @@ def parser() -> argparse.ArgumentParser:
 
 def main(argv=None) -> int:
     args = parser().parse_args(argv)
-    return run_command(PROGRAM, lambda: work(args))
+    return run_command(PROGRAM, lambda: work(args), level=None)
 
 
 def work(args) -> int:
