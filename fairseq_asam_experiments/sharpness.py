@@ -166,11 +166,16 @@ def load_subset(checkpoint, data_bin, subset, count, device, max_tokens=None, ba
 
     loaded = loading.load_checkpoint(checkpoint, data_bin, subset)
     cfg = loaded.cfg.dataset
-    options = dict(max_tokens=cfg.max_tokens_valid if max_tokens is None else max_tokens)
-    options["max_sentences"] = cfg.batch_size_valid if batch_size is None else batch_size
-    options["ignore_invalid_inputs"] = cfg.skip_invalid_size_inputs_valid_test
-    options["required_batch_size_multiple"] = cfg.required_batch_size_multiple
-    batches = loading.split_batches(loaded, subset, count, seed=loaded.cfg.common.seed, **options)
+    batches = loading.split_batches(
+        loaded,
+        subset,
+        count,
+        max_tokens=cfg.max_tokens_valid if max_tokens is None else max_tokens,
+        max_sentences=cfg.batch_size_valid if batch_size is None else batch_size,
+        seed=loaded.cfg.common.seed,
+        ignore_invalid_inputs=cfg.skip_invalid_size_inputs_valid_test,
+        required_batch_size_multiple=cfg.required_batch_size_multiple,
+    )
     model, criterion = loaded.model.to(device), loaded.criterion.to(device)
     batches = [utils.apply_to_sample(lambda t: t.to(device), batch) for batch in batches]
     return model, batches, lambda model_, sample: criterion(model_, sample)[:2]

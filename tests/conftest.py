@@ -82,7 +82,7 @@ def single_thread():
 @pytest.fixture(autouse=True)
 def _root_logging_restored():
     """A console main called in a test points the root logger at that test's captured stdout
-    (cli._log_to_stdout); put it back, so that a later test's log lines do not go to a closed
+    (cli.run_command); put it back, so that a later test's log lines do not go to a closed
     stream ("--- Logging error ---")."""
     root = logging.getLogger()
     handlers, level = list(root.handlers), root.level
