@@ -1,10 +1,10 @@
 """What every console command of the kit shares (`fairseq-asam-<name>`, see setup.py).
 
 Each command is its module's `main(argv=None) -> int`: it parses its flags and runs its work
-through `run_command`, which logs progress to stdout (fairseq's format: `logs`).  A user error (the
-kit's `ExperimentError`, or the plugin's `FairseqAsamError` from a tool that loads it) ends it
-with status 1 and one line on stderr, `fairseq-asam-<name>: error: <message>`; Ctrl-C with one
-line and status 130.  Anything else is a bug and keeps its traceback.
+through `run_command`, which logs to stdout at the command's level (fairseq's format: `logs`).
+A user error (the kit's `ExperimentError`, or the plugin's `FairseqAsamError` from a tool that
+loads it) ends it with status 1 and one line on stderr, `fairseq-asam-<name>: error: <message>`;
+Ctrl-C with one line and status 130.  Anything else is a bug and keeps its traceback.
 """
 
 import logging

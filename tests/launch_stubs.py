@@ -121,10 +121,8 @@ def stub_grid(out, max_update=4, rows=("adam",), **kwargs):
 
 def launch_main(argv) -> int:
     from fairseq_asam_experiments.cli import run_command
-    from fairseq_asam_experiments.logs import log_to_stdout
     from fairseq_asam_experiments.table4 import ending
 
-    log_to_stdout()
     install()
     out, max_update, rows = argv[0], int(argv[1]), argv[2].split(",")
     stubbed = stub_grid(out, max_update, rows)
