@@ -161,6 +161,17 @@ def eval_mode_sharpness(sample, named, model, criterion, sam, optimizer):
         numpy.random.set_state(numpy_state)
 
 
+def _unshared(grads):
+    """`grads` with a copy in place of each tensor an earlier one is: autograd.grad returns one
+    tensor for two parameters that are summed (w = a + b), and perturb builds ε in fp32
+    gradients in place, which would scale it twice."""
+    seen = set()
+    for g in grads:
+        aliased = g is not None and g.data_ptr() in seen
+        seen.add(None if g is None else g.data_ptr())
+        yield g.clone() if aliased else g
+
+
 def _eval_mode_sharpness(sample, named, model, criterion, sam, optimizer):
     # As fairseq's train_step: AMP's autocast around the criterion (CUDA only).
     amp = isinstance(optimizer, AMPOptimizer) and torch.cuda.is_available()
@@ -174,7 +185,7 @@ def _eval_mode_sharpness(sample, named, model, criterion, sam, optimizer):
             grads = torch.autograd.grad(
                 loss * _loss_scale(optimizer), [p for _, p in named], allow_unused=True
             )
-        reached = [(n, p, g) for (n, p), g in zip(named, grads) if g is not None]
+        reached = [(n, p, g) for (n, p), g in zip(named, _unshared(grads)) if g is not None]
         params = [p for _, p, _ in reached]
         saved = perturbation.perturb(
             params,

@@ -163,3 +163,51 @@ def test_a_criterions_own_sharpness_metric_is_not_mixed_with_the_plugins(
     assert float(agg["sharpness"].avg) == 0.5  # the criterion's alone, not averaged with ours
     warnings = [r for r in caplog.records if "logs its own 'sharpness'" in r.getMessage()]
     assert len(warnings) == 1  # said once
+
+
+class SummedWeights(torch.nn.Module):
+    """y = ((a + b) · c)·x: autograd.grad hands a and b one and the same gradient tensor."""
+
+    def __init__(self):
+        super().__init__()
+        self.a_weight = torch.nn.Parameter(torch.tensor([0.3, -0.7, 1.1]))
+        self.b_weight = torch.nn.Parameter(torch.tensor([0.5, 0.2, -0.4]))
+        self.c_weight = torch.nn.Parameter(torch.tensor([1.5, -0.6, 0.9]))
+
+    def forward(self, x):
+        return ((self.a_weight + self.b_weight) * self.c_weight * x).sum()
+
+
+def test_eval_sharpness_when_two_parameters_share_one_gradient_tensor():
+    """`sharpness_eval` is L(w + ε) − L(w) with ε = ρ T² g / ‖T g‖ per parameter, also when
+    autograd returns one tensor for two of them (ε scaled in place twice gives another value)."""
+    from types import SimpleNamespace
+
+    from fairseq_asam.two_pass import eval_mode_sharpness
+
+    model, x = SummedWeights(), torch.tensor([1.0, 2.0, -1.5])
+    named = list(model.named_parameters())
+    grads = torch.autograd.grad(model(x), [p for _, p in named])
+    assert grads[0].data_ptr() == grads[1].data_ptr()  # the case under test
+    # fp32 gradients: perturb builds ε in them, in place (others it copies to fp32 first).
+
+    def criterion(model_, sample):
+        loss = model_(sample)
+        return loss, 1, {"loss": loss.detach()}
+
+    rho, eta = 0.5, 0.01
+    sam = SimpleNamespace(rho=rho, eta=eta, adaptive=True)
+    rise, sample_size = eval_mode_sharpness(x, named, model, criterion, sam, optimizer=None)
+    # The reference, from the equations in fp64 (every tensor is named *weight: T = |w| + η).
+    with torch.no_grad():
+        w = [p.detach().clone() for _, p in named]
+        w64, g64, x64 = [wi.double() for wi in w], [gi.double() for gi in grads], x.double()
+        t = [wi.abs() + eta for wi in w64]
+        norm = torch.sqrt(sum(((ti * gi) ** 2).sum() for ti, gi in zip(t, g64)))
+        a, b, c = (wi + rho * ti * ti * gi / norm for wi, ti, gi in zip(w64, t, g64))
+        plain = ((w64[0] + w64[1]) * w64[2] * x64).sum()
+        expected = float(((a + b) * c * x64).sum() - plain)
+    assert sample_size == 1
+    # A rise of about 1.3 from fp32 losses of about 1: within 1e-5 relative of the fp64 value.
+    assert float(rise) == pytest.approx(expected, rel=1e-5)
+    assert all(torch.equal(p, wi) for (_, p), wi in zip(named, w))  # restored bit for bit
