@@ -103,6 +103,11 @@ def _validate(cfg, adaptive: bool, name: str) -> None:
             "--looksam-alpha reuses g_v between sharpness-aware updates: "
             "it needs --sam-interval >= 2"
         )
+    if alpha > 0 and _run_setting(cfg, "distributed_training", "zero_sharding") == "os":
+        raise ConfigError(  # fairseq swaps in fairscale's OSS after the hooks saving g_v are set
+            "--looksam-alpha does not support --zero-sharding os: g_v would be left out of "
+            "checkpoints; use --zero-sharding none"
+        )
     if _run_setting(cfg, "distributed_training", "ddp_backend") == "fully_sharded":
         raise ConfigError(
             f"--optimizer {name} does not support --ddp-backend fully_sharded (the perturbation "

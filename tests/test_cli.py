@@ -296,6 +296,25 @@ def test_fully_sharded_refused_when_optimizer_is_built(data_bin):
         optim.build_optimizer(cfg.optimizer, [torch.nn.Parameter(torch.zeros(2))])
 
 
+def test_looksam_refused_with_zero_sharding_when_optimizer_is_built(data_bin):
+    """fairseq's `--zero-sharding os` swaps the torch optimizer for fairscale's OSS after the
+    optimizer is built, so the state-dict hooks that checkpoint LookSAM's g_v would be lost."""
+    from fairseq import optim
+    from harness import parse_cfg
+
+    from fairseq_asam.errors import ConfigError
+
+    looksam = ["--optimizer", "asam", "--sam-interval", "2", "--looksam-alpha", "0.5"]
+    params = [torch.nn.Parameter(torch.zeros(2))]
+    cfg = parse_cfg(data_bin, looksam + ["--zero-sharding", "os"])
+    with pytest.raises(ConfigError, match="--looksam-alpha does not support --zero-sharding os"):
+        optim.build_optimizer(cfg.optimizer, params)
+    # Controls: LookSAM without sharding, and sharding without LookSAM, are built.
+    optim.build_optimizer(parse_cfg(data_bin, looksam).optimizer, params)
+    sharded = parse_cfg(data_bin, ["--optimizer", "asam", "--zero-sharding", "os"])
+    optim.build_optimizer(sharded.optimizer, params)
+
+
 def test_checkpoint_with_numpy_values_loads_safely(tmp_path):
     """--eval-bleu checkpoints hold numpy arrays and scalars; fairseq loads with a plain
     torch.load, whose default is weights_only=True on torch >= 2.6."""
