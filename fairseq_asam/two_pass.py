@@ -167,9 +167,11 @@ def _unshared(grads):
     gradients in place, which would scale it twice."""
     seen = set()
     for g in grads:
-        aliased = g is not None and g.data_ptr() in seen
-        seen.add(None if g is None else g.data_ptr())
-        yield g.clone() if aliased else g
+        if g is not None and g.data_ptr() in seen:
+            g = g.clone()
+        elif g is not None:
+            seen.add(g.data_ptr())
+        yield g
 
 
 def _eval_mode_sharpness(sample, named, model, criterion, sam, optimizer):
