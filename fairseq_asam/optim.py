@@ -106,7 +106,7 @@ def _validate(cfg, adaptive: bool, name: str) -> None:
     if alpha > 0 and _run_setting(cfg, "distributed_training", "zero_sharding") == "os":
         raise ConfigError(  # fairseq swaps in fairscale's OSS after the hooks saving g_v are set
             "--looksam-alpha does not support --zero-sharding os: g_v would be left out of "
-            "checkpoints; use --zero-sharding none"
+            "checkpoints; use --zero-sharding none or --looksam-alpha 0"
         )
     if _run_setting(cfg, "distributed_training", "ddp_backend") == "fully_sharded":
         raise ConfigError(

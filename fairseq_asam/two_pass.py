@@ -162,15 +162,17 @@ def eval_mode_sharpness(sample, named, model, criterion, sam, optimizer):
 
 
 def _unshared(grads):
-    """`grads` with a copy in place of each tensor an earlier one is: autograd.grad returns one
-    tensor for two parameters that are summed (w = a + b), and perturb builds ε in fp32
-    gradients in place, which would scale it twice."""
+    """`grads`, each one contiguous in memory of its own (else a copy): perturb builds ε in fp32
+    gradients in place, and autograd.grad can return one buffer for two parameters (w = a + b),
+    views of one (concatenated parameters), or an expanded number (a parameter's `.sum()`)."""
     seen = set()
     for g in grads:
-        if g is not None and g.data_ptr() in seen:
-            g = g.clone()
-        elif g is not None:
-            seen.add(g.data_ptr())
+        if g is not None:
+            storage = g.untyped_storage().data_ptr()
+            if storage in seen or not g.is_contiguous():
+                g = g.clone(memory_format=torch.contiguous_format)
+            else:
+                seen.add(storage)
         yield g
 
 

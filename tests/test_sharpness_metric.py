@@ -165,31 +165,57 @@ def test_a_criterions_own_sharpness_metric_is_not_mixed_with_the_plugins(
     assert len(warnings) == 1  # said once
 
 
-class SummedWeights(torch.nn.Module):
-    """y = ((a + b) · c)·x: autograd.grad hands a and b one and the same gradient tensor."""
+def _summed(a, b, c, x):  # autograd.grad hands a and b one and the same tensor
+    return ((a + b) * c[:3] * x[:3]).sum()
 
-    def __init__(self):
+
+def _overlapping(a, b, c, x):  # a's and b's gradients: overlapping views of one tensor
+    zero = a.new_zeros(1)
+    return ((torch.cat([a, zero]) + torch.cat([zero, b])) * c * x).sum()
+
+
+def _expanded(a, b, c, x):  # b's gradient: one number expanded (stride 0)
+    return (a * c[:3] * x[:3]).sum() * b.sum()
+
+
+SHARED_GRADIENTS = {"summed": _summed, "overlapping": _overlapping, "expanded": _expanded}
+
+
+class ThreeWeights(torch.nn.Module):
+    def __init__(self, loss):
         super().__init__()
+        self.loss = loss
         self.a_weight = torch.nn.Parameter(torch.tensor([0.3, -0.7, 1.1]))
         self.b_weight = torch.nn.Parameter(torch.tensor([0.5, 0.2, -0.4]))
-        self.c_weight = torch.nn.Parameter(torch.tensor([1.5, -0.6, 0.9]))
+        self.c_weight = torch.nn.Parameter(torch.tensor([1.5, -0.6, 0.9, 0.4]))
 
     def forward(self, x):
-        return ((self.a_weight + self.b_weight) * self.c_weight * x).sum()
+        return self.loss(self.a_weight, self.b_weight, self.c_weight, x)
 
 
-def test_eval_sharpness_when_two_parameters_share_one_gradient_tensor():
+@pytest.mark.parametrize("shape", SHARED_GRADIENTS)
+def test_eval_sharpness_when_parameters_share_gradient_memory(shape):
     """`sharpness_eval` is L(w + ε) − L(w) with ε = ρ T² g / ‖T g‖ per parameter, also when
-    autograd returns one tensor for two of them (ε scaled in place twice gives another value)."""
+    autograd.grad returns gradients that share memory (ε built in place in them would be
+    scaled twice where they overlap, or fail to write an expanded one)."""
     from types import SimpleNamespace
 
     from fairseq_asam.two_pass import eval_mode_sharpness
 
-    model, x = SummedWeights(), torch.tensor([1.0, 2.0, -1.5])
+    model, x = ThreeWeights(SHARED_GRADIENTS[shape]), torch.tensor([1.0, 2.0, -1.5, 0.7])
     named = list(model.named_parameters())
     grads = torch.autograd.grad(model(x), [p for _, p in named])
-    assert grads[0].data_ptr() == grads[1].data_ptr()  # the case under test
-    # fp32 gradients: perturb builds ε in them, in place (others it copies to fp32 first).
+    # The case under test; fp32 gradients, which perturb builds ε in, in place.
+    a, b = grads[0], grads[1]
+    assert (
+        a.dtype == torch.float32
+        and {
+            "summed": a.data_ptr() == b.data_ptr(),
+            "overlapping": a.data_ptr() != b.data_ptr()
+            and a.untyped_storage().data_ptr() == b.untyped_storage().data_ptr(),
+            "expanded": b.stride() == (0,),
+        }[shape]
+    )
 
     def criterion(model_, sample):
         loss = model_(sample)
@@ -204,10 +230,9 @@ def test_eval_sharpness_when_two_parameters_share_one_gradient_tensor():
         w64, g64, x64 = [wi.double() for wi in w], [gi.double() for gi in grads], x.double()
         t = [wi.abs() + eta for wi in w64]
         norm = torch.sqrt(sum(((ti * gi) ** 2).sum() for ti, gi in zip(t, g64)))
-        a, b, c = (wi + rho * ti * ti * gi / norm for wi, ti, gi in zip(w64, t, g64))
-        plain = ((w64[0] + w64[1]) * w64[2] * x64).sum()
-        expected = float(((a + b) * c * x64).sum() - plain)
+        moved = [wi + rho * ti * ti * gi / norm for wi, ti, gi in zip(w64, t, g64)]
+        expected = float(model.loss(*moved, x64) - model.loss(*w64, x64))
     assert sample_size == 1
-    # A rise of about 1.3 from fp32 losses of about 1: within 1e-5 relative of the fp64 value.
+    # A rise of order 1 from fp32 losses of order 1: within 1e-5 relative of the fp64 value.
     assert float(rise) == pytest.approx(expected, rel=1e-5)
     assert all(torch.equal(p, wi) for (_, p), wi in zip(named, w))  # restored bit for bit
