@@ -47,8 +47,8 @@ def perturb(
     """w ← w + ε for every tensor in `params`, ε computed from `grads` (pass 1's gradient).
 
     `grads[i]` belongs to `params[i]`; `adaptive_flags[i]` selects T = |w| + η for it.  fp32
-    gradients are overwritten (they become T·g, then ε), so each must be a contiguous tensor of
-    its own (`.grad` is; autograd.grad's results may not be); others are left as they are.
+    gradients are overwritten (they become T·g, then ε), so none may share memory with another
+    or be expanded (`.grad` never does; autograd.grad's results may); others are left as they are.
     Returns the saved copy of w (for `restore`), or None if ‖T g‖ is not finite: then w is
     untouched and nothing is perturbed.
     """
